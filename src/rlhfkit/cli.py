@@ -1,0 +1,74 @@
+"""`rlhfkit <command>`: one entry point, one recipe per command.
+
+Each command names a module. A module either exposes ``cli(argv)`` (commands with
+positional arguments or sub-commands) or a ``Config`` dataclass plus ``main(cfg)``, in
+which case `--config FILE.yaml` and `--field value` overrides are parsed here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from rlhfkit import __version__
+
+# name -> (module, one-line summary). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("rlhfkit.demo", "Run the whole loop on the bundled task and write a report"),
+    "pretrain": ("rlhfkit.recipes.pretrain", "Pretrain a small causal LM on a text corpus"),
+    "sft": ("rlhfkit.recipes.sft", "Supervised fine-tuning on prompt/completion or messages data"),
+    "sample": ("rlhfkit.recipes.sample", "Generate responses from a policy for a prompt file"),
+    "label": ("rlhfkit.recipes.label", "Label response pairs or rankings with simulated annotators or a judge"),
+    "reward": ("rlhfkit.recipes.reward", "Train a reward model from preferences or rankings"),
+    "eval-rm": ("rlhfkit.eval.rm_eval", "Evaluate a reward model on preference data"),
+    "ppo": ("rlhfkit.recipes.ppo", "PPO with a KL penalty against a reward model"),
+    "grpo": ("rlhfkit.recipes.grpo", "GRPO: group-normalised advantages, no critic"),
+    "rloo": ("rlhfkit.recipes.rloo", "RLOO: REINFORCE with a leave-one-out baseline"),
+    "dpo": ("rlhfkit.recipes.dpo", "DPO and relatives (IPO, hinge, robust, SimPO, KTO, ORPO)"),
+    "best-of-n": ("rlhfkit.recipes.best_of_n", "Best-of-N sampling against a reward model or judge"),
+    "rejection-sampling": ("rlhfkit.recipes.rejection_sampling", "Expert iteration: sample, keep the best, SFT, repeat"),
+    "eval": ("rlhfkit.eval.run_eval", "Evaluate a policy: gold/proxy reward, KL, win rate, diversity, perplexity"),
+    "report": ("rlhfkit.eval.report", "Write a self-contained HTML report for a run folder"),
+    "loop": ("rlhfkit.recipes.loop", "Iterative RLHF: R rounds of sample, label, reward model, policy update"),
+    "models": ("rlhfkit.registry", "Model registry: list, show, promote, rollback"),
+    "serve": ("rlhfkit.feedback.cli", "Human-feedback collection service (web app + API)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"rlhfkit {__version__}: the whole RLHF loop", "", "usage: rlhfkit <command> [--help] [--config FILE.yaml] [--field value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rlhfkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "cli"):
+        return int(module.cli(rest) or 0)
+    from rlhfkit.config import parse_config
+    from rlhfkit.errors import RlhfkitError
+
+    try:
+        cfg = parse_config(module.Config, rest, prog=f"rlhfkit {name}", description=module.__doc__)
+        module.main(cfg)
+    except RlhfkitError as e:
+        print(f"rlhfkit {name}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

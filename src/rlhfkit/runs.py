@@ -1,0 +1,221 @@
+"""Run folders: resolved config, provenance, metrics (JSONL + TensorBoard), atomic writes.
+
+Every recipe writes into one `output_dir`:
+
+    config.yaml       the resolved config (re-run with `--config config.yaml`)
+    meta.json         rlhfkit version, git commit, library versions, seed, command line
+    metrics.jsonl     one JSON object per logged step
+    tb/               TensorBoard events
+    checkpoints/      resumable state (step-N folders), when save_every > 0
+    final/            the trained model in Hugging Face format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfkit import __version__
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes: nothing half-written is ever left under the final name
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
+
+    Works for files and folders. An existing target is replaced (a folder target is moved
+    aside first and removed after the rename, so a crash never leaves neither copy).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / "x"  # the caller writes here; we rename it
+    try:
+        yield target
+        if not target.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary path for {path}")
+        old = None
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.replace(path, old)
+        os.replace(target, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds and provenance
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "safetensors",
+             "vaderSentiment", "numpy", "trl")
+
+
+def environment_info() -> dict[str, Any]:
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {
+        "rlhfkit": __version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "libraries": versions,
+    }
+
+
+def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -> Path:
+    """Create the run folder and record the resolved config and provenance (main process only)."""
+    out = Path(output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        meta = environment_info()
+        meta.update(
+            seed=cfg.get("seed"),
+            command=" ".join(sys.argv),
+            config_class=type(config).__name__,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        atomic_write_json(out / "meta.json", meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLogger:
+    """Append metrics to `metrics.jsonl` and TensorBoard; a no-op on non-main processes."""
+
+    def __init__(self, output_dir: str | Path, report_to: str = "jsonl,tensorboard", enabled: bool = True):
+        sinks = {s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"}
+        unknown = sinks - {"jsonl", "tensorboard"}
+        if unknown:
+            from rlhfkit.errors import ConfigError
+
+            raise ConfigError(f"config field 'report_to': unknown sink(s) {sorted(unknown)}; use jsonl, tensorboard or none")
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in sinks:
+            self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tb"))
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _scalar(v) for k, v in metrics.items()}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **clean}, default=_json_default) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _scalar(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        return v.item()
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Read a metrics.jsonl (a run folder or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
