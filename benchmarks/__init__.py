@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks. Run one with `python -m benchmarks NAME`."""
