@@ -1,1 +1,28 @@
-"""rlhfkit.models"""
+"""Load, build and save policy, reference, reward and value models (HF formats, LoRA via peft)."""
+
+from rlhfkit.models.factory import count_parameters, tiny_llama, tiny_llama_config, tiny_reward_model
+from rlhfkit.models.io import (
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+    reference_model,
+    resolve_path,
+    save_model,
+)
+from rlhfkit.models.lora import apply_lora, is_lora, reference_context
+
+__all__ = [
+    "apply_lora",
+    "count_parameters",
+    "is_lora",
+    "load_policy",
+    "load_reward_model",
+    "load_tokenizer",
+    "reference_context",
+    "reference_model",
+    "resolve_path",
+    "save_model",
+    "tiny_llama",
+    "tiny_llama_config",
+    "tiny_reward_model",
+]

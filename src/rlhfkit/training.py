@@ -1,0 +1,170 @@
+"""Pieces every training recipe shares, as plain functions.
+
+accelerate does devices, DDP/FSDP/DeepSpeed and mixed precision; these helpers do the rest:
+optimiser and schedule, a deterministic data order that survives resumption, resumable
+checkpoints written atomically, and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rlhfkit.errors import NonFiniteError
+from rlhfkit.runs import atomic_path
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def make_accelerator(cfg: Any) -> Accelerator:
+    """An Accelerator from a TrainArgs-like config, seeded identically on every process."""
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+    )
+    set_seed(cfg.seed)
+    return acc
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not on biases, norms or 1-d parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, num_training_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler)
+    )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch).
+
+    Drawing it from a private generator, not the global RNG, is what lets a resumed run
+    replay exactly the batches an uninterrupted run would have seen.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def iterate_batches(n: int, batch_size: int, seed: int, start_step: int, total_steps: int,
+                    num_processes: int = 1, process_index: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """Yield (micro_step, indices) for this process, from `start_step` micro-steps on.
+
+    Each global micro-batch holds `batch_size * num_processes` examples taken in epoch
+    order; process k gets the k-th slice, so N processes see the same examples per
+    optimiser step as one process with an N-times larger batch. A trailing partial global
+    batch of an epoch is dropped so every process steps together.
+    """
+    global_bs = batch_size * num_processes
+    per_epoch = n // global_bs
+    if per_epoch == 0:
+        raise ValueError(f"{n} examples are fewer than one global batch of {global_bs}")
+    for step in range(start_step, total_steps):
+        epoch, pos = divmod(step, per_epoch)
+        order = epoch_order(n, seed, epoch)
+        chunk = order[pos * global_bs:(pos + 1) * global_bs]
+        yield step, chunk[process_index * batch_size:(process_index + 1) * batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict | None = None,
+                    keep: int = 2) -> Path | None:
+    """Write model, optimiser, scheduler and RNG states plus `state` to checkpoints/step-N.
+
+    All processes must call it (accelerate gathers sharded states); only the main process
+    renames the finished folder into place and prunes all but the newest `keep`.
+    """
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+        with atomic_path(final) as t:
+            shutil.move(str(tmp), t)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict:
+    """Restore states saved by :func:`save_checkpoint`; returns its trainer_state (with `step`)."""
+    path = Path(path)
+    accelerator.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# guards
+
+
+def check_finite(name: str, *tensors: torch.Tensor) -> None:
+    """Raise NonFiniteError if any value is NaN or infinite (call before optimizer.step)."""
+    for t in tensors:
+        if t is not None and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise NonFiniteError(
+                f"{name} has {bad} non-finite value(s) (NaN or inf); the step was not applied. "
+                "Lower the learning rate, check the reward model's outputs, or enable reward clipping."
+            )
+
+
+def check_finite_grads(model: torch.nn.Module) -> None:
+    for n, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteError(f"gradient of {n} is not finite; the step was not applied")
+
+
+def mean_across_processes(accelerator: Accelerator, values: Sequence[float]) -> list[float]:
+    """Average scalars over processes (for logging)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=accelerator.device)
+    return (accelerator.reduce(t, reduction="mean") if accelerator.num_processes > 1 else t).tolist()
