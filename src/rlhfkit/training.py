@@ -75,23 +75,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def iterate_batches(n: int, batch_size: int, seed: int, start_step: int, total_steps: int,
-                    num_processes: int = 1, process_index: int = 0) -> Iterator[tuple[int, list[int]]]:
-    """Yield (micro_step, indices) for this process, from `start_step` micro-steps on.
+                    num_processes: int = 1, process_index: int = 0) -> Iterator[tuple[int, list[int], list[int]]]:
+    """Yield (micro_step, local_indices, global_indices) from `start_step` micro-steps on.
 
     Each global micro-batch holds `batch_size * num_processes` examples taken in epoch
     order; process k gets the k-th slice, so N processes see the same examples per
     optimiser step as one process with an N-times larger batch. A trailing partial global
-    batch of an epoch is dropped so every process steps together.
+    batch of an epoch is dropped so every process steps together. The global indices let
+    every process normalise a loss by the whole step's token count without communication.
     """
     global_bs = batch_size * num_processes
     per_epoch = n // global_bs
     if per_epoch == 0:
         raise ValueError(f"{n} examples are fewer than one global batch of {global_bs}")
+    order, order_epoch = None, -1
     for step in range(start_step, total_steps):
         epoch, pos = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, seed, epoch), epoch
         chunk = order[pos * global_bs:(pos + 1) * global_bs]
-        yield step, chunk[process_index * batch_size:(process_index + 1) * batch_size]
+        yield step, chunk[process_index * batch_size:(process_index + 1) * batch_size], chunk
+
+
+def micro_steps_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
+    return n // (batch_size * num_processes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,1 +1,9 @@
-"""rlhfkit.losses"""
+"""Pure loss functions, one per variant; each returns (loss, metrics).
+
+    sft.py         next-token NLL on completion tokens
+    reward.py      reward-model losses (Bradley-Terry, ties, K-way rankings, centering)
+    policy.py      PPO / GRPO / RLOO policy and value losses
+    preference.py  DPO and relatives (IPO, hinge, robust, SimPO, KTO, ORPO)
+"""
+
+from rlhfkit.losses.sft import SFT_LOSSES, sft_loss  # noqa: F401
