@@ -1,0 +1,224 @@
+"""Batched sampling with a KV cache.
+
+A hand-written decoding loop rather than `model.generate`: for the small models rlhfkit
+trains on a CPU, the per-step bookkeeping of `generate` (logits processors, stopping
+criteria, cache re-validation) costs more than the forward pass itself. The loop below does
+one prefill over left-padded prompts and then one single-token forward per step, reusing
+the cache, and stops as soon as every row has produced an end-of-sequence token.
+
+Layout of a :class:`Rollout` (N rows = prompts x num_samples, samples of one prompt adjacent):
+
+    query_ids      (N, P)  prompt tokens, LEFT-padded with the pad id
+    query_mask     (N, P)  1 on real prompt tokens
+    response_ids   (N, R)  sampled tokens, RIGHT-padded with the pad id
+    response_mask  (N, R)  1 on sampled tokens up to and including the first EOS
+    ended_with_eos (N,)    True where the response stopped at an EOS token
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from rlhfkit.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompts: list[str]
+    responses: list[str]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended_with_eos: torch.Tensor
+    prompt_index: torch.Tensor
+    """(N,) index of each row's prompt in the list passed to `generate`."""
+    num_truncated_prompts: int = 0
+    """Prompts that were longer than `max_prompt_length` and lost their first tokens."""
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of prompt + response, ready for one forward pass."""
+        ids = torch.cat([self.query_ids, self.response_ids], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
+        return ids, mask
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> Rollout:
+        """The rows in `index`, in that order (tensors indexed, lists picked)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        rows = idx.tolist()
+        return Rollout(
+            prompts=[self.prompts[i] for i in rows], responses=[self.responses[i] for i in rows],
+            query_ids=self.query_ids[idx], query_mask=self.query_mask[idx],
+            response_ids=self.response_ids[idx], response_mask=self.response_mask[idx],
+            ended_with_eos=self.ended_with_eos[idx], prompt_index=self.prompt_index[idx],
+            num_truncated_prompts=self.num_truncated_prompts,
+        )
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of tokens whose
+    probability mass reaches `top_p`; the rest get -inf. The most likely token is always kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # mass strictly before each token; a token is dropped once that mass already reaches top_p
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from `logits` (B, V); temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None
+                   ) -> tuple[list[list[int]], int]:
+    """Token ids per prompt, left-truncated to `max_prompt_length` (a leading BOS is kept).
+
+    Returns (ids, number of prompts truncated). Left truncation keeps the words the policy
+    continues from, which matter more than the opening ones.
+    """
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out, truncated = [], 0
+    for ids in encoded:
+        if not ids:
+            raise ConfigError("a prompt encoded to zero tokens; give non-empty prompts or a tokenizer that adds BOS")
+        if max_prompt_length and len(ids) > max_prompt_length:
+            truncated += 1
+            keep_bos = bos is not None and ids[0] == bos
+            tail = ids[-(max_prompt_length - 1):] if keep_bos and max_prompt_length > 1 else ids[-max_prompt_length:]
+            ids = ([bos] + tail) if keep_bos and max_prompt_length > 1 else tail
+        out.append(list(ids))
+    return out, truncated
+
+
+def _stop_ids(model, tokenizer, extra: Sequence[int] | None) -> list[int]:
+    ids: set[int] = set(extra or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                    top_p: float, stop: torch.Tensor, pad_id: int, generator) -> tuple[torch.Tensor, ...]:
+    device = stop.device
+    b, p = len(prompt_ids), max(len(x) for x in prompt_ids)
+    query = torch.full((b, p), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, p + max_new_tokens), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        query[i, p - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attn[i, p - len(ids):] = 1
+    query, attn = query.to(device), attn.to(device)
+    attn[:, p:] = 1  # every sampled position is visible; rows that finished are ignored anyway
+    positions = (attn[:, :p].cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=query, attention_mask=attn[:, :p], position_ids=positions,
+                past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    next_pos = positions[:, -1:] + 1
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    eos_at = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        tok = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator)
+        tok = tok.masked_fill(finished, pad_id)
+        tokens[:, t] = tok
+        hit = torch.isin(tok, stop) & ~finished
+        eos_at = torch.where(hit, torch.full_like(eos_at, t), eos_at)
+        finished |= hit
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            tokens = tokens[:, : t + 1]
+            break
+        out = model(input_ids=tok[:, None], attention_mask=attn[:, : p + t + 1], position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    steps = torch.arange(tokens.shape[1], device=device)
+    resp_mask = (steps[None, :] <= eos_at[:, None]).long()
+    tokens = tokens.masked_fill(resp_mask == 0, pad_id)
+    return query, attn[:, :p], tokens, resp_mask, finished
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    pad = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
+             max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None) -> Rollout:
+    """Sample `num_samples` responses per prompt, `batch_size` rows per forward.
+
+    Rows are ordered prompt-major (the samples of prompt i are rows i*K .. i*K+K-1), which is
+    what group baselines (GRPO, RLOO) expect. With `seed` set, sampling uses a private
+    generator, so the same seed gives the same rollout whatever else consumed the global RNG.
+    Prompts longer than `max_prompt_length` tokens are left-truncated and counted in
+    `Rollout.num_truncated_prompts`.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1 or batch_size < 1:
+        raise ConfigError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ConfigError("the tokenizer has no pad token; rlhfkit.models.load_tokenizer sets one")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # sampling needs no gradient sync
+    device = next(model.parameters()).device
+    ids, truncated = encode_prompts(tokenizer, prompts, max_prompt_length)
+    rows = [i for i in range(len(ids)) for _ in range(num_samples)]
+    stop = torch.tensor(_stop_ids(model, tokenizer, stop_token_ids), dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            chunks.append(_generate_chunk(model, [ids[i] for i in chunk], max_new_tokens, temperature,
+                                          top_p, stop, pad_id, generator))
+    finally:
+        model.train(was_training)
+    p = max(c[0].shape[1] for c in chunks)
+    r = max(c[2].shape[1] for c in chunks)
+    query = torch.cat([_pad_to(c[0], p, pad_id, left=True) for c in chunks])
+    qmask = torch.cat([_pad_to(c[1], p, 0, left=True) for c in chunks])
+    resp = torch.cat([_pad_to(c[2], r, pad_id, left=False) for c in chunks])
+    rmask = torch.cat([_pad_to(c[3], r, 0, left=False) for c in chunks])
+    ended = torch.cat([c[4] for c in chunks])
+    texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(resp, rmask)],
+                                   skip_special_tokens=True)
+    return Rollout(prompts=[prompts[i] for i in rows], responses=texts, query_ids=query, query_mask=qmask,
+                   response_ids=resp, response_mask=rmask, ended_with_eos=ended,
+                   prompt_index=torch.tensor(rows, dtype=torch.long), num_truncated_prompts=truncated)
