@@ -7,3 +7,13 @@
 """
 
 from rlhfkit.losses.sft import SFT_LOSSES, sft_loss  # noqa: F401
+from rlhfkit.losses.reward import (  # noqa: F401
+    PAIR_LOSSES,
+    RANKING_LOSSES,
+    bradley_terry_loss,
+    davidson_tie_loss,
+    instructgpt_ranking_loss,
+    plackett_luce_loss,
+    reward_centering_penalty,
+    soft_label_loss,
+)
