@@ -17,3 +17,10 @@ from rlhfkit.losses.reward import (  # noqa: F401
     reward_centering_penalty,
     soft_label_loss,
 )
+from rlhfkit.losses.preference import (  # noqa: F401
+    PREFERENCE_LOSSES,
+    compute_preference_loss,
+    dpo_loss,
+    kto_loss,
+    needs_reference,
+)
