@@ -24,3 +24,13 @@ from rlhfkit.losses.preference import (  # noqa: F401
     kto_loss,
     needs_reference,
 )
+from rlhfkit.losses.policy import (  # noqa: F401
+    LOSS_NORMALISERS,
+    POLICY_LOSSES,
+    entropy_bonus,
+    grpo_loss,
+    ppo_policy_loss,
+    ptx_loss,
+    rloo_loss,
+    value_loss,
+)
