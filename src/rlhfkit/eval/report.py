@@ -1,0 +1,325 @@
+"""`rlhfkit report RUN_DIR`: one self-contained HTML page for a run folder and its sub-runs.
+
+The page answers one question: did alignment help the humans (gold panel) or only the
+reward model (proxy)? It gathers, from RUN_DIR and every folder below it:
+
+    metrics.jsonl   training curves (matplotlib PNGs, base64-embedded)
+    eval.json       the metric table (gold, proxy, KL, win rates, diversity, perplexity)
+    overopt.json    gold and proxy against sqrt(KL) with Gao et al. 2022 fits
+    alarms.jsonl    reward-hacking alarms raised during training
+    samples.jsonl   sample tables
+
+No external asset is referenced (no scripts, fonts or stylesheets from the network), and
+every string that comes from data, model outputs above all, is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhfkit.runs import atomic_write_text
+
+MAX_CURVES = 12
+MAX_SAMPLES = 12
+_PRIORITY = ("gold", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
+# eval.json keys shown as table columns, in order
+TABLE_COLUMNS = (
+    ("gold", "gold reward"), ("proxy", "proxy (RM)"), ("kl", "KL to ref"), ("win_rate", "win rate vs ref"),
+    ("lc_win_rate", "LC win rate"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+    ("self_bleu", "self-BLEU"), ("ead", "EAD"), ("perplexity", "held-out ppl"), ("rm_accuracy", "RM accuracy"),
+    ("mean_length", "mean length"),
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
+td,th{border:1px solid #ddd;padding:.3em .55em;vertical-align:top;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.text{max-width:520px;white-space:pre-wrap;word-break:break-word}
+.ci{color:#777;font-size:.85em}.alarm{background:#fff0f0}.note{color:#555;font-size:.9em}
+img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def esc(value) -> str:
+    """HTML-escape anything (quotes too, so the result is safe inside attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the run folder
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = path.parent.relative_to(root).as_posix()
+    return rel if rel != "." else "(top)"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"rlhfkit report: {path}, line {i}: not JSON, skipped")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    # hidden folders (atomic-write temporaries) and checkpoints are not results
+    return sorted(p for p in root.rglob(name)
+                  if not any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(root).parts[:-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return '<img alt="figure" src="data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode("ascii") + '">'
+
+
+def _curve_keys(rows: list[dict]) -> list[str]:
+    keys: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                keys[k] = keys.get(k, 0) + 1
+    usable = [k for k, c in keys.items() if c >= 2]
+
+    def rank(k: str) -> tuple:
+        low = k.lower()
+        hits = [i for i, p in enumerate(_PRIORITY) if p in low]
+        return (min(hits) if hits else len(_PRIORITY), k)
+
+    return sorted(usable, key=rank)[:MAX_CURVES]
+
+
+def curves_figure(rows: list[dict], title: str) -> str | None:
+    """A grid of small plots, one per metric (most informative first), against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _curve_keys(rows)
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.5 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows)
+               if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool) and math.isfinite(r[k])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def overopt_figure(data: dict) -> tuple[str | None, list[dict]]:
+    """Gold and proxy (relative to the initial policy) against sqrt(KL), with the fitted forms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rlhfkit.eval.overopt import FITS
+
+    series = [(name, rows) for name, rows in data.items() if name in FITS and isinstance(rows, list) and len(rows) >= 2]
+    if not series:
+        return None, []
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 3.6), squeeze=False)
+    fits = []
+    for ax, (name, rows) in zip(axes.flat, series):
+        kl = np.array([max(float(r["kl"]), 0.0) for r in rows])
+        gold = np.array([float(r.get("gold_delta", r["gold"])) for r in rows])
+        proxy = np.array([float(r.get("proxy_delta", r.get("proxy", float("nan")))) for r in rows])
+        d = np.sqrt(kl)
+        ax.plot(d, gold, "o", color="tab:green", label="gold (panel)")
+        if np.isfinite(proxy).all():
+            ax.plot(d, proxy, "s", color="tab:orange", label="proxy (RM)")
+        fit_fn, form = FITS[name]
+        try:
+            fit = fit_fn(kl, gold)
+            grid = np.linspace(0, d.max() * 1.1 if d.max() > 0 else 1.0, 100)
+            ax.plot(grid, form(grid, fit["alpha"], fit["beta"]), "--", color="tab:green",
+                    label=f"fit: d({fit['alpha']:.3g} - {fit['beta']:.3g}{' log' if name == 'rl' else ''} d)")
+            fits.append({"sweep": name, **fit})
+        except (ValueError, np.linalg.LinAlgError) as e:
+            fits.append({"sweep": name, "error": str(e)})
+        ax.set_xlabel("d = sqrt(KL to reference)")
+        ax.set_ylabel("reward relative to start")
+        ax.set_title({"bon": "best-of-N sweep", "rl": "RL checkpoints"}[name], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig), fits
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict) and "mean" in v:
+        s = _fmt(v["mean"])
+        if "lo" in v and "hi" in v:
+            s += f' <span class="ci">[{_fmt(v["lo"])}, {_fmt(v["hi"])}]</span>'
+        return s
+    if isinstance(v, float):
+        return esc(f"{v:.4g}")
+    return esc(v)
+
+
+def metric_table(evals: list[tuple[str, dict]]) -> str:
+    cols = [(k, label) for k, label in TABLE_COLUMNS if any(k in e for _, e in evals)]
+    head = "<tr><th>model</th>" + "".join(f"<th>{esc(label)}</th>" for _, label in cols) + "</tr>"
+    body = []
+    for name, e in evals:
+        label = e.get("name") or name
+        cells = "".join(f'<td class="num">{_fmt(e[k]) if k in e else ""}</td>' for k, _ in cols)
+        body.append(f"<tr><td>{esc(label)}</td>{cells}</tr>")
+    return "<table>" + head + "".join(body) + "</table>"
+
+
+def records_table(rows: list[dict], columns: Sequence[str] | None = None, text_columns: Sequence[str] = ()) -> str:
+    if not rows:
+        return ""
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
+    head = "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cls = "text" if c in text_columns or isinstance(v, str) else "num"
+            cells.append(f'<td class="{cls}">{_fmt(v)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return "<table>" + head + "".join(body) + "</table>"
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def build_report(run_dir: str | Path, title: str | None = None) -> str:
+    """Return the report HTML for `run_dir` (read-only; see :func:`write_report`)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        from rlhfkit.errors import ConfigError
+
+        raise ConfigError(f"report: run folder {root} does not exist")
+    title = title or f"rlhfkit report: {root.resolve().name}"
+    parts = [f"<h1>{esc(title)}</h1>",
+             f'<p class="note">Run folder <code>{esc(root.resolve())}</code>, generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}. '
+             "Gold = the held-out human panel; proxy = the learned reward model. Intervals are 95% bootstrap intervals.</p>"]
+
+    summary = root / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        if isinstance(data.get("win_rates"), list):
+            parts.append("<h2>Win rates against the SFT reference</h2>")
+            parts.append(records_table(data["win_rates"]))
+
+    evals = []
+    for p in _find(root, "eval.json"):
+        try:
+            evals.append((_rel(p, root), json.loads(p.read_text())))
+        except json.JSONDecodeError as e:
+            print(f"rlhfkit report: {p}: not JSON ({e}), skipped")
+    if evals:
+        parts.append("<h2>Evaluation</h2>")
+        parts.append(metric_table(evals))
+
+    for p in _find(root, "overopt.json"):
+        img, fits = overopt_figure(json.loads(p.read_text()))
+        if img:
+            where = _rel(p, root)
+            parts.append("<h2>Over-optimisation: gold vs proxy" + ("" if where == "(top)" else f" ({esc(where)})") + "</h2>")
+            parts.append('<p class="note">Gao et al. 2022 forms: best-of-N d(&alpha; - &beta; d), '
+                         "RL d(&alpha; - &beta; log d), d = sqrt(KL). Proxy rising while gold falls is reward hacking.</p>")
+            parts.append(img)
+            parts.append(records_table(fits))
+
+    alarms = [(p, _read_jsonl(p)) for p in _find(root, "alarms.jsonl")]
+    parts.append("<h2>Reward-hacking alarms</h2>")
+    if any(rows for _, rows in alarms):
+        for p, rows in alarms:
+            if rows:
+                parts.append(f'<h3 class="alarm">{esc(_rel(p, root))}: {len(rows)} alarm(s)</h3>')
+                parts.append(records_table(rows))
+    else:
+        parts.append('<p class="note">None raised.</p>')
+
+    metric_files = _find(root, "metrics.jsonl")
+    if metric_files:
+        parts.append("<h2>Training curves</h2>")
+    for p in metric_files:
+        rows = _read_jsonl(p)
+        img = curves_figure(rows, _rel(p, root)) if rows else None
+        if img:
+            parts.append(f"<h3>{esc(_rel(p, root))}</h3>{img}")
+
+    sample_files = _find(root, "samples.jsonl")
+    if sample_files:
+        parts.append("<h2>Samples</h2>")
+    for p in sample_files:
+        rows = _read_jsonl(p)[:MAX_SAMPLES]
+        if rows:
+            parts.append(f"<h3>{esc(_rel(p, root))}</h3>")
+            parts.append(records_table(rows, text_columns=("prompt", "response", "reference")))
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None, title: str | None = None) -> Path:
+    """Write the report (atomically) to `output` (default RUN_DIR/report.html) and return its path."""
+    out = Path(output) if output else Path(run_dir) / "report.html"
+    atomic_write_text(out, build_report(run_dir, title))
+    return out
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhfkit report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="run folder (sub-folders are included)")
+    parser.add_argument("--output", default=None, help="HTML file to write (default RUN_DIR/report.html)")
+    parser.add_argument("--title", default=None, help="page title")
+    args = parser.parse_args(argv)
+    from rlhfkit.errors import RlhfkitError
+
+    try:
+        path = write_report(args.run_dir, args.output, args.title)
+    except RlhfkitError as e:
+        print(f"rlhfkit report: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0

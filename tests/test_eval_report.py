@@ -1,0 +1,72 @@
+"""The HTML report: self-contained, every data string escaped, all sections present."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from rlhfkit.eval import overopt
+from rlhfkit.eval.report import build_report, cli
+
+EVIL_SCRIPT = "<script>alert(1)</script>"
+EVIL_IMG = "<img src=x onerror=alert(1)>"
+
+
+def _make_run(root):
+    ppo = root / "ppo"
+    ppo.mkdir(parents=True)
+    with open(ppo / "metrics.jsonl", "w") as f:
+        for step in range(10):
+            f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1), "reward/proxy": step * 0.1,
+                                "kl": step * 0.05, EVIL_SCRIPT: 1.0}) + "\n")
+    (ppo / "alarms.jsonl").write_text(json.dumps({"event": "reward_hacking", "step": 7, "proxy_slope": 0.1,
+                                                  "gold_slope": -0.2, "note": EVIL_IMG}) + "\n")
+    ev = root / "eval" / "ppo"
+    ev.mkdir(parents=True)
+    (ev / "eval.json").write_text(json.dumps({
+        "name": EVIL_IMG, "gold": {"mean": 0.21, "lo": 0.18, "hi": 0.25}, "kl": {"mean": 1.5, "lo": 1.2, "hi": 1.8},
+        "win_rate": {"mean": 0.61, "lo": 0.55, "hi": 0.67}, "distinct_1": 0.4}))
+    with open(ev / "samples.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "The weather", "response": EVIL_SCRIPT, "gold": 0.3}) + "\n")
+        f.write(json.dumps({"prompt": EVIL_IMG, "response": "is & \"kind\"", "gold": 0.1}) + "\n")
+    rows = overopt.bon_sweep(np.random.default_rng(0).normal(size=(20, 8)), np.random.default_rng(1).normal(size=(20, 8)))
+    rl = [{"kl": k, "gold": float(overopt.rl_gold(np.sqrt(k), 1.0, 0.4)), "proxy": k * 0.3} for k in (0.0, 0.5, 1, 2, 4, 8)]
+    (root / "overopt.json").write_text(json.dumps({"bon": rows, "rl": rl}))
+    return root
+
+
+def test_report_escapes_model_output_and_is_self_contained(tmp_path):
+    page = build_report(_make_run(tmp_path / "run"))
+    assert "<script" not in page.lower()
+    assert "<img src=x" not in page
+    assert "onerror=alert(1)>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "is &amp; &quot;kind&quot;" in page
+    # no external assets: every src/href is a data: URI
+    for url in re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page):
+        assert url.startswith("data:image/png;base64,")
+    assert "http://" not in page and "https://" not in page
+    assert page.count("data:image/png;base64,") >= 2  # curves + over-optimisation
+
+
+def test_report_sections(tmp_path):
+    page = build_report(_make_run(tmp_path / "run"))
+    for heading in ("Evaluation", "Over-optimisation", "Reward-hacking alarms", "Training curves", "Samples"):
+        assert heading in page
+    assert "0.61" in page and "[0.55, 0.67]" in page
+    assert "1 alarm(s)" in page
+    # the RL fit recovers the generating coefficients
+    assert re.search(r"<td[^>]*>rl</td><td[^>]*>1</td><td[^>]*>0\.4</td>", page)
+
+
+def test_report_cli_writes_file(tmp_path, capsys):
+    run = _make_run(tmp_path / "run")
+    assert cli([str(run)]) == 0
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert "report.html" in capsys.readouterr().out
+    assert cli([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
