@@ -1,0 +1,231 @@
+"""Supervised fine-tuning: next-token loss on completion tokens only.
+
+Data: any TRL-style SFT data (`prompt`/`completion`, `messages`, or `text`) from JSONL,
+parquet, a saved HF dataset, or `kindly` for the bundled task's sentence continuations.
+Prompt tokens are masked out of the loss; `--packing` concatenates examples into full rows.
+
+    rlhfkit sft --model kindly --dataset kindly --output_dir runs/sft
+    accelerate launch --num_processes 2 -m rlhfkit.cli sft --model kindly --dataset kindly
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.losses.sft import sft_loss
+from rlhfkit.models import load_policy, load_tokenizer, save_model
+from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.training import (
+    check_finite,
+    iterate_batches,
+    latest_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    micro_steps_per_epoch,
+    save_checkpoint,
+)
+
+
+@dataclasses.dataclass
+class Config(ModelArgs, TrainArgs):
+    dataset: str = "kindly"
+    """Training data: a .jsonl/.parquet file, a saved HF dataset folder, a hub name, or 'kindly'."""
+    eval_dataset: str = ""
+    """Held-out data for loss and perplexity (default: the eval split of `dataset` when it has one)."""
+    max_length: int = 128
+    """Longest tokenised example (prompt + completion); longer ones are truncated and counted."""
+    packing: bool = False
+    """Concatenate examples into rows of max_length tokens (no padding)."""
+    completion_only_loss: bool = True
+    """Mask prompt tokens out of the loss (False: train on the whole sequence)."""
+    max_eval_examples: int = 512
+    """Cap on held-out examples scored at each evaluation."""
+
+    def __post_init__(self) -> None:
+        self._check_train_args()
+        require(self.max_length >= 8, "max_length", "must be >= 8")
+        if not self.model:
+            self.model = "kindly"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_sft_examples(source: str, tokenizer, max_length: int, split: str = "train",
+                      completion_only: bool = True) -> tuple[list[dict], int]:
+    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated)."""
+    from rlhfkit.data import load_records, to_prompt_completion, tokenize_prompt_completion
+
+    if source == "kindly":
+        from rlhfkit.tasks import kindly
+
+        records = kindly.sft_records(split)
+    else:
+        records = load_records(source, split=split)
+    examples, truncated = [], 0
+    for rec in records:
+        prompt, completion = to_prompt_completion(rec, tokenizer)
+        ex = tokenize_prompt_completion(tokenizer, prompt, completion, max_length=None)
+        if len(ex["input_ids"]) > max_length:
+            truncated += 1
+            ex = {k: v[:max_length] for k, v in ex.items()}
+        if not completion_only:
+            ex["labels"] = list(ex["input_ids"])
+        examples.append(ex)
+    return examples, truncated
+
+
+def pack_examples(examples: list[dict], max_length: int, eos_id: int) -> list[dict]:
+    from rlhfkit.data import pack_sequences
+
+    return pack_sequences(examples, max_length, eos_id)
+
+
+def count_targets(ex: dict) -> int:
+    # labels are aligned with input_ids; the first position is never predicted
+    return sum(1 for t in ex["labels"][1:] if t != -100)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@torch.no_grad()
+def evaluate_lm(model, examples: list[dict], collate, batch_size: int, accelerator) -> dict[str, float]:
+    """Held-out token loss and perplexity over `examples` (all processes score their share)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = examples[accelerator.process_index::accelerator.num_processes]
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _, m = sft_loss(logits, batch["labels"])
+        total += torch.stack([m["nll_sum"].double(), m["tokens"].double()])
+    total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
+    model.train()
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
+
+
+def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples: list[dict],
+                    accelerator, output_dir: Path, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `model` on tokenised examples (input_ids, labels[, position_ids]); return final metrics.
+
+    Shared by `sft` and `pretrain`. `on_step(step, metrics)` is called after every optimiser
+    step (for callbacks; raising from it stops the run, e.g. to simulate a crash in tests).
+    """
+    from rlhfkit.data import PadCollator
+
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
+    nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_batch_size, nproc)
+    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    optimizer = make_optimizer(model, cfg)
+    # the scheduler is stepped by hand once per optimiser step: accelerate's wrapper would
+    # step it once per process, which changes the schedule with the process count.
+    scheduler = make_scheduler(optimizer, cfg, total_opt_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
+    if ckpt is not None:
+        step = load_checkpoint(accelerator, ckpt)["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    targets = [count_targets(ex) for ex in train]
+    logger = MetricsLogger(output_dir, cfg.report_to, enabled=accelerator.is_main_process)
+    bar = tqdm(total=total_opt_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
+    model.train()
+    t0, tokens_seen, step_items, window_loss = time.perf_counter(), 0, 0, []
+    metrics: dict[str, float] = {}
+    batches = iterate_batches(len(train), cfg.per_device_batch_size, cfg.seed, step * accum,
+                              total_opt_steps * accum, nproc, rank)
+    for micro, local, glob in batches:
+        if micro % accum == 0:  # supervised tokens of the whole optimiser step, all processes
+            step_items = sum(targets[i] for _, _, g in iterate_batches(
+                len(train), cfg.per_device_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
+        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
+        sync = (micro + 1) % accum == 0
+        with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(model):
+            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}).logits
+            # DDP averages gradients over processes; scaling by nproc turns that into a sum
+            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / nproc)
+            check_finite("loss", loss)
+            accelerator.backward(loss)
+        tokens_seen += int(batch["attention_mask"].sum()) * nproc
+        window_loss.append((m["nll_sum"].item(), m["tokens"].item()))
+        if not sync:
+            continue
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None:
+            check_finite("gradient norm", grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        nll, ntok = map(sum, zip(*window_loss))
+        metrics = {"loss": nll / max(ntok, 1), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0), "epoch": micro / max(per_epoch, 1)}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        window_loss = []
+        if step % cfg.log_every == 0 or step == total_opt_steps:
+            logger.log(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and eval_examples:
+            logger.log(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator), step)
+        if cfg.save_every > 0 and step % cfg.save_every == 0:
+            save_checkpoint(accelerator, output_dir, step)
+        if on_step is not None:
+            on_step(step, metrics)
+    bar.close()
+    final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
+    if eval_examples:
+        final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator))
+        logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
+    logger.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final")
+        atomic_write_json(output_dir / "results.json", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    accelerator = make_accelerator(cfg)
+    out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
+    eval_source = cfg.eval_dataset or cfg.dataset
+    eval_split = "train" if cfg.eval_dataset else "eval"
+    eval_examples: list[dict] = []
+    if cfg.eval_dataset or cfg.dataset == "kindly" or _has_split(cfg.dataset, "eval"):
+        eval_examples, _ = load_sft_examples(eval_source, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
+        eval_examples = eval_examples[: cfg.max_eval_examples]
+    if n_trunc:
+        accelerator.print(f"note: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} and were truncated")
+    if cfg.packing:
+        train = pack_examples(train, cfg.max_length, tokenizer.eos_token_id)
+    accelerator.print(f"sft: {len(train)} training rows, {len(eval_examples)} held-out examples")
+    return train_causal_lm(cfg, model, tokenizer, train, eval_examples, accelerator, out, on_step)
+
+
+def _has_split(source: str, split: str) -> bool:
+    p = Path(source)
+    return p.is_dir() and (p / split).is_dir()

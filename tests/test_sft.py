@@ -1,0 +1,150 @@
+"""SFT and pretrain recipes: smoke runs, exact resume, and 2 processes == 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+from rlhfkit.recipes import sft
+
+SENTENCES = [
+    "the kind dog waited by the door", "a warm smile made the morning better",
+    "she thanked him for the gentle help", "they shared bread with the tired travellers",
+    "the garden was full of bright flowers", "he spoke softly to the frightened child",
+    "we laughed together in the evening light", "the teacher praised the patient student",
+    "friends gathered to celebrate the good news", "the rain stopped and the sky cleared",
+    "an old man fed the birds every day", "the nurse cared for the sick with love",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    tok = load_tokenizer("kindly:tokenizer")
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                       seed=1, tokenizer=tok)
+    save_model(model, tok, root / "model")
+    data = root / "train.jsonl"
+    with open(data, "w") as f:
+        for s in SENTENCES * 3:
+            words = s.split()
+            f.write(json.dumps({"prompt": " ".join(words[:3]), "completion": " " + " ".join(words[3:])}) + "\n")
+    return root, root / "model", data
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), dataset=str(data), output_dir=str(out), max_length=32,
+                per_device_batch_size=4, learning_rate=3e-3, max_steps=6, log_every=1,
+                report_to="jsonl", progress=False, seed=3)
+    base.update(kw)
+    return sft.Config(**base)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sft_smoke_writes_hf_checkpoint_and_metrics(tiny_setup):
+    root, model, data = tiny_setup
+    out = root / "smoke"
+    result = sft.main(_cfg(model, data, out))
+    assert result["steps"] == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert isinstance(reloaded, torch.nn.Module)
+    assert (out / "config.yaml").is_file() and (out / "meta.json").is_file()
+    assert list((out / "tb").iterdir()), "no TensorBoard events were written"
+
+
+def test_completion_only_loss_ignores_prompt_tokens(tiny_setup):
+    _, model, data = tiny_setup
+    tok = load_tokenizer(str(model))
+    examples, _ = sft.load_sft_examples(str(data), tok, 32)
+    ex = examples[0]
+    prompt_len = len(tok(" ".join(SENTENCES[0].split()[:3]), add_special_tokens=False)["input_ids"])
+    # bos + prompt are masked; every completion token and the closing EOS are supervised
+    n_masked = sum(1 for t in ex["labels"] if t == -100)
+    assert n_masked == prompt_len + (1 if tok.bos_token_id is not None and ex["input_ids"][0] == tok.bos_token_id else 0)
+    assert ex["labels"][-1] == tok.eos_token_id
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_setup):
+    root, model, data = tiny_setup
+    full = root / "full"
+    sft.main(_cfg(model, data, full, max_steps=8, save_every=2, gradient_accumulation_steps=2,
+                  lr_scheduler="cosine", warmup_steps=2))
+
+    crashed = root / "crashed"
+
+    def crash(step, _metrics):
+        if step == 5:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(_cfg(model, data, crashed, max_steps=8, save_every=2, gradient_accumulation_steps=2,
+                      lr_scheduler="cosine", warmup_steps=2), on_step=crash)
+    assert not (crashed / "final").exists()
+    assert (crashed / "checkpoints" / "step-4").is_dir()
+    sft.main(_cfg(model, data, crashed, max_steps=8, save_every=2, gradient_accumulation_steps=2,
+                  lr_scheduler="cosine", warmup_steps=2, resume=True))
+    a, b = _weights(full / "final"), _weights(crashed / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+def test_gradient_accumulation_matches_big_batch(tiny_setup):
+    root, model, data = tiny_setup
+    big = sft.main(_cfg(model, data, root / "big", per_device_batch_size=8, max_steps=3))
+    acc = sft.main(_cfg(model, data, root / "acc", per_device_batch_size=4, gradient_accumulation_steps=2, max_steps=3))
+    a, b = _weights(root / "big" / "final"), _weights(root / "acc" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert big["steps"] == acc["steps"] == 3
+
+
+def test_two_processes_match_one_process(tiny_setup):
+    """`accelerate launch --num_processes 2` (gloo on CPU) == one process at the same global batch."""
+    root, model, data = tiny_setup
+    one = root / "one"
+    sft.main(_cfg(model, data, one, per_device_batch_size=8, max_steps=4))
+    two = root / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhfkit.cli", "sft", "--model", str(model), "--dataset", str(data),
+           "--output_dir", str(two), "--max_length", "32", "--per_device_batch_size", "4",
+           "--learning_rate", "3e-3", "--max_steps", "4", "--report_to", "jsonl",
+           "--progress", "False", "--seed", "3", "--log_every", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(one / "final"), _weights(two / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_bad_config_value_names_field():
+    from rlhfkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="learning_rate"):
+        sft.Config(learning_rate=-1.0)
+    with pytest.raises(ConfigError, match="max_length"):
+        sft.Config(max_length=2)
+
+
+def test_cli_help_lists_fields():
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "sft", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "--learning_rate" in proc.stdout and "Peak learning rate" in proc.stdout
