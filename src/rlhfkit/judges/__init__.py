@@ -1,1 +1,7 @@
-"""rlhfkit.judges"""
+"""Judges: the Judge protocol, the gold human panel and simulated annotators."""
+
+from rlhfkit.judges.annotators import SimulatedAnnotators
+from rlhfkit.judges.base import Judge, RaterPanel
+from rlhfkit.judges.panel import GoldPanel
+
+__all__ = ["Judge", "RaterPanel", "GoldPanel", "SimulatedAnnotators"]
