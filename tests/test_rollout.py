@@ -104,7 +104,9 @@ def test_prompt_truncation_counted(tok):
     assert r.num_truncated_prompts == 1
     assert r.query_ids.shape[1] == 6
     full = encode_prompts(tok, [long])[0][0]
-    assert r.query_ids[0].tolist() == full[-6:]  # keeps the words being continued
+    # BOS stays in front, then the last words (the ones being continued)
+    assert full[0] == tok.bos_token_id
+    assert r.query_ids[0].tolist() == [tok.bos_token_id] + full[-5:]
 
 
 def test_bad_arguments(tok):

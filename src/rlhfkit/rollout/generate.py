@@ -93,22 +93,21 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None
                    ) -> tuple[list[list[int]], int]:
-    """Token ids per prompt, left-truncated to `max_prompt_length` (a leading BOS is kept).
+    """Token ids per prompt, exactly as SFT encodes them (BOS first when the tokenizer has one),
+    left-truncated to `max_prompt_length` keeping the BOS. Returns (ids, number truncated).
 
-    Returns (ids, number of prompts truncated). Left truncation keeps the words the policy
-    continues from, which matter more than the opening ones.
+    Left truncation keeps the words the policy continues from, which matter more than the
+    opening ones; sharing SFT's encoder keeps the policy's inputs in the distribution it was
+    fine-tuned on.
     """
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
+    from rlhfkit.data.collate import encode_prompt
+
     out, truncated = [], 0
-    for ids in encoded:
+    for text in prompts:
+        ids, cut = encode_prompt(tokenizer, text, max_prompt_length=max_prompt_length)
         if not ids:
-            raise ConfigError("a prompt encoded to zero tokens; give non-empty prompts or a tokenizer that adds BOS")
-        if max_prompt_length and len(ids) > max_prompt_length:
-            truncated += 1
-            keep_bos = bos is not None and ids[0] == bos
-            tail = ids[-(max_prompt_length - 1):] if keep_bos and max_prompt_length > 1 else ids[-max_prompt_length:]
-            ids = ([bos] + tail) if keep_bos and max_prompt_length > 1 else tail
+            raise ConfigError(f"prompt {text!r} encoded to zero tokens; give non-empty prompts")
+        truncated += int(cut)
         out.append(list(ids))
     return out, truncated
 
