@@ -1,0 +1,266 @@
+"""Readers: JSONL, JSON, parquet, Hugging Face `datasets` folders and hub names -> list of dicts.
+
+Every reader returns a `Records` list: a plain `list[dict]` that also remembers where it came
+from (`source`) and the 1-based line of each record in that source (`lines`), so validators
+further down can name the exact line of a bad record. For JSONL that is the line in the file;
+for JSON arrays, parquet and `datasets` it is the 1-based row number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class Records(list):
+    """A list of record dicts plus their provenance (`source`, 1-based `lines`)."""
+
+    def __init__(self, items: Iterable[dict] = (), source: str | None = None,
+                 lines: Sequence[int] | None = None):
+        super().__init__(items)
+        self.source = source
+        self.lines = list(lines) if lines is not None else None
+        self.report = None  # set by validators: a ValidationReport
+
+    def line_of(self, index: int) -> int:
+        """1-based line (or row) of record `index` in its source."""
+        if self.lines is not None and index < len(self.lines):
+            return self.lines[index]
+        return index + 1
+
+
+def line_of(records: Sequence[dict], index: int) -> int:
+    return records.line_of(index) if isinstance(records, Records) else index + 1
+
+
+def source_of(records: Sequence[dict], source: str | None = None) -> str | None:
+    if source is not None:
+        return str(source)
+    return records.source if isinstance(records, Records) else None
+
+
+# ---------------------------------------------------------------- JSONL
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Stream `(line_number, record)` from a JSONL file without loading it whole.
+
+    Blank lines are skipped. A line that is not valid JSON, or is JSON but not an object,
+    raises DataError naming the file and the line.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one "
+                                f"JSON object", source=str(path), line=number) from None
+            if not isinstance(value, dict):
+                raise DataError(f"expected a JSON object, got {type(value).__name__}; each line must be "
+                                f"one object such as {{\"prompt\": ..., \"completion\": ...}}",
+                                source=str(path), line=number)
+            yield number, value
+
+
+def read_jsonl(path: str | os.PathLike) -> Records:
+    lines, items = [], []
+    for number, record in iter_jsonl(path):
+        lines.append(number)
+        items.append(record)
+    return Records(items, source=str(path), lines=lines)
+
+
+# ---------------------------------------------------------------- JSON
+
+def read_json(path: str | os.PathLike) -> Records:
+    """A JSON file holding a list of objects. A .json file that is really JSONL is read as JSONL."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several top-level values: treat it as JSON Lines
+            return read_jsonl(path)
+        raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=str(path),
+                        line=exc.lineno) from None
+    if not isinstance(value, list):
+        raise DataError(f"expected a JSON list of objects at the top level, got {type(value).__name__}",
+                        source=str(path))
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"expected a JSON object, got {type(item).__name__} (row numbers count list "
+                            f"items)", source=str(path), line=i + 1)
+    return Records(value, source=str(path))
+
+
+# ---------------------------------------------------------------- parquet
+
+def read_parquet(path: str | os.PathLike) -> Records:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"cannot read parquet file: {exc}", source=str(path)) from None
+    return Records(table.to_pylist(), source=str(path))
+
+
+def iter_parquet(path: str | os.PathLike, batch_size: int = 1024) -> Iterator[tuple[int, dict]]:
+    """Stream `(row_number, record)` from a parquet file, one row group batch at a time."""
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
+
+
+def read_saved_dataset(folder: str | os.PathLike, split: str = "train") -> Records:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (then `split` picks one)."""
+    import datasets
+
+    folder = Path(folder)
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:
+        raise DataError(f"cannot load the saved dataset: {exc}", source=str(folder)) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"split '{split}' not found; available splits: {sorted(loaded)}",
+                            source=str(folder), field="split")
+        loaded = loaded[split]
+    return Records(loaded.to_list(), source=f"{folder} [{split}]")
+
+
+def read_hub_dataset(name: str, split: str = "train") -> Records:
+    """`datasets.load_dataset(name, split=split)`; network or lookup failures become a DataError."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except (ConnectionError, OSError) as exc:
+        raise DataError(
+            f"could not fetch dataset '{name}' from the Hugging Face Hub ({exc}). If you meant a local "
+            f"file, check the path (accepted: {', '.join(FILE_SUFFIXES)} files, a `save_to_disk` folder, "
+            f"or a folder holding {split}.jsonl / {split}.parquet); offline, download it elsewhere and "
+            f"pass the saved folder.", source=name) from None
+    except ValueError as exc:  # e.g. unknown split
+        raise DataError(f"cannot load split '{split}' of hub dataset '{name}': {exc}", source=name,
+                        field="split") from None
+    if isinstance(loaded, datasets.DatasetDict):  # defensive: split=None style results
+        loaded = loaded[split]
+    return Records(loaded.to_list(), source=f"{name} [{split}]")
+
+
+# ---------------------------------------------------------------- dispatch
+
+_READERS = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
+
+
+def _read_folder(folder: Path, split: str) -> Records:
+    if _is_saved_dataset(folder):
+        return read_saved_dataset(folder, split)
+    for suffix in FILE_SUFFIXES:  # a folder of split files: train.jsonl, eval.parquet, ...
+        candidate = folder / f"{split}{suffix}"
+        if candidate.exists():
+            return _READERS[suffix](candidate)
+    raise DataError(f"folder is neither a `save_to_disk` dataset nor holds {split}.jsonl / {split}.json / "
+                    f"{split}.parquet", source=str(folder))
+
+
+def _looks_like_path(source: str) -> bool:
+    # hub names are "name" or "org/name"; anything else that does not exist is a missing file
+    return (source.lower().endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~"))
+            or source.count("/") > 1 or "\\" in source)
+
+
+def read_source(source: Any, split: str = "train") -> Records:
+    """Dispatch on what `source` is: a file, a folder, a hub name, a Dataset or a list of dicts."""
+    if isinstance(source, Records):
+        return source
+    if isinstance(source, list):
+        for i, item in enumerate(source):
+            if not isinstance(item, dict):
+                raise DataError(f"expected a dict, got {type(item).__name__}", source="<records>", line=i + 1)
+        return Records(source, source="<records>")
+    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # a datasets.Dataset
+        return Records(source.to_list(), source="<dataset>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"cannot read data from a {type(source).__name__}; pass a path, a hub name, a "
+                        f"datasets.Dataset or a list of dicts")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_folder(path, split)
+    if path.is_file():
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"unknown file type '{path.suffix}'; accepted: {', '.join(FILE_SUFFIXES)}",
+                            source=str(path))
+        return reader(path)
+    text = str(source)
+    if _looks_like_path(text):
+        raise DataError("file not found", source=text)
+    return read_hub_dataset(text, split)
+
+
+def check_required(records: Records, required: Iterable[str]) -> None:
+    """Every record must have each `required` column, and not as null."""
+    required = list(required)
+    for i, record in enumerate(records):
+        for name in required:
+            if record.get(name) is None:
+                present = ", ".join(sorted(record)) or "none"
+                raise DataError(f"missing required column (columns present: {present})",
+                                source=records.source, line=records.line_of(i), field=name)
+
+
+def load_records(source: Any, split: str = "train", required: Iterable[str] | None = None) -> Records:
+    """Read `source` into a list of dicts.
+
+    `source` is a .jsonl / .json / .parquet file, a folder written by `save_to_disk` (a
+    DatasetDict picks `split`), a folder holding `{split}.jsonl|.json|.parquet`, a Hugging Face
+    hub dataset name, a `datasets.Dataset` or a list of dicts. `required` lists columns every
+    record must have; a record without one raises DataError naming the file, line and field.
+    """
+    records = read_source(source, split)
+    if required:
+        check_required(records, required)
+    return records
+
+
+def iter_records(source: str | os.PathLike, required: Iterable[str] | None = None) -> Iterator[dict]:
+    """Stream records from a large JSONL or parquet file with constant memory.
+
+    Each record is checked for `required` columns as it is read, so an error still names the line.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        stream = iter_jsonl(path)
+    elif suffix == ".parquet":
+        stream = iter_parquet(path)
+    else:
+        raise DataError("streaming reads .jsonl and .parquet files; use load_records for other sources",
+                        source=str(path))
+    required = list(required or ())
+    for number, record in stream:
+        for name in required:
+            if record.get(name) is None:
+                raise DataError("missing required column", source=str(path), line=number, field=name)
+        yield record
