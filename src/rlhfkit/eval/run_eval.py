@@ -1,0 +1,306 @@
+"""`rlhfkit eval`: did the policy get better for the humans, or only for the reward model?
+
+Samples one response per prompt from the policy and from the reference (by default the
+model the policy was trained from, read from its run folder's config.yaml), then reports:
+
+* gold reward (the held-out panel or another judge) and proxy reward (a reward model), with
+  95% bootstrap intervals, for the policy and the reference;
+* KL(policy || reference) from the policy's own samples (summed per-token log-ratio);
+* win rate against the reference by the judge (ties half) and the length-controlled win rate
+  (Dubois et al. 2024);
+* diversity: distinct-1/2 and self-BLEU over words, EAD over the tokenizer's tokens;
+* held-out perplexity on the corpus's eval split, policy and reference (the alignment tax);
+* reward-model accuracy on preference data, when given.
+
+Writes `eval.json` and `samples.jsonl` into `output_dir`.
+
+    rlhfkit eval --model runs/ppo/final --reward_model runs/rm/final --output_dir runs/eval/ppo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhfkit.config import require
+from rlhfkit.eval import metrics as M
+from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = ""
+    """Policy to evaluate: a saved model folder (or 'kindly' for the bundled base)."""
+    reference: str = ""
+    """Reference policy (default: the `model` field of the policy run's config.yaml, i.e. the model it started from)."""
+    tokenizer: str = ""
+    """Tokenizer (default: the policy's own)."""
+    prompts: str = "kindly"
+    """Prompts: 'kindly' for the bundled eval prompts, a .txt file (one per line) or a .jsonl/.parquet with a `prompt` column."""
+    num_prompts: int = 0
+    """Evaluate on the first N prompts only (0: all)."""
+    reward_model: str = ""
+    """Reward model (the proxy) to score responses with; empty: no proxy reward."""
+    judge: str = "gold"
+    """Judge for gold reward and win rate: 'gold' (the bundled panel) or 'rm:PATH' (a reward model as judge)."""
+    preference_data: str = ""
+    """Preference data (prompt/chosen/rejected) to measure the reward model's accuracy on."""
+    corpus: str = "kindly"
+    """Held-out text for perplexity: 'kindly' (the corpus eval split), a .txt file, or '' to skip."""
+    max_perplexity_lines: int = 1000
+    """Score at most this many corpus lines."""
+    max_new_tokens: int = 24
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature (KL is measured at this temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off; the KL estimate assumes 1)."""
+    tie_margin: float = 0.0
+    """Judge scores closer than this count as a tie (half a win)."""
+    batch_size: int = 64
+    """Rows per forward pass."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the intervals."""
+    seed: int = 0
+    """Sampling seed (the reference uses seed + 1, so a policy equal to its reference ties on average)."""
+    output_dir: str = "runs/eval"
+    """Folder for eval.json and samples.jsonl."""
+    name: str = ""
+    """Label of this evaluation in reports (default: the model path)."""
+    dtype: str = "float32"
+    """Weights dtype."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.model), "model", "name the policy to evaluate (a saved model folder)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.n_boot >= 0, "n_boot", "must be >= 0")
+        require(self.num_prompts >= 0, "num_prompts", "must be >= 0")
+        require(self.judge == "gold" or self.judge.startswith("rm:"), "judge", f"must be 'gold' or 'rm:PATH', got {self.judge!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_prompts(source: str, limit: int = 0) -> list[str]:
+    """Prompts from 'kindly', a .txt file or a record file with a `prompt` column."""
+    from rlhfkit.errors import DataError
+
+    if source == "kindly":
+        from rlhfkit.tasks import kindly
+
+        prompts = kindly.prompts("eval")
+    elif source.endswith(".txt"):
+        prompts = [line.rstrip("\n") for line in Path(source).read_text().splitlines() if line.strip()]
+    else:
+        from rlhfkit.data import load_records
+
+        prompts = []
+        for i, rec in enumerate(load_records(source), 1):
+            if not isinstance(rec.get("prompt"), str):
+                raise DataError("expected a string `prompt`", source=source, line=i, field="prompt")
+            prompts.append(rec["prompt"])
+    if not prompts:
+        raise DataError("no prompts found", source=source)
+    return prompts[:limit] if limit else prompts
+
+
+def load_corpus(source: str, limit: int) -> list[str]:
+    if not source:
+        return []
+    if source == "kindly":
+        from rlhfkit.tasks import kindly
+
+        lines = kindly.corpus_lines("eval")
+    else:
+        lines = [x for x in Path(source).read_text().splitlines() if x.strip()]
+    return lines[:limit] if limit else lines
+
+
+def default_reference(model: str) -> str:
+    """The model a policy was trained from: `model` in config.yaml beside or above its folder."""
+    import yaml
+
+    from rlhfkit.errors import ConfigError
+
+    here = Path(model)
+    for folder in (here, here.parent):
+        cfg = folder / "config.yaml"
+        if cfg.is_file():
+            data = yaml.safe_load(cfg.read_text()) or {}
+            start = data.get("model") or data.get("policy")
+            if start:
+                return str(start)
+    raise ConfigError(f"config field 'reference': no config.yaml with a `model` field next to {model}; name the reference explicitly")
+
+
+def make_judge(spec: str):
+    if spec == "gold":
+        from rlhfkit.judges import GoldPanel
+
+        return GoldPanel()
+    from rlhfkit.models.reward import RewardScorer
+
+    return RewardScorer(spec[3:])
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics from text
+
+
+def rm_accuracy(scorer, records: Sequence[dict], source: str = "preference data", n_boot: int = 1000) -> dict:
+    """Share of pairs where the reward model scores `chosen` above `rejected` (ties half)."""
+    from rlhfkit.errors import DataError
+
+    prompts, chosen, rejected = [], [], []
+    for i, rec in enumerate(records, 1):
+        for f in ("chosen", "rejected"):
+            if not isinstance(rec.get(f), str):
+                raise DataError("expected a string (plain-text preference data)", source=source, line=i, field=f)
+        prompts.append(rec.get("prompt") or "")
+        chosen.append(rec["chosen"])
+        rejected.append(rec["rejected"])
+    labels = M.preference_labels(scorer.score(prompts, chosen), scorer.score(prompts, rejected))
+    return M.win_rate(labels, n_boot=n_boot)
+
+
+def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses: Sequence[str], judge,
+                 scorer=None, tokenizer=None, tie_margin: float = 0.0, n_boot: int = 1000,
+                 seed: int = 0) -> tuple[dict, list[dict]]:
+    """Everything computable from the texts alone: gold, proxy, win rates, diversity.
+
+    Returns (metrics, per-prompt sample rows). Used directly for best-of-N, whose "policy"
+    is a selection rule rather than a model.
+    """
+    gold = np.asarray(judge.score(prompts, responses), dtype=np.float64)
+    gold_ref = np.asarray(judge.score(prompts, ref_responses), dtype=np.float64)
+    labels = M.preference_labels(gold, gold_ref, tie_margin)
+    len_pol = [len(r.split()) for r in responses]
+    len_ref = [len(r.split()) for r in ref_responses]
+    out: dict[str, Any] = {
+        "gold": M.bootstrap_ci(gold, n_boot=n_boot, seed=seed),
+        "gold_reference": M.bootstrap_ci(gold_ref, n_boot=n_boot, seed=seed),
+        "win_rate": M.win_rate(labels, n_boot=n_boot, seed=seed),
+        "lc_win_rate": M.length_controlled_win_rate(labels, len_pol, len_ref, n_boot=min(n_boot, 200), seed=seed),
+        "mean_length": float(np.mean(len_pol)),
+        "mean_length_reference": float(np.mean(len_ref)),
+        "n_prompts": len(prompts),
+    }
+    out.update(M.diversity(responses))
+    if tokenizer is not None:
+        token_texts = [[str(t) for t in tokenizer(r, add_special_tokens=False)["input_ids"]] for r in responses]
+        out["ead"] = M.expectation_adjusted_distinct(token_texts, vocab_size=len(tokenizer))
+    rows = [{"prompt": p, "response": r, "reference": rr, "gold": float(g), "gold_reference": float(gr),
+             "label": float(lab)} for p, r, rr, g, gr, lab in zip(prompts, responses, ref_responses, gold, gold_ref, labels)]
+    if scorer is not None:
+        proxy = np.asarray(scorer.score(prompts, responses), dtype=np.float64)
+        proxy_ref = np.asarray(scorer.score(prompts, ref_responses), dtype=np.float64)
+        out["proxy"] = M.bootstrap_ci(proxy, n_boot=n_boot, seed=seed)
+        out["proxy_reference"] = M.bootstrap_ci(proxy_ref, n_boot=n_boot, seed=seed)
+        for row, p in zip(rows, proxy):
+            row["proxy"] = float(p)
+    return out, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# model-based evaluation
+
+
+def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer=None, corpus: Sequence[str] = (),
+             max_new_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+             seed: int = 0, n_boot: int = 1000, tie_margin: float = 0.0, reference_rollout=None,
+             reference_perplexity: dict | None = None) -> tuple[dict, list[dict]]:
+    """Sample from `policy` and `reference`, then compute every metric. Returns (metrics, rows).
+
+    Pass `reference_rollout` / `reference_perplexity` (from an earlier call's
+    ``metrics["_reference"]``) to evaluate several policies against one set of reference samples.
+    """
+    from rlhfkit.rollout import generate
+
+    pol = generate(policy, tokenizer, list(prompts), max_new_tokens, temperature=temperature, top_p=top_p,
+                   batch_size=batch_size, seed=seed)
+    ref = reference_rollout or generate(reference, tokenizer, list(prompts), max_new_tokens, temperature=temperature,
+                                        top_p=top_p, batch_size=batch_size, seed=seed + 1)
+    out, rows = text_metrics(prompts, pol.responses, ref.responses, judge, scorer, tokenizer, tie_margin, n_boot, seed)
+    pad = tokenizer.pad_token_id
+    lp = M.response_logprobs(policy, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
+    lr = M.response_logprobs(reference, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
+    kl = M.kl_from_logprobs(lp, lr, pol.response_mask)
+    out["kl"] = M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed)
+    out["ended_with_eos"] = float(pol.ended_with_eos.float().mean())
+    for row, k in zip(rows, kl["per_response"]):
+        row["kl"] = float(k)
+    if corpus:
+        ppl = M.perplexity(policy, tokenizer, corpus, batch_size=batch_size)
+        reference_perplexity = reference_perplexity or M.perplexity(reference, tokenizer, corpus, batch_size=batch_size)
+        out["perplexity"] = ppl["perplexity"]
+        out["perplexity_reference"] = reference_perplexity["perplexity"]
+        out["perplexity_lines"] = ppl["lines"]
+        if ppl["truncated"] or ppl["skipped"]:
+            print(f"eval: perplexity truncated {ppl['truncated']} and skipped {ppl['skipped']} corpus line(s)")
+    out["_reference"] = {"rollout": ref, "perplexity": reference_perplexity}
+    return out, rows
+
+
+def write_results(output_dir: str | Path, metrics: dict, rows: Sequence[dict]) -> Path:
+    """eval.json (without private keys) and samples.jsonl, atomically."""
+    out = Path(output_dir)
+    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    atomic_write_json(out / "eval.json", public)
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out / "eval.json"
+
+
+def main(cfg: Config) -> dict:
+    import torch
+
+    from rlhfkit.models import load_policy, load_tokenizer
+
+    out = prepare_run_dir(cfg.output_dir, cfg)
+    seed_everything(cfg.seed)
+    ref_path = cfg.reference or default_reference(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    policy = load_policy(cfg.model, cfg.dtype, trainable=False).eval()
+    reference = load_policy(ref_path, cfg.dtype, trainable=False).eval()
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    judge = make_judge(cfg.judge)
+    scorer = None
+    if cfg.reward_model:
+        from rlhfkit.models.reward import RewardScorer
+
+        scorer = RewardScorer(cfg.reward_model, batch_size=cfg.batch_size)
+    with torch.no_grad():
+        metrics, rows = evaluate(policy, reference, tokenizer, prompts, judge, scorer,
+                                 load_corpus(cfg.corpus, cfg.max_perplexity_lines), cfg.max_new_tokens,
+                                 cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, cfg.n_boot, cfg.tie_margin)
+    if cfg.preference_data:
+        from rlhfkit.data import load_records
+        from rlhfkit.errors import ConfigError
+
+        if scorer is None:
+            raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")
+        metrics["rm_accuracy"] = rm_accuracy(scorer, load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)
+    metrics.update(name=cfg.name or cfg.model, model=cfg.model, reference=ref_path, judge=cfg.judge)
+    write_results(out, metrics, rows)
+    _print_summary(metrics)
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def _print_summary(m: dict) -> None:
+    def f(key: str) -> str:
+        v = m.get(key)
+        if isinstance(v, dict):
+            return f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+        return f"{v:.3f}" if isinstance(v, float) else "-"
+
+    for key in ("gold", "gold_reference", "proxy", "kl", "win_rate", "lc_win_rate", "distinct_2", "self_bleu",
+                "perplexity", "perplexity_reference", "rm_accuracy"):
+        if key in m:
+            print(f"  {key:22s} {f(key)}")
