@@ -1,0 +1,204 @@
+"""`rlhfkit dpo`: one forward per pair batch, reference caching, LoRA reference, data formats, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rlhfkit.errors import DataError
+from rlhfkit.logprobs import sequence_logprobs
+from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
+from rlhfkit.recipes import dpo
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("kindly:tokenizer")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("dpo") / "base"
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok, seed=1)
+    save_model(model, tok, path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+PAIRS = [{"prompt": f"The weather on day {i} was", "chosen": " warm and lovely", "rejected": f" grim {'and cold ' * (i % 3)}"}
+         for i in range(16)]
+
+
+def cfg_for(tmp_path, base, data, **kw):
+    args = dict(model=base, dataset=data, output_dir=str(tmp_path / "out"), max_steps=2, per_device_batch_size=4,
+                progress=False, report_to="jsonl", ref_cache_dir=str(tmp_path / "cache"), learning_rate=1e-3, log_every=1)
+    args.update(kw)
+    return dpo.Config(**args)
+
+
+def test_response_logps_match_right_padded_reference(tok, base):
+    """The left-pad/right-pad layout with a response-only LM head equals per-example full forwards."""
+    model = load_policy(base)
+    model.eval()
+    rows = [(tok("A short one")["input_ids"], tok(" then more words here")["input_ids"] + [tok.eos_token_id]),
+            (tok("A much longer prompt with many words")["input_ids"], tok(" ok")["input_ids"] + [tok.eos_token_id])]
+    batch = dpo.collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        got, lengths = dpo.response_logps(model, batch)
+        for i, (p, r) in enumerate(rows):
+            ids = torch.tensor([p + r])
+            labels = torch.tensor([[-100] * len(p) + r])
+            want = sequence_logprobs(model(input_ids=ids).logits, labels)
+            torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+            assert lengths[i].item() == len(r)
+
+
+def test_one_concatenated_forward_per_step(tmp_path, tok, base):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    cfg = cfg_for(tmp_path, base, data)
+    enc = dpo.load_encoded(data, "train", "sigmoid", tok, cfg.max_length)
+    model = load_policy(base)
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    table = torch.zeros(len(enc.rows), 2, dtype=torch.float64)
+    loss, metrics, _ = dpo.batch_loss(cfg, model, None, enc, [0, 1, 2], table, tok.pad_token_id, "cpu")
+    assert calls == [6]  # 3 chosen + 3 rejected rows, one call
+    assert set(metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"}
+    # on the fly: one policy call plus one reference call, the same loss
+    ref = load_policy(base, trainable=False)
+    ref_calls = []
+    ref.register_forward_hook(lambda m, a, k, o: ref_calls.append(1), with_kwargs=True)
+    calls.clear()
+    live = dpo.compute_reference_logps(ref, enc, 8, tok.pad_token_id, "cpu", kl=False)
+    ref_calls.clear()
+    a, _, _ = dpo.batch_loss(cfg, model, None, enc, [0, 1, 2], live, tok.pad_token_id, "cpu")
+    cfg.precompute_ref = False
+    b, mb, _ = dpo.batch_loss(cfg, model, ref, enc, [0, 1, 2], None, tok.pad_token_id, "cpu")
+    assert calls == [6, 6] and ref_calls == [1]
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert a.item() == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the start
+    assert mb["rewards/margins"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reference_cache_written_once_and_keyed(tmp_path, tok, base, monkeypatch):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    first = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "a")))
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("reference log-probs recomputed although cached")
+
+    monkeypatch.setattr(dpo, "compute_reference_logps", boom)
+    second = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "b")))
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    # other data, or other tokenisation settings, give another key (and so a recomputation)
+    with pytest.raises(AssertionError, match="recomputed"):
+        dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "c"), max_length=12))
+    with pytest.raises(AssertionError, match="recomputed"):
+        dpo.main(cfg_for(tmp_path, base, write_jsonl(tmp_path / "q.jsonl", PAIRS[:8]), output_dir=str(tmp_path / "d")))
+
+
+def test_precomputed_equals_on_the_fly_training(tmp_path, base):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    a = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "a"), max_steps=3))
+    b = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "b"), max_steps=3, precompute_ref=False))
+    for k in ("loss", "rewards/margins", "rewards/accuracy"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
+
+
+def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, tok, base):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    out = dpo.main(cfg_for(tmp_path, base, data, use_lora=True, lora_r=4, lora_alpha=8, max_steps=4,
+                           learning_rate=1e-2, precompute_ref=False))
+    assert out["rewards/margins"] > 0  # adapters moved the policy away from its own base
+    # the cached reference of a LoRA run is the untouched base model's
+    from rlhfkit.models import reference_model
+
+    cfg = cfg_for(tmp_path, base, data, use_lora=True, lora_r=4)
+    policy = load_policy(base, lora=cfg)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # perturb adapters: disabled they must not matter
+    enc = dpo.load_encoded(data, "train", "sigmoid", tok, 128)
+    got = dpo.compute_reference_logps(reference_model(policy, use_lora=True), enc, 8, tok.pad_token_id, "cpu", kl=False)
+    want = dpo.compute_reference_logps(load_policy(base, trainable=False), enc, 8, tok.pad_token_id, "cpu", kl=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rankings_expand_to_pairs(tmp_path, tok, base):
+    rows = [{"prompt": f"Say {i}", "responses": [" a", " bb", " ccc"], "ranking": [2, 0, 1]} for i in range(4)]
+    data = write_jsonl(tmp_path / "r.jsonl", rows)
+    enc = dpo.load_encoded(data, "train", "sigmoid", tok, 64)
+    assert len(enc.rows) == 12 and enc.from_rankings == 12
+    eos = tok.eos_token_id
+    assert enc.rows[0][1] == tok(" ccc", add_special_tokens=False)["input_ids"] + [eos]  # best first
+    assert enc.rows[0][2] == tok(" a", add_special_tokens=False)["input_ids"] + [eos]
+    assert dpo.main(cfg_for(tmp_path, base, data, max_steps=1))["steps"] == 1
+
+
+def test_kto_unpaired_and_from_pairs(tmp_path, tok, base):
+    unpaired = [{"prompt": f"It was {i}", "completion": " fine" if i % 2 else " bad", "label": bool(i % 2)} for i in range(12)]
+    data = write_jsonl(tmp_path / "u.jsonl", unpaired)
+    out = dpo.main(cfg_for(tmp_path, base, data, loss="kto"))
+    assert out["steps"] == 2 and "kto/kl" in out
+    enc = dpo.load_encoded(write_jsonl(tmp_path / "p.jsonl", PAIRS), "train", "kto", tok, 64)
+    assert len(enc.rows) == 32 and sum(enc.labels) == 16
+    # paired losses refuse unpaired data, naming the field
+    with pytest.raises(DataError, match="use --loss kto"):
+        dpo.load_encoded(data, "train", "sigmoid", tok, 64)
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "cdpo", "robust", "simpo", "orpo"])
+def test_every_variant_runs(tmp_path, base, loss):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    out = dpo.main(cfg_for(tmp_path, base, data, loss=loss, max_steps=1, label_smoothing=0.1))
+    assert math.isfinite(out["loss"]) and (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_bad_input_is_named(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PAIRS[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2"):
+        dpo.load_encoded(str(bad), "train", "sigmoid", tok, 64)
+    same = write_jsonl(tmp_path / "same.jsonl", [PAIRS[0], {"prompt": "x", "chosen": " y", "rejected": " y"}])
+    with pytest.raises(DataError, match="line 2"):
+        dpo.load_encoded(same, "train", "sigmoid", tok, 64)
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "x", "chosen": " y"}])
+    with pytest.raises(DataError, match="rejected"):
+        dpo.load_encoded(missing, "train", "sigmoid", tok, 64)
+    with pytest.raises(Exception, match="loss"):
+        dpo.Config(dataset="x", loss="nope")
+
+
+def test_truncation_counted_and_identical_after_cut_skipped(tmp_path, tok, capsys):
+    rows = [{"prompt": "word " * 30, "chosen": " same start " * 10 + "good", "rejected": " same start " * 10 + "bad"},
+            {"prompt": "short", "chosen": " a", "rejected": " b"}]
+    enc = dpo.load_encoded(write_jsonl(tmp_path / "t.jsonl", rows), "train", "sigmoid", tok, 16)
+    assert enc.truncated == 1 and enc.skipped == 1 and len(enc.rows) == 1
+    err = capsys.readouterr().out
+    assert "1 of 2 examples" in err and "skipped 1 pairs" in err
+    for p, c, r in enc.rows:
+        assert len(p) + max(len(c), len(r)) <= 16
+
+
+def test_resume_matches_uninterrupted(tmp_path, base):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    full = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "full"), max_steps=4))
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=2, save_every=2))
+    resumed = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=4, resume=True, save_every=2))
+    assert resumed["steps"] == 4
+    a = load_policy(str(tmp_path / "full" / "final")).state_dict()
+    b = load_policy(str(tmp_path / "part" / "final")).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
