@@ -145,6 +145,11 @@ def test_rankings_expand_to_pairs(tmp_path, tok, base):
     assert enc.rows[0][1] == tok(" ccc", add_special_tokens=False)["input_ids"] + [eos]  # best first
     assert enc.rows[0][2] == tok(" a", add_special_tokens=False)["input_ids"] + [eos]
     assert dpo.main(cfg_for(tmp_path, base, data, max_steps=1))["steps"] == 1
+    # rows are tokenised exactly as SFT tokenises prompt + completion
+    from rlhfkit.data import tokenize_prompt_completion
+
+    sft = tokenize_prompt_completion(tok, "Say 0", " ccc", max_length=64)
+    assert enc.rows[0][0] + enc.rows[0][1] == sft["input_ids"]
 
 
 def test_kto_unpaired_and_from_pairs(tmp_path, tok, base):

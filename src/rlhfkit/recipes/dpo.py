@@ -150,30 +150,25 @@ def _text_records(records, loss: str, tokenizer) -> tuple[list[tuple], list[bool
     return pairs, None, from_rankings
 
 
-def _truncate(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]], bool]:
-    """Left-truncate the prompt, then right-truncate responses, so prompt + each response fits."""
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest <= max_length:
-        return prompt, responses, False
-    keep_prompt = min(len(prompt), max(max_length - longest, max_length // 2))
-    prompt = prompt[len(prompt) - keep_prompt:]
-    budget = max_length - len(prompt)
-    return prompt, [r[:budget] for r in responses], True
-
-
 def encode(texts: list[tuple], labels: list[bool] | None, tokenizer, max_length: int) -> Encoded:
-    """Token ids per example. Responses end with EOS, as the SFT policy was trained to end them."""
-    eos = tokenizer.eos_token_id
+    """Token ids per example, encoded exactly as SFT encodes them (BOS first, responses end with EOS).
+
+    Truncation follows :mod:`rlhfkit.data.collate`: the prompt is cut from the left only when it
+    leaves no room, responses from the right; the prompt is encoded once so it is identical for
+    both responses of a pair.
+    """
+    from rlhfkit.data.collate import encode_prompt, encode_prompt_completion
+
     out = Encoded(rows=[], labels=[] if labels is not None else None)
     for i, (prompt, *responses) in enumerate(texts):
-        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
-        p_ids, r_ids, cut = _truncate(p_ids, r_ids, max_length)
-        out.truncated += cut
+        shared = encode_prompt(tokenizer, prompt, max_length)
+        encoded = [encode_prompt_completion(tokenizer, prompt, r, max_length, prompt_ids=shared) for r in responses]
+        out.truncated += any(e.truncated for e in encoded)
+        r_ids = [e.input_ids[e.prompt_length:] for e in encoded]
         if len(r_ids) == 2 and r_ids[0] == r_ids[1]:
             out.skipped += 1  # identical after truncation: the pair carries no preference
             continue
-        out.rows.append((p_ids, *r_ids))
+        out.rows.append((list(shared[0]), *r_ids))
         if labels is not None:
             out.labels.append(labels[i])
     return out
@@ -191,7 +186,7 @@ def load_encoded(source: str, split: str, loss: str, tokenizer, max_length: int,
     enc.from_rankings = from_rankings
     if enc.truncated:
         print(f"dpo: {enc.truncated} of {len(texts)} examples from {source} [{split}] were longer than "
-              f"max_length={max_length} and were truncated (prompt from the left, responses from the right)")
+              f"max_length={max_length} and were truncated (responses from the right; a prompt from the left only when it left no room)")
     if enc.skipped:
         print(f"dpo: skipped {enc.skipped} pairs from {source} [{split}] whose chosen and rejected responses "
               f"were identical after truncation")
