@@ -1,0 +1,190 @@
+"""Label responses with simulated annotators: pairs -> preference data, lists -> rankings.
+
+    rlhfkit label --input samples.jsonl --output prefs.jsonl
+    rlhfkit label --input samples.jsonl --output ranked.jsonl --output_format ranking
+
+Input records (JSONL, JSON, parquet or a `datasets` folder) hold a `prompt` and either
+`responses` (a list of at least two) or two responses `a` and `b`. Prompts and responses may be
+strings or conversations (lists of {"role", "content"}); the panel reads the last message's
+content, and the output keeps the original values.
+
+Outputs (written atomically):
+
+* ``preference`` -- TRL columns ``prompt``, ``chosen``, ``rejected`` plus ``label`` (1.0, or 0.5
+  for a tie), ``tie``, ``annotator_id`` and ``reliable``. A record with K responses gives every
+  pair (i < j), or ``pairs_per_prompt`` of them drawn with the seed. Ties: ``ties=skip`` (default)
+  leaves them out and prints how many; ``ties=keep`` writes them with ``tie: true`` and
+  ``label: 0.5`` (chosen/rejected then keep the input order) for trainers that read the label.
+* ``ranking`` -- ``prompt``, ``responses``, ``ranking`` (indices, best first), ``annotator_id``,
+  ``reliable``; needs ``responses`` records.
+
+The annotators are :class:`rlhfkit.judges.SimulatedAnnotators` over the gold panel: Bradley-Terry
+noise with inverse temperature ``beta``, ties below ``tie_margin``, and a share
+``unreliable_frac`` of unreliable annotators (``unreliable_mode`` random or adversarial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhfkit.config import require
+from rlhfkit.data.readers import load_records, source_of
+from rlhfkit.errors import DataError
+from rlhfkit.judges import GoldPanel, SimulatedAnnotators
+from rlhfkit.runs import atomic_path
+
+
+@dataclasses.dataclass
+class Config:
+    input: str = ""
+    """Records with `prompt` and `responses` (list) or `a` and `b`: .jsonl, .json, .parquet or a datasets folder."""
+    output: str = ""
+    """Output JSONL file (written atomically)."""
+    output_format: str = "preference"
+    """'preference' (prompt/chosen/rejected) or 'ranking' (prompt/responses/ranking)."""
+    beta: float = 10.0
+    """Bradley-Terry inverse temperature: P(a > b) = sigmoid(beta * (s_a - s_b)) on one rater's gold score."""
+    tie_margin: float = 0.02
+    """A pair whose score difference is below this is a tie."""
+    ties: str = "skip"
+    """Preference output: 'skip' ties (their count is printed) or 'keep' them with tie=true, label=0.5."""
+    unreliable_frac: float = 0.0
+    """Share of annotators that are unreliable."""
+    unreliable_mode: str = "random"
+    """Unreliable annotators answer at 'random' or are 'adversarial' (flip their label)."""
+    n_annotators: int = 10
+    """Size of the annotator pool (annotator j judges as panel rater j % 10)."""
+    pairs_per_prompt: int = 0
+    """Preference output from K responses: label this many random pairs per prompt (0: all K(K-1)/2)."""
+    seed: int = 0
+    """Seed of annotator draws, label noise and pair choice."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.input), "input", "give the records to label (--input FILE)")
+        require(bool(self.output), "output", "give the output JSONL path (--output FILE)")
+        require(self.output_format in ("preference", "ranking"), "output_format",
+                f"must be preference or ranking, got {self.output_format!r}")
+        require(self.beta > 0, "beta", "must be > 0")
+        require(self.tie_margin >= 0, "tie_margin", "must be >= 0")
+        require(self.ties in ("skip", "keep"), "ties", f"must be skip or keep, got {self.ties!r}")
+        require(0.0 <= self.unreliable_frac <= 1.0, "unreliable_frac", "must be in [0, 1]")
+        require(self.unreliable_mode in ("random", "adversarial"), "unreliable_mode",
+                f"must be random or adversarial, got {self.unreliable_mode!r}")
+        require(self.n_annotators >= 1, "n_annotators", "must be >= 1")
+        require(self.pairs_per_prompt >= 0, "pairs_per_prompt", "must be >= 0")
+
+
+def as_text(value: Any, source: str | None, line: int, field: str) -> str:
+    """A string as is; a conversation -> its last message's content."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        content = value[-1]["content"]
+        if isinstance(content, str):
+            return content
+    raise DataError(f"expected a string or a list of {{'role', 'content'}} messages, got {type(value).__name__}",
+                    source=source, line=line, field=field)
+
+
+def read_items(cfg: Config) -> list[dict]:
+    """Each record -> {prompt, responses(list of original values), texts, line}, checked field by field."""
+    records = load_records(cfg.input)
+    src = source_of(records, cfg.input)
+    items = []
+    for i, rec in enumerate(records):
+        line = records.line_of(i)
+        if "prompt" not in rec or rec["prompt"] is None:
+            raise DataError("missing field (every record needs a prompt)", source=src, line=line, field="prompt")
+        if "responses" in rec:
+            responses, names = rec["responses"], None
+            if not isinstance(responses, list) or len(responses) < 2:
+                raise DataError("must be a list of at least 2 responses", source=src, line=line, field="responses")
+        elif "a" in rec or "b" in rec:
+            for name in ("a", "b"):
+                if rec.get(name) is None:
+                    raise DataError("missing field (pairs need both a and b)", source=src, line=line, field=name)
+            responses, names = [rec["a"], rec["b"]], ["a", "b"]
+            if cfg.output_format == "ranking":
+                raise DataError("ranking output needs a 'responses' list", source=src, line=line, field="responses")
+        else:
+            raise DataError("missing field (give 'responses' as a list, or 'a' and 'b')",
+                            source=src, line=line, field="responses")
+        texts = [as_text(r, src, line, names[k] if names else f"responses[{k}]") for k, r in enumerate(responses)]
+        items.append({"prompt": rec["prompt"], "prompt_text": as_text(rec["prompt"], src, line, "prompt"),
+                      "responses": responses, "texts": texts, "line": line})
+    if not items:
+        raise DataError("no records to label", source=src)
+    return items
+
+
+def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
+    rng = np.random.default_rng(cfg.seed + 1)
+    which = []
+    for n, item in enumerate(items):
+        pairs = list(itertools.combinations(range(len(item["responses"])), 2))
+        if cfg.pairs_per_prompt and len(pairs) > cfg.pairs_per_prompt:
+            keep = rng.choice(len(pairs), size=cfg.pairs_per_prompt, replace=False)
+            pairs = [pairs[k] for k in sorted(keep)]
+        which += [(n, i, j) for i, j in pairs]
+    prompts = [items[n]["prompt_text"] for n, _, _ in which]
+    labels = annotators.compare(prompts, [items[n]["texts"][i] for n, i, _ in which],
+                                [items[n]["texts"][j] for n, _, j in which])
+    rows, ties = [], 0
+    for (n, i, j), lab in zip(which, labels):
+        tie = lab["label"] == 0.5
+        ties += tie
+        if tie and cfg.ties == "skip":
+            continue
+        first, second = (i, j) if lab["label"] >= 0.5 else (j, i)
+        rows.append({"prompt": items[n]["prompt"], "chosen": items[n]["responses"][first],
+                     "rejected": items[n]["responses"][second], "label": 1.0 if not tie else 0.5,
+                     "tie": bool(tie), "annotator_id": lab["annotator_id"], "reliable": lab["reliable"]})
+    # how often the labels agree with the panel's mean (the noiseless gold) where it is not even
+    panel = annotators.panel
+    gold_a = panel.score(prompts, [items[n]["texts"][i] for n, i, _ in which])
+    gold_b = panel.score(prompts, [items[n]["texts"][j] for n, _, j in which])
+    lab = np.array([x["label"] for x in labels])
+    decided = (lab != 0.5) & (gold_a != gold_b)
+    agree = float(((lab == 1.0) == (gold_a > gold_b))[decided].mean()) if decided.any() else float("nan")
+    return rows, {"pairs": len(which), "ties": ties, "ties_skipped": ties if cfg.ties == "skip" else 0,
+                  "gold_agreement": agree}
+
+
+def label_rankings(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
+    ranked = annotators.rank_many([it["prompt_text"] for it in items], [it["texts"] for it in items])
+    rows = [{"prompt": it["prompt"], "responses": it["responses"], "ranking": r["ranking"],
+             "annotator_id": r["annotator_id"], "reliable": r["reliable"]} for it, r in zip(items, ranked)]
+    return rows, {"rankings": len(rows)}
+
+
+def main(cfg: Config) -> dict:
+    items = read_items(cfg)
+    annotators = SimulatedAnnotators(GoldPanel(), beta=cfg.beta, tie_margin=cfg.tie_margin,
+                                     unreliable_frac=cfg.unreliable_frac, mode=cfg.unreliable_mode,
+                                     seed=cfg.seed, n_annotators=cfg.n_annotators)
+    if cfg.output_format == "preference":
+        rows, stats = label_pairs(cfg, items, annotators)
+    else:
+        rows, stats = label_rankings(cfg, items, annotators)
+    out = Path(cfg.output)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    stats.update(records=len(items), written=len(rows), output=str(out),
+                 unreliable_annotators=int(annotators.unreliable.sum()))
+    if cfg.output_format == "preference":
+        tie_note = (f", {stats['ties']} ties skipped" if cfg.ties == "skip"
+                    else f", {stats['ties']} ties kept with label 0.5")
+        print(f"label: {stats['records']} records -> {stats['pairs']} pairs{tie_note}; "
+              f"wrote {len(rows)} preferences to {out} (agreement with the panel mean "
+              f"{stats['gold_agreement']:.3f})")
+    else:
+        print(f"label: wrote {len(rows)} rankings to {out}")
+    return stats
