@@ -1,0 +1,344 @@
+"""Pieces the on-policy recipes (PPO, GRPO, RLOO) share, as plain functions.
+
+Each recipe reads top to bottom and calls these for: the config fields they have in common,
+prompts, forward passes over (prompt + response) batches, scoring with the reward model
+and the gold judge, mini-batching, metrics and sample tables.
+
+One rule keeps the importance ratio honest: the log-probs used as "old" (at rollout) and
+"new" (in training) come from the same function, :func:`response_logprobs`, with the same
+temperature scaling and the same padded layout, so on the first mini-batch the ratio is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhfkit.config import require
+from rlhfkit.errors import ConfigError, NonFiniteError
+from rlhfkit.logprobs import entropy_from_logits, masked_mean, token_logprobs
+from rlhfkit.rollout import Rollout
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+@dataclasses.dataclass
+class OnPolicyArgs:
+    reward_model: str = ""
+    """Reward model folder (or ensemble) saved by `rlhfkit reward`; 'gold' scores with the gold panel itself."""
+    prompts: str = "kindly"
+    """Training prompts: 'kindly' (the bundled task) or a .jsonl/.json/.parquet file or dataset with a 'prompt' column."""
+    eval_prompts: str = "kindly"
+    """Held-out prompts for the final gold evaluation ('kindly' = the task's eval split; '' to skip)."""
+    num_eval_prompts: int = 200
+    """How many held-out prompts the final evaluation uses (0 = all)."""
+    max_prompt_length: int = 64
+    """Prompts longer than this many tokens are left-truncated (the count is printed)."""
+    max_new_tokens: int = 24
+    """Maximum response length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; the same scaling is applied to training log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    prompts_per_step: int = 16
+    """Prompts sampled per update, per process."""
+    generation_batch_size: int = 64
+    """Rows generated per forward pass (independent of the training micro-batch)."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimiser steps per pass over a rollout batch (the batch is shuffled and split)."""
+    clip_eps: float = 0.2
+    """Clip range of the importance ratio."""
+    kl_coef: float = 0.05
+    """KL coefficient beta (initial value when target_kl is set)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator used in the reward: k1, k2, k3, abs or mse."""
+    target_kl: float = 0.0
+    """Adaptive KL controller target in nats per response (Ziegler et al. 2019); 0 = fixed beta."""
+    kl_horizon: int = 10000
+    """Horizon (in episodes) of the adaptive KL controller."""
+    early_stop_kl: float = 0.0
+    """Stop a step's remaining epochs once the mean approx-KL of a mini-batch exceeds this (0 = never)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses that hit max_new_tokens without EOS."""
+    score_norm: str = "none"
+    """Reward-model score normalisation: none, batch (whiten per batch) or running (running mean/std)."""
+    score_clip: float = 0.0
+    """Clip scores to [-score_clip, score_clip] after normalisation (0 = no clipping)."""
+    gold_judge: str = "auto"
+    """Gold judge for evaluation metrics: auto (the gold panel on the bundled task), gold, or none."""
+    sample_every: int = 10
+    """Log a table of sample responses every N updates (0 = never)."""
+
+    def _check_on_policy_args(self) -> None:
+        from rlhfkit.advantages import KL_ESTIMATORS
+
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0 (training log-probs divide by it)")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.num_ppo_epochs >= 1, "num_ppo_epochs", "must be >= 1")
+        require(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
+        require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {sorted(KL_ESTIMATORS)}")
+        require(self.score_norm in ("none", "batch", "running"), "score_norm", "must be none, batch or running")
+        require(self.gold_judge in ("auto", "gold", "none"), "gold_judge", "must be auto, gold or none")
+        require(bool(self.reward_model), "reward_model", "is required: a folder saved by `rlhfkit reward`, or 'gold'")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+def load_prompts(source: str, split: str = "train") -> list[str]:
+    """Prompt strings from the bundled task ('kindly') or a file/dataset with a 'prompt' column."""
+    if source == "kindly":
+        from rlhfkit.tasks import kindly
+
+        return kindly.prompts(split)
+    from rlhfkit.data import load_records
+
+    records = load_records(source, split=split, required=["prompt"])
+    prompts = []
+    for i, r in enumerate(records):
+        p = r["prompt"]
+        if isinstance(p, list):  # a conversation: the text of its turns
+            p = "\n".join(str(m.get("content", "")) for m in p)
+        if not isinstance(p, str) or not p.strip():
+            from rlhfkit.errors import DataError
+
+            raise DataError("prompt is empty or not text", source=source, line=i + 1, field="prompt")
+        prompts.append(p)
+    return prompts
+
+
+def prompts_for_step(prompts: Sequence[str], step: int, per_process: int, seed: int,
+                     num_processes: int = 1, process_index: int = 0) -> list[str]:
+    """This process's prompts for update `step`: a pure function of (seed, step), so resuming
+    replays exactly the prompts an uninterrupted run would have used."""
+    from rlhfkit.training import epoch_order
+
+    global_n = per_process * num_processes
+    if len(prompts) < global_n:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than prompts_per_step x processes = {global_n}")
+    per_epoch = len(prompts) // global_n
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(len(prompts), seed, epoch)
+    chunk = order[pos * global_n:(pos + 1) * global_n]
+    return [prompts[i] for i in chunk[process_index * per_process:(process_index + 1) * per_process]]
+
+
+def total_updates(num_prompts: int, cfg: Any, num_processes: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * num_prompts / (cfg.prompts_per_step * num_processes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# forward passes
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # left-padded prompts: positions count real tokens only, exactly as during generation
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_len: int, temperature: float, with_entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
+
+    Only the R + 1 last positions go through the LM head (`logits_to_keep`). Returns
+    (logprobs, entropy or None).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                use_cache=False, logits_to_keep=response_len + 1)
+    logits = out.logits[:, :-1]
+    labels = input_ids[:, -response_len:]
+    logp = token_logprobs(logits, labels, temperature)
+    ent = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logp, ent
+
+
+class TokenValues(nn.Module):
+    """forward(input_ids, attention_mask, response_len) -> (B, R) per-token values.
+
+    Wraps a one-output sequence-classification model (the critic); the head is applied to
+    the hidden state *before* each response token, i.e. V(s_t) for the state that emits
+    token t. A wrapper module rather than a subclass, so DDP can wrap it and sync gradients.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+        from rlhfkit.models.reward import _head, unwrap_hf
+
+        hf = unwrap_hf(self.model)
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=_positions(attention_mask), use_cache=False).last_hidden_state
+        hidden = hidden[:, -response_len - 1:-1]
+        return _head(hf)(hidden).squeeze(-1).float()
+
+
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+            attention_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Apply `fn(ids, mask)` in chunks of `batch_size` rows and concatenate (no gradients)."""
+    return torch.cat([fn(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])
+                      for i in range(0, input_ids.shape[0], batch_size)])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP, for forwards that need no gradient synchronisation."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards and judges
+
+
+def make_reward_fn(spec: str, device: Any = "cpu", batch_size: int = 64) -> RewardFn:
+    """'gold' -> the gold panel as the reward; otherwise a saved reward model via RewardScorer
+    (re-tokenises text with the reward model's own tokenizer, applies its stored normalisation)."""
+    if spec == "gold":
+        from rlhfkit.judges import GoldPanel
+
+        return GoldPanel()
+    from rlhfkit.models.reward import RewardScorer
+
+    return RewardScorer(spec, device=device, batch_size=batch_size)
+
+
+def make_gold_judge(cfg: Any) -> RewardFn | None:
+    if cfg.gold_judge == "none" or (cfg.gold_judge == "auto" and cfg.prompts != "kindly"):
+        return None
+    from rlhfkit.judges import GoldPanel
+
+    return GoldPanel()
+
+
+def score_rollout(reward_fn: RewardFn, rollout: Rollout, name: str = "reward model scores") -> torch.Tensor:
+    """Scores (N,) float32 of each (prompt, response); NaN/inf stops the step before any update."""
+    raw = np.asarray(reward_fn(rollout.prompts, rollout.responses), dtype=np.float64).reshape(-1)
+    if raw.shape[0] != len(rollout):
+        raise ConfigError(f"{name}: got {raw.shape[0]} scores for {len(rollout)} responses")
+    scores = torch.from_numpy(raw).float()
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise NonFiniteError(f"{name}: {bad} of {len(scores)} are NaN or infinite; the step was not applied "
+                             "and the weights are unchanged. Check the reward model (or enable score_clip).")
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# mini-batches, metrics, samples
+
+
+def minibatches(n: int, num_mini_batches: int, seed: int, step: int, epoch: int) -> list[torch.Tensor]:
+    """A shuffled split of range(n) into `num_mini_batches` near-equal index tensors."""
+    g = torch.Generator().manual_seed(seed * 7919 + step * 131 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return [c for c in torch.tensor_split(perm, num_mini_batches) if len(c)]
+
+
+def micro_batches(index: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [index[i:i + size] for i in range(0, len(index), size)]
+
+
+def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Tensor, logp: torch.Tensor,
+                  gold: np.ndarray | None) -> dict[str, float]:
+    """Per-update metrics of a rollout batch (before training on it)."""
+    mask = rollout.response_mask
+    out = {
+        "proxy_reward": scores.mean().item(),
+        "proxy_reward_std": scores.std(unbiased=False).item() if len(scores) > 1 else 0.0,
+        "kl": (kl_per_token * mask).sum(-1).mean().item(),
+        "response_length": rollout.response_lengths.float().mean().item(),
+        "eos_rate": rollout.ended_with_eos.float().mean().item(),
+        "rollout_neg_logp": -masked_mean(logp, mask).item(),
+    }
+    if gold is not None:
+        out["gold_reward"] = float(np.mean(gold))
+        out["gold_proxy_gap"] = out["proxy_reward"] - out["gold_reward"]
+    return out
+
+
+def sample_table(rollout: Rollout, scores: torch.Tensor, gold: np.ndarray | None, n: int = 8) -> str:
+    """A markdown table of the first `n` samples (TensorBoard renders it)."""
+    rows = ["| prompt | response | proxy | gold |", "|---|---|---|---|"]
+    for i in range(min(n, len(rollout))):
+        g = f"{gold[i]:.3f}" if gold is not None else ""
+        resp = rollout.responses[i].replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| {rollout.prompts[i]} | {resp} | {scores[i].item():.3f} | {g} |")
+    return "\n".join(rows)
+
+
+def write_samples(output_dir: str | Path, step: int, rollout: Rollout, scores: torch.Tensor,
+                  gold: np.ndarray | None, n: int = 8) -> None:
+    """Append the first `n` samples of this update to samples.jsonl."""
+    with open(Path(output_dir) / "samples.jsonl", "a") as f:
+        for i in range(min(n, len(rollout))):
+            f.write(json.dumps({"step": step, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                                "proxy": scores[i].item(), "gold": None if gold is None else float(gold[i])}) + "\n")
+
+
+def ratio_stats(metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Averages of per-mini-batch loss metrics over an update; min/max kept as extremes."""
+    if not metrics:
+        return {}
+    out: dict[str, float] = {}
+    for key in metrics[0]:
+        vals = [float(m[key]) for m in metrics if key in m]
+        out[key] = min(vals) if key.endswith("_min") else max(vals) if key.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation against the starting policy
+
+
+@torch.no_grad()
+def evaluate_gold(policy: nn.Module, reference: nn.Module, tokenizer: Any, prompts: Sequence[str], judge: RewardFn,
+                  reward_fn: RewardFn | None, cfg: Any, ref_ctx: Callable[[], Any] | None = None,
+                  seed: int = 12345) -> dict[str, float]:
+    """Win rate of the policy over the reference on held-out prompts (gold panel, ties half),
+    with gold/proxy rewards and the mean summed per-response KL(policy || reference) in nats."""
+    import contextlib
+
+    from rlhfkit.rollout import generate
+
+    ctx = ref_ctx or contextlib.nullcontext
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+              batch_size=cfg.generation_batch_size, seed=seed, max_prompt_length=cfg.max_prompt_length)
+    pol = generate(unwrap(policy), tokenizer, prompts, **kw)
+    with ctx():
+        ref = generate(unwrap(reference), tokenizer, prompts, **kw)
+    g_pol = np.asarray(judge(pol.prompts, pol.responses), dtype=np.float64)
+    g_ref = np.asarray(judge(ref.prompts, ref.responses), dtype=np.float64)
+    win = float(np.mean((g_pol > g_ref) + 0.5 * (g_pol == g_ref)))
+    ids, mask = pol.sequences()
+    r_len = pol.response_ids.shape[1]
+    bs = cfg.generation_batch_size
+    lp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    with ctx():
+        lr = batched(lambda i, m: response_logprobs(unwrap(reference), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    kl = ((lp - lr) * pol.response_mask).sum(-1).mean().item()
+    out = {"gold_win_rate": win, "kl": kl, "gold_reward": float(g_pol.mean()), "gold_reward_reference": float(g_ref.mean()),
+           "response_length": pol.response_lengths.float().mean().item()}
+    if reward_fn is not None:
+        out["proxy_reward"] = float(np.mean(reward_fn(pol.prompts, pol.responses)))
+        out["proxy_reward_reference"] = float(np.mean(reward_fn(ref.prompts, ref.responses)))
+    return out

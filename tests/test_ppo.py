@@ -1,0 +1,157 @@
+"""2-step smoke runs of the PPO, GRPO and RLOO recipes on tiny models, plus the ratio, NaN
+and resume contracts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
+from rlhfkit.errors import ConfigError, NonFiniteError
+from rlhfkit.runs import read_metrics
+
+PROMPTS = ["the cat sat", "a kind word", "the rain fell", "she smiled and", "bad news travels",
+           "the old grey", "good news lasts", "he thanked her"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    tok = tiny_tokenizer()
+    policy = save_tiny(root / "policy", tiny_policy(tok), tok)
+    rm = save_tiny(root / "rm", tiny_rm(tok), tok)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return {"policy": policy, "rm": rm, "prompts": str(prompts), "root": root}
+
+
+def ppo_cfg(assets, out, **kw):
+    from rlhfkit.recipes.ppo import Config
+
+    base = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
+                output_dir=str(out), max_steps=2, prompts_per_step=4, max_new_tokens=6, per_device_batch_size=2,
+                num_ppo_epochs=2, num_mini_batches=2, report_to="jsonl", sample_every=1, learning_rate=1e-3)
+    base.update(kw)
+    return Config(**base)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_ppo_two_steps_metrics_ratio_and_outputs(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    res = ppo.main(ppo_cfg(assets, tmp_path))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("proxy_reward", "kl", "entropy", "clipfrac", "approx_kl", "value_explained_variance",
+                "response_length", "ratio_mean", "ratio_min", "ratio_max", "kl_coef", "value_loss"):
+        assert key in rows[0], key
+    # old log-probs come from the training forward itself: no update yet -> ratio exactly 1
+    assert rows[0]["first_ratio_mean"] == 1.0
+    assert rows[0]["first_ratio_min"] == 1.0 and rows[0]["first_ratio_max"] == 1.0
+    assert rows[0]["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "value" / "model.safetensors").is_file()
+    assert (tmp_path / "samples.jsonl").is_file()
+    assert res["updates"] == 2
+    # the policy moved
+    before, after = weights(assets["policy"]), weights(tmp_path / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class NaNReward:
+    def __init__(self, bad_call):
+        self.calls, self.bad_call = 0, bad_call
+
+    def __call__(self, prompts, responses):
+        self.calls += 1
+        out = np.zeros(len(responses))
+        if self.calls == self.bad_call:
+            out[1] = np.nan
+        return out
+
+
+def test_nan_reward_stops_step_with_weights_unchanged(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    cfg = ppo_cfg(assets, tmp_path, max_steps=3, save_every=1)
+    with pytest.raises(NonFiniteError, match="NaN or infinite.*weights are unchanged"):
+        ppo.main(cfg, reward_fn=NaNReward(bad_call=2))
+    # step 1 was checkpointed; the failing step 2 applied nothing
+    from rlhfkit.training import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step-1"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_nan_loss_raises_before_the_optimiser_step(assets):
+    from accelerate import Accelerator
+
+    from rlhfkit.recipes import ppo
+    from rlhfkit.rl import TokenValues
+
+    tok = tiny_tokenizer()
+    policy, critic = tiny_policy(tok), TokenValues(tiny_rm(tok))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (policy, critic)]
+    before = [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
+    ids = torch.randint(3, len(tok), (4, 7))
+    mask, rmask = torch.ones(4, 7, dtype=torch.long), torch.ones(4, 3)
+    adv = torch.ones(4, 3)
+    adv[2, 1] = float("nan")
+    batch = dict(ids=ids, mask=mask, rmask=rmask, r_len=3, old_logp=torch.zeros(4, 3), old_values=torch.zeros(4, 3),
+                 adv=adv, returns=torch.zeros(4, 3))
+    cfg = ppo_cfg(assets, "unused", num_mini_batches=1, per_device_batch_size=2)
+    with pytest.raises(NonFiniteError, match="PPO loss"):
+        ppo.train_on_batch(policy, critic, opts, batch, cfg, 0, Accelerator(cpu=True), None)
+    after = list(policy.parameters()) + list(critic.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_resume_continues_from_checkpoint(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, save_every=1))
+    res = ppo.main(ppo_cfg(assets, tmp_path, max_steps=2, save_every=1, resume=True))
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == [1, 2]  # the resumed run did update 2 only
+    assert res["updates"] == 2
+
+
+def test_ppo_with_lora_and_adaptive_kl(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    ppo.main(ppo_cfg(assets, tmp_path, use_lora=True, lora_r=4, target_kl=1.0, kl_estimator="k3",
+                     score_norm="running", missing_eos_penalty=1.0, score_clip=5.0, entropy_coef=0.01))
+    rows = read_metrics(tmp_path)
+    assert rows[0]["kl_coef"] != 0.05  # the adaptive controller moved beta
+    assert rows[0]["first_ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "rloo"])
+def test_group_recipes_two_steps(assets, tmp_path, recipe):
+    import importlib
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+    cfg = mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
+                     output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3,
+                     max_new_tokens=6, per_device_batch_size=3, num_ppo_epochs=2, num_mini_batches=2,
+                     report_to="jsonl", learning_rate=1e-3)
+    mod.main(cfg)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["first_ratio_mean"] == 1.0
+    assert "kl" in rows[0] and "proxy_reward" in rows[0]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_config_errors(assets, tmp_path):
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        ppo_cfg(assets, tmp_path, kl_estimator="k7")
+    with pytest.raises(ConfigError, match="reward_model"):
+        ppo_cfg(assets, tmp_path, reward_model="")
