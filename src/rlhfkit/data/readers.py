@@ -40,10 +40,13 @@ def line_of(records: Sequence[dict], index: int) -> int:
     return records.line_of(index) if isinstance(records, Records) else index + 1
 
 
-def source_of(records: Sequence[dict], source: str | None = None) -> str | None:
+def source_of(records: Sequence[dict], source: str | None = None) -> str:
+    """The name errors should cite: the given one, the list's own, else "<records>" (in-memory data)."""
     if source is not None:
         return str(source)
-    return records.source if isinstance(records, Records) else None
+    if isinstance(records, Records) and records.source:
+        return records.source
+    return "<records>"
 
 
 # ---------------------------------------------------------------- JSONL

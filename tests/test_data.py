@@ -1,0 +1,301 @@
+"""Data layer: readers, format detection, validators, ranking expansion."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import pytest
+
+from rlhfkit.data import (
+    DataError,
+    detect_dataset_format,
+    detect_format,
+    iter_records,
+    load_records,
+    rankings_to_pairs,
+    validate_preferences,
+    validate_rankings,
+    validate_records,
+    validate_sft,
+    validate_unpaired,
+)
+from rlhfkit.errors import ConfigError
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+CONV_PROMPT = [{"role": "user", "content": "Say something nice."}]
+RECORDS = {
+    "text": {"text": "A lovely day."},
+    "prompt_completion": {"prompt": "The weather", "completion": " is nice."},
+    "messages": {"messages": CONV_PROMPT + [{"role": "assistant", "content": "You are kind."}]},
+    "preference": {"prompt": "Hi", "chosen": " friend", "rejected": " go away"},
+    "ranking": {"prompt": "Hi", "responses": ["a", "b", "c"], "ranking": [1, 0, 2]},
+    "unpaired": {"prompt": "Hi", "completion": " friend", "label": True},
+    "prompt_only": {"prompt": "Hi"},
+}
+
+
+# ---------------------------------------------------------------- readers
+
+def test_jsonl_reads_and_skips_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, "", "   ", {"text": "b"}])
+    records = load_records(path, required=["text"])
+    assert records == [{"text": "a"}, {"text": "b"}]
+    assert records.lines == [1, 4]
+    assert records.source == str(path)
+
+
+def test_jsonl_malformed_line_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b"}, '{"text": "c",'])
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert "bad.jsonl" in str(info.value) and "line 3" in str(info.value)
+    assert info.value.line == 3
+
+
+def test_jsonl_non_object_line(tmp_path):
+    path = write_jsonl(tmp_path / "arr.jsonl", [{"text": "a"}, "[1, 2]"])
+    with pytest.raises(DataError, match=r"arr\.jsonl, line 2: expected a JSON object, got list"):
+        load_records(path)
+
+
+def test_missing_required_column_names_field_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y"},
+                                               {"prompt": "b", "chosen": "x"}])
+    with pytest.raises(DataError) as info:
+        load_records(path, required=["prompt", "chosen", "rejected"])
+    err = info.value
+    assert (err.line, err.field) == (2, "rejected")
+    assert "p.jsonl" in str(err) and "line 2" in str(err) and "'rejected'" in str(err)
+
+
+def test_json_list_and_json_lines_with_json_suffix(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert load_records(tmp_path / "a.json") == [{"text": "a"}, {"text": "b"}]
+    write_jsonl(tmp_path / "b.json", [{"text": "a"}, {"text": "b"}])
+    assert load_records(tmp_path / "b.json") == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "c.json").write_text(json.dumps({"text": "a"}))
+    with pytest.raises(DataError, match="list of objects"):
+        load_records(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text('[{"text": "a"},\n {"text": oops}]')
+    with pytest.raises(DataError, match=r"d\.json, line 2"):
+        load_records(tmp_path / "d.json")
+
+
+def test_parquet_round_trip_with_conversations(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": CONV_PROMPT, "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]}] * 3
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    records = load_records(tmp_path / "p.parquet", required=["prompt", "chosen"])
+    assert records == rows
+    assert detect_format(records[0]) == "preference"
+    streamed = list(iter_records(tmp_path / "p.parquet", required=["chosen"]))
+    assert streamed == rows
+
+
+def test_parquet_missing_column_names_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "chosen": "b"}]), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p\.parquet, line 1, field 'rejected'"):
+        load_records(tmp_path / "p.parquet", required=["rejected"])
+
+
+def test_datasets_folder_round_trip(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": " d"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    assert load_records(tmp_path / "single") == rows
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                               "test": datasets.Dataset.from_list(rows[:1])})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert load_records(tmp_path / "dict", split="test") == rows[:1]
+    with pytest.raises(DataError, match=r"split 'validation' not found; available splits: \['test', 'train'\]"):
+        load_records(tmp_path / "dict", split="validation")
+    # an in-memory Dataset is accepted as it is
+    assert load_records(datasets.Dataset.from_list(rows)) == rows
+
+
+def test_folder_of_split_files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "t"}])
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "e"}])
+    assert load_records(tmp_path, split="eval") == [{"text": "e"}]
+    with pytest.raises(DataError, match="test.jsonl"):
+        load_records(tmp_path, split="test")
+
+
+def test_hub_name_offline_error_is_clear(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/prefs' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load_records("org/prefs")
+    message = str(info.value)
+    assert message.startswith("org/prefs:") and "Hugging Face Hub" in message and "save_to_disk" in message
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown file type '.csv'"):
+        load_records(tmp_path / "x.csv")
+
+
+def test_streaming_jsonl_checks_required_per_line(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": "a"}, {"text": "b"}, {"other": 1}])
+    stream = iter_records(path, required=["text"])
+    assert next(stream) == {"text": "a"} and next(stream) == {"text": "b"}
+    with pytest.raises(DataError, match=r"s\.jsonl, line 3, field 'text'"):
+        next(stream)
+
+
+# ---------------------------------------------------------------- detection
+
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_detect_format(fmt):
+    assert detect_format(RECORDS[fmt]) == fmt
+
+
+def test_detect_conversational_and_implicit_prompt_preferences():
+    implicit = {"chosen": CONV_PROMPT + [{"role": "assistant", "content": "yes"}],
+                "rejected": CONV_PROMPT + [{"role": "assistant", "content": "no"}]}
+    assert detect_format(implicit) == "preference"
+    assert detect_format({"prompt": CONV_PROMPT, "completion": [{"role": "assistant", "content": "x"}],
+                          "label": False}) == "unpaired"
+
+
+def test_detect_unknown_columns_and_mixed_file(tmp_path):
+    with pytest.raises(DataError, match=r"cannot tell the data format from columns \['foo'\]"):
+        detect_format({"foo": 1})
+    path = write_jsonl(tmp_path / "mix.jsonl", [RECORDS["preference"], RECORDS["preference"], RECORDS["text"]])
+    with pytest.raises(DataError, match=r"mix\.jsonl, line 3: record is in format 'text'"):
+        detect_dataset_format(load_records(path))
+
+
+# ---------------------------------------------------------------- preferences
+
+def test_validate_preferences_errors_name_line_and_field(tmp_path):
+    good = {"prompt": "Hi", "chosen": " yes", "rejected": " no"}
+    cases = [({"prompt": "Hi", "chosen": " yes"}, "rejected", "missing column"),
+             ({"prompt": "Hi", "chosen": " same", "rejected": " same"}, "rejected", "chosen identical to rejected"),
+             ({"prompt": "Hi", "chosen": "   ", "rejected": " no"}, "chosen", "empty text"),
+             ({"prompt": "Hi", "chosen": " yes", "rejected": [{"role": "assistant", "content": "no"}]},
+              "rejected", "mix text and conversation"),
+             ({"prompt": "Hi", "chosen": " a", "rejected": " b", "margin": "big"}, "margin", "finite number")]
+    for bad, field, reason in cases:
+        path = write_jsonl(tmp_path / "prefs.jsonl", [good, good, bad])
+        with pytest.raises(DataError) as info:
+            validate_preferences(load_records(path))
+        assert (info.value.line, info.value.field) == (3, field), bad
+        assert reason in str(info.value) and "prefs.jsonl" in str(info.value)
+
+
+def test_validate_preferences_skip_reports_and_keeps_extras(tmp_path, capsys):
+    rows = [{"prompt": "Hi", "chosen": " yes", "rejected": " no", "margin": 2.0, "annotator_id": "ann-3"},
+            {"prompt": "Hi", "chosen": " same", "rejected": " same"},
+            {"prompt": "Hi", "chosen": " ok"},
+            {"prompt": "Hi", "chosen": " good", "rejected": " bad"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    kept = validate_preferences(load_records(path), on_error="skip")
+    assert kept == [rows[0], rows[3]]
+    assert kept.lines == [1, 4]
+    assert kept[0]["margin"] == 2.0 and kept[0]["annotator_id"] == "ann-3"
+    report = kept.report
+    assert (report.total, report.kept, report.skipped) == (4, 2, 2)
+    assert report.reasons == {"chosen identical to rejected": 1, "missing column": 1}
+    printed = capsys.readouterr().err
+    assert "kept 2 of 4" in printed and "skipped 2" in printed and "prefs.jsonl, line 2" in printed
+    # nothing skipped: nothing printed
+    validate_preferences(kept, on_error="skip")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError):
+        validate_preferences(kept, on_error="ignore")
+
+
+def test_implicit_prompt_conversations():
+    ok = {"chosen": CONV_PROMPT + [{"role": "assistant", "content": "yes"}],
+          "rejected": CONV_PROMPT + [{"role": "assistant", "content": "no"}]}
+    assert validate_preferences([ok]) == [ok]
+    differ_early = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+                    "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
+    with pytest.raises(DataError, match=r"line 1, field 'chosen\[0\]\.role': chosen and rejected differ before"):
+        validate_preferences([differ_early])
+    bad_role = {"prompt": "Hi", "chosen": [{"role": "robot", "content": "x"}],
+                "rejected": [{"role": "assistant", "content": "y"}]}
+    with pytest.raises(DataError, match=r"field 'chosen\[0\]\.role': unknown role"):
+        validate_preferences([bad_role])
+
+
+# ---------------------------------------------------------------- rankings
+
+def test_validate_rankings_rejects_bad_rankings():
+    base = {"prompt": "Hi", "responses": ["a", "b", "c"]}
+    cases = [([0, 0, 1], "duplicate ranking index"), ([0, 1, 3], "out of range"), ([2, 0], "not a permutation"),
+             ([0, 1, -1], "out of range"), ([True, 0, 2], "integer indices"), ("012", "integer indices")]
+    for ranking, reason in cases:
+        with pytest.raises(DataError, match=reason) as info:
+            validate_rankings([{"prompt": "Hi", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]},
+                               {**base, "ranking": ranking}], source="r.jsonl")
+        assert (info.value.line, info.value.field) == (2, "ranking")
+    with pytest.raises(DataError, match="identical responses"):
+        validate_rankings([{"prompt": "Hi", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}])
+    with pytest.raises(DataError, match="at least 2 responses"):
+        validate_rankings([{"prompt": "Hi", "responses": ["a"], "ranking": [0]}])
+    kept = validate_rankings([{**base, "ranking": [0, 0, 1]}, {**base, "ranking": [2, 1, 0]}],
+                             on_error="skip", log=None)
+    assert len(kept) == 1 and kept.report.reasons == {"duplicate ranking index": 1}
+
+
+def test_rankings_to_pairs_counts_and_orientation():
+    records = [{"prompt": "p0", "responses": ["r0", "r1", "r2", "r3"], "ranking": [2, 0, 3, 1],
+                "annotator_id": 7},
+               {"prompt": "p1", "responses": ["s0", "s1", "s2"], "ranking": [1, 2, 0]}]
+    pairs = rankings_to_pairs(validate_rankings(records))
+    assert len(pairs) == 6 + 3  # C(4,2) + C(3,2)
+    first = [p for p in pairs if p["group"] == 0]
+    expected = {(f"r{a}", f"r{b}") for a, b in combinations([2, 0, 3, 1], 2)}  # best first
+    assert {(p["chosen"], p["rejected"]) for p in first} == expected
+    assert ("r2", "r1") in expected and ("r1", "r2") not in expected
+    assert all(p["prompt"] == "p0" and p["annotator_id"] == 7 for p in first)
+    second = {(p["chosen"], p["rejected"], p["rank_gap"]) for p in pairs if p["group"] == 1}
+    assert second == {("s1", "s2", 1), ("s1", "s0", 2), ("s2", "s0", 1)}
+    assert validate_preferences(pairs) == pairs
+
+
+# ---------------------------------------------------------------- SFT and unpaired
+
+def test_validate_sft_and_unpaired():
+    assert validate_sft([RECORDS["text"], RECORDS["prompt_completion"], RECORDS["messages"]])
+    with pytest.raises(DataError, match=r"field 'messages\[0\]\.role': response does not end with an assistant"):
+        validate_sft([{"messages": CONV_PROMPT}])
+    with pytest.raises(DataError, match=r"line 1, field 'completion': empty text"):
+        validate_sft([{"prompt": "a", "completion": ""}])
+    with pytest.raises(DataError, match="not an SFT record"):
+        validate_sft([RECORDS["preference"]])
+    kept = validate_unpaired([{"prompt": "a", "completion": " b", "label": 1},
+                              {"prompt": "a", "completion": " c", "label": False}])
+    assert [r["label"] for r in kept] == [True, False]
+    with pytest.raises(DataError, match=r"field 'label': label must be true or false"):
+        validate_unpaired([{"prompt": "a", "completion": " b", "label": "yes"}])
+    with pytest.raises(DataError, match=r"field 'label': missing column"):
+        validate_unpaired([{"prompt": "a", "completion": " b", "label": None}])
+
+
+def test_validate_records_dispatches_on_format(tmp_path):
+    path = write_jsonl(tmp_path / "u.jsonl", [RECORDS["unpaired"], {**RECORDS["unpaired"], "label": 0}])
+    kept = validate_records(load_records(path))
+    assert [r["label"] for r in kept] == [True, False]
