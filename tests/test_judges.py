@@ -264,6 +264,11 @@ def test_label_command_end_to_end(tmp_path, capsys):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(r["tie"] and r["label"] == 0.5 for r in rows) and len(rows) == 4
 
+    src = _write(tmp_path / "same.jsonl", [{"prompt": "p", "responses": [" same", " same", " other words"]}])
+    stats = main(Config(input=str(src), output=str(out), tie_margin=0.0))
+    assert stats["identical_skipped"] == 1 and stats["pairs"] == 2
+    assert "1 pairs of identical responses skipped" in capsys.readouterr().out
+
     src = _write(tmp_path / "rank.jsonl", [{"prompt": "She was", "responses": [" cruel", " kind and warm", " here"]}])
     main(Config(input=str(src), output=str(tmp_path / "rank_out.jsonl"), output_format="ranking", beta=1e4))
     row = json.loads((tmp_path / "rank_out.jsonl").read_text())

@@ -115,7 +115,7 @@ class GoldPanel:
 
     n_raters = N_RATERS
 
-    def __init__(self, vocabulary: frozenset[str] | None = None, cache_size: int = 500_000):
+    def __init__(self, vocabulary: frozenset[str] | None = None, cache_size: int = 100_000):
         words, ratings = load_ratings()
         base = vader.SentimentIntensityAnalyzer()
         self._analyzers = []

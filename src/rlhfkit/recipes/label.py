@@ -125,9 +125,13 @@ def read_items(cfg: Config) -> list[dict]:
 
 def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(cfg.seed + 1)
-    which = []
+    which, identical = [], 0
     for n, item in enumerate(items):
         pairs = list(itertools.combinations(range(len(item["responses"])), 2))
+        # a response compared with its own copy says nothing and makes chosen == rejected
+        kept = [(i, j) for i, j in pairs if item["texts"][i] != item["texts"][j]]
+        identical += len(pairs) - len(kept)
+        pairs = kept
         if cfg.pairs_per_prompt and len(pairs) > cfg.pairs_per_prompt:
             keep = rng.choice(len(pairs), size=cfg.pairs_per_prompt, replace=False)
             pairs = [pairs[k] for k in sorted(keep)]
@@ -153,7 +157,7 @@ def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators)
     decided = (lab != 0.5) & (gold_a != gold_b)
     agree = float(((lab == 1.0) == (gold_a > gold_b))[decided].mean()) if decided.any() else float("nan")
     return rows, {"pairs": len(which), "ties": ties, "ties_skipped": ties if cfg.ties == "skip" else 0,
-                  "gold_agreement": agree}
+                  "identical_skipped": identical, "gold_agreement": agree}
 
 
 def label_rankings(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
@@ -182,6 +186,8 @@ def main(cfg: Config) -> dict:
     if cfg.output_format == "preference":
         tie_note = (f", {stats['ties']} ties skipped" if cfg.ties == "skip"
                     else f", {stats['ties']} ties kept with label 0.5")
+        if stats["identical_skipped"]:
+            tie_note += f", {stats['identical_skipped']} pairs of identical responses skipped"
         print(f"label: {stats['records']} records -> {stats['pairs']} pairs{tie_note}; "
               f"wrote {len(rows)} preferences to {out} (agreement with the panel mean "
               f"{stats['gold_agreement']:.3f})")
