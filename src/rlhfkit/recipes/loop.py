@@ -1,0 +1,254 @@
+"""`rlhfkit loop`: iterative RLHF, round after round.
+
+Each round r = 1..R (Ouyang et al. 2022 sec. 3; Bai et al. 2022 "Training a Helpful and
+Harmless Assistant", sec. 4.5 "iterated online RLHF"):
+
+  1. sample two responses per prompt from the current policy (fresh prompts each round);
+  2. collect preferences through one :class:`rlhfkit.feedback_sources.PreferenceSource`
+     (simulated annotators here; an AI judge or the human-feedback service plug in the same way);
+  3. retrain the reward model on all preference data collected so far;
+  4. update the policy: PPO against that reward model, or DPO on this round's pairs
+     (on-policy iterative DPO, Xu et al. 2023; Xiong et al. 2024) with the current policy as reference;
+  5. evaluate against the starting policy (gold panel win rate, KL, ...) and register the
+     model with its lineage. A round whose gold reward is below the promoted model's is kept
+     in the registry but not promoted, and the next round continues from the promoted model.
+
+    rlhfkit loop --model runs/sft/final --rounds 3 --algorithm dpo --output_dir runs/loop
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import from_dict, require
+from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+
+ALGORITHMS = ("dpo", "ppo")
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = ""
+    """Starting policy (the SFT model); also the reference of every evaluation."""
+    rounds: int = 3
+    """Number of rounds R."""
+    algorithm: str = "dpo"
+    """Policy update each round: dpo or ppo."""
+    source: str = "simulated"
+    """Preference source: 'simulated' annotators over the gold panel."""
+    annotator_beta: float = 10.0
+    """Simulated annotators' Bradley-Terry inverse temperature."""
+    annotator_tie_margin: float = 0.02
+    """Simulated annotators' tie margin."""
+    unreliable_frac: float = 0.0
+    """Share of unreliable simulated annotators."""
+    prompts_per_round: int = 256
+    """Training prompts sampled (two responses each) and labelled per round."""
+    max_new_tokens: int = 20
+    """Response length for sampling, training and evaluation."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    reward_steps: int = 60
+    """Reward-model optimiser steps per round (on all data so far)."""
+    reward_learning_rate: float = 3e-4
+    """Reward-model learning rate."""
+    policy_steps: int = 30
+    """Policy optimiser steps per round (DPO steps, or PPO updates)."""
+    policy_learning_rate: float = 5e-5
+    """Policy learning rate."""
+    dpo_beta: float = 0.1
+    """DPO beta."""
+    ppo_kl_coef: float = 0.05
+    """PPO KL coefficient."""
+    batch_size: int = 16
+    """Micro-batch size of the reward-model and policy updates."""
+    reward_config: str = ""
+    """YAML of extra `rlhfkit reward` fields (paths and the fields above take precedence)."""
+    policy_config: str = ""
+    """YAML of extra `rlhfkit dpo` / `rlhfkit ppo` fields."""
+    num_eval_prompts: int = 128
+    """Held-out prompts in each round's evaluation."""
+    n_boot: int = 500
+    """Bootstrap resamples of the evaluation intervals."""
+    continue_from: str = "promoted"
+    """Start each round from the 'promoted' model (a worse round is not built on) or the 'latest'."""
+    registry: str = ""
+    """Model registry folder (default: OUTPUT_DIR/registry)."""
+    output_dir: str = "runs/loop"
+    """Folder of the rounds (round-1/, round-2/, ...), the registry, loop.json and the report."""
+    seed: int = 0
+    """Seed of sampling, labelling and training (round r uses seed + r)."""
+    progress: bool = False
+    """Progress bars inside the recipes."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.model), "model", "give the starting (SFT) policy folder")
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        require(self.source in ("simulated",), "source", f"unknown source {self.source!r}; available: simulated")
+        require(self.prompts_per_round >= 2, "prompts_per_round", "must be >= 2")
+        require(self.continue_from in ("promoted", "latest"), "continue_from", "must be promoted or latest")
+        require(self.reward_steps >= 1 and self.policy_steps >= 1, "policy_steps", "reward_steps and policy_steps must be >= 1")
+
+
+def _recipe_config(cls: type, defaults: dict, yaml_path: str, forced: dict) -> Any:
+    """defaults < the user's YAML < forced (the paths and step counts the loop controls)."""
+    import yaml
+
+    from rlhfkit.errors import ConfigError
+
+    extra = {}
+    if yaml_path:
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"config file {yaml_path} does not exist")
+        extra = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of field: value")
+    return from_dict(cls, {**defaults, **extra, **forced}, source=yaml_path or cls.__module__)
+
+
+def make_source(cfg: Config, seed: int):
+    from rlhfkit.feedback_sources import SOURCES
+
+    return SOURCES[cfg.source](beta=cfg.annotator_beta, tie_margin=cfg.annotator_tie_margin,
+                               unreliable_frac=cfg.unreliable_frac, seed=seed)
+
+
+def round_prompts(all_prompts: list[str], cfg: Config, r: int) -> list[str]:
+    """Disjoint slices of a seeded permutation, wrapping around when the prompts run out."""
+    import numpy as np
+
+    order = np.random.default_rng(cfg.seed).permutation(len(all_prompts))
+    start = (r - 1) * cfg.prompts_per_round
+    return [all_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
+
+
+def collect_round(policy_path: str, prompts: list[str], source, cfg: Config, seed: int, r: int) -> tuple[list[dict], dict]:
+    """Two samples per prompt from the policy, labelled by `source`."""
+    from rlhfkit.feedback_sources import to_preference_records
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout import generate
+
+    tok = load_tokenizer(policy_path)
+    policy = load_policy(policy_path, trainable=False).eval()
+    roll = generate(policy, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, num_samples=2, seed=seed)
+    a, b = roll.responses[0::2], roll.responses[1::2]
+    labels = source.compare(prompts, a, b)
+    return to_preference_records(prompts, a, b, labels, round=r)
+
+
+def train_reward(data_file: Path, cfg: Config, out: Path, seed: int) -> str:
+    from rlhfkit.recipes import reward
+
+    rcfg = _recipe_config(reward.Config, dict(learning_rate=cfg.reward_learning_rate, per_device_batch_size=cfg.batch_size,
+                                              report_to="jsonl", log_every=10, progress=cfg.progress, eval_fraction=0.1),
+                          cfg.reward_config,
+                          dict(model=cfg.model, dataset=str(data_file), output_dir=str(out), max_steps=cfg.reward_steps, seed=seed))
+    res = reward.main(rcfg, printer=lambda *a, **k: None)
+    return res.get("model_path", str(out / "final"))
+
+
+def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int) -> str:
+    common = dict(learning_rate=cfg.policy_learning_rate, per_device_batch_size=cfg.batch_size, report_to="jsonl",
+                  log_every=5, progress=cfg.progress)
+    forced = dict(model=start, output_dir=str(out), max_steps=cfg.policy_steps, seed=seed)
+    if cfg.algorithm == "dpo":
+        from rlhfkit.recipes import dpo
+
+        pcfg = _recipe_config(dpo.Config, dict(common, beta=cfg.dpo_beta, max_length=96), cfg.policy_config,
+                              dict(forced, dataset=str(round_file), reference=start))
+        dpo.main(pcfg)
+    else:
+        from rlhfkit.recipes import ppo
+
+        pcfg = _recipe_config(ppo.Config, dict(common, kl_coef=cfg.ppo_kl_coef, max_new_tokens=cfg.max_new_tokens,
+                                               num_eval_prompts=0, eval_prompts=""),
+                              cfg.policy_config, dict(forced, reward_model=rm_path))
+        ppo.main(pcfg)
+    return str(out / "final")
+
+
+def main(cfg: Config) -> dict:
+    """Run the rounds; returns {"rounds": [...], "promoted": id} (also written to loop.json)."""
+    import torch
+
+    from rlhfkit.eval.report import write_report
+    from rlhfkit.eval.run_eval import evaluate, write_results
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.models.reward import RewardScorer
+    from rlhfkit.registry import Registry, RegistryError
+    from rlhfkit.tasks import kindly
+
+    out = prepare_run_dir(cfg.output_dir, cfg)
+    seed_everything(cfg.seed)
+    reg = Registry(cfg.registry or out / "registry")
+    panel = GoldPanel()
+    tok = load_tokenizer(cfg.model)
+    reference = load_policy(cfg.model, trainable=False).eval()
+    eval_prompts = kindly.prompts("eval")[: cfg.num_eval_prompts]
+    train_prompts = kindly.prompts("train")
+    ref_cache: dict = {}
+
+    def evaluate_model(path: str, rm: str | None, folder: Path) -> dict:
+        policy = reference if path == cfg.model else load_policy(path, trainable=False).eval()
+        scorer = RewardScorer(rm) if rm else None
+        with torch.no_grad():
+            m, rows = evaluate(policy, reference, tok, eval_prompts, panel, scorer, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, seed=cfg.seed, n_boot=cfg.n_boot,
+                               reference_rollout=ref_cache.get("rollout"))
+        ref_cache["rollout"] = m["_reference"]["rollout"]
+        write_results(folder, m, rows)
+        return {k: v for k, v in m.items() if not k.startswith("_")}
+
+    start_id = "round-0"
+    m0 = evaluate_model(cfg.model, None, out / "round-0")
+    reg.register(cfg.model, start_id, round=0, metrics=m0, seed=cfg.seed, extra={"algorithm": "start"})
+    reg.promote(start_id, reason="starting policy")
+    current_id, current_path = start_id, cfg.model
+    all_records: list[dict] = []
+    summary = [{"round": 0, "id": start_id, "gold": m0["gold"]["mean"], "win_rate": m0["win_rate"]["mean"],
+                "kl": m0["kl"]["mean"], "promoted": True}]
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        rdir = out / f"round-{r}"
+        rdir.mkdir(parents=True, exist_ok=True)
+        seed = cfg.seed + r
+        records, counts = collect_round(current_path, round_prompts(train_prompts, cfg, r), make_source(cfg, seed), cfg, seed, r)
+        all_records += records
+        round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
+        atomic_write_text(round_file, "".join(json.dumps(x) + "\n" for x in records))
+        atomic_write_text(all_file, "".join(json.dumps(x) + "\n" for x in all_records))
+        print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties and "
+              f"{counts['identical_skipped']} identical pairs skipped), {len(all_records)} in all")
+        rm_path = train_reward(all_file, cfg, rdir / "reward", seed)
+        policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed)
+        metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
+        model_id = f"round-{r}"
+        reg.register(policy_path, model_id, parent=current_id, round=r, metrics=metrics, seed=seed,
+                     config=dataclasses.asdict(cfg), data_files=[round_file, all_file],
+                     extra={"algorithm": cfg.algorithm, "reward_model": rm_path})
+        try:
+            reg.promote(model_id, reason=f"round {r}")
+            promoted = True
+        except RegistryError as e:
+            print(f"loop round {r}: not promoted: {e}")
+            promoted = False
+        summary.append({"round": r, "id": model_id, "gold": metrics["gold"]["mean"], "win_rate": metrics["win_rate"]["mean"],
+                        "win_rate_lo": metrics["win_rate"]["lo"], "win_rate_hi": metrics["win_rate"]["hi"],
+                        "kl": metrics["kl"]["mean"], "pairs": counts["kept"], "promoted": promoted,
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f} "
+              f"[{metrics['win_rate']['lo']:.3f}, {metrics['win_rate']['hi']:.3f}], KL {metrics['kl']['mean']:.2f}"
+              f"{'' if promoted else ' (not promoted)'}")
+        if promoted or cfg.continue_from == "latest":
+            current_id, current_path = model_id, policy_path
+    result = {"rounds": summary, "promoted": reg.promoted()["id"], "registry": str(reg.root)}
+    atomic_write_json(out / "loop.json", result)
+    atomic_write_json(out / "summary.json", {"win_rates": summary})
+    result["report"] = str(write_report(out, title="rlhfkit loop"))
+    return result
