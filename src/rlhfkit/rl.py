@@ -342,3 +342,82 @@ def evaluate_gold(policy: nn.Module, reference: nn.Module, tokenizer: Any, promp
         out["proxy_reward"] = float(np.mean(reward_fn(pol.prompts, pol.responses)))
         out["proxy_reward_reference"] = float(np.mean(reward_fn(ref.prompts, ref.responses)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# critic-free recipes (GRPO, RLOO): group rollout and the policy-only update
+
+
+def group_rollout(policy: nn.Module, ref_model: nn.Module, ref_ctx: Callable[[], Any], tokenizer: Any,
+                  reward_fn: RewardFn, prompts: Sequence[str], cfg: Any, step: int, device: Any,
+                  process_index: int = 0, need_ref: bool = True) -> tuple[Rollout, torch.Tensor, dict]:
+    """K = cfg.num_generations samples per prompt (prompt-major rows), their reward-model
+    scores, and old / reference log-probs from the training forward (no gradients)."""
+    from rlhfkit.rollout import generate
+    from rlhfkit.training import check_finite
+
+    roll = generate(unwrap(policy), tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                    num_samples=cfg.num_generations, batch_size=cfg.generation_batch_size,
+                    seed=cfg.seed * 1_000_003 + step * 7919 + process_index, max_prompt_length=cfg.max_prompt_length)
+    scores = score_rollout(reward_fn, roll)
+    ids, mask = (t.to(device) for t in roll.sequences())
+    r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(device)
+    bs = cfg.per_device_batch_size  # the training layout, so the first ratio is exactly 1
+    old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    ref_logp = None
+    if need_ref:
+        with ref_ctx():
+            ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature)[0],
+                               ids, mask, bs)
+    check_finite("rollout log-probs", old_logp, ref_logp)
+    batch = dict(ids=ids, mask=mask, rmask=rmask, r_len=r_len, old_logp=old_logp, ref_logp=ref_logp)
+    return roll, scores, batch
+
+
+def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Any, step: int,
+                  accelerator: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                  name: str) -> dict[str, float]:
+    """num_ppo_epochs x num_mini_batches optimiser steps on the policy alone.
+
+    `loss_fn(logp, index) -> (loss, metrics)` computes the recipe's loss for the rows in
+    `index` from their fresh log-probs. Non-finite losses or gradients raise before the
+    optimiser step, so a bad batch never reaches the weights.
+    """
+    import contextlib
+
+    from rlhfkit.training import check_finite, check_finite_grads
+
+    n, r_len = batch["ids"].shape[0], batch["r_len"]
+    metrics, stopped_early = [], False
+    for epoch in range(cfg.num_ppo_epochs):
+        for mb in minibatches(n, cfg.num_mini_batches, cfg.seed, step, epoch):
+            micro = micro_batches(mb, cfg.per_device_batch_size)
+            mb_metrics = []
+            for j, idx in enumerate(micro):
+                sync = accelerator.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    logp, ent = response_logprobs(policy, batch["ids"][idx], batch["mask"][idx], r_len,
+                                                  cfg.temperature, with_entropy=True)
+                    loss, m = loss_fn(logp, idx)
+                    check_finite(f"{name} loss", loss)
+                    accelerator.backward(loss / len(micro))
+                m["entropy"] = masked_mean(ent.detach(), batch["rmask"][idx])
+                mb_metrics.append(m)
+            check_finite_grads(policy)
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics = ratio_stats(mb_metrics)
+            if grad_norm is not None:
+                step_metrics["grad_norm"] = float(grad_norm)
+            metrics.append(step_metrics)
+            if cfg.early_stop_kl and step_metrics["approx_kl"] > cfg.early_stop_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    out = ratio_stats(metrics)
+    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
+               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics),
+               early_stopped=float(stopped_early))
+    return out
