@@ -1,0 +1,301 @@
+"""Reward models: last-token scoring, one forward per batch, bad input, the recipe, ensembles,
+normalisation, the scorer and `rlhfkit eval-rm`. Tiny models (2 layers, hidden 32)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.data import comparisons as RC
+from rlhfkit.errors import DataError
+from rlhfkit.losses.reward import bradley_terry_loss, instructgpt_ranking_loss
+from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
+from rlhfkit.models import reward as MR
+from rlhfkit.recipes import reward as RR
+
+GOOD = ["lovely", "wonderful", "great", "happy", "kind", "nice"]
+BAD = ["awful", "terrible", "sad", "bad", "hateful", "cruel"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("kindly:tokenizer")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    from rlhfkit.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("base") / "lm"
+    save_model(tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok), tok, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    with open(path, "w") as f:
+        for i in range(96):
+            g, b = rng.choice(GOOD), rng.choice(BAD)
+            f.write(json.dumps({"prompt": "The day was", "chosen": f" {g} and fine", "rejected": f" {b} and fine",
+                                "annotator_id": f"a{i % 3}"}) + "\n")
+        f.write(json.dumps({"prompt": "She felt", "responses": [" sad", " great", " okay"], "ranking": [1, 2, 0]}) + "\n")
+    return str(path)
+
+
+def small_cfg(**kw):
+    base = dict(per_device_batch_size=8, learning_rate=3e-3, progress=False, report_to="jsonl", log_every=1,
+                max_steps=2, eval_fraction=0.1)
+    base.update(kw)
+    return RR.Config(**base)
+
+
+# ------------------------------------------------------------------ scoring the last real token
+
+
+def test_last_token_indices_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert MR.last_token_indices(right).tolist() == [2, 0, 3]
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]])
+    assert MR.last_token_indices(left).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="empty"):
+        MR.last_token_indices(torch.tensor([[0, 0]]))
+
+
+def test_padding_does_not_change_the_score_and_matches_hf(tok):
+    model = tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok).eval()
+    module = MR.LastTokenReward(model)
+    a, _ = MR.encode_prompt_response(tok, "The cat", " sat on the mat")
+    b, _ = MR.encode_prompt_response(tok, "Hi", " there")
+    ids, mask = MR.pad_right([a, b], tok.pad_token_id)
+    with torch.no_grad():
+        batched = module(ids, mask)[:, 0]
+        alone = torch.stack([module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, 0] for s in (a, b)])
+        hf = model(input_ids=ids, attention_mask=mask).logits[:, 0]  # pad != eos here, so HF pools the same token
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_equal_to_eos_still_scores_the_eos(tok):
+    # a tokenizer whose pad is its EOS: HF's pad-id pooling would skip the final EOS, ours does not
+    model = tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok).eval()
+    module = MR.LastTokenReward(model)
+    seq = [tok.eos_token_id, 318, 1505, tok.eos_token_id]
+    ids, mask = MR.pad_right([seq, seq[:2]], tok.eos_token_id)
+    with torch.no_grad():
+        ours = module(ids, mask)[0, 0]
+        full = module(torch.tensor([seq]), torch.ones(1, 4, dtype=torch.long))[0, 0]
+        before_eos = module(torch.tensor([seq[:3]]), torch.ones(1, 3, dtype=torch.long))[0, 0]
+    torch.testing.assert_close(ours, full)
+    assert not torch.isclose(ours, before_eos)
+
+
+def test_encoding_appends_eos_and_truncates_with_a_flag(tok):
+    ids, cut = MR.encode_prompt_response(tok, "The day was", " lovely")
+    assert ids[-1] == tok.eos_token_id and not cut
+    long_ids, cut = MR.encode_prompt_response(tok, "word " * 40, " more " * 40, max_length=32)
+    assert len(long_ids) == 32 and cut
+
+
+# ------------------------------------------------------------------ one forward per batch
+
+
+def test_pairs_and_rankings_share_one_forward(tok):
+    model = tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok)
+    module = MR.LastTokenReward(model)
+    calls = []
+    module.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    enc = lambda p, r: MR.encode_prompt_response(tok, p, r)[0]  # noqa: E731
+    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "label": 1.0, "margin": None},
+             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")]},
+             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "label": 1.0, "margin": None}]
+    batch = RC.collate_units(units, tok.pad_token_id)
+    cfg = small_cfg(dataset="x")
+    loss, _ = RR.batch_loss(module, batch, cfg)
+    assert calls == [7]  # 2 pairs x 2 rows + 3 ranked responses, one forward
+    with torch.no_grad():  # the same loss from rewards computed one sequence at a time
+        r = [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, 0] for u in units for s in u["rows"]]
+    pair = bradley_terry_loss(torch.stack([r[0], r[5]]), torch.stack([r[1], r[6]]))[0]
+    rank = instructgpt_ranking_loss(torch.stack(r[2:5]).unsqueeze(0))[0]
+    assert loss.item() == pytest.approx((pair * 2 / 3 + rank / 3).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("record,field,reason", [
+    ({"prompt": "p", "chosen": " a"}, "rejected", "missing chosen/rejected"),
+    ({"prompt": "p", "chosen": " a", "rejected": " a"}, "rejected", "chosen identical to rejected"),
+    ({"prompt": "p", "chosen": "  ", "rejected": " b"}, "chosen", "empty response"),
+    ({"prompt": "p", "responses": [" a", " b"], "ranking": [0, 0]}, "ranking", "duplicate ranking index"),
+    ({"prompt": "p", "responses": [" a", " b"], "ranking": [0, 2]}, "ranking", "ranking index out of range"),
+    ({"prompt": "p", "chosen": " a", "rejected": " b", "label": 2}, "label", "bad label"),
+])
+def test_bad_records_error_with_line_and_field_or_counted_skip(record, field, reason):
+    good = {"prompt": "p", "chosen": " a", "rejected": " b"}
+    with pytest.raises(DataError) as err:
+        RC.parse_comparisons([good, record], source="prefs.jsonl")
+    assert err.value.line == 2 and err.value.field == field and "prefs.jsonl, line 2" in str(err.value)
+    comps = RC.parse_comparisons([good, record, good], source="prefs.jsonl", on_bad="skip")
+    assert len(comps) == 2 and comps.skipped == {reason: 1}
+
+
+def test_ties_and_flipped_labels_under_each_loss(tok):
+    comps = RC.parse_comparisons([{"prompt": "p", "chosen": " a", "rejected": " b", "label": 0.5},
+                                  {"prompt": "p", "chosen": " c", "rejected": " d", "label": 0},
+                                  {"prompt": "p", "chosen": " e", "rejected": " f", "tie": True}])
+    units, counts = RC.tokenize_units(comps, tok, 64, "bradley_terry")
+    assert counts["ties_skipped"] == 2 and len(units) == 1
+    assert units[0]["label"] == 1.0 and units[0]["rows"][0] == MR.encode_prompt_response(tok, "p", " d")[0]
+    units, counts = RC.tokenize_units(comps, tok, 64, "davidson")
+    assert [u["label"] for u in units] == [0.5, 0.0, 0.5] and counts["ties_skipped"] == 0
+
+
+# ------------------------------------------------------------------ the recipe
+
+
+def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, tok):
+    out = tmp_path / "rm"
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3, eval_every=2), printer=lambda m: None)
+    assert res["members"][0]["steps"] == 3 and "eval_accuracy" in res
+    final = out / "final"
+    stats = json.loads((final / MR.STATS_FILE).read_text())
+    cfg_json = json.loads((final / "config.json").read_text())
+    assert cfg_json["rlhfkit_reward_mean"] == stats["mean"] and cfg_json["rlhfkit_reward_std"] == stats["std"]
+    # scoring the reference responses again through text must give mean 0, std 1
+    comps = RC.load_comparisons(prefs, tokenizer=tok)
+    units, _ = RC.tokenize_units(comps, tok, 256, "bradley_terry")
+    train, _ = RR._split(units, 0.1, 0)
+    texts = {}
+    for p in comps.pairs:
+        for r in (p["chosen"], p["rejected"]):
+            texts[tuple(MR.encode_prompt_response(tok, p["prompt"], r)[0])] = (p["prompt"], r)
+    for k in comps.rankings:
+        for r in k["responses"]:
+            texts[tuple(MR.encode_prompt_response(tok, k["prompt"], r)[0])] = (k["prompt"], r)
+    ref = {tuple(row) for u in train for row in u["rows"]}
+    assert stats["count"] == len(ref)
+    prompts, responses = zip(*(texts[k] for k in ref))
+    scorer = MR.RewardScorer(final)
+    scores = scorer.score(list(prompts), list(responses))
+    assert scores.mean() == pytest.approx(0.0, abs=1e-5) and scores.std() == pytest.approx(1.0, rel=1e-5)
+    raw = MR.RewardScorer(final, normalize=False).score(list(prompts), list(responses))
+    np.testing.assert_allclose(scores, (raw - stats["mean"][0]) / stats["std"][0], rtol=1e-6)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert any("eval_accuracy" in r and r["step"] == 2 for r in rows)
+
+
+def test_resume_continues_from_the_checkpoint(base, prefs, tmp_path):
+    out = tmp_path / "rm"
+    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=2, save_every=1), printer=lambda m: None)
+    msgs = []
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=4, resume=True), printer=msgs.append)
+    assert any("resumed" in m and "step 2" in m for m in msgs)
+    assert res["members"][0]["steps"] == 4
+
+
+def test_frozen_backbone_changes_only_the_head(base, prefs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), freeze_backbone=True, normalize=False), printer=lambda m: None)
+    trained = AutoModelForSequenceClassification.from_pretrained(out / "final").state_dict()
+    start = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).state_dict()
+    for name, w in trained.items():
+        if name.startswith("score"):
+            continue
+        torch.testing.assert_close(w, start[name], msg=name)
+
+
+@pytest.mark.parametrize("mode", ["models", "heads"])
+def test_ensembles_give_mean_std_and_conservative_scores(base, prefs, tmp_path, mode):
+    out = tmp_path / mode
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), ensemble_size=2, ensemble_mode=mode),
+                  printer=lambda m: None)
+    scorer = MR.RewardScorer(res["model_path"], conservative_k=2.0)
+    assert scorer.num_scores == 2
+    if mode == "models":
+        assert json.loads((out / "final" / MR.ENSEMBLE_FILE).read_text())["members"] == ["member-0", "member-1"]
+    p, r = ["The day was"] * 3, [" lovely and fine", " awful and fine", " okay"]
+    all_scores = scorer.all_scores(p, r)
+    mean, std = scorer.score_with_uncertainty(p, r)
+    np.testing.assert_allclose(mean, all_scores.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(std, np.abs(all_scores[:, 0] - all_scores[:, 1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(scorer.score(p, r), mean - 2.0 * std, rtol=1e-6)
+    assert std.max() > 0  # members differ (seeds, data order / bootstrap)
+
+
+def test_combine_hand_values():
+    mean, std, cons = MR.combine(np.array([[1.0, 3.0], [2.0, 2.0]]), k=0.5)
+    np.testing.assert_allclose(mean, [2.0, 2.0])
+    np.testing.assert_allclose(std, [1.0, 0.0])
+    np.testing.assert_allclose(cons, [1.5, 2.0])
+
+
+def test_from_feedback_reads_the_export(monkeypatch, base, tmp_path):
+    import sys
+    import types
+
+    seen = {}
+
+    def load_preferences(url):
+        seen["url"] = url
+        return [{"prompt": "The day was", "chosen": f" {g} and fine", "rejected": f" {b} and fine"}
+                for g, b in zip(GOOD * 4, BAD * 4)]
+
+    monkeypatch.setitem(sys.modules, "rlhfkit.feedback.export", types.SimpleNamespace(load_preferences=load_preferences))
+    res = RR.main(small_cfg(model=base, from_feedback="sqlite:///x.db", output_dir=str(tmp_path / "fb"), max_steps=1),
+                  printer=lambda m: None)
+    assert seen["url"] == "sqlite:///x.db" and res["members"][0]["steps"] == 1
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def test_ece_and_strict_accuracy_hand_values():
+    from rlhfkit.eval.rm_eval import expected_calibration_error, strict_accuracy
+
+    acc, n = strict_accuracy(np.array([1.0, 0.0, -2.0, 3.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.0, 0.5]))
+    assert (acc, n) == (0.5, 4)  # the reward tie (0.0) counts wrong; the labelled tie is left out
+    # p = 0.8 four times with 3 of 4 preferred, both orientations: |0.8-0.75| in each half
+    ece, table = expected_calibration_error(np.full(4, 0.8), np.array([1.0, 1.0, 1.0, 0.0]), bins=10)
+    assert ece == pytest.approx(0.05)
+    assert table[8]["count"] == 4 and table[1]["count"] == 4
+
+
+def test_eval_rm_cli_writes_json_and_plot(base, prefs, tmp_path, capsys):
+    from rlhfkit.eval.rm_eval import cli
+
+    out = tmp_path / "rm"
+    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3), printer=lambda m: None)
+    report = tmp_path / "eval" / "rm.json"
+    assert cli([str(out / "final"), prefs, "--gold", "--output", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["num_pairs"] == 96 + 3 and 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["annotators"]) == {"a0", "a1", "a2"} and sum(a["n"] for a in result["annotators"].values()) == 96
+    assert 0.0 <= result["ece"] <= 1.0 and result["num_gold_clear"] > 0 and "gold_accuracy" in result
+    png = tmp_path / "eval" / "rm_reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == result["accuracy"]
+
+
+def test_eval_rm_cli_reports_bad_data(base, tmp_path, capsys):
+    from rlhfkit.eval.rm_eval import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " a"}) + "\n")
+    model = tmp_path / "m"
+    tok = load_tokenizer("kindly:tokenizer")
+    save_model(tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok), tok, model)
+    assert cli([str(model), str(bad)]) == 2
+    assert "bad.jsonl, line 1, field 'rejected'" in capsys.readouterr().err
+
+
+def test_sigmoid_is_stable():
+    x = np.array([-1000.0, 0.0, 1000.0, math.log(3)])
+    np.testing.assert_allclose(MR.sigmoid(x), [0.0, 0.5, 1.0, 0.75], atol=1e-12)
