@@ -137,3 +137,18 @@ def test_alarm_without_stop_keeps_running_and_validates():
         O.HackingAlarm(window=2)
     with pytest.raises(ValueError, match="finite"):
         a.update(9, float("nan"), 0.0)
+
+
+def test_rl_sweep_and_replay_from_metrics(tmp_path):
+    rows = [{"step": s, "kl": 0.1 * s, "gold_reward": 0.5 - 0.02 * s, "proxy_reward": 0.03 * s, "loss": 1.0}
+            for s in range(1, 41)]
+    rows.insert(3, {"step": 3, "eval_loss": 2.0})  # rows without the keys are ignored
+    sweep = O.rl_sweep_from_metrics(rows, bins=4)
+    assert len(sweep) == 4
+    assert sweep[0]["step"] == pytest.approx(5.5) and sweep[0]["kl"] == pytest.approx(0.55)
+    assert sweep[1]["gold_delta"] == pytest.approx(-0.02 * 10)
+    assert sweep[3]["proxy_delta"] == pytest.approx(0.03 * 30)
+    events = O.replay_alarm(rows, window=5, patience=1, log_path=tmp_path / "a.jsonl")
+    assert events and events[0]["step"] == 5
+    assert len(O.read_alarms(tmp_path / "a.jsonl")) == len(events)
+    assert O.rl_sweep_from_metrics([{"loss": 1.0}]) == []

@@ -249,3 +249,48 @@ def read_alarms(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# from logged training metrics
+
+
+def _series(rows: Sequence[dict], keys: Sequence[str]) -> list[tuple[int, ...]]:
+    out = []
+    for i, r in enumerate(rows):
+        vals = [r.get(k) for k in keys]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            out.append((int(r.get("step", i)), *vals))
+    return out
+
+
+def rl_sweep_from_metrics(rows: Sequence[dict], kl_key: str = "kl", gold_key: str = "gold_reward",
+                          proxy_key: str = "proxy_reward", bins: int = 8) -> list[dict]:
+    """RL points for the Gao et al. plot from a training run's metrics.jsonl rows.
+
+    Consecutive logged updates are averaged in `bins` groups (per-update batches are small
+    and noisy); gold and proxy are reported relative to the first group, KL clipped at 0
+    (a sampled KL estimate can dip below it). Empty when the keys were not logged.
+    """
+    pts = _series(rows, (kl_key, gold_key, proxy_key))
+    if len(pts) < 2:
+        return []
+    groups = np.array_split(np.arange(len(pts)), min(bins, len(pts)))
+    arr = np.array(pts, dtype=np.float64)
+    out = []
+    for g in groups:
+        step, kl, gold, proxy = arr[g].mean(axis=0)
+        out.append({"step": float(step), "kl": max(float(kl), 0.0), "gold": float(gold), "proxy": float(proxy)})
+    for r in out:
+        r["gold_delta"] = r["gold"] - out[0]["gold"]
+        r["proxy_delta"] = r["proxy"] - out[0]["proxy"]
+    return out
+
+
+def replay_alarm(rows: Sequence[dict], gold_key: str = "gold_reward", proxy_key: str = "proxy_reward",
+                 log_path: str | Path | None = None, **alarm_kwargs) -> list[dict]:
+    """Run a HackingAlarm over logged metrics after the fact; returns the events."""
+    alarm = HackingAlarm(log_path=log_path, **alarm_kwargs)
+    for step, proxy, gold in _series(rows, (proxy_key, gold_key)):
+        alarm.update(step, proxy, gold)
+    return alarm.events
