@@ -1,0 +1,489 @@
+"""The FastAPI application: JSON API under /api, server-rendered pages for browsers.
+
+Authentication on every route except /login, /healthz and /static: a Bearer API token
+(scripts) or a session cookie (browsers). Cookie-authenticated writes must carry the
+session's CSRF token (form field `csrf_token` or header `X-CSRF-Token`); Bearer requests
+need none because browsers never attach them on their own. Every page is rendered with
+Jinja2 autoescaping and sent with a Content-Security-Policy that allows only this origin's
+scripts, so prompt and response text (untrusted) can never run.
+
+Each write commits before the response is sent: an acknowledged label is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rlhfkit.errors import DataError
+from rlhfkit.feedback import service as svc
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import ApiToken, Item, Label, LoginSession, Task, User, utcnow
+from rlhfkit.feedback.security import create_api_token, create_login_session, digest, same, verify_password
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "rlhfkit_session"
+PRELOGIN_COOKIE = "rlhfkit_prelogin"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class LoginBody(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+    token_name: str = Field(default="api", max_length=64)
+
+
+class LabelBody(BaseModel):
+    item_id: int
+    value: dict[str, Any]
+    idempotency_key: str = Field(min_length=8, max_length=64)
+    duration_ms: int | None = Field(default=None, ge=0, le=86_400_000)
+
+
+class UserBody(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=8, max_length=1024)
+    role: str = "annotator"
+
+
+class TaskBody(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    question_type: str
+    overlap: int = 1
+    instructions: str = ""
+    rubric: list[str] | None = None
+    likert_points: int = 5
+    randomize_order: bool = True
+    selection: str = "random"
+    gold_rate: float = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# authentication
+
+
+def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
+    """Return (user, csrf token or None for Bearer auth); raise AuthError(401) when anonymous.
+
+    The route dependency `principal` has usually authenticated the request already (before
+    the body was validated, so anonymous callers learn nothing about the API); then the user
+    is only re-read in the caller's session.
+    """
+    known = getattr(request.state, "principal", None)
+    if known is not None:
+        user = s.get(User, known[0])
+        if user is None or not user.active:
+            raise AuthError(401, "account disabled")
+        return user, known[1]
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        tok = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest(header[7:].strip())))
+        if tok is None or tok.revoked or not tok.user.active:
+            raise AuthError(401, "invalid or revoked API token")
+        return tok.user, None
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        sess = s.scalar(select(LoginSession).where(LoginSession.session_hash == digest(cookie)))
+        if sess is not None and sess.expires_at > utcnow() and sess.user.active:
+            return sess.user, sess.csrf_token
+    raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
+
+
+def principal_dependency(db: Database):
+    def principal(request: Request) -> None:
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            request.state.principal = (user.id, csrf)
+    return principal
+
+
+def check_csrf(request: Request, csrf: str | None, form_token: str | None = None) -> None:
+    if csrf is None:  # Bearer-authenticated
+        return
+    if not (same(request.headers.get("x-csrf-token"), csrf) or same(form_token, csrf)):
+        raise AuthError(403, "missing or wrong CSRF token")
+
+
+def require_admin(user: User) -> None:
+    if user.role != "admin":
+        raise AuthError(403, "admin role required")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) -> FastAPI:
+    """Build the app for a database (URL or Database). `scorer` drives uncertainty selection."""
+    db = Database(db) if isinstance(db, str) else db
+    app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.db = db
+    app.state.scorer = scorer
+    app.state.rng = random.Random()
+    app.state.rng_lock = threading.Lock()
+    templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def rng() -> random.Random:
+        with app.state.rng_lock:
+            return random.Random(app.state.rng.getrandbits(64))
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Frame-Options"] = "DENY"
+        if request.url.path.startswith("/api") or request.url.path.startswith("/admin"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, exc: AuthError):
+        if exc.status == 401 and not request.url.path.startswith("/api") and request.method == "GET":
+            return RedirectResponse("/login", status_code=303)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(svc.InvalidAnswer)
+    async def _invalid(request: Request, exc: svc.InvalidAnswer):
+        return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
+
+    @app.exception_handler(DataError)
+    async def _data(request: Request, exc: DataError):
+        return JSONResponse({"detail": str(exc), "field": exc.field, "line": exc.line}, status_code=422)
+
+    @app.exception_handler(svc.Conflict)
+    async def _conflict(request: Request, exc: svc.Conflict):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(LookupError)
+    async def _missing(request: Request, exc: LookupError):
+        return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
+
+    @app.get("/healthz")
+    def healthz():
+        with db.session() as s:
+            s.execute(select(1))
+        return {"ok": True, "backend": db.backend}
+
+    ctx = {"app": app, "db": db, "templates": templates, "rng": rng, "secure": secure_cookies,
+           "auth": [Depends(principal_dependency(db))]}
+    _api_routes(**ctx)
+    _admin_api_routes(**ctx)
+    _page_routes(**ctx)
+    return app
+
+
+def _task(s: Session, task_id: int) -> Task:
+    task = s.get(Task, task_id)
+    if task is None:
+        raise LookupError(f"task {task_id} does not exist")
+    return task
+
+
+def item_payload(task: Task, item: Item, order: list[int]) -> dict:
+    return {"task_id": task.id, "item_id": item.id, "question_type": task.question_type, "prompt": item.prompt,
+            "responses": [item.responses[i] for i in order], "rubric": task.rubric,
+            "likert_points": task.likert_points, "instructions": task.instructions,
+            "idempotency_key": uuid.uuid4().hex}
+
+
+def label_payload(label: Label) -> dict:
+    return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
+            "display_order": label.display_order, "duration_ms": label.duration_ms,
+            "created_at": label.created_at.isoformat() + "Z"}
+
+
+def _api_routes(app, db, templates, rng, secure, auth):
+    @app.post("/api/login")
+    def api_login(body: LoginBody):
+        with db.session() as s:
+            user = s.scalar(select(User).where(User.username == body.username))
+            if user is None or not user.active or not verify_password(user.password_hash, body.password):
+                raise AuthError(401, "wrong username or password")
+            token = create_api_token(s, user, body.token_name)
+        return {"token": token, "username": user.username, "role": user.role}
+
+    @app.get("/api/me", dependencies=auth)
+    def me(request: Request):
+        with db.session() as s:
+            user, _ = authenticate(request, s)
+            return {"id": user.id, "username": user.username, "role": user.role}
+
+    @app.get("/api/tasks", dependencies=auth)
+    def tasks(request: Request):
+        with db.session() as s:
+            user, _ = authenticate(request, s)
+            return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
+                     "progress": svc.progress(s, t, user)} for t in s.scalars(select(Task).order_by(Task.id))]
+
+    @app.get("/api/tasks/{task_id}/next", dependencies=auth)
+    def next_item(task_id: int, request: Request):
+        with db.session() as s:
+            user, _ = authenticate(request, s)
+            task = _task(s, task_id)
+            got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
+            if got is None:
+                return Response(status_code=204)
+            item, assignment = got
+            payload = item_payload(task, item, assignment.display_order)
+        return payload
+
+    @app.post("/api/tasks/{task_id}/labels", dependencies=auth)
+    def submit(task_id: int, body: LabelBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            task = _task(s, task_id)
+            label, replay = svc.submit_label(s, task, user, body.item_id, body.value, body.idempotency_key,
+                                             body.duration_ms)
+            s.commit()  # durable before we acknowledge
+            out = label_payload(label)
+        return JSONResponse({**out, "replayed": replay}, status_code=200 if replay else 201)
+
+    @app.get("/api/labels/mine", dependencies=auth)
+    def my_labels(request: Request, task_id: int | None = None):
+        with db.session() as s:
+            user, _ = authenticate(request, s)
+            q = select(Label).where(Label.user_id == user.id).order_by(Label.id)
+            if task_id is not None:
+                q = q.where(Label.task_id == task_id)
+            return [label_payload(lab) for lab in s.scalars(q)]
+
+    @app.get("/api/labels/{label_id}", dependencies=auth)
+    def get_label(label_id: int, request: Request):
+        with db.session() as s:
+            user, _ = authenticate(request, s)
+            label = s.get(Label, label_id)
+            # another annotator's label is reported as missing: not even its existence leaks
+            if label is None or (label.user_id != user.id and user.role != "admin"):
+                raise LookupError(f"label {label_id} not found")
+            return label_payload(label)
+
+
+def _admin_api_routes(app, db, templates, rng, secure, auth):
+    from rlhfkit.feedback import export as ex
+
+    def admin(request: Request, s: Session, write: bool = False) -> User:
+        user, csrf = authenticate(request, s)
+        require_admin(user)
+        if write:
+            check_csrf(request, csrf)
+        return user
+
+    @app.post("/api/admin/users", status_code=201, dependencies=auth)
+    def new_user(body: UserBody, request: Request):
+        with db.session() as s:
+            admin(request, s, write=True)
+            user = svc.create_user(s, body.username, body.password, body.role)
+            return {"id": user.id, "username": user.username, "role": user.role}
+
+    @app.post("/api/admin/users/{username}/tokens", status_code=201, dependencies=auth)
+    def new_token(username: str, request: Request):
+        with db.session() as s:
+            admin(request, s, write=True)
+            user = s.scalar(select(User).where(User.username == username))
+            if user is None:
+                raise LookupError(f"user {username!r} not found")
+            return {"token": create_api_token(s, user, "admin-issued")}
+
+    @app.post("/api/admin/tasks", status_code=201, dependencies=auth)
+    def new_task(body: TaskBody, request: Request):
+        with db.session() as s:
+            admin(request, s, write=True)
+            task = svc.create_task(s, **body.model_dump())
+            return {"id": task.id, "name": task.name}
+
+    @app.post("/api/admin/tasks/{task_id}/items", status_code=201, dependencies=auth)
+    def add_items(task_id: int, records: list[Any], request: Request):
+        with db.session() as s:
+            admin(request, s, write=True)
+            return {"imported": svc.import_records(s, _task(s, task_id), records, source="request body")}
+
+    @app.get("/api/admin/tasks/{task_id}/labels", dependencies=auth)
+    def all_labels(task_id: int, request: Request):
+        with db.session() as s:
+            admin(request, s)
+            rows = s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
+                             .where(Label.task_id == task_id).order_by(Label.id))
+            return [{**label_payload(lab), "annotator": name} for lab, name in rows]
+
+    @app.get("/api/admin/tasks/{task_id}/qc", dependencies=auth)
+    def qc(task_id: int, request: Request):
+        with db.session() as s:
+            admin(request, s)
+            return ex.task_qc(s, _task(s, task_id))
+
+    @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
+    def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none"):
+        with db.session() as s:
+            admin(request, s)
+            task = _task(s, task_id)
+            try:
+                records, skipped = ex.export_records(s, task, kind, aggregate)
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from e
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        name = f"{task.name}-{kind}.jsonl".replace("/", "_").replace('"', "")
+        return Response(body, media_type="application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                 "X-Skipped": json.dumps(skipped)})
+
+
+# --------------------------------------------------------------------------------------------
+# pages
+
+
+def _form_answer(task: Task, form, k: int) -> dict:
+    """Build a display-position answer from a submitted HTML form."""
+    qt = task.question_type
+    if qt == "pairwise":
+        return {"choice": form.get("choice")}
+    if qt == "ranking":
+        try:
+            return {"ranking": [int(x) for x in str(form.get("ranking", "")).split(",") if x != ""]}
+        except ValueError:
+            raise svc.InvalidAnswer("ranking", "must be comma-separated positions") from None
+    if qt == "rating":
+        out = []
+        for pos in range(k):
+            r = {}
+            for dim in task.rubric:
+                v = form.get(f"r{pos}_{dim}")
+                if v is None or not str(v).isdigit():
+                    raise svc.InvalidAnswer(f"ratings[{pos}].{dim}", "choose a score")
+                r[dim] = int(v)
+            out.append(r)
+        return {"ratings": out}
+    if qt == "thumbs":
+        vals = [form.get(f"t{pos}") for pos in range(k)]
+        if any(v not in ("up", "down") for v in vals):
+            raise svc.InvalidAnswer("thumbs", "choose thumbs up or down for every response")
+        return {"thumbs": [v == "up" for v in vals]}
+    if qt == "critique":
+        return {"text": form.get("text")}
+    pos = str(form.get("position", "0"))
+    return {"position": int(pos) if pos.isdigit() else -1, "text": form.get("text")}
+
+
+def _page_routes(app, db, templates, rng, secure, auth):
+    def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request):
+        token = secrets.token_urlsafe(24)
+        resp = render(request, "login.html", csrf_token=token, error=None, user=None)
+        resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
+        return resp
+
+    @app.post("/login")
+    async def login_submit(request: Request):
+        form = await request.form()
+        if not same(form.get("csrf_token"), request.cookies.get(PRELOGIN_COOKIE)):
+            raise AuthError(403, "missing or wrong CSRF token; reload the login page")
+        username, password = str(form.get("username", "")), str(form.get("password", ""))
+        with db.session() as s:
+            user = s.scalar(select(User).where(User.username == username))
+            if user is None or not user.active or not verify_password(user.password_hash, password):
+                token = secrets.token_urlsafe(24)
+                resp = render(request, "login.html", 401, csrf_token=token, error="Wrong username or password.", user=None)
+                resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
+                return resp
+            secret, _ = create_login_session(s, user)
+            target = "/admin" if user.role == "admin" else "/"
+        resp = RedirectResponse(target, status_code=303)
+        resp.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=secure)
+        resp.delete_cookie(PRELOGIN_COOKIE)
+        return resp
+
+    @app.post("/logout", dependencies=auth)
+    async def logout(request: Request):
+        form = await request.form()
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            sess = s.scalar(select(LoginSession).where(LoginSession.session_hash == digest(request.cookies[SESSION_COOKIE])))
+            s.delete(sess)
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE)
+        return resp
+
+    @app.get("/", response_class=HTMLResponse, dependencies=auth)
+    def home(request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            tasks = [(t, svc.progress(s, t, user)) for t in s.scalars(select(Task).order_by(Task.id))]
+            return render(request, "home.html", user=user, csrf_token=csrf, tasks=tasks)
+
+    @app.get("/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
+    def label_page(task_id: int, request: Request, error: str | None = None, status: int = 200):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            task = _task(s, task_id)
+            got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
+            prog = svc.progress(s, task, user)
+            item = item_payload(task, got[0], got[1].display_order) if got else None
+            s.commit()
+            return render(request, "label.html", status, user=user, csrf_token=csrf, task=task, item=item,
+                          progress=prog, error=error)
+
+    @app.post("/tasks/{task_id}", dependencies=auth)
+    async def label_submit(task_id: int, request: Request):
+        form = await request.form()
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            task = _task(s, task_id)
+            try:
+                item_id = int(str(form.get("item_id", "")))
+                item = s.get(Item, item_id)
+                if item is None:
+                    raise LookupError(f"item {item_id} not found")
+                raw = _form_answer(task, form, len(item.responses))
+                svc.submit_label(s, task, user, item_id, raw, str(form.get("idempotency_key", "")))
+                s.commit()
+            except (ValueError, svc.InvalidAnswer, svc.Conflict, LookupError) as e:
+                s.rollback()
+                return label_page(task_id, request, error=str(e), status=422)
+        return RedirectResponse(f"/tasks/{task_id}", status_code=303)
+
+    @app.get("/admin", response_class=HTMLResponse, dependencies=auth)
+    def admin_home(request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            tasks = [(t, svc.progress(s, t)) for t in s.scalars(select(Task).order_by(Task.id))]
+            return render(request, "admin.html", user=user, csrf_token=csrf, tasks=tasks)
+
+    @app.get("/admin/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
+    def admin_task(task_id: int, request: Request):
+        from rlhfkit.feedback import export as ex
+
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            task = _task(s, task_id)
+            report = ex.task_qc(s, task)
+            return render(request, "admin_task.html", user=user, csrf_token=csrf, task=task, report=report,
+                          kinds=ex.kinds_for(task.question_type), progress=svc.progress(s, task))

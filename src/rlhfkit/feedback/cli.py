@@ -1,0 +1,232 @@
+"""`rlhfkit serve`: the human-feedback collection service.
+
+    rlhfkit serve [run] [--db URL] [--host 127.0.0.1] [--port 8000]   start the web app
+    rlhfkit serve init-db --db URL                                     create/upgrade the schema
+    rlhfkit serve create-user --db URL --username NAME [--role admin] [--password-env VAR] [--token]
+    rlhfkit serve import --db URL --task NAME --type pairwise [--overlap 3] FILE.jsonl
+    rlhfkit serve sample --db URL --task NAME --type ranking --policy PATH --prompts FILE [--num-samples 4]
+    rlhfkit serve export --db URL --task NAME --kind preferences [--aggregate majority] --out FILE.jsonl|DIR [--hf]
+    rlhfkit serve qc --db URL --task NAME
+
+--db takes a SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) or a file path
+(SQLite). The default is ./feedback.db. Every command applies pending migrations first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from rlhfkit.errors import RlhfkitError
+
+SUBCOMMANDS = ("run", "serve", "init-db", "create-user", "import", "sample", "export", "qc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhfkit serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--db", default=os.environ.get("RLHFKIT_DB", "sqlite:///feedback.db"),
+                        help="database URL or SQLite file (env RLHFKIT_DB)")
+        return sp
+
+    for name in ("run", "serve"):
+        sp = add(name, "start the web app")
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, default=8000)
+        sp.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind HTTPS)")
+        sp.add_argument("--uncertainty-scorer", choices=["none", "hashed"], default="hashed",
+                        help="scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
+                             "the task's labels ('hashed'), or none (random)")
+        sp.add_argument("--log-level", default="warning")
+    add("init-db", "create or upgrade the database schema")
+    sp = add("create-user", "add an account")
+    sp.add_argument("--username", required=True)
+    sp.add_argument("--role", default="annotator", choices=["annotator", "admin"])
+    sp.add_argument("--password-env", help="read the password from this environment variable (else prompt)")
+    sp.add_argument("--token", action="store_true", help="also create and print an API token")
+    for name, help_ in (("import", "import prompts + responses from JSONL"),
+                        ("sample", "sample responses from a policy and import them")):
+        sp = add(name, help_)
+        sp.add_argument("--task", required=True, help="task name (created if missing)")
+        sp.add_argument("--type", dest="question_type", default="pairwise",
+                        help="pairwise, ranking, rating, thumbs, critique or edit")
+        sp.add_argument("--overlap", type=int, default=1, help="annotators per item")
+        sp.add_argument("--selection", default="random", choices=["random", "uncertainty"])
+        sp.add_argument("--gold-rate", type=float, default=0.1)
+        sp.add_argument("--instructions", default="")
+        sp.add_argument("--rubric", default="helpful,harmless,honest", help="comma-separated rating dimensions")
+        sp.add_argument("--no-randomize", action="store_true", help="always show responses in file order")
+        if name == "import":
+            sp.add_argument("file", help="JSONL: {prompt, responses: [...]} (or response / chosen+rejected), "
+                                         "optional id, gold (an answer in file order), meta")
+        else:
+            sp.add_argument("--policy", required=True, help="model folder or 'kindly'")
+            sp.add_argument("--prompts", required=True, help="text file, one prompt a line, or JSONL with 'prompt'")
+            sp.add_argument("--num-samples", type=int, default=2)
+            sp.add_argument("--max-new-tokens", type=int, default=32)
+            sp.add_argument("--temperature", type=float, default=1.0)
+            sp.add_argument("--seed", type=int, default=0)
+    sp = add("export", "export labels as TRL-format JSONL or a datasets folder")
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--kind", default="preferences", help="preferences, rankings, sft, kto, ratings, critiques")
+    sp.add_argument("--aggregate", default="none", help="none, majority, weighted or bt")
+    sp.add_argument("--include-gold", action="store_true")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
+    sp = add("qc", "print the task's quality-control report as JSON")
+    sp.add_argument("--task", required=True)
+    return p
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except RlhfkitError as e:
+        print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, LookupError) as e:
+        print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _db(args):
+    from rlhfkit.feedback.db import Database, upgrade
+
+    upgrade(args.db)
+    return Database(args.db, pool_size=2)
+
+
+def _run(args) -> int:
+    import uvicorn
+
+    from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.db import Database, upgrade
+
+    upgrade(args.db)
+    scorer = None
+    if args.uncertainty_scorer == "hashed":
+        from rlhfkit.feedback.online import OnlineScorer
+
+        scorer = OnlineScorer()
+    app = create_app(Database(args.db), scorer=scorer, secure_cookies=args.secure_cookies)
+    print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _init_db(args) -> int:
+    from rlhfkit.feedback.db import current_revision, upgrade
+
+    upgrade(args.db)
+    print(f"database ready at revision {current_revision(args.db)}")
+    return 0
+
+
+def _create_user(args) -> int:
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.security import create_api_token
+
+    password = os.environ.get(args.password_env, "") if args.password_env else getpass.getpass("password: ")
+    db = _db(args)
+    with db.session() as s:
+        user = svc.create_user(s, args.username, password, args.role)
+        token = create_api_token(s, user, "cli") if args.token else None
+    print(f"created {args.role} {args.username!r}")
+    if token:
+        print(f"API token (shown once): {token}")
+    return 0
+
+
+def _get_or_create_task(s, args):
+    from sqlalchemy import select
+
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.models import Task
+
+    task = s.scalar(select(Task).where(Task.name == args.task))
+    if task is None:
+        task = svc.create_task(s, args.task, args.question_type, overlap=args.overlap, instructions=args.instructions,
+                               rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
+                               randomize_order=not args.no_randomize, selection=args.selection,
+                               gold_rate=args.gold_rate)
+    elif task.question_type != args.question_type:
+        raise ValueError(f"task {args.task!r} exists with type {task.question_type}, not {args.question_type}")
+    return task
+
+
+def _import(args) -> int:
+    from rlhfkit.feedback import service as svc
+
+    records = svc.read_jsonl(args.file)
+    db = _db(args)
+    with db.session() as s:
+        task = _get_or_create_task(s, args)
+        n = svc.import_records(s, task, records, source=args.file)
+    print(f"imported {n} items into task {args.task!r}")
+    return 0
+
+
+def _sample(args) -> int:
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.sampling import sample_records
+
+    records = sample_records(args.policy, args.prompts, args.num_samples, args.max_new_tokens,
+                             args.temperature, args.seed)
+    db = _db(args)
+    with db.session() as s:
+        task = _get_or_create_task(s, args)
+        n = svc.import_records(s, task, records, source=args.prompts)
+    print(f"sampled and imported {n} items into task {args.task!r}")
+    return 0
+
+
+def _export(args) -> int:
+    from sqlalchemy import select
+
+    from rlhfkit.feedback import export as ex
+    from rlhfkit.feedback.models import Task
+
+    db = _db(args)
+    with db.session() as s:
+        task = s.scalar(select(Task).where(Task.name == args.task))
+        if task is None:
+            raise LookupError(f"no task named {args.task!r}")
+        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold)
+    (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
+    print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
+    return 0
+
+
+def _qc(args) -> int:
+    from sqlalchemy import select
+
+    from rlhfkit.feedback import export as ex
+    from rlhfkit.feedback.models import Task
+
+    db = _db(args)
+    with db.session() as s:
+        task = s.scalar(select(Task).where(Task.name == args.task))
+        if task is None:
+            raise LookupError(f"no task named {args.task!r}")
+        print(json.dumps(ex.task_qc(s, task), indent=2))
+    return 0
+
+
+HANDLERS = {"run": _run, "serve": _run, "init-db": _init_db, "create-user": _create_user, "import": _import,
+            "sample": _sample, "export": _export, "qc": _qc}
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

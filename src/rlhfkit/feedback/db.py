@@ -1,0 +1,136 @@
+"""Database engines and migrations: SQLite in WAL mode by default, PostgreSQL by URL.
+
+SQLite notes (why the pragmas): WAL lets readers run while one writer commits;
+``synchronous=FULL`` fsyncs the WAL at every commit, so an acknowledged label survives a
+killed server *and* a power cut; every transaction starts with ``BEGIN IMMEDIATE`` so that
+concurrent writers queue on ``busy_timeout`` instead of failing with SQLITE_BUSY when a
+read lock would have to be upgraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhfkit.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_URL = "sqlite:///feedback.db"
+
+
+def normalise_url(url: str) -> str:
+    """Accept a bare file path for SQLite and plain ``postgresql://`` for psycopg 3."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str = DEFAULT_URL, pool_size: int = 20) -> Engine:
+    """Create an engine for `url` (a SQLAlchemy URL or a path to a SQLite file)."""
+    url = normalise_url(url)
+    try:
+        parsed = make_url(url)
+    except Exception as e:  # sqlalchemy raises ArgumentError with a terse message
+        raise ConfigError(f"database URL {url!r} is not valid: {e}") from e
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ConfigError("an in-memory SQLite database cannot be shared between requests; give a file path")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
+                               pool_size=pool_size, max_overflow=pool_size)
+        _sqlite_pragmas(engine)
+        return engine
+    if backend == "postgresql":
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    raise ConfigError(f"database URL {url!r}: only sqlite and postgresql are supported")
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # noqa: ANN001
+        # read-only sessions (authentication, listings) take no write lock
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("rlhfkit_readonly") else "BEGIN IMMEDIATE")
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(PACKAGE_DIR / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Create or upgrade the schema by running the shipped Alembic migrations."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+class Database:
+    """An engine plus a session factory; `session()` commits on success, rolls back on error."""
+
+    def __init__(self, url: str = DEFAULT_URL, pool_size: int = 20):
+        self.url = normalise_url(url)
+        self.engine = make_engine(self.url, pool_size=pool_size)
+        self.factory = sessionmaker(self.engine, expire_on_commit=False)
+        self.read_factory = sessionmaker(self.engine.execution_options(rlhfkit_readonly=True), expire_on_commit=False)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        s = self.factory()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    @contextlib.contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reads only: on SQLite it does not queue behind writers."""
+        s = self.read_factory()
+        try:
+            yield s
+        finally:
+            s.rollback()
+            s.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

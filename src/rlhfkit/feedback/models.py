@@ -1,0 +1,139 @@
+"""Database schema of the feedback service (SQLAlchemy 2 declarative models).
+
+The schema is created and upgraded only through the Alembic migrations shipped in
+``rlhfkit/feedback/migrations``; a test checks that the migrations and these models agree.
+
+Labels are stored in the *original* response order of their item (index 0 is the first
+response of the imported record), whatever order the annotator saw; the order shown is kept
+in ``display_order`` so position bias can be measured.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+QUESTION_TYPES = ("pairwise", "ranking", "rating", "thumbs", "critique", "edit")
+ROLES = ("admin", "annotator")
+SELECTIONS = ("random", "uncertainty")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="annotator")
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class ApiToken(Base):
+    """Bearer tokens for scripts; only a SHA-256 digest of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    revoked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    user: Mapped[User] = relationship()
+
+
+class LoginSession(Base):
+    """Browser login sessions (cookie holds the secret; the table holds its digest)."""
+
+    __tablename__ = "login_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    csrf_token: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    user: Mapped[User] = relationship()
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    question_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    instructions: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # rubric dimensions for Likert ratings; scale is 1..likert_points
+    rubric: Mapped[list[Any]] = mapped_column(JSON, nullable=False, default=list)
+    likert_points: Mapped[int] = mapped_column(Integer, nullable=False, default=5)
+    overlap: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    randomize_order: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    selection: Mapped[str] = mapped_column(String(16), nullable=False, default="random")
+    # share of served items that are gold (honeypot) items, while unseen gold items remain
+    gold_rate: Mapped[float] = mapped_column(Float, nullable=False, default=0.1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True)
+    external_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    responses: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    is_gold: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # the expected answer of a gold item, in the canonical (original-order) label form
+    gold_value: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Assignment(Base):
+    """An item served to an annotator: the order shown and when it was shown."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True)
+    display_order: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    served_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    completed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("item_id", "user_id", name="uq_label_item_user"),
+        UniqueConstraint("user_id", "idempotency_key", name="uq_label_user_key"),
+        Index("ix_labels_task_user", "task_id", "user_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    display_order: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)

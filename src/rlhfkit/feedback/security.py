@@ -1,0 +1,62 @@
+"""Passwords (Argon2id), API tokens, login sessions and CSRF tokens.
+
+Secrets handed to clients (API tokens, session cookies) are random 256-bit values; the
+database keeps only their SHA-256 digest, so a leaked database does not leak live
+credentials. Passwords go through Argon2id (RFC 9106) via argon2-cffi.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from rlhfkit.feedback.models import ApiToken, LoginSession, User, utcnow
+
+_hasher = PasswordHasher()  # argon2-cffi defaults: Argon2id, RFC 9106 low-memory profile
+SESSION_HOURS = 12
+MIN_PASSWORD = 8
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"password must have at least {MIN_PASSWORD} characters")
+    return _hasher.hash(password)
+
+
+def verify_password(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def create_api_token(session, user: User, name: str = "") -> str:
+    """Store a new token for `user` and return its secret (shown once)."""
+    secret = "rk_" + new_secret()
+    session.add(ApiToken(user_id=user.id, token_hash=digest(secret), name=name[:64]))
+    return secret
+
+
+def create_login_session(session, user: User) -> tuple[str, str]:
+    """Return (cookie secret, csrf token) of a new browser session."""
+    secret, csrf = new_secret(), new_secret()
+    session.add(LoginSession(user_id=user.id, session_hash=digest(secret), csrf_token=csrf,
+                             expires_at=utcnow() + dt.timedelta(hours=SESSION_HOURS)))
+    return secret, csrf
+
+
+def same(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(str(a), str(b))

@@ -1,0 +1,365 @@
+"""The feedback service's operations, independent of HTTP: users, tasks, items, serving, labels.
+
+Answer forms. Annotators answer in *display* terms (what they saw: left/right, positions on
+screen); labels are stored in the *canonical* form, indices into the item's original
+`responses` list, plus the display order, so that position bias can be measured later:
+
+=========  ============================================  =========================================
+type       submitted (display positions)                  stored (original indices)
+=========  ============================================  =========================================
+pairwise   {"choice": "left"|"right"|"tie"|"both_bad"}    {"choice": "a"|"b"|"tie"|"both_bad"}
+ranking    {"ranking": [pos, ...]} best first             {"ranking": [idx, ...]}
+rating     {"ratings": [{dim: 1..P}, ...]} per position   {"ratings": [{dim: score}, ...]} per idx
+thumbs     {"thumbs": [true|false, ...]} per position     {"thumbs": [bool, ...]} per idx
+critique   {"text": "..."}                                {"text": "..."}
+edit       {"position": pos, "text": "..."}               {"response": idx, "text": "..."}
+=========  ============================================  =========================================
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from rlhfkit.errors import DataError
+from rlhfkit.feedback.models import (
+    QUESTION_TYPES,
+    ROLES,
+    SELECTIONS,
+    Assignment,
+    Item,
+    Label,
+    Task,
+    User,
+    utcnow,
+)
+from rlhfkit.feedback.security import hash_password
+
+# an assignment not answered within this time frees its overlap slot for someone else
+ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
+DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
+MAX_TEXT = 20000
+MAX_RESPONSES = 16
+PAIR_CHOICES = {"left": 0, "right": 1}
+
+
+class InvalidAnswer(ValueError):
+    """A submitted answer does not fit the question; `field` names the offending part."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field '{field}': {message}")
+        self.field = field
+
+
+class Conflict(Exception):
+    """The request conflicts with stored state (already labelled, key reused, not assigned)."""
+
+
+# --------------------------------------------------------------------------------------------
+# users and tasks
+
+
+def create_user(s: Session, username: str, password: str, role: str = "annotator") -> User:
+    if role not in ROLES:
+        raise InvalidAnswer("role", f"must be one of {ROLES}")
+    if not username or len(username) > 64 or not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise InvalidAnswer("username", "1-64 letters, digits, '.', '-' or '_'")
+    if s.scalar(select(User).where(User.username == username)) is not None:
+        raise Conflict(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), role=role)
+    s.add(user)
+    s.flush()
+    return user
+
+
+def create_task(s: Session, name: str, question_type: str, overlap: int = 1, instructions: str = "",
+                rubric: Sequence[str] | None = None, likert_points: int = 5, randomize_order: bool = True,
+                selection: str = "random", gold_rate: float = 0.1) -> Task:
+    if question_type not in QUESTION_TYPES:
+        raise InvalidAnswer("question_type", f"must be one of {QUESTION_TYPES}")
+    if selection not in SELECTIONS:
+        raise InvalidAnswer("selection", f"must be one of {SELECTIONS}")
+    if not 1 <= overlap <= 100:
+        raise InvalidAnswer("overlap", "must be between 1 and 100")
+    if not 2 <= likert_points <= 11:
+        raise InvalidAnswer("likert_points", "must be between 2 and 11")
+    if not 0.0 <= gold_rate <= 1.0:
+        raise InvalidAnswer("gold_rate", "must be between 0 and 1")
+    if not name or len(name) > 128:
+        raise InvalidAnswer("name", "1-128 characters")
+    if s.scalar(select(Task).where(Task.name == name)) is not None:
+        raise Conflict(f"task {name!r} already exists")
+    task = Task(name=name, question_type=question_type, overlap=overlap, instructions=instructions,
+                rubric=list(rubric or (DEFAULT_RUBRIC if question_type == "rating" else [])),
+                likert_points=likert_points, randomize_order=randomize_order, selection=selection,
+                gold_rate=gold_rate)
+    s.add(task)
+    s.flush()
+    return task
+
+
+# --------------------------------------------------------------------------------------------
+# items
+
+
+def _record_responses(rec: dict, source: str, line: int) -> list[str]:
+    if "responses" in rec:
+        responses = rec["responses"]
+    elif "response" in rec:
+        responses = [rec["response"]]
+    elif "chosen" in rec and "rejected" in rec:
+        responses = [rec["chosen"], rec["rejected"]]
+    elif "completion" in rec:
+        responses = [rec["completion"]]
+    else:
+        raise DataError("needs 'responses' (list), 'response', 'completion' or 'chosen'+'rejected'",
+                        source=source, line=line, field="responses")
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+        raise DataError("must be a non-empty list of strings", source=source, line=line, field="responses")
+    if len(responses) > MAX_RESPONSES or any(len(r) > MAX_TEXT for r in responses):
+        raise DataError(f"at most {MAX_RESPONSES} responses of {MAX_TEXT} characters", source=source,
+                        line=line, field="responses")
+    return responses
+
+
+def item_from_record(task: Task, rec: Any, source: str = "<records>", line: int = 0) -> Item:
+    """Validate one import record (prompt + responses [+ id, gold, meta]) into an Item."""
+    if not isinstance(rec, dict):
+        raise DataError("each record must be a JSON object", source=source, line=line)
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_TEXT:
+        raise DataError(f"must be a non-empty string of at most {MAX_TEXT} characters", source=source,
+                        line=line, field="prompt")
+    responses = _record_responses(rec, source, line)
+    need = {"pairwise": (2, 2), "ranking": (2, MAX_RESPONSES)}.get(task.question_type, (1, MAX_RESPONSES))
+    if not need[0] <= len(responses) <= need[1]:
+        raise DataError(f"a {task.question_type} item needs {need[0]}..{need[1]} responses, got {len(responses)}",
+                        source=source, line=line, field="responses")
+    item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=rec.get("meta") or {},
+                external_id=None if rec.get("id") is None else str(rec["id"])[:128])
+    if rec.get("gold") is not None:
+        try:
+            item.gold_value = canonical_answer(task, responses, rec["gold"], list(range(len(responses))))
+        except InvalidAnswer as e:
+            raise DataError(str(e), source=source, line=line, field="gold") from e
+        item.is_gold = True
+    return item
+
+
+def import_records(s: Session, task: Task, records: Iterable[Any], source: str = "<records>") -> int:
+    """Add items from import records (all or nothing: any bad record raises DataError)."""
+    items = [item_from_record(task, rec, source, i + 1) for i, rec in enumerate(records)]
+    s.add_all(items)
+    s.flush()
+    return len(items)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"not valid JSON ({e.msg})", source=path, line=n) from e
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# answers
+
+
+def _position(value: Any, k: int, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < k:
+        raise InvalidAnswer(field, f"must be a position 0..{k - 1}")
+    return value
+
+
+def _text(value: Any, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not allow_empty and not value.strip()) or len(value) > MAX_TEXT:
+        raise InvalidAnswer(field, f"must be a non-empty string of at most {MAX_TEXT} characters")
+    return value
+
+
+def canonical_answer(task: Task, responses: Sequence[str], raw: Any, order: Sequence[int]) -> dict:
+    """Validate an answer given in display positions and map it to original indices."""
+    if not isinstance(raw, dict):
+        raise InvalidAnswer("value", "must be a JSON object")
+    k, qt = len(responses), task.question_type
+    if qt == "pairwise":
+        choice = raw.get("choice")
+        if choice in PAIR_CHOICES:
+            return {"choice": "ab"[order[PAIR_CHOICES[choice]]]}
+        if choice in ("tie", "both_bad"):
+            return {"choice": choice}
+        raise InvalidAnswer("value.choice", "must be 'left', 'right', 'tie' or 'both_bad'")
+    if qt == "ranking":
+        ranking = raw.get("ranking")
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(k)) or \
+                any(isinstance(r, bool) for r in ranking):
+            raise InvalidAnswer("value.ranking", f"must list every position 0..{k - 1} once, best first")
+        return {"ranking": [order[p] for p in ranking]}
+    if qt == "rating":
+        ratings = raw.get("ratings")
+        if not isinstance(ratings, list) or len(ratings) != k:
+            raise InvalidAnswer("value.ratings", f"must hold one rating object per response ({k})")
+        out: list[dict] = [{}] * k
+        for pos, r in enumerate(ratings):
+            if not isinstance(r, dict) or set(r) != set(task.rubric):
+                raise InvalidAnswer(f"value.ratings[{pos}]", f"must rate exactly {task.rubric}")
+            for dim, v in r.items():
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= task.likert_points:
+                    raise InvalidAnswer(f"value.ratings[{pos}].{dim}", f"must be an integer 1..{task.likert_points}")
+            out[order[pos]] = dict(r)
+        return {"ratings": out}
+    if qt == "thumbs":
+        thumbs = raw.get("thumbs")
+        if not isinstance(thumbs, list) or len(thumbs) != k or not all(isinstance(t, bool) for t in thumbs):
+            raise InvalidAnswer("value.thumbs", f"must be {k} booleans (true = thumbs up)")
+        out_t = [False] * k
+        for pos, t in enumerate(thumbs):
+            out_t[order[pos]] = t
+        return {"thumbs": out_t}
+    if qt == "critique":
+        return {"text": _text(raw.get("text"), "value.text")}
+    if qt == "edit":
+        pos = _position(raw.get("position", 0), k, "value.position")
+        return {"response": order[pos], "text": _text(raw.get("text"), "value.text")}
+    raise InvalidAnswer("question_type", f"unknown question type {qt!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# serving items
+
+
+def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
+    return s.scalar(select(Assignment).where(Assignment.task_id == task.id, Assignment.user_id == user.id,
+                                             Assignment.completed.is_(False),
+                                             Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT)
+                    .order_by(Assignment.id).limit(1))
+
+
+def candidate_items(s: Session, task: Task, user: User, gold: bool, limit: int = 512) -> list[Item]:
+    """Items this user has not been served whose overlap is not yet taken by others."""
+    mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.task_id == task.id)
+    taken = (select(Assignment.item_id, func.count().label("n"))
+             .where(Assignment.task_id == task.id,
+                    or_(Assignment.completed.is_(True), Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT))
+             .group_by(Assignment.item_id).subquery())
+    q = (select(Item).outerjoin(taken, taken.c.item_id == Item.id)
+         .where(Item.task_id == task.id, Item.is_gold.is_(gold), Item.id.not_in(mine)))
+    if not gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
+        q = q.where(or_(taken.c.n.is_(None), taken.c.n < task.overlap))
+    # items already started by others come first, so overlap completes before new items open
+    q = q.order_by(func.coalesce(taken.c.n, 0).desc(), Item.id).limit(limit)
+    return list(s.scalars(q))
+
+
+def next_assignment(s: Session, task: Task, user: User, rng: random.Random | None = None,
+                    scorer=None) -> tuple[Item, Assignment] | None:
+    """The item to show `user` next (and its display order), or None when nothing is left."""
+    rng = rng or random.Random()
+    current = _open_assignment(s, task, user)
+    if current is not None:
+        return s.get(Item, current.item_id), current
+    item = None
+    if task.gold_rate > 0 and rng.random() < task.gold_rate:
+        golds = candidate_items(s, task, user, gold=True, limit=64)
+        item = rng.choice(golds) if golds else None
+    if item is None:
+        pool = candidate_items(s, task, user, gold=False)
+        if not pool:
+            golds = candidate_items(s, task, user, gold=True, limit=64)
+            if not golds:
+                return None
+            pool = golds
+        item = _choose(s, pool, task, rng, scorer)
+    order = list(range(len(item.responses)))
+    if task.randomize_order:
+        rng.shuffle(order)
+    assignment = Assignment(item_id=item.id, user_id=user.id, task_id=task.id, display_order=order)
+    s.add(assignment)
+    try:
+        s.flush()
+    except IntegrityError:  # the same user asked twice at once; serve the first assignment
+        s.rollback()
+        again = _open_assignment(s, task, user)
+        return None if again is None else (s.get(Item, again.item_id), again)
+    return item, assignment
+
+
+def _choose(s: Session, pool: list[Item], task: Task, rng: random.Random, scorer) -> Item:
+    if task.selection == "uncertainty" and scorer is not None and task.question_type in ("pairwise", "ranking"):
+        from rlhfkit.feedback.active import most_uncertain
+
+        if hasattr(scorer, "for_task"):  # a per-task scorer refit on the task's own labels
+            scorer = scorer.for_task(s, task)
+        if scorer is not None:
+            return pool[most_uncertain(scorer, [(it.prompt, it.responses) for it in pool])]
+    # the pool lists items others already started first; drawing among its head finishes
+    # overlapping items before opening new ones, while annotators still get different items
+    return rng.choice(pool[:32])
+
+
+# --------------------------------------------------------------------------------------------
+# labels
+
+
+def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key: str,
+                 duration_ms: int | None = None) -> tuple[Label, bool]:
+    """Store one answer exactly once. Returns (label, replayed).
+
+    A retry with the same idempotency key returns the stored label (replayed=True) without
+    writing; a different key for an item the user already labelled is a Conflict.
+    """
+    if not isinstance(key, str) or not 8 <= len(key) <= 64:
+        raise InvalidAnswer("idempotency_key", "must be a string of 8-64 characters (e.g. a UUID)")
+    existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
+    if existing is not None:
+        if existing.item_id != item_id:
+            raise Conflict("idempotency_key was already used for another item")
+        return existing, True
+    item = s.get(Item, item_id)
+    if item is None or item.task_id != task.id:
+        raise LookupError(f"item {item_id} is not in task {task.id}")
+    assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
+    if assignment is None:
+        raise Conflict("this item was not served to you; ask for the next item first")
+    if s.scalar(select(Label.id).where(Label.item_id == item_id, Label.user_id == user.id)) is not None:
+        raise Conflict("you already labelled this item")
+    value = canonical_answer(task, item.responses, raw, assignment.display_order)
+    measured = int((utcnow() - assignment.served_at).total_seconds() * 1000)
+    label = Label(item_id=item_id, user_id=user.id, task_id=task.id, idempotency_key=key, value=value,
+                  display_order=list(assignment.display_order),
+                  duration_ms=measured if duration_ms is None else int(duration_ms))
+    assignment.completed = True
+    s.add(label)
+    try:
+        s.flush()
+    except IntegrityError:  # a concurrent retry of the same submission won the race
+        s.rollback()
+        existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
+        if existing is not None and existing.item_id == item_id:
+            return existing, True
+        raise Conflict("you already labelled this item") from None
+    return label, False
+
+
+def progress(s: Session, task: Task, user: User | None = None) -> dict:
+    """Labels done (by `user`, or in total) and items still open for this task."""
+    total_items = s.scalar(select(func.count()).select_from(Item).where(Item.task_id == task.id, Item.is_gold.is_(False))) or 0
+    all_labels = s.scalar(select(func.count()).select_from(Label).where(Label.task_id == task.id)) or 0
+    out = {"items": total_items, "labels": all_labels, "target_labels": total_items * task.overlap}
+    if user is not None:
+        out["mine"] = s.scalar(select(func.count()).select_from(Label).where(
+            and_(Label.task_id == task.id, Label.user_id == user.id))) or 0
+    return out
