@@ -202,7 +202,7 @@ def test_resume_matches_uninterrupted(tmp_path, base):
     full = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "full"), max_steps=4))
     dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=2, save_every=2))
     resumed = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=4, resume=True, save_every=2))
-    assert resumed["steps"] == 4
+    assert resumed["steps"] == full["steps"] == 4
     a = load_policy(str(tmp_path / "full" / "final")).state_dict()
     b = load_policy(str(tmp_path / "part" / "final")).state_dict()
     for k in a:

@@ -36,7 +36,12 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.errors import DataError
-from rlhfkit.losses.preference import PREFERENCE_LOSSES, UNPAIRED_LOSSES, compute_preference_loss, needs_reference
+from rlhfkit.losses.preference import (
+    PREFERENCE_LOSSES,
+    UNPAIRED_LOSSES,
+    compute_preference_loss,
+    needs_reference,
+)
 from rlhfkit.models import load_policy, load_tokenizer, reference_context, save_model
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
@@ -453,7 +458,7 @@ def main(cfg: Config) -> dict:
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(policy):
             loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device)
             check_finite("loss", loss)
-            accelerator.backward(loss / accum)
+            accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
         tokens += ntok * nproc
         window.append({"loss": loss.detach(), **m})
         if not sync:
