@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.data import DataError, pack_sequences, packed_attention_mask, packing_efficiency
+from rlhfkit.data import (
+    DataError,
+    PadCollator,
+    pack_sequences,
+    packed_attention_mask,
+    packing_efficiency,
+)
 
 IGNORE = -100
 
@@ -17,7 +23,9 @@ def example(start, n, prompt=0):
 
 def test_pack_positions_labels_and_contents():
     examples = [example(10, 5, prompt=2), example(20, 3, prompt=1), example(30, 4), example(40, 2)]
-    packed = pack_sequences(examples, max_length=8, eos_id=0)
+    rows = pack_sequences(examples, max_length=8, eos_id=0)
+    packed = PadCollator(pad_token_id=0)(rows)
+    assert "attention_mask" not in packed  # a mask would switch off per-document attention
     ids, labels, pos, doc = (packed[k] for k in ("input_ids", "labels", "position_ids", "document_ids"))
     assert ids.shape == labels.shape == pos.shape == (2, 8)
     # best-fit decreasing: [5-token, 3-token] then [4-token, 2-token] + 2 padding
@@ -29,7 +37,7 @@ def test_pack_positions_labels_and_contents():
     # prompt masks kept; first token of every document masked; padding masked
     assert labels[0].tolist() == [IGNORE, IGNORE, 12, 13, 14, IGNORE, 21, 22]
     assert labels[1].tolist() == [IGNORE, 31, 32, 33, IGNORE, 41, IGNORE, IGNORE]
-    assert packing_efficiency(packed) == pytest.approx(14 / 16)
+    assert packing_efficiency(rows) == pytest.approx(14 / 16)
 
 
 def test_every_token_lands_once_and_labels_never_cross_boundaries():
@@ -39,7 +47,7 @@ def test_every_token_lands_once_and_labels_never_cross_boundaries():
     for n in lengths:
         examples.append(example(start, n, prompt=n // 3))
         start += n
-    packed = pack_sequences(examples, max_length=32, eos_id=0, pad_id=-1)
+    packed = PadCollator(0)(pack_sequences(examples, max_length=32, eos_id=0, pad_id=-1))
     ids, labels, pos = packed["input_ids"], packed["labels"], packed["position_ids"]
     real = ids[ids != -1]
     assert sorted(real.tolist()) == list(range(1, start))  # nothing lost, nothing duplicated
@@ -55,19 +63,20 @@ def test_over_length_example_is_an_error():
         pack_sequences([example(1, 3), example(5, 6)], max_length=4, eos_id=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def tiny_llama(request):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=64)
+    config._attn_implementation = request.param
     return LlamaForCausalLM(config).eval()
 
 
 def test_llama_masks_across_documents_only_without_attention_mask_and_cache(tiny_llama):
     docs = [example(3, 5), example(20, 4), example(40, 3)]
-    packed = pack_sequences(docs, max_length=16, eos_id=0)
+    packed = PadCollator(0)(pack_sequences(docs, max_length=16, eos_id=0))
     ids, pos = packed["input_ids"], packed["position_ids"]
     with torch.no_grad():
         alone = [tiny_llama(torch.tensor([d["input_ids"]])).logits[0] for d in docs]

@@ -114,7 +114,8 @@ class PadCollator:
     `input_ids` pad with `pad_token_id`, `labels` with -100, `attention_mask` and
     `position_ids` (and any other list-valued key) with 0. `padding_side="left"` is for
     generation: prompts end at the same column. An `attention_mask` is created when the
-    features have none. Scalar keys are stacked into a tensor.
+    features have none, except for packed rows (features with `document_ids`). Scalar keys
+    are stacked into a tensor.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -141,7 +142,9 @@ class PadCollator:
         if not features:
             raise ValueError("cannot collate an empty batch")
         features = [dict(f) for f in features]
-        if "attention_mask" not in features[0]:
+        # packed rows (with document_ids) get no mask: an attention_mask would stop transformers
+        # from masking attention per document (see rlhfkit.data.packing)
+        if "attention_mask" not in features[0] and "document_ids" not in features[0]:
             for f in features:
                 f["attention_mask"] = [1] * len(f["input_ids"])
         width = max(len(f["input_ids"]) for f in features)

@@ -4,7 +4,8 @@ Attention across packed documents, as checked against transformers 5.23 (LlamaMo
 and eager): `create_causal_mask` detects packing from `position_ids` (a position that is not
 the previous one + 1 starts a new document) and then masks attention per document, but ONLY
 when the model is called with `attention_mask=None` and without a KV cache. So call the model
-as ``model(input_ids=..., position_ids=..., use_cache=False)`` with no attention_mask: passing
+as ``model(input_ids=..., position_ids=..., use_cache=False)`` with no attention_mask
+(`PadCollator` leaves packed rows, recognised by their `document_ids`, without one): passing
 an all-ones attention_mask, or leaving `use_cache` at its default True (the model then creates
 a cache), silently falls back to one causal mask over the whole row, and tokens attend across
 document boundaries. `tests/test_data_packing.py` checks this on a tiny Llama. For models or
@@ -50,16 +51,16 @@ def _best_fit_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 def pack_sequences(examples: Sequence[dict], max_length: int, eos_id: int,
-                   pad_id: int | None = None) -> dict[str, torch.Tensor]:
+                   pad_id: int | None = None) -> list[dict[str, list[int]]]:
     """Pack tokenized, prompt-masked examples into rows of exactly `max_length` tokens.
 
     `examples` are dicts with `input_ids` and optionally `labels` (as from
-    `tokenize_prompt_completion`; without labels every token is supervised). Returns
-    `input_ids`, `labels`, `position_ids` (restart at 0 for every example) and `document_ids`
-    (index of the example within its row, -1 on the padding), all (rows, max_length). The
-    unused tail of a row is filled with `pad_id` (default `eos_id`), labels -100, and its
-    own positions 0, 1, ... so it forms a separate, unsupervised segment. No attention_mask
-    is returned on purpose (see the module docstring).
+    `tokenize_prompt_completion`; without labels every token is supervised). Returns one dict
+    per row with `input_ids`, `labels`, `position_ids` (restarting at 0 for every example) and
+    `document_ids` (index of the example within its row, -1 on the padding), lists of
+    `max_length` ints, ready for `PadCollator` (which adds no attention_mask to packed rows).
+    The unused tail of a row is filled with `pad_id` (default `eos_id`), labels -100, and its
+    own positions 0, 1, ... so it forms a separate, unsupervised segment.
 
     An example longer than `max_length` raises DataError: truncate when tokenizing.
     """
@@ -74,26 +75,22 @@ def pack_sequences(examples: Sequence[dict], max_length: int, eos_id: int,
                             f"tokenize with max_length to truncate it first", line=i + 1, field="input_ids")
         if len(x) != len(y):
             raise DataError("input_ids and labels differ in length", line=i + 1, field="labels")
-    rows = _best_fit_rows([len(x) for x in ids], max_length) if ids else []
-    shape = (len(rows), max_length)
-    out_ids = torch.full(shape, pad, dtype=torch.long)
-    out_labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    out_pos = torch.zeros(shape, dtype=torch.long)
-    out_doc = torch.full(shape, -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        start = 0
-        for d, i in enumerate(members):
+    rows = []
+    for members in _best_fit_rows([len(x) for x in ids], max_length) if ids else []:
+        row = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+        for d, i in enumerate(m for m in members if ids[m]):
             n = len(ids[i])
-            if n == 0:
-                continue
-            out_ids[r, start:start + n] = torch.tensor(ids[i])
-            out_labels[r, start:start + n] = torch.tensor(labels[i])
-            out_labels[r, start] = IGNORE_INDEX  # never predict a document from the one before
-            out_pos[r, start:start + n] = torch.arange(n)
-            out_doc[r, start:start + n] = d
-            start += n
-        out_pos[r, start:] = torch.arange(max_length - start)
-    return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos, "document_ids": out_doc}
+            row["input_ids"] += ids[i]
+            row["labels"] += [IGNORE_INDEX] + labels[i][1:]  # never predict a document from the one before
+            row["position_ids"] += list(range(n))
+            row["document_ids"] += [d] * n
+        tail = max_length - len(row["input_ids"])
+        row["input_ids"] += [pad] * tail
+        row["labels"] += [IGNORE_INDEX] * tail
+        row["position_ids"] += list(range(tail))
+        row["document_ids"] += [-1] * tail
+        rows.append(row)
+    return rows
 
 
 def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -113,7 +110,7 @@ def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch
     return mask.unsqueeze(1)
 
 
-def packing_efficiency(packed: dict[str, torch.Tensor]) -> float:
+def packing_efficiency(rows: Sequence[dict]) -> float:
     """Share of row positions holding real tokens (1.0 = no padding)."""
-    doc = packed["document_ids"]
-    return float((doc >= 0).float().mean()) if doc.numel() else 0.0
+    total = sum(len(r["document_ids"]) for r in rows)
+    return sum(d >= 0 for r in rows for d in r["document_ids"]) / total if total else 0.0
