@@ -48,6 +48,8 @@ def test_jsonl_reads_and_skips_blank_lines(tmp_path):
     assert records == [{"text": "a"}, {"text": "b"}]
     assert records.lines == [1, 4]
     assert records.source == str(path)
+    tail = records[1:]
+    assert isinstance(tail, type(records)) and tail.lines == [4] and tail.source == str(path)
 
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):

@@ -29,6 +29,13 @@ class Records(list):
         self.lines = list(lines) if lines is not None else None
         self.report = None  # set by validators: a ValidationReport
 
+    def __getitem__(self, key):
+        if isinstance(key, slice):  # slices keep their provenance, so errors still cite lines
+            lines = self.lines[key] if self.lines is not None else list(range(len(self)))[key]
+            return Records(super().__getitem__(key), source=self.source,
+                           lines=lines if self.lines is not None else [i + 1 for i in lines])
+        return super().__getitem__(key)
+
     def line_of(self, index: int) -> int:
         """1-based line (or row) of record `index` in its source."""
         if self.lines is not None and index < len(self.lines):
