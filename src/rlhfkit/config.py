@@ -186,7 +186,9 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
                 default = load_yaml_config(cls, a.split("=", 1)[1])
                 del argv[i]
                 break
-    kwargs: dict[str, Any] = dict(prog=prog, description=description, args=argv, use_underscores=True)
+    # FlagConversionOff: booleans take a value (`--resume true`), as in HfArgumentParser/TRL
+    kwargs: dict[str, Any] = dict(prog=prog, description=description, args=argv, use_underscores=True,
+                                  config=(tyro.conf.FlagConversionOff,))
     if default is not None:
         kwargs["default"] = default
     return tyro.cli(cls, **kwargs)

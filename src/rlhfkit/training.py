@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -27,10 +28,17 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
-    """An Accelerator from a TrainArgs-like config, seeded identically on every process."""
+    """An Accelerator from a TrainArgs-like config, seeded identically on every process.
+
+    Launched as several processes on a machine without CUDA (`accelerate launch --multi_gpu
+    --num_processes 2` on a CPU box), accelerate would otherwise leave every process alone;
+    `cpu=True` makes it join them with the gloo backend (DistributedType.MULTI_CPU).
+    """
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
+        cpu=multi_process_cpu,
     )
     set_seed(cfg.seed)
     return acc

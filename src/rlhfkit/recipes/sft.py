@@ -164,7 +164,9 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             # DDP averages gradients over processes; scaling by nproc turns that into a sum
             loss, m = sft_loss(logits, batch["labels"], num_items=step_items / nproc)
             check_finite("loss", loss)
-            accelerator.backward(loss)
+            # accelerator.backward divides by gradient_accumulation_steps; this loss is already
+            # normalised by the whole step's token count, so undo that division.
+            accelerator.backward(loss * accelerator.gradient_accumulation_steps)
         tokens_seen += int(batch["attention_mask"].sum()) * nproc
         window_loss.append((m["nll_sum"].item(), m["tokens"].item()))
         if not sync:
