@@ -37,9 +37,10 @@ def records_from_policy(model, tokenizer, prompts: list[str], num_samples: int =
     roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                     num_samples=num_samples, seed=seed)
     grouped: dict[int, list[str]] = {}
-    # Rollout.prompts repeats each prompt num_samples times, in prompt order
-    for n, response in enumerate(roll.responses):
-        grouped.setdefault(n // num_samples, []).append(response)
+    owners = [int(i) for i in roll.prompt_index] if getattr(roll, "prompt_index", None) is not None else \
+        [n // num_samples for n in range(len(roll.responses))]  # rows are prompt-major
+    for owner, response in zip(owners, roll.responses):
+        grouped.setdefault(owner, []).append(response)
     return [{"prompt": prompts[i], "responses": grouped[i], "meta": {"source": "policy", "temperature": temperature}}
             for i in range(len(prompts))]
 

@@ -145,8 +145,13 @@ def item_from_record(task: Task, rec: Any, source: str = "<records>", line: int 
     item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=rec.get("meta") or {},
                 external_id=None if rec.get("id") is None else str(rec["id"])[:128])
     if rec.get("gold") is not None:
+        gold = rec["gold"]
+        # gold answers in a file name responses by their file order: pairwise "a"/"b" (or
+        # left/right), other types the same fields as a submission with responses in file order
+        if task.question_type == "pairwise" and isinstance(gold, dict) and gold.get("choice") in ("a", "b"):
+            gold = {"choice": {"a": "left", "b": "right"}[gold["choice"]]}
         try:
-            item.gold_value = canonical_answer(task, responses, rec["gold"], list(range(len(responses))))
+            item.gold_value = canonical_answer(task, responses, gold, list(range(len(responses))))
         except InvalidAnswer as e:
             raise DataError(str(e), source=source, line=line, field="gold") from e
         item.is_gold = True
