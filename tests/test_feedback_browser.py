@@ -1,0 +1,135 @@
+"""A real browser (Debian chromium, driven by Playwright) logs in, labels pairwise and ranking
+items with the keyboard, and an admin exports the preferences."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from sqlalchemy import select
+
+from rlhfkit.feedback import service as svc
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.db import Database, upgrade
+from rlhfkit.feedback.models import Item, Label, Task
+from rlhfkit.feedback.testing import ServerThread
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PASSWORD = "correct horse battery"
+XSS_PROMPT = "Greet <script>window.__xss = 1</script> them"
+XSS_RESPONSE = '<img src=x onerror="window.__xss = 2">hi'
+
+
+@pytest.fixture
+def server(tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    url = f"sqlite:///{tmp_path}/browser.db"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as s:
+        svc.create_user(s, "admin", PASSWORD, "admin")
+        svc.create_user(s, "ann", PASSWORD)
+        pairs = svc.create_task(s, "pairs", "pairwise", gold_rate=0.0)
+        svc.import_records(s, pairs, [{"prompt": XSS_PROMPT, "responses": [XSS_RESPONSE, "hello friend"]},
+                                      {"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
+        ranks = svc.create_task(s, "ranks", "ranking", gold_rate=0.0)
+        svc.import_records(s, ranks, [{"prompt": "Describe tea", "responses": ["lovely", "fine", "awful"]}])
+    with ServerThread(create_app(db)) as srv:
+        yield srv, db
+    db.dispose()
+
+
+def login(page, base, user):
+    page.goto(f"{base}/login")
+    page.fill("#username", user)
+    page.fill("#password", PASSWORD)
+    page.click("#login")
+    page.wait_for_load_state("domcontentloaded")
+
+
+def test_label_with_keyboard_and_export(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    srv, db = server
+    base = srv.url
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_context(accept_downloads=True).new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.set_default_timeout(15000)
+            login(page, base, "ann")
+            assert page.url == f"{base}/"
+
+            # pairwise with the keyboard: "1" = left, then "2" = right
+            page.click("text=pairs")
+            shown = {}
+            for key in ("1", "2"):
+                page.wait_for_selector("#prompt")
+                prompt = page.inner_text("#prompt")
+                shown[prompt] = (key, [page.inner_text(f"#response-{i} pre") for i in range(2)])
+                page.keyboard.press(key)
+                page.wait_for_load_state("domcontentloaded")
+            page.wait_for_selector("#done")
+            # the untrusted text rendered as text and ran nothing
+            assert XSS_PROMPT in shown and XSS_RESPONSE in shown[XSS_PROMPT][1]
+            assert page.evaluate("typeof window.__xss") == "undefined"
+            assert dialogs == []
+            assert page.inner_text("#mine") == "2"
+
+            # ranking: press 3, 1, 2 (display positions, best first), Backspace/undo once, Enter
+            page.goto(f"{base}/")
+            page.click("text=ranks")
+            page.wait_for_selector("#ranking-view")
+            order = [page.inner_text(f"#response-{i} pre") for i in range(3)]
+            for key in ("3", "2", "Backspace", "1", "2"):
+                page.keyboard.press(key)
+            assert page.input_value("#ranking") == "2,0,1"
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#done")
+
+            # progress per annotator on the task list
+            page.goto(f"{base}/")
+            assert [c.inner_text() for c in page.query_selector_all("td.mine")] == ["2", "1"]
+
+            with db.session() as s:
+                labels = {lab.item_id: lab for lab in s.scalars(select(Label))}
+                ranks_task = s.scalar(select(Task).where(Task.name == "ranks"))
+                rank_label = next(lab for lab in labels.values() if lab.task_id == ranks_task.id)
+                responses = ["lovely", "fine", "awful"]
+                assert [responses[i] for i in rank_label.value["ranking"]] == [order[2], order[0], order[1]]
+                pair_labels = [lab for lab in labels.values() if lab.task_id != ranks_task.id]
+                assert len(pair_labels) == 2
+                for lab in pair_labels:
+                    key, _ = shown[s.get(Item, lab.item_id).prompt]
+                    side = {"1": 0, "2": 1}[key]
+                    # stored in original order: the response that sat on the pressed side
+                    assert lab.value["choice"] == "ab"[lab.display_order[side]]
+
+            # the admin sees the dashboard and downloads the preference export
+            page.click("text=Log out")
+            page.wait_for_load_state("domcontentloaded")
+            login(page, base, "admin")
+            assert page.url == f"{base}/admin"
+            page.click("text=pairs")
+            assert "Krippendorff" in page.content()
+            with page.expect_download() as dl:
+                page.click("#export-preferences")
+            path = tmp_path / "export.jsonl"
+            dl.value.save_as(str(path))
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            assert len(rows) == 2 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+            by_prompt = {r["prompt"]: r for r in rows}
+            assert set(by_prompt) == set(shown)
+            for prompt, (key, responses_shown) in shown.items():
+                assert by_prompt[prompt]["chosen"] == responses_shown[int(key) - 1]
+        finally:
+            browser.close()
