@@ -52,14 +52,23 @@ def test_response_logps_match_right_padded_reference(tok, base):
     rows = [(tok("A short one")["input_ids"], tok(" then more words here")["input_ids"] + [tok.eos_token_id]),
             (tok("A much longer prompt with many words")["input_ids"], tok(" ok")["input_ids"] + [tok.eos_token_id])]
     batch = dpo.collate(rows, tok.pad_token_id)
-    with torch.no_grad():
-        got, lengths = dpo.response_logps(model, batch)
-        for i, (p, r) in enumerate(rows):
-            ids = torch.tensor([p + r])
-            labels = torch.tensor([[-100] * len(p) + r])
-            want = sequence_logprobs(model(input_ids=ids).logits, labels)
-            torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
-            assert lengths[i].item() == len(r)
+    assert dpo.split_head(model) is not None
+    for fast in (True, False):  # response-only LM head, and the logits_to_keep path
+        with torch.no_grad():
+            got, lengths = dpo.response_logps(model, batch, fast_head=fast)
+            for i, (p, r) in enumerate(rows):
+                ids = torch.tensor([p + r])
+                labels = torch.tensor([[-100] * len(p) + r])
+                want = sequence_logprobs(model(input_ids=ids).logits, labels)
+                torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+                assert lengths[i].item() == len(r)
+    # gradients agree between the two paths too
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        dpo.response_logps(model, batch, fast_head=fast)[0].sum().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def test_one_concatenated_forward_per_step(tmp_path, tok, base):
@@ -68,7 +77,7 @@ def test_one_concatenated_forward_per_step(tmp_path, tok, base):
     enc = dpo.load_encoded(data, "train", "sigmoid", tok, cfg.max_length)
     model = load_policy(base)
     calls = []
-    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    model.get_decoder().register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     table = torch.zeros(len(enc.rows), 2, dtype=torch.float64)
     loss, metrics, _ = dpo.batch_loss(cfg, model, None, enc, [0, 1, 2], table, tok.pad_token_id, "cpu")
     assert calls == [6]  # 3 chosen + 3 rejected rows, one call
@@ -76,7 +85,7 @@ def test_one_concatenated_forward_per_step(tmp_path, tok, base):
     # on the fly: one policy call plus one reference call, the same loss
     ref = load_policy(base, trainable=False)
     ref_calls = []
-    ref.register_forward_hook(lambda m, a, k, o: ref_calls.append(1), with_kwargs=True)
+    ref.get_decoder().register_forward_hook(lambda m, a, k, o: ref_calls.append(1), with_kwargs=True)
     calls.clear()
     live = dpo.compute_reference_logps(ref, enc, 8, tok.pad_token_id, "cpu", kl=False)
     ref_calls.clear()

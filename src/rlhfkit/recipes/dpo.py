@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
@@ -224,18 +225,59 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device: Any = 
             "response_mask": mask[:, P:].to(device), "prompt_width": P}
 
 
-def response_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log pi(response | prompt) per row, and response lengths, from one forward pass."""
+_SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling", "lm_head_multiplier")
+
+
+def split_head(model):
+    """(decoder, lm_head) of a plain or LoRA-wrapped HF causal LM whose logits are just lm_head(hidden), else None.
+
+    Only for an unwrapped model: under DDP the forward must go through the wrapper (gradient
+    sync hooks), and under accelerate's autocast through the patched forward.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(inner, "config", None)
+    get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+    if cfg is None or get_decoder is None or get_head is None:
+        return None
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if any(getattr(text_cfg, f, None) not in (None, 1.0) for f in _SCALED_HEAD_FIELDS):
+        return None
+    decoder, head = get_decoder(), get_head()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def response_logps(model, batch: dict[str, torch.Tensor], fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log pi(response | prompt) per row, and response lengths, from one forward pass.
+
+    The hidden state at column P-1 predicts the first response token. With `fast_head` (and a
+    model :func:`split_head` accepts) the LM head runs only on real response positions, padding
+    skipped; otherwise on columns P-1 .. P+R-2 of every row via `logits_to_keep`. Either way
+    log-probs come from one fused cross-entropy (log-softmax + pick), not logsumexp + gather.
+    """
     P = batch["prompt_width"]
     R = batch["input_ids"].shape[1] - P
-    # the logit at column P-1 predicts the first response token; keep columns P-1 .. P+R-2
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    mask = batch["response_mask"]
     targets = batch["input_ids"][:, P:]
-    lp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    mask = batch["response_mask"].to(lp.dtype)
-    return (lp * mask).sum(-1), mask.sum(-1)
+    parts = split_head(model) if fast_head else None
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[:, P - 1:-1]
+        keep = mask.bool()
+        logits = head(hidden[keep])  # (tokens, V): response tokens only
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        tok_lp = -F.cross_entropy(logits, targets[keep], reduction="none")
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[keep]
+        sums = torch.zeros(mask.shape[0], dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
+        return sums, mask.sum(-1).to(sums.dtype)
+    logits = model(**inputs, logits_to_keep=R + 1).logits[:, :-1]
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    masked_targets = targets.masked_fill(mask == 0, -100)
+    tok_lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), masked_targets.reshape(-1), reduction="none")
+    return tok_lp.view(mask.shape).sum(-1), mask.sum(-1).to(tok_lp.dtype)
 
 
 def example_rows(enc: Encoded, index: list[int], kl: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -336,12 +378,13 @@ def batch_loss(cfg: Config, model, ref_model, enc: Encoded, index: list[int], re
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
     batch = collate(example_rows(enc, index), pad_id, device)
-    logps, lengths = response_logps(model, batch)
+    fast = cfg.mixed_precision == "no"  # accelerate's autocast lives in the wrapped forward; keep it
+    logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch["attention_mask"].sum())
     kl_logps = ref_kl = None
     if kl:
         with torch.no_grad():
-            kl_logps, _ = response_logps(model, collate(example_rows(enc, index, kl=True), pad_id, device))
+            kl_logps, _ = response_logps(model, collate(example_rows(enc, index, kl=True), pad_id, device), fast)
     ref_logps = None
     if use_ref and ref_table is not None:
         ref = ref_table[index].to(device=device, dtype=logps.dtype)
@@ -349,9 +392,9 @@ def batch_loss(cfg: Config, model, ref_model, enc: Encoded, index: list[int], re
         ref_kl = ref[:, 1] if kl else None
     elif use_ref:
         with torch.no_grad(), reference_context(ref_model) as ref:
-            ref_logps, _ = response_logps(ref, batch)
+            ref_logps, _ = response_logps(ref, batch, fast)
             if kl:
-                ref_kl, _ = response_logps(ref, collate(example_rows(enc, index, kl=True), pad_id, device))
+                ref_kl, _ = response_logps(ref, collate(example_rows(enc, index, kl=True), pad_id, device), fast)
     hparams = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
     if enc.paired:
