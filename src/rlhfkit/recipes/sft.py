@@ -160,7 +160,10 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
         batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(model):
-            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}).logits
+            # use_cache=False: no KV cache is needed in training, and with packed rows (no
+            # attention mask, restarted position_ids) it is what keeps attention per document
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits = model(**inputs, use_cache=False).logits
             # DDP averages gradients over processes; scaling by nproc turns that into a sum
             loss, m = sft_loss(logits, batch["labels"], num_items=step_items / nproc)
             check_finite("loss", loss)
