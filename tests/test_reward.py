@@ -95,6 +95,22 @@ def test_pad_equal_to_eos_still_scores_the_eos(tok):
     assert not torch.isclose(ours, before_eos)
 
 
+@pytest.mark.parametrize("pack_tokens", [2048, 12])
+def test_padding_free_forward_equals_padded(tok, pack_tokens):
+    model = tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok)
+    texts = [("The cat", " sat on the mat today"), ("Hi", " there"), ("A long day", " ended well"), ("x", " y")]
+    seqs = [MR.encode_prompt_response(tok, p, r)[0] for p, r in texts]
+    ids, mask = MR.pad_right(seqs, tok.pad_token_id)
+    padded = MR.LastTokenReward(model)(ids, mask)
+    packed_module = MR.LastTokenReward(model, padding_free=True, pack_tokens=pack_tokens)
+    packed = packed_module(ids, mask)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(padded.sum(), model.score.weight)[0]
+    g2 = torch.autograd.grad(packed.sum(), model.score.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    assert MR.padding_free_matches(packed_module, ids, mask)
+
+
 def test_encoding_appends_eos_and_truncates_with_a_flag(tok):
     ids, cut = MR.encode_prompt_response(tok, "The day was", " lovely")
     assert ids[-1] == tok.eos_token_id and not cut

@@ -104,19 +104,81 @@ class LastTokenReward(nn.Module):
     A thin module around a sequence-classification model (not a subclass of it), so DDP and
     accelerate can wrap it and gradients still synchronise. The head is applied to the B
     pooled states only, not to every position.
+
+    With ``padding_free`` the real tokens of the batch are packed end to end into rows of at
+    most ``pack_tokens`` tokens, with position ids restarting at each sequence, and no pad
+    token is computed. transformers then builds a block-diagonal causal mask from the position
+    ids (models using its ``create_causal_mask``, e.g. Llama, Mistral, Qwen2); the rewards are
+    the padded ones to float precision, which :func:`padding_free_matches` checks on a batch.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, padding_free: bool = False, pack_tokens: int = 2048):
         super().__init__()
         self.model = model
+        self.padding_free = padding_free
+        self.pack_tokens = pack_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hf = unwrap_hf(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        idx = last_token_indices(attention_mask)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        if self.padding_free:
+            pooled = _packed_last_hidden(backbone, input_ids, attention_mask, self.pack_tokens)
+        else:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            idx = last_token_indices(attention_mask)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return _head(hf)(pooled).float()
+
+
+def _packed_last_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        budget: int) -> torch.Tensor:
+    """Hidden state of each row's last real token, computed on packed rows without padding."""
+    mask = attention_mask.bool()
+    lens = mask.sum(1).tolist()
+    if min(lens) == 0:
+        raise ValueError("a row of the batch has an all-zero attention mask (an empty sequence)")
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lens):  # consecutive rows fill a packed row up to `budget` tokens
+        if current and used + n > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    groups.append(current)
+    width = max(sum(lens[i] for i in g) for g in groups)
+    dev = input_ids.device
+    ids = torch.zeros((len(groups), width), dtype=input_ids.dtype, device=dev)
+    pos = torch.zeros((len(groups), width), dtype=torch.long, device=dev)
+    ends = torch.zeros(len(lens), dtype=torch.long, device=dev)
+    for g, rows in enumerate(groups):
+        flat = input_ids[rows][mask[rows]]
+        row_pos = (torch.cumsum(mask[rows].long(), 1) - 1)[mask[rows]]
+        n = flat.shape[0]
+        ids[g, :n], pos[g, :n] = flat, row_pos
+        # the tail restarts at position 0, so it is a separate (ignored) sequence in the mask
+        pos[g, n:] = torch.arange(width - n, device=dev)
+        offsets = torch.cumsum(torch.tensor([lens[i] for i in rows], device=dev), 0) - 1
+        ends[rows] = g * width + offsets
+    hidden = backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[ends]
+
+
+@torch.no_grad()
+def padding_free_matches(module: LastTokenReward, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         rtol: float = 1e-4) -> bool:
+    """Whether packed and padded forwards give the same rewards on this batch (the model's
+    attention honours packed position ids)."""
+    was, flag = module.training, module.padding_free
+    module.eval()
+    try:
+        module.padding_free = False
+        padded = module(input_ids, attention_mask)
+        module.padding_free = True
+        packed = module(input_ids, attention_mask)
+    finally:
+        module.padding_free = flag
+        module.train(was)
+    return bool(torch.allclose(packed, padded, rtol=rtol, atol=rtol * max(1.0, float(padded.abs().max()))))
 
 
 def freeze_backbone(model: nn.Module) -> int:
@@ -312,6 +374,7 @@ __all__ = [
     "member_paths",
     "normalise",
     "pad_right",
+    "padding_free_matches",
     "read_stats",
     "score_token_lists",
     "unwrap_hf",

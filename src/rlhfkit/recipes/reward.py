@@ -36,7 +36,9 @@ from rlhfkit.models.reward import (
     attach_stats,
     compute_stats,
     freeze_backbone,
+    padding_free_matches,
     score_token_lists,
+    unwrap_hf,
     write_ensemble_manifest,
 )
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
@@ -80,6 +82,8 @@ class Config(ModelArgs, TrainArgs):
     """error: stop at the first bad record naming file/line/field; skip: drop it and print counts per reason."""
     max_eval_examples: int = 2000
     """Cap on held-out comparisons scored per evaluation."""
+    padding_free: bool = True
+    """Pack each batch's sequences end to end (no pad tokens computed); checked against the padded forward on the first batch, and turned off if the model does not support it."""
 
     def __post_init__(self) -> None:
         self._check_train_args()
@@ -196,8 +200,13 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
     acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
     module = LastTokenReward(_load_model(cfg, heads, seed))
-    unwrapped = module.model if not hasattr(module.model, "get_base_model") else module.model.get_base_model()
-    unwrapped.config.pad_token_id = tokenizer.pad_token_id
+    unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
+    if cfg.padding_free:
+        probe = collate_units(train[: cfg.per_device_batch_size], tokenizer.pad_token_id)
+        module.padding_free = padding_free_matches(module, probe["input_ids"], probe["attention_mask"])
+        if not module.padding_free:
+            printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
+                    "training with padding instead")
     boot = None
     if heads > 1 and cfg.bootstrap_heads:
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
