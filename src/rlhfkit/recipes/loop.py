@@ -184,6 +184,9 @@ def main(cfg: Config) -> dict:
     from rlhfkit.registry import Registry, RegistryError
     from rlhfkit.tasks import kindly
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
     reg = Registry(cfg.registry or out / "registry")
@@ -212,6 +215,7 @@ def main(cfg: Config) -> dict:
     current_id, current_path = start_id, cfg.model
     all_records: list[dict] = []
     summary = [{"round": 0, "id": start_id, "gold": m0["gold"]["mean"], "win_rate": m0["win_rate"]["mean"],
+                "win_rate_lo": m0["win_rate"]["lo"], "win_rate_hi": m0["win_rate"]["hi"],
                 "kl": m0["kl"]["mean"], "promoted": True}]
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
