@@ -47,6 +47,7 @@ ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
 DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
 MAX_TEXT = 20000
 MAX_RESPONSES = 16
+UNCERTAINTY_POOL = 256  # unlabelled items scored by the ensemble per request
 PAIR_CHOICES = {"left": 0, "right": 1}
 
 
@@ -253,18 +254,20 @@ def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
                     .order_by(Assignment.id).limit(1))
 
 
-def candidate_items(s: Session, task: Task, user: User, gold: bool, limit: int = 512) -> list[Item]:
-    """Items this user has not been served whose overlap is not yet taken by others."""
+def candidate_ids(s: Session, task: Task, user: User, gold: bool, limit: int = 32) -> list[int]:
+    """Ids of items this user has not been served whose overlap is not yet taken by others.
+
+    Items already started by others come first, so overlap completes before new items open.
+    """
     mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.task_id == task.id)
     taken = (select(Assignment.item_id, func.count().label("n"))
              .where(Assignment.task_id == task.id,
                     or_(Assignment.completed.is_(True), Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT))
              .group_by(Assignment.item_id).subquery())
-    q = (select(Item).outerjoin(taken, taken.c.item_id == Item.id)
+    q = (select(Item.id).outerjoin(taken, taken.c.item_id == Item.id)
          .where(Item.task_id == task.id, Item.is_gold.is_(gold), Item.id.not_in(mine)))
     if not gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
         q = q.where(or_(taken.c.n.is_(None), taken.c.n < task.overlap))
-    # items already started by others come first, so overlap completes before new items open
     q = q.order_by(func.coalesce(taken.c.n, 0).desc(), Item.id).limit(limit)
     return list(s.scalars(q))
 
@@ -276,18 +279,19 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     current = _open_assignment(s, task, user)
     if current is not None:
         return s.get(Item, current.item_id), current
-    item = None
+    item_id = None
     if task.gold_rate > 0 and rng.random() < task.gold_rate:
-        golds = candidate_items(s, task, user, gold=True, limit=64)
-        item = rng.choice(golds) if golds else None
-    if item is None:
-        pool = candidate_items(s, task, user, gold=False)
+        golds = candidate_ids(s, task, user, gold=True, limit=64)
+        item_id = rng.choice(golds) if golds else None
+    if item_id is None:
+        uncertain = task.selection == "uncertainty" and scorer is not None
+        pool = candidate_ids(s, task, user, gold=False, limit=UNCERTAINTY_POOL if uncertain else 32)
         if not pool:
-            golds = candidate_items(s, task, user, gold=True, limit=64)
-            if not golds:
+            pool = candidate_ids(s, task, user, gold=True, limit=64)
+            if not pool:
                 return None
-            pool = golds
-        item = _choose(s, pool, task, rng, scorer)
+        item_id = _choose(s, pool, task, rng, scorer)
+    item = s.get(Item, item_id)
     order = list(range(len(item.responses)))
     if task.randomize_order:
         rng.shuffle(order)
@@ -302,17 +306,18 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     return item, assignment
 
 
-def _choose(s: Session, pool: list[Item], task: Task, rng: random.Random, scorer) -> Item:
+def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer) -> int:
     if task.selection == "uncertainty" and scorer is not None and task.question_type in ("pairwise", "ranking"):
         from rlhfkit.feedback.active import most_uncertain
 
         if hasattr(scorer, "for_task"):  # a per-task scorer refit on the task's own labels
             scorer = scorer.for_task(s, task)
         if scorer is not None:
-            return pool[most_uncertain(scorer, [(it.prompt, it.responses) for it in pool])]
+            rows = s.execute(select(Item.id, Item.prompt, Item.responses).where(Item.id.in_(pool))).all()
+            return rows[most_uncertain(scorer, [(r.prompt, r.responses) for r in rows])].id
     # the pool lists items others already started first; drawing among its head finishes
     # overlapping items before opening new ones, while annotators still get different items
-    return rng.choice(pool[:32])
+    return rng.choice(pool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Load and durability of the feedback service (issue 7, item 9).
+
+For SQLite (WAL) and PostgreSQL in turn: start `rlhfkit serve` as a subprocess on 127.0.0.1,
+let 50 simulated annotators (asyncio + httpx, each with its own API token) fetch items and
+submit pairwise labels as fast as they can until >= 5,000 labels are acknowledged, SIGKILL the
+server once 40% are in, restart it, and carry on. Clients retry every unacknowledged submit
+with the same idempotency key, and also re-send 5% of acknowledged ones on purpose (a client
+that never saw its answer). At the end the database is read directly:
+
+- lost: acknowledged labels missing from the database (must be 0);
+- duplicated: labels stored more than once for one (annotator, item) or one idempotency key;
+- p50_ms / p95_ms: latency of acknowledged submits (POST /labels), retries after the kill
+  excluded; the GET /next latencies are reported beside them.
+
+The load generator and the server share this machine's CPUs, so latencies include contention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+
+import httpx
+import numpy as np
+
+ANNOTATORS = 50
+TARGET_LABELS = 5000
+OVERLAP = 3
+KILL_AT = 0.4
+RESEND_RATE = 0.05
+PASSWORD = "load-test-password"
+
+
+def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.db import Database, upgrade
+    from rlhfkit.feedback.models import User
+    from rlhfkit.feedback.security import create_api_token, hash_password
+
+    upgrade(url)
+    db = Database(url, pool_size=2)
+    pw = hash_password(PASSWORD)  # one Argon2 hash shared: hashing 50 times adds nothing here
+    with db.session() as s:
+        users = [User(username=f"ann{i:03d}", password_hash=pw, role="annotator") for i in range(annotators)]
+        s.add_all(users)
+        s.flush()
+        tokens = [create_api_token(s, u, "load") for u in users]
+        task = svc.create_task(s, "load", "pairwise", overlap=OVERLAP, gold_rate=0.0)
+        svc.import_records(s, task, [{"prompt": f"prompt {i}", "responses": [f"kind answer {i}", f"curt answer {i}"]}
+                                     for i in range(items)])
+        task_id = task.id
+    db.dispose()
+    return task_id, tokens
+
+
+class Server:
+    def __init__(self, url: str, port: int, log):
+        self.url, self.port, self.log = url, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "rlhfkit.feedback.cli", "run", "--db", self.url, "--port", str(self.port),
+               "--uncertainty-scorer", "none", "--log-level", "error"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see its log")
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy in 60 s")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: str, state: dict, rng: random.Random):
+    headers = {"Authorization": f"Bearer {token}"}
+    while state["acked_count"] < state["target"]:
+        try:
+            t0 = time.perf_counter()
+            r = await client.get(f"{base}/api/tasks/{task_id}/next", headers=headers)
+            state["next_ms"].append((time.perf_counter() - t0) * 1000)
+        except httpx.TransportError:
+            await asyncio.sleep(0.2)  # server down: try again
+            continue
+        if r.status_code == 204:
+            return
+        if r.status_code != 200:
+            state["errors"].append(f"next {r.status_code} {r.text[:200]}")
+            await asyncio.sleep(0.2)
+            continue
+        item = r.json()
+        body = {"item_id": item["item_id"], "value": {"choice": rng.choice(["left", "right", "left", "tie"])},
+                "idempotency_key": uuid.uuid4().hex}
+        retried = False
+        while True:
+            try:
+                t0 = time.perf_counter()
+                r = await client.post(f"{base}/api/tasks/{task_id}/labels", headers=headers, json=body)
+                ms = (time.perf_counter() - t0) * 1000
+            except httpx.TransportError:
+                retried = True  # no answer: the label may or may not be stored; resend the same key
+                await asyncio.sleep(0.2)
+                continue
+            if r.status_code in (200, 201):
+                break
+            if r.status_code >= 500:
+                retried = True
+                await asyncio.sleep(0.2)
+                continue
+            state["errors"].append(f"submit {r.status_code} {r.text[:200]}")
+            break
+        if r.status_code not in (200, 201):
+            continue
+        if not retried:
+            state["submit_ms"].append(ms)
+        label = r.json()
+        state["acked"][(token, body["idempotency_key"])] = label["id"]
+        state["acked_count"] += 1
+        if r.status_code == 200:
+            state["replays_after_kill"] += 1
+        if rng.random() < RESEND_RATE:  # the client re-sends an answer it already got an ack for
+            try:
+                again = await client.post(f"{base}/api/tasks/{task_id}/labels", headers=headers, json=body)
+                ok = again.status_code == 200 and again.json()["id"] == label["id"] and again.json()["replayed"]
+                state["resends"] += 1
+                state["resend_mismatch"] += 0 if ok else 1
+            except httpx.TransportError:
+                pass
+
+
+async def _drive(base: str, task_id: int, tokens: list[str], target: int, server: Server, seed: int) -> dict:
+    state = {"acked": {}, "acked_count": 0, "target": target, "submit_ms": [], "next_ms": [], "errors": [],
+             "resends": 0, "resend_mismatch": 0, "replays_after_kill": 0, "kills": []}
+    limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
+
+    async def killer():
+        while state["acked_count"] < KILL_AT * target:
+            await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        at = state["acked_count"]
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)
+        state["kills"].append({"after_acked_labels": at, "downtime_s": round(time.perf_counter() - t0, 2)})
+
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        t0 = time.perf_counter()
+        kill_task = asyncio.create_task(killer())
+        await asyncio.gather(*[_annotator(client, base, task_id, tok, state, random.Random(seed + i))
+                               for i, tok in enumerate(tokens)])
+        state["seconds"] = time.perf_counter() - t0
+        if not kill_task.done():
+            kill_task.cancel()
+    return state
+
+
+def _audit(url: str, state: dict, tokens: list[str]) -> dict:
+    from sqlalchemy import func, select
+
+    from rlhfkit.feedback.db import Database
+    from rlhfkit.feedback.models import ApiToken, Label
+    from rlhfkit.feedback.security import digest
+
+    db = Database(url, pool_size=1)
+    with db.session() as s:
+        user_of = {t.token_hash: t.user_id for t in s.scalars(select(ApiToken))}
+        stored = {(lab.user_id, lab.idempotency_key): lab.id for lab in s.scalars(select(Label))}
+        per_pair = s.execute(select(Label.user_id, Label.item_id, func.count()).group_by(Label.user_id, Label.item_id)
+                             .having(func.count() > 1)).all()
+        per_key = s.execute(select(Label.user_id, Label.idempotency_key, func.count())
+                            .group_by(Label.user_id, Label.idempotency_key).having(func.count() > 1)).all()
+        rows = s.scalar(select(func.count()).select_from(Label))
+    db.dispose()
+    lost = [k for k in state["acked"] if (user_of[digest(k[0])], k[1]) not in stored]
+    wrong_id = [k for k, lid in state["acked"].items() if stored.get((user_of[digest(k[0])], k[1])) not in (None, lid)]
+    return {"rows": rows, "lost": len(lost), "id_mismatch": len(wrong_id),
+            "duplicated": sum(n - 1 for *_, n in per_pair) + sum(n - 1 for *_, n in per_key)}
+
+
+def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
+    from rlhfkit.feedback.testing import free_port, postgres_unavailable_reason, temp_postgres_database
+
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-load-"))
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp}/load.db"
+        else:
+            reason = postgres_unavailable_reason()
+            if reason:
+                return {"skipped": reason}
+            url = stack.enter_context(temp_postgres_database(prefix="rlhfkit_load"))
+        items = -(-target // OVERLAP) + annotators  # enough items that the target is reached
+        task_id, tokens = _setup(url, annotators, items)
+        log = stack.enter_context(open(os.path.join(tmp, "server.log"), "w"))
+        port = free_port()
+        server = Server(url, port, log)
+        server.start()
+        stack.callback(server.stop)
+        state = asyncio.run(_drive(f"http://127.0.0.1:{port}", task_id, tokens, target, server, seed))
+        server.stop()
+        audit = _audit(url, state, tokens)
+        submit, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
+        return {
+            "labels": len(state["acked"]), "lost": audit["lost"], "duplicated": audit["duplicated"],
+            "p50_ms": round(float(np.percentile(submit, 50)), 2), "p95_ms": round(float(np.percentile(submit, 95)), 2),
+            "next_p50_ms": round(float(np.percentile(nxt, 50)), 2), "next_p95_ms": round(float(np.percentile(nxt, 95)), 2),
+            "rows_in_db": audit["rows"], "stored_but_unacknowledged": audit["rows"] - len(state["acked"]),
+            "ack_id_mismatch": audit["id_mismatch"], "annotators": annotators,
+            "deliberate_resends": state["resends"], "resends_not_replayed": state["resend_mismatch"],
+            "replayed_after_kill": state["replays_after_kill"], "kills": state["kills"],
+            "errors": len(state["errors"]), "first_errors": state["errors"][:3],
+            "seconds": round(state["seconds"], 2), "labels_per_s": round(len(state["acked"]) / state["seconds"], 1),
+            "_submit_ms": submit,
+        }
+
+
+def run(quick: bool = False) -> dict:
+    annotators, target = (10, 300) if quick else (ANNOTATORS, TARGET_LABELS)
+    out: dict = {"annotators": annotators, "target_labels": target, "overlap": OVERLAP,
+                 "kill_after_fraction": KILL_AT, "note": "client and server share the machine's CPUs (contended)"}
+    all_ms = []
+    for backend in ("sqlite", "postgres"):
+        res = _one(backend, annotators, target, seed=0)
+        if "_submit_ms" in res:
+            all_ms.append(res.pop("_submit_ms"))
+        out[backend] = res
+        print(f"feedback_load {backend}: {res}", file=sys.stderr, flush=True)
+    ran = [out[b] for b in ("sqlite", "postgres") if "labels" in out[b]]
+    out["labels"] = sum(r["labels"] for r in ran)
+    out["lost"] = sum(r["lost"] for r in ran)
+    out["duplicated"] = sum(r["duplicated"] for r in ran)
+    merged = np.concatenate(all_ms) if all_ms else np.zeros(1)
+    out["p50_ms"] = round(float(np.percentile(merged, 50)), 2)
+    out["p95_ms"] = round(float(np.percentile(merged, 95)), 2)
+    return out
