@@ -10,7 +10,6 @@ import torch
 
 from rlhfkit.eval import metrics as M
 
-
 # --------------------------------------------------------------------------- bootstrap / win rate
 
 

@@ -6,7 +6,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 
 from rlhfkit.eval import overopt
 from rlhfkit.eval.report import build_report, cli

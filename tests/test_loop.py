@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.feedback_sources import JudgeSource, PreferenceSource, SimulatedSource, to_preference_records
+from rlhfkit.feedback_sources import (
+    JudgeSource,
+    PreferenceSource,
+    SimulatedSource,
+    to_preference_records,
+)
 from rlhfkit.recipes import loop
 from rlhfkit.registry import Registry
 

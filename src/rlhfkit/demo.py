@@ -318,10 +318,9 @@ def print_table(rows: list[dict], report: Path, seconds: float) -> None:
 def main(cfg: Config) -> dict:
     """Run every stage; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from rlhfkit.eval.report import write_report
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the stage display is the progress report
     t0 = time.perf_counter()

@@ -182,9 +182,7 @@ class Registry:
 def _table(entries: list[dict], current: str | None, gold_key: str) -> str:
     rows = [("", "id", "round", "parent", gold_key, "win_rate", "kl", "path")]
     for e in entries:
-        m = e.get("metrics", {})
-
-        def f(k: str) -> str:
+        def f(k: str, m: dict = e.get("metrics", {})) -> str:
             v = metric_value(m, k)
             return f"{v:.4g}" if v is not None else "-"
 

@@ -175,6 +175,7 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
 def main(cfg: Config) -> dict:
     """Run the rounds; returns {"rounds": [...], "promoted": id} (also written to loop.json)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from rlhfkit.eval.report import write_report
     from rlhfkit.eval.run_eval import evaluate, write_results
@@ -183,8 +184,6 @@ def main(cfg: Config) -> dict:
     from rlhfkit.models.reward import RewardScorer
     from rlhfkit.registry import Registry, RegistryError
     from rlhfkit.tasks import kindly
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = prepare_run_dir(cfg.output_dir, cfg)
