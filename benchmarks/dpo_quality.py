@@ -1,0 +1,122 @@
+"""DPO-family quality on the bundled task: gold win rate against the SFT policy on held-out prompts.
+
+Pipeline (the same stages, and the same functions, as `rlhfkit demo`; cached under
+benchmarks/work/kindly_pipeline so the reward-model and best-of-N benchmarks can share them):
+
+1. base model: the shipped `kindly` checkpoint, pretrained here when it is missing;
+2. SFT policy on the task's sentence continuations;
+3. comparisons: two SFT samples for each of `comparison_prompts` training prompts, labelled
+   by the simulated annotators (one gold-panel rater per comparison, Bradley-Terry noise,
+   ties left out) -- the data a reward model would be trained on;
+4. for each variant (DPO sigmoid, IPO, SimPO, KTO on the same pairs split into
+   desirable/undesirable), `rlhfkit dpo` from the SFT policy;
+5. on held-out eval prompts, one sample from the trained policy and one from the SFT policy
+   per prompt (temperature 1, fixed seeds); the gold panel scores both. Win rate = share of
+   prompts where the policy's score beats the SFT's, ties half, with a bootstrap 95% interval.
+   KL = mean over the policy's samples of sum_t log pi(y_t|.) - log pi_sft(y_t|.).
+
+Headline keys: `gold_win_rate` and `kl` of DPO (sigmoid); `variants` holds every loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+WORK = Path(__file__).resolve().parent / "work" / "kindly_pipeline"
+TARGET = 0.65
+
+# hyper-parameters per variant (beta as each paper uses it; SimPO's beta is a reward scale)
+VARIANTS = {
+    "sigmoid": dict(beta=0.1, learning_rate=2e-4),
+    "ipo": dict(beta=0.1, learning_rate=2e-4),
+    "simpo": dict(beta=2.0, simpo_gamma=0.5, learning_rate=2e-4),
+    "kto": dict(beta=0.1, learning_rate=2e-4),
+}
+
+
+def pipeline(quick: bool) -> dict:
+    """Base, SFT policy and labelled comparisons, built once and reused from WORK."""
+    from rlhfkit import demo
+    from rlhfkit.config import from_dict
+
+    root = WORK / ("quick" if quick else "full")
+    cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0))
+    sft = root / "sft" / "final"
+    prefs = root / "comparisons" / "preferences.jsonl"
+    if not (sft / "config.json").is_file():
+        base = demo.base_model(cfg, root)
+        demo.run_sft(cfg, base, root)
+    if not prefs.is_file():
+        demo.collect_comparisons(cfg, str(sft), root)
+    counts_file = root / "comparisons" / "counts.json"
+    counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
+    return {"sft": str(sft), "prefs": str(prefs), "counts": counts, "max_new_tokens": cfg.max_new_tokens,
+            "eval_prompts": cfg.eval_prompts}
+
+
+def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> dict:
+    from rlhfkit.recipes import dpo
+
+    hp = dict(VARIANTS[loss])
+    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), per_device_batch_size=16,
+                     num_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
+                     lr_scheduler="linear", warmup_steps=0 if quick else 10, log_every=10, report_to="jsonl",
+                     progress=False, seed=0, ref_cache_dir=str(WORK / "ref_cache"), **hp)
+    t0 = time.perf_counter()
+    res = dpo.main(cfg)
+    return {"train_seconds": round(time.perf_counter() - t0, 1), "steps": res["steps"],
+            "train_reward_accuracy": res.get("rewards/accuracy"), "train_margin": res.get("rewards/margins"),
+            "hyperparameters": hp, "model": str(out / "final")}
+
+
+def evaluate_policy(policy_path: str, sft_path: str, prompts: list[str], max_new_tokens: int, ref_rollout=None) -> tuple[dict, object]:
+    from rlhfkit.eval.run_eval import evaluate
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.models import load_policy, load_tokenizer
+
+    tok = load_tokenizer(sft_path)
+    policy = load_policy(policy_path, trainable=False).eval()
+    sft = load_policy(sft_path, trainable=False).eval()
+    m, _ = evaluate(policy, sft, tok, prompts, GoldPanel(), max_new_tokens=max_new_tokens, seed=1234,
+                    n_boot=1000, reference_rollout=ref_rollout)
+    keep = {"gold_win_rate": m["win_rate"]["mean"], "win_rate_ci": [m["win_rate"]["lo"], m["win_rate"]["hi"]],
+            "wins_ties_losses": [m["win_rate"]["wins"], m["win_rate"]["ties"], m["win_rate"]["losses"]],
+            "kl": m["kl"]["mean"], "gold": m["gold"]["mean"], "gold_sft": m["gold_reference"]["mean"],
+            "lc_win_rate": m["lc_win_rate"].get("mean") if isinstance(m["lc_win_rate"], dict) else m["lc_win_rate"],
+            "mean_length": m["mean_length"], "mean_length_sft": m["mean_length_reference"],
+            "distinct_1": m.get("distinct_1"), "prompts": m["n_prompts"]}
+    return keep, m["_reference"]["rollout"]
+
+
+def run(quick: bool = False) -> dict:
+    from rlhfkit.tasks import kindly
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    pipe = pipeline(quick)
+    prompts = kindly.prompts("eval")[: 16 if quick else 256]
+    out_root = WORK / ("quick" if quick else "full") / "dpo_quality"
+    variants: dict[str, dict] = {}
+    ref_rollout = None
+    for loss in VARIANTS:
+        info = train_variant(loss, pipe["sft"], pipe["prefs"], out_root / loss, quick)
+        ev, ref_rollout = evaluate_policy(info["model"], pipe["sft"], prompts, pipe["max_new_tokens"], ref_rollout)
+        variants[loss] = {**info, **ev}
+        print(f"dpo_quality[{loss}]: win rate {ev['gold_win_rate']:.3f} {ev['win_rate_ci']}, KL {ev['kl']:.2f}")
+    dpo = variants["sigmoid"]
+    return {
+        "gold_win_rate": dpo["gold_win_rate"],
+        "kl": dpo["kl"],
+        "target_gold_win_rate": TARGET,
+        "meets_target": bool(dpo["gold_win_rate"] >= TARGET),
+        "variants": variants,
+        "comparisons": pipe["counts"],
+        "eval_prompts": len(prompts),
+        "protocol": "one temperature-1 sample per held-out prompt from policy and SFT; gold panel; ties half",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
