@@ -154,19 +154,23 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_len: int, temperature: float, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      response_len: int, temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
 
     Only the R + 1 last positions go through the LM head (`logits_to_keep`). Returns
-    (logprobs, entropy or None).
+    (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`
+    (an entropy bonus), since back-propagating a full softmax for a logged metric is wasted work.
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
                 use_cache=False, logits_to_keep=response_len + 1)
     logits = out.logits[:, :-1]
     labels = input_ids[:, -response_len:]
     logp = token_logprobs(logits, labels, temperature)
-    ent = entropy_from_logits(logits, temperature) if with_entropy else None
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = entropy_from_logits(logits, temperature)
     return logp, ent
 
 

@@ -194,7 +194,8 @@ def train_on_batch(policy, critic, optimizers, batch, cfg, step, acc, ptx_iter):
                     sync.enter_context(acc.no_sync(critic))
                 with sync:
                     ids, mask, rmask = batch["ids"][idx], batch["mask"][idx], batch["rmask"][idx]
-                    logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature, with_entropy=True)
+                    logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature, with_entropy=True,
+                                                  entropy_grad=cfg.entropy_coef > 0)
                     pl, pm = ppo_policy_loss(logp, batch["old_logp"][idx], batch["adv"][idx], rmask, cfg.clip_eps)
                     el, em = entropy_bonus(ent, rmask, cfg.entropy_coef)
                     values = critic(ids, mask, r_len)
