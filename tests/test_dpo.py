@@ -216,3 +216,20 @@ def test_resume_matches_uninterrupted(tmp_path, base):
     b = load_policy(str(tmp_path / "part" / "final")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, base):
+    """DPO's loss is a mean over pairs, so 2 micro-batches of 2 accumulate to one batch of 4."""
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    # a large Adam eps makes the update proportional to the gradient, so a wrongly scaled
+    # accumulated gradient would show (with the default eps Adam hides any scale)
+    opt = dict(max_steps=1, adam_eps=1.0, max_grad_norm=0.0, learning_rate=0.5)
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "big"), per_device_batch_size=4, **opt))
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "acc"), per_device_batch_size=2,
+                     gradient_accumulation_steps=2, **opt))
+    a = load_policy(str(tmp_path / "big" / "final")).state_dict()
+    b = load_policy(str(tmp_path / "acc" / "final")).state_dict()
+    moved = load_policy(base).state_dict()
+    assert any(not torch.allclose(a[k], moved[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
