@@ -92,23 +92,33 @@ class Config:
 # progress display
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: unlike wall time it
+    hardly changes when other jobs compete for the cores."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Stages:
-    """A rich status line per stage, and a tick with the elapsed time when it ends."""
+    """A rich status line per stage, and a tick with the elapsed wall and CPU time when it ends."""
 
     def __init__(self, total: int):
         from rich.console import Console
 
-        self.console, self.total, self.i, self.times = Console(), total, 0, {}
+        self.console, self.total, self.i, self.times, self.cpu = Console(), total, 0, {}, {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.i += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         label = f"[{self.i}/{self.total}] {name}"
         with self.console.status(f"[bold cyan]{label}[/] ..."):
             yield
         self.times[name] = round(time.perf_counter() - t0, 1)
-        self.console.print(f"[green]done[/] {label} [dim]({self.times[name]:.1f} s)[/]")
+        self.cpu[name] = round(cpu_seconds() - c0, 1)
+        self.console.print(f"[green]done[/] {label} [dim]({self.times[name]:.1f} s, {self.cpu[name]:.1f} CPU s)[/]")
 
     def skip(self, name: str, why: str) -> None:
         self.i += 1
@@ -323,7 +333,7 @@ def main(cfg: Config) -> dict:
     from rlhfkit.eval.report import write_report
 
     hf_logging.disable_progress_bar()  # the stage display is the progress report
-    t0 = time.perf_counter()
+    t0, c_start = time.perf_counter(), cpu_seconds()
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -355,7 +365,8 @@ def main(cfg: Config) -> dict:
     results = evaluate_all(cfg, sft_path, rm_path, policies, out, stages)
     rows = win_rate_table(results)
     seconds = time.perf_counter() - t0
-    summary = {"win_rates": rows, "stage_seconds": stages.times, "seconds": round(seconds, 1), "skipped": skipped,
+    summary = {"win_rates": rows, "stage_seconds": stages.times, "stage_cpu_seconds": stages.cpu,
+               "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds() - c_start, 1), "skipped": skipped,
                "comparisons": counts, "paths": {"base": base, "sft": sft_path, "reward_model": rm_path, **policies}}
     atomic_write_json(out / "summary.json", summary)
     with stages.stage("report"):
