@@ -112,7 +112,7 @@ class LastTokenReward(nn.Module):
     the padded ones to float precision, which :func:`padding_free_matches` checks on a batch.
     """
 
-    def __init__(self, model: nn.Module, padding_free: bool = False, pack_tokens: int = 2048):
+    def __init__(self, model: nn.Module, padding_free: bool = False, pack_tokens: int = 512):
         super().__init__()
         self.model = model
         self.padding_free = padding_free

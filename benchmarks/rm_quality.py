@@ -1,0 +1,180 @@
+"""Reward-model quality on the bundled task, measured against the gold panel.
+
+1. The SFT policy (`benchmarks.common.sft_policy()`) samples K responses for every train
+   prompt and every eval prompt (cached under benchmarks/work/rm_quality/).
+2. All C(K, 2) pairs of a prompt's samples are labelled by the simulated annotators (one rater
+   of the panel per comparison, Bradley-Terry noise, ties when the rater's scores are close).
+3. Reward models start from the SFT policy and train with `rlhfkit reward` on the first 1k,
+   3k and 10k labelled train pairs (Bradley-Terry; labelled ties skipped and counted); the
+   10k set also trains a 3-model ensemble (seeds and data orders), whose member 0 is the
+   single model of the headline.
+4. Held-out pairs from the eval prompts (disjoint from the train prompts) are scored:
+   `gold_accuracy` = agreement with the gold panel on pairs whose gold gap is >= GOLD_GAP
+   (the panel separates them clearly), `label_accuracy` = RewardBench-style strict accuracy
+   against the annotators' own labels, `ece` = calibration of sigmoid(delta r).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import WORK, locked, sft_policy
+
+K_SAMPLES, MAX_NEW_TOKENS, GOLD_GAP, SEED = 4, 24, 0.1, 0
+LABEL_SIZES = (1000, 3000, 10000)
+ENSEMBLE = 3
+
+
+def _samples(policy: Path, split: str, n_prompts: int | None) -> list[dict]:
+    """K sampled responses per prompt of `split`, cached per policy and settings."""
+    import torch
+
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout import generate
+    from rlhfkit.tasks import kindly
+
+    prompts = kindly.prompts(split)[:n_prompts]
+    cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{K_SAMPLES}-{MAX_NEW_TOKENS}-{_stamp(policy)}.json"
+    with locked("rm_quality_samples"):
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        tok = load_tokenizer(str(policy))
+        model = load_policy(str(policy), trainable=False).eval()
+        with torch.no_grad():
+            roll = generate(model, tok, prompts, MAX_NEW_TOKENS, temperature=1.0, num_samples=K_SAMPLES,
+                            batch_size=256, seed=SEED + (split == "eval"))
+        out = [{"prompt": p, "responses": roll.responses[i * K_SAMPLES:(i + 1) * K_SAMPLES]} for i, p in enumerate(prompts)]
+        from rlhfkit.runs import atomic_write_json
+
+        atomic_write_json(cache, out)
+        return out
+
+
+def _stamp(policy: Path) -> str:
+    st = (Path(policy) / "model.safetensors").stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def _label(groups: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """Every C(K, 2) pair of distinct non-empty samples, labelled by one simulated annotator each."""
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.judges.annotators import SimulatedAnnotators
+
+    rng = np.random.default_rng(seed)
+    prompts, a, b, skipped = [], [], [], {"identical": 0, "empty": 0}
+    for g in groups:
+        for i, j in itertools.combinations(range(len(g["responses"])), 2):
+            ra, rb = g["responses"][i], g["responses"][j]
+            if not ra.strip() or not rb.strip():
+                skipped["empty"] += 1
+                continue
+            if ra == rb:
+                skipped["identical"] += 1
+                continue
+            if rng.random() < 0.5:  # which side is shown first carries no information
+                ra, rb = rb, ra
+            prompts.append(g["prompt"])
+            a.append(ra)
+            b.append(rb)
+    ann = SimulatedAnnotators(GoldPanel(), seed=seed)
+    labels = ann.compare(prompts, a, b)
+    records = [{"prompt": p, "chosen": x, "rejected": y, "label": lab["label"], "annotator_id": lab["annotator_id"]}
+               for p, x, y, lab in zip(prompts, a, b, labels)]
+    order = rng.permutation(len(records))
+    return [records[i] for i in order], skipped
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    from rlhfkit.runs import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _train(policy: Path, data: Path, out: Path, ensemble: int, quick: bool) -> dict:
+    from rlhfkit.recipes.reward import Config, main
+
+    cfg = Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="bradley_terry",
+                 per_device_batch_size=32, learning_rate=3e-4, lr_scheduler="cosine", warmup_steps=10,
+                 num_epochs=1.0 if quick else 2.0, seed=SEED, eval_fraction=0.0, report_to="jsonl",
+                 progress=False, log_every=50, max_length=96, ensemble_size=ensemble, weight_decay=0.01)
+    t0 = time.perf_counter()
+    res = main(cfg, printer=lambda m: print(m, flush=True))
+    res["train_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def _evaluate(model_path: str, pairs: list[dict], gold, plot: Path | None = None) -> dict:
+    from rlhfkit.eval.rm_eval import evaluate_pairs
+    from rlhfkit.models.reward import RewardScorer
+
+    scorer = RewardScorer(model_path, normalize=False, batch_size=256, max_length=96)
+    res = evaluate_pairs(lambda p, r: scorer.score_with_uncertainty(p, r)[0], pairs, gold, GOLD_GAP, 10, plot)
+    res.pop("calibration_bins", None)
+    res.pop("annotators", None)
+    return res
+
+
+def run(quick: bool = False) -> dict:
+    from rlhfkit.data.comparisons import parse_comparisons
+    from rlhfkit.eval.rm_eval import comparison_pairs
+    from rlhfkit.judges import GoldPanel
+
+    t0 = time.perf_counter()
+    policy = sft_policy()
+    n_train_prompts, n_eval_prompts = (300, 100) if quick else (None, None)
+    train_groups = _samples(policy, "train", n_train_prompts)
+    eval_groups = _samples(policy, "eval", n_eval_prompts)
+    t_sample = time.perf_counter() - t0
+    work = WORK / "rm_quality" / ("quick" if quick else "full")
+    train_recs, train_skipped = _label(train_groups, SEED)
+    eval_recs, eval_skipped = _label(eval_groups, SEED + 1)
+    heldout = comparison_pairs(parse_comparisons(eval_recs))
+    gold = GoldPanel()
+    sizes = (300, 1000) if quick else LABEL_SIZES
+    if len(train_recs) < sizes[-1]:
+        raise RuntimeError(f"only {len(train_recs)} labelled train pairs; need {sizes[-1]}")
+    curve, runs = {}, {}
+    for n in sizes:
+        data = _write_jsonl(work / f"train-{n}.jsonl", train_recs[:n])
+        ens = 1 if quick or n != sizes[-1] else ENSEMBLE
+        res = _train(policy, data, work / f"rm-{n}", ens, quick)
+        single = str(work / f"rm-{n}" / "final") if ens == 1 else str(work / f"rm-{n}" / "final" / "member-0")
+        runs[n] = {"single": _evaluate(single, heldout, gold, work / f"rm-{n}-reliability.png" if n == sizes[-1] else None),
+                   "train_seconds": res["train_seconds"], "counts": res["counts"], "skipped": res["skipped"]}
+        if ens > 1:
+            runs[n]["ensemble"] = _evaluate(str(work / f"rm-{n}" / "final"), heldout, gold)
+        curve[str(n)] = runs[n]["single"]["gold_accuracy"]
+    head = runs[sizes[-1]]
+    best = head["single"]
+    out = {
+        "gold_accuracy": best["gold_accuracy"],
+        "label_accuracy": best["accuracy"],
+        "ece": best["ece"],
+        "num_train_labels": sizes[-1],
+        "gold_gap": GOLD_GAP,
+        "num_heldout_pairs": best["num_pairs"],
+        "num_heldout_gold_clear": best["num_gold_clear"],
+        "heldout_label_gold_agreement": best.get("label_gold_agreement"),
+        "gold_accuracy_vs_labels": curve,
+        "label_accuracy_vs_labels": {str(n): runs[n]["single"]["accuracy"] for n in sizes},
+        "single": best,
+        "ensemble": head.get("ensemble"),
+        "ensemble_size": ENSEMBLE if "ensemble" in head else 1,
+        "train_seconds": {str(n): round(runs[n]["train_seconds"], 1) for n in sizes},
+        "sample_seconds": round(t_sample, 1),
+        "truncated_rows": {str(n): runs[n]["counts"].get("truncated_rows", 0) for n in sizes},
+        "ties_skipped_in_training": {str(n): runs[n]["counts"].get("ties_skipped", 0) for n in sizes},
+        "pairs_not_labelled": {"train": train_skipped, "eval": eval_skipped},
+        "num_labelled_train_pairs": len(train_recs),
+        "policy": str(policy),
+        "target_gold_accuracy": 0.80,
+        "note": "held-out pairs come from eval prompts disjoint from the train prompts; gold is never shown to the RM",
+    }
+    return out
