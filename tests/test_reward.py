@@ -228,6 +228,19 @@ def test_frozen_backbone_changes_only_the_head(base, prefs, tmp_path):
         torch.testing.assert_close(w, start[name], msg=name)
 
 
+def test_lora_reward_model_trains_and_saves_merged(base, prefs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "lora"
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), use_lora=True, lora_r=4, lora_alpha=8),
+                  printer=lambda m: None)
+    assert res["members"][0]["steps"] == 2
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert not any("lora" in k for k in merged.state_dict())  # merged into plain weights
+    scores = MR.RewardScorer(out / "final").score(["The day was"], [" lovely and fine"])
+    assert np.isfinite(scores).all()
+
+
 @pytest.mark.parametrize("mode", ["models", "heads"])
 def test_ensembles_give_mean_std_and_conservative_scores(base, prefs, tmp_path, mode):
     out = tmp_path / mode
