@@ -115,3 +115,22 @@ def test_bad_arguments(tok):
         generate(m, tok, ["a"], 4, top_p=0.0)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate(m, tok, ["a"], 0)
+
+
+def test_sampling_frequencies_match_probabilities():
+    from rlhfkit.rollout import sample_next_token
+
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20000, 4).clone()
+    logits[:, 3] = float("-inf")
+    g = torch.Generator().manual_seed(0)
+    tok = sample_next_token(logits, 1.0, 1.0, g)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert freq[3] == 0
+    # 20000 draws: binomial std <= 0.0036, so 0.015 is over 4 standard deviations
+    assert torch.allclose(freq[:3], probs[:3], atol=0.015)
+    # temperature 2 flattens: p ~ sqrt(probs)
+    flat = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    tok = sample_next_token(logits[:, :3], 2.0, 1.0, g)
+    freq = torch.bincount(tok, minlength=3).float() / len(tok)
+    assert torch.allclose(freq, flat / flat.sum(), atol=0.015)

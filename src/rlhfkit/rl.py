@@ -158,13 +158,16 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
 
-    Only the R + 1 last positions go through the LM head (`logits_to_keep`). Returns
+    Only the R positions that predict response tokens go through the LM head. Returns
     (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`
     (an entropy bonus), since back-propagating a full softmax for a logged metric is wasted work.
     """
+    t = input_ids.shape[1]
+    # only the R positions that predict response tokens go through the LM head
+    keep = torch.arange(t - response_len - 1, t - 1, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                use_cache=False, logits_to_keep=response_len + 1)
-    logits = out.logits[:, :-1]
+                use_cache=False, logits_to_keep=keep)
+    logits = out.logits
     labels = input_ids[:, -response_len:]
     logp = token_logprobs(logits, labels, temperature)
     ent = None
@@ -401,14 +404,19 @@ def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: di
                 sync = accelerator.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     logp, ent = response_logprobs(policy, batch["ids"][idx], batch["mask"][idx], r_len,
-                                                  cfg.temperature, with_entropy=True)
+                                                  cfg.temperature, with_entropy=epoch == 0)  # a metric only
                     loss, m = loss_fn(logp, idx)
                     check_finite(f"{name} loss", loss)
                     accelerator.backward(loss / len(micro))
-                m["entropy"] = masked_mean(ent.detach(), batch["rmask"][idx])
+                if ent is not None:
+                    m["entropy"] = masked_mean(ent, batch["rmask"][idx])
                 mb_metrics.append(m)
-            check_finite_grads(policy)
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            grad_norm = None
+            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm
+                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                check_finite(f"{name} gradient norm", grad_norm)
+            else:
+                check_finite_grads(policy)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_metrics = ratio_stats(mb_metrics)

@@ -194,10 +194,12 @@ def train_on_batch(policy, critic, optimizers, batch, cfg, step, acc, ptx_iter):
                     sync.enter_context(acc.no_sync(critic))
                 with sync:
                     ids, mask, rmask = batch["ids"][idx], batch["mask"][idx], batch["rmask"][idx]
-                    logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature, with_entropy=True,
-                                                  entropy_grad=cfg.entropy_coef > 0)
+                    # entropy: in the loss when it has a weight, else measured on the first epoch only
+                    bonus = cfg.entropy_coef > 0
+                    logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature,
+                                                  with_entropy=bonus or epoch == 0, entropy_grad=bonus)
                     pl, pm = ppo_policy_loss(logp, batch["old_logp"][idx], batch["adv"][idx], rmask, cfg.clip_eps)
-                    el, em = entropy_bonus(ent, rmask, cfg.entropy_coef)
+                    el, em = entropy_bonus(ent, rmask, cfg.entropy_coef) if ent is not None else (0.0, {})
                     values = critic(ids, mask, r_len)
                     vl, vm = value_loss(values, batch["old_values"][idx], batch["returns"][idx], rmask,
                                         cfg.value_clip or None)
@@ -210,11 +212,14 @@ def train_on_batch(policy, critic, optimizers, batch, cfg, step, acc, ptx_iter):
                     check_finite("PPO loss", loss)
                     acc.backward(loss / len(micro))
                 mb_metrics.append({**pm, **em, **vm, "loss": loss.detach()})
-            check_finite_grads(policy)
-            check_finite_grads(critic)
-            grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            grad_norm = None
+            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm: one check instead of one per tensor
+                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                check_finite("policy gradient norm", grad_norm,
+                             acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+            else:
+                check_finite_grads(policy)
+                check_finite_grads(critic)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)

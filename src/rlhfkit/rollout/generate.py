@@ -87,8 +87,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
         return logits.argmax(-1)
     logits = logits.float() / temperature
     logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform per row instead of torch.multinomial's exponential
+    # draw per vocabulary entry, which dominated a decoding step of a small model
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True picks the first index whose cdf exceeds u: never a token of zero probability
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None
