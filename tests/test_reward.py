@@ -228,6 +228,24 @@ def test_frozen_backbone_changes_only_the_head(base, prefs, tmp_path):
         torch.testing.assert_close(w, start[name], msg=name)
 
 
+@pytest.mark.parametrize("loss,ranking_loss,center", [("davidson", "plackett_luce", 0.0), ("soft_label", "instructgpt", 0.01)])
+def test_recipe_runs_every_loss_variant(base, prefs, tmp_path, loss, ranking_loss, center):
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / loss), loss=loss,
+                            ranking_loss=ranking_loss, center_rewards_coef=center, max_steps=1), printer=lambda m: None)
+    assert np.isfinite(res["members"][0]["loss"]) and res["members"][0]["steps"] == 1
+
+
+def test_config_rejects_bad_values():
+    from rlhfkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss"):
+        RR.Config(dataset="x", loss="hinge")
+    with pytest.raises(ConfigError, match="dataset"):
+        RR.Config()
+    with pytest.raises(ConfigError, match="freeze_backbone"):
+        RR.Config(dataset="x", use_lora=True, freeze_backbone=True)
+
+
 def test_lora_reward_model_trains_and_saves_merged(base, prefs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
