@@ -22,6 +22,8 @@ def test_demo_quick_smoke(tmp_path, capsys):
         assert 0.0 <= r["win_rate"] <= 1.0
     assert summary["skipped"] == {}
     assert set(summary["stage_seconds"]) >= {"supervised fine-tuning", "reward model", "PPO", "DPO", "report"}
+    assert 0.0 <= summary["reward_model"]["rm_accuracy"]["mean"] <= 1.0
+    assert (out / "eval" / "reward_model" / "eval.json").is_file()
     saved = json.loads((out / "summary.json").read_text())
     assert saved["win_rates"] == summary["win_rates"]
     overopt = json.loads((out / "overopt.json").read_text())

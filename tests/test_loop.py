@@ -81,3 +81,14 @@ def test_loop_config_errors(tmp_path):
         loop.Config()
     with pytest.raises(ConfigError, match="algorithm"):
         loop.Config(model="x", algorithm="sft")
+
+
+def test_loop_ppo_one_round(start_model, tmp_path):
+    cfg = loop.Config(model=str(start_model), rounds=1, algorithm="ppo", prompts_per_round=16, max_new_tokens=6,
+                      reward_steps=2, policy_steps=2, batch_size=4, num_eval_prompts=6, n_boot=20,
+                      output_dir=str(tmp_path / "loop"))
+    res = loop.main(cfg)
+    entry = Registry(tmp_path / "loop" / "registry").get("round-1")
+    assert entry["algorithm"] == "ppo" and entry["path"].endswith("ppo/final")
+    assert (tmp_path / "loop" / "round-1" / "ppo" / "final" / "config.json").is_file()
+    assert len(res["rounds"]) == 2 and "proxy" in json.loads((tmp_path / "loop" / "round-1" / "eval" / "eval.json").read_text())

@@ -166,8 +166,9 @@ def run_sft(cfg: Config, base: str, out: Path) -> str:
     return str(out / "sft" / "final")
 
 
-def collect_comparisons(cfg: Config, sft_path: str, out: Path) -> tuple[Path, dict]:
-    """Two samples per training prompt from the SFT policy, labelled by simulated annotators."""
+def collect_comparisons(cfg: Config, sft_path: str, out: Path, split: str = "train",
+                        n_prompts: int | None = None) -> tuple[Path, dict]:
+    """Two samples per prompt from the SFT policy, labelled by simulated annotators."""
     from rlhfkit.feedback_sources import SimulatedSource, to_preference_records
     from rlhfkit.models import load_policy, load_tokenizer
     from rlhfkit.rollout import generate
@@ -175,16 +176,17 @@ def collect_comparisons(cfg: Config, sft_path: str, out: Path) -> tuple[Path, di
 
     tok = load_tokenizer(sft_path)
     policy = load_policy(sft_path, trainable=False).eval()
-    prompts = kindly.prompts("train")
-    order = np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.comparison_prompts]
+    prompts = kindly.prompts(split)
+    order = np.random.default_rng(cfg.seed).permutation(len(prompts))[: n_prompts or cfg.comparison_prompts]
     prompts = [prompts[i] for i in order]
-    roll = generate(policy, tok, prompts, cfg.max_new_tokens, num_samples=2, seed=cfg.seed)
+    seed = cfg.seed + (0 if split == "train" else 101)
+    roll = generate(policy, tok, prompts, cfg.max_new_tokens, num_samples=2, seed=seed)
     a, b = roll.responses[0::2], roll.responses[1::2]
-    labels = SimulatedSource(beta=cfg.annotator_beta, seed=cfg.seed).compare(prompts, a, b)
+    labels = SimulatedSource(beta=cfg.annotator_beta, seed=seed).compare(prompts, a, b)
     records, counts = to_preference_records(prompts, a, b, labels)
-    path = out / "comparisons" / "preferences.jsonl"
+    path = out / "comparisons" / f"preferences_{split}.jsonl"
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_json(out / "comparisons" / "counts.json", counts)
+    atomic_write_json(out / "comparisons" / f"counts_{split}.json", counts)
     return path, counts
 
 
@@ -238,6 +240,29 @@ def best_of_n(cfg: Config, sft_path: str, scorer, judge, prompts: list[str]) -> 
 
 # ---------------------------------------------------------------------------------------------
 # evaluation and the summary
+
+
+def reward_model_accuracy(cfg: Config, sft_path: str, rm_path: str, out: Path) -> dict:
+    """RM accuracy on comparisons of held-out prompts: against the annotators' labels and
+    against the noise-free panel order (what the RM should have learned)."""
+    from rlhfkit.eval.metrics import preference_labels, win_rate
+    from rlhfkit.eval.run_eval import rm_accuracy
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.models.reward import RewardScorer
+
+    path, _ = collect_comparisons(cfg, sft_path, out, split="eval", n_prompts=cfg.eval_prompts)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    scorer, panel = RewardScorer(rm_path), GoldPanel()
+    prompts = [r["prompt"] for r in records]
+    chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
+    gold_order = preference_labels(panel.score(prompts, chosen), panel.score(prompts, rejected))
+    rm_order = preference_labels(scorer.score(prompts, chosen), scorer.score(prompts, rejected))
+    decided = gold_order != 0.5  # the panel has no order on exact gold ties
+    agree = np.where(rm_order[decided] == 0.5, 0.5, (rm_order[decided] == gold_order[decided]).astype(float))
+    result = {"name": "reward model (held-out comparisons)", "rm_accuracy": rm_accuracy(scorer, records, str(path), cfg.n_boot),
+              "gold_accuracy": win_rate(agree, n_boot=cfg.n_boot) if agree.size else {"mean": float("nan"), "n": 0}}
+    atomic_write_json(out / "eval" / "reward_model" / "eval.json", result)
+    return result
 
 
 def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, str], out: Path,
@@ -352,6 +377,10 @@ def main(cfg: Config) -> dict:
                          f"{counts['identical_skipped']} identical pairs left out)")
     with stages.stage("reward model"):
         rm_path = run_reward(cfg, sft_path, prefs, out)
+        rm_eval = reward_model_accuracy(cfg, sft_path, rm_path, out)
+    stages.console.print(f"  held-out accuracy on {rm_eval['rm_accuracy']['n']} new comparisons: "
+                         f"{rm_eval['rm_accuracy']['mean']:.3f} (annotator labels), "
+                         f"{rm_eval['gold_accuracy']['mean']:.3f} (noise-free panel order)")
     policies: dict[str, str] = {}
     for name, fn, args in (("ppo", run_ppo, (rm_path,)), ("dpo", run_dpo, (prefs,))):
         if name not in methods:
@@ -367,7 +396,7 @@ def main(cfg: Config) -> dict:
     seconds = time.perf_counter() - t0
     summary = {"win_rates": rows, "stage_seconds": stages.times, "stage_cpu_seconds": stages.cpu,
                "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds() - c_start, 1), "skipped": skipped,
-               "comparisons": counts, "paths": {"base": base, "sft": sft_path, "reward_model": rm_path, **policies}}
+               "comparisons": counts, "reward_model": rm_eval, "paths": {"base": base, "sft": sft_path, "reward_model": rm_path, **policies}}
     atomic_write_json(out / "summary.json", summary)
     with stages.stage("report"):
         report = write_report(out, title="rlhfkit demo: say it kindly")

@@ -36,6 +36,7 @@ TABLE_COLUMNS = (
     ("gold", "gold reward"), ("proxy", "proxy (RM)"), ("kl", "KL to ref"), ("win_rate", "win rate vs ref"),
     ("lc_win_rate", "LC win rate"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
     ("self_bleu", "self-BLEU"), ("ead", "EAD"), ("perplexity", "held-out ppl"), ("rm_accuracy", "RM accuracy"),
+    ("gold_accuracy", "RM accuracy vs panel"),
     ("mean_length", "mean length"),
 )
 
