@@ -183,7 +183,10 @@ def _load_model(cfg: Config, heads: int, seed: int):
 
 def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict], tokenizer: Any,
               out: Path, printer=print) -> tuple[Any, dict]:
-    """Train one reward model; returns (unwrapped module, final metrics). Resumable from out/checkpoints."""
+    """Train one reward model, save it to out/final; returns (unwrapped module, final metrics).
+
+    Resumable from out/checkpoints.
+    """
     from rlhfkit.training import (
         check_finite,
         iterate_batches,
@@ -262,6 +265,10 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         final.update(evaluate(module, eval_units, cfg, tokenizer.pad_token_id, acc.device))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
+    if acc.is_main_process:  # one writer; the others wait so every process returns a saved model
+        final["stats"] = save_reward_model(module, tokenizer, out / "final", train, cfg)
+        atomic_write_json(out / "member_results.json", final)
+    acc.wait_for_everyone()
     return module, final
 
 
@@ -300,9 +307,12 @@ def _split(units: list[dict], fraction: float, seed: int) -> tuple[list[dict], l
 
 def main(cfg: Config, printer=print) -> dict:
     """Train (an ensemble of) reward models; returns the final metrics, also written to results.json."""
+    from accelerate import PartialState
+
     from rlhfkit.models import load_tokenizer
 
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    is_main = PartialState().is_main_process
+    out = prepare_run_dir(cfg.output_dir, cfg, is_main)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     comps = load_comparisons(cfg.dataset, "train", cfg.on_bad_record, tokenizer, cfg.from_feedback)
     report_skips(comps, "training", printer)
@@ -335,12 +345,10 @@ def main(cfg: Config, printer=print) -> dict:
             printer(f"reward: {name} already trained, kept")  # resuming an ensemble skips finished members
             final = json.loads(done.read_text())
         else:
-            module, final = train_one(cfg, m, train, eval_units, tokenizer, member_out, printer)
-            final["stats"] = save_reward_model(module, tokenizer, member_out / "final", train, cfg)
-            atomic_write_json(done, final)
+            _, final = train_one(cfg, m, train, eval_units, tokenizer, member_out, printer)
         results["members"].append(final)
         names.append(name)
-    if n_models > 1:
+    if n_models > 1 and is_main:
         _assemble_ensemble(out, names, cfg)
     results.update({k: v for k, v in results["members"][0].items() if k.startswith("eval_")})
     if n_models > 1 and eval_units:
@@ -349,7 +357,8 @@ def main(cfg: Config, printer=print) -> dict:
             if vals:
                 results[f"{key}_members_mean"] = float(np.mean(vals))
     results["model_path"] = str(out / "final")
-    atomic_write_json(out / "results.json", results)
+    if is_main:
+        atomic_write_json(out / "results.json", results)
     return results
 
 
