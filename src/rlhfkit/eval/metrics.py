@@ -199,33 +199,39 @@ def expectation_adjusted_distinct(texts: Sequence[str | Sequence[str]], vocab_si
     return len(set(grams)) / expected
 
 
+def _counts(tokens: Sequence[str], max_n: int) -> list[Counter]:
+    return [Counter(_ngrams(tokens, n)) for n in range(1, max_n + 1)]
+
+
+def _bleu_from_counts(hyp: list[Counter], c: int, refs: Sequence[list[Counter]], ref_lens: Sequence[int],
+                      smoothing_eps: float) -> float:
+    if c == 0 or not refs:
+        return 0.0
+    log_p = 0.0
+    max_n = len(hyp)
+    for n in range(max_n):
+        total = sum(hyp[n].values())
+        if total == 0:
+            return 0.0  # hypothesis shorter than n: BLEU-max_n is undefined, count it as no overlap
+        clipped = sum(min(k, max(r[n].get(g, 0) for r in refs)) for g, k in hyp[n].items())
+        log_p += math.log((clipped if clipped > 0 else smoothing_eps) / total) / max_n
+    r = min((abs(x - c), x) for x in ref_lens)[1]
+    bp = 1.0 if c > r else math.exp(1.0 - r / c)
+    return bp * math.exp(log_p)
+
+
 def bleu(hypothesis: str | Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4,
          smoothing_eps: float = 0.1) -> float:
     """Sentence BLEU (Papineni et al. 2002): geometric mean of clipped n-gram precisions for
     n = 1..max_n with uniform weights, times the brevity penalty exp(min(0, 1 - r/c)), r the
-    reference length closest to c. A zero n-gram match count is replaced by `smoothing_eps`
-    (Chen & Cherry 2014, smoothing 1) so one missing 4-gram does not zero the score.
+    reference length closest to c (the shorter on a tie). A zero n-gram match count is replaced
+    by `smoothing_eps` (Chen & Cherry 2014, smoothing 1) so one missing 4-gram does not zero
+    the score.
     """
     hyp = _tokens(hypothesis)
     refs = [_tokens(r) for r in references]
-    c = len(hyp)
-    if c == 0 or not refs:
-        return 0.0
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        h = Counter(_ngrams(hyp, n))
-        total = sum(h.values())
-        if total == 0:
-            return 0.0  # hypothesis shorter than n: BLEU-max_n is undefined, count it as no overlap
-        max_ref: Counter = Counter()
-        for r in refs:
-            for g, k in Counter(_ngrams(r, n)).items():
-                max_ref[g] = max(max_ref[g], k)
-        clipped = sum(min(k, max_ref[g]) for g, k in h.items())
-        log_p += math.log((clipped if clipped > 0 else smoothing_eps) / total) / max_n
-    r = min((abs(len(x) - c), len(x)) for x in refs)[1]
-    bp = 1.0 if c > r else math.exp(1.0 - r / c)
-    return bp * math.exp(log_p)
+    return _bleu_from_counts(_counts(hyp, max_n), len(hyp), [_counts(r, max_n) for r in refs],
+                             [len(r) for r in refs], smoothing_eps)
 
 
 def self_bleu(texts: Sequence[str | Sequence[str]], max_n: int = 4, max_texts: int | None = 200, seed: int = 0) -> float:
@@ -238,7 +244,11 @@ def self_bleu(texts: Sequence[str | Sequence[str]], max_n: int = 4, max_texts: i
         items = [items[i] for i in sorted(keep)]
     if len(items) < 2:
         return 0.0
-    scores = [bleu(items[i], items[:i] + items[i + 1:], max_n=max_n) for i in range(len(items))]
+    toks = [_tokens(t) for t in items]
+    counts = [_counts(t, max_n) for t in toks]  # each text's n-grams counted once, not once per pair
+    lens = [len(t) for t in toks]
+    scores = [_bleu_from_counts(counts[i], lens[i], counts[:i] + counts[i + 1:], lens[:i] + lens[i + 1:], 0.1)
+              for i in range(len(items))]
     return float(np.mean(scores))
 
 
