@@ -185,3 +185,23 @@ def test_learning_raises_reward_with_fixed_seed(assets, tmp_path, recipe):
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     print(f"{recipe}: proxy reward first 5 updates {first:.3f}, last 5 updates {last:.3f}")
     assert last > first + 0.5, (recipe, first, last)
+
+
+@pytest.mark.slow
+def test_ppo_under_accelerate_launch_two_processes(assets, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    cmd = ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "rlhfkit.cli", "ppo", "--model", assets["policy"], "--reward_model",
+           assets["rm"], "--prompts", assets["prompts"], "--eval_prompts", "", "--output_dir", str(tmp_path),
+           "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "6", "--per_device_batch_size", "2",
+           "--report_to", "jsonl"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["first_ratio_mean"] == 1.0
+    assert (tmp_path / "final" / "model.safetensors").is_file()

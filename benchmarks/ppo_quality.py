@@ -1,0 +1,158 @@
+"""PPO, GRPO and RLOO against a learned reward model on the bundled task, judged by the gold panel.
+
+1. policy_0 = the bundled SFT policy (`benchmarks.common.sft_policy()`).
+2. The reward model (the proxy): policy_0 samples 4 responses per train prompt; every pair
+   of a prompt's samples is labelled by the simulated annotators (one rater of the gold panel
+   per comparison, Bradley-Terry noise, ties); `rlhfkit reward` (Bradley-Terry) trains on
+   them from policy_0's weights. The RM never sees the gold panel. Cached under
+   benchmarks/work/ppo_quality/.
+3. PPO, GRPO and RLOO each train from policy_0 against that RM with a fixed seed.
+4. Held-out evaluation on the task's eval prompts (disjoint from the train prompts): the
+   policy and policy_0 each sample one response per prompt (same seed, temperature 1);
+   `gold_win_rate` = share of prompts where the panel scores the policy's response above
+   policy_0's (ties half); `kl` = mean over those responses of the summed per-token
+   log pi(y|x) - log pi_0(y|x) in nats; `gold_reward`/`proxy_reward` = mean panel / RM score.
+5. `gold_proxy_gap` traces, every few updates, the training batch's mean proxy score and mean
+   gold score: rising proxy with flat or falling gold is reward hacking.
+
+Targets (issue 4): PPO gold_win_rate >= 0.75 at kl <= 10 nats within 15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import WORK, locked, sft_policy
+
+SEED, K, MAX_NEW_TOKENS, RM_PAIRS = 0, 4, 24, 6000
+OUT = WORK / "ppo_quality"
+
+# each algorithm's settings on top of the shared ones below; chosen once, then fixed
+SHARED = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, eval_prompts="kindly", num_eval_prompts=0,
+              report_to="jsonl", sample_every=10, seed=SEED, progress=False, generation_batch_size=256,
+              score_norm="none", missing_eos_penalty=1.0)
+ALGOS = {
+    "ppo": dict(max_steps=60, prompts_per_step=64, per_device_batch_size=32, num_mini_batches=2, num_ppo_epochs=4,
+                learning_rate=3e-4, kl_coef=0.05, target_kl=6.0, kl_horizon=10000, vf_coef=0.5, lam=0.95,
+                gamma=1.0),
+    "grpo": dict(max_steps=60, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.04, loss_type="sequence"),
+    "rloo": dict(max_steps=60, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.05),
+}
+
+
+def _stamp(path: Path) -> str:
+    st = (Path(path) / "model.safetensors").stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def preference_data(policy: Path, n_pairs: int) -> Path:
+    """Simulated-annotator labels on pairs of policy_0's samples (cached per policy)."""
+    import torch
+
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.judges.annotators import SimulatedAnnotators
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout import generate
+    from rlhfkit.runs import atomic_path
+    from rlhfkit.tasks import kindly
+
+    path = OUT / f"prefs-{n_pairs}-{_stamp(policy)}.jsonl"
+    if path.is_file():
+        return path
+    prompts = kindly.prompts("train")[: n_pairs // 6 + 1]  # C(4, 2) = 6 pairs per prompt
+    tok = load_tokenizer(str(policy))
+    model = load_policy(str(policy), trainable=False).eval()
+    with torch.no_grad():
+        roll = generate(model, tok, prompts, MAX_NEW_TOKENS, num_samples=K, batch_size=256, seed=SEED + 17)
+    rng = np.random.default_rng(SEED)
+    ps, a, b = [], [], []
+    for i, p in enumerate(prompts):
+        group = roll.responses[i * K:(i + 1) * K]
+        for x, y in itertools.combinations(group, 2):
+            if x.strip() and y.strip() and x != y:
+                if rng.random() < 0.5:
+                    x, y = y, x
+                ps.append(p)
+                a.append(x)
+                b.append(y)
+    labels = SimulatedAnnotators(GoldPanel(), seed=SEED).compare(ps, a, b)
+    recs = [{"prompt": p, "chosen": x, "rejected": y, "label": lab["label"]} for p, x, y, lab in zip(ps, a, b, labels)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs[:n_pairs]))
+    return path
+
+
+def reward_model(policy: Path, quick: bool) -> Path:
+    """The proxy RM, trained with `rlhfkit reward` on simulated labels (cached)."""
+    from rlhfkit.recipes import reward
+
+    n = 1500 if quick else RM_PAIRS
+    out = OUT / f"rm-{n}-{_stamp(policy)}"
+    with locked("ppo_quality_rm"):
+        if not (out / "final" / "model.safetensors").is_file():
+            data = preference_data(policy, n)
+            cfg = reward.Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="bradley_terry",
+                                per_device_batch_size=32, learning_rate=3e-4, lr_scheduler="cosine", warmup_steps=10,
+                                num_epochs=2.0, seed=SEED, eval_fraction=0.0, report_to="jsonl", progress=False,
+                                log_every=50, max_length=96, weight_decay=0.01)
+            reward.main(cfg, printer=lambda m: None)
+    return out / "final"
+
+
+def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
+    import importlib
+
+    from rlhfkit.runs import read_metrics
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{algo}")
+    out = OUT / ("quick" if quick else "full") / algo
+    kw = {**SHARED, **ALGOS[algo]}
+    if quick:
+        kw.update(max_steps=4, num_eval_prompts=64)
+    cfg = mod.Config(model=str(policy), reward_model=str(rm), output_dir=str(out), **kw)
+    for stale in ("metrics.jsonl", "samples.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    res = mod.main(cfg)
+    minutes = (time.perf_counter() - t0) / 60
+    rows = read_metrics(out)
+    every = max(1, len(rows) // 10)
+    gap = [{"step": r["step"], "proxy_reward": round(r["proxy_reward"], 4), "gold_reward": round(r["gold_reward"], 4),
+            "kl": round(r["kl"], 3)} for r in rows[::every]]
+    ev = res["eval"]
+    return {"gold_win_rate": ev["gold_win_rate"], "kl": ev["kl"], "gold_reward": ev["gold_reward"],
+            "proxy_reward": ev["proxy_reward"], "minutes": round(minutes, 2),
+            "gold_reward_sft": ev["gold_reward_reference"], "proxy_reward_sft": ev["proxy_reward_reference"],
+            "response_length": ev["response_length"], "updates": res["updates"], "gold_proxy_gap": gap,
+            "settings": {k: v for k, v in ALGOS[algo].items()}}
+
+
+def run(quick: bool = False) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    policy = sft_policy()
+    rm = reward_model(policy, quick)
+    rm_minutes = (time.perf_counter() - t0) / 60
+    table = {algo: train(algo, policy, rm, quick) for algo in ALGOS}
+    ppo = table["ppo"]
+    from rlhfkit.tasks import kindly
+
+    return {
+        "gold_win_rate": ppo["gold_win_rate"], "kl": ppo["kl"], "gold_reward": ppo["gold_reward"],
+        "proxy_reward": ppo["proxy_reward"], "minutes": ppo["minutes"],
+        "targets": {"gold_win_rate": ">= 0.75", "kl": "<= 10 nats", "minutes": "<= 15"},
+        "meets_targets": bool(ppo["gold_win_rate"] >= 0.75 and ppo["kl"] <= 10 and ppo["minutes"] <= 15),
+        "algorithms": table,
+        "num_eval_prompts": 64 if quick else len(kindly.prompts("eval")),
+        "policy": str(policy), "reward_model": str(rm), "rm_and_sft_minutes": round(rm_minutes, 2),
+        "note": "2-core machine shared with other jobs; minutes are wall-clock under that load",
+    }
