@@ -40,6 +40,10 @@ TABLE_COLUMNS = (
     ("mean_length", "mean length"),
 )
 
+# leading columns of summary.json's win-rate table, in this order
+SUMMARY_COLUMNS = ("method", "round", "id", "win_rate", "win_rate_95ci", "win_rate_lo", "win_rate_hi", "lc_win_rate",
+                   "gold", "proxy", "kl", "perplexity", "promoted")
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1.05em}
@@ -177,7 +181,7 @@ def overopt_figure(data: dict) -> tuple[str | None, list[dict]]:
             fits.append({"sweep": name, "error": str(e)})
         ax.set_xlabel("d = sqrt(KL to reference)")
         ax.set_ylabel("reward relative to start")
-        ax.set_title({"bon": "best-of-N sweep", "rl": "RL checkpoints"}[name], fontsize=10)
+        ax.set_title({"bon": "best-of-N sweep", "rl": "RL (PPO updates)"}[name], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -192,7 +196,7 @@ def _fmt(v) -> str:
     if isinstance(v, dict) and "mean" in v:
         s = _fmt(v["mean"])
         if "lo" in v and "hi" in v:
-            s += f' <span class="ci">[{_fmt(v["lo"])}, {_fmt(v["hi"])}]</span>'
+            s += f'<br><span class="ci">[{_fmt(v["lo"])}, {_fmt(v["hi"])}]</span>'
         return s
     if isinstance(v, float):
         return esc(f"{v:.4g}")
@@ -245,12 +249,14 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
     summary = root / "summary.json"
     if summary.is_file():
         data = json.loads(summary.read_text())
-        if isinstance(data.get("win_rates"), list):
+        if isinstance(data.get("win_rates"), list) and data["win_rates"]:
+            first = [c for c in SUMMARY_COLUMNS if any(c in r for r in data["win_rates"])]
+            rest = [c for r in data["win_rates"] for c in r if c not in first]
             parts.append("<h2>Win rates against the SFT reference</h2>")
-            parts.append(records_table(data["win_rates"]))
+            parts.append(records_table(data["win_rates"], first + list(dict.fromkeys(rest))))
 
     evals = []
-    for p in _find(root, "eval.json"):
+    for p in sorted(_find(root, "eval.json"), key=lambda q: q.stat().st_mtime):  # the order they were made
         try:
             evals.append((_rel(p, root), json.loads(p.read_text())))
         except json.JSONDecodeError as e:
