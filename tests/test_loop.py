@@ -31,9 +31,9 @@ def test_sources_share_one_interface():
     assert isinstance(src, PreferenceSource)
     labels = src.compare(["p", "p", "p"], ["long one", "x", "ab"], ["short", "xyz", "cd"])
     assert [x["label"] for x in labels] == [1.0, 0.0, 0.5]
-    recs, counts = to_preference_records(["p"] * 4, ["long one", "x", "ab", "same"], ["short", "xyz", "cd", "same"],
-                                         labels + [{"label": 1.0, "annotator_id": 0}], round=2)
-    assert counts == {"pairs": 4, "ties_skipped": 1, "identical_skipped": 1, "kept": 2}
+    recs, counts = to_preference_records(["p"] * 5, ["long one", "x", "ab", "same", " "], ["short", "xyz", "cd", "same", "y"],
+                                         labels + [{"label": 1.0, "annotator_id": 0}] * 2, round=2)
+    assert counts == {"pairs": 5, "ties_skipped": 1, "identical_skipped": 1, "empty_skipped": 1, "kept": 2}
     assert recs[0] == {"prompt": "p", "chosen": "long one", "rejected": "short", "label": 1.0, "tie": False,
                        "annotator_id": "judge", "round": 2}
     assert (recs[1]["chosen"], recs[1]["rejected"]) == ("xyz", "x")

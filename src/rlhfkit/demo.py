@@ -373,8 +373,8 @@ def main(cfg: Config) -> dict:
         sft_path = run_sft(cfg, base, out)
     with stages.stage("simulated human comparisons"):
         prefs, counts = collect_comparisons(cfg, sft_path, out)
-    stages.console.print(f"  {counts['kept']} comparisons ({counts['ties_skipped']} ties, "
-                         f"{counts['identical_skipped']} identical pairs left out)")
+    stages.console.print(f"  {counts['kept']} comparisons ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
+                         f"identical pairs and {counts['empty_skipped']} with an empty response left out)")
     with stages.stage("reward model"):
         rm_path = run_reward(cfg, sft_path, prefs, out)
         rm_eval = reward_model_accuracy(cfg, sft_path, rm_path, out)

@@ -71,13 +71,18 @@ def to_preference_records(prompts: Sequence[str], a: Sequence[str], b: Sequence[
     """Labelled pairs -> TRL preference records; returns (records, counts).
 
     Ties are left out unless `keep_ties` (then written with ``tie: true`` and ``label: 0.5``,
-    chosen/rejected in input order); identical responses are never a comparison. Both are
-    counted, so nothing is dropped silently.
+    chosen/rejected in input order); identical responses are never a comparison, and pairs
+    with an empty (whitespace-only) response are left out because preference data must not hold
+    empty responses (rlhfkit.data validates that). All are counted, so nothing is dropped silently.
     """
     if not len(prompts) == len(a) == len(b) == len(labels):
         raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(a)} a, {len(b)} b, {len(labels)} labels")
-    records, counts = [], {"pairs": len(labels), "ties_skipped": 0, "identical_skipped": 0, "kept": 0}
+    records = []
+    counts = {"pairs": len(labels), "ties_skipped": 0, "identical_skipped": 0, "empty_skipped": 0, "kept": 0}
     for p, x, y, lab in zip(prompts, a, b, labels):
+        if not x.strip() or not y.strip():
+            counts["empty_skipped"] += 1
+            continue
         if x == y:
             counts["identical_skipped"] += 1
             continue

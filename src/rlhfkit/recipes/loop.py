@@ -226,8 +226,8 @@ def main(cfg: Config) -> dict:
         round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
         atomic_write_text(round_file, "".join(json.dumps(x) + "\n" for x in records))
         atomic_write_text(all_file, "".join(json.dumps(x) + "\n" for x in all_records))
-        print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties and "
-              f"{counts['identical_skipped']} identical pairs skipped), {len(all_records)} in all")
+        print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
+              f"identical and {counts['empty_skipped']} empty-response pairs skipped), {len(all_records)} in all")
         rm_path = train_reward(all_file, cfg, rdir / "reward", seed)
         policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed)
         metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
