@@ -1,10 +1,10 @@
-import torch
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_helpers import tiny_policy, tiny_tokenizer
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout import encode_prompts, generate, top_p_filter
-from transformers import LlamaConfig, LlamaForCausalLM
 
 PROMPTS = ["the cat sat on the", "she smiled", "a kind word makes the day"]
 

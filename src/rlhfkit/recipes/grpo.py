@@ -17,10 +17,22 @@ import time
 
 import numpy as np
 
-from rlhfkit.advantages import RunningMoments, group_advantages, kl_estimate, make_kl_controller, process_scores
+from rlhfkit.advantages import (
+    RunningMoments,
+    group_advantages,
+    kl_estimate,
+    make_kl_controller,
+    process_scores,
+)
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.policy import LOSS_NORMALISERS, grpo_loss
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, reference_model, save_model
+from rlhfkit.models import (
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    reference_model,
+    save_model,
+)
 from rlhfkit.rl import (
     OnPolicyArgs,
     evaluate_gold,
@@ -115,7 +127,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(acc.device)
         beta = kl_ctl.value
 
-        def loss_fn(logp, idx):
+        def loss_fn(logp, idx, batch=batch, adv=adv, beta=beta):  # bound now: used within this update
             return grpo_loss(logp, batch["old_logp"][idx], batch["ref_logp"][idx] if beta else None, adv[idx],
                              batch["rmask"][idx], cfg.clip_eps, beta, cfg.loss_type,
                              cfg.clip_eps_high or None, max_len)

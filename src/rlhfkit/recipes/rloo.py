@@ -27,7 +27,13 @@ from rlhfkit.advantages import (
 )
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.policy import rloo_loss
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, reference_model, save_model
+from rlhfkit.models import (
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    reference_model,
+    save_model,
+)
 from rlhfkit.rl import (
     OnPolicyArgs,
     evaluate_gold,
@@ -116,7 +122,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         if cfg.whiten_advantages:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
-        def loss_fn(logp, idx):
+        def loss_fn(logp, idx, batch=batch, adv=adv):  # bound now: used within this update
             return rloo_loss(logp, batch["old_logp"][idx], adv[idx], batch["rmask"][idx], cfg.clip_eps)
 
         gold = np.asarray(judge(roll.prompts, roll.responses)) if judge is not None else None
