@@ -169,6 +169,24 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+_TRUTH = {"true": "True", "yes": "True", "1": "True", "false": "False", "no": "False", "0": "False"}
+
+
+def _normalise_bools(cls: type, argv: list[str]) -> list[str]:
+    """Accept `--flag true|yes|1|false|no|0` (any case) for boolean fields, as HfArgumentParser does."""
+    hints = typing.get_type_hints(cls)
+    bools = {f.name for f in dataclasses.fields(cls) if hints.get(f.name) is bool}
+    out = list(argv)
+    for i, tok in enumerate(out):
+        if tok.startswith("--") and "=" in tok:
+            name, val = tok[2:].split("=", 1)
+            if name in bools and val.lower() in _TRUTH:
+                out[i] = f"--{name}={_TRUTH[val.lower()]}"
+        elif tok.startswith("--") and tok[2:] in bools and i + 1 < len(out) and out[i + 1].lower() in _TRUTH:
+            out[i + 1] = _TRUTH[out[i + 1].lower()]
+    return out
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
                  description: str | None = None) -> T:
     """Parse `--config FILE.yaml` then `--field value` overrides into an instance of `cls`."""
@@ -186,6 +204,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
                 default = load_yaml_config(cls, a.split("=", 1)[1])
                 del argv[i]
                 break
+    argv = _normalise_bools(cls, argv)
     # FlagConversionOff: booleans take a value (`--resume true`), as in HfArgumentParser/TRL
     kwargs: dict[str, Any] = dict(prog=prog, description=description, args=argv, use_underscores=True,
                                   config=(tyro.conf.FlagConversionOff,))
