@@ -42,7 +42,7 @@ def reward_model(quick: bool, pipe: dict) -> str:
     root = WORK / ("quick" if quick else "full")
     path = root / "reward" / "final"
     if not (path / "config.json").is_file() and not (path / "ensemble.json").is_file():
-        cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0))
+        cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0))  # the demo's RM settings
         path = Path(demo.run_reward(cfg, pipe["sft"], Path(pipe["prefs"]), root))
     return str(path)
 
@@ -107,7 +107,7 @@ def rejection_rounds(sft: str, rm: str, prompts: list[str], quick: bool, max_new
 def run(quick: bool = False) -> dict:
     from rlhfkit.tasks import kindly
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     pipe = pipeline(quick)
     rm = reward_model(quick, pipe)
@@ -124,5 +124,6 @@ def run(quick: bool = False) -> dict:
         "eval_prompts": len(prompts),
         "rejection_sampling_rounds": rounds,
         "reward_model": rm,
+        "base_model": pipe["base"],
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -11,8 +11,8 @@ or `prompt`/`completion`/`label` for KTO.
 
 How a step runs: chosen and rejected responses of a micro-batch are stacked into one batch
 and go through ONE forward. Rows are laid out with prompts left-padded and responses
-right-padded, so every response starts at the same column and the LM head is applied only
-to response positions (`logits_to_keep`). Reference log-probs are computed once before
+right-padded, so every response starts at the same column; the LM head and log-softmax run
+only on real response tokens. Reference log-probs are computed once before
 training and cached on disk under a key made of the reference weights' fingerprint, the
 token ids of the data and the tokenisation settings (`--precompute_ref false` computes them
 on the fly instead). With `--use_lora` the reference is the policy with its adapters
