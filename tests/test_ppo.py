@@ -150,6 +150,25 @@ def test_group_recipes_two_steps(assets, tmp_path, recipe):
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
+def test_reward_model_with_another_tokenizer_is_scored_from_text(assets, tmp_path, capsys):
+    from rlhfkit.recipes import ppo
+
+    other = tiny_tokenizer(vocab_size=270)
+    assert other.get_vocab() != tiny_tokenizer().get_vocab()
+    rm = save_tiny(tmp_path / "rm-other", tiny_rm(other), other)
+    ppo.main(ppo_cfg(assets, tmp_path / "run", reward_model=rm, max_steps=1))
+    assert "critic starts from the policy" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "run")[0]["step"] == 1
+
+
+def test_long_prompts_truncated_and_counted(assets, tmp_path, capsys):
+    from rlhfkit.recipes import ppo
+
+    ppo.main(ppo_cfg(assets, tmp_path, max_prompt_length=3, max_steps=1))
+    assert read_metrics(tmp_path)[0]["num_truncated_prompts"] > 0
+    assert "were longer than max_prompt_length=3" in capsys.readouterr().out
+
+
 def test_config_errors(assets, tmp_path):
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo_cfg(assets, tmp_path, kl_estimator="k7")
