@@ -158,3 +158,19 @@ def test_cli_help_lists_fields():
     proc = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "sft", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--learning_rate" in proc.stdout and "Peak learning rate" in proc.stdout
+
+
+def test_sample_command_writes_responses_per_prompt(tiny_setup):
+    from rlhfkit.recipes import sample
+
+    root, model, data = tiny_setup
+    out = root / "samples.jsonl"
+    rows = sample.main(sample.Config(model=str(model), prompts=str(data), output=str(out), num_samples=3,
+                                     max_new_tokens=5, max_prompts=4, batch_size=8))
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines == rows and len(lines) == 4
+    assert all(len(r["responses"]) == 3 for r in lines)
+    assert lines[0]["prompt"] == " ".join(SENTENCES[0].split()[:3])
+    flat = sample.main(sample.Config(model=str(model), prompts=str(data), output=str(out), num_samples=2,
+                                     max_new_tokens=5, max_prompts=3, flat=True))
+    assert len(flat) == 6 and set(flat[0]) == {"prompt", "completion"}
