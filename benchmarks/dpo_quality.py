@@ -73,7 +73,7 @@ def pipeline(quick: bool) -> dict:
     cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0,
                                       **({} if quick else {"comparison_prompts": COMPARISON_PROMPTS})))
     sft = root / "sft" / "final"
-    prefs = root / "comparisons" / "preferences.jsonl"
+    prefs = root / "comparisons" / "preferences_train.jsonl"  # where demo.collect_comparisons writes them
     base_file = root / "base.txt"
     if not (sft / "config.json").is_file():
         base, about = _base(root, quick)
@@ -81,8 +81,8 @@ def pipeline(quick: bool) -> dict:
         base_file.write_text(about)
         demo.run_sft(cfg, base, root)
     if not prefs.is_file():
-        demo.collect_comparisons(cfg, str(sft), root)
-    counts_file = root / "comparisons" / "counts.json"
+        prefs, _ = demo.collect_comparisons(cfg, str(sft), root)
+    counts_file = prefs.with_name(prefs.name.replace("preferences", "counts").replace(".jsonl", ".json"))
     counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
     return {"sft": str(sft), "prefs": str(prefs), "counts": counts, "max_new_tokens": cfg.max_new_tokens,
             "base": base_file.read_text() if base_file.is_file() else "unknown"}
