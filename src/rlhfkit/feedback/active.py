@@ -75,19 +75,27 @@ def most_uncertain(scorer: Scorer, items: Sequence[tuple[str, Sequence[str]]]) -
 _TOKEN = re.compile(r"[a-z']+|[!?.,]")
 
 
-def hashed_features(texts: Sequence[str], dim: int = 4096) -> np.ndarray:
-    """Bag of unigrams and bigrams, hashed into `dim` buckets, L2-normalised (float64)."""
-    x = np.zeros((len(texts), dim))
+def hashed_features(texts: Sequence[str], dim: int = 4096):
+    """Bag of unigrams and bigrams hashed into `dim` signed buckets, L2-normalised rows.
+
+    Returns a scipy.sparse CSR matrix (float64): a response touches a few dozen buckets.
+    """
+    from scipy import sparse
+
+    rows, cols, vals = [], [], []
     for r, text in enumerate(texts):
         toks = _TOKEN.findall(text.lower())
-        grams = toks + [f"{u} {v}" for u, v in zip(toks, toks[1:])]
-        for g in grams:
+        counts: dict[int, float] = {}
+        for g in toks + [f"{u} {v}" for u, v in zip(toks, toks[1:])]:
             h = int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
-            x[r, h % dim] += 1.0 if (h >> 63) & 1 == 0 else -1.0
-        norm = np.linalg.norm(x[r])
-        if norm > 0:
-            x[r] /= norm
-    return x
+            counts[h % dim] = counts.get(h % dim, 0.0) + (1.0 if (h >> 63) & 1 == 0 else -1.0)
+        norm = math.sqrt(sum(v * v for v in counts.values()))
+        for c, v in counts.items():
+            if v != 0:
+                rows.append(r)
+                cols.append(c)
+                vals.append(v / norm)
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), dim), dtype=np.float64)
 
 
 class HashedEnsemble:
@@ -102,26 +110,33 @@ class HashedEnsemble:
         self.weights = np.zeros((members, dim))
 
     def fit(self, chosen: Sequence[str], rejected: Sequence[str], steps: int = 60) -> HashedEnsemble:
+        return self.fit_features(hashed_features(chosen, self.dim) - hashed_features(rejected, self.dim), steps)
+
+    def fit_features(self, diff, steps: int = 60) -> HashedEnsemble:
+        """Fit on rows phi(chosen) - phi(rejected), one bootstrap resample per member."""
         from scipy.optimize import minimize
 
-        diff = hashed_features(chosen, self.dim) - hashed_features(rejected, self.dim)
         rng = np.random.default_rng(self.seed)
-        n = len(diff)
+        n = diff.shape[0]
         for m in range(self.members):
             rows = diff[rng.integers(0, n, size=n)] if n else diff
 
             def loss(w, rows=rows):
-                s = rows @ w
+                s = np.asarray(rows @ w).ravel()
                 val = np.logaddexp(0.0, -s).sum() + 0.5 * self.l2 * w @ w
-                grad = -(rows.T @ (1.0 / (1.0 + np.exp(s)))) + self.l2 * w
+                grad = -np.asarray(rows.T @ np.exp(-np.logaddexp(0.0, s))).ravel() + self.l2 * w
                 return val, grad
 
             res = minimize(loss, np.zeros(self.dim), jac=True, method="L-BFGS-B", options={"maxiter": steps})
             self.weights[m] = res.x
         return self
 
+    def feature_scores(self, x) -> np.ndarray:
+        """Member rewards (members, N) for precomputed (sparse or dense) features."""
+        return np.asarray(x @ self.weights.T).T
+
     def member_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return self.weights @ hashed_features(responses, self.dim).T  # (members, N)
+        return self.feature_scores(hashed_features(responses, self.dim))  # (members, N)
 
     def score_with_uncertainty(self, prompts, responses):
         s = self.member_scores(prompts, responses)

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -182,7 +183,7 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) ->
 
     @app.get("/healthz")
     def healthz():
-        with db.session() as s:
+        with db.read_session() as s:
             s.execute(select(1))
         return {"ok": True, "backend": db.backend}
 
@@ -217,22 +218,23 @@ def label_payload(label: Label) -> dict:
 def _api_routes(app, db, templates, rng, secure, auth):
     @app.post("/api/login")
     def api_login(body: LoginBody):
-        with db.session() as s:
+        with db.read_session() as s:  # verify first: Argon2 is slow and must not hold the write lock
             user = s.scalar(select(User).where(User.username == body.username))
             if user is None or not user.active or not verify_password(user.password_hash, body.password):
                 raise AuthError(401, "wrong username or password")
-            token = create_api_token(s, user, body.token_name)
+        with db.session() as s:
+            token = create_api_token(s, s.get(User, user.id), body.token_name)
         return {"token": token, "username": user.username, "role": user.role}
 
     @app.get("/api/me", dependencies=auth)
     def me(request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             user, _ = authenticate(request, s)
             return {"id": user.id, "username": user.username, "role": user.role}
 
     @app.get("/api/tasks", dependencies=auth)
     def tasks(request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             user, _ = authenticate(request, s)
             return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
                      "progress": svc.progress(s, t, user)} for t in s.scalars(select(Task).order_by(Task.id))]
@@ -263,7 +265,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/api/labels/mine", dependencies=auth)
     def my_labels(request: Request, task_id: int | None = None):
-        with db.session() as s:
+        with db.read_session() as s:
             user, _ = authenticate(request, s)
             q = select(Label).where(Label.user_id == user.id).order_by(Label.id)
             if task_id is not None:
@@ -272,7 +274,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/api/labels/{label_id}", dependencies=auth)
     def get_label(label_id: int, request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             user, _ = authenticate(request, s)
             label = s.get(Label, label_id)
             # another annotator's label is reported as missing: not even its existence leaks
@@ -322,7 +324,7 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/api/admin/tasks/{task_id}/labels", dependencies=auth)
     def all_labels(task_id: int, request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             admin(request, s)
             rows = s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
                              .where(Label.task_id == task_id).order_by(Label.id))
@@ -330,13 +332,13 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/api/admin/tasks/{task_id}/qc", dependencies=auth)
     def qc(task_id: int, request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             admin(request, s)
             return ex.task_qc(s, _task(s, task_id))
 
     @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
     def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none"):
-        with db.session() as s:
+        with db.read_session() as s:
             admin(request, s)
             task = _task(s, task_id)
             try:
@@ -400,18 +402,23 @@ def _page_routes(app, db, templates, rng, secure, auth):
     @app.post("/login")
     async def login_submit(request: Request):
         form = await request.form()
+        return await run_in_threadpool(_login_submit, request, form)  # Argon2 must not block the loop
+
+    def _login_submit(request: Request, form):
         if not same(form.get("csrf_token"), request.cookies.get(PRELOGIN_COOKIE)):
             raise AuthError(403, "missing or wrong CSRF token; reload the login page")
         username, password = str(form.get("username", "")), str(form.get("password", ""))
-        with db.session() as s:
+        with db.read_session() as s:
             user = s.scalar(select(User).where(User.username == username))
-            if user is None or not user.active or not verify_password(user.password_hash, password):
-                token = secrets.token_urlsafe(24)
-                resp = render(request, "login.html", 401, csrf_token=token, error="Wrong username or password.", user=None)
-                resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
-                return resp
-            secret, _ = create_login_session(s, user)
-            target = "/admin" if user.role == "admin" else "/"
+            ok = user is not None and user.active and verify_password(user.password_hash, password)
+        if not ok:
+            token = secrets.token_urlsafe(24)
+            resp = render(request, "login.html", 401, csrf_token=token, error="Wrong username or password.", user=None)
+            resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
+            return resp
+        with db.session() as s:
+            secret, _ = create_login_session(s, s.get(User, user.id))
+        target = "/admin" if user.role == "admin" else "/"
         resp = RedirectResponse(target, status_code=303)
         resp.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=secure)
         resp.delete_cookie(PRELOGIN_COOKIE)
@@ -420,6 +427,9 @@ def _page_routes(app, db, templates, rng, secure, auth):
     @app.post("/logout", dependencies=auth)
     async def logout(request: Request):
         form = await request.form()
+        return await run_in_threadpool(_logout, request, form)
+
+    def _logout(request: Request, form):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
@@ -431,7 +441,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/", response_class=HTMLResponse, dependencies=auth)
     def home(request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             user, csrf = authenticate(request, s)
             tasks = [(t, svc.progress(s, t, user)) for t in s.scalars(select(Task).order_by(Task.id))]
             return render(request, "home.html", user=user, csrf_token=csrf, tasks=tasks)
@@ -450,7 +460,11 @@ def _page_routes(app, db, templates, rng, secure, auth):
 
     @app.post("/tasks/{task_id}", dependencies=auth)
     async def label_submit(task_id: int, request: Request):
-        form = await request.form()
+        form = await request.form()  # parsed on the event loop; the database work runs in a thread
+        return await run_in_threadpool(_label_submit, task_id, request, form)
+
+    def _label_submit(task_id: int, request: Request, form):
+        error = None
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
@@ -465,12 +479,14 @@ def _page_routes(app, db, templates, rng, secure, auth):
                 s.commit()
             except (ValueError, svc.InvalidAnswer, svc.Conflict, LookupError) as e:
                 s.rollback()
-                return label_page(task_id, request, error=str(e), status=422)
+                error = str(e)
+        if error is not None:  # re-render outside the write session (it takes the write lock)
+            return label_page(task_id, request, error=error, status=422)
         return RedirectResponse(f"/tasks/{task_id}", status_code=303)
 
     @app.get("/admin", response_class=HTMLResponse, dependencies=auth)
     def admin_home(request: Request):
-        with db.session() as s:
+        with db.read_session() as s:
             user, csrf = authenticate(request, s)
             require_admin(user)
             tasks = [(t, svc.progress(s, t)) for t in s.scalars(select(Task).order_by(Task.id))]
@@ -480,7 +496,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
     def admin_task(task_id: int, request: Request):
         from rlhfkit.feedback import export as ex
 
-        with db.session() as s:
+        with db.read_session() as s:
             user, csrf = authenticate(request, s)
             require_admin(user)
             task = _task(s, task_id)
