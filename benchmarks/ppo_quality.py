@@ -37,12 +37,12 @@ SHARED = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, eval_prompts="kind
               report_to="jsonl", sample_every=10, seed=SEED, progress=False, generation_batch_size=256,
               score_norm="none", missing_eos_penalty=1.0)
 ALGOS = {
-    "ppo": dict(max_steps=60, prompts_per_step=64, per_device_batch_size=32, num_mini_batches=2, num_ppo_epochs=4,
+    "ppo": dict(max_steps=36, prompts_per_step=64, per_device_batch_size=32, num_mini_batches=2, num_ppo_epochs=4,
                 learning_rate=3e-4, kl_coef=0.05, target_kl=6.0, kl_horizon=10000, vf_coef=0.5, lam=0.95,
                 gamma=1.0),
-    "grpo": dict(max_steps=60, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+    "grpo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
                  num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.04, loss_type="sequence"),
-    "rloo": dict(max_steps=60, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+    "rloo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
                  num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.05),
 }
 
@@ -137,7 +137,7 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
 def run(quick: bool = False) -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread beats two fighting for cores
     t0 = time.perf_counter()
     policy = sft_policy()
     rm = reward_model(policy, quick)
