@@ -164,8 +164,10 @@ def test_rankings_expand_to_pairs(tmp_path, tok, base):
 def test_kto_unpaired_and_from_pairs(tmp_path, tok, base):
     unpaired = [{"prompt": f"It was {i}", "completion": " fine" if i % 2 else " bad", "label": bool(i % 2)} for i in range(12)]
     data = write_jsonl(tmp_path / "u.jsonl", unpaired)
-    out = dpo.main(cfg_for(tmp_path, base, data, loss="kto"))
+    out = dpo.main(cfg_for(tmp_path, base, data, loss="kto", eval_dataset=data))
     assert out["steps"] == 2 and "kto/kl" in out
+    # held-out margins exist although each eval batch may hold one kind only
+    assert out["eval_rewards/margins"] == pytest.approx(out["eval_rewards/chosen"] - out["eval_rewards/rejected"])
     enc = dpo.load_encoded(write_jsonl(tmp_path / "p.jsonl", PAIRS), "train", "kto", tok, 64)
     assert len(enc.rows) == 32 and sum(enc.labels) == 16
     # paired losses refuse unpaired data, naming the field
@@ -233,3 +235,27 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, base):
     assert any(not torch.allclose(a[k], moved[k]) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "kto"])
+def test_learning_prefers_chosen_on_held_out_prompts(tmp_path, base, loss):
+    """A learning claim: after training, held-out chosen responses beat rejected ones under the policy."""
+    good = [" a kind and lovely day", " such a happy and warm time", " a good gentle friend"]
+    bad = [" a cruel and awful day", " such a sad and cold time", " a bad nasty enemy"]
+
+    def rows(start, n):
+        return [{"prompt": f"Story {i} was", "chosen": good[i % 3], "rejected": bad[(i + 1) % 3]} for i in range(start, start + n)]
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(0, 96))
+    held = write_jsonl(tmp_path / "held.jsonl", rows(1000, 24))
+    before = dpo.main(cfg_for(tmp_path, base, train, output_dir=str(tmp_path / "b"), eval_dataset=held, loss=loss,
+                              max_steps=1, learning_rate=1e-9))
+    after = dpo.main(cfg_for(tmp_path, base, train, output_dir=str(tmp_path / "a"), eval_dataset=held, loss=loss,
+                             max_steps=40, learning_rate=3e-3, per_device_batch_size=8))
+    if loss == "ipo":  # IPO regresses h onto 1/(2 beta): the margin beta*h heads for 0.5, not beyond
+        assert 0.3 < after["eval_rewards/margins"] < 0.7
+    else:
+        assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.5
+    if loss != "kto":
+        assert after["eval_rewards/accuracy"] == 1.0

@@ -411,21 +411,32 @@ def batch_loss(cfg: Config, model, ref_model, enc: Encoded, index: list[int], re
 
 @torch.no_grad()
 def evaluate(cfg: Config, model, ref_model, enc: Encoded, ref_table, pad_id: int, device: Any) -> dict[str, float]:
-    """Mean loss and metrics over held-out examples (example-weighted)."""
+    """Mean loss and metrics over held-out examples.
+
+    Each batch mean is weighted by the examples it averages: for unpaired (KTO) data the
+    chosen/rejected rewards by the batch's desirable/undesirable counts, and the margin is
+    the difference of the two overall means (a batch may hold only one kind).
+    """
     model.eval()
     sums: dict[str, float] = {}
-    n = 0
+    weights: dict[str, float] = {}
     bs = cfg.per_device_batch_size * 2
     for start in range(0, len(enc.rows), bs):
         index = list(range(start, min(start + bs, len(enc.rows))))
         loss, metrics, _ = batch_loss(cfg, model, ref_model, enc, index, ref_table, pad_id, device)
+        n_pos = len(index) if enc.paired else sum(enc.labels[i] for i in index)
+        n_neg = len(index) if enc.paired else len(index) - n_pos
         for k, v in {"loss": loss, **metrics}.items():
             v = float(v)
-            if v == v:  # NaN marks a metric absent from this batch (e.g. no undesirable example)
-                sums[k] = sums.get(k, 0.0) + v * len(index)
-        n += len(index)
+            w = {"rewards/chosen": n_pos, "rewards/rejected": n_neg}.get(k, len(index))
+            if v == v and w > 0:  # NaN marks a metric absent from this batch
+                sums[k] = sums.get(k, 0.0) + v * w
+                weights[k] = weights.get(k, 0) + w
     model.train()
-    return {f"eval_{k}": v / n for k, v in sums.items()}
+    out = {k: v / weights[k] for k, v in sums.items()}
+    if not enc.paired and "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return {f"eval_{k}": v for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
