@@ -1,10 +1,11 @@
 """Active learning for preference labels on the bundled task (issue 7, item 5).
 
-Pool: for each training prompt of "say it kindly", two candidate continuations (the sentence's
-own and one drawn from another sentence). Labels come from `rlhfkit.judges.SimulatedAnnotators`
-(one panel rater per label, Bradley-Terry noise, ties). The reward model is
-`rlhfkit.feedback.active.HashedEnsemble`: 5 linear Bradley-Terry models on hashed unigrams and
-bigrams, each fit on a bootstrap resample (fits in well under a second on CPU).
+Setting: a fixed set of 300 candidate responses (continuations of "say it kindly" training
+prompts) and a pool of 3,000 distinct pairs among them to label; 2,000 further pairs are held
+out for evaluation. Labels come from `rlhfkit.judges.SimulatedAnnotators` (one panel rater per
+label, Bradley-Terry noise, ties). The reward model is `rlhfkit.feedback.active.HashedEnsemble`:
+5 linear Bradley-Terry models on hashed unigrams, bigrams and a length bin, each fit on a
+bootstrap resample (a fit takes well under a second on CPU).
 
 Each strategy starts from the same `seed_labels` random labels and then asks for `batch`
 labels per round until `budget`:
@@ -12,10 +13,10 @@ labels per round until `budget`:
 - uncertainty: the pairs where the ensemble's members disagree most relative to their mean
   difference (lowest |mean d| / std d, d = r(a) - r(b); see rlhfkit.feedback.active).
 
-Gold accuracy: the share of held-out pairs (eval prompts, panel-mean gap >= `min_gap`) whose
-order the ensemble's mean reward gets right. Reported: the accuracy curve, and the labels
-needed to first reach each target accuracy, averaged over seeds (a seed that never reaches a
-target within the budget counts as not reached and is listed).
+Gold accuracy: the share of held-out pairs (gold panel-mean gap >= `min_gap`) whose order the
+ensemble's mean reward gets right. Reported: the accuracy curve, and the labels needed to first
+reach each target accuracy, averaged over seeds (a seed that never reaches a target within the
+budget makes that mean null; per-seed values are listed). Ties cost a label but teach nothing.
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ import numpy as np
 TARGETS = (0.70, 0.75, 0.80)
 
 
-def _pool(split: str, rng: np.random.Generator, limit: int) -> tuple[list[str], list[str], list[str]]:
+def _candidates(rng: np.random.Generator, n_responses: int) -> tuple[list[str], list[str]]:
+    """A fixed candidate set: `n_responses` (prompt, continuation) records of the training split."""
     from rlhfkit.tasks import kindly
 
-    recs = kindly.prompt_records(split)
-    idx = rng.permutation(len(recs))[:limit]
-    others = rng.permutation(len(recs))
-    prompts, a, b = [], [], []
-    for n, i in enumerate(idx):
-        j = others[n] if others[n] != i else others[(n + 1) % len(others)]
-        prompts.append(recs[i]["prompt"])
-        a.append(recs[i]["completion"])
-        b.append(recs[j]["completion"])
-    return prompts, a, b
+    recs = kindly.prompt_records("train")
+    idx = rng.permutation(len(recs))[:n_responses]
+    return [recs[i]["prompt"] for i in idx], [recs[i]["completion"] for i in idx]
+
+
+def _pairs(rng: np.random.Generator, prompts: list[str], responses: list[str], n: int):
+    """`n` distinct pairs (i, j), i != j, of candidates; the prompt is response i's own."""
+    seen, out = set(), []
+    while len(out) < n:
+        i, j = (int(x) for x in rng.integers(0, len(responses), size=2))
+        if i != j and (i, j) not in seen and (j, i) not in seen:
+            seen.add((i, j))
+            out.append((i, j))
+    return [prompts[i] for i, _ in out], [responses[i] for i, _ in out], [responses[j] for _, j in out]
 
 
 def _curve(strategy: str, xa, xb, labels: np.ndarray, test_diff: np.ndarray, test_sign: np.ndarray,
@@ -82,22 +88,25 @@ def run(quick: bool = False) -> dict:
     from rlhfkit.judges import GoldPanel, SimulatedAnnotators
 
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
-    pool_size, test_size = (600, 400) if quick else (3000, 1500)
-    seed_labels, batch, budget = (20, 20, 200) if quick else (20, 20, 800)
+    n_responses = 300
+    pool_size, test_size = (1500, 1000) if quick else (3000, 2000)
+    seed_labels, batch, budget = (20, 20, 200) if quick else (20, 20, 600)
     min_gap = 0.05
     panel = GoldPanel()
-    dim = 2**14
+    dim = 2**12
 
     results: dict[str, list] = {"random": [], "uncertainty": []}
     for seed in seeds:
         rng = np.random.default_rng(1000 + seed)
-        tp, ta, tb = _pool("eval", rng, test_size)
+        cp, cr = _candidates(rng, n_responses)
+        pp, pa, pb = _pairs(rng, cp, cr, pool_size + test_size)
+        tp, ta, tb = pp[pool_size:], pa[pool_size:], pb[pool_size:]
+        pp, pa, pb = pp[:pool_size], pa[:pool_size], pb[:pool_size]
         gap = panel.score(tp, ta) - panel.score(tp, tb)
         keep = np.abs(gap) >= min_gap
         test_diff = hashed_features([x for x, k in zip(ta, keep) if k], dim) - \
             hashed_features([x for x, k in zip(tb, keep) if k], dim)
         test_sign = np.sign(gap[keep])
-        pp, pa, pb = _pool("train", rng, pool_size)
         annot = SimulatedAnnotators(panel, seed=seed)
         labels = np.array([r["label"] for r in annot.compare(pp, pa, pb)])
         xa, xb = hashed_features(pa, dim), hashed_features(pb, dim)
@@ -105,10 +114,11 @@ def run(quick: bool = False) -> dict:
             curve = _curve(strategy, xa, xb, labels, test_diff, test_sign, seed, seed_labels, batch, budget)
             results[strategy].append(curve)
 
-    out: dict = {"reward_model": "HashedEnsemble: 5 bootstrap linear Bradley-Terry models on 2^14 hashed "
-                                 "unigram+bigram features (rlhfkit.feedback.active)",
+    out: dict = {"reward_model": "HashedEnsemble: 5 bootstrap linear Bradley-Terry models on 2^12 hashed "
+                                 "unigram+bigram+length-bin features (rlhfkit.feedback.active)",
                  "annotators": "rlhfkit.judges.SimulatedAnnotators(GoldPanel(), beta=10, tie_margin=0.02)",
-                 "seeds": seeds, "pool_pairs": pool_size, "test_pairs_max": test_size, "min_gold_gap": min_gap,
+                 "seeds": seeds, "candidate_responses": n_responses, "pool_pairs": pool_size,
+                 "test_pairs_max": test_size, "min_gold_gap": min_gap,
                  "seed_labels": seed_labels, "batch": batch, "budget": budget}
     for strategy, curves in results.items():
         accs = np.array([[acc for _, acc in c] for c in curves])

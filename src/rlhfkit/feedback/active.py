@@ -73,10 +73,12 @@ def most_uncertain(scorer: Scorer, items: Sequence[tuple[str, Sequence[str]]]) -
 # a small ensemble for when no reward model is at hand
 
 _TOKEN = re.compile(r"[a-z']+|[!?.,]")
+LENGTH_BINS = (0, 1, 2, 3, 4, 6, 9, 14, 20, 30, 10**9)
 
 
 def hashed_features(texts: Sequence[str], dim: int = 4096):
-    """Bag of unigrams and bigrams hashed into `dim` signed buckets, L2-normalised rows.
+    """Bag of unigrams and bigrams hashed into `dim` signed buckets, L2-normalised, plus one
+    length-bin indicator (the normalisation hides length, which raters do notice).
 
     Returns a scipy.sparse CSR matrix (float64): a response touches a few dozen buckets.
     """
@@ -89,12 +91,16 @@ def hashed_features(texts: Sequence[str], dim: int = 4096):
         for g in toks + [f"{u} {v}" for u, v in zip(toks, toks[1:])]:
             h = int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
             counts[h % dim] = counts.get(h % dim, 0.0) + (1.0 if (h >> 63) & 1 == 0 else -1.0)
-        norm = math.sqrt(sum(v * v for v in counts.values()))
+        norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+        counts = {c: v / norm for c, v in counts.items()}
+        length_bin = next(i for i, top in enumerate(LENGTH_BINS) if len(toks) <= top)
+        h = int.from_bytes(hashlib.blake2b(f"<len {length_bin}>".encode(), digest_size=8).digest(), "little")
+        counts[h % dim] = counts.get(h % dim, 0.0) + 1.0
         for c, v in counts.items():
             if v != 0:
                 rows.append(r)
                 cols.append(c)
-                vals.append(v / norm)
+                vals.append(v)
     return sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), dim), dtype=np.float64)
 
 
