@@ -169,6 +169,19 @@ def test_long_prompts_truncated_and_counted(assets, tmp_path, capsys):
     assert "were longer than max_prompt_length=3" in capsys.readouterr().out
 
 
+def test_grpo_single_pass_reuses_the_training_forward(assets, tmp_path):
+    from rlhfkit.recipes import grpo
+
+    cfg = grpo.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
+                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3, max_new_tokens=6,
+                      per_device_batch_size=3, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl")
+    grpo.main(cfg)
+    rows = read_metrics(tmp_path)
+    assert rows[0]["first_ratio_mean"] == 1.0 and rows[0]["first_ratio_max"] == 1.0
+    assert rows[0]["optimizer_steps"] == 1 and rows[0]["kl"] == 0.0  # policy == reference before the first step
+    assert rows[1]["kl"] != 0.0
+
+
 def test_config_errors(assets, tmp_path):
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo_cfg(assets, tmp_path, kl_estimator="k7")

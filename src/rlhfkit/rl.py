@@ -357,9 +357,15 @@ def evaluate_gold(policy: nn.Module, reference: nn.Module, tokenizer: Any, promp
 
 def group_rollout(policy: nn.Module, ref_model: nn.Module, ref_ctx: Callable[[], Any], tokenizer: Any,
                   reward_fn: RewardFn, prompts: Sequence[str], cfg: Any, step: int, device: Any,
-                  process_index: int = 0, need_ref: bool = True) -> tuple[Rollout, torch.Tensor, dict]:
+                  process_index: int = 0, need_ref: bool = True, need_old: bool = True
+                  ) -> tuple[Rollout, torch.Tensor, dict]:
     """K = cfg.num_generations samples per prompt (prompt-major rows), their reward-model
-    scores, and old / reference log-probs from the training forward (no gradients)."""
+    scores, and old / reference log-probs from the training forward (no gradients).
+
+    `need_old=False` leaves `old_logp` None for a caller that takes one optimiser step per
+    batch: its training forward *is* the rollout policy's forward, so the separate pass
+    would compute the same numbers again.
+    """
     from rlhfkit.rollout import generate
     from rlhfkit.training import check_finite
 
@@ -370,7 +376,10 @@ def group_rollout(policy: nn.Module, ref_model: nn.Module, ref_ctx: Callable[[],
     ids, mask = (t.to(device) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(device)
     bs = cfg.per_device_batch_size  # the training layout, so the first ratio is exactly 1
-    old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    old_logp = None
+    if need_old:
+        old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0],
+                           ids, mask, bs)
     ref_logp = None
     if need_ref:
         with ref_ctx():

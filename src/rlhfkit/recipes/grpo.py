@@ -16,6 +16,7 @@ import dataclasses
 import time
 
 import numpy as np
+import torch
 
 from rlhfkit.advantages import (
     RunningMoments,
@@ -120,24 +121,29 @@ def main(cfg: Config, reward_fn=None) -> dict:
         t0 = time.perf_counter()
         step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed, acc.num_processes,
                                         acc.process_index)
+        single_pass = cfg.num_ppo_epochs * cfg.num_mini_batches == 1
         roll, scores, batch = group_rollout(policy, ref_fwd, ref_ctx, tok, reward_fn, step_prompts, cfg, step,
-                                            acc.device, acc.process_index, need_ref=True)
+                                            acc.device, acc.process_index, need_ref=True, need_old=not single_pass)
+        if single_pass:  # each row is trained on once, before any update: its old log-probs are its fresh ones
+            batch["old_logp"] = torch.zeros(batch["rmask"].shape, device=acc.device)
         rewards = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
                                  cfg.score_clip or None)
         adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(acc.device)
         beta = kl_ctl.value
 
-        def loss_fn(logp, idx, batch=batch, adv=adv, beta=beta):  # bound now: used within this update
+        def loss_fn(logp, idx, batch=batch, adv=adv, beta=beta, single_pass=single_pass):  # bound now
+            if single_pass:
+                batch["old_logp"][idx] = logp.detach()
             return grpo_loss(logp, batch["old_logp"][idx], batch["ref_logp"][idx] if beta else None, adv[idx],
                              batch["rmask"][idx], cfg.clip_eps, beta, cfg.loss_type,
                              cfg.clip_eps_high or None, max_len)
 
-        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1") * batch["rmask"]
         gold = np.asarray(judge(roll.prompts, roll.responses)) if judge is not None else None
-        stats = rollout_stats(roll, scores, kl, batch["old_logp"], gold)
-        stats["group_reward_std"] = rewards.reshape(-1, cfg.num_generations).std(-1).mean().item()
         t_roll = time.perf_counter() - t0
         train_stats = policy_update(policy, optimizer, batch, cfg, step, acc, loss_fn, "GRPO")
+        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1") * batch["rmask"]
+        stats = rollout_stats(roll, scores, kl, batch["old_logp"], gold)
+        stats["group_reward_std"] = rewards.reshape(-1, cfg.num_generations).std(-1).mean().item()
         if "kl" in train_stats:  # the loss's mean per-token k3; "kl" below is the per-response sum
             train_stats["kl_k3_token_mean"] = train_stats.pop("kl")
         truncated += roll.num_truncated_prompts
