@@ -65,7 +65,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     num_generations: int = 4
     """Responses sampled per prompt (the group size G)."""
     kl_coef: float = 0.04
-    """beta: weight of the per-token k3 KL to the reference in the loss (0 skips the reference forward)."""
+    """beta: weight of the per-token k3 KL to the reference in the loss (the KL is reported either way)."""
     loss_type: str = "sequence"
     """Loss normalisation: sequence (GRPO: per-response token mean), token (DAPO) or dr_grpo (Dr. GRPO)."""
     scale_rewards: bool = True
