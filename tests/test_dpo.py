@@ -259,3 +259,29 @@ def test_learning_prefers_chosen_on_held_out_prompts(tmp_path, base, loss):
         assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.5
     if loss != "kto":
         assert after["eval_rewards/accuracy"] == 1.0
+
+
+def test_two_processes_match_one_process(tmp_path, base):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) == one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    opt = dict(max_steps=3, adam_eps=1.0, max_grad_norm=0.0, learning_rate=0.5)
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "one"), per_device_batch_size=8, **opt))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhfkit.cli", "dpo", "--model", base, "--dataset", data, "--output_dir", str(two),
+           "--per_device_batch_size", "4", "--max_steps", "3", "--adam_eps", "1.0", "--max_grad_norm", "0",
+           "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--log_every", "1",
+           "--ref_cache_dir", str(tmp_path / "cache2")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rewards/accuracy"] == 0.0  # policy == reference at the first step, on every process
+    a = load_policy(str(tmp_path / "one" / "final")).state_dict()
+    b = load_policy(str(two / "final")).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between 1 and 2 processes")

@@ -53,6 +53,7 @@ from rlhfkit.training import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    mean_across_processes,
     micro_steps_per_epoch,
     save_checkpoint,
 )
@@ -248,6 +249,13 @@ def split_head(model):
     return (decoder, head) if decoder is not None and head is not None else None
 
 
+def use_fast_head(cfg) -> bool:
+    """Whether the response-only LM head may be used: not under DDP (gradient hooks) nor mixed
+    precision (accelerate's autocast lives in the wrapped forward). Policy and reference then
+    take the same path, so their log-probs agree to the last bit at step 0."""
+    return cfg.mixed_precision == "no" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
 def response_logps(model, batch: dict[str, torch.Tensor], fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log pi(response | prompt) per row, and response lengths, from one forward pass.
 
@@ -320,7 +328,7 @@ def data_fingerprint(enc: Encoded) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(ref_model, enc: Encoded, batch_size: int, pad_id: int, device: Any,
-                            kl: bool, progress: bool = False) -> torch.Tensor:
+                            kl: bool, progress: bool = False, fast_head: bool = True) -> torch.Tensor:
     """(n, 2) float64: pairs -> [chosen, rejected]; unpaired -> [completion, mismatched KL completion]."""
     out = torch.zeros(len(enc.rows), 2, dtype=torch.float64)
     with reference_context(ref_model) as ref:
@@ -331,7 +339,7 @@ def compute_reference_logps(ref_model, enc: Encoded, batch_size: int, pad_id: in
             rows = example_rows(enc, index)
             if not enc.paired and kl:
                 rows = rows + example_rows(enc, index, kl=True)
-            lp, _ = response_logps(ref, collate(rows, pad_id, device))
+            lp, _ = response_logps(ref, collate(rows, pad_id, device), fast_head)
             lp = lp.double().cpu()
             if enc.paired or kl:
                 out[index, 0], out[index, 1] = lp[:len(index)], lp[len(index):]
@@ -354,7 +362,7 @@ def cached_reference_logps(ref_model, enc: Encoded, cfg: Config, device: Any, kl
         print(f"dpo: reference log-probs from cache {path}")
         return load_file(str(path))["logps"]
     logps = compute_reference_logps(ref_model, enc, cfg.per_device_batch_size * 2, _pad_id(ref_model), device, kl,
-                                    progress=cfg.progress and is_main)
+                                    progress=cfg.progress and is_main, fast_head=use_fast_head(cfg))
     if is_main:
         with atomic_path(path) as tmp:
             save_file({"logps": logps}, str(tmp), metadata={k: str(v) for k, v in key_parts.items()})
@@ -378,7 +386,7 @@ def batch_loss(cfg: Config, model, ref_model, enc: Encoded, index: list[int], re
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
     batch = collate(example_rows(enc, index), pad_id, device)
-    fast = cfg.mixed_precision == "no"  # accelerate's autocast lives in the wrapped forward; keep it
+    fast = use_fast_head(cfg)
     logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch["attention_mask"].sum())
     kl_logps = ref_kl = None
@@ -528,6 +536,8 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_every == 0 or step == total_steps:
             # metrics are read (one device sync) only when logged
             metrics = {k: float(torch.stack([w[k] for w in window]).nanmean()) for k in window[-1]}
+            if nproc > 1:  # every process logs the mean over all of them (NaN if one saw no such example)
+                metrics = dict(zip(metrics, mean_across_processes(accelerator, list(metrics.values()))))
             metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0),
                            epoch=micro / max(per_epoch, 1))
             if grad_norm is not None:
