@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.dpo_quality import WORK, pipeline
+from benchmarks.dpo_quality import pipeline, pipeline_root
 
 NS = (1, 2, 4, 8, 16, 32)
 
@@ -39,7 +39,7 @@ def reward_model(quick: bool, pipe: dict) -> str:
     from rlhfkit import demo
     from rlhfkit.config import from_dict
 
-    root = WORK / ("quick" if quick else "full")
+    root = pipeline_root(quick)
     path = root / "reward" / "final"
     if not (path / "config.json").is_file() and not (path / "ensemble.json").is_file():
         cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0))  # the demo's RM settings
@@ -82,7 +82,7 @@ def rejection_rounds(sft: str, rm: str, prompts: list[str], quick: bool, max_new
     from rlhfkit.models.reward import RewardScorer
     from rlhfkit.recipes import rejection_sampling as rs
 
-    out = WORK / ("quick" if quick else "full") / "rejection_sampling"
+    out = pipeline_root(quick) / "rejection_sampling"
     cfg = rs.Config(model=sft, judge=f"rm:{rm}", rounds=1 if quick else 3, k=4 if quick else 8,
                     prompts_per_round=16 if quick else 384, max_new_tokens=max_new_tokens, per_device_batch_size=16,
                     learning_rate=1e-4, num_epochs=1.0, output_dir=str(out), progress=False, report_to="jsonl",

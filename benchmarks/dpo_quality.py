@@ -64,12 +64,25 @@ def _base(root: Path, quick: bool) -> tuple[str, str]:
     return str(out / "final"), f"small base pretrained here ({SMALL_BASE}); the shipped checkpoint was missing"
 
 
+def pipeline_root(quick: bool) -> Path:
+    """One cached pipeline per base: the shipped checkpoint, or the small fallback."""
+    from rlhfkit.tasks import kindly
+
+    if quick:
+        return WORK / "quick"
+    try:
+        kindly.base_model_path()
+        return WORK / "full_shipped"
+    except FileNotFoundError:
+        return WORK / "full_small"
+
+
 def pipeline(quick: bool) -> dict:
     """Base, SFT policy and labelled comparisons, built once and reused from WORK."""
     from rlhfkit import demo
     from rlhfkit.config import from_dict
 
-    root = WORK / ("quick" if quick else "full")
+    root = pipeline_root(quick)
     cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0,
                                       **({} if quick else {"comparison_prompts": COMPARISON_PROMPTS})))
     sft = root / "sft" / "final"
@@ -129,7 +142,7 @@ def run(quick: bool = False) -> dict:
     t0 = time.perf_counter()
     pipe = pipeline(quick)
     prompts = kindly.prompts("eval")[: 16 if quick else 256]
-    out_root = WORK / ("quick" if quick else "full") / "dpo_quality"
+    out_root = pipeline_root(quick) / "dpo_quality"
     variants: dict[str, dict] = {}
     ref_rollout = None
     for loss in VARIANTS:
