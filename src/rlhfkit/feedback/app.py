@@ -24,16 +24,22 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import ApiToken, Item, Label, LoginSession, Task, User, utcnow
-from rlhfkit.feedback.security import create_api_token, create_login_session, digest, same, verify_password
+from rlhfkit.feedback.security import (
+    create_api_token,
+    create_login_session,
+    digest,
+    same,
+    verify_password,
+)
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "rlhfkit_session"
