@@ -1,17 +1,20 @@
 """Reward-model quality on the bundled task, measured against the gold panel.
 
 1. The SFT policy (`benchmarks.common.sft_policy()`) samples K responses for every train
-   prompt and every eval prompt (cached under benchmarks/work/rm_quality/).
+   prompt and every eval prompt (cached under benchmarks/work/rm_quality/). While the bundled
+   base checkpoint is not shipped there is no SFT policy; the benchmark then uses each
+   prompt's real continuation plus K-1 continuations of other sentences (what the SFT policy
+   imitates), starts the reward model from a random 2-layer Llama, and says so in the JSON.
 2. All C(K, 2) pairs of a prompt's samples are labelled by the simulated annotators (one rater
    of the panel per comparison, Bradley-Terry noise, ties when the rater's scores are close).
 3. Reward models start from the SFT policy and train with `rlhfkit reward` on the first 1k,
-   3k and 10k labelled train pairs (Bradley-Terry; labelled ties skipped and counted); the
-   10k set also trains a 3-model ensemble (seeds and data orders), whose member 0 is the
+   3k and 10k labelled train pairs, ties included (soft-label Bradley-Terry, a tie = 0.5);
+   the 10k set also trains a 3-model ensemble (seeds and data orders), whose member 0 is the
    single model of the headline.
 4. Held-out pairs from the eval prompts (disjoint from the train prompts) are scored:
    `gold_accuracy` = agreement with the gold panel on pairs whose gold gap is >= GOLD_GAP
    (the panel separates them clearly), `label_accuracy` = RewardBench-style strict accuracy
-   against the annotators' own labels, `ece` = calibration of sigmoid(delta r).
+   against the annotators' own decisive labels, `ece` = calibration of sigmoid(delta r).
 """
 
 from __future__ import annotations
@@ -30,7 +33,45 @@ LABEL_SIZES = (1000, 3000, 10000)
 ENSEMBLE = 3
 
 
-def _samples(policy: Path, split: str, n_prompts: int | None) -> list[dict]:
+def _policy() -> Path | None:
+    """The bundled task's SFT policy, or None while the bundled base checkpoint is not shipped."""
+    from rlhfkit.tasks import kindly
+
+    try:
+        kindly.base_model_path()
+    except FileNotFoundError:
+        return None
+    return sft_policy()
+
+
+def _corpus_samples(split: str, n_prompts: int | None) -> list[dict]:
+    """Stand-in for policy samples: each prompt's real continuation plus K-1 continuations of
+    other sentences (what an SFT policy imitates), drawn with a fixed seed."""
+    from rlhfkit.tasks import kindly
+
+    recs = kindly.prompt_records(split)[:n_prompts]
+    rng = np.random.default_rng(SEED + (split == "eval"))
+    out = []
+    for i, r in enumerate(recs):
+        others = rng.choice(len(recs) - 1, size=K_SAMPLES - 1, replace=False)
+        others = [j + (j >= i) for j in others]
+        out.append({"prompt": r["prompt"], "responses": [r["completion"]] + [recs[j]["completion"] for j in others]})
+    return out
+
+
+def _fresh_model(work: Path) -> Path:
+    """A randomly initialised Llama (hidden 128, 2 layers) for when no pretrained policy exists."""
+    from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+
+    path = work / "init"
+    if not (path / "config.json").is_file():
+        tok = load_tokenizer("kindly:tokenizer")
+        save_model(tiny_llama(len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+                              tokenizer=tok, seed=SEED), tok, path)
+    return path
+
+
+def _samples(policy: Path | None, split: str, n_prompts: int | None) -> list[dict]:
     """K sampled responses per prompt of `split`, cached per policy and settings."""
     import torch
 
@@ -38,6 +79,8 @@ def _samples(policy: Path, split: str, n_prompts: int | None) -> list[dict]:
     from rlhfkit.rollout import generate
     from rlhfkit.tasks import kindly
 
+    if policy is None:
+        return _corpus_samples(split, n_prompts)
     prompts = kindly.prompts(split)[:n_prompts]
     cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{K_SAMPLES}-{MAX_NEW_TOKENS}-{_stamp(policy)}.json"
     with locked("rm_quality_samples"):
@@ -100,9 +143,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 def _train(policy: Path, data: Path, out: Path, ensemble: int, quick: bool) -> dict:
     from rlhfkit.recipes.reward import Config, main
 
-    cfg = Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="bradley_terry",
+    cfg = Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="soft_label",
                  per_device_batch_size=32, learning_rate=3e-4, lr_scheduler="cosine", warmup_steps=10,
-                 num_epochs=1.0 if quick else 2.0, seed=SEED, eval_fraction=0.0, report_to="jsonl",
+                 num_epochs=1.0, seed=SEED, eval_fraction=0.0, report_to="jsonl",
                  progress=False, log_every=50, max_length=96, ensemble_size=ensemble, weight_decay=0.01)
     t0 = time.perf_counter()
     res = main(cfg, printer=lambda m: print(m, flush=True))
@@ -122,17 +165,23 @@ def _evaluate(model_path: str, pairs: list[dict], gold, plot: Path | None = None
 
 
 def run(quick: bool = False) -> dict:
+    import torch
+
     from rlhfkit.data.comparisons import parse_comparisons
     from rlhfkit.eval.rm_eval import comparison_pairs
     from rlhfkit.judges import GoldPanel
 
+    # one thread: on the shared 2-core machine two OpenMP threads per process oversubscribe
+    # the cores and run an order of magnitude slower
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
-    policy = sft_policy()
+    policy = _policy()
     n_train_prompts, n_eval_prompts = (300, 100) if quick else (None, None)
     train_groups = _samples(policy, "train", n_train_prompts)
     eval_groups = _samples(policy, "eval", n_eval_prompts)
     t_sample = time.perf_counter() - t0
     work = WORK / "rm_quality" / ("quick" if quick else "full")
+    start = policy if policy is not None else _fresh_model(work)
     train_recs, train_skipped = _label(train_groups, SEED)
     eval_recs, eval_skipped = _label(eval_groups, SEED + 1)
     heldout = comparison_pairs(parse_comparisons(eval_recs))
@@ -144,7 +193,7 @@ def run(quick: bool = False) -> dict:
     for n in sizes:
         data = _write_jsonl(work / f"train-{n}.jsonl", train_recs[:n])
         ens = 1 if quick or n != sizes[-1] else ENSEMBLE
-        res = _train(policy, data, work / f"rm-{n}", ens, quick)
+        res = _train(start, data, work / f"rm-{n}", ens, quick)
         single = str(work / f"rm-{n}" / "final") if ens == 1 else str(work / f"rm-{n}" / "final" / "member-0")
         runs[n] = {"single": _evaluate(single, heldout, gold, work / f"rm-{n}-reliability.png" if n == sizes[-1] else None),
                    "train_seconds": res["train_seconds"], "counts": res["counts"], "skipped": res["skipped"]}
@@ -173,7 +222,10 @@ def run(quick: bool = False) -> dict:
         "ties_skipped_in_training": {str(n): runs[n]["counts"].get("ties_skipped", 0) for n in sizes},
         "pairs_not_labelled": {"train": train_skipped, "eval": eval_skipped},
         "num_labelled_train_pairs": len(train_recs),
-        "policy": str(policy),
+        "policy": str(policy) if policy is not None else None,
+        "responses": "SFT policy samples" if policy is not None else
+                     "corpus continuations (no SFT policy: the bundled base checkpoint is not shipped yet)",
+        "reward_model_init": str(start),
         "target_gold_accuracy": 0.80,
         "note": "held-out pairs come from eval prompts disjoint from the train prompts; gold is never shown to the RM",
     }
