@@ -182,6 +182,15 @@ def test_grpo_single_pass_reuses_the_training_forward(assets, tmp_path):
     assert rows[1]["kl"] != 0.0
 
 
+def test_approx_kl_early_stop_ends_the_update(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, early_stop_kl=1e-12, learning_rate=1e-2))
+    row = read_metrics(tmp_path)[0]
+    # the first mini-batch has approx-KL 0 (ratio 1); the second, after a step, exceeds the bound
+    assert row["early_stopped"] == 1.0 and row["optimizer_steps"] == 2
+
+
 def test_config_errors(assets, tmp_path):
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo_cfg(assets, tmp_path, kl_estimator="k7")
