@@ -11,6 +11,9 @@ import pytest
 from rlhfkit.feedback import active
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
+from rlhfkit.feedback.security import use_test_hasher
+
+use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
 
 class Members:

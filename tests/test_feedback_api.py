@@ -13,8 +13,10 @@ from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Label
-from rlhfkit.feedback.security import create_api_token
+from rlhfkit.feedback.security import create_api_token, use_test_hasher
 from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
+
+use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
 PASSWORD = "correct horse battery"
 XSS_PROMPT = 'Say hi <script>window.__xss=1</script>'

@@ -13,7 +13,10 @@ from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Item, Label, Task
+from rlhfkit.feedback.security import use_test_hasher
 from rlhfkit.feedback.testing import ServerThread
+
+use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
 pytestmark = pytest.mark.browser
 

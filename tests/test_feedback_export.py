@@ -10,7 +10,10 @@ from rlhfkit.errors import DataError
 from rlhfkit.feedback import export as ex
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
+from rlhfkit.feedback.security import use_test_hasher
 from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
+
+use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
 PASSWORD = "correct horse battery"
 _PG_REASON = postgres_unavailable_reason()

@@ -18,6 +18,16 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from rlhfkit.feedback.models import ApiToken, LoginSession, User, utcnow
 
 _hasher = PasswordHasher()  # argon2-cffi defaults: Argon2id, RFC 9106 low-memory profile
+
+
+def use_test_hasher() -> None:
+    """Switch to argon2-cffi's CHEAPEST parameters. For test suites only: a real hash costs
+    ~0.1-1 s of CPU by design, and tests create many accounts. Hashes stay verifiable either way
+    (the parameters are stored in each hash)."""
+    global _hasher
+    from argon2 import profiles
+
+    _hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
 SESSION_HOURS = 12
 MIN_PASSWORD = 8
 
