@@ -205,3 +205,35 @@ def test_sample_items_from_policy_with_rollout(tmp_path):
         task = svc.create_task(s, "sampled", "ranking")
         assert svc.import_records(s, task, recs) == 2
     db.dispose()
+
+
+@pytest.mark.slow
+def test_reward_recipe_trains_from_the_feedback_database(tmp_path):
+    """`rlhfkit reward --from_feedback DB_URL` end to end on a real database (1 step)."""
+    import random
+
+    from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+    from rlhfkit.recipes import reward as RR
+
+    url = f"sqlite:///{tmp_path}/rm.db"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as s:
+        user = svc.create_user(s, "ann", PASSWORD)
+        task = svc.create_task(s, "kind", "pairwise", gold_rate=0.0)
+        good, bad = ["lovely", "great", "kind", "nice"] * 4, ["awful", "cruel", "sad", "bad"] * 4
+        svc.import_records(s, task, [{"prompt": "The day was", "responses": [f" {g} and fine", f" {b} and fine"]}
+                                     for g, b in zip(good, bad)])
+        for n in range(len(good)):
+            item, a = svc.next_assignment(s, task, user, random.Random(n))
+            svc.submit_label(s, task, user, item.id, {"choice": "left" if a.display_order[0] == 0 else "right"},
+                             f"key-{n}-xxxx")
+    db.dispose()
+    tok = load_tokenizer("kindly:tokenizer")
+    base = tmp_path / "base"
+    save_model(tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok),
+               tok, base)
+    cfg = RR.Config(model=str(base), from_feedback=url, output_dir=str(tmp_path / "rm"), max_steps=1,
+                    per_device_batch_size=8, progress=False, report_to="jsonl", eval_fraction=0.1)
+    res = RR.main(cfg, printer=lambda m: None)
+    assert res["members"][0]["steps"] == 1
