@@ -106,6 +106,23 @@ def reward_model(policy: Path, quick: bool) -> Path:
     return out / "final"
 
 
+def _finished(out: Path, cfg) -> tuple[dict | None, float]:
+    """A completed run of exactly this config: its result and its minutes, from the run
+    folder's start time (meta.json) to the moment final_metrics.json was written."""
+    import dataclasses
+    from datetime import datetime
+
+    import yaml
+
+    done, meta, saved = out / "final_metrics.json", out / "meta.json", out / "config.yaml"
+    if not (done.is_file() and meta.is_file() and saved.is_file()):
+        return None, 0.0
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)):
+        return None, 0.0
+    started = datetime.strptime(json.loads(meta.read_text())["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    return json.loads(done.read_text()), (done.stat().st_mtime - started) / 60
+
+
 def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     import importlib
 
@@ -117,11 +134,13 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     if quick:
         kw.update(max_steps=4, num_eval_prompts=64)
     cfg = mod.Config(model=str(policy), reward_model=str(rm), output_dir=str(out), **kw)
-    for stale in ("metrics.jsonl", "samples.jsonl"):
-        (out / stale).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    res = mod.main(cfg)
-    minutes = (time.perf_counter() - t0) / 60
+    res, minutes = _finished(out, cfg)
+    if res is None:
+        for stale in ("metrics.jsonl", "samples.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        res = mod.main(cfg)
+        minutes = (time.perf_counter() - t0) / 60
     rows = read_metrics(out)
     every = max(1, len(rows) // 10)
     gap = [{"step": r["step"], "proxy_reward": round(r["proxy_reward"], 4), "gold_reward": round(r["gold_reward"], 4),
