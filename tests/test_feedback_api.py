@@ -278,3 +278,41 @@ def test_passwords_hashed_with_argon2(env):
     r = env["client"].post("/api/login", json={"username": "alice", "password": PASSWORD})
     assert r.status_code == 200 and r.json()["token"].startswith("rk_")
     assert env["client"].post("/api/login", json={"username": "alice", "password": "nope nope"}).status_code == 401
+
+
+def test_every_question_type_page_renders_and_accepts_its_form(tmp_path):
+    url = f"sqlite:///{tmp_path}/pages.db"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as s:
+        svc.create_user(s, "ann", PASSWORD)
+        ids = {}
+        for qt in svc.QUESTION_TYPES:
+            task = svc.create_task(s, qt, qt, gold_rate=0.0)
+            n = 2 if qt in ("pairwise", "ranking") else 1
+            svc.import_records(s, task, [{"prompt": f"{qt} <b>prompt</b>", "responses": [f"r{i} <i>x</i>" for i in range(n)]}])
+            ids[qt] = task.id
+    forms = {"pairwise": {"choice": "tie"}, "ranking": {"ranking": "1,0"},
+             "rating": {f"r0_{d}": "4" for d in svc.DEFAULT_RUBRIC}, "thumbs": {"t0": "up"},
+             "critique": {"text": "could be warmer"}, "edit": {"position": "0", "text": "a kinder reply"}}
+    with TestClient(create_app(db)) as c:
+        _login(c, "ann")
+        for qt, fields in forms.items():
+            html = c.get(f"/tasks/{ids[qt]}").text
+            assert f"{qt} &lt;b&gt;prompt&lt;/b&gt;" in html and "<b>prompt" not in html
+            hidden = dict(re.findall(r'name="(csrf_token|item_id|idempotency_key)" value="([^"]+)"', html))
+            bad = c.post(f"/tasks/{ids[qt]}", data={**hidden, "choice": "nonsense", "ranking": "9", "text": ""} if qt != "thumbs"
+                         else {**hidden, "t0": "sideways"})
+            assert bad.status_code == 422 and 'role="alert"' in bad.text, qt
+            ok = c.post(f"/tasks/{ids[qt]}", data={**hidden, **fields}, follow_redirects=False)
+            assert ok.status_code == 303, (qt, ok.text[:300])
+            assert "Nothing left to label" in c.get(f"/tasks/{ids[qt]}").text
+    with db.session() as s:
+        labels = {s.get(svc.Task, lab.task_id).question_type: lab for lab in s.scalars(select(Label))}
+        values = {qt: lab.value for qt, lab in labels.items()}
+    # "1,0" = the response shown second is best: stored as original indices via the display order
+    order = labels["ranking"].display_order
+    assert values["ranking"] == {"ranking": [order[1], order[0]]}
+    assert values["rating"] == {"ratings": [{d: 4 for d in svc.DEFAULT_RUBRIC}]}
+    assert values["thumbs"] == {"thumbs": [True]} and values["edit"] == {"response": 0, "text": "a kinder reply"}
+    db.dispose()
