@@ -201,7 +201,11 @@ def _audit(url: str, state: dict, tokens: list[str]) -> dict:
 
 
 def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
-    from rlhfkit.feedback.testing import free_port, postgres_unavailable_reason, temp_postgres_database
+    from rlhfkit.feedback.testing import (
+        free_port,
+        postgres_unavailable_reason,
+        temp_postgres_database,
+    )
 
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-load-"))
