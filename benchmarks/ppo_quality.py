@@ -41,7 +41,7 @@ ALGOS = {
                 learning_rate=3e-4, kl_coef=0.05, target_kl=6.0, kl_horizon=10000, vf_coef=0.5, lam=0.95,
                 gamma=1.0),
     "grpo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
-                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.04, loss_type="sequence"),
+                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.2, loss_type="sequence"),
     "rloo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
                  num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.05),
 }
