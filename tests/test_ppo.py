@@ -191,6 +191,16 @@ def test_approx_kl_early_stop_ends_the_update(assets, tmp_path):
     assert row["early_stopped"] == 1.0 and row["optimizer_steps"] == 2
 
 
+def test_ppo_ptx_mixes_in_the_sft_loss(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": p, "completion": " and was happy"}) + "\n" for p in PROMPTS))
+    ppo.main(ppo_cfg(assets, tmp_path / "run", max_steps=1, ptx_coef=0.5, ptx_data=str(sft)))
+    row = read_metrics(tmp_path / "run")[0]
+    assert row["ptx_nll"] > 0
+
+
 def test_config_errors(assets, tmp_path):
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo_cfg(assets, tmp_path, kl_estimator="k7")
