@@ -256,3 +256,21 @@ def test_ppo_under_accelerate_launch_two_processes(assets, tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["first_ratio_mean"] == 1.0
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "rloo"])
+def test_group_recipes_resume_and_lora(assets, tmp_path, recipe):
+    import importlib
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+
+    def cfg(steps, **kw):
+        return mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"],
+                          eval_prompts="", output_dir=str(tmp_path), max_steps=steps, prompts_per_step=2,
+                          num_generations=2, max_new_tokens=5, per_device_batch_size=4, report_to="jsonl",
+                          save_every=1, use_lora=True, lora_r=4, **kw)
+
+    mod.main(cfg(1))
+    mod.main(cfg(2, resume=True))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["first_ratio_mean"] == 1.0
