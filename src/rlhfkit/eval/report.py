@@ -47,7 +47,7 @@ SUMMARY_COLUMNS = ("method", "round", "id", "win_rate", "win_rate_95ci", "win_ra
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1.05em}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em;display:block;overflow-x:auto;max-width:100%}
 td,th{border:1px solid #ddd;padding:.3em .55em;vertical-align:top;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.text{max-width:520px;white-space:pre-wrap;word-break:break-word}
