@@ -274,3 +274,42 @@ def test_group_recipes_resume_and_lora(assets, tmp_path, recipe):
     mod.main(cfg(2, resume=True))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["first_ratio_mean"] == 1.0
+
+
+class Drifting:
+    """A scorer whose mean moves by `slope` per call: proxy up and gold down is reward hacking."""
+
+    def __init__(self, slope):
+        self.calls, self.slope = 0, slope
+
+    def __call__(self, prompts, responses):
+        self.calls += 1
+        return np.full(len(responses), self.slope * self.calls)
+
+
+def test_hacking_alarm_fires_and_stops_ppo(assets, tmp_path, monkeypatch):
+    from rlhfkit.recipes import ppo
+
+    monkeypatch.setattr(ppo, "make_gold_judge", lambda cfg: Drifting(-0.1))
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=8, hacking_window=3, stop_on_hacking=True,
+                     score_norm="none"), reward_fn=Drifting(+0.1))
+    rows = read_metrics(tmp_path)
+    # window of 3 is full at update 3; patience 2 -> fires at update 4, run ends before update 5
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[3]["hacking_alarm"] == 1.0 and "hacking_alarm" not in rows[2]
+    assert rows[3]["hacking_gold_slope"] < 0 < rows[3]["hacking_proxy_slope"]
+    events = [json.loads(x) for x in (tmp_path / "alarms.jsonl").read_text().splitlines()]
+    assert len(events) == 1 and events[0]["step"] == 4 and events[0]["stopped"] is True
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_hacking_alarm_quiet_when_gold_and_proxy_rise(assets, tmp_path, monkeypatch):
+    from rlhfkit.recipes import ppo
+
+    monkeypatch.setattr(ppo, "make_gold_judge", lambda cfg: Drifting(+0.1))
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=5, hacking_window=3, stop_on_hacking=True,
+                     score_norm="none"), reward_fn=Drifting(+0.1))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert not any("hacking_alarm" in r for r in rows)
+    assert not (tmp_path / "alarms.jsonl").exists()

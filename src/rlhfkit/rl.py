@@ -78,6 +78,10 @@ class OnPolicyArgs:
     """Gold judge for evaluation metrics: auto (the gold panel on the bundled task), gold, or none."""
     sample_every: int = 10
     """Log a table of sample responses every N updates (0 = never)."""
+    hacking_window: int = 10
+    """Reward-hacking alarm: updates per window over which proxy rising while gold falls fires it (0 = off; needs a gold judge)."""
+    stop_on_hacking: bool = False
+    """End training when the reward-hacking alarm fires (the final model and evaluation are still written)."""
 
     def _check_on_policy_args(self) -> None:
         from rlhfkit.advantages import KL_ESTIMATORS
@@ -442,3 +446,34 @@ def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: di
                first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics),
                early_stopped=float(stopped_early))
     return out
+
+
+def make_hacking_alarm(cfg, output_dir, is_main: bool = True):
+    """The reward-hacking alarm of `rlhfkit.eval.overopt` for an on-policy run (None when off).
+
+    Events go to `alarms.jsonl` in the run folder, where `rlhfkit report` shows them.
+    """
+    if cfg.hacking_window <= 0:
+        return None
+    from rlhfkit.eval.overopt import HackingAlarm
+
+    return HackingAlarm(window=cfg.hacking_window, stop=cfg.stop_on_hacking,
+                        log_path=Path(output_dir) / "alarms.jsonl" if is_main else None)
+
+
+def check_hacking(alarm, metrics: dict, step: int, accelerator) -> bool:
+    """Feed one update's mean proxy and gold reward to the alarm; True when the run should stop.
+
+    The alarm's slopes are added to `metrics` so they are logged with the update. Every
+    process sees the same (process-averaged) metrics, so all stop together.
+    """
+    if alarm is None or "gold_reward" not in metrics:
+        return False
+    event = alarm.update(step, metrics["proxy_reward"], metrics["gold_reward"])
+    metrics.update({f"hacking_{k}": v for k, v in alarm.last.items()})
+    if event is not None:
+        metrics["hacking_alarm"] = 1.0
+        accelerator.print(f"warning: reward hacking at update {step}: proxy slope {event['proxy_slope']:+.4f} "
+                          f"while gold slope {event['gold_slope']:+.4f} over the last {alarm.window} updates"
+                          + (" - stopping" if alarm.should_stop else ""))
+    return alarm.should_stop

@@ -35,6 +35,8 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.rl import (
+    check_hacking,
+    make_hacking_alarm,
     OnPolicyArgs,
     evaluate_gold,
     group_rollout,
@@ -115,9 +117,13 @@ def main(cfg: Config, reward_fn=None) -> dict:
         running.load_state_dict(state["running_moments"])
         acc.print(f"grpo: resumed from {ckpt} at update {start}")
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
+    alarm, stop_run = make_hacking_alarm(cfg, out, acc.is_main_process), False
     max_len = cfg.max_new_tokens
     truncated, last = 0, {}
     for step in range(start, n_updates):
+        if stop_run:
+            acc.print(f"{__name__.rsplit('.', 1)[-1]}: stopped after update {step} by the reward-hacking alarm")
+            break
         t0 = time.perf_counter()
         step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed, acc.num_processes,
                                         acc.process_index)
@@ -152,6 +158,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         last = dict(zip(keys, mean_across_processes(acc, [float(merged[k]) for k in keys])))
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
+        stop_run = check_hacking(alarm, last, step + 1, acc)
         logger.log(last, step + 1)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             logger.log_text("samples", sample_table(roll, scores, gold), step + 1)

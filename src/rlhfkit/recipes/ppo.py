@@ -46,6 +46,8 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.rl import (
+    check_hacking,
+    make_hacking_alarm,
     OnPolicyArgs,
     TokenValues,
     batched,
@@ -273,8 +275,12 @@ def main(cfg: Config, reward_fn=None) -> dict:
         acc.print(f"ppo: resumed from {ckpt} at update {start}")
     ptx_iter = ptx_batches(cfg, tok) if cfg.ptx_coef > 0 else None
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
+    alarm, stop_run = make_hacking_alarm(cfg, out, acc.is_main_process), False
     truncated, last = 0, {}
     for step in range(start, n_updates):
+        if stop_run:
+            acc.print(f"{__name__.rsplit('.', 1)[-1]}: stopped after update {step} by the reward-hacking alarm")
+            break
         t0 = time.perf_counter()
         step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed, acc.num_processes,
                                         acc.process_index)
@@ -289,6 +295,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         last = dict(zip(keys, vals))
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
+        stop_run = check_hacking(alarm, last, step + 1, acc)
         logger.log(last, step + 1)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             logger.log_text("samples", sample_table(roll, scores, gold), step + 1)
