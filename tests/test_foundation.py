@@ -23,7 +23,13 @@ from rlhfkit.models import (
     tiny_reward_model,
 )
 from rlhfkit.recipes import sft
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir, read_metrics
+from rlhfkit.runs import (
+    MetricsLogger,
+    atomic_path,
+    atomic_write_json,
+    prepare_run_dir,
+    read_metrics,
+)
 from rlhfkit.training import epoch_order, iterate_batches, lr_lambda
 
 
@@ -47,9 +53,8 @@ def test_yaml_unknown_field_and_wrong_type_are_named(tmp_path):
 
 
 def test_every_committed_config_loads():
-    from pathlib import Path
-
     import importlib
+    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs"
     files = sorted(root.glob("*.yaml"))

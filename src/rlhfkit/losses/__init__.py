@@ -6,24 +6,6 @@
     preference.py  DPO and relatives (IPO, hinge, robust, SimPO, KTO, ORPO)
 """
 
-from rlhfkit.losses.sft import SFT_LOSSES, sft_loss  # noqa: F401
-from rlhfkit.losses.reward import (  # noqa: F401
-    PAIR_LOSSES,
-    RANKING_LOSSES,
-    bradley_terry_loss,
-    davidson_tie_loss,
-    instructgpt_ranking_loss,
-    plackett_luce_loss,
-    reward_centering_penalty,
-    soft_label_loss,
-)
-from rlhfkit.losses.preference import (  # noqa: F401
-    PREFERENCE_LOSSES,
-    compute_preference_loss,
-    dpo_loss,
-    kto_loss,
-    needs_reference,
-)
 from rlhfkit.losses.policy import (  # noqa: F401
     LOSS_NORMALISERS,
     POLICY_LOSSES,
@@ -34,3 +16,21 @@ from rlhfkit.losses.policy import (  # noqa: F401
     rloo_loss,
     value_loss,
 )
+from rlhfkit.losses.preference import (  # noqa: F401
+    PREFERENCE_LOSSES,
+    compute_preference_loss,
+    dpo_loss,
+    kto_loss,
+    needs_reference,
+)
+from rlhfkit.losses.reward import (  # noqa: F401
+    PAIR_LOSSES,
+    RANKING_LOSSES,
+    bradley_terry_loss,
+    davidson_tie_loss,
+    instructgpt_ranking_loss,
+    plackett_luce_loss,
+    reward_centering_penalty,
+    soft_label_loss,
+)
+from rlhfkit.losses.sft import SFT_LOSSES, sft_loss  # noqa: F401

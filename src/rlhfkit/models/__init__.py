@@ -1,6 +1,11 @@
 """Load, build and save policy, reference, reward and value models (HF formats, LoRA via peft)."""
 
-from rlhfkit.models.factory import count_parameters, tiny_llama, tiny_llama_config, tiny_reward_model
+from rlhfkit.models.factory import (
+    count_parameters,
+    tiny_llama,
+    tiny_llama_config,
+    tiny_reward_model,
+)
 from rlhfkit.models.io import (
     load_policy,
     load_reward_model,

@@ -46,14 +46,14 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.rl import (
-    check_hacking,
-    make_hacking_alarm,
     OnPolicyArgs,
     TokenValues,
     batched,
+    check_hacking,
     evaluate_gold,
     load_prompts,
     make_gold_judge,
+    make_hacking_alarm,
     make_reward_fn,
     micro_batches,
     minibatches,

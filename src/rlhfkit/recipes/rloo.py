@@ -35,13 +35,13 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.rl import (
-    check_hacking,
-    make_hacking_alarm,
     OnPolicyArgs,
+    check_hacking,
     evaluate_gold,
     group_rollout,
     load_prompts,
     make_gold_judge,
+    make_hacking_alarm,
     make_reward_fn,
     policy_update,
     prompts_for_step,

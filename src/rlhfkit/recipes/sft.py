@@ -153,7 +153,7 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
     metrics: dict[str, float] = {}
     batches = iterate_batches(len(train), cfg.per_device_batch_size, cfg.seed, step * accum,
                               total_opt_steps * accum, nproc, rank)
-    for micro, local, glob in batches:
+    for micro, local, _ in batches:
         if micro % accum == 0:  # supervised tokens of the whole optimiser step, all processes
             step_items = sum(targets[i] for _, _, g in iterate_batches(
                 len(train), cfg.per_device_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
