@@ -394,44 +394,45 @@ def group_rollout(policy: nn.Module, ref_model: nn.Module, ref_ctx: Callable[[],
     return roll, scores, batch
 
 
-def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Any, step: int,
-                  accelerator: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+def update_epochs(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], n: int, cfg: Any, step: int,
+                  accelerator: Any, micro_loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]],
                   name: str) -> dict[str, float]:
-    """num_ppo_epochs x num_mini_batches optimiser steps on the policy alone.
+    """num_ppo_epochs x num_mini_batches optimiser steps over `n` rollout rows.
 
-    `loss_fn(logp, index) -> (loss, metrics)` computes the recipe's loss for the rows in
-    `index` from their fresh log-probs. Non-finite losses or gradients raise before the
-    optimiser step, so a bad batch never reaches the weights.
+    `micro_loss(index, epoch) -> (loss, metrics)` is the recipe's loss on the rows in
+    `index`. Gradients of a mini-batch's micro-batches are all-reduced once; non-finite
+    losses or gradients raise before any optimiser step, so a bad batch never reaches the
+    weights; the epoch ends early once approx-KL passes `cfg.early_stop_kl`.
     """
     import contextlib
 
     from rlhfkit.training import check_finite, check_finite_grads
 
-    n, r_len = batch["ids"].shape[0], batch["r_len"]
     metrics, stopped_early = [], False
     for epoch in range(cfg.num_ppo_epochs):
         for mb in minibatches(n, cfg.num_mini_batches, cfg.seed, step, epoch):
             micro = micro_batches(mb, cfg.per_device_batch_size)
             mb_metrics = []
             for j, idx in enumerate(micro):
-                sync = accelerator.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    logp, ent = response_logprobs(policy, batch["ids"][idx], batch["mask"][idx], r_len,
-                                                  cfg.temperature, with_entropy=epoch == 0)  # a metric only
-                    loss, m = loss_fn(logp, idx)
+                with contextlib.ExitStack() as sync:
+                    if j < len(micro) - 1:
+                        for model in models:
+                            sync.enter_context(accelerator.no_sync(model))
+                    loss, m = micro_loss(idx, epoch)
                     check_finite(f"{name} loss", loss)
                     accelerator.backward(loss / len(micro))
-                if ent is not None:
-                    m["entropy"] = masked_mean(ent, batch["rmask"][idx])
                 mb_metrics.append(m)
             grad_norm = None
-            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm
-                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                check_finite(f"{name} gradient norm", grad_norm)
+            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm: one check per model
+                norms = [accelerator.clip_grad_norm_(m.parameters(), cfg.max_grad_norm) for m in models]
+                check_finite(f"{name} gradient norm", *norms)
+                grad_norm = norms[0]  # the policy's
             else:
-                check_finite_grads(policy)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                for model in models:
+                    check_finite_grads(model)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             step_metrics = ratio_stats(mb_metrics)
             if grad_norm is not None:
                 step_metrics["grad_norm"] = float(grad_norm)
@@ -446,6 +447,26 @@ def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: di
                first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics),
                early_stopped=float(stopped_early))
     return out
+
+
+def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Any, step: int,
+                  accelerator: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                  name: str) -> dict[str, float]:
+    """GRPO/RLOO update of the policy alone (no critic): see :func:`update_epochs`.
+
+    `loss_fn(logp, index) -> (loss, metrics)` computes the recipe's loss for the rows in
+    `index` from their fresh log-probs.
+    """
+
+    def micro_loss(idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
+        logp, ent = response_logprobs(policy, batch["ids"][idx], batch["mask"][idx], batch["r_len"],
+                                      cfg.temperature, with_entropy=epoch == 0)  # a metric only
+        loss, m = loss_fn(logp, idx)
+        if ent is not None:
+            m["entropy"] = masked_mean(ent, batch["rmask"][idx])
+        return loss, m
+
+    return update_epochs([policy], [optimizer], batch["ids"].shape[0], cfg, step, accelerator, micro_loss, name)
 
 
 def make_hacking_alarm(cfg, output_dir, is_main: bool = True):

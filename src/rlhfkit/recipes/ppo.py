@@ -55,23 +55,20 @@ from rlhfkit.rl import (
     make_gold_judge,
     make_hacking_alarm,
     make_reward_fn,
-    micro_batches,
-    minibatches,
     prompts_for_step,
-    ratio_stats,
     response_logprobs,
     rollout_stats,
     sample_table,
     score_rollout,
     total_updates,
     unwrap,
+    update_epochs,
     write_samples,
 )
 from rlhfkit.rollout import generate
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
-    check_finite_grads,
     latest_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -182,63 +179,28 @@ def ptx_batches(cfg: Config, tok):
 
 
 def train_on_batch(policy, critic, optimizers, batch, cfg, step, acc, ptx_iter):
-    """num_ppo_epochs x num_mini_batches optimiser steps; returns averaged loss metrics."""
-    n, r_len = batch["ids"].shape[0], batch["r_len"]
-    metrics, stopped_early = [], False
-    for epoch in range(cfg.num_ppo_epochs):
-        for mb in minibatches(n, cfg.num_mini_batches, cfg.seed, step, epoch):
-            micro = micro_batches(mb, cfg.per_device_batch_size)
-            mb_metrics = []
-            for j, idx in enumerate(micro):
-                sync = contextlib.ExitStack()
-                if j < len(micro) - 1:  # gradients are all-reduced once per mini-batch
-                    sync.enter_context(acc.no_sync(policy))
-                    sync.enter_context(acc.no_sync(critic))
-                with sync:
-                    ids, mask, rmask = batch["ids"][idx], batch["mask"][idx], batch["rmask"][idx]
-                    # entropy: in the loss when it has a weight, else measured on the first epoch only
-                    bonus = cfg.entropy_coef > 0
-                    logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature,
-                                                  with_entropy=bonus or epoch == 0, entropy_grad=bonus)
-                    pl, pm = ppo_policy_loss(logp, batch["old_logp"][idx], batch["adv"][idx], rmask, cfg.clip_eps)
-                    el, em = entropy_bonus(ent, rmask, cfg.entropy_coef) if ent is not None else (0.0, {})
-                    values = critic(ids, mask, r_len)
-                    vl, vm = value_loss(values, batch["old_values"][idx], batch["returns"][idx], rmask,
-                                        cfg.value_clip or None)
-                    loss = pl + el + cfg.vf_coef * vl
-                    if ptx_iter is not None:
-                        b = {k: v.to(acc.device) for k, v in next(ptx_iter).items()}
-                        xl, xm = ptx_loss(policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                          b["labels"], cfg.ptx_coef)
-                        loss, pm = loss + xl, {**pm, **xm}
-                    check_finite("PPO loss", loss)
-                    acc.backward(loss / len(micro))
-                mb_metrics.append({**pm, **em, **vm, "loss": loss.detach()})
-            grad_norm = None
-            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm: one check instead of one per tensor
-                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                check_finite("policy gradient norm", grad_norm,
-                             acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
-            else:
-                check_finite_grads(policy)
-                check_finite_grads(critic)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            step_metrics = ratio_stats(mb_metrics)
-            if grad_norm is not None:
-                step_metrics["grad_norm"] = float(grad_norm)
-            metrics.append(step_metrics)
-            if cfg.early_stop_kl and step_metrics["approx_kl"] > cfg.early_stop_kl:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-    out = ratio_stats(metrics)
-    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
-               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics),
-               early_stopped=float(stopped_early))
-    return out
+    """num_ppo_epochs x num_mini_batches optimiser steps on policy and critic; averaged metrics."""
+    r_len = batch["r_len"]
+
+    def micro_loss(idx, epoch):
+        ids, mask, rmask = batch["ids"][idx], batch["mask"][idx], batch["rmask"][idx]
+        # entropy: in the loss when it has a weight, else measured on the first epoch only
+        bonus = cfg.entropy_coef > 0
+        logp, ent = response_logprobs(policy, ids, mask, r_len, cfg.temperature,
+                                      with_entropy=bonus or epoch == 0, entropy_grad=bonus)
+        pl, pm = ppo_policy_loss(logp, batch["old_logp"][idx], batch["adv"][idx], rmask, cfg.clip_eps)
+        el, em = entropy_bonus(ent, rmask, cfg.entropy_coef) if ent is not None else (0.0, {})
+        values = critic(ids, mask, r_len)
+        vl, vm = value_loss(values, batch["old_values"][idx], batch["returns"][idx], rmask, cfg.value_clip or None)
+        loss = pl + el + cfg.vf_coef * vl
+        if ptx_iter is not None:
+            b = {k: v.to(acc.device) for k, v in next(ptx_iter).items()}
+            xl, xm = ptx_loss(policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                              b["labels"], cfg.ptx_coef)
+            loss, pm = loss + xl, {**pm, **xm}
+        return loss, {**pm, **em, **vm, "loss": loss.detach()}
+
+    return update_epochs([policy, critic], list(optimizers), batch["ids"].shape[0], cfg, step, acc, micro_loss, "PPO")
 
 
 def main(cfg: Config, reward_fn=None) -> dict:
