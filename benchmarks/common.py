@@ -48,3 +48,14 @@ def sft_policy() -> Path:
             cfg.progress = False
             sft.main(cfg)
     return final
+
+
+def peer_available(name: str = "trl", attr: str | None = None) -> bool:
+    """Whether the peer library (and, if given, one of its classes) can be imported here."""
+    import importlib
+
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return False
+    return attr is None or hasattr(module, attr)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import peer_available
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
 
 N_PAIRS, BATCH, MAX_LEN, BETA, LR = 256, 8, 128, 0.1, 1e-4
@@ -103,13 +104,6 @@ def run_trl(model_dir: str, tokenizer, pairs) -> dict:
     return {"total": total, "train_loop": t2 - t1, "steps": trainer.state.global_step, "tokens": tokens}
 
 
-def trl_available() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def run(quick: bool = False) -> dict:
     torch.manual_seed(0)
@@ -119,7 +113,7 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     pairs = make_pairs(n)
     tokens = count_tokens_ours(tokenizer, pairs)
-    has_trl = trl_available()
+    has_trl = peer_available("trl")
     ours_runs, peer_runs = [], []
     with tempfile.TemporaryDirectory() as work:
         model_dir = str(Path(work) / "model")

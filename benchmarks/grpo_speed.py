@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import peer_available
+
 HERE = Path(__file__).resolve().parent
 STEPS, PROMPTS, GENERATIONS, NEW_TOKENS, THREADS = 5, 4, 4, 32, 1
 
@@ -98,18 +100,11 @@ def _subprocess(side: str, root: Path, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def trl_available() -> bool:
-    try:
-        from trl import GRPOTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def run(quick: bool = False) -> dict:
     steps = 2 if quick else STEPS
     repeats = 1 if quick else 3
-    have_peer = trl_available()
+    have_peer = peer_available("trl", "GRPOTrainer")
     ours, peer = [], []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import peer_available
+
 N_PAIRS, BATCH, LR, SEED = 256, 8, 1e-4, 0
 
 
@@ -124,11 +126,7 @@ def run(quick: bool = False) -> dict:
         root = Path(d)
         tok, units = _setup(root)
         tokens = sum(len(r) for u in units for r in u["rows"])
-        try:
-            import trl  # noqa: F401
-            have_trl = True
-        except ImportError:
-            have_trl = False
+        have_trl = peer_available("trl")
         ours, peer, padded = [], [], []
         _run_ours(root, tok, units)  # warm-up (allocator, kernels), not timed
         for _ in range(repeats):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import peer_available
 from rlhfkit.models import load_tokenizer, tiny_llama
 
 N_SEQ, SEQ_LEN, BATCH = 256, 64, 8
@@ -72,13 +73,6 @@ def run_trl(tokenizer, rows) -> float:
         return time.perf_counter() - t0
 
 
-def trl_available() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def run(quick: bool = False) -> dict:
     torch.manual_seed(0)
@@ -87,7 +81,7 @@ def run(quick: bool = False) -> dict:
     rows = make_rows(tokenizer, n, SEQ_LEN)
     tokens = n * SEQ_LEN
     repeats = 1 if quick else 3
-    has_trl = trl_available()
+    has_trl = peer_available("trl")
     ours_t, peer_t = [], []
     for _ in range(repeats):
         ours_t.append(run_ours(tokenizer, rows))
