@@ -1,16 +1,22 @@
 """Reward-model quality on the bundled task, measured against the gold panel.
 
-1. The SFT policy (`benchmarks.common.sft_policy()`) samples K responses for every train
-   prompt and every eval prompt (cached under benchmarks/work/rm_quality/). While the bundled
-   base checkpoint is not shipped there is no SFT policy; the benchmark then uses each
-   prompt's real continuation plus K-1 continuations of other sentences (what the SFT policy
+1. The SFT policy (`benchmarks.common.sft_policy()`) samples K_TRAIN responses for every train
+   prompt and K_EVAL for every eval prompt (cached under benchmarks/work/rm_quality/). While the
+   bundled base checkpoint is not shipped there is no SFT policy; the benchmark then uses each
+   prompt's real continuation plus continuations of other sentences (what the SFT policy
    imitates), starts the reward model from a random 2-layer Llama, and says so in the JSON.
-2. All C(K, 2) pairs of a prompt's samples are labelled by the simulated annotators (one rater
-   of the panel per comparison, Bradley-Terry noise, ties when the rater's scores are close).
-3. Reward models start from the SFT policy and train with `rlhfkit reward` on the first 1k,
-   3k and 10k labelled train pairs, ties included (soft-label Bradley-Terry, a tie = 0.5);
-   the 10k set also trains a 3-model ensemble (seeds and data orders), whose member 0 is the
-   single model of the headline.
+2. Train pairs: each prompt's distinct non-empty samples are paired off at random, so no
+   response is in two pairs (K_TRAIN = 16 gives about 24k pairs from the 3,106 train prompts).
+   At a fixed label budget this shows the RM twice as many distinct responses as labelling all
+   C(4, 2) pairs of 4 samples, and measured better (docs/reward.md). Held-out pairs: all C(K_EVAL, 2)
+   pairs of every eval prompt. Each pair is labelled by the simulated annotators (one rater of
+   the panel per comparison, Bradley-Terry noise, ties when the rater's scores are close).
+3. Reward models start from the SFT policy and train with `rlhfkit reward` (soft-label
+   Bradley-Terry, a tie = 0.5, EPOCHS epochs) on the first 1k, 3k and 10k labelled train pairs
+   and on all of them; all of them also train a 3-model ensemble (seeds and data orders),
+   whose member 0 is the single model of that size. The headline (`gold_accuracy`,
+   `label_accuracy`, `ece`) is the ensemble, the reward RL would use; `single` and the curves
+   over label counts are single models.
 4. Held-out pairs from the eval prompts (disjoint from the train prompts) are scored:
    `gold_accuracy` = agreement with the gold panel on pairs whose gold gap is >= GOLD_GAP
    (the panel separates them clearly), `label_accuracy` = RewardBench-style strict accuracy
@@ -28,8 +34,9 @@ import numpy as np
 
 from benchmarks.common import WORK, locked, sft_policy
 
-K_SAMPLES, MAX_NEW_TOKENS, GOLD_GAP, SEED = 4, 24, 0.1, 0
-LABEL_SIZES = (1000, 3000, 10000)
+K_TRAIN, K_EVAL, MAX_NEW_TOKENS, GOLD_GAP, SEED = 16, 4, 24, 0.1, 0
+LABEL_SIZES = (1000, 3000, 10000)  # plus every labelled train pair, the headline model
+EPOCHS, LEARNING_RATE = 2.0, 1e-3
 ENSEMBLE = 3
 
 
@@ -44,8 +51,8 @@ def _policy() -> Path | None:
     return sft_policy()
 
 
-def _corpus_samples(split: str, n_prompts: int | None) -> list[dict]:
-    """Stand-in for policy samples: each prompt's real continuation plus K-1 continuations of
+def _corpus_samples(split: str, n_prompts: int | None, k: int) -> list[dict]:
+    """Stand-in for policy samples: each prompt's real continuation plus k-1 continuations of
     other sentences (what an SFT policy imitates), drawn with a fixed seed."""
     from rlhfkit.tasks import kindly
 
@@ -53,7 +60,7 @@ def _corpus_samples(split: str, n_prompts: int | None) -> list[dict]:
     rng = np.random.default_rng(SEED + (split == "eval"))
     out = []
     for i, r in enumerate(recs):
-        others = rng.choice(len(recs) - 1, size=K_SAMPLES - 1, replace=False)
+        others = rng.choice(len(recs) - 1, size=k - 1, replace=False)
         others = [j + (j >= i) for j in others]
         out.append({"prompt": r["prompt"], "responses": [r["completion"]] + [recs[j]["completion"] for j in others]})
     return out
@@ -71,8 +78,8 @@ def _fresh_model(work: Path) -> Path:
     return path
 
 
-def _samples(policy: Path | None, split: str, n_prompts: int | None) -> list[dict]:
-    """K sampled responses per prompt of `split`, cached per policy and settings."""
+def _samples(policy: Path | None, split: str, n_prompts: int | None, k: int) -> list[dict]:
+    """k sampled responses per prompt of `split`, cached per policy and settings."""
     import torch
 
     from rlhfkit.models import load_policy, load_tokenizer
@@ -80,18 +87,18 @@ def _samples(policy: Path | None, split: str, n_prompts: int | None) -> list[dic
     from rlhfkit.tasks import kindly
 
     if policy is None:
-        return _corpus_samples(split, n_prompts)
+        return _corpus_samples(split, n_prompts, k)
     prompts = kindly.prompts(split)[:n_prompts]
-    cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{K_SAMPLES}-{MAX_NEW_TOKENS}-{_stamp(policy)}.json"
+    cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{k}-{MAX_NEW_TOKENS}-{_stamp(policy)}.json"
     with locked("rm_quality_samples"):
         if cache.is_file():
             return json.loads(cache.read_text())
         tok = load_tokenizer(str(policy))
         model = load_policy(str(policy), trainable=False).eval()
         with torch.no_grad():
-            roll = generate(model, tok, prompts, MAX_NEW_TOKENS, temperature=1.0, num_samples=K_SAMPLES,
+            roll = generate(model, tok, prompts, MAX_NEW_TOKENS, temperature=1.0, num_samples=k,
                             batch_size=256, seed=SEED + (split == "eval"))
-        out = [{"prompt": p, "responses": roll.responses[i * K_SAMPLES:(i + 1) * K_SAMPLES]} for i, p in enumerate(prompts)]
+        out = [{"prompt": p, "responses": roll.responses[i * k:(i + 1) * k]} for i, p in enumerate(prompts)]
         from rlhfkit.runs import atomic_write_json
 
         atomic_write_json(cache, out)
@@ -103,16 +110,29 @@ def _stamp(policy: Path) -> str:
     return f"{st.st_size}-{int(st.st_mtime)}"
 
 
-def _label(groups: list[dict], seed: int) -> tuple[list[dict], dict]:
-    """Every C(K, 2) pair of distinct non-empty samples, labelled by one simulated annotator each."""
+def _label(groups: list[dict], seed: int, pairing: str) -> tuple[list[dict], dict]:
+    """Pairs of a prompt's samples, labelled by one simulated annotator each.
+
+    pairing="all": every C(K, 2) pair of distinct non-empty samples (identical and empty ones
+    counted in the skips); pairing="disjoint": the distinct non-empty samples paired off in a
+    random order, each in one pair (duplicates and empties counted, an odd one out left over).
+    """
     from rlhfkit.judges import GoldPanel
     from rlhfkit.judges.annotators import SimulatedAnnotators
 
     rng = np.random.default_rng(seed)
     prompts, a, b, skipped = [], [], [], {"identical": 0, "empty": 0}
     for g in groups:
-        for i, j in itertools.combinations(range(len(g["responses"])), 2):
-            ra, rb = g["responses"][i], g["responses"][j]
+        resp = g["responses"]
+        if pairing == "all":
+            candidates = [(resp[i], resp[j]) for i, j in itertools.combinations(range(len(resp)), 2)]
+        else:
+            keep = [r for r in dict.fromkeys(resp) if r.strip()]
+            skipped["empty"] += sum(1 for r in resp if not r.strip())
+            skipped["identical"] += sum(1 for r in resp if r.strip()) - len(keep)
+            order = rng.permutation(len(keep))
+            candidates = [(keep[i], keep[j]) for i, j in zip(order[0::2], order[1::2])]
+        for ra, rb in candidates:
             if not ra.strip() or not rb.strip():
                 skipped["empty"] += 1
                 continue
@@ -140,12 +160,12 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _train(policy: Path, data: Path, out: Path, ensemble: int, quick: bool) -> dict:
+def _train(policy: Path, data: Path, out: Path, ensemble: int) -> dict:
     from rlhfkit.recipes.reward import Config, main
 
     cfg = Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="soft_label",
-                 per_device_batch_size=32, learning_rate=3e-4, lr_scheduler="cosine", warmup_steps=10,
-                 num_epochs=1.0, seed=SEED, eval_fraction=0.0, report_to="jsonl",
+                 per_device_batch_size=32, learning_rate=LEARNING_RATE, lr_scheduler="cosine", warmup_steps=10,
+                 num_epochs=EPOCHS, seed=SEED, eval_fraction=0.0, report_to="jsonl",
                  progress=False, log_every=50, max_length=96, ensemble_size=ensemble, weight_decay=0.01)
     t0 = time.perf_counter()
     res = main(cfg, printer=lambda m: print(m, flush=True))
@@ -177,23 +197,25 @@ def run(quick: bool = False) -> dict:
     t0 = time.perf_counter()
     policy = _policy()
     n_train_prompts, n_eval_prompts = (300, 100) if quick else (None, None)
-    train_groups = _samples(policy, "train", n_train_prompts)
-    eval_groups = _samples(policy, "eval", n_eval_prompts)
+    train_groups = _samples(policy, "train", n_train_prompts, K_TRAIN)
+    eval_groups = _samples(policy, "eval", n_eval_prompts, K_EVAL)
     t_sample = time.perf_counter() - t0
     work = WORK / "rm_quality" / ("quick" if quick else "full")
     start = policy if policy is not None else _fresh_model(work)
-    train_recs, train_skipped = _label(train_groups, SEED)
-    eval_recs, eval_skipped = _label(eval_groups, SEED + 1)
+    train_recs, train_skipped = _label(train_groups, SEED, "disjoint")
+    eval_recs, eval_skipped = _label(eval_groups, SEED + 1, "all")
     heldout = comparison_pairs(parse_comparisons(eval_recs))
     gold = GoldPanel()
     sizes = (300, 1000) if quick else LABEL_SIZES
     if len(train_recs) < sizes[-1]:
         raise RuntimeError(f"only {len(train_recs)} labelled train pairs; need {sizes[-1]}")
+    if len(train_recs) > sizes[-1]:
+        sizes = (*sizes, len(train_recs))
     curve, runs = {}, {}
     for n in sizes:
         data = _write_jsonl(work / f"train-{n}.jsonl", train_recs[:n])
         ens = 1 if quick or n != sizes[-1] else ENSEMBLE
-        res = _train(start, data, work / f"rm-{n}", ens, quick)
+        res = _train(start, data, work / f"rm-{n}", ens)
         single = str(work / f"rm-{n}" / "final") if ens == 1 else str(work / f"rm-{n}" / "final" / "member-0")
         runs[n] = {"single": _evaluate(single, heldout, gold, work / f"rm-{n}-reliability.png" if n == sizes[-1] else None),
                    "train_seconds": res["train_seconds"], "counts": res["counts"], "skipped": res["skipped"]}
@@ -201,11 +223,12 @@ def run(quick: bool = False) -> dict:
             runs[n]["ensemble"] = _evaluate(str(work / f"rm-{n}" / "final"), heldout, gold)
         curve[str(n)] = runs[n]["single"]["gold_accuracy"]
     head = runs[sizes[-1]]
-    best = head["single"]
+    best = head.get("ensemble") or head["single"]
     out = {
         "gold_accuracy": best["gold_accuracy"],
         "label_accuracy": best["accuracy"],
         "ece": best["ece"],
+        "headline_model": f"ensemble of {ENSEMBLE} reward models (mean reward)" if "ensemble" in head else "single reward model",
         "num_train_labels": sizes[-1],
         "gold_gap": GOLD_GAP,
         "num_heldout_pairs": best["num_pairs"],
@@ -213,7 +236,8 @@ def run(quick: bool = False) -> dict:
         "heldout_label_gold_agreement": best.get("label_gold_agreement"),
         "gold_accuracy_vs_labels": curve,
         "label_accuracy_vs_labels": {str(n): runs[n]["single"]["accuracy"] for n in sizes},
-        "single": best,
+        "ece_vs_labels": {str(n): runs[n]["single"]["ece"] for n in sizes},
+        "single": head["single"],
         "ensemble": head.get("ensemble"),
         "ensemble_size": ENSEMBLE if "ensemble" in head else 1,
         "train_seconds": {str(n): round(runs[n]["train_seconds"], 1) for n in sizes},
@@ -221,6 +245,10 @@ def run(quick: bool = False) -> dict:
         "truncated_rows": {str(n): runs[n]["counts"].get("truncated_rows", 0) for n in sizes},
         "ties_skipped_in_training": {str(n): runs[n]["counts"].get("ties_skipped", 0) for n in sizes},
         "pairs_not_labelled": {"train": train_skipped, "eval": eval_skipped},
+        "samples_per_prompt": {"train": K_TRAIN, "eval": K_EVAL},
+        "pairing": {"train": "disjoint (each response in one pair)", "eval": "all pairs of a prompt's samples"},
+        "epochs": EPOCHS,
+        "learning_rate": LEARNING_RATE,
         "num_labelled_train_pairs": len(train_recs),
         "policy": str(policy) if policy is not None else None,
         "responses": "SFT policy samples" if policy is not None else
