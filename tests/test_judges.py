@@ -275,6 +275,24 @@ def test_label_command_end_to_end(tmp_path, capsys):
     assert row["ranking"][0] == 1 and sorted(row["ranking"]) == [0, 1, 2] and "annotator_id" in row
 
 
+def test_label_disjoint_pairing_puts_each_distinct_response_in_one_pair(tmp_path, capsys):
+    from rlhfkit.recipes.label import Config, main
+
+    responses = [" kind", " cruel", " kind", " warm and lovely", " awful", " gentle", " here"]
+    src = _write(tmp_path / "in.jsonl", [{"prompt": "She was", "responses": responses},
+                                         {"prompt": "The cake", "a": " was horrible", "b": " was lovely"}])
+    out = tmp_path / "prefs.jsonl"
+    stats = main(Config(input=str(src), output=str(out), pairing="disjoint", tie_margin=0.0, seed=1))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    # 6 distinct responses -> 3 pairs; the a/b record is one pair
+    assert stats["pairs"] == 4 and stats["identical_skipped"] == 1 and len(rows) == 4
+    used = [x for r in rows if r["prompt"] == "She was" for x in (r["chosen"], r["rejected"])]
+    assert len(used) == len(set(used)) == 6 and set(used) == set(responses)
+    assert "1 repeated responses skipped" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="pairing"):
+        Config(input=str(src), output=str(out), pairing="some")
+
+
 def test_label_bad_input_names_file_line_field(tmp_path):
     from rlhfkit.cli import main as cli_main
     from rlhfkit.recipes.label import Config, main

@@ -12,7 +12,10 @@ Outputs (written atomically):
 
 * ``preference`` -- TRL columns ``prompt``, ``chosen``, ``rejected`` plus ``label`` (1.0, or 0.5
   for a tie), ``tie``, ``annotator_id`` and ``reliable``. A record with K responses gives every
-  pair (i < j), or ``pairs_per_prompt`` of them drawn with the seed. Ties: ``ties=skip`` (default)
+  pair (i < j), or ``pairs_per_prompt`` of them drawn with the seed; ``pairing=disjoint`` instead
+  pairs the distinct responses off at random so each is in one pair (K/2 pairs per prompt: at
+  a fixed label budget the reward model sees twice as many distinct responses as with all pairs
+  of 4, which measured better on the bundled task, docs/reward.md). Ties: ``ties=skip`` (default)
   leaves them out and prints how many; ``ties=keep`` writes them with ``tie: true`` and
   ``label: 0.5`` (chosen/rejected then keep the input order) for trainers that read the label.
 * ``ranking`` -- ``prompt``, ``responses``, ``ranking`` (indices, best first), ``annotator_id``,
@@ -61,7 +64,9 @@ class Config:
     n_annotators: int = 10
     """Size of the annotator pool (annotator j judges as panel rater j % 10)."""
     pairs_per_prompt: int = 0
-    """Preference output from K responses: label this many random pairs per prompt (0: all K(K-1)/2)."""
+    """Preference output from K responses: label this many random pairs per prompt (0: all the pairing gives)."""
+    pairing: str = "all"
+    """Preference output from K responses: 'all' K(K-1)/2 pairs, or 'disjoint': the distinct responses paired off at random, each in one pair."""
     seed: int = 0
     """Seed of annotator draws, label noise and pair choice."""
 
@@ -78,6 +83,7 @@ class Config:
                 f"must be random or adversarial, got {self.unreliable_mode!r}")
         require(self.n_annotators >= 1, "n_annotators", "must be >= 1")
         require(self.pairs_per_prompt >= 0, "pairs_per_prompt", "must be >= 0")
+        require(self.pairing in ("all", "disjoint"), "pairing", f"must be all or disjoint, got {self.pairing!r}")
 
 
 def as_text(value: Any, source: str | None, line: int, field: str) -> str:
@@ -127,11 +133,21 @@ def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators)
     rng = np.random.default_rng(cfg.seed + 1)
     which, identical = [], 0
     for n, item in enumerate(items):
-        pairs = list(itertools.combinations(range(len(item["responses"])), 2))
-        # a response compared with its own copy says nothing and makes chosen == rejected
-        kept = [(i, j) for i, j in pairs if item["texts"][i] != item["texts"][j]]
-        identical += len(pairs) - len(kept)
-        pairs = kept
+        texts = item["texts"]
+        if cfg.pairing == "all":
+            pairs = list(itertools.combinations(range(len(texts)), 2))
+            # a response compared with its own copy says nothing and makes chosen == rejected
+            kept = [(i, j) for i, j in pairs if texts[i] != texts[j]]
+            identical += len(pairs) - len(kept)
+            pairs = kept
+        else:
+            first: dict[str, int] = {}
+            for i, t in enumerate(texts):
+                first.setdefault(t, i)
+            identical += len(texts) - len(first)  # later copies of a text are left out
+            idx = list(first.values())
+            order = rng.permutation(len(idx))
+            pairs = [(min(idx[a], idx[b]), max(idx[a], idx[b])) for a, b in zip(order[0::2], order[1::2])]
         if cfg.pairs_per_prompt and len(pairs) > cfg.pairs_per_prompt:
             keep = rng.choice(len(pairs), size=cfg.pairs_per_prompt, replace=False)
             pairs = [pairs[k] for k in sorted(keep)]
@@ -187,7 +203,8 @@ def main(cfg: Config) -> dict:
         tie_note = (f", {stats['ties']} ties skipped" if cfg.ties == "skip"
                     else f", {stats['ties']} ties kept with label 0.5")
         if stats["identical_skipped"]:
-            tie_note += f", {stats['identical_skipped']} pairs of identical responses skipped"
+            what = "pairs of identical responses" if cfg.pairing == "all" else "repeated responses"
+            tie_note += f", {stats['identical_skipped']} {what} skipped"
         print(f"label: {stats['records']} records -> {stats['pairs']} pairs{tie_note}; "
               f"wrote {len(rows)} preferences to {out} (agreement with the panel mean "
               f"{stats['gold_agreement']:.3f})")
