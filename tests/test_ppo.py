@@ -178,8 +178,10 @@ def test_grpo_single_pass_reuses_the_training_forward(assets, tmp_path):
     grpo.main(cfg)
     rows = read_metrics(tmp_path)
     assert rows[0]["first_ratio_mean"] == 1.0 and rows[0]["first_ratio_max"] == 1.0
-    assert rows[0]["optimizer_steps"] == 1 and rows[0]["kl"] == 0.0  # policy == reference before the first step
-    assert rows[1]["kl"] != 0.0
+    # policy == reference before the first step: the KL is zero up to float rounding (the reference
+    # forward runs on a differently padded batch, so its kernels may round differently)
+    assert rows[0]["optimizer_steps"] == 1 and abs(rows[0]["kl"]) < 1e-6
+    assert abs(rows[1]["kl"]) > 1e-4, rows[1]["kl"]
 
 
 def test_approx_kl_early_stop_ends_the_update(assets, tmp_path):
