@@ -136,7 +136,12 @@ def test_gold_items_honeypots(tmp_path):
         assert rep["annotators"][0]["gold_answered"] == 1 and rep["annotators"][0]["gold_correct"] == 0
         # gold items stay out of exports unless asked for
         svc.submit_label(s, task, u, item2.id, {"choice": "tie"}, "j" * 10)
-        assert ex.export_records(s, task, "preferences")[0] == []
+        assert ex.export_records(s, task, "preferences") == ([], {"tie": 1})
+        # ties kept for the tie-aware reward losses: label 0.5, tie=true, responses in item order
+        kept, skipped = ex.export_records(s, task, "preferences", ties="keep")
+        assert kept == [{"prompt": "real", "chosen": "x", "rejected": "y", "label": 0.5, "tie": True}] and skipped == {}
+        with pytest.raises(ValueError, match="ties must be"):
+            ex.export_records(s, task, "preferences", ties="half")
         assert len(ex.export_records(s, task, "preferences", include_gold=True)[0]) == 1
         with pytest.raises(DataError, match="field 'gold'"):
             svc.import_records(s, task, [{"prompt": "p", "responses": ["a", "b"], "gold": {"choice": "left-ish"}}],

@@ -343,12 +343,13 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return ex.task_qc(s, _task(s, task_id))
 
     @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
-    def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none"):
+    def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none",
+               ties: str = "skip"):
         with db.read_session() as s:
             admin(request, s)
             task = _task(s, task_id)
             try:
-                records, skipped = ex.export_records(s, task, kind, aggregate)
+                records, skipped = ex.export_records(s, task, kind, aggregate, ties=ties)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from e
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--kind", default="preferences", help="preferences, rankings, sft, kto, ratings, critiques")
     sp.add_argument("--aggregate", default="none", help="none, majority, weighted or bt")
     sp.add_argument("--include-gold", action="store_true")
+    sp.add_argument("--ties", default="skip", choices=("skip", "keep"),
+                    help="pairwise ties: skip and count them, or keep them with label 0.5 and tie=true")
     sp.add_argument("--out", required=True)
     sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
     sp = add("qc", "print the task's quality-control report as JSON")
@@ -203,7 +205,7 @@ def _export(args) -> int:
         task = s.scalar(select(Task).where(Task.name == args.task))
         if task is None:
             raise LookupError(f"no task named {args.task!r}")
-        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold)
+        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties)
     (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
     print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
     return 0

@@ -2,8 +2,9 @@
 
 Kinds and the TRL columns they produce:
 
-- ``preferences``: prompt / chosen / rejected, from pairwise answers (ties and "both bad" are
-  skipped and counted), from rankings (expanded to all K(K-1)/2 pairs) and from edits (the
+- ``preferences``: prompt / chosen / rejected, from pairwise answers ("both bad" is skipped and
+  counted; ties too, unless ``ties="keep"`` writes them with ``label: 0.5`` and ``tie: true``
+  for the tie-aware reward losses), from rankings (expanded to all K(K-1)/2 pairs) and from edits (the
   edited text is preferred over the response it rewrote);
 - ``rankings``: prompt / responses / ranking (indices into responses, best first);
 - ``sft``: prompt / completion, from edits;
@@ -71,10 +72,12 @@ def _coverage(consensus: dict) -> dict:
 
 
 def export_records(s: Session, task: Task, kind: str = "preferences", aggregate: str = "none",
-                   include_gold: bool = False) -> tuple[list[dict], dict[str, int]]:
+                   include_gold: bool = False, ties: str = "skip") -> tuple[list[dict], dict[str, int]]:
     """Records of `kind` for one task, and the counts of labels skipped with the reason."""
     if kind not in KINDS:
         raise ValueError(f"unknown export kind {kind!r}; choose from {sorted(KINDS)}")
+    if ties not in ("skip", "keep"):
+        raise ValueError(f"ties must be 'skip' or 'keep', got {ties!r}")
     if task.question_type not in KINDS[kind]:
         raise ValueError(f"task {task.name!r} holds {task.question_type} labels; kind {kind!r} needs one of "
                          f"{KINDS[kind]} (this task exports: {kinds_for(task.question_type)})")
@@ -97,6 +100,10 @@ def export_records(s: Session, task: Task, kind: str = "preferences", aggregate:
     for item_id, value in values:
         if value is None:
             skipped["undecided"] += 1
+            continue
+        if kind == "preferences" and ties == "keep" and value.get("choice") == "tie":
+            r = items[item_id].responses
+            out.append({"prompt": items[item_id].prompt, "chosen": r[0], "rejected": r[1], "label": 0.5, "tie": True})
             continue
         out += CONVERTERS[kind](items[item_id], value, skipped)
     return out, dict(skipped)
@@ -163,11 +170,13 @@ def write_dataset(records: list[dict], path: str | Path) -> Path:
 
 
 def load_preferences(db_url: str, task: str | int | None = None, aggregate: str = "none",
-                     include_gold: bool = False) -> list[dict[str, Any]]:
+                     include_gold: bool = False, ties: str = "keep") -> list[dict[str, Any]]:
     """TRL preference records (prompt/chosen/rejected) straight from a feedback database.
 
     Reads every task whose question type yields preferences (pairwise, ranking, edit), or only
-    `task` (its name or id). Used by `rlhfkit reward --from-feedback DB_URL`.
+    `task` (its name or id). Ties are kept with label 0.5 by default: the reward recipe's loss
+    decides (Bradley-Terry skips and counts them, soft_label and davidson learn from them).
+    Used by `rlhfkit reward --from_feedback DB_URL`.
     """
     from rlhfkit.errors import DataError
     from rlhfkit.feedback.db import Database
@@ -185,7 +194,7 @@ def load_preferences(db_url: str, task: str | int | None = None, aggregate: str 
             for t in tasks:
                 if t.question_type in KINDS["preferences"]:
                     recs, sk = export_records(s, t, "preferences", aggregate if t.question_type != "edit" else "none",
-                                              include_gold)
+                                              include_gold, ties)
                     out += recs
                     for k, v in sk.items():
                         skipped[k] += v
