@@ -301,3 +301,28 @@ def test_validate_records_dispatches_on_format(tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", [RECORDS["unpaired"], {**RECORDS["unpaired"], "label": 0}])
     kept = validate_records(load_records(path))
     assert [r["label"] for r in kept] == [True, False]
+
+
+def test_load_prompts_from_every_source(tmp_path):
+    from rlhfkit.data.prompts import load_prompts
+    from rlhfkit.errors import DataError
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.tasks import kindly
+
+    assert load_prompts("kindly", "eval") == list(kindly.prompts("eval"))
+    assert load_prompts("kindly:train", "eval", limit=3) == list(kindly.prompts("train"))[:3]
+    txt = tmp_path / "p.txt"
+    txt.write_text("She was\n\n  \nThe day\n")
+    assert load_prompts(str(txt)) == ["She was", "The day"]
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Say"}]
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "plain"}, {"prompt": conv}])
+    assert load_prompts(str(src)) == ["plain", "Hi\nHello\nSay"]
+    tok = load_tokenizer("kindly:tokenizer")
+    rendered = load_prompts(str(src), tokenizer=tok)[1]
+    assert rendered == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"prompt": "   "}])
+    with pytest.raises(DataError, match=r"bad\.jsonl.*line 2.*field 'prompt'"):
+        load_prompts(str(bad))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="no prompts found"):
+        load_prompts(str(tmp_path / "empty.txt"))

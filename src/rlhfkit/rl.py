@@ -104,28 +104,6 @@ class OnPolicyArgs:
 # prompts
 
 
-def load_prompts(source: str, split: str = "train") -> list[str]:
-    """Prompt strings from the bundled task ('kindly') or a file/dataset with a 'prompt' column."""
-    if source == "kindly":
-        from rlhfkit.tasks import kindly
-
-        return kindly.prompts(split)
-    from rlhfkit.data import load_records
-
-    records = load_records(source, split=split, required=["prompt"])
-    prompts = []
-    for i, r in enumerate(records):
-        p = r["prompt"]
-        if isinstance(p, list):  # a conversation: the text of its turns
-            p = "\n".join(str(m.get("content", "")) for m in p)
-        if not isinstance(p, str) or not p.strip():
-            from rlhfkit.errors import DataError
-
-            raise DataError("prompt is empty or not text", source=source, line=i + 1, field="prompt")
-        prompts.append(p)
-    return prompts
-
-
 def prompts_for_step(prompts: Sequence[str], step: int, per_process: int, seed: int,
                      num_processes: int = 1, process_index: int = 0) -> list[str]:
     """This process's prompts for update `step`: a pure function of (seed, step), so resuming

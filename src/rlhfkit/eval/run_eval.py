@@ -89,29 +89,6 @@ class Config:
 # inputs
 
 
-def load_prompts(source: str, limit: int = 0) -> list[str]:
-    """Prompts from 'kindly', a .txt file or a record file with a `prompt` column."""
-    from rlhfkit.errors import DataError
-
-    if source == "kindly":
-        from rlhfkit.tasks import kindly
-
-        prompts = kindly.prompts("eval")
-    elif source.endswith(".txt"):
-        prompts = [line.rstrip("\n") for line in Path(source).read_text().splitlines() if line.strip()]
-    else:
-        from rlhfkit.data import load_records
-
-        prompts = []
-        for i, rec in enumerate(load_records(source), 1):
-            if not isinstance(rec.get("prompt"), str):
-                raise DataError("expected a string `prompt`", source=source, line=i, field="prompt")
-            prompts.append(rec["prompt"])
-    if not prompts:
-        raise DataError("no prompts found", source=source)
-    return prompts[:limit] if limit else prompts
-
-
 def load_corpus(source: str, limit: int) -> list[str]:
     if not source:
         return []
@@ -269,7 +246,9 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     policy = load_policy(cfg.model, cfg.dtype, trainable=False).eval()
     reference = load_policy(ref_path, cfg.dtype, trainable=False).eval()
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    from rlhfkit.data.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts, "eval", limit=cfg.num_prompts)
     judge = make_judge(cfg.judge)
     scorer = None
     if cfg.reward_model:

@@ -137,14 +137,15 @@ def sample_and_score(policy, tokenizer, prompts: list[str], judge, k: int, cfg) 
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.eval.run_eval import load_prompts, make_judge
+    from rlhfkit.data.prompts import load_prompts
+    from rlhfkit.eval.run_eval import make_judge
     from rlhfkit.models import load_policy, load_tokenizer
 
     seed_everything(cfg.seed)
     out = prepare_run_dir(cfg.output_dir, cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, padding_side="left")
     policy = load_policy(cfg.model, cfg.dtype, trainable=False)
-    prompts = load_prompts(cfg.prompts, cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, "eval", limit=cfg.max_prompts)
     judge = make_judge(cfg.judge)
     M = cfg.kl_pool or max(cfg.n, 64)
     t0 = time.perf_counter()

@@ -35,6 +35,7 @@ from rlhfkit.advantages import (
     shape_rewards,
 )
 from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.data.prompts import load_prompts
 from rlhfkit.losses.policy import entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
 from rlhfkit.models import (
     load_policy,
@@ -51,7 +52,6 @@ from rlhfkit.rl import (
     batched,
     check_hacking,
     evaluate_gold,
-    load_prompts,
     make_gold_judge,
     make_hacking_alarm,
     make_reward_fn,

@@ -111,7 +111,9 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    prompts = _load_train_prompts(cfg.prompts)
+    from rlhfkit.data.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts, "train")
     judge = make_judge(cfg.judge)
     panel = None
     if cfg.gold and cfg.judge != "gold":
@@ -162,16 +164,6 @@ def main(cfg: Config) -> dict:
     if accelerator.is_main_process:
         atomic_write_json(out / "results.json", result)
     return result
-
-
-def _load_train_prompts(source: str) -> list[str]:
-    if source == "kindly":
-        from rlhfkit.tasks import kindly
-
-        return kindly.prompts("train")
-    from rlhfkit.eval.run_eval import load_prompts
-
-    return load_prompts(source)
 
 
 def _write_samples(path: Path, roll, picks, scores, k: int) -> None:

@@ -26,6 +26,7 @@ from rlhfkit.advantages import (
     process_scores,
 )
 from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.data.prompts import load_prompts
 from rlhfkit.losses.policy import rloo_loss
 from rlhfkit.models import (
     load_policy,
@@ -39,7 +40,6 @@ from rlhfkit.rl import (
     check_hacking,
     evaluate_gold,
     group_rollout,
-    load_prompts,
     make_gold_judge,
     make_hacking_alarm,
     make_reward_fn,

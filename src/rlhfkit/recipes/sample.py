@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import require
-from rlhfkit.errors import ConfigError
+from rlhfkit.data.prompts import load_prompts
 from rlhfkit.models import load_policy, load_tokenizer
 from rlhfkit.runs import atomic_path, seed_everything
 
@@ -57,20 +57,6 @@ class Config:
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 
 
-def read_prompts(source: str, tokenizer=None) -> list[str]:
-    """Prompt texts from a data file or the bundled task (`kindly` means its eval split)."""
-    if source in ("kindly", "kindly:eval", "kindly:train"):
-        from rlhfkit.tasks import kindly
-
-        return list(kindly.prompts("train" if source == "kindly:train" else "eval"))
-    from rlhfkit.data import load_records, to_prompt_text
-
-    records = load_records(source, required=["prompt"])
-    if not records:
-        raise ConfigError(f"{source}: no prompts found")
-    return [to_prompt_text(r, tokenizer) for r in records]
-
-
 @torch.no_grad()
 def main(cfg: Config) -> list[dict]:
     from rlhfkit.rollout import generate
@@ -78,7 +64,7 @@ def main(cfg: Config) -> list[dict]:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     model = load_policy(cfg.model, cfg.dtype, trainable=False)
-    prompts = read_prompts(cfg.prompts, tokenizer)
+    prompts = load_prompts(cfg.prompts, "eval", tokenizer)
     if cfg.max_prompts > 0:
         prompts = prompts[: cfg.max_prompts]
     rows: list[dict] = []
