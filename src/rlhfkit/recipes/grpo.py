@@ -117,13 +117,10 @@ def main(cfg: Config, reward_fn=None) -> dict:
         running.load_state_dict(state["running_moments"])
         acc.print(f"grpo: resumed from {ckpt} at update {start}")
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
-    alarm, stop_run = make_hacking_alarm(cfg, out, acc.is_main_process), False
+    alarm = make_hacking_alarm(cfg, out, acc.is_main_process)
     max_len = cfg.max_new_tokens
     truncated, last = 0, {}
     for step in range(start, n_updates):
-        if stop_run:
-            acc.print(f"{__name__.rsplit('.', 1)[-1]}: stopped after update {step} by the reward-hacking alarm")
-            break
         t0 = time.perf_counter()
         step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed, acc.num_processes,
                                         acc.process_index)
@@ -158,7 +155,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         last = dict(zip(keys, mean_across_processes(acc, [float(merged[k]) for k in keys])))
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
-        stop_run = check_hacking(alarm, last, step + 1, acc)
+        stop_run = check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
         logger.log(last, step + 1)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             logger.log_text("samples", sample_table(roll, scores, gold), step + 1)
@@ -166,6 +163,8 @@ def main(cfg: Config, reward_fn=None) -> dict:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(),
                                                  "running_moments": running.state_dict()})
+        if stop_run:
+            break
     if truncated:
         acc.print(f"grpo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")
@@ -173,9 +172,8 @@ def main(cfg: Config, reward_fn=None) -> dict:
     result = {"updates": n_updates, "last": last}
     if acc.is_main_process:
         save_model(unwrap(policy), tok, out / "final")
-        eval_prompts = load_prompts(cfg.eval_prompts, "eval") if cfg.eval_prompts else []
+        eval_prompts = load_prompts(cfg.eval_prompts, "eval", limit=cfg.num_eval_prompts) if cfg.eval_prompts else []
         if judge is not None and eval_prompts:
-            eval_prompts = eval_prompts[: cfg.num_eval_prompts or None]
             result["eval"] = evaluate_gold(policy, ref_fwd, tok, eval_prompts, judge, reward_fn, cfg, ref_ctx)
             acc.print("grpo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
         atomic_write_json(out / "final_metrics.json", result)
