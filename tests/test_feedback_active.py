@@ -76,7 +76,7 @@ def test_hashed_ensemble_learns_and_online_scorer(tmp_path):
     rude = ["go away", "that is awful", "you are a fool", "terrible work, badly done"]
     ens = active.HashedEnsemble(members=4, dim=1024, seed=0).fit(kind * 3, rude * 3)
     mean, std = ens.score_with_uncertainty(["p"] * 2, ["lovely work, thank you", "awful work, go away"])
-    assert mean[0] > mean[1] and (std >= 0).all()
+    assert mean[0] > mean[1] and (std > 0).all()  # bootstrap members disagree somewhat
     x = active.hashed_features(["a b", ""], 64)
     assert x.shape == (2, 64) and x[1].nnz == 1  # an empty text still has its length bin
 
