@@ -230,8 +230,8 @@ class OnPolicyArgs:
     """Held-out reward for monitoring and the final evaluation ('gold' on the bundled task by default; any reward spec; 'none')."""
     prompts: str = "kindly"
     """Training prompts: 'kindly' (bundled), a bundled task name, or a JSONL/JSON/parquet/dataset with 'prompt' or 'messages' (+ extra columns)."""
-    eval_prompts: str = ""
-    """Held-out prompts for the final evaluation ('' = the bundled task's eval split when training on it, else none)."""
+    eval_prompts: str = "auto"
+    """Held-out prompts for the final evaluation: auto (a bundled task's eval split when training on one, else none), a file, or '' (skip)."""
     num_eval_prompts: int = 200
     """How many held-out prompts the final evaluation uses (0 = all)."""
     max_prompt_length: int = 64

@@ -265,7 +265,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     result = {"updates": n_updates, "last": last}
     if acc.is_main_process:
         save_model(unwrap(policy), tok, out / "final")
-        eval_source = cfg.eval_prompts or default_eval_source(cfg.prompts)
+        eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
         if eval_reward is not None and eval_source:
             held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
             result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
