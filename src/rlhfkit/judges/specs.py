@@ -150,3 +150,20 @@ def load_rewards(specs: Sequence[str], weights: Sequence[float] = (), device: An
     rewards = [load_reward(s, w, device, batch_size) for s, w in zip(specs, ws)]
     rewards += [as_reward(f, weight=w) for f, w in zip(functions, ws[len(specs):])]
     return RewardSet(rewards)
+
+
+def is_bundled_kindly(prompts: Any) -> bool:
+    """True when `prompts` names the bundled 'say it kindly' task (where the gold panel applies)."""
+    return isinstance(prompts, str) and prompts.split(":")[0] == "kindly"
+
+
+def rewards_or_default(specs: Sequence[str], prompts: Any, field: str = "reward") -> list[str]:
+    """`specs`, or ['gold'] on the bundled task; a user's prompts without a reward are a config error
+    (never a silent fallback to the bundled task's panel)."""
+    if specs:
+        return list(specs)
+    if is_bundled_kindly(prompts):
+        return ["gold"]
+    raise ConfigError(f"config field '{field}': name the reward for these prompts, e.g. --{field} rm:PATH, "
+                      f"--{field} py:file.py:fn or --{field} math (the gold panel is the default only on the "
+                      "bundled kindly task)")

@@ -139,3 +139,9 @@ def prompts_for_step(n_prompts: int, step: int, per_process: int, seed: int, num
     epoch, pos = divmod(step, per_epoch)
     chunk = epoch_order(n_prompts, seed, epoch)[pos * global_n:(pos + 1) * global_n]
     return chunk[process_index * per_process:(process_index + 1) * per_process]
+
+
+def rows_of(prompt_set: PromptSet, prompt_index: Any) -> tuple[list[Any], dict[str, list]]:
+    """(prompts, columns) repeated for each rollout row (`Rollout.prompt_index`), for scoring."""
+    rows = [int(i) for i in prompt_index]
+    return [prompt_set.prompts[i] for i in rows], {k: [v[i] for i in rows] for k, v in prompt_set.columns.items()}
