@@ -1,9 +1,14 @@
-"""The bundled verifiable task "arith": answer a sum or a difference of numbers up to 99.
+"""The bundled verifiable task "arith": add or subtract two numbers below 100.
 
 Reinforcement learning from verifiable rewards (RLVR) in miniature: the answer to every
 prompt is known, so a few lines of code check a response exactly and no reward model or
-human panel is needed. A problem reads ``Q: 57+86= A:`` and the expected completion is
-`` 143``; subtractions keep the first operand the larger, so answers are never negative.
+human panel is needed. A problem reads ``Q: 57+86= A:``; subtractions keep the first operand
+the larger, so answers are never negative. Operands are written with two digits and the
+answer with three, least-significant digit first: 57+86 = 143 is answered `` 341``, and
+83-06 = 77 is answered `` 770``. Writing the answer in the order the digits are computed
+(carries flow from the units upward) is what lets a sub-million-parameter model learn the
+task from a few minutes of CPU pretraining (Lee et al. 2023, "Teaching Arithmetic to Small
+Transformers", sec. 4: reversed output; fixed-width operands keep the digits aligned).
 
 Everything is generated from fixed seeds, so the same call returns the same list on every
 machine:
@@ -15,7 +20,7 @@ machine:
   column that reward functions receive as a keyword list (TRL's reward_funcs convention);
 * ``sft_records(split)`` -- a small SFT set (``NUM_SFT`` train problems) whose demonstrations
   were written by a careless annotator: a share ``SFT_NOISE`` of them has one digit wrong;
-* ``corpus_lines(split)`` -- plain equations (``57+86=143``) for pretraining the base;
+* ``corpus_lines(split)`` -- solved problems (``Q: 57+86= A: 341``) for pretraining the base;
 * ``reward_fn`` -- the exact-match verifier, usable as ``--reward py:rlhfkit.tasks.arith:reward_fn``.
 
 The tokenizer is character level (digits, ``+ - = Q A :``, space and three special
@@ -34,12 +39,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "eval")
-MAX_DIGITS = 2            # operands have 1 .. MAX_DIGITS digits, each length equally likely
+MAX_DIGITS = 2            # operands are 0 .. 10**MAX_DIGITS - 1, written with MAX_DIGITS digits
+ANSWER_DIGITS = MAX_DIGITS + 1
 EVAL_SHARE = 0.15         # share of the problem space reserved for evaluation (by hash)
 NUM_EVAL = 600            # held-out problems
 NUM_TRAIN_PROMPTS = 8000  # RL training prompts
 NUM_SFT = 1000            # SFT demonstrations (train side)
-NUM_CORPUS = 60000        # pretraining equations (train side)
+NUM_CORPUS = 40000        # pretraining equations (train side)
 SFT_NOISE = 0.25          # share of SFT demonstrations with one wrong digit
 PROMPT_FORMAT = "Q: {a}{op}{b}= A:"
 _PROMPT_RE = re.compile(r"Q:\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*A:\s*$")
@@ -76,9 +82,7 @@ def solve(a: int, op: str, b: int) -> int:
 
 
 def _operand(rng: random.Random) -> int:
-    # every length equally likely, so short problems are not drowned by long ones
-    digits = rng.randint(1, MAX_DIGITS)
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+    return rng.randint(0, 10 ** MAX_DIGITS - 1)
 
 
 def _draw(rng: random.Random) -> tuple[int, str, int]:
@@ -106,12 +110,18 @@ def _problems(side: str, n: int, seed: int, distinct: bool) -> tuple[tuple[int, 
 
 
 def format_prompt(a: int, op: str, b: int) -> str:
-    return PROMPT_FORMAT.format(a=a, op=op, b=b)
+    """The prompt of (a op b): both operands written with MAX_DIGITS digits, least-significant first."""
+    return PROMPT_FORMAT.format(a=write_number(a, MAX_DIGITS), op=op, b=write_number(b, MAX_DIGITS))
+
+
+def write_number(value: int, width: int) -> str:
+    """How the task writes every number: `width` digits, least-significant first (95, 3 -> "590")."""
+    return f"{value:0{width}d}"[::-1]
 
 
 def write_answer(value: int) -> str:
-    """How the task writes a number: its digits least-significant first (95 -> "59")."""
-    return str(value)[::-1]
+    """An answer as the task writes it: ANSWER_DIGITS digits, least-significant first (95 -> "590")."""
+    return write_number(value, ANSWER_DIGITS)
 
 
 def read_answer(text: str) -> int | None:
@@ -162,7 +172,7 @@ def sft_records(split: str = "train") -> list[dict]:
     for a, op, b in _problems("train", NUM_SFT, 3, True):
         ans = solve(a, op, b)
         shown = _corrupt(ans, rng) if rng.random() < SFT_NOISE else str(ans)
-        out.append({"prompt": format_prompt(a, op, b), "completion": f" {shown[::-1]}"})
+        out.append({"prompt": format_prompt(a, op, b), "completion": f" {write_answer(int(shown))}"})
     return out
 
 
@@ -182,7 +192,7 @@ def parse_prompt(prompt: str) -> int | None:
     m = _PROMPT_RE.search(prompt)
     if m is None:
         return None
-    return solve(int(m.group(1)), m.group(2), int(m.group(3)))
+    return solve(int(m.group(1)[::-1]), m.group(2), int(m.group(3)[::-1]))
 
 
 def extract_answer(completion: str) -> int | None:
