@@ -199,3 +199,39 @@ def test_cli_takes_repeated_reward_and_weights(task, tmp_path, capsys):
     rc = main(["grpo", "--model", task["policy"], "--prompts", task["prompts"], "--reward", "nonsense",
                "--output_dir", str(tmp_path / "bad")])
     assert rc == 2 and "reward 'nonsense': unknown" in capsys.readouterr().err
+
+
+def test_report_plots_each_reward_and_the_zero_variance_share():
+    from rlhfkit.eval.report import _curve_keys
+
+    rows = [{"step": s, "rewards/math/mean": 0.1 * s, "rewards/math/std": 0.2, "rewards/math/abstained": 0.0,
+             "rewards/fmt/mean": 0.5, "frac_reward_zero_std": 0.25, **{f"m{i}": 1.0 for i in range(20)}}
+            for s in (1, 2)]
+    keys = _curve_keys(rows)
+    assert keys[:3] == ["rewards/fmt/mean", "rewards/math/mean", "frac_reward_zero_std"]
+    assert "rewards/math/std" not in keys and "rewards/math/abstained" not in keys
+
+
+def test_hacking_alarm_uses_any_held_out_reward(task, tmp_path):
+    """A held-out verifier as the 'gold': training reward rising while it falls fires the alarm."""
+    from rlhfkit.recipes import grpo
+
+    held_out = tmp_path / "held_out.py"
+    held_out.write_text("calls = [0]\n\ndef falling(prompts, completions, **kw):\n    calls[0] += 1\n"
+                        "    return [-0.1 * calls[0]] * len(completions)\n")
+    rising = {"n": 0}
+
+    def train_reward(prompts, completions, **kw):
+        rising["n"] += 1
+        return [0.1 * rising["n"] + 0.01 * i for i in range(len(completions))]
+
+    cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_reward=f"py:{held_out}:falling",
+                      output_dir=str(tmp_path / "run"), max_steps=8, prompts_per_step=2, num_generations=2,
+                      max_completion_length=3, per_device_batch_size=4, report_to="jsonl", hacking_window=3,
+                      stop_on_hacking=True)
+    grpo.main(cfg, reward_funcs=train_reward)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["eval_reward"] == pytest.approx(-0.1)
+    # window of 3 full at update 3, patience 2: fires at update 4 and the run ends there
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["hacking_alarm"] == 1.0
+    assert (tmp_path / "run" / "alarms.jsonl").is_file()
