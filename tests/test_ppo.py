@@ -320,3 +320,19 @@ def test_hacking_alarm_quiet_when_gold_and_proxy_rise(assets, tmp_path, monkeypa
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert not any("hacking_alarm" in r for r in rows)
     assert not (tmp_path / "alarms.jsonl").exists()
+
+
+def test_on_policy_configs_read_the_schedule_and_refuse_unused_fields(assets, tmp_path):
+    from rlhfkit.recipes import grpo
+
+    with pytest.raises(ConfigError, match="eval_every"):
+        ppo_cfg(assets, tmp_path, eval_every=5)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        ppo_cfg(assets, tmp_path, gradient_accumulation_steps=2)
+    # lr_scheduler / warmup_steps count optimiser steps: 2 updates x 1 step, linear decay from 1e-3
+    grpo.main(grpo.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"],
+                          eval_prompts="", output_dir=str(tmp_path), max_steps=2, prompts_per_step=2,
+                          num_generations=2, max_completion_length=4, per_device_batch_size=4, report_to="jsonl",
+                          learning_rate=1e-3, lr_scheduler="linear"))
+    rows = read_metrics(tmp_path)
+    assert [r["learning_rate"] for r in rows] == pytest.approx([5e-4, 0.0])

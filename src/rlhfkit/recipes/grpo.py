@@ -213,8 +213,12 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
                     if ent is not None:
                         m["entropy"] = masked_mean(ent, rmask[idx])
                     mb_metrics.append(m)
-                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-                check_finite("GRPO gradient norm", grad_norm) if grad_norm is not None else check_finite_grads(policy)
+                grad_norm = None
+                if cfg.max_grad_norm:  # a non-finite gradient shows in the norm
+                    grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    check_finite("GRPO gradient norm", grad_norm)
+                else:
+                    check_finite_grads(policy)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
