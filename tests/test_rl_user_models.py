@@ -144,7 +144,6 @@ def test_best_of_n_rejection_sampling_and_eval_apply_the_chat_template(chat, tmp
 
 def test_reward_model_reads_the_conversation_with_its_own_template(chat, tmp_path):
     from rl_helpers import tiny_rm
-
     from rlhfkit.judges.specs import RewardModelReward
 
     rm_tok = tiny_tokenizer()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-
 from typing import Annotated
 
 import numpy as np

@@ -36,12 +36,24 @@ from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, reference_model, save_model
+from rlhfkit.models import (
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    reference_model,
+    save_model,
+)
 from rlhfkit.models.dropout import disable_dropout
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
-from rlhfkit.rollout.prompts import as_completions, default_eval_source, load_prompt_set, prompts_for_step, render_prompt
+from rlhfkit.rollout.prompts import (
+    as_completions,
+    default_eval_source,
+    load_prompt_set,
+    prompts_for_step,
+    render_prompt,
+)
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-
 from typing import Annotated
 
 import numpy as np
