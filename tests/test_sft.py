@@ -174,3 +174,71 @@ def test_sample_command_writes_responses_per_prompt(tiny_setup):
     flat = sample.main(sample.Config(model=str(model), prompts=str(data), output=str(out), num_samples=2,
                                      max_new_tokens=5, max_prompts=3, flat=True))
     assert len(flat) == 6 and set(flat[0]) == {"prompt", "completion"}
+
+
+# ------------------------------------------------------------------ packing, truncation, limits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama"])
+def test_packed_batch_gives_the_unpacked_loss(tmp_path, arch):
+    """Packing keeps attention inside each example (position ids restart per example, no
+    attention mask), so the summed token loss of packed rows equals the padded batch's."""
+    from arch_models import make_model_folder
+
+    from rlhfkit.data import PadCollator, pack_sequences
+    from rlhfkit.losses.sft import sft_loss
+    from rlhfkit.models import load_policy
+
+    path = make_model_folder(arch, tmp_path / arch)
+    tok = load_tokenizer(path)
+    model = load_policy(path).eval()
+    records = [{"prompt": " ".join(s.split()[:3]), "completion": " " + " ".join(s.split()[3:])} for s in SENTENCES[:6]]
+    examples, _ = sft.load_sft_examples(records, tok, 32)
+    padded = PadCollator(tok.pad_token_id)(examples)
+    packed = PadCollator(tok.pad_token_id)(pack_sequences(examples, 64, tok.eos_token_id))
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] < len(examples)
+    with torch.no_grad():
+        _, a = sft_loss(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+                        padded["labels"])
+        _, b = sft_loss(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits, packed["labels"])
+    assert int(a["tokens"]) == int(b["tokens"]) > 0
+    torch.testing.assert_close(b["nll_sum"], a["nll_sum"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sft_packing_runs_end_to_end(tmp_path, tiny_setup, arch):
+    from arch_models import make_model_folder
+
+    _, _, data = tiny_setup
+    path = make_model_folder(arch, tmp_path / arch)
+    res = sft.main(_cfg(path, data, tmp_path / "out", packing=True, max_steps=2, per_device_batch_size=2))
+    assert res["steps"] == 2 and res["loss"] == res["loss"]
+
+
+def test_overlong_prompt_is_cut_from_the_left_and_counted_never_nan(tmp_path, tiny_setup, capsys):
+    _, model, _ = tiny_setup
+    tok = load_tokenizer(str(model))
+    long_prompt = " ".join(["word"] * 80)
+    records = [{"prompt": long_prompt, "completion": " the end"}] * 4
+    examples, n_trunc = sft.load_sft_examples(records, tok, 16)
+    assert n_trunc == 4 and sft.load_sft_examples.last_prompt_truncated == 4
+    for ex in examples:
+        assert len(ex["input_ids"]) <= 16
+        assert sum(t != -100 for t in ex["labels"]) >= 1  # the response keeps its start
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = sft.main(_cfg(model, data, tmp_path / "out", max_length=16, max_steps=1, per_device_batch_size=4))
+    assert res["loss"] == res["loss"]
+    assert "4 of 4 training examples were longer than max_length=16" in capsys.readouterr().out
+
+
+def test_max_length_beyond_the_model_positions_is_a_config_error(tmp_path, tiny_setup):
+    from arch_models import MAX_POSITIONS, make_model_folder
+
+    from rlhfkit.errors import ConfigError
+
+    _, _, data = tiny_setup
+    path = make_model_folder("gpt2", tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="max_length.*positions"):
+        sft.main(_cfg(path, data, tmp_path / "out", max_length=MAX_POSITIONS + 1))

@@ -49,6 +49,8 @@ class ModelArgs:
     """Dropout on the LoRA input."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or 'all-linear'."""
+    disable_dropout: bool = True
+    """Turn off every dropout layer of the trained models (preference and RL recipes), as TRL does: with dropout on, the policy and its reference disagree at step 0 and the reward of one text varies between forwards. False keeps the model's own dropout."""
 
 
 @dataclasses.dataclass

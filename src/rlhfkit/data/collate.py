@@ -41,6 +41,7 @@ class Encoded:
     labels: list[int]
     prompt_length: int
     truncated: bool
+    prompt_truncated: bool = False
 
     def as_dict(self) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids, "labels": self.labels,
@@ -92,7 +93,7 @@ def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, max_l
         c_ids = c_ids[: max(max_length - len(p_ids), 0)]
         c_cut = True
     return Encoded(input_ids=p_ids + c_ids, labels=[IGNORE_INDEX] * len(p_ids) + c_ids,
-                   prompt_length=len(p_ids), truncated=p_cut or c_cut)
+                   prompt_length=len(p_ids), truncated=p_cut or c_cut, prompt_truncated=p_cut)
 
 
 def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str, max_length: int | None = None,

@@ -131,6 +131,30 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return path
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest sequence a model's position embeddings cover (None: no fixed limit known)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    cfg = getattr(inner, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model: Any, max_length: int, field: str = "max_length") -> None:
+    """ConfigError when `max_length` exceeds the model's positions (GPT-2 would index past its
+    learned position table; RoPE models would run on positions they never saw)."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"config field '{field}': {max_length} is more than the model's {limit} positions "
+                          f"(max_position_embeddings / n_positions); use --{field} {limit} or less")
+
+
 def reference_model(policy: PreTrainedModel, use_lora: bool = False) -> PreTrainedModel:
     """The frozen reference the KL is measured against.
 

@@ -33,6 +33,31 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
     return get_peft_model(model, cfg)
 
 
+def disable_dropout(model: Any) -> int:
+    """Set p = 0 on every torch.nn.Dropout in `model` (LoRA's own dropout included); returns how many.
+
+    TRL's `disable_dropout_in_model` does the same for DPO, reward and on-policy trainers: a
+    preference or RL loss compares forwards of the same text (policy vs reference, chosen vs
+    rejected, old vs new log-probs), and dropout noise makes those differ at step 0. Attention
+    modules that keep their rate as a float (`self.attention_dropout` in Llama, Qwen2, Mistral)
+    are zeroed too; the saved config is left as the user wrote it.
+    """
+    import torch
+
+    count = 0
+    for module in getattr(model, "modules", lambda: [])():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+            count += 1
+    inner = getattr(model, "module", model)
+    for sub in getattr(inner, "modules", lambda: [])():
+        # eager/sdpa attention modules read `self.attention_dropout` at forward time
+        if isinstance(getattr(sub, "attention_dropout", None), float) and sub.attention_dropout > 0:
+            sub.attention_dropout = 0.0
+            count += 1
+    return count
+
+
 def is_lora(model: Any) -> bool:
     return hasattr(getattr(model, "module", model), "peft_config")
 

@@ -43,7 +43,7 @@ from rlhfkit.losses.preference import (
     compute_preference_loss,
     needs_reference,
 )
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, save_model
+from rlhfkit.models import disable_dropout, load_policy, load_tokenizer, reference_context, save_model
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
@@ -482,7 +482,11 @@ def main(cfg: Config) -> dict:
                       + (f", {len(held_out.rows)} held out" if held_out else ""))
 
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
     ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
+    if ref_model is not None and cfg.disable_dropout:
+        disable_dropout(ref_model)
     kl = cfg.kto_kl and not train.paired
     ref_train = ref_eval = None
     if ref_model is not None:

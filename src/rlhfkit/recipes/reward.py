@@ -172,10 +172,12 @@ def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: in
 
 
 def _load_model(cfg: Config, heads: int, seed: int):
-    from rlhfkit.models import load_reward_model
+    from rlhfkit.models import disable_dropout, load_reward_model
 
     torch.manual_seed(seed)  # the fresh score head's initialisation differs per member
     model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     return model
@@ -236,13 +238,14 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         with contextlib.nullcontext() if sync or nproc == 1 else acc.no_sync(module):
             loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
             check_finite("reward-model loss", loss)
-            acc.backward(loss / accum)
+            acc.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
         tokens += int(batch["attention_mask"].sum()) * nproc
         window.append(m)
         if not sync:
             continue
-        if cfg.max_grad_norm > 0:
-            check_finite("gradient norm", acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+        grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None:
+            check_finite("gradient norm", grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -250,6 +253,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         bar.update(1)
         metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
         metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0))
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         window = []
         if step % cfg.log_every == 0 or step == total:
             logger.log(metrics, step)

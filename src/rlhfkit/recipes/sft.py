@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.sft import sft_loss
-from rlhfkit.models import load_policy, load_tokenizer, save_model
+from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
@@ -64,10 +64,17 @@ class Config(ModelArgs, TrainArgs):
 # data
 
 
-def load_sft_examples(source: str, tokenizer, max_length: int, split: str = "train",
+def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
                       completion_only: bool = True) -> tuple[list[dict], int]:
-    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated)."""
-    from rlhfkit.data import load_records, to_prompt_completion, tokenize_prompt_completion
+    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated).
+
+    `source` is a path/name, a `datasets.Dataset` or a list of records. Truncation follows the
+    one rule of :mod:`rlhfkit.data.collate` (docs/data.md): a prompt keeps its end, a response
+    its start, and an over-long prompt is cut to leave room for the response, so every
+    example keeps at least one supervised token. Examples whose prompt was cut are counted
+    in `load_sft_examples.last_prompt_truncated` for the caller to report.
+    """
+    from rlhfkit.data import encode_prompt_completion, load_records, to_prompt_completion
 
     if source == "kindly":
         from rlhfkit.tasks import kindly
@@ -75,16 +82,17 @@ def load_sft_examples(source: str, tokenizer, max_length: int, split: str = "tra
         records = kindly.sft_records(split)
     else:
         records = load_records(source, split=split)
-    examples, truncated = [], 0
+    examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
-        ex = tokenize_prompt_completion(tokenizer, prompt, completion, max_length=None)
-        if len(ex["input_ids"]) > max_length:
-            truncated += 1
-            ex = {k: v[:max_length] for k, v in ex.items()}
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length)
+        truncated += enc.truncated
+        prompt_cut += enc.prompt_truncated
+        ex = enc.as_dict()
         if not completion_only:
             ex["labels"] = list(ex["input_ids"])
         examples.append(ex)
+    load_sft_examples.last_prompt_truncated = prompt_cut
     return examples, truncated
 
 
@@ -170,7 +178,9 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             # accelerator.backward divides by gradient_accumulation_steps; this loss is already
             # normalised by the whole step's token count, so undo that division.
             accelerator.backward(loss * accelerator.gradient_accumulation_steps)
-        tokens_seen += int(batch["attention_mask"].sum()) * nproc
+        # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
+        real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0
+        tokens_seen += int(real.sum()) * nproc
         window_loss.append((m["nll_sum"].item(), m["tokens"].item()))
         if not sync:
             continue
@@ -216,6 +226,7 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    check_max_length(model, cfg.max_length)
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
     eval_source = cfg.eval_dataset or cfg.dataset
     eval_split = "train" if cfg.eval_dataset else "eval"
@@ -224,7 +235,9 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
         eval_examples, _ = load_sft_examples(eval_source, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
-        accelerator.print(f"note: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} and were truncated")
+        cut = load_sft_examples.last_prompt_truncated
+        accelerator.print(f"sft: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} "
+                          f"and were truncated ({cut} of them had their prompt cut from the left; responses keep their start)")
     if cfg.packing:
         train = pack_examples(train, cfg.max_length, tokenizer.eos_token_id)
     accelerator.print(f"sft: {len(train)} training rows, {len(eval_examples)} held-out examples")
