@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlhfkit.errors import DataError
-from rlhfkit.logprobs import sequence_logprobs
+from rlhfkit.data.preference import collate_responses
+from rlhfkit.logprobs import sequence_logprobs, split_head
 from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
 from rlhfkit.recipes import dpo
 
@@ -51,8 +52,8 @@ def test_response_logps_match_right_padded_reference(tok, base):
     model.eval()
     rows = [(tok("A short one")["input_ids"], tok(" then more words here")["input_ids"] + [tok.eos_token_id]),
             (tok("A much longer prompt with many words")["input_ids"], tok(" ok")["input_ids"] + [tok.eos_token_id])]
-    batch = dpo.collate(rows, tok.pad_token_id)
-    assert dpo.split_head(model) is not None
+    batch = collate_responses(rows, tok.pad_token_id)
+    assert split_head(model) is not None
     for fast in (True, False):  # response-only LM head, and the logits_to_keep path
         with torch.no_grad():
             got, lengths = dpo.response_logps(model, batch, fast_head=fast)
@@ -285,3 +286,17 @@ def test_two_processes_match_one_process(tmp_path, base):
     b = load_policy(str(two / "final")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_dropout_is_off_so_the_first_loss_is_ln2(tmp_path):
+    """A tiny GPT-2 with dropout 0.1: policy (training mode) and reference agree exactly at step 0."""
+    from arch_models import make_model_folder
+
+    path = make_model_folder("gpt2", tmp_path / "gpt2", dropout=0.1)
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    first = dpo.main(cfg_for(tmp_path, path, data, max_steps=1, per_device_batch_size=8, max_length=48,
+                             output_dir=str(tmp_path / "off")))
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    kept = dpo.main(cfg_for(tmp_path, path, data, max_steps=1, per_device_batch_size=8, max_length=48,
+                            disable_dropout=False, output_dir=str(tmp_path / "on")))
+    assert kept["loss"] != pytest.approx(math.log(2), rel=1e-6)  # the switch keeps the model's dropout

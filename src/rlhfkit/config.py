@@ -54,6 +54,14 @@ class ModelArgs:
 
 
 @dataclasses.dataclass
+class SplitArgs:
+    dataset_split: str = "train"
+    """Split of `dataset` to train on (a saved DatasetDict, a folder of {split}.jsonl files or a hub dataset)."""
+    eval_split: str = ""
+    """Held-out split (of `eval_dataset` when given, else of `dataset`); default: test, eval or validation when the dataset folder has one."""
+
+
+@dataclasses.dataclass
 class TrainArgs:
     output_dir: str = "runs/out"
     """Folder for checkpoints, metrics.jsonl, TensorBoard events and the final model."""

@@ -15,6 +15,7 @@ from rlhfkit.models.io import (
     reference_model,
     resolve_path,
     save_model,
+    weights_fingerprint,
 )
 from rlhfkit.models.lora import apply_lora, disable_dropout, is_lora, reference_context
 
@@ -35,4 +36,5 @@ __all__ = [
     "tiny_llama",
     "tiny_llama_config",
     "tiny_reward_model",
+    "weights_fingerprint",
 ]

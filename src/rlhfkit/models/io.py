@@ -69,8 +69,10 @@ def load_tokenizer(path: str, padding_side: str = "right") -> PreTrainedTokenize
     return tok
 
 
-def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: bool = True) -> PreTrainedModel:
-    """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added."""
+def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: bool = True,
+                disable_dropout: bool = False) -> PreTrainedModel:
+    """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added;
+    `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`)."""
     resolved = resolve_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype))
@@ -80,6 +82,10 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
         from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
+    if disable_dropout:
+        from rlhfkit.models.lora import disable_dropout as _off
+
+        _off(model)
     model.train(trainable)
     return model
 
@@ -129,6 +135,21 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
             else:
                 target.write_text(content)
     return path
+
+
+def weights_fingerprint(model: Any) -> str:
+    """sha256 over a model's weights (LoRA adapter tensors excluded: a reference runs without them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    inner = getattr(model, "module", model)
+    for name, t in sorted(inner.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def max_positions(model: Any) -> int | None:
