@@ -47,11 +47,14 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it has a pad token.
 
     A tokenizer without one borrows its EOS token as padding (attention masks keep the two
-    apart); one with neither is refused with a message naming the path.
+    apart); one with neither is refused with a message naming the path. With `distinct_pad`
+    (reward models) a pad token equal to EOS is replaced by a new `<|pad|>` token: transformers'
+    sequence classifiers pool the last token that is not the pad id, so with pad == EOS they
+    would score the token before the final EOS while rlhfkit scores the EOS itself.
     """
     resolved = resolve_path(path)
     try:
@@ -65,6 +68,8 @@ def load_tokenizer(path: str, padding_side: str = "right") -> PreTrainedTokenize
                 "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it again"
             )
         tok.pad_token = tok.eos_token
+    if distinct_pad and tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
     tok.padding_side = padding_side
     return tok
 
@@ -90,13 +95,22 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
     return model
 
 
-def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1) -> PreTrainedModel:
-    """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM)."""
+def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1,
+                      tokenizer: Any = None) -> PreTrainedModel:
+    """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM).
+
+    With `tokenizer`, the embeddings grow to cover tokens it added (a distinct pad token) and
+    `config.pad_token_id` is set from it, before any LoRA adapter is attached.
+    """
     resolved = resolve_path(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype), num_labels=num_labels)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {e}") from e
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         tok_path = resolved if Path(resolved).is_dir() else path
         try:

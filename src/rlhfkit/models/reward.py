@@ -122,7 +122,11 @@ class LastTokenReward(nn.Module):
         hf = unwrap_hf(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
         if self.padding_free:
-            pooled = _packed_last_hidden(backbone, input_ids, attention_mask, self.pack_tokens)
+            # a packed row never runs past the model's learned positions (GPT-2's wpe table)
+            from rlhfkit.models.io import max_positions
+
+            budget = min(self.pack_tokens, max_positions(hf) or self.pack_tokens)
+            pooled = _packed_last_hidden(backbone, input_ids, attention_mask, budget)
         else:
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             idx = last_token_indices(attention_mask)

@@ -171,11 +171,13 @@ def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: in
     return out
 
 
-def _load_model(cfg: Config, heads: int, seed: int):
-    from rlhfkit.models import disable_dropout, load_reward_model
+def _load_model(cfg: Config, heads: int, seed: int, tokenizer: Any):
+    from rlhfkit.models import check_max_length, disable_dropout, load_reward_model
 
     torch.manual_seed(seed)  # the fresh score head's initialisation differs per member
-    model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads)
+    model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads,
+                              tokenizer=tokenizer)
+    check_max_length(model, cfg.max_length)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.freeze_backbone:
@@ -204,7 +206,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     seed = cfg.seed + member
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
     acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
-    module = LastTokenReward(_load_model(cfg, heads, seed))
+    module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
     if cfg.padding_free:
         probe = collate_units(train[: cfg.per_device_batch_size], tokenizer.pad_token_id)
@@ -318,7 +320,7 @@ def main(cfg: Config, printer=print) -> dict:
 
     is_main = PartialState().is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
     comps = load_comparisons(cfg.dataset, "train", cfg.on_bad_record, tokenizer, cfg.from_feedback)
     report_skips(comps, "training", printer)
     units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss)
