@@ -242,3 +242,18 @@ def test_max_length_beyond_the_model_positions_is_a_config_error(tmp_path, tiny_
     path = make_model_folder("gpt2", tmp_path / "gpt2")
     with pytest.raises(ConfigError, match="max_length.*positions"):
         sft.main(_cfg(path, data, tmp_path / "out", max_length=MAX_POSITIONS + 1))
+
+
+def test_missing_model_folder_fails_at_once_with_one_line(tmp_path, tiny_setup, capsys):
+    import time
+
+    from rlhfkit.cli import main as cli_main
+
+    _, _, data = tiny_setup
+    t0 = time.perf_counter()
+    code = cli_main(["sft", "--model", str(tmp_path / "no" / "such" / "model"), "--dataset", str(data),
+                     "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "out").exists()  # no half run folder

@@ -38,7 +38,15 @@ def resolve_path(name: str) -> str:
         from rlhfkit.tasks import kindly
 
         return str(kindly.tokenizer_path())
+    if not Path(name).expanduser().exists() and _looks_local(name):
+        # fail at once: transformers would take it for a hub name and retry the network for a minute
+        raise ConfigError(f"model path {name!r} does not exist (a local folder saved with save_pretrained, "
+                          f"or a hub name like 'org/model')")
     return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(("/final", "/"))
 
 
 def _dtype(name: str) -> torch.dtype:

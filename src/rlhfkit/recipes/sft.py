@@ -223,10 +223,10 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
 
 def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     accelerator = make_accelerator(cfg)
-    out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_policy(cfg.model, cfg.dtype, lora=cfg)
     check_max_length(model, cfg.max_length)
+    out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
     eval_source = cfg.eval_dataset or cfg.dataset
     eval_split = "train" if cfg.eval_dataset else "eval"
