@@ -47,7 +47,6 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module", params=ARCHS)
 def arch(request, tmp_path_factory):
     """(name, base model folder, trained reward model folder) per architecture."""
-    from rlhfkit.recipes import reward
 
     name = request.param
     root = tmp_path_factory.mktemp(f"matrix-{name}")

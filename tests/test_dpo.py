@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from rlhfkit.errors import DataError
 from rlhfkit.data.preference import collate_responses
+from rlhfkit.errors import DataError
 from rlhfkit.logprobs import sequence_logprobs, split_head
 from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
 from rlhfkit.recipes import dpo

@@ -126,10 +126,15 @@ def test_pairs_and_rankings_share_one_forward(tok):
     module = MR.LastTokenReward(model)
     calls = []
     module.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    from rlhfkit.data import encode_prompt
+
     enc = lambda p, r: MR.encode_prompt_response(tok, p, r)[0]  # noqa: E731
-    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "label": 1.0, "margin": None},
-             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")]},
-             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "label": 1.0, "margin": None}]
+    n = lambda p: len(encode_prompt(tok, p)[0])  # noqa: E731
+    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "prompt_length": n("a"), "label": 1.0,
+              "margin": None},
+             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")], "prompt_length": n("b")},
+             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "prompt_length": n("c"), "label": 1.0,
+              "margin": None}]
     batch = RC.collate_units(units, tok.pad_token_id)
     cfg = small_cfg(dataset="x")
     loss, _ = RR.batch_loss(module, batch, cfg)
@@ -354,8 +359,9 @@ def test_sigmoid_is_stable():
 def test_gpt2_reward_model_saves_and_plain_transformers_gives_the_same_scores(prefs, tmp_path):
     """GPT-2 (learned positions, no pad token): training scores its own pairs at save time without
     running past n_positions, and AutoModelForSequenceClassification pools the same token."""
-    from arch_models import make_model_folder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from arch_models import make_model_folder
 
     path = make_model_folder("gpt2", tmp_path / "gpt2")
     out = tmp_path / "rm"
@@ -377,7 +383,6 @@ def test_gpt2_reward_model_saves_and_plain_transformers_gives_the_same_scores(pr
 
 def test_packed_scoring_stays_within_learned_positions(tmp_path):
     from arch_models import MAX_POSITIONS, make_model_folder
-
     from rlhfkit.models import load_reward_model
 
     path = make_model_folder("gpt2", tmp_path / "gpt2")

@@ -184,7 +184,6 @@ def test_packed_batch_gives_the_unpacked_loss(tmp_path, arch):
     """Packing keeps attention inside each example (position ids restart per example, no
     attention mask), so the summed token loss of packed rows equals the padded batch's."""
     from arch_models import make_model_folder
-
     from rlhfkit.data import PadCollator, pack_sequences
     from rlhfkit.losses.sft import sft_loss
     from rlhfkit.models import load_policy
@@ -235,7 +234,6 @@ def test_overlong_prompt_is_cut_from_the_left_and_counted_never_nan(tmp_path, ti
 
 def test_max_length_beyond_the_model_positions_is_a_config_error(tmp_path, tiny_setup):
     from arch_models import MAX_POSITIONS, make_model_folder
-
     from rlhfkit.errors import ConfigError
 
     _, _, data = tiny_setup

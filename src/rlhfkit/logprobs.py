@@ -118,6 +118,15 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return (decoder, head) if decoder is not None and head is not None else None
 
 
+def fast_head_allowed(mixed_precision: str = "no") -> bool:
+    """Whether `response_logprobs(fast_head=True)` may be used: not under DDP (gradient hooks live in
+    the wrapper's forward) nor mixed precision (accelerate's autocast lives in the wrapped forward).
+    Policy and reference then take the same path, so their log-probs agree to the last bit at step 0."""
+    import os
+
+    return mixed_precision == "no" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting real tokens only (left padding does not shift them), as generation does."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -106,6 +106,18 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str, max
 
 # ---------------------------------------------------------------- padding
 
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask) LongTensors."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
 _PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
 
 

@@ -180,3 +180,56 @@ def collate_responses(rows: list[tuple[list[int], list[int]]], pad_id: int, devi
         ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, P - len(p):P + len(r)] = 1
     return ResponseBatch(ids, mask, mask[:, P:].clone()).to(device)
+
+
+@dataclasses.dataclass
+class PreferenceBatch:
+    """Comparisons laid out for ONE forward, shared by the reward and DPO recipes.
+
+    `rows` holds the chosen rows of the B pairs, then their B rejected rows, then the K rows
+    of each ranking (best first), as a :class:`ResponseBatch` (prompts left-padded, responses
+    right-padded). `labels` (B,) is P(chosen preferred), `margins` (B,) or None, `rank_index`
+    (Br, K) gathers each ranking's rows (valid where `rank_mask`), `order` maps batch units
+    back to the input order (pairs first, then rankings).
+    """
+
+    rows: ResponseBatch
+    num_pairs: int
+    labels: torch.Tensor
+    margins: torch.Tensor | None
+    rank_index: torch.Tensor
+    rank_mask: torch.Tensor
+    order: list[int]
+
+
+def collate_preferences(units: list[dict], pad_id: int, device: Any = "cpu") -> PreferenceBatch:
+    """Token units -> :class:`PreferenceBatch`.
+
+    A unit is ``{"kind": "pair" | "rank", "rows": [full token ids, ...], "prompt_length": n}``
+    (its rows share their first n tokens, the prompt), pairs also ``label`` and ``margin``.
+    """
+    pairs = [u for u in units if u["kind"] == "pair"]
+    ranks = [u for u in units if u["kind"] == "rank"]
+    split = [(u, r) for u in pairs for r in u["rows"][:1]] + [(u, r) for u in pairs for r in u["rows"][1:2]]
+    rows = [(r[:u["prompt_length"]], r[u["prompt_length"]:]) for u, r in split]
+    k_max = max((len(u["rows"]) for u in ranks), default=0)
+    rank_index = torch.zeros((len(ranks), k_max), dtype=torch.long)
+    rank_mask = torch.zeros((len(ranks), k_max), dtype=torch.bool)
+    for b, u in enumerate(ranks):
+        start = len(rows)
+        rows.extend((r[:u["prompt_length"]], r[u["prompt_length"]:]) for r in u["rows"])
+        rank_index[b, :len(u["rows"])] = torch.arange(start, start + len(u["rows"]))
+        rank_mask[b, :len(u["rows"])] = True
+    margins = [u.get("margin") for u in pairs]
+    return PreferenceBatch(
+        rows=collate_responses(rows, pad_id, device), num_pairs=len(pairs),
+        labels=torch.tensor([float(u.get("label", 1.0)) for u in pairs], dtype=torch.float32, device=device),
+        margins=None if not margins or any(m is None for m in margins) else torch.tensor(margins, device=device),
+        rank_index=rank_index.to(device), rank_mask=rank_mask.to(device),
+        order=[i for i, u in enumerate(units) if u["kind"] == "pair"] + [i for i, u in enumerate(units) if u["kind"] == "rank"])
+
+
+def pair_units(data: PreferenceData, index: list[int]) -> list[dict]:
+    """Paired :class:`PreferenceData` examples as token units for :func:`collate_preferences`."""
+    return [{"kind": "pair", "rows": [data.rows[i][0] + data.rows[i][1], data.rows[i][0] + data.rows[i][2]],
+             "prompt_length": len(data.rows[i][0]), "label": 1.0, "margin": None} for i in index]

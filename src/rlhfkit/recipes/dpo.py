@@ -35,13 +35,15 @@ from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.preference import (
     PreferenceData,
     ResponseBatch,
+    collate_preferences,
     collate_responses,
     example_rows,
     load_preferences,
+    pair_units,
 )
 from rlhfkit.data.readers import eval_source
+from rlhfkit.logprobs import fast_head_allowed, response_logprobs
 from rlhfkit.logprobs import preference_reference_logps as compute_reference_logps
-from rlhfkit.logprobs import response_logprobs
 from rlhfkit.losses.preference import (
     PREFERENCE_LOSSES,
     UNPAIRED_LOSSES,
@@ -125,10 +127,7 @@ def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limi
 
 
 def use_fast_head(cfg) -> bool:
-    """Whether the response-only LM head may be used: not under DDP (gradient hooks) nor mixed
-    precision (accelerate's autocast lives in the wrapped forward). Policy and reference then
-    take the same path, so their log-probs agree to the last bit at step 0."""
-    return cfg.mixed_precision == "no" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return fast_head_allowed(cfg.mixed_precision)
 
 
 def response_logps(model, batch: ResponseBatch, fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +172,9 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
     """Loss and metrics of the micro-batch `index`; returns (loss, metrics, non-pad tokens)."""
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
-    batch = collate_responses(example_rows(enc, index), pad_id, device)
+    # pairs: the preference batch the reward recipe uses too (chosen rows, then rejected rows)
+    batch = (collate_preferences(pair_units(enc, index), pad_id, device).rows if enc.paired
+             else collate_responses(example_rows(enc, index), pad_id, device))
     fast = use_fast_head(cfg)
     logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch.attention_mask.sum())
@@ -214,8 +215,7 @@ def evaluate(cfg: Config, model, ref_model, enc: PreferenceData, ref_table, pad_
     the difference of the two overall means (a batch may hold only one kind).
     """
     model.eval()
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    sums, weights = {}, {}  # metric -> weighted sum, summed weight
     bs = cfg.per_device_batch_size * 2
     for start in range(0, len(enc.rows), bs):
         index = list(range(start, min(start + bs, len(enc.rows))))

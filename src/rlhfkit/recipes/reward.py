@@ -106,19 +106,20 @@ class Config(ModelArgs, TrainArgs):
 def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch.Tensor | None = None,
                device: Any = "cpu") -> tuple[torch.Tensor, dict[str, float]]:
     """One forward over every row of the batch, then the pair and ranking losses from its rewards."""
-    rewards = module(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (R, H)
+    rows = batch.rows.to(device)
+    rewards = module(rows.input_ids, rows.attention_mask)  # (R, H)
     if rewards.shape[-1] == 1:
         rewards = rewards.squeeze(-1)
-    b = batch["num_pairs"]
+    b = batch.num_pairs
     if weights is not None:
-        weights = weights[batch["order"]].to(device)
-    parts, metrics, n_units = [], {}, b + batch["rank_index"].shape[0]
+        weights = weights[batch.order].to(device)
+    parts, metrics, n_units = [], {}, b + batch.rank_index.shape[0]
     if b:
         chosen, rejected = rewards[:b], rewards[b:2 * b]
-        kwargs = {"labels": batch["labels"].to(device) if cfg.loss != "bradley_terry" else None,
+        kwargs = {"labels": batch.labels.to(device) if cfg.loss != "bradley_terry" else None,
                   "weights": None if weights is None else weights[:b]}
-        if cfg.use_margin and batch["margins"] is not None and cfg.loss == "bradley_terry":
-            kwargs["margin"] = batch["margins"].to(device)
+        if cfg.use_margin and batch.margins is not None and cfg.loss == "bradley_terry":
+            kwargs["margin"] = batch.margins.to(device)
         if cfg.loss == "davidson":
             kwargs["log_nu"] = cfg.tie_log_nu
         loss, m = PAIR_LOSSES[cfg.loss](chosen, rejected, **kwargs)
@@ -126,8 +127,8 @@ def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch
         if cfg.center_rewards_coef > 0:
             parts.append(reward_centering_penalty(torch.stack([chosen, rejected], 1), coef=cfg.center_rewards_coef) * b / n_units)
         metrics.update({f"pair_{k}" if k != "accuracy" else "accuracy": float(v) for k, v in m.items()})
-    if batch["rank_index"].numel():
-        idx, mask = batch["rank_index"].to(device), batch["rank_mask"].to(device)
+    if batch.rank_index.numel():
+        idx, mask = batch.rank_index.to(device), batch.rank_mask.to(device)
         ranked = rewards[idx]  # (Br, K[, H])
         nr = idx.shape[0]
         loss, m = RANKING_LOSSES[cfg.ranking_loss](ranked, mask, weights=None if weights is None else weights[b:])
@@ -210,7 +211,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
     if cfg.padding_free:
         probe = collate_units(train[: cfg.per_device_batch_size], tokenizer.pad_token_id)
-        module.padding_free = padding_free_matches(module, probe["input_ids"], probe["attention_mask"])
+        module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
         if not module.padding_free:
             printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
                     "training with padding instead")
@@ -241,7 +242,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
             loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
             check_finite("reward-model loss", loss)
             acc.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
-        tokens += int(batch["attention_mask"].sum()) * nproc
+        tokens += int(batch.rows.attention_mask.sum()) * nproc
         window.append(m)
         if not sync:
             continue
