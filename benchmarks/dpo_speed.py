@@ -58,9 +58,9 @@ def make_pairs(n: int) -> list[dict]:
 
 
 def count_tokens_ours(tokenizer, pairs) -> int:
-    from rlhfkit.recipes.dpo import encode
+    from rlhfkit.data.preference import encode_preferences
 
-    enc = encode([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], None, tokenizer, MAX_LEN)
+    enc = encode_preferences([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], None, tokenizer, MAX_LEN)
     return sum(2 * len(p) + len(c) + len(r) for p, c, r in enc.rows)
 
 
