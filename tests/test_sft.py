@@ -255,3 +255,48 @@ def test_missing_model_folder_fails_at_once_with_one_line(tmp_path, tiny_setup, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "out").exists()  # no half run folder
+
+
+def _cli(args, capsys):
+    from rlhfkit.cli import main as cli_main
+
+    code = cli_main(args)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_existing_run_folder_is_refused_unless_resume_or_overwrite(tiny_setup, tmp_path, capsys):
+    _, model, data = tiny_setup
+    args = ["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--progress", "false", "--report_to", "jsonl"]
+    assert _cli(args, capsys)[0] == 0
+    code, err = _cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "--resume true" in err[0] and "--overwrite true" in err[0]
+    assert _cli(args + ["--overwrite", "true"], capsys)[0] == 0
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1]  # the old run's metrics are gone, not mixed in
+
+
+@pytest.mark.parametrize("case", ["lora_targets", "empty", "interrupt"])
+def test_day_one_errors_are_one_line_and_leave_no_half_run(tiny_setup, tmp_path, capsys, monkeypatch, case):
+    _, model, data = tiny_setup
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1",
+            "--progress", "false"]
+    if case == "lora_targets":
+        args += ["--use_lora", "true", "--lora_target_modules", "c_attn"]
+        expected = "lora_target_modules"
+    elif case == "empty":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        args[4] = str(empty)
+        expected = "empty"
+    else:
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(sft, "train_causal_lm", interrupted)
+        expected = "interrupted"
+    code, err = _cli(args, capsys)
+    assert code in (2, 130) and len([line for line in err if line.strip()]) == 1, err
+    assert expected in err[-1]
+    assert not out.exists()

@@ -101,6 +101,8 @@ class TrainArgs:
     """Write a resumable checkpoint every N steps (0: only the final model)."""
     resume: bool = False
     """Resume from the newest checkpoint in output_dir if one exists."""
+    overwrite: bool = False
+    """Replace an existing run in output_dir (without it, and without --resume true, an existing run folder is refused)."""
     report_to: str = "jsonl,tensorboard"
     """Metric sinks, comma separated: jsonl, tensorboard, none."""
     progress: bool = True

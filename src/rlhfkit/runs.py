@@ -143,6 +143,53 @@ def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -
     return out
 
 
+RUN_MARKERS = ("config.yaml", "meta.json", "metrics.jsonl", "checkpoints", "final")
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` already holds an rlhfkit run (its config, metrics, checkpoints or model)."""
+    path = Path(path)
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def has_saved_state(path: str | Path) -> bool:
+    """Whether a run folder holds something worth keeping: a checkpoint or a final model."""
+    path = Path(path)
+    return (path / "final").exists() or any((path / "checkpoints").glob("step-*"))
+
+
+def claim_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> bool:
+    """Check `output_dir` before a command-line run; returns whether it existed before.
+
+    An existing run is refused unless `resume` (continue it) or `overwrite` (its run files are
+    removed first), so metrics of several runs never end up mixed in one metrics.jsonl.
+    """
+    from rlhfkit.errors import ConfigError
+
+    path = Path(output_dir)
+    existed = path.exists()
+    if is_run_folder(path) and not resume:
+        if not overwrite:
+            raise ConfigError(f"config field 'output_dir': {path} already holds a run; pass --resume true to "
+                              f"continue it or --overwrite true to replace it")
+        for name in RUN_MARKERS + ("tb", "results.json"):
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    return existed
+
+
+def discard_unfinished_run(output_dir: str | Path, existed_before: bool) -> bool:
+    """Remove a run folder this run created when it stopped before saving anything; returns whether it did."""
+    path = Path(output_dir)
+    if existed_before or not path.is_dir() or has_saved_state(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 

@@ -8,8 +8,10 @@ names ``kindly`` / ``kindly:base`` (the shipped base model) and ``kindly:tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,25 @@ from transformers import (
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.runs import atomic_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence what a user cannot act on while loading/saving: transformers' per-tensor progress
+    bars ("Loading weights", "Writing model shards") and its load report, which lists the fresh
+    score head of every new reward model as MISSING (that head is meant to be new)."""
+    from transformers.utils import logging as hf_logging
+
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +87,8 @@ def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = 
     """
     resolved = resolve_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(resolved)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
     if tok.pad_token is None:
@@ -88,7 +110,8 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
     `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`)."""
     resolved = resolve_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype))
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from e
     if lora is not None and getattr(lora, "use_lora", False):
@@ -112,7 +135,9 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
     """
     resolved = resolve_path(path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype), num_labels=num_labels)
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype),
+                                                                       num_labels=num_labels)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {e}") from e
     if tokenizer is not None:
@@ -145,7 +170,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     if merge_lora and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save = getattr(to_save, "module", to_save)  # unwrap DDP if the caller did not
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, quiet_transformers():
         tmp.mkdir()
         to_save.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

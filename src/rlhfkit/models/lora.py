@@ -30,7 +30,15 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
         task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found" not in str(e) and "target" not in str(e).lower():
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D") and "." in n})
+        raise ConfigError(f"config field 'lora_target_modules': {args.lora_target_modules!r} matches no module of "
+                          f"{type(model).__name__}; its linear layers are {', '.join(linear)} (or use all-linear)") from None
 
 
 def disable_dropout(model: Any) -> int:

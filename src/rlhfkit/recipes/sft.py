@@ -82,6 +82,10 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
         records = kindly.sft_records(split)
     else:
         records = load_records(source, split=split)
+    if not records:
+        from rlhfkit.errors import DataError
+
+        raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
     examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
