@@ -25,7 +25,7 @@ USER = ["How is the weather?", "Say something kind.", "What did you eat?", "Tell
 GOOD = [" It is warm and lovely.", " You are wonderful.", " A fine fresh bread.", " The sea is calm."]
 BAD = [" Awful.", " Go away.", " Nothing good.", " Cold and grim."]
 LORA = dict(use_lora=True, lora_r=4, lora_alpha=8)
-FAST = dict(progress=False, report_to="jsonl", log_every=1, learning_rate=1e-3, max_length=48)
+FAST = dict(progress=False, report_to="jsonl", logging_steps=1, learning_rate=1e-3, max_length=48)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def _reward_model(arch, data) -> str:
     if arch["rm"] is None:
         out = arch["root"] / "rm"
         reward.main(reward.Config(model=arch["base"], dataset=data["prefs"], output_dir=str(out), max_steps=2,
-                                  per_device_batch_size=4, eval_fraction=0.0, **FAST), printer=lambda m: None)
+                                  per_device_train_batch_size=4, eval_fraction=0.0, **FAST), printer=lambda m: None)
         arch["rm"] = str(out / "final")
     return arch["rm"]
 
@@ -80,7 +80,7 @@ def test_sft(arch, data, tmp_path, lora):
     from rlhfkit.recipes import sft
 
     res = sft.main(sft.Config(model=arch["base"], dataset=data["sft"], output_dir=str(tmp_path), max_steps=2,
-                              per_device_batch_size=4, **FAST, **(LORA if lora else {})))
+                              per_device_train_batch_size=4, **FAST, **(LORA if lora else {})))
     assert res["steps"] == 2 and np.isfinite(res["loss"])
     _reloads_as_causal_lm(tmp_path / "final")
 
@@ -93,7 +93,7 @@ def test_reward(arch, data, tmp_path, lora):
     from rlhfkit.recipes import reward
 
     reward.main(reward.Config(model=arch["base"], dataset=data["prefs"], output_dir=str(tmp_path), max_steps=2,
-                              per_device_batch_size=4, eval_fraction=0.0, **FAST, **(LORA if lora else {})),
+                              per_device_train_batch_size=4, eval_fraction=0.0, **FAST, **(LORA if lora else {})),
                 printer=lambda m: None)
     final = tmp_path / "final"
     tok = AutoTokenizer.from_pretrained(final)
@@ -112,7 +112,7 @@ def test_dpo(arch, data, tmp_path, lora):
     from rlhfkit.recipes import dpo
 
     res = dpo.main(dpo.Config(model=arch["base"], dataset=data["prefs"], output_dir=str(tmp_path), max_steps=2,
-                              per_device_batch_size=4, ref_cache_dir=str(tmp_path / "cache"), **FAST,
+                              per_device_train_batch_size=4, ref_cache_dir=str(tmp_path / "cache"), **FAST,
                               **(LORA if lora else {})))
     assert res["steps"] == 2 and np.isfinite(res["loss"])
     _reloads_as_causal_lm(tmp_path / "final")
@@ -135,7 +135,7 @@ def test_on_policy(arch, data, tmp_path, recipe, lora):
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     fields = dict(model=arch["base"], reward_model=_reward_model(arch, data), prompts=data["prompts"], eval_prompts="",
                   output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, max_new_tokens=4,
-                  per_device_batch_size=2, report_to="jsonl", **(LORA if lora else {}))
+                  per_device_train_batch_size=2, report_to="jsonl", **(LORA if lora else {}))
     if recipe == "grpo":
         fields["num_generations"] = 2
     mod.main(mod.Config(**fields))

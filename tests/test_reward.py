@@ -49,7 +49,7 @@ def prefs(tmp_path_factory):
 
 
 def small_cfg(**kw):
-    base = dict(per_device_batch_size=8, learning_rate=3e-3, progress=False, report_to="jsonl", log_every=1,
+    base = dict(per_device_train_batch_size=8, learning_rate=3e-3, progress=False, report_to="jsonl", logging_steps=1,
                 max_steps=2, eval_fraction=0.1)
     base.update(kw)
     return RR.Config(**base)
@@ -182,7 +182,7 @@ def test_ties_and_flipped_labels_under_each_loss(tok):
 
 def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, tok):
     out = tmp_path / "rm"
-    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3, eval_every=2), printer=lambda m: None)
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3, eval_steps=2), printer=lambda m: None)
     assert res["members"][0]["steps"] == 3 and "eval_accuracy" in res
     final = out / "final"
     stats = json.loads((final / MR.STATS_FILE).read_text())
@@ -213,7 +213,7 @@ def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, 
 
 def test_resume_continues_from_the_checkpoint(base, prefs, tmp_path):
     out = tmp_path / "rm"
-    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=2, save_every=1), printer=lambda m: None)
+    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=2, save_steps=1), printer=lambda m: None)
     msgs = []
     res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=4, resume=True), printer=msgs.append)
     assert any("resumed" in m and "step 2" in m for m in msgs)
@@ -413,11 +413,11 @@ def test_dropout_off_makes_the_reward_model_deterministic_in_training_mode(prefs
 def test_gradient_accumulation_4x2_equals_batch_8(base, prefs, tmp_path):
     """accelerate's backward already divides by the accumulation steps: 4 micro-batches of 2 give
     the gradient (and, with a large Adam eps, the update) of one batch of 8."""
-    opt = dict(max_steps=1, adam_eps=1.0, learning_rate=0.5, max_grad_norm=1e9, eval_fraction=0.0, normalize=False,
+    opt = dict(max_steps=1, adam_epsilon=1.0, learning_rate=0.5, max_grad_norm=1e9, eval_fraction=0.0, normalize=False,
                padding_free=False)
-    big = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "big"), per_device_batch_size=8, **opt),
+    big = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "big"), per_device_train_batch_size=8, **opt),
                   printer=lambda m: None)
-    acc = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "acc"), per_device_batch_size=2,
+    acc = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "acc"), per_device_train_batch_size=2,
                             gradient_accumulation_steps=4, **opt), printer=lambda m: None)
     g_big, g_acc = big["members"][0]["grad_norm"], acc["members"][0]["grad_norm"]
     assert g_big > 0 and g_acc == pytest.approx(g_big, rel=1e-5)

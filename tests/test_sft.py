@@ -42,7 +42,7 @@ def tiny_setup(tmp_path_factory):
 
 def _cfg(model, data, out, **kw):
     base = dict(model=str(model), dataset=str(data), output_dir=str(out), max_length=32,
-                per_device_batch_size=4, learning_rate=3e-3, max_steps=6, log_every=1,
+                per_device_train_batch_size=4, learning_rate=3e-3, max_steps=6, logging_steps=1,
                 report_to="jsonl", progress=False, seed=3)
     base.update(kw)
     return sft.Config(**base)
@@ -83,8 +83,8 @@ def test_completion_only_loss_ignores_prompt_tokens(tiny_setup):
 def test_resume_after_crash_matches_uninterrupted_run(tiny_setup):
     root, model, data = tiny_setup
     full = root / "full"
-    sft.main(_cfg(model, data, full, max_steps=8, save_every=2, gradient_accumulation_steps=2,
-                  lr_scheduler="cosine", warmup_steps=2))
+    sft.main(_cfg(model, data, full, max_steps=8, save_steps=2, gradient_accumulation_steps=2,
+                  lr_scheduler_type="cosine", warmup_steps=2))
 
     crashed = root / "crashed"
 
@@ -93,12 +93,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_setup):
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        sft.main(_cfg(model, data, crashed, max_steps=8, save_every=2, gradient_accumulation_steps=2,
-                      lr_scheduler="cosine", warmup_steps=2), on_step=crash)
+        sft.main(_cfg(model, data, crashed, max_steps=8, save_steps=2, gradient_accumulation_steps=2,
+                      lr_scheduler_type="cosine", warmup_steps=2), on_step=crash)
     assert not (crashed / "final").exists()
     assert (crashed / "checkpoints" / "step-4").is_dir()
-    sft.main(_cfg(model, data, crashed, max_steps=8, save_every=2, gradient_accumulation_steps=2,
-                  lr_scheduler="cosine", warmup_steps=2, resume=True))
+    sft.main(_cfg(model, data, crashed, max_steps=8, save_steps=2, gradient_accumulation_steps=2,
+                  lr_scheduler_type="cosine", warmup_steps=2, resume=True))
     a, b = _weights(full / "final"), _weights(crashed / "final")
     assert a.keys() == b.keys()
     for k in a:
@@ -108,13 +108,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_setup):
 # Adam's first steps move every weight by about +-lr whatever the gradient's size, so float
 # noise in near-zero gradients would flip signs; a large epsilon makes the comparison of
 # weights well conditioned without changing what is compared (the accumulated gradient).
-WELL_CONDITIONED = dict(adam_eps=1e-3)
+WELL_CONDITIONED = dict(adam_epsilon=1e-3)
 
 
 def test_gradient_accumulation_matches_big_batch(tiny_setup):
     root, model, data = tiny_setup
-    big = sft.main(_cfg(model, data, root / "big", per_device_batch_size=8, max_steps=3, **WELL_CONDITIONED))
-    acc = sft.main(_cfg(model, data, root / "acc", per_device_batch_size=4, gradient_accumulation_steps=2,
+    big = sft.main(_cfg(model, data, root / "big", per_device_train_batch_size=8, max_steps=3, **WELL_CONDITIONED))
+    acc = sft.main(_cfg(model, data, root / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2,
                         max_steps=3, **WELL_CONDITIONED))
     a, b = _weights(root / "big" / "final"), _weights(root / "acc" / "final")
     for k in a:
@@ -126,15 +126,15 @@ def test_two_processes_match_one_process(tiny_setup):
     """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) == one process, same global batch."""
     root, model, data = tiny_setup
     one = root / "one"
-    sft.main(_cfg(model, data, one, per_device_batch_size=8, max_steps=4, **WELL_CONDITIONED))
+    sft.main(_cfg(model, data, one, per_device_train_batch_size=8, max_steps=4, **WELL_CONDITIONED))
     two = root / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "rlhfkit.cli", "sft", "--model", str(model), "--dataset", str(data),
-           "--output_dir", str(two), "--max_length", "32", "--per_device_batch_size", "4",
+           "--output_dir", str(two), "--max_length", "32", "--per_device_train_batch_size", "4",
            "--learning_rate", "3e-3", "--max_steps", "4", "--report_to", "jsonl",
-           "--progress", "False", "--seed", "3", "--log_every", "1", "--adam_eps", "1e-3"]
+           "--progress", "False", "--seed", "3", "--logging_steps", "1", "--adam_epsilon", "1e-3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both processes took part: 4 steps x 8 examples = 32 of 36 rows, epoch counter by global batch
@@ -211,7 +211,7 @@ def test_sft_packing_runs_end_to_end(tmp_path, tiny_setup, arch):
 
     _, _, data = tiny_setup
     path = make_model_folder(arch, tmp_path / arch)
-    res = sft.main(_cfg(path, data, tmp_path / "out", packing=True, max_steps=2, per_device_batch_size=2))
+    res = sft.main(_cfg(path, data, tmp_path / "out", packing=True, max_steps=2, per_device_train_batch_size=2))
     assert res["steps"] == 2 and res["loss"] == res["loss"]
 
 
@@ -227,7 +227,7 @@ def test_overlong_prompt_is_cut_from_the_left_and_counted_never_nan(tmp_path, ti
         assert sum(t != -100 for t in ex["labels"]) >= 1  # the response keeps its start
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = sft.main(_cfg(model, data, tmp_path / "out", max_length=16, max_steps=1, per_device_batch_size=4))
+    res = sft.main(_cfg(model, data, tmp_path / "out", max_length=16, max_steps=1, per_device_train_batch_size=4))
     assert res["loss"] == res["loss"]
     assert "4 of 4 training examples were longer than max_length=16" in capsys.readouterr().out
 

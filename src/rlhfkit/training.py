@@ -52,7 +52,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -69,7 +69,7 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, num_training_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler)
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler_type)
     )
 
 

@@ -105,15 +105,19 @@ def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = 
 
 
 def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: bool = True,
-                disable_dropout: bool = False) -> PreTrainedModel:
+                disable_dropout: bool = False, attn_implementation: str = "",
+                gradient_checkpointing: bool = False) -> PreTrainedModel:
     """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added;
     `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`)."""
     resolved = resolve_path(path)
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype),
+                                                         **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from e
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
         from rlhfkit.models.lora import apply_lora
 
@@ -127,7 +131,8 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
 
 
 def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1,
-                      tokenizer: Any = None) -> PreTrainedModel:
+                      tokenizer: Any = None, attn_implementation: str = "",
+                      gradient_checkpointing: bool = False) -> PreTrainedModel:
     """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM).
 
     With `tokenizer`, the embeddings grow to cover tokens it added (a distinct pad token) and
@@ -137,7 +142,8 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
     try:
         with quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype),
-                                                                       num_labels=num_labels)
+                                                                       num_labels=num_labels,
+                                                                       **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {e}") from e
     if tokenizer is not None:
@@ -151,11 +157,25 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
             model.config.pad_token_id = tok.pad_token_id
         except ConfigError:
             pass  # the caller sets it once it has a tokenizer; scoring needs it to find the last token
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
         from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
+
+
+def _attn_kwargs(attn_implementation: str) -> dict:
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """transformers' gradient checkpointing, non-reentrant (works with frozen inputs, so with LoRA)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"config field 'gradient_checkpointing': {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path,

@@ -154,7 +154,7 @@ def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: 
     if path.is_file():
         print(f"dpo: reference log-probs from cache {path}")
         return load_file(str(path))["logps"]
-    logps = compute_reference_logps(ref_model, enc, cfg.per_device_batch_size * 2, pad_id, device, kl,
+    logps = compute_reference_logps(ref_model, enc, cfg.per_device_train_batch_size * 2, pad_id, device, kl,
                                     progress=cfg.progress and is_main, fast_head=use_fast_head(cfg))
     if is_main:
         with atomic_path(path) as tmp:
@@ -216,7 +216,7 @@ def evaluate(cfg: Config, model, ref_model, enc: PreferenceData, ref_table, pad_
     """
     model.eval()
     sums, weights = {}, {}  # metric -> weighted sum, summed weight
-    bs = cfg.per_device_batch_size * 2
+    bs = cfg.per_device_train_batch_size * 2
     for start in range(0, len(enc.rows), bs):
         index = list(range(start, min(start + bs, len(enc.rows))))
         loss, metrics, _ = batch_loss(cfg, model, ref_model, enc, index, ref_table, pad_id, device)
@@ -249,8 +249,7 @@ def _reference(cfg: Config, policy):
     if cfg.use_lora:
         return policy
     ref = load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout)
-    ref.requires_grad_(False)
-    return ref
+    return ref.requires_grad_(False)
 
 
 def main(cfg: Config) -> dict:
@@ -265,7 +264,8 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"dpo[{cfg.loss}]: {len(train.rows)} training {kind}"
                       + (f", {len(held_out.rows)} held out" if held_out else ""))
 
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, disable_dropout=cfg.disable_dropout)
+    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, disable_dropout=cfg.disable_dropout,
+                         attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(policy, cfg.max_length)
     ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
     kl = cfg.kto_kl and not train.paired
@@ -280,8 +280,8 @@ def main(cfg: Config) -> dict:
                 ref_model = None  # every reference value is in the tables now; free the copy
 
     nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_batch_size, nproc)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_train_batch_size, nproc)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)  # stepped by hand once per optimiser step
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -299,7 +299,7 @@ def main(cfg: Config) -> dict:
     policy.train()
     t0, tokens, window = time.perf_counter(), 0, []
     metrics: dict[str, float] = {}
-    for micro, local, _ in iterate_batches(len(train.rows), cfg.per_device_batch_size, cfg.seed, step * accum,
+    for micro, local, _ in iterate_batches(len(train.rows), cfg.per_device_train_batch_size, cfg.seed, step * accum,
                                            total_steps * accum, nproc, rank):
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(policy):
@@ -318,7 +318,7 @@ def main(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps:
             # metrics are read (one device sync) only when logged
             metrics = {k: float(torch.stack([w[k] for w in window]).nanmean()) for k in window[-1]}
             if nproc > 1:  # every process logs the mean over all of them (NaN if one saw no such example)
@@ -330,9 +330,9 @@ def main(cfg: Config) -> dict:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
         window = []
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and held_out is not None:
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and held_out is not None:
             logger.log(evaluate(cfg, policy, ref_model, held_out, ref_eval, pad_id, device), step)
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(accelerator, out, step)
     bar.close()
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0, tokens=tokens,
@@ -343,7 +343,7 @@ def main(cfg: Config) -> dict:
     logger.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final")
+        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", merge_lora=cfg.merge_lora)
         atomic_write_json(out / "results.json", final)
     accelerator.wait_for_everyone()
     return final

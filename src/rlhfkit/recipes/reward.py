@@ -152,7 +152,7 @@ def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: in
     module.eval()
     units = units[: cfg.max_eval_examples]
     totals: Counter = Counter()
-    bs = cfg.per_device_batch_size * 2
+    bs = cfg.per_device_train_batch_size * 2
     for i in range(0, len(units), bs):
         chunk = units[i:i + bs]
         loss, m = batch_loss(module, collate_units(chunk, pad_id), cfg, device=device)
@@ -177,7 +177,8 @@ def _load_model(cfg: Config, heads: int, seed: int, tokenizer: Any):
 
     torch.manual_seed(seed)  # the fresh score head's initialisation differs per member
     model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, attn_implementation=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(model, cfg.max_length)
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -210,7 +211,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
     if cfg.padding_free:
-        probe = collate_units(train[: cfg.per_device_batch_size], tokenizer.pad_token_id)
+        probe = collate_units(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
         module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
         if not module.padding_free:
             printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
@@ -219,8 +220,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     if heads > 1 and cfg.bootstrap_heads:
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
     nproc, accum = acc.num_processes, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_batch_size, nproc)
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     module, optimizer = acc.prepare(module, optimizer)
@@ -234,7 +235,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and acc.is_main_process))
     t0, tokens, window, metrics = time.perf_counter(), 0, [], {}
     module.train()
-    for micro, local, _ in iterate_batches(len(train), cfg.per_device_batch_size, seed, step * accum,
+    for micro, local, _ in iterate_batches(len(train), cfg.per_device_train_batch_size, seed, step * accum,
                                            total * accum, nproc, acc.process_index):
         batch = collate_units([train[i] for i in local], tokenizer.pad_token_id)
         sync = (micro + 1) % accum == 0
@@ -259,12 +260,12 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         window = []
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.logging_steps == 0 or step == total:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and eval_units and acc.is_main_process:
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and acc.is_main_process:
             logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, tokenizer.pad_token_id, acc.device), step)
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(acc, out, step, {"member": member})
     bar.close()
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
@@ -294,7 +295,7 @@ def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train
                     seen.add(key)
                     seqs.append(row)
         device = next(module.parameters()).device
-        raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_batch_size * 4, device)
+        raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_train_batch_size * 4, device)
         stats = compute_stats(raw, reference=f"{len(seqs)} distinct training responses")
         extra = attach_stats(module.model, stats)
     save_model(module.model, tokenizer, path, extra_files=extra)
@@ -335,8 +336,8 @@ def main(cfg: Config, printer=print) -> dict:
         train, eval_units = _split(units, cfg.eval_fraction, cfg.seed)
     for what, n in sorted(counts.items()):
         printer(f"reward: {n} {what.replace('_', ' ')} (max_length={cfg.max_length}, loss={cfg.loss})")
-    if len(train) < cfg.per_device_batch_size:
-        raise ConfigError(f"config field 'per_device_batch_size': {cfg.per_device_batch_size} is more than the "
+    if len(train) < cfg.per_device_train_batch_size:
+        raise ConfigError(f"config field 'per_device_train_batch_size': {cfg.per_device_train_batch_size} is more than the "
                           f"{len(train)} training comparisons")
     printer(f"reward: {len(train)} training and {len(eval_units)} held-out comparisons "
             f"({sum(u['kind'] == 'rank' for u in train)} rankings)")

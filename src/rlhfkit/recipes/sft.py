@@ -143,8 +143,8 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
 
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
     nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_batch_size, nproc)
-    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
+    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(model, cfg)
     # the scheduler is stepped by hand once per optimiser step: accelerate's wrapper would
     # step it once per process, which changes the schedule with the process count.
@@ -163,12 +163,12 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
     model.train()
     t0, tokens_seen, step_items, window_loss = time.perf_counter(), 0, 0, []
     metrics: dict[str, float] = {}
-    batches = iterate_batches(len(train), cfg.per_device_batch_size, cfg.seed, step * accum,
+    batches = iterate_batches(len(train), cfg.per_device_train_batch_size, cfg.seed, step * accum,
                               total_opt_steps * accum, nproc, rank)
     for micro, local, _ in batches:
         if micro % accum == 0:  # supervised tokens of the whole optimiser step, all processes
             step_items = sum(targets[i] for _, _, g in iterate_batches(
-                len(train), cfg.per_device_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
+                len(train), cfg.per_device_train_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
         batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(model):
@@ -202,24 +202,25 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         window_loss = []
-        if step % cfg.log_every == 0 or step == total_opt_steps:
+        if step % cfg.logging_steps == 0 or step == total_opt_steps:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and eval_examples:
-            logger.log(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator), step)
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_examples:
+            logger.log(evaluate_lm(model, eval_examples, collate, cfg.per_device_train_batch_size * 2, accelerator), step)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(accelerator, output_dir, step)
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
     if eval_examples:
-        final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator))
+        final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_train_batch_size * 2, accelerator))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final")
+        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final",
+                   merge_lora=getattr(cfg, "merge_lora", True))
         atomic_write_json(output_dir / "results.json", final)
     accelerator.wait_for_everyone()
     return final
@@ -228,7 +229,8 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
 def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    model = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(model, cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
