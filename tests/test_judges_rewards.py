@@ -157,7 +157,7 @@ def test_recipes_pass_dataset_columns_and_log_each_reward(task, tmp_path, recipe
     kw = dict(num_generations=2) if recipe != "ppo" else {}
     cfg = mod.Config(model=task["policy"], prompts=task["prompts"], reward=["length:4"], reward_weights=[1.0, 0.5],
                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, max_completion_length=5,
-                     per_device_batch_size=4, report_to="jsonl", **kw)
+                     per_device_train_batch_size=4, report_to="jsonl", **kw)
     mod.main(cfg, reward_funcs=[aligned])
     rows = read_metrics(tmp_path)
     assert len(seen) == 2 and seen[0] == (4 if recipe != "ppo" else 2)
@@ -177,7 +177,7 @@ def test_a_failing_reward_stops_the_run_before_any_update(task, tmp_path):
         return [1.0] * (len(completions) - 1)
 
     cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], output_dir=str(tmp_path), max_steps=1,
-                      prompts_per_step=2, num_generations=2, max_completion_length=4, per_device_batch_size=4,
+                      prompts_per_step=2, num_generations=2, max_completion_length=4, per_device_train_batch_size=4,
                       report_to="jsonl")
     with pytest.raises(RewardFunctionError, match="reward 'broken' returned 3 values for 4"):
         grpo.main(cfg, reward_funcs=broken)
@@ -192,7 +192,7 @@ def test_cli_takes_repeated_reward_and_weights(task, tmp_path, capsys):
     rc = main(["grpo", "--model", task["policy"], "--prompts", task["prompts"], "--reward", f"py:{rw}:has_a",
                "--reward", "math", "--reward_weights", "1.0", "0.5", "--output_dir", str(tmp_path), "--max_steps",
                "1", "--prompts_per_step", "2", "--num_generations", "2", "--max_completion_length", "4",
-               "--per_device_batch_size", "4", "--report_to", "jsonl"])
+               "--per_device_train_batch_size", "4", "--report_to", "jsonl"])
     assert rc == 0
     row = read_metrics(tmp_path)[0]
     assert "rewards/has_a/mean" in row and "rewards/math/mean" in row
@@ -227,7 +227,7 @@ def test_hacking_alarm_uses_any_held_out_reward(task, tmp_path):
 
     cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_reward=f"py:{held_out}:falling",
                       output_dir=str(tmp_path / "run"), max_steps=8, prompts_per_step=2, num_generations=2,
-                      max_completion_length=3, per_device_batch_size=4, report_to="jsonl", hacking_window=3,
+                      max_completion_length=3, per_device_train_batch_size=4, report_to="jsonl", hacking_window=3,
                       stop_on_hacking=True)
     grpo.main(cfg, reward_funcs=train_reward)
     rows = read_metrics(tmp_path / "run")

@@ -43,7 +43,7 @@ def _run(recipe, assets, out, **kw):
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     extra = dict(num_generations=2) if recipe != "ppo" else {}
     cfg = mod.Config(model=assets["model"], prompts=assets["prompts"], output_dir=str(out), max_steps=1,
-                     prompts_per_step=4, max_completion_length=5, per_device_batch_size=8, num_ppo_epochs=2,
+                     prompts_per_step=4, max_completion_length=5, per_device_train_batch_size=8, num_ppo_epochs=2,
                      report_to="jsonl", learning_rate=1e-3, **extra, **kw)
     mod.main(cfg, reward_funcs=has_a)
     return read_metrics(out)[0]
@@ -113,7 +113,7 @@ def test_on_policy_recipes_apply_the_chat_template(chat, tmp_path, monkeypatch, 
 
     extra = dict(num_generations=2) if recipe != "ppo" else {}
     mod.main(mod.Config(model=chat["model"], prompts=chat["prompts"], output_dir=str(tmp_path), max_steps=1,
-                        prompts_per_step=4, max_completion_length=3, per_device_batch_size=8, report_to="jsonl",
+                        prompts_per_step=4, max_completion_length=3, per_device_train_batch_size=8, report_to="jsonl",
                         **extra), reward_funcs=conv_reward)
     _check_ids(spy, chat)
     assert seen
@@ -133,7 +133,7 @@ def test_best_of_n_rejection_sampling_and_eval_apply_the_chat_template(chat, tmp
     spy.ids.clear()
     rejection_sampling.main(rejection_sampling.Config(
         model=chat["model"], prompts=chat["prompts"], reward=[f"py:{rw}:n"], rounds=1, k=2, prompts_per_round=4,
-        max_new_tokens=3, per_device_batch_size=4, output_dir=str(tmp_path / "rs"), report_to="jsonl",
+        max_new_tokens=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "rs"), report_to="jsonl",
         progress=False))
     _check_ids(spy, chat)
     spy.ids.clear()

@@ -20,7 +20,7 @@ From Python: ``rlhfkit.recipes.grpo.main(Config(model=..., prompts=..., reward=[
 or ``main(cfg, reward_funcs=[fn, ...])`` with TRL-style functions.
 
 Optimiser-step convention (all on-policy recipes): one mini-batch = one optimiser step. Its rows
-go through the model in micro-batches of `per_device_batch_size`; each micro-batch's loss is
+go through the model in micro-batches of `per_device_train_batch_size`; each micro-batch's loss is
 normalised by the totals of the whole mini-batch (rlhfkit.losses.policy.StepTotals), so the
 micro-batch losses add up to the mini-batch loss and `accelerator.backward(loss)` is called on
 each with no further division.
@@ -54,7 +54,7 @@ from rlhfkit.models import (
     reference_model,
     save_model,
 )
-from rlhfkit.models.dropout import disable_dropout
+from rlhfkit.models.lora import disable_dropout
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
@@ -136,7 +136,7 @@ def step_totals(acc, rmask: torch.Tensor, max_length: int) -> StepTotals:
 def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, acc, engine,
             single_pass: bool):
     """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages."""
-    G, bs, dev = cfg.num_generations, cfg.per_device_batch_size, acc.device
+    G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, acc.device
     # 2. rollout: G responses per prompt, prompt-major rows
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
@@ -177,7 +177,7 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
     for epoch in range(cfg.num_ppo_epochs):
         for mb in minibatches(len(traj), cfg.num_mini_batches, cfg.seed, step, epoch):
             totals = step_totals(acc, traj.response_mask[mb], cfg.max_completion_length)
-            micro, mb_metrics = micro_batches(mb, cfg.per_device_batch_size), []
+            micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
             for j, idx in enumerate(micro):
                 with acc.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext():
                     logp, ent = response_logprobs(policy, traj.input_ids[idx], traj.attention_mask[idx],
@@ -228,7 +228,8 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     acc = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, acc.is_main_process)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = reference_model(policy, cfg.use_lora)
@@ -240,7 +241,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
-        1, int(cfg.num_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
+        1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
     policy, optimizer = acc.prepare(policy, optimizer)
@@ -290,7 +291,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break

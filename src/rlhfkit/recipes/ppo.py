@@ -43,7 +43,7 @@ from rlhfkit.models import (
     reference_model,
     save_model,
 )
-from rlhfkit.models.dropout import disable_dropout
+from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
@@ -122,7 +122,7 @@ def ptx_batches(cfg: Config, tok):
         from rlhfkit.data import load_records
 
         records = load_records(cfg.ptx_data, required=["prompt", "completion"])
-    collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_batch_size
+    collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_train_batch_size
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
         for i in torch.randperm(len(records), generator=g).tolist()[: len(records) - bs + 1: bs]:
@@ -132,7 +132,7 @@ def ptx_batches(cfg: Config, tok):
 def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, prompts, cfg, step, kl_ctl, running, acc,
             engine):
     """Steps 1-6 of an update: a scored rollout turned into a Trajectory of advantages and returns."""
-    dev, bs = acc.device, cfg.per_device_batch_size
+    dev, bs = acc.device, cfg.per_device_train_batch_size
     # 2. rollout: one response per prompt
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
@@ -177,7 +177,7 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
             if acc.num_processes > 1:
                 n_tok = acc.reduce(n_tok, "sum") / acc.num_processes
             totals = StepTotals(float(n_tok), float(len(mb)), cfg.max_completion_length)
-            micro, mb_metrics = micro_batches(mb, cfg.per_device_batch_size), []
+            micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
             for j, idx in enumerate(micro):
                 with contextlib.ExitStack() as sync:  # all-reduce gradients once, on the last micro-batch
                     if j < len(micro) - 1:
@@ -244,14 +244,16 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     acc = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, acc.is_main_process)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
     ref_model = reference_model(policy, cfg.use_lora)  # with LoRA: the policy itself, adapters off
     if not cfg.use_lora:
         ref_model.to(acc.device)
     rewards = load_rewards(cfg.reward, cfg.reward_weights, acc.device, cfg.generation_batch_size,
                            reward_funcs if reward_funcs is not None else reward_fn)
     critic = load_value_model(value_model_source(cfg.value_model, cfg.model, cfg.reward, tok, acc.print), tok,
-                              cfg.dtype)
+                              cfg.dtype, attn_implementation=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         for model in (policy, ref_model, critic):
             disable_dropout(model)
@@ -259,7 +261,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
-        1, int(cfg.num_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
+        1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     opt_p, opt_v = make_optimizer(policy, cfg), make_optimizer(critic, cfg)
     schedulers = [make_scheduler(o, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches) for o in (opt_p, opt_v)]
     policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
@@ -305,7 +307,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break
