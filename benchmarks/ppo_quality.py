@@ -149,7 +149,7 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     return {"gold_win_rate": ev["gold_win_rate"], "kl": ev["kl"], "gold_reward": ev["gold_reward"],
             "proxy_reward": ev["proxy_reward"], "minutes": round(minutes, 2),
             "gold_reward_sft": ev["gold_reward_reference"], "proxy_reward_sft": ev["proxy_reward_reference"],
-            "response_length": ev["response_length"], "updates": res["updates"], "gold_proxy_gap": gap,
+            "response_length_words": ev["response_length_words"], "updates": res["updates"], "gold_proxy_gap": gap,
             "settings": {k: v for k, v in ALGOS[algo].items()}}
 
 

@@ -235,3 +235,22 @@ def test_hacking_alarm_uses_any_held_out_reward(task, tmp_path):
     # window of 3 full at update 3, patience 2: fires at update 4 and the run ends there
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["hacking_alarm"] == 1.0
     assert (tmp_path / "run" / "alarms.jsonl").is_file()
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_final_check_goes_through_the_one_evaluator(task, tmp_path, use_lora):
+    """With an eval reward and held-out prompts the run ends with rlhfkit.eval.run_eval.evaluate:
+    policy vs reference (with LoRA: the policy with its adapters off) by the held-out reward."""
+    from rlhfkit.recipes import grpo
+
+    verifier = tmp_path / "verifier.py"
+    verifier.write_text("def level(prompts, completions, level, **kw):\n    return [float(x) for x in level]\n")
+    cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_prompts=task["prompts"], num_eval_prompts=4,
+                      eval_reward=f"py:{verifier}:level", reward=["length:4"], output_dir=str(tmp_path / "run"),
+                      max_steps=1, prompts_per_step=2, num_generations=2, max_completion_length=3,
+                      per_device_train_batch_size=4, report_to="jsonl", use_lora=use_lora, lora_r=4)
+    ev = grpo.main(cfg)["eval"]
+    # the verifier scores the prompt's own column: both models get the same score, every prompt ties
+    assert ev["eval_reward"] == ev["eval_reward_reference"] == pytest.approx(0.5)
+    assert ev["eval_win_rate"] == 0.5
+    assert abs(ev["kl"]) < 0.1 and "reward_reference" in ev  # one small step from the reference
