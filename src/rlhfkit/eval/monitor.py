@@ -9,7 +9,6 @@ reward rising while the eval reward falls.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
