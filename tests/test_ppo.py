@@ -323,7 +323,7 @@ def test_hacking_alarm_quiet_when_gold_and_proxy_rise(assets, tmp_path, monkeypa
 
 
 def test_on_policy_configs_read_the_schedule_and_refuse_unused_fields(assets, tmp_path):
-    from rlhfkit.recipes import grpo
+    from rlhfkit.recipes import grpo, ppo
 
     with pytest.raises(ConfigError, match="eval_steps"):
         ppo_cfg(assets, tmp_path, eval_steps=5)
@@ -336,3 +336,6 @@ def test_on_policy_configs_read_the_schedule_and_refuse_unused_fields(assets, tm
                           learning_rate=1e-3, lr_scheduler_type="linear"))
     rows = read_metrics(tmp_path)
     assert [r["learning_rate"] for r in rows] == pytest.approx([5e-4, 0.0])
+    # logging_steps: every 2nd update, and the last one
+    ppo.main(ppo_cfg(assets, tmp_path / "log", max_steps=3, logging_steps=2))
+    assert [r["step"] for r in read_metrics(tmp_path / "log")] == [2, 3]

@@ -33,6 +33,7 @@ import dataclasses
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhfkit.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -104,6 +105,8 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     """grpo: divide group-centred rewards by the group std (false for Dr. GRPO); rloo: whiten advantages over the batch."""
     engine: str = "hf"
     """Generation engine (rlhfkit.rollout.ENGINES)."""
+    logging_steps: int = 1
+    """Write metrics every N updates (each update's metrics are computed either way)."""
     num_ppo_epochs: int = 1
     """Passes over each rollout batch (GRPO's mu; TRL's num_iterations)."""
     output_dir: str = "runs/grpo"
@@ -123,6 +126,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
         require(self.importance_sampling_level in IMPORTANCE_RATIOS, "importance_sampling_level",
                 f"must be one of {sorted(IMPORTANCE_RATIOS)}")
         require(self.beta >= 0 and self.epsilon > 0, "beta", "beta must be >= 0 and epsilon > 0")
+        require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
 
 
 def step_totals(acc, rmask: torch.Tensor, max_length: int) -> StepTotals:
@@ -263,6 +267,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     alarm = monitor.make_hacking_alarm(cfg, out, acc.is_main_process)
     single_pass = cfg.num_ppo_epochs * cfg.num_mini_batches == 1 and not cfg.kl_in_reward
     truncated, last = 0, {}
+    bar = tqdm(total=n_updates, initial=start, desc=cfg.advantage_estimator, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
         # 1. this update's prompts (a pure function of seed and step) and their extra columns
@@ -286,7 +291,10 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         last.update(beta=kl_ctl.value, kl_coef=kl_ctl.value, rollout_seconds=t_roll,
                     step_seconds=time.perf_counter() - t0)
         stop_run = monitor.check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
-        logger.log(last, step + 1)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == n_updates or stop_run:
+            logger.log(last, step + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
@@ -295,6 +303,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break
+    bar.close()
     if truncated:
         acc.print(f"grpo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")

@@ -22,6 +22,7 @@ import dataclasses
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhfkit.advantages import (
     RunningMoments,
@@ -67,6 +68,8 @@ from rlhfkit.training import (
     save_checkpoint,
 )
 
+NAME = "ppo"
+
 
 @dataclasses.dataclass
 class Config(ModelArgs, TrainArgs, OnPolicyArgs):
@@ -94,6 +97,8 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     """prompt/completion data for PPO-ptx ('' = the bundled SFT records when training on the bundled task)."""
     engine: str = "hf"
     """Generation engine (rlhfkit.rollout.ENGINES)."""
+    logging_steps: int = 1
+    """Write metrics every N updates (each update's metrics are computed either way)."""
     output_dir: str = "runs/ppo"
     """Folder for checkpoints, metrics.jsonl, TensorBoard events and the final model."""
 
@@ -103,6 +108,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
         require(self.model != "", "model", "give the SFT policy to start from (a folder or 'kindly')")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         require(self.cliprange > 0, "cliprange", "must be > 0")
+        require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma and lam must be in [0, 1]")
         require(self.vf_coef >= 0 and self.entropy_coef >= 0 and self.ptx_coef >= 0, "vf_coef",
                 "vf_coef, entropy_coef and ptx_coef must be >= 0")
@@ -283,6 +289,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
     alarm = monitor.make_hacking_alarm(cfg, out, acc.is_main_process)
     truncated, last = 0, {}
+    bar = tqdm(total=n_updates, initial=start, desc=NAME, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
         # 1. this update's prompts: a pure function of (seed, step), so resuming replays them
@@ -302,7 +309,10 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
         stop_run = monitor.check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
-        logger.log(last, step + 1)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == n_updates or stop_run:
+            logger.log(last, step + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
@@ -311,6 +321,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break
+    bar.close()
     if truncated:
         acc.print(f"ppo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")
