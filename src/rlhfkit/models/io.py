@@ -174,7 +174,10 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """transformers' gradient checkpointing, non-reentrant (works with frozen inputs, so with LoRA)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"config field 'gradient_checkpointing': {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 
