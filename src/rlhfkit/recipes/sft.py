@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
+from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
@@ -39,11 +40,11 @@ from rlhfkit.training import (
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs):
+class Config(ModelArgs, TrainArgs, SplitArgs):
     dataset: str = "kindly"
     """Training data: a .jsonl/.parquet file, a saved HF dataset folder, a hub name, or 'kindly'."""
     eval_dataset: str = ""
-    """Held-out data for loss and perplexity (default: the eval split of `dataset` when it has one)."""
+    """Held-out data for loss and perplexity (default: the test/eval/validation split of `dataset` when it has one)."""
     max_length: int = 128
     """Longest tokenised example (prompt + completion); longer ones are truncated and counted."""
     packing: bool = False
@@ -233,12 +234,14 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
                         gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(model, cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
-    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
-    eval_source = cfg.eval_dataset or cfg.dataset
-    eval_split = "train" if cfg.eval_dataset else "eval"
+    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss)
+    if isinstance(cfg.dataset, str) and cfg.dataset == "kindly" and not cfg.eval_dataset:
+        eval_from, eval_split = "kindly", "eval"
+    else:
+        eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
     eval_examples: list[dict] = []
-    if cfg.eval_dataset or cfg.dataset == "kindly" or _has_split(cfg.dataset, "eval"):
-        eval_examples, _ = load_sft_examples(eval_source, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
+    if eval_from is not None:
+        eval_examples, _ = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
         cut = load_sft_examples.last_prompt_truncated
@@ -248,8 +251,3 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
         train = pack_examples(train, cfg.max_length, tokenizer.eos_token_id)
     accelerator.print(f"sft: {len(train)} training rows, {len(eval_examples)} held-out examples")
     return train_causal_lm(cfg, model, tokenizer, train, eval_examples, accelerator, out, on_step)
-
-
-def _has_split(source: str, split: str) -> bool:
-    p = Path(source)
-    return p.is_dir() and (p / split).is_dir()
