@@ -59,6 +59,8 @@ class ModelArgs:
 
 @dataclasses.dataclass
 class SplitArgs:
+    max_prompt_length: int = 0
+    """Prompts keep at most their last N tokens (0: only max_length limits them), as in TRL."""
     dataset_split: str = "train"
     """Split of `dataset` to train on (a saved DatasetDict, a folder of {split}.jsonl files or a hub dataset)."""
     eval_split: str = ""

@@ -326,12 +326,12 @@ def main(cfg: Config, printer=print) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
     comps = load_comparisons(cfg.dataset, cfg.dataset_split, cfg.on_bad_record, tokenizer, cfg.from_feedback)
     report_skips(comps, "training", printer)
-    units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss)
+    units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
     eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
     if eval_from is not None and not cfg.from_feedback:
         ecomps = load_comparisons(eval_from, eval_split, cfg.on_bad_record, tokenizer)
         report_skips(ecomps, "held-out", printer)
-        eval_units, ecounts = tokenize_units(ecomps, tokenizer, cfg.max_length, cfg.loss)
+        eval_units, ecounts = tokenize_units(ecomps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
         counts.update({f"eval_{k}": v for k, v in ecounts.items()})
         train = units
     else:

@@ -66,7 +66,7 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
 
 
 def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
-                      completion_only: bool = True) -> tuple[list[dict], int]:
+                      completion_only: bool = True, max_prompt_length: int = 0) -> tuple[list[dict], int]:
     """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated).
 
     `source` is a path/name, a `datasets.Dataset` or a list of records. Truncation follows the
@@ -90,7 +90,8 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
-        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length)
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length,
+                                       max_prompt_length=max_prompt_length or None)
         truncated += enc.truncated
         prompt_cut += enc.prompt_truncated
         ex = enc.as_dict()
@@ -234,14 +235,16 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
                         gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(model, cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
-    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss)
+    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss,
+                                       cfg.max_prompt_length)
     if isinstance(cfg.dataset, str) and cfg.dataset == "kindly" and not cfg.eval_dataset:
         eval_from, eval_split = "kindly", "eval"
     else:
         eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
     eval_examples: list[dict] = []
     if eval_from is not None:
-        eval_examples, _ = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
+        eval_examples, _ = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss,
+                                             cfg.max_prompt_length)
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
         cut = load_sft_examples.last_prompt_truncated
