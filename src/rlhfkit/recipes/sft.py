@@ -178,12 +178,13 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             # attention mask, restarted position_ids) it is what keeps attention per document
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             logits = model(**inputs, use_cache=False).logits
-            # DDP averages gradients over processes; scaling by nproc turns that into a sum
-            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / nproc)
+            # one convention for every recipe: backward(loss), and accelerate divides by the
+            # accumulation steps. The sum is normalised by the whole step's token count (all
+            # micro-batches and processes); the factors nproc (DDP averages over processes) and
+            # accum (accelerate's division) make the step's gradient that of one big batch.
+            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / (nproc * accum))
             check_finite("loss", loss)
-            # accelerator.backward divides by gradient_accumulation_steps; this loss is already
-            # normalised by the whole step's token count, so undo that division.
-            accelerator.backward(loss * accelerator.gradient_accumulation_steps)
+            accelerator.backward(loss)
         # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
         real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0
         tokens_seen += int(real.sum()) * nproc
