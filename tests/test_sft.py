@@ -335,3 +335,25 @@ def test_sample_applies_the_chat_template_to_conversational_prompts(tmp_path, mo
     monkeypatch.setattr(sample, "load_policy", load_and_watch)
     sample.main(sample.Config(model=path, prompts=str(data), max_new_tokens=2, output=str(tmp_path / "o.jsonl")))
     assert seen == [list(expected)]
+
+
+def test_a_hub_name_without_network_or_cache_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.models import io
+
+    calls = []
+
+    def unreachable(self, repo_id, **kw):
+        calls.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ConfigError, match="hub cannot be reached"):
+        io.resolve_path("someorg/not-cached-model")
+    assert calls == ["someorg/not-cached-model"]  # one request, no retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        io.resolve_path("someorg/not-cached-model")
+    assert len(calls) == 1  # offline: no request at all
