@@ -350,6 +350,7 @@ def test_a_hub_name_without_network_or_cache_is_one_clear_error(monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ConfigError, match="hub cannot be reached"):
         io.resolve_path("someorg/not-cached-model")
     assert calls == ["someorg/not-cached-model"]  # one request, no retries
