@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import threading
 import uuid
-from pathlib import Path
-from typing import Any
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +35,9 @@ from starlette.concurrency import run_in_threadpool
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
 from rlhfkit.feedback.models import ApiToken, Item, Label, LoginSession, Task, User, utcnow
+from rlhfkit.feedback.schemas import INT_MAX, LabelBody, LoginBody, TaskBody, UserBody, name_problem, text_problem
 from rlhfkit.feedback.security import (
     create_api_token,
     create_login_session,
@@ -41,48 +46,18 @@ from rlhfkit.feedback.security import (
     verify_password,
 )
 
-HERE = Path(__file__).resolve().parent
+HERE = FilePath(__file__).resolve().parent
 SESSION_COOKIE = "rlhfkit_session"
 PRELOGIN_COOKIE = "rlhfkit_prelogin"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+PathId = Annotated[int, Path(ge=1, le=INT_MAX)]
+QueryId = Annotated[int | None, Query(ge=1, le=INT_MAX)]
+PathName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 class AuthError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class LoginBody(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=1, max_length=1024)
-    token_name: str = Field(default="api", max_length=64)
-
-
-class LabelBody(BaseModel):
-    item_id: int
-    value: dict[str, Any]
-    idempotency_key: str = Field(min_length=8, max_length=64)
-    duration_ms: int | None = Field(default=None, ge=0, le=86_400_000)
-
-
-class UserBody(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=8, max_length=1024)
-    role: str = "annotator"
-
-
-class TaskBody(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
-    question_type: str
-    overlap: int = 1
-    instructions: str = ""
-    rubric: list[str] | None = None
-    likert_points: int = 5
-    randomize_order: bool = True
-    selection: str = "random"
-    gold_rate: float = 0.1
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,11 +114,23 @@ def require_admin(user: User) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) -> FastAPI:
-    """Build the app for a database (URL or Database). `scorer` drives uncertainty selection."""
+def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
+               login_guard: LoginGuard | None = None, body_limit: int = 1 << 20,
+               import_limit: int = 64 << 20) -> FastAPI:
+    """Build the app for a database (URL or Database). `scorer` drives uncertainty selection.
+
+    `login_guard` holds the login rate limits and the bound on concurrent password checks;
+    request bodies are limited to `body_limit` bytes (`import_limit` for item imports).
+    """
     db = Database(db) if isinstance(db, str) else db
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = db
+    app.state.login_guard = login_guard or LoginGuard()
+    app.add_middleware(BodyLimit, limit=body_limit,
+                       larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
+    # security headers outside Starlette's error middleware, so 500 pages carry them too
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: SecurityHeaders(build())
     app.state.scorer = scorer
     app.state.rng = random.Random()
     app.state.rng_lock = threading.Lock()
@@ -154,16 +141,24 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) ->
         with app.state.rng_lock:
             return random.Random(app.state.rng.getrandbits(64))
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers["X-Frame-Options"] = "DENY"
-        if request.url.path.startswith("/api") or request.url.path.startswith("/admin"):
-            response.headers["Cache-Control"] = "no-store"
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        # never echo the submitted values back (a 2 MB password, a secret in the wrong field)
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+        return JSONResponse({"detail": f"field '{first['field']}': {first['message']}", "field": first["field"],
+                             "errors": errors[:20]}, status_code=422)
+
+    @app.exception_handler(TooManyAttempts)
+    async def _too_many(request: Request, exc: TooManyAttempts):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status,
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _db_data(request: Request, exc: sa_exc.DataError):
+        # a safety net: the typed request models should have refused the value already
+        return JSONResponse({"detail": "a value does not fit the database (out of range or not storable text)"},
+                            status_code=422)
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, exc: AuthError):
@@ -221,16 +216,43 @@ def label_payload(label: Label) -> dict:
             "created_at": label.created_at.isoformat() + "Z"}
 
 
+def _lookup_and_verify(db: Database, username: str, password: str) -> User | None:
+    """The user when `password` is theirs, else None; always one Argon2 check (dummy hash for
+    unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
+    user = None
+    if not name_problem(username) and not text_problem(password):
+        with db.read_session() as s:  # verify outside the write lock: Argon2 is slow
+            user = s.scalar(select(User).where(User.username == username))
+    stored = user.password_hash if user is not None and user.active else None
+    return user if verify_password(stored, password) else None
+
+
+def login_checker(app: FastAPI, db: Database):
+    async def check_login(request: Request, username: str, password: str) -> User | None:
+        guard: LoginGuard = app.state.login_guard
+        account = username.casefold()[:64]
+        guard.before_attempt(request.client.host if request.client else "?", account)
+        user = await guard.run(_lookup_and_verify, db, username, password)
+        if user is None:
+            guard.failed(account)
+        return user
+    return check_login
+
+
 def _api_routes(app, db, templates, rng, secure, auth):
+    check_login = login_checker(app, db)
+
     @app.post("/api/login")
-    def api_login(body: LoginBody):
-        with db.read_session() as s:  # verify first: Argon2 is slow and must not hold the write lock
-            user = s.scalar(select(User).where(User.username == body.username))
-            if user is None or not user.active or not verify_password(user.password_hash, body.password):
-                raise AuthError(401, "wrong username or password")
-        with db.session() as s:
-            token = create_api_token(s, s.get(User, user.id), body.token_name)
+    async def api_login(body: LoginBody, request: Request):
+        user = await check_login(request, body.username, body.password)
+        if user is None:
+            raise AuthError(401, "wrong username or password")
+        token = await run_in_threadpool(_new_token, user.id, body.token_name)
         return {"token": token, "username": user.username, "role": user.role}
+
+    def _new_token(user_id: int, name: str) -> str:
+        with db.session() as s:
+            return create_api_token(s, s.get(User, user_id), name)
 
     @app.get("/api/me", dependencies=auth)
     def me(request: Request):
@@ -246,7 +268,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
                      "progress": svc.progress(s, t, user)} for t in s.scalars(select(Task).order_by(Task.id))]
 
     @app.get("/api/tasks/{task_id}/next", dependencies=auth)
-    def next_item(task_id: int, request: Request):
+    def next_item(task_id: PathId, request: Request):
         with db.session() as s:
             user, _ = authenticate(request, s)
             task = _task(s, task_id)
@@ -258,7 +280,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
         return payload
 
     @app.post("/api/tasks/{task_id}/labels", dependencies=auth)
-    def submit(task_id: int, body: LabelBody, request: Request):
+    def submit(task_id: PathId, body: LabelBody, request: Request):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
@@ -270,7 +292,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
         return JSONResponse({**out, "replayed": replay}, status_code=200 if replay else 201)
 
     @app.get("/api/labels/mine", dependencies=auth)
-    def my_labels(request: Request, task_id: int | None = None):
+    def my_labels(request: Request, task_id: QueryId = None):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             q = select(Label).where(Label.user_id == user.id).order_by(Label.id)
@@ -279,7 +301,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
             return [label_payload(lab) for lab in s.scalars(q)]
 
     @app.get("/api/labels/{label_id}", dependencies=auth)
-    def get_label(label_id: int, request: Request):
+    def get_label(label_id: PathId, request: Request):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             label = s.get(Label, label_id)
@@ -307,10 +329,10 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return {"id": user.id, "username": user.username, "role": user.role}
 
     @app.post("/api/admin/users/{username}/tokens", status_code=201, dependencies=auth)
-    def new_token(username: str, request: Request):
+    def new_token(username: PathName, request: Request):
         with db.session() as s:
             admin(request, s, write=True)
-            user = s.scalar(select(User).where(User.username == username))
+            user = None if name_problem(username) else s.scalar(select(User).where(User.username == username))
             if user is None:
                 raise LookupError(f"user {username!r} not found")
             return {"token": create_api_token(s, user, "admin-issued")}
@@ -323,13 +345,13 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return {"id": task.id, "name": task.name}
 
     @app.post("/api/admin/tasks/{task_id}/items", status_code=201, dependencies=auth)
-    def add_items(task_id: int, records: list[Any], request: Request):
+    def add_items(task_id: PathId, records: list[Any], request: Request):
         with db.session() as s:
             admin(request, s, write=True)
             return {"imported": svc.import_records(s, _task(s, task_id), records, source="request body")}
 
     @app.get("/api/admin/tasks/{task_id}/labels", dependencies=auth)
-    def all_labels(task_id: int, request: Request):
+    def all_labels(task_id: PathId, request: Request):
         with db.read_session() as s:
             admin(request, s)
             rows = s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
@@ -337,13 +359,13 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return [{**label_payload(lab), "annotator": name} for lab, name in rows]
 
     @app.get("/api/admin/tasks/{task_id}/qc", dependencies=auth)
-    def qc(task_id: int, request: Request):
+    def qc(task_id: PathId, request: Request):
         with db.read_session() as s:
             admin(request, s)
             return ex.task_qc(s, _task(s, task_id))
 
     @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
-    def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none",
+    def export(task_id: PathId, request: Request, kind: str = "preferences", aggregate: str = "none",
                ties: str = "skip"):
         with db.read_session() as s:
             admin(request, s)
@@ -353,10 +375,16 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             except ValueError as e:
                 raise HTTPException(422, str(e)) from e
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        name = f"{task.name}-{kind}.jsonl".replace("/", "_").replace('"', "")
         return Response(body, media_type="application/x-ndjson",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                        headers={"Content-Disposition": content_disposition(f"{task.name}-{kind}.jsonl"),
                                  "X-Skipped": json.dumps(skipped)})
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any file name: an ASCII fallback plus RFC 5987/6266 `filename*`
+    with the UTF-8 name percent-encoded (task names may hold any printable Unicode)."""
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", filename).strip("_") or "export.jsonl"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,19 +434,19 @@ def _page_routes(app, db, templates, rng, secure, auth):
         resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
         return resp
 
+    check_login = login_checker(app, db)
+
     @app.post("/login")
     async def login_submit(request: Request):
         form = await request.form()
-        return await run_in_threadpool(_login_submit, request, form)  # Argon2 must not block the loop
-
-    def _login_submit(request: Request, form):
         if not same(form.get("csrf_token"), request.cookies.get(PRELOGIN_COOKIE)):
             raise AuthError(403, "missing or wrong CSRF token; reload the login page")
-        username, password = str(form.get("username", "")), str(form.get("password", ""))
-        with db.read_session() as s:
-            user = s.scalar(select(User).where(User.username == username))
-            ok = user is not None and user.active and verify_password(user.password_hash, password)
-        if not ok:
+        username, password = str(form.get("username", ""))[:64], str(form.get("password", ""))[:1024]
+        user = await check_login(request, username, password)  # Argon2 runs in its own bounded pool
+        return await run_in_threadpool(_login_done, request, user)
+
+    def _login_done(request: Request, user: User | None):
+        if user is None:
             token = secrets.token_urlsafe(24)
             resp = render(request, "login.html", 401, csrf_token=token, error="Wrong username or password.", user=None)
             resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
@@ -431,8 +459,10 @@ def _page_routes(app, db, templates, rng, secure, auth):
         resp.delete_cookie(PRELOGIN_COOKIE)
         return resp
 
-    @app.post("/logout", dependencies=auth)
+    @app.post("/logout")
     async def logout(request: Request):
+        if not request.cookies.get(SESSION_COOKIE):  # API tokens are revoked, not logged out
+            raise AuthError(401, "not logged in (no session cookie)")
         form = await request.form()
         return await run_in_threadpool(_logout, request, form)
 
@@ -440,8 +470,11 @@ def _page_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
+            if csrf is None:
+                raise AuthError(401, "not logged in with a browser session")
             sess = s.scalar(select(LoginSession).where(LoginSession.session_hash == digest(request.cookies[SESSION_COOKIE])))
-            s.delete(sess)
+            if sess is not None:
+                s.delete(sess)
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE)
         return resp
@@ -454,7 +487,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
             return render(request, "home.html", user=user, csrf_token=csrf, tasks=tasks)
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
-    def label_page(task_id: int, request: Request, error: str | None = None, status: int = 200):
+    def label_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             task = _task(s, task_id)
@@ -466,7 +499,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
                           progress=prog, error=error)
 
     @app.post("/tasks/{task_id}", dependencies=auth)
-    async def label_submit(task_id: int, request: Request):
+    async def label_submit(task_id: PathId, request: Request):
         form = await request.form()  # parsed on the event loop; the database work runs in a thread
         return await run_in_threadpool(_label_submit, task_id, request, form)
 
@@ -478,6 +511,8 @@ def _page_routes(app, db, templates, rng, secure, auth):
             task = _task(s, task_id)
             try:
                 item_id = int(str(form.get("item_id", "")))
+                if not 1 <= item_id <= INT_MAX:
+                    raise LookupError(f"item {item_id} not found")
                 item = s.get(Item, item_id)
                 if item is None:
                     raise LookupError(f"item {item_id} not found")
@@ -500,7 +535,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
             return render(request, "admin.html", user=user, csrf_token=csrf, tasks=tasks)
 
     @app.get("/admin/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
-    def admin_task(task_id: int, request: Request):
+    def admin_task(task_id: PathId, request: Request):
         from rlhfkit.feedback import export as ex
 
         with db.read_session() as s:

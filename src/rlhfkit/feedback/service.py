@@ -21,11 +21,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from rlhfkit.errors import DataError
@@ -40,13 +42,12 @@ from rlhfkit.feedback.models import (
     User,
     utcnow,
 )
+from rlhfkit.feedback.schemas import ANSWER, MAX_RESPONSES, MAX_TEXT, first_error, json_text_problem, name_problem, text_problem
 from rlhfkit.feedback.security import hash_password
 
 # an assignment not answered within this time frees its overlap slot for someone else
 ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
 DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
-MAX_TEXT = 20000
-MAX_RESPONSES = 16
 UNCERTAINTY_POOL = 256  # unlabelled items scored by the ensemble per request
 PAIR_CHOICES = {"left": 0, "right": 1}
 
@@ -93,8 +94,15 @@ def create_task(s: Session, name: str, question_type: str, overlap: int = 1, ins
         raise InvalidAnswer("likert_points", "must be between 2 and 11")
     if not 0.0 <= gold_rate <= 1.0:
         raise InvalidAnswer("gold_rate", "must be between 0 and 1")
-    if not name or len(name) > 128:
+    if not name or len(name) > 128 or not name.strip():
         raise InvalidAnswer("name", "1-128 characters")
+    if name_problem(name):
+        raise InvalidAnswer("name", name_problem(name))
+    if not isinstance(instructions, str) or text_problem(instructions) or len(instructions) > MAX_TEXT:
+        raise InvalidAnswer("instructions", text_problem(instructions) or f"at most {MAX_TEXT} characters")
+    for dim in rubric or ():
+        if not isinstance(dim, str) or not dim or len(dim) > 64 or name_problem(dim):
+            raise InvalidAnswer("rubric", "dimensions are names of 1-64 characters without control characters")
     if s.scalar(select(Task).where(Task.name == name)) is not None:
         raise Conflict(f"task {name!r} already exists")
     task = Task(name=name, question_type=question_type, overlap=overlap, instructions=instructions,
@@ -127,6 +135,9 @@ def _record_responses(rec: dict, source: str, line: int) -> list[str]:
     if len(responses) > MAX_RESPONSES or any(len(r) > MAX_TEXT for r in responses):
         raise DataError(f"at most {MAX_RESPONSES} responses of {MAX_TEXT} characters", source=source,
                         line=line, field="responses")
+    for i, r in enumerate(responses):
+        if text_problem(r):
+            raise DataError(text_problem(r), source=source, line=line, field=f"responses[{i}]")
     return responses
 
 
@@ -138,13 +149,24 @@ def item_from_record(task: Task, rec: Any, source: str = "<records>", line: int 
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_TEXT:
         raise DataError(f"must be a non-empty string of at most {MAX_TEXT} characters", source=source,
                         line=line, field="prompt")
+    if text_problem(prompt):
+        raise DataError(text_problem(prompt), source=source, line=line, field="prompt")
     responses = _record_responses(rec, source, line)
+    rid, meta = rec.get("id"), rec.get("meta") or {}
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int) or name_problem(str(rid))
+                            or len(str(rid)) > 128):
+        raise DataError("must be a string or integer of at most 128 characters, without control characters",
+                        source=source, line=line, field="id")
+    if not isinstance(meta, dict) or json_text_problem(meta) or len(json.dumps(meta)) > MAX_TEXT:
+        raise DataError(f"must be a JSON object of at most {MAX_TEXT} characters with storable text "
+                        f"({json_text_problem(meta) or 'not an object or too large'})", source=source, line=line,
+                        field="meta")
     need = {"pairwise": (2, 2), "ranking": (2, MAX_RESPONSES)}.get(task.question_type, (1, MAX_RESPONSES))
     if not need[0] <= len(responses) <= need[1]:
         raise DataError(f"a {task.question_type} item needs {need[0]}..{need[1]} responses, got {len(responses)}",
                         source=source, line=line, field="responses")
-    item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=rec.get("meta") or {},
-                external_id=None if rec.get("id") is None else str(rec["id"])[:128])
+    item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=meta,
+                external_id=None if rid is None else str(rid))
     if rec.get("gold") is not None:
         gold = rec["gold"]
         # gold answers in a file name responses by their file order: pairwise "a"/"b" (or
@@ -169,8 +191,12 @@ def import_records(s: Session, task: Task, records: Iterable[Any], source: str =
 
 def read_jsonl(path: str) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte {e.start + 1})", source=path, line=n) from None
             if not line.strip():
                 continue
             try:
@@ -184,63 +210,52 @@ def read_jsonl(path: str) -> list[dict]:
 # answers
 
 
-def _position(value: Any, k: int, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < k:
-        raise InvalidAnswer(field, f"must be a position 0..{k - 1}")
-    return value
-
-
-def _text(value: Any, field: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not allow_empty and not value.strip()) or len(value) > MAX_TEXT:
-        raise InvalidAnswer(field, f"must be a non-empty string of at most {MAX_TEXT} characters")
-    return value
-
-
 def canonical_answer(task: Task, responses: Sequence[str], raw: Any, order: Sequence[int]) -> dict:
-    """Validate an answer given in display positions and map it to original indices."""
+    """Validate an answer given in display positions and map it to original indices.
+
+    The shape and JSON types are checked by the typed models in `schemas` (a discriminated
+    union on the task's question type); what depends on the item (how many responses, the
+    rubric, the Likert scale) is checked here.
+    """
     if not isinstance(raw, dict):
         raise InvalidAnswer("value", "must be a JSON object")
     k, qt = len(responses), task.question_type
+    try:
+        ans = ANSWER.validate_python({**raw, "question_type": qt})
+    except ValidationError as e:
+        raise InvalidAnswer(*first_error(e, "value", skip=1)) from None
     if qt == "pairwise":
-        choice = raw.get("choice")
-        if choice in PAIR_CHOICES:
-            return {"choice": "ab"[order[PAIR_CHOICES[choice]]]}
-        if choice in ("tie", "both_bad"):
-            return {"choice": choice}
-        raise InvalidAnswer("value.choice", "must be 'left', 'right', 'tie' or 'both_bad'")
+        if ans.choice in PAIR_CHOICES:
+            return {"choice": "ab"[order[PAIR_CHOICES[ans.choice]]]}
+        return {"choice": ans.choice}
     if qt == "ranking":
-        ranking = raw.get("ranking")
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(k)) or \
-                any(isinstance(r, bool) for r in ranking):
+        if sorted(ans.ranking) != list(range(k)):
             raise InvalidAnswer("value.ranking", f"must list every position 0..{k - 1} once, best first")
-        return {"ranking": [order[p] for p in ranking]}
+        return {"ranking": [order[p] for p in ans.ranking]}
     if qt == "rating":
-        ratings = raw.get("ratings")
-        if not isinstance(ratings, list) or len(ratings) != k:
+        if len(ans.ratings) != k:
             raise InvalidAnswer("value.ratings", f"must hold one rating object per response ({k})")
         out: list[dict] = [{}] * k
-        for pos, r in enumerate(ratings):
-            if not isinstance(r, dict) or set(r) != set(task.rubric):
+        for pos, r in enumerate(ans.ratings):
+            if set(r) != set(task.rubric):
                 raise InvalidAnswer(f"value.ratings[{pos}]", f"must rate exactly {task.rubric}")
             for dim, v in r.items():
-                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= task.likert_points:
+                if not 1 <= v <= task.likert_points:
                     raise InvalidAnswer(f"value.ratings[{pos}].{dim}", f"must be an integer 1..{task.likert_points}")
             out[order[pos]] = dict(r)
         return {"ratings": out}
     if qt == "thumbs":
-        thumbs = raw.get("thumbs")
-        if not isinstance(thumbs, list) or len(thumbs) != k or not all(isinstance(t, bool) for t in thumbs):
+        if len(ans.thumbs) != k:
             raise InvalidAnswer("value.thumbs", f"must be {k} booleans (true = thumbs up)")
         out_t = [False] * k
-        for pos, t in enumerate(thumbs):
+        for pos, t in enumerate(ans.thumbs):
             out_t[order[pos]] = t
         return {"thumbs": out_t}
     if qt == "critique":
-        return {"text": _text(raw.get("text"), "value.text")}
-    if qt == "edit":
-        pos = _position(raw.get("position", 0), k, "value.position")
-        return {"response": order[pos], "text": _text(raw.get("text"), "value.text")}
-    raise InvalidAnswer("question_type", f"unknown question type {qt!r}")
+        return {"text": ans.text}
+    if ans.position >= k:
+        raise InvalidAnswer("value.position", f"must be a position 0..{k - 1}")
+    return {"response": order[ans.position], "text": ans.text}
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,11 +343,14 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
                  duration_ms: int | None = None) -> tuple[Label, bool]:
     """Store one answer exactly once. Returns (label, replayed).
 
+    The stored duration is measured by the server from serve to submit; a client-supplied
+    `duration_ms` is ignored (quality control must not trust it).
+
     A retry with the same idempotency key returns the stored label (replayed=True) without
     writing; a different key for an item the user already labelled is a Conflict.
     """
-    if not isinstance(key, str) or not 8 <= len(key) <= 64:
-        raise InvalidAnswer("idempotency_key", "must be a string of 8-64 characters (e.g. a UUID)")
+    if not isinstance(key, str) or not re.fullmatch(r"[!-~]{8,64}", key):
+        raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
     existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
     if existing is not None:
         if existing.item_id != item_id:
@@ -350,7 +368,7 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     measured = int((utcnow() - assignment.served_at).total_seconds() * 1000)
     label = Label(item_id=item_id, user_id=user.id, task_id=task.id, idempotency_key=key, value=value,
                   display_order=list(assignment.display_order),
-                  duration_ms=measured if duration_ms is None else int(duration_ms))
+                  duration_ms=measured)
     assignment.completed = True
     s.add(label)
     try:
