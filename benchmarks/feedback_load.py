@@ -9,6 +9,7 @@ that never saw its answer). At the end the database is read directly:
 
 - lost: acknowledged labels missing from the database (must be 0);
 - duplicated: labels stored more than once for one (annotator, item) or one idempotency key;
+- over_assigned: labels beyond the task's overlap summed over items (must be 0);
 - p50_ms / p95_ms: latency of acknowledged submits (POST /labels), retries after the kill
   excluded; the GET /next latencies are reported beside them.
 
@@ -193,10 +194,14 @@ def _audit(url: str, state: dict, tokens: list[str]) -> dict:
         per_key = s.execute(select(Label.user_id, Label.idempotency_key, func.count())
                             .group_by(Label.user_id, Label.idempotency_key).having(func.count() > 1)).all()
         rows = s.scalar(select(func.count()).select_from(Label))
+        # labels beyond an item's overlap: each item may go to at most OVERLAP annotators
+        per_item = s.execute(select(Label.item_id, func.count()).group_by(Label.item_id)
+                             .having(func.count() > OVERLAP)).all()
     db.dispose()
     lost = [k for k in state["acked"] if (user_of[digest(k[0])], k[1]) not in stored]
     wrong_id = [k for k, lid in state["acked"].items() if stored.get((user_of[digest(k[0])], k[1])) not in (None, lid)]
     return {"rows": rows, "lost": len(lost), "id_mismatch": len(wrong_id),
+            "over_assigned": sum(n - OVERLAP for _, n in per_item),
             "duplicated": sum(n - 1 for *_, n in per_pair) + sum(n - 1 for *_, n in per_key)}
 
 
@@ -229,6 +234,7 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
         submit, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
         return {
             "labels": len(state["acked"]), "lost": audit["lost"], "duplicated": audit["duplicated"],
+            "over_assigned": audit["over_assigned"],
             "p50_ms": round(float(np.percentile(submit, 50)), 2), "p95_ms": round(float(np.percentile(submit, 95)), 2),
             "next_p50_ms": round(float(np.percentile(nxt, 50)), 2), "next_p95_ms": round(float(np.percentile(nxt, 95)), 2),
             "rows_in_db": audit["rows"], "stored_but_unacknowledged": audit["rows"] - len(state["acked"]),
