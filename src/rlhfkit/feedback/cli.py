@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="pairwise ties: skip and count them, or keep them with label 0.5 and tie=true")
     sp.add_argument("--out", required=True)
     sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
+    sp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     sp = add("qc", "print the task's quality-control report as JSON")
     sp.add_argument("--task", required=True)
     return p
@@ -93,12 +94,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
+    from rlhfkit.feedback.service import Conflict
+
     try:
         return HANDLERS[args.command](args)
     except RlhfkitError as e:
         print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
         return 2
-    except (ValueError, LookupError) as e:
+    except (ValueError, LookupError, Conflict) as e:
         print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
         return 2
 
@@ -200,6 +203,8 @@ def _export(args) -> int:
     from rlhfkit.feedback import export as ex
     from rlhfkit.feedback.models import Task
 
+    if os.path.exists(args.out) and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it")
     db = _db(args)
     with db.session() as s:
         task = s.scalar(select(Task).where(Task.name == args.task))

@@ -71,14 +71,14 @@ class LoginGuard:
 
     def before_attempt(self, ip: str, account: str) -> None:
         """Count an attempt from `ip`; refuse when the IP or the account is over its limit."""
+        for limit in self.per_ip:  # every attempt counts, refused ones too
+            if not self.limiter.hit(limit, "ip", ip):
+                raise TooManyAttempts("too many login attempts from this address; try again later",
+                                      self._retry_after(limit, "ip", ip))
         for limit in self.per_account:
             if not self.limiter.test(limit, "account", account):
                 raise TooManyAttempts("too many failed logins for this account; try again later",
                                       self._retry_after(limit, "account", account))
-        for limit in self.per_ip:
-            if not self.limiter.hit(limit, "ip", ip):
-                raise TooManyAttempts("too many login attempts from this address; try again later",
-                                      self._retry_after(limit, "ip", ip))
 
     def failed(self, account: str) -> None:
         for limit in self.per_account:
