@@ -50,7 +50,8 @@ def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
     db = Database(url, pool_size=2)
     pw = hash_password(PASSWORD)  # one Argon2 hash shared: hashing 50 times adds nothing here
     with db.session() as s:
-        users = [User(username=f"ann{i:03d}", password_hash=pw, role="annotator") for i in range(annotators)]
+        users = [User(username=f"ann{i:03d}", username_key=f"ann{i:03d}", password_hash=pw, role="annotator")
+                 for i in range(annotators)]
         s.add_all(users)
         s.flush()
         tokens = [create_api_token(s, u, "load") for u in users]

@@ -115,31 +115,38 @@ def test_login_flood_keeps_annotators_fast_and_memory_bounded(db, costly_hasher)
         task = svc.create_task(s, "t", "pairwise", overlap=1, gold_rate=0.0)
         svc.import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(200)])
         task_id = task.id
-    guard = LoginGuard(per_ip="", per_account="", max_concurrent=2, max_waiting=8)  # flood all the way in
+    guard = LoginGuard(per_ip="", per_account="", max_concurrent=1, max_waiting=8)  # flood all the way in
 
-    with ServerThread(create_app(db, login_guard=guard)) as srv:
-        # the flood comes from another process, as it would: it must not share our GIL
-        flood = subprocess.Popen([sys.executable, "-c", FLOOD, srv.url], stdout=subprocess.PIPE, text=True)
-        time.sleep(1.0)
+    headers = {"Authorization": f"Bearer {tokens['ann']}"}
+
+    def annotator_latencies(base, n=20):
         lat = []
-        headers = {"Authorization": f"Bearer {tokens['ann']}"}
-        with httpx.Client(base_url=srv.url, timeout=60, headers=headers) as c:
-            for _ in range(20):
+        with httpx.Client(base_url=base, timeout=60, headers=headers) as c:
+            for _ in range(n):
                 t0 = time.perf_counter()
                 item = c.get(f"/api/tasks/{task_id}/next").json()
                 r = c.post(f"/api/tasks/{task_id}/labels", json={"item_id": item["item_id"], "value": {"choice": "left"},
                                                                "idempotency_key": uuid.uuid4().hex})
                 assert r.status_code == 201
                 lat.append(time.perf_counter() - t0)
+        return sorted(lat)
+
+    with ServerThread(create_app(db, login_guard=guard)) as srv:
+        quiet = annotator_latencies(srv.url)
+        # the flood comes from another process, as it would: it must not share our GIL
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, srv.url], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        lat = annotator_latencies(srv.url)
         flood.terminate()
         statuses = [int(x) for x in flood.communicate(timeout=30)[0].split()]
-    assert guard.peak_running <= 2  # at most 2 x 64 MiB of Argon2 memory at any time
+    assert guard.peak_running == 1  # one 64 MiB Argon2 check at a time, whatever the flood
     assert statuses.count(401) > 0 and statuses.count(503) > 0 and set(statuses) <= {401, 503}
-    lat.sort()
-    p95 = lat[int(0.95 * len(lat)) - 1]
-    print(f"annotator /next+submit under a login flood: median {lat[len(lat) // 2] * 1000:.0f} ms, "
-          f"p95 {p95 * 1000:.0f} ms; flood answers {len(statuses)} ({statuses.count(503)} refused busy)")
-    assert p95 < 1.0, lat
+    p95, quiet_p95 = lat[18], quiet[18]  # 19th of 20
+    print(f"annotator /next+submit: quiet p95 {quiet_p95 * 1000:.0f} ms; under a login flood median "
+          f"{lat[10] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms; flood answers {len(statuses)} "
+          f"({statuses.count(503)} refused busy)")
+    # the bound: under a second, or (when other work slows this shared machine) 3x the quiet p95
+    assert p95 < max(1.0, 3 * quiet_p95), (quiet, lat)
 
 
 def test_request_bodies_are_limited_and_never_echoed(db):

@@ -36,12 +36,27 @@ from rlhfkit.errors import DataError
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
-from rlhfkit.feedback.models import ApiToken, Item, Label, LoginSession, Task, User, utcnow
-from rlhfkit.feedback.schemas import INT_MAX, LabelBody, LoginBody, TaskBody, UserBody, name_problem, text_problem
+from rlhfkit.feedback.models import ApiToken, AuditEvent, Item, Label, LabelVersion, LoginSession, Task, User, utcnow
+from rlhfkit.feedback.schemas import (
+    INT_MAX,
+    CorrectionBody,
+    LabelBody,
+    LoginBody,
+    MemberBody,
+    PasswordBody,
+    ReviewBody,
+    RoleBody,
+    TaskBody,
+    TokenBody,
+    UserBody,
+    name_problem,
+    text_problem,
+)
 from rlhfkit.feedback.security import (
     create_api_token,
     create_login_session,
     digest,
+    hash_password,
     same,
     verify_password,
 )
@@ -49,6 +64,7 @@ from rlhfkit.feedback.security import (
 HERE = FilePath(__file__).resolve().parent
 SESSION_COOKIE = "rlhfkit_session"
 PRELOGIN_COOKIE = "rlhfkit_prelogin"
+LOGIN_TOKEN_DAYS = 30  # tokens from /api/login expire; long-lived ones are issued on purpose
 PathId = Annotated[int, Path(ge=1, le=INT_MAX)]
 QueryId = Annotated[int | None, Query(ge=1, le=INT_MAX)]
 PathName = Annotated[str, Path(min_length=1, max_length=64)]
@@ -80,8 +96,8 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         tok = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest(header[7:].strip())))
-        if tok is None or tok.revoked or not tok.user.active:
-            raise AuthError(401, "invalid or revoked API token")
+        if tok is None or tok.revoked or not tok.user.active or (tok.expires_at is not None and tok.expires_at <= utcnow()):
+            raise AuthError(401, "invalid, expired or revoked API token")
         return tok.user, None
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
@@ -107,8 +123,16 @@ def check_csrf(request: Request, csrf: str | None, form_token: str | None = None
 
 
 def require_admin(user: User) -> None:
-    if user.role != "admin":
+    if not svc.is_admin(user):
         raise AuthError(403, "admin role required")
+
+
+def visible_task(s: Session, task_id: int, user: User) -> Task:
+    """The task, or 404 when it does not exist or the user is not a member (no existence leak)."""
+    task = s.get(Task, task_id)
+    if task is None or not svc.can_see_task(s, task, user):
+        raise LookupError(f"task {task_id} does not exist")
+    return task
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,16 +237,17 @@ def item_payload(task: Task, item: Item, order: list[int]) -> dict:
 def label_payload(label: Label) -> dict:
     return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
             "display_order": label.display_order, "duration_ms": label.duration_ms,
-            "created_at": label.created_at.isoformat() + "Z"}
+            "created_at": label.created_at.isoformat() + "Z", "version": label.version,
+            "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
 def _lookup_and_verify(db: Database, username: str, password: str) -> User | None:
     """The user when `password` is theirs, else None; always one Argon2 check (dummy hash for
     unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
     user = None
-    if not name_problem(username) and not text_problem(password):
+    if not text_problem(password):
         with db.read_session() as s:  # verify outside the write lock: Argon2 is slow
-            user = s.scalar(select(User).where(User.username == username))
+            user = svc.find_user(s, username)
     stored = user.password_hash if user is not None and user.active else None
     return user if verify_password(stored, password) else None
 
@@ -230,7 +255,7 @@ def _lookup_and_verify(db: Database, username: str, password: str) -> User | Non
 def login_checker(app: FastAPI, db: Database):
     async def check_login(request: Request, username: str, password: str) -> User | None:
         guard: LoginGuard = app.state.login_guard
-        account = username.casefold()[:64]
+        account = svc.username_key(username)[:64] if not text_problem(username) else "?"
         guard.before_attempt(request.client.host if request.client else "?", account)
         user = await guard.run(_lookup_and_verify, db, username, password)
         if user is None:
@@ -252,7 +277,56 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     def _new_token(user_id: int, name: str) -> str:
         with db.session() as s:
-            return create_api_token(s, s.get(User, user_id), name)
+            user = s.get(User, user_id)
+            svc.audit(s, user, "token.issue", user.username, name=name, via="login")
+            return create_api_token(s, user, name, expires_days=LOGIN_TOKEN_DAYS)
+
+    def token_row(t: ApiToken) -> dict:
+        return {"id": t.id, "name": t.name, "created_at": t.created_at.isoformat() + "Z", "revoked": t.revoked,
+                "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
+
+    @app.get("/api/tokens", dependencies=auth)
+    def my_tokens(request: Request):
+        with db.read_session() as s:
+            user, _ = authenticate(request, s)
+            return [token_row(t) for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))]
+
+    @app.post("/api/tokens", status_code=201, dependencies=auth)
+    def issue_my_token(body: TokenBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            svc.audit(s, user, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
+            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+
+    @app.delete("/api/tokens/{token_id}", dependencies=auth)
+    def revoke_token(token_id: PathId, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            tok = s.get(ApiToken, token_id)
+            if tok is None or (tok.user_id != user.id and not svc.is_admin(user)):
+                raise LookupError(f"token {token_id} not found")
+            tok.revoked = True
+            svc.audit(s, user, "token.revoke", tok.user.username, token_id=tok.id, name=tok.name)
+            return token_row(tok)
+
+    @app.post("/api/me/password", dependencies=auth)
+    def change_password(body: PasswordBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            if not verify_password(user.password_hash, body.old_password):
+                raise AuthError(403, "the current password is wrong")
+            svc.check_password_policy(body.new_password, user.username)
+            user.password_hash = hash_password(body.new_password)
+            # other browser sessions end: whoever knew the old password is logged out
+            keep = digest(request.cookies.get(SESSION_COOKIE, ""))
+            for sess in s.scalars(select(LoginSession).where(LoginSession.user_id == user.id)):
+                if sess.session_hash != keep:
+                    s.delete(sess)
+            svc.audit(s, user, "user.password", user.username)
+            return {"ok": True}
 
     @app.get("/api/me", dependencies=auth)
     def me(request: Request):
@@ -265,13 +339,13 @@ def _api_routes(app, db, templates, rng, secure, auth):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
-                     "progress": svc.progress(s, t, user)} for t in s.scalars(select(Task).order_by(Task.id))]
+                     "progress": svc.progress(s, t, user)} for t in svc.visible_tasks(s, user)]
 
     @app.get("/api/tasks/{task_id}/next", dependencies=auth)
     def next_item(task_id: PathId, request: Request):
         with db.session() as s:
             user, _ = authenticate(request, s)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
             if got is None:
                 return Response(status_code=204)
@@ -284,7 +358,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             label, replay = svc.submit_label(s, task, user, body.item_id, body.value, body.idempotency_key,
                                              body.duration_ms)
             s.commit()  # durable before we acknowledge
@@ -306,9 +380,30 @@ def _api_routes(app, db, templates, rng, secure, auth):
             user, _ = authenticate(request, s)
             label = s.get(Label, label_id)
             # another annotator's label is reported as missing: not even its existence leaks
-            if label is None or (label.user_id != user.id and user.role != "admin"):
+            if label is None or (label.user_id != user.id and not svc.is_admin(user)):
                 raise LookupError(f"label {label_id} not found")
             return label_payload(label)
+
+    @app.put("/api/labels/{label_id}", dependencies=auth)
+    def correct(label_id: PathId, body: CorrectionBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            return label_payload(svc.correct_label(s, label, user, body.value))
+
+    @app.get("/api/labels/{label_id}/versions", dependencies=auth)
+    def versions(label_id: PathId, request: Request):
+        with db.read_session() as s:
+            user, _ = authenticate(request, s)
+            label = s.get(Label, label_id)
+            if label is None or (label.user_id != user.id and not svc.is_admin(user)):
+                raise LookupError(f"label {label_id} not found")
+            old = s.scalars(select(LabelVersion).where(LabelVersion.label_id == label_id).order_by(LabelVersion.version))
+            return [{"version": v.version, "value": v.value, "superseded_at": v.created_at.isoformat() + "Z"}
+                    for v in old] + [{"version": label.version, "value": label.value, "superseded_at": None}]
 
 
 def _admin_api_routes(app, db, templates, rng, secure, auth):
@@ -321,21 +416,109 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             check_csrf(request, csrf)
         return user
 
+    def may_manage(actor: User, role: str) -> None:
+        # admins manage annotators; only an owner creates, changes or disables admins and owners
+        if role != "annotator" and actor.role != "owner":
+            raise AuthError(403, "only an owner can manage admins and owners")
+
+    def named_user(s: Session, username: str) -> User:
+        user = svc.find_user(s, username)
+        if user is None:
+            raise LookupError(f"user {username!r} not found")
+        return user
+
+    def user_row(u: User) -> dict:
+        return {"id": u.id, "username": u.username, "role": u.role, "active": u.active}
+
     @app.post("/api/admin/users", status_code=201, dependencies=auth)
     def new_user(body: UserBody, request: Request):
         with db.session() as s:
-            admin(request, s, write=True)
-            user = svc.create_user(s, body.username, body.password, body.role)
-            return {"id": user.id, "username": user.username, "role": user.role}
+            actor = admin(request, s, write=True)
+            may_manage(actor, body.role)
+            return user_row(svc.create_user(s, body.username, body.password, body.role, actor=actor))
+
+    @app.get("/api/admin/users", dependencies=auth)
+    def list_users(request: Request):
+        with db.read_session() as s:
+            admin(request, s)
+            return [user_row(u) for u in s.scalars(select(User).order_by(User.id))]
+
+    @app.post("/api/admin/users/{username}/role", dependencies=auth)
+    def set_role(username: PathName, body: RoleBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            may_manage(actor, body.role)
+            svc.audit(s, actor, "user.role", user.username, old=user.role, new=body.role)
+            user.role = body.role
+            return user_row(user)
 
     @app.post("/api/admin/users/{username}/tokens", status_code=201, dependencies=auth)
-    def new_token(username: PathName, request: Request):
+    def new_token(username: PathName, request: Request, body: TokenBody | None = None):
+        body = body or TokenBody(name="admin-issued")
         with db.session() as s:
-            admin(request, s, write=True)
-            user = None if name_problem(username) else s.scalar(select(User).where(User.username == username))
-            if user is None:
-                raise LookupError(f"user {username!r} not found")
-            return {"token": create_api_token(s, user, "admin-issued")}
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            svc.audit(s, actor, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
+            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+
+    @app.get("/api/admin/users/{username}/tokens", dependencies=auth)
+    def user_tokens(username: PathName, request: Request):
+        with db.read_session() as s:
+            admin(request, s)
+            user = named_user(s, username)
+            return [{"id": t.id, "name": t.name, "revoked": t.revoked, "created_at": t.created_at.isoformat() + "Z",
+                     "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
+                    for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))]
+
+    @app.post("/api/admin/users/{username}/{action}", dependencies=auth)
+    def set_active(username: PathName, action: Annotated[str, Path(pattern="^(disable|enable)$")], request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            if user.id == actor.id:
+                raise svc.Conflict("you cannot disable yourself")
+            user.active = action == "enable"  # labels stay; the account can no longer log in
+            svc.audit(s, actor, f"user.{action}", user.username)
+            return user_row(user)
+
+    @app.get("/api/admin/audit", dependencies=auth)
+    def audit_log(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200):
+        with db.read_session() as s:
+            admin(request, s)
+            rows = s.execute(select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.actor_id)
+                             .order_by(AuditEvent.id.desc()).limit(limit))
+            return [{"id": e.id, "at": e.at.isoformat() + "Z", "actor": name, "action": e.action, "target": e.target,
+                     "detail": e.detail} for e, name in rows]
+
+    @app.post("/api/admin/tasks/{task_id}/members", status_code=201, dependencies=auth)
+    def add_member(task_id: PathId, body: MemberBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            svc.add_member(s, _task(s, task_id), named_user(s, body.username), actor)
+            return {"ok": True}
+
+    @app.get("/api/admin/tasks/{task_id}/review", dependencies=auth)
+    def review_queue(task_id: PathId, request: Request,
+                     status: Annotated[str, Query(pattern="^(pending|accepted|rejected)$")] = "pending"):
+        with db.read_session() as s:
+            admin(request, s)
+            _task(s, task_id)
+            return [{**label_payload(lab), "annotator": name} for lab, name in s.execute(
+                select(Label, User.username).join(User, User.id == Label.user_id)
+                .where(Label.task_id == task_id, Label.review_status == status).order_by(Label.id))]
+
+    @app.post("/api/admin/labels/{label_id}/review", dependencies=auth)
+    def review(label_id: PathId, body: ReviewBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            return label_payload(svc.review_label(s, label, actor, body.decision, body.reason))
 
     @app.post("/api/admin/tasks", status_code=201, dependencies=auth)
     def new_task(body: TaskBody, request: Request):
@@ -366,14 +549,17 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
 
     @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
     def export(task_id: PathId, request: Request, kind: str = "preferences", aggregate: str = "none",
-               ties: str = "skip"):
-        with db.read_session() as s:
-            admin(request, s)
+               ties: str = "skip", status: Annotated[str, Query(pattern="^(all|accepted)$")] = "all"):
+        with db.session() as s:
+            actor = admin(request, s)
             task = _task(s, task_id)
             try:
-                records, skipped = ex.export_records(s, task, kind, aggregate, ties=ties)
+                records, skipped = ex.export_records(s, task, kind, aggregate, ties=ties,
+                                                     only_accepted=status == "accepted")
             except ValueError as e:
                 raise HTTPException(422, str(e)) from e
+            svc.audit(s, actor, "task.export", task.name, kind=kind, aggregate=aggregate, status=status,
+                      records=len(records))
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         return Response(body, media_type="application/x-ndjson",
                         headers={"Content-Disposition": content_disposition(f"{task.name}-{kind}.jsonl"),
@@ -453,7 +639,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
             return resp
         with db.session() as s:
             secret, _ = create_login_session(s, s.get(User, user.id))
-        target = "/admin" if user.role == "admin" else "/"
+        target = "/admin" if svc.is_admin(user) else "/"
         resp = RedirectResponse(target, status_code=303)
         resp.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=secure)
         resp.delete_cookie(PRELOGIN_COOKIE)
@@ -483,14 +669,14 @@ def _page_routes(app, db, templates, rng, secure, auth):
     def home(request: Request):
         with db.read_session() as s:
             user, csrf = authenticate(request, s)
-            tasks = [(t, svc.progress(s, t, user)) for t in s.scalars(select(Task).order_by(Task.id))]
+            tasks = [(t, svc.progress(s, t, user)) for t in svc.visible_tasks(s, user)]
             return render(request, "home.html", user=user, csrf_token=csrf, tasks=tasks)
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
     def label_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
         with db.session() as s:
             user, csrf = authenticate(request, s)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
             prog = svc.progress(s, task, user)
             item = item_payload(task, got[0], got[1].display_order) if got else None
@@ -508,7 +694,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             try:
                 item_id = int(str(form.get("item_id", "")))
                 if not 1 <= item_id <= INT_MAX:

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
-    sp.add_argument("--role", default="annotator", choices=["annotator", "admin"])
+    sp.add_argument("--role", default="annotator", choices=["annotator", "admin", "owner"],
+                    help="owner: everything; admin: tasks, annotators, review, export; annotator: labels")
     sp.add_argument("--password-env", help="read the password from this environment variable (else prompt)")
     sp.add_argument("--token", action="store_true", help="also create and print an API token")
     for name, help_ in (("import", "import prompts + responses from JSONL"),

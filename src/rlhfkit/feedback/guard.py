@@ -8,7 +8,7 @@ annotators' requests to seconds. Three layers stop that:
 * rate limits per client IP (every attempt) and per account (failed attempts, a short and a
   long window, so a guesser is slowed first and then shut out for the hour), kept by the
   `limits` library's moving-window limiter rather than a hand-written counter;
-* at most `max_concurrent` password checks at once, in a dedicated thread pool, so the
+* at most `max_concurrent` password checks at once (default: half the cores), in a dedicated thread pool, so the
   server's request threads stay free for annotators; more than `max_waiting` queued checks
   are refused at once with 503 and Retry-After;
 * unknown and disabled accounts are checked against a dummy hash, so a wrong user name costs
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +54,9 @@ class LoginGuard:
     """Rate limits and the bounded password-check pool shared by the login routes."""
 
     def __init__(self, per_ip: str = "60/minute;600/hour", per_account: str = "10/minute;50/hour",
-                 max_concurrent: int = 2, max_waiting: int = 16):
+                 max_concurrent: int | None = None, max_waiting: int = 16):
+        # at most half the cores hash passwords, so annotators' requests always find a free one
+        max_concurrent = max_concurrent or max(1, (os.cpu_count() or 2) // 2)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self.per_ip: list[RateLimitItem] = parse_many(per_ip) if per_ip else []
         self.per_account: list[RateLimitItem] = parse_many(per_account) if per_account else []

@@ -176,7 +176,37 @@ class LabelBody(_Strict):
 class UserBody(_Strict):
     username: Name
     password: Password
-    role: Literal["annotator", "admin"] = "annotator"
+    role: Literal["annotator", "admin", "owner"] = "annotator"
+
+
+Days = Annotated[float, Field(gt=0, le=3650, allow_inf_nan=False)]
+
+
+class TokenBody(_Strict):
+    name: ShortName = "api"
+    expires_days: Days | None = 90
+
+
+class RoleBody(_Strict):
+    role: Literal["annotator", "admin", "owner"]
+
+
+class PasswordBody(_Strict):
+    old_password: Password
+    new_password: Password
+
+
+class MemberBody(_Strict):
+    username: Name
+
+
+class CorrectionBody(_Strict):
+    value: dict[str, Any]
+
+
+class ReviewBody(_Strict):
+    decision: Literal["accepted", "rejected"]
+    reason: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_clean_text)] = ""
 
 
 class TaskBody(_Strict):
@@ -189,3 +219,4 @@ class TaskBody(_Strict):
     randomize_order: StrictBool = True
     selection: Literal["random", "uncertainty"] = "random"
     gold_rate: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.1
+    open_to_all: StrictBool = True

@@ -71,10 +71,11 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def create_api_token(session, user: User, name: str = "") -> str:
-    """Store a new token for `user` and return its secret (shown once)."""
+def create_api_token(session, user: User, name: str = "", expires_days: float | None = None) -> str:
+    """Store a new token for `user` and return its secret (shown once); None: never expires."""
     secret = "rk_" + new_secret()
-    session.add(ApiToken(user_id=user.id, token_hash=digest(secret), name=name[:64]))
+    expires = None if expires_days is None else utcnow() + dt.timedelta(days=expires_days)
+    session.add(ApiToken(user_id=user.id, token_hash=digest(secret), name=name[:64], expires_at=expires))
     return secret
 
 

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,17 +34,20 @@ from sqlalchemy.orm import Session
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.models import (
     QUESTION_TYPES,
+    AuditEvent,
     ROLES,
     SELECTIONS,
     Assignment,
     Item,
     Label,
+    LabelVersion,
     Task,
+    TaskMember,
     User,
     utcnow,
 )
 from rlhfkit.feedback.schemas import ANSWER, MAX_RESPONSES, MAX_TEXT, first_error, json_text_problem, name_problem, text_problem
-from rlhfkit.feedback.security import hash_password
+from rlhfkit.feedback.security import MIN_PASSWORD, hash_password
 
 # an assignment not answered within this time frees its overlap slot for someone else
 ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
@@ -68,22 +72,58 @@ class Conflict(Exception):
 # users and tasks
 
 
-def create_user(s: Session, username: str, password: str, role: str = "annotator") -> User:
+def username_key(name: str) -> str:
+    """The identity of a user name: NFKC-normalised and case-folded (Unicode TR #36 / #31
+    advice), so 'Admin', 'ADMIN' and full-width 'ａｄｍｉｎ' are one account."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def find_user(s: Session, name: str) -> User | None:
+    if not isinstance(name, str) or name_problem(name) or len(name) > 64:
+        return None
+    return s.scalar(select(User).where(User.username_key == username_key(name)))
+
+
+def check_password_policy(password: str, username: str = "") -> None:
+    """At least 8 characters and not guessable: zxcvbn (Dropbox's estimator, with its lists of
+    common passwords, names and keyboard patterns) must score it 2 or more out of 4."""
+    from zxcvbn import zxcvbn
+
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        raise InvalidAnswer("password", f"must have at least {MIN_PASSWORD} characters")
+    if text_problem(password):
+        raise InvalidAnswer("password", text_problem(password))
+    result = zxcvbn(password[:100], user_inputs=[username] if username else [])
+    if result["score"] < 2:
+        hint = result["feedback"].get("warning") or "it is a common or easily guessed password"
+        raise InvalidAnswer("password", f"too easy to guess ({hint.rstrip('.')}); choose a longer, less common one")
+
+
+def audit(s: Session, actor: User | None, action: str, target: str = "", **detail: Any) -> None:
+    s.add(AuditEvent(actor_id=actor.id if actor else None, action=action, target=target[:128], detail=detail))
+
+
+def create_user(s: Session, username: str, password: str, role: str = "annotator",
+                actor: User | None = None) -> User:
     if role not in ROLES:
         raise InvalidAnswer("role", f"must be one of {ROLES}")
-    if not username or len(username) > 64 or not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
+    if not isinstance(username, str) or not username or len(username) > 64 or name_problem(username) or \
+            not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise InvalidAnswer("username", "1-64 letters, digits, '.', '-' or '_'")
-    if s.scalar(select(User).where(User.username == username)) is not None:
+    if find_user(s, username) is not None:
         raise Conflict(f"user {username!r} already exists")
-    user = User(username=username, password_hash=hash_password(password), role=role)
+    check_password_policy(password, username)
+    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password),
+                role=role)
     s.add(user)
     s.flush()
+    audit(s, actor, "user.create", username, role=role)
     return user
 
 
 def create_task(s: Session, name: str, question_type: str, overlap: int = 1, instructions: str = "",
                 rubric: Sequence[str] | None = None, likert_points: int = 5, randomize_order: bool = True,
-                selection: str = "random", gold_rate: float = 0.1) -> Task:
+                selection: str = "random", gold_rate: float = 0.1, open_to_all: bool = True) -> Task:
     if question_type not in QUESTION_TYPES:
         raise InvalidAnswer("question_type", f"must be one of {QUESTION_TYPES}")
     if selection not in SELECTIONS:
@@ -108,7 +148,7 @@ def create_task(s: Session, name: str, question_type: str, overlap: int = 1, ins
     task = Task(name=name, question_type=question_type, overlap=overlap, instructions=instructions,
                 rubric=list(rubric or (DEFAULT_RUBRIC if question_type == "rating" else [])),
                 likert_points=likert_points, randomize_order=randomize_order, selection=selection,
-                gold_rate=gold_rate)
+                gold_rate=gold_rate, open_to_all=open_to_all)
     s.add(task)
     s.flush()
     return task
@@ -410,6 +450,59 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
             return existing, True
         raise Conflict("you already labelled this item") from None
     return label, False
+
+
+def is_admin(user: User) -> bool:
+    return user.role in ("owner", "admin")
+
+
+def can_see_task(s: Session, task: Task, user: User) -> bool:
+    """Admins see every task; annotators the open ones and those they are members of."""
+    if is_admin(user) or task.open_to_all:
+        return True
+    return s.scalar(select(TaskMember.id).where(TaskMember.task_id == task.id, TaskMember.user_id == user.id)) is not None
+
+
+def visible_tasks(s: Session, user: User) -> list[Task]:
+    q = select(Task).order_by(Task.id)
+    if not is_admin(user):
+        member = select(TaskMember.task_id).where(TaskMember.user_id == user.id)
+        q = q.where(or_(Task.open_to_all.is_(True), Task.id.in_(member)))
+    return list(s.scalars(q))
+
+
+def add_member(s: Session, task: Task, user: User, actor: User | None = None) -> None:
+    if s.scalar(select(TaskMember.id).where(TaskMember.task_id == task.id, TaskMember.user_id == user.id)) is None:
+        s.add(TaskMember(task_id=task.id, user_id=user.id))
+        audit(s, actor, "task.member.add", task.name, user=user.username)
+
+
+def correct_label(s: Session, label: Label, user: User, raw: Any) -> Label:
+    """Replace the value of `user`'s own label with a corrected answer (a new version; the old
+    value is kept in label_versions). Only while it is not yet reviewed."""
+    if label.user_id != user.id:
+        raise LookupError(f"label {label.id} not found")
+    if label.review_status != "pending":
+        raise Conflict(f"label {label.id} was already {label.review_status} by a reviewer; it can no longer change")
+    task, item = s.get(Task, label.task_id), s.get(Item, label.item_id)
+    value = canonical_answer(task, item.responses, raw, label.display_order)
+    s.add(LabelVersion(label_id=label.id, version=label.version, value=label.value, created_at=utcnow()))
+    label.value, label.version = value, label.version + 1
+    s.flush()
+    return label
+
+
+def review_label(s: Session, label: Label, reviewer: User, decision: str, reason: str = "") -> Label:
+    """Accept or reject a label; a rejection needs a reason the annotator can read."""
+    if decision not in ("accepted", "rejected"):
+        raise InvalidAnswer("decision", "must be 'accepted' or 'rejected'")
+    if decision == "rejected" and not reason.strip():
+        raise InvalidAnswer("reason", "say why the label is rejected")
+    label.review_status, label.reviewed_by, label.reviewed_at = decision, reviewer.id, utcnow()
+    label.review_reason = reason or None
+    audit(s, reviewer, f"label.{decision[:-2]}", str(label.id), reason=reason)
+    s.flush()
+    return label
 
 
 def progress(s: Session, task: Task, user: User | None = None) -> dict:
