@@ -731,3 +731,93 @@ def _page_routes(app, db, templates, rng, secure, auth):
             report = ex.task_qc(s, task)
             return render(request, "admin_task.html", user=user, csrf_token=csrf, task=task, report=report,
                           kinds=ex.kinds_for(task.question_type), progress=svc.progress(s, task))
+
+    @app.get("/labels", response_class=HTMLResponse, dependencies=auth)
+    def my_labels_page(request: Request):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            rows = s.execute(select(Label, Task, Item).join(Task, Task.id == Label.task_id)
+                             .join(Item, Item.id == Label.item_id).where(Label.user_id == user.id)
+                             .order_by(Label.id.desc()).limit(500)).all()
+            return render(request, "my_labels.html", user=user, csrf_token=csrf, rows=rows)
+
+    def _own_label(s: Session, label_id: int, user: User) -> Label:
+        label = s.get(Label, label_id)
+        if label is None or label.user_id != user.id:
+            raise LookupError(f"label {label_id} not found")
+        return label
+
+    @app.get("/labels/{label_id}/edit", response_class=HTMLResponse, dependencies=auth)
+    def correction_page(label_id: PathId, request: Request, error: str | None = None, status: int = 200):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            label = _own_label(s, label_id, user)
+            task, item = s.get(Task, label.task_id), s.get(Item, label.item_id)
+            payload = item_payload(task, item, label.display_order)
+            return render(request, "label.html", status, user=user, csrf_token=csrf, task=task, item=payload,
+                          progress=svc.progress(s, task, user), error=error, correcting=label,
+                          form_action=f"/labels/{label.id}/edit")
+
+    @app.post("/labels/{label_id}/edit", dependencies=auth)
+    async def correction_submit(label_id: PathId, request: Request):
+        form = await request.form()
+        return await run_in_threadpool(_correction_submit, label_id, request, form)
+
+    def _correction_submit(label_id: int, request: Request, form):
+        error = None
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            label = _own_label(s, label_id, user)
+            task = s.get(Task, label.task_id)
+            try:
+                raw = _form_answer(task, form, len(label.display_order))
+                svc.correct_label(s, label, user, raw)
+                s.commit()
+            except (ValueError, svc.InvalidAnswer, svc.Conflict) as e:
+                s.rollback()
+                error = str(e)
+        if error is not None:
+            return correction_page(label_id, request, error=error, status=422)
+        return RedirectResponse("/labels", status_code=303)
+
+    @app.get("/admin/tasks/{task_id}/review", response_class=HTMLResponse, dependencies=auth)
+    def review_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            task = _task(s, task_id)
+            rows = s.execute(select(Label, User.username, Item).join(User, User.id == Label.user_id)
+                             .join(Item, Item.id == Label.item_id)
+                             .where(Label.task_id == task_id, Label.review_status == "pending")
+                             .order_by(Label.id).limit(200)).all()
+            return render(request, "review.html", status, user=user, csrf_token=csrf, task=task, rows=rows,
+                          error=error)
+
+    @app.post("/admin/labels/{label_id}/review", dependencies=auth)
+    async def review_submit(label_id: PathId, request: Request):
+        form = await request.form()
+        return await run_in_threadpool(_review_submit, label_id, request, form)
+
+    def _review_submit(label_id: int, request: Request, form):
+        error = None
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            task_id = label.task_id
+            reason = str(form.get("reason", ""))[:2000]
+            try:
+                if text_problem(reason):
+                    raise svc.InvalidAnswer("reason", text_problem(reason))
+                svc.review_label(s, label, user, str(form.get("decision", "")), reason)
+                s.commit()
+            except svc.InvalidAnswer as e:
+                s.rollback()
+                error = str(e)
+        if error is not None:
+            return review_page(task_id, request, error=error, status=422)
+        return RedirectResponse(f"/admin/tasks/{task_id}/review", status_code=303)
