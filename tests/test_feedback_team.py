@@ -215,3 +215,32 @@ def test_durations_are_measured_by_the_server(env):
     assert 42_000 <= r.json()["duration_ms"] < 60_000
     with env["db"].read_session() as s:
         assert 42_000 <= s.scalar(select(Label.duration_ms)) < 60_000
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_migration_0002_keeps_existing_accounts_and_labels(backend, tmp_path):
+    from sqlalchemy import text
+
+    if backend == "postgres" and _PG_REASON:
+        pytest.skip(_PG_REASON)
+    ctx = temp_postgres_database() if backend == "postgres" else None
+    url = ctx.__enter__() if ctx else f"sqlite:///{tmp_path}/old.db"
+    try:
+        upgrade(url, "0001")
+        db = Database(url, pool_size=1)
+        with db.engine.begin() as conn:  # two accounts that only differ by case, made before 0002
+            for i, name in ((1, "Admin"), (2, "admin")):
+                conn.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                                  "VALUES (:i, :n, 'x', 'annotator', true, CURRENT_TIMESTAMP)"), {"i": i, "n": name})
+        db.dispose()
+        upgrade(url)
+        db = Database(url, pool_size=1)
+        with db.read_session() as s:
+            from rlhfkit.feedback.models import User
+
+            keys = sorted(s.scalars(select(User.username_key)))
+        db.dispose()
+        assert keys == ["admin", "admin#2"]
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)

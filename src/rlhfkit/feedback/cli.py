@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
     sp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    sp.add_argument("--status", default="all", choices=("all", "accepted"),
+                    help="all labels, or only those a reviewer accepted")
     sp = add("qc", "print the task's quality-control report as JSON")
     sp.add_argument("--task", required=True)
     return p
@@ -202,6 +204,7 @@ def _export(args) -> int:
     from sqlalchemy import select
 
     from rlhfkit.feedback import export as ex
+    from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.models import Task
 
     if os.path.exists(args.out) and not args.force:
@@ -211,7 +214,9 @@ def _export(args) -> int:
         task = s.scalar(select(Task).where(Task.name == args.task))
         if task is None:
             raise LookupError(f"no task named {args.task!r}")
-        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties)
+        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties,
+                                             only_accepted=args.status == "accepted")
+        svc.audit(s, None, "task.export", task.name, kind=args.kind, status=args.status, records=len(records), via="cli")
     (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
     print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
     return 0
