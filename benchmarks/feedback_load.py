@@ -234,7 +234,11 @@ async def _paced_annotator(client: httpx.AsyncClient, base: str, task_id: int, t
 
 
 def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
-    from rlhfkit.feedback.testing import free_port, postgres_unavailable_reason, temp_postgres_database
+    from rlhfkit.feedback.testing import (
+        free_port,
+        postgres_unavailable_reason,
+        temp_postgres_database,
+    )
 
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-paced-"))

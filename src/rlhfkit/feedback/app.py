@@ -36,7 +36,17 @@ from rlhfkit.errors import DataError
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
-from rlhfkit.feedback.models import ApiToken, AuditEvent, Item, Label, LabelVersion, LoginSession, Task, User, utcnow
+from rlhfkit.feedback.models import (
+    ApiToken,
+    AuditEvent,
+    Item,
+    Label,
+    LabelVersion,
+    LoginSession,
+    Task,
+    User,
+    utcnow,
+)
 from rlhfkit.feedback.schemas import (
     INT_MAX,
     CorrectionBody,
@@ -49,7 +59,6 @@ from rlhfkit.feedback.schemas import (
     TaskBody,
     TokenBody,
     UserBody,
-    name_problem,
     text_problem,
 )
 from rlhfkit.feedback.security import (

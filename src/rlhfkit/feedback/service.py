@@ -26,18 +26,18 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.models import (
     QUESTION_TYPES,
-    AuditEvent,
     ROLES,
     SELECTIONS,
     Assignment,
+    AuditEvent,
     Item,
     Label,
     LabelVersion,
@@ -46,7 +46,15 @@ from rlhfkit.feedback.models import (
     User,
     utcnow,
 )
-from rlhfkit.feedback.schemas import ANSWER, MAX_RESPONSES, MAX_TEXT, first_error, json_text_problem, name_problem, text_problem
+from rlhfkit.feedback.schemas import (
+    ANSWER,
+    MAX_RESPONSES,
+    MAX_TEXT,
+    first_error,
+    json_text_problem,
+    name_problem,
+    text_problem,
+)
 from rlhfkit.feedback.security import MIN_PASSWORD, hash_password
 
 # an assignment not answered within this time frees its overlap slot for someone else
