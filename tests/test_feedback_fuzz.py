@@ -170,3 +170,35 @@ def test_task_and_import_routes_never_500(env, fields, records, qt, tid):
     post(env, f"/api/admin/tasks/{env['tasks'][qt]}/items", records)
     post(env, f"/api/admin/tasks/{tid}/items", records)
     assert_database_valid(env)
+
+
+form_text = st.one_of(st.text(max_size=12), st.sampled_from(["left", "right", "0,1", "1,0,2", "up", "down", "3"]),
+                      st.integers(-(2**70), 2**70).map(str))
+
+
+@FUZZ
+@given(qt=st.sampled_from(QTYPES), fields=st.dictionaries(
+    st.sampled_from(["item_id", "choice", "ranking", "text", "position", "t0", "t1", "t2", "r0_helpful",
+                     "idempotency_key"]), form_text, max_size=6), served=st.booleans())
+def test_label_form_never_500(env, qt, fields, served):
+    """The browser form route (cookie session, CSRF) with random field values."""
+    import re
+
+    c = env["c"]
+    if "csrf" not in env:
+        page = c.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        r = c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": token}, follow_redirects=False)
+        assert r.status_code == 303
+        page = c.get(f"/tasks/{env['tasks'][qt]}")
+        env["csrf"] = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    t = env["tasks"][qt]
+    if served:
+        page = c.get(f"/tasks/{t}")
+        assert page.status_code == 200
+        m = re.search(r'name="item_id" value="(\d+)"', page.text)
+        if m:
+            fields = {**fields, "item_id": m.group(1)}
+    r = c.post(f"/tasks/{t}", data={**fields, "csrf_token": env["csrf"]}, follow_redirects=False)
+    assert r.status_code in (303, 404, 409, 422), (fields, r.status_code, r.text[:300])
+    assert_database_valid(env, [qt])
