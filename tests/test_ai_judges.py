@@ -1,0 +1,309 @@
+"""AI judges: the interface, lexicon labellers, load_judge, LLM-as-judge from answer log-probs,
+RLAIF and RL-CAI labelling, the agreement report."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.judges import load_judge
+from rlhfkit.judges.judge import Preference, compare_scores, preference_from_p
+
+from _data_tokenizers import bundled_tokenizer
+
+POS = ["what a wonderful and lovely day", "you are kind and generous"]
+NEG = ["what a horrible and awful day", "you are cruel and mean"]
+
+
+# -- interface and lexicon judges ---------------------------------------------------------------
+
+def test_compare_scores_hand_worked():
+    v = compare_scores(1.0, 0.0, scale=0.5)
+    assert v.label == 1.0
+    assert v.p_a == pytest.approx(1.0 / (1.0 + math.exp(-2.0)), rel=1e-12)
+    assert v.confidence == pytest.approx(2.0 * v.p_a - 1.0, rel=1e-12)
+    assert compare_scores(0.3, 0.3).label == 0.5
+    assert compare_scores(0.2, 0.25, tie_margin=0.1).label == 0.5
+    assert compare_scores(None, 1.0).abstained
+    assert preference_from_p(0.2).label == 0.0 and preference_from_p(None).label is None
+
+
+@pytest.mark.parametrize("spec", ["afinn", "textblob", "gold", "ensemble:afinn+textblob", "principle:kind"])
+def test_lexicon_and_panel_judges_prefer_kind_text(spec):
+    judge = load_judge(spec)
+    verdicts = judge.compare(["", ""], POS, NEG)
+    assert [v.label for v in verdicts] == [1.0, 1.0]
+    assert all(0.0 < v.confidence <= 1.0 for v in verdicts)
+    swapped = judge.compare(["", ""], NEG, POS)
+    assert [v.label for v in swapped] == [0.0, 0.0]
+    assert judge.stats["abstained"] == 0
+
+
+def test_afinn_scores_are_the_afinn_sum():
+    from afinn import Afinn
+
+    judge = load_judge("afinn")
+    texts = ["good", "bad bad", "the wooden table"]
+    assert judge.score(None, texts) == [Afinn().score(t) for t in texts]
+    assert judge.score(None, texts) == [3.0, -6.0, 0.0]
+
+
+def test_lexicon_judges_differ_from_the_gold_panel():
+    """The AI labellers are not the panel: repetition pays for AFINN, not for the panel."""
+    gold, afinn = load_judge("gold"), load_judge("afinn")
+    rep, plain = "good good good good good good", "was a fine walk home"
+    assert afinn.compare([""], [rep], [plain])[0].label == 1.0
+    assert gold.compare([""], [rep], [plain])[0].label == 0.0
+
+
+def test_load_judge_options_and_errors(tmp_path):
+    j = load_judge("afinn?tie_margin=2.5")
+    assert j.tie_margin == 2.5
+    assert j.compare([""], ["good"], ["fine"])[0].label == 0.5  # 3 vs 2: within the margin
+    with pytest.raises(ConfigError, match="unknown judge 'nope'"):
+        load_judge("nope")
+    with pytest.raises(ConfigError, match="afinn"):
+        load_judge("afinn?bogus=1")
+    spec = tmp_path / "j.yaml"
+    spec.write_text("kind: textblob\ntie_margin: 0.5\n")
+    assert load_judge(str(spec)).tie_margin == 0.5
+    with pytest.raises(ConfigError, match="rm:PATH"):
+        load_judge("rm:")
+
+
+def test_ensemble_abstains_only_when_every_member_does():
+    from rlhfkit.judges.judge import EnsembleJudge, ScoreJudge
+
+    class Fixed(ScoreJudge):
+        def __init__(self, values, name):
+            super().__init__()
+            self.values, self.name = values, name
+
+        def _score(self, prompts, responses):
+            return [self.values.get(r) for r in responses]
+
+    a = Fixed({"x": 1.0, "y": 0.0}, "a")
+    b = Fixed({"x": 0.0, "y": 2.0, "z": 1.0}, "b")
+    ens = EnsembleJudge([a, b])
+    v = ens.compare(None, ["x", "z"], ["y", "w"])
+    pa = compare_scores(1.0, 0.0).p_a
+    pb = compare_scores(0.0, 2.0).p_a
+    assert v[0].p_a == pytest.approx((pa + pb) / 2, rel=1e-12)
+    assert v[1].abstained and ens.stats["abstained"] == 1
+
+
+# -- LLM-as-judge --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    from rlhfkit.models.factory import tiny_llama
+
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                       max_position_embeddings=512, seed=3, tokenizer=tok)
+    out = tmp_path_factory.mktemp("judge_lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _reference_logprob(model, tok, context: str, answer: str) -> float:
+    ctx = tok(context)["input_ids"]
+    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + ans])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(ans)))
+
+
+def test_llm_judge_reads_the_verdict_from_answer_logprobs(tiny_lm_dir):
+    judge = load_judge(f"llm:{tiny_lm_dir}?chat=false&batch_size=3")
+    from rlhfkit.judges.llm import PAIRWISE_TEMPLATE
+
+    prompts, a, b = ["The day", "My friend"], POS, NEG
+    verdicts = judge.compare(prompts, a, b)
+
+    def p_first(p, x, y):
+        ctx = PAIRWISE_TEMPLATE.format(prompt=p, response_a=x, response_b=y, question=judge.question)
+        la = _reference_logprob(judge.model, judge.tok, ctx, " A")
+        lb = _reference_logprob(judge.model, judge.tok, ctx, " B")
+        return 1.0 / (1.0 + math.exp(lb - la))
+
+    for p, x, y, v in zip(prompts, a, b, verdicts):
+        forward, backward = p_first(p, x, y), p_first(p, y, x)
+        assert v.p_a == pytest.approx(0.5 * (forward + 1.0 - backward), rel=1e-5)
+        assert v.consistent == ((forward > 0.5) == (backward < 0.5))
+        assert v.label == (1.0 if v.p_a > 0.5 else 0.0)
+    assert judge.stats["order_pairs"] == 2
+
+
+def test_llm_pointwise_score_is_the_expected_point(tiny_lm_dir):
+    judge = load_judge(f"llm:{tiny_lm_dir}?chat=false&mode=pointwise")
+    from rlhfkit.judges.llm import POINTWISE_TEMPLATE
+
+    [s] = judge.score(["The day"], ["is lovely"])
+    ctx = POINTWISE_TEMPLATE.format(prompt="The day", response="is lovely", question=judge.question)
+    lps = [_reference_logprob(judge.model, judge.tok, ctx, f" {k}") for k in range(1, 6)]
+    w = np.exp(np.array(lps) - max(lps))
+    assert s == pytest.approx(float((w * np.arange(1, 6)).sum() / w.sum()), rel=1e-5)
+    assert judge.compare(["The day"], ["is lovely"], ["is lovely"])[0].label == 0.5
+
+
+class _AlwaysA(torch.nn.Module):
+    """A judge model with a pure position bias: it always answers ' A', whatever it is shown."""
+
+    def __init__(self, vocab: int, a_id: int, b_id: int):
+        super().__init__()
+        self.vocab, self.a_id, self.b_id = vocab, a_id, b_id
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.a_id] = 3.0
+        logits[..., self.b_id] = 1.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_both_orders_cancel_a_pure_position_bias():
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    from rlhfkit.judges.llm import LLMJudge
+
+    a_id = tok(" A", add_special_tokens=False)["input_ids"][0]
+    b_id = tok(" B", add_special_tokens=False)["input_ids"][0]
+    judge = LLMJudge("stub", chat="false", _model=_AlwaysA(len(tok), a_id, b_id), _tokenizer=tok)
+    v = judge.compare(["p", "q"], ["good", "bad"], ["bad", "good"])
+    assert all(x.label == 0.5 and x.p_a == pytest.approx(0.5, abs=1e-12) and x.consistent is False for x in v)
+    assert judge.stats["order_agreement"] == 0.0
+    one_order = LLMJudge("stub", chat="false", both_orders=False, _model=_AlwaysA(len(tok), a_id, b_id), _tokenizer=tok)
+    assert one_order.compare(["p"], ["bad"], ["good"])[0].label == 1.0  # the bias, uncancelled
+
+
+def test_llm_judge_abstains_on_a_rubric_too_long(tiny_lm_dir):
+    judge = load_judge(f"llm:{tiny_lm_dir}?chat=false&max_length=40")
+    v = judge.compare(["p"], ["short"], ["also short"])
+    assert v[0].abstained and judge.stats["too_long"] >= 1 and judge.stats["abstained"] == 1
+
+
+# -- RLAIF and RL-CAI labelling ------------------------------------------------------------------
+
+def _items(path):
+    rows = [{"prompt": "The weather today", "responses": ["is lovely and warm", "is awful and cold",
+                                                          "is is is is", "was fine"]},
+            {"prompt": "My neighbour", "a": "is a kind and generous man", "b": "hates everyone"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_label_with_a_judge_writes_preference_records(tmp_path):
+    from rlhfkit.recipes.label import Config, main
+
+    out = tmp_path / "ai.jsonl"
+    stats = main(Config(input=str(_items(tmp_path / "in.jsonl")), output=str(out), judge="afinn"))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert stats["pairs"] == 7 and stats["abstained"] == 0
+    assert all(r["annotator_id"] == "afinn" for r in rows)
+    assert {"prompt", "chosen", "rejected", "label", "tie", "p_chosen", "confidence"} <= set(rows[0])
+    first = rows[0]
+    assert (first["chosen"], first["rejected"]) == ("is lovely and warm", "is awful and cold")
+    assert all(r["p_chosen"] >= 0.5 for r in rows)
+    # the rows load as preference data for the reward and DPO recipes
+    from rlhfkit.data.readers import load_records
+
+    assert len(load_records(str(out))) == len(rows)
+
+
+def test_label_with_a_constitution_draws_one_principle_per_pair(tmp_path):
+    from pathlib import Path
+
+    from rlhfkit.recipes.label import Config, main
+
+    constitution = Path(__file__).resolve().parents[1] / "configs" / "constitution_kindly.yaml"
+    out = tmp_path / "cai.jsonl"
+    main(Config(input=str(_items(tmp_path / "in.jsonl")), output=str(out), constitution=str(constitution),
+                ties="keep", seed=1))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 7
+    for r in rows:
+        assert r["annotator_id"] == f"principle:{r['principle']}"
+        judge = load_judge(r["annotator_id"])
+        v = judge.compare([r["prompt"]], [r["chosen"]], [r["rejected"]])[0]
+        assert v.label in (1.0, 0.5)  # the written label is that principle's verdict
+
+
+def test_constitution_files_yaml_and_markdown(tmp_path):
+    from pathlib import Path
+
+    from rlhfkit.judges.constitution import load_constitution
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    kindly = load_constitution(root / "constitution_kindly.yaml")
+    assert [p.name for p in kindly] == ["kind", "varied", "complete"] and all(p.judge for p in kindly)
+    general = load_constitution(root / "constitution_general.md")
+    assert [p.name for p in general] == ["harmless", "helpful", "kind"]
+    assert general[0].comparison.startswith("Which response is less harmful")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("principles:\n  - name: x\n    critique: c\n    revision: r\n")
+    with pytest.raises(ConfigError, match="principle 'x' has no 'comparison'"):
+        load_constitution(bad)
+
+
+# -- agreement ------------------------------------------------------------------------------------
+
+def _write_prefs(path, rows):
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r, "tie": t}) + "\n"
+                            for p, c, r, t in rows))
+    return path
+
+
+def test_agreement_hand_worked(tmp_path):
+    from rlhfkit.eval.agreement import Config, main
+
+    # four pairs; b disagrees on the third and calls the fourth a tie
+    a = _write_prefs(tmp_path / "a.jsonl", [("p1", "x", "yy y", False), ("p2", "u", "v", False),
+                                           ("p3", "long one here", "s", False), ("p4", "m", "n", False)])
+    b = _write_prefs(tmp_path / "b.jsonl", [("p1", "x", "yy y", False), ("p2", "u", "v", False), ("p3", "s", "long one here", False),
+                                           ("p4", "n", "m", True)])
+    res = main(Config(a=str(a), b=str(b), output=str(tmp_path / "ag.json")))
+    assert res["pairs"] == 4
+    assert res["agreement"] == pytest.approx(0.5)
+    assert res["agreement_decided"] == pytest.approx(2 / 3)
+    # canonical labels: a = [first, first, first(long one here < s), first(m)] -> sorted keys decide
+    la = ["first", "first", "first", "first"]
+    lb = ["first", "first", "second", "tie"]
+    from rlhfkit.feedback.agreement import cohen_kappa
+
+    assert res["kappa"] == pytest.approx(cohen_kappa(la, lb), rel=1e-12)
+    assert res["confusion"]["first"] == {"first": 2, "tie": 1, "second": 1}
+    # length bias: a chose the shorter in p1 ("x" vs "yy y") and the longer in p3
+    assert res["length_bias"]["a"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "ag.json").read_text())["pairs"] == 4
+
+
+def test_agreement_with_a_judge_measures_position_bias(tmp_path):
+    from rlhfkit.eval.agreement import Config, main
+
+    a = _write_prefs(tmp_path / "a.jsonl", [("", p, n, False) for p, n in zip(POS, NEG)])
+    res = main(Config(a=str(a), b="judge:afinn"))
+    assert res["pairs"] == 2 and res["agreement"] == 1.0
+    assert res["position_bias_b"]["position_bias"] == 0.0
+    assert res["position_bias_b"]["order_agreement"] == 1.0
+
+
+def test_binary_agreement_against_gold():
+    from rlhfkit.eval.agreement import binary_agreement
+
+    res = binary_agreement([1.0, 0.0, None, 0.5, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.5, 0.0])
+    # decided by both: pairs 0, 1, 5 -> labels [1, 0, 0] vs truth [1, 1, 0]
+    assert res["decided"] == 3 and res["agreement"] == pytest.approx(2 / 3)
+    # kappa: p_o = 2/3; p_e = (1/3*2/3) + (2/3*1/3) = 4/9; (2/3 - 4/9)/(5/9) = 0.4
+    assert res["kappa"] == pytest.approx(0.4, rel=1e-12)
+    assert res["coverage"] == pytest.approx(3 / 5)
