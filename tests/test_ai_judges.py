@@ -307,3 +307,21 @@ def test_binary_agreement_against_gold():
     # kappa: p_o = 2/3; p_e = (1/3*2/3) + (2/3*1/3) = 4/9; (2/3 - 4/9)/(5/9) = 0.4
     assert res["kappa"] == pytest.approx(0.4, rel=1e-12)
     assert res["coverage"] == pytest.approx(3 / 5)
+
+
+def test_eval_accepts_any_judge_and_refuses_abstentions():
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.eval.run_eval import make_judge
+    from rlhfkit.judges.judge import ArrayScores, ScoreJudge
+
+    judge = make_judge("judge:afinn")
+    assert judge.score(["", ""], ["good", "bad bad"]).tolist() == [3.0, -6.0]
+
+    class Half(ScoreJudge):
+        name = "half"
+
+        def _score(self, prompts, responses):
+            return [1.0 if i % 2 else None for i in range(len(responses))]
+
+    with pytest.raises(RlhfkitError, match="abstained on 2 of 3"):
+        ArrayScores(Half()).score(None, ["a", "b", "c"])

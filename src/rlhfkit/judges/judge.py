@@ -188,3 +188,26 @@ class EnsembleJudge:
         self.stats["compared"] += len(out)
         self.stats["abstained"] += sum(p.abstained for p in out)
         return out
+
+
+class ArrayScores:
+    """A judge behind the array interface of the evaluator and reward specs: ``score`` returns a
+    float array and stops with a clear error when the judge abstained on any response (an
+    evaluation's mean must not quietly drop or invent items); the judge's verdict cache, where it
+    has one, keeps the answered items for the rerun."""
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.name = judge.name
+
+    def score(self, prompts, responses):
+        import numpy as np
+
+        from rlhfkit.errors import RlhfkitError
+
+        out = self.judge.score(prompts, responses)
+        missing = sum(x is None for x in out)
+        if missing:
+            raise RlhfkitError(f"judge {self.name!r} abstained on {missing} of {len(out)} responses "
+                               f"(counters: {self.judge.stats}); rerun, or raise its retries or timeout")
+        return np.asarray(out, dtype=np.float64)
