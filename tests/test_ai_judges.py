@@ -325,3 +325,72 @@ def test_eval_accepts_any_judge_and_refuses_abstentions():
 
     with pytest.raises(RlhfkitError, match="abstained on 2 of 3"):
         ArrayScores(Half()).score(None, ["a", "b", "c"])
+
+
+def test_reward_model_judge_compares_by_its_scores(tmp_path):
+    from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
+    from rlhfkit.models.reward import RewardScorer
+
+    tok = load_tokenizer("kindly:tokenizer")
+    save_model(tiny_reward_model(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                 tokenizer=tok, seed=3), tok, tmp_path / "rm")
+    judge = load_judge(f"rm:{tmp_path / 'rm'}")
+    prompts, a, b = ["The day", "My friend"], POS, NEG
+    sa = RewardScorer(str(tmp_path / "rm")).score(prompts, a)
+    sb = RewardScorer(str(tmp_path / "rm")).score(prompts, b)
+    assert judge.score(prompts, a) == pytest.approx(sa.tolist(), rel=1e-6)
+    for v, x, y in zip(judge.compare(prompts, a, b), sa, sb):
+        assert v.label == (1.0 if x > y else 0.0)
+        assert v.p_a == pytest.approx(1.0 / (1.0 + math.exp(-(x - y))), rel=1e-6)
+
+
+def test_label_rankings_with_a_judge(tmp_path):
+    from rlhfkit.recipes.label import Config, main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "", "responses": ["bad day", "good day", "a day", "wonderful day"]}) + "\n")
+    main(Config(input=str(inp), output=str(tmp_path / "r.jsonl"), judge="afinn", output_format="ranking"))
+    [row] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["ranking"] == [3, 1, 2, 0] and row["annotator_id"] == "afinn"  # 4, 3, 0, -3
+
+
+def test_label_with_a_general_constitution_asks_the_http_judge_each_principle(tmp_path):
+    from pathlib import Path
+
+    from _judge_stub import StubServer
+    from rlhfkit.recipes.label import Config, main
+
+    constitution = Path(__file__).resolve().parents[1] / "configs" / "constitution_general.md"
+    with StubServer() as srv:
+        main(Config(input=str(_items(tmp_path / "in.jsonl")), output=str(tmp_path / "o.jsonl"),
+                    constitution=str(constitution), judge=f"http:stub?base_url={srv.url}&backoff=0.01",
+                    chain_of_thought=True, ties="keep"))
+        questions = {s["body"]["messages"][0]["content"].split("\n")[1] for s in srv.seen}
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all(r["annotator_id"] == "http:stub" for r in rows)
+    from rlhfkit.judges.constitution import load_constitution
+
+    asked = {p.comparison for p in load_constitution(constitution)}
+    assert questions <= asked and len(questions) >= 2  # each comparison asked one drawn principle's question
+    assert {r["principle"] for r in rows} <= {"harmless", "helpful", "kind"}
+    kind = [r for r in rows if r["chosen"] == "is a kind and generous man"]
+    assert kind and kind[0]["label"] == 1.0
+
+
+def test_cai_revise_with_a_local_causal_lm(tiny_lm_dir, tmp_path):
+    """The local model writes nonsense, but every step is taken, recorded or counted as failed."""
+    from pathlib import Path
+
+    from rlhfkit.recipes.cai import Config, main
+
+    (tmp_path / "p.txt").write_text("The day\nMy friend\n")
+    constitution = Path(__file__).resolve().parents[1] / "configs" / "constitution_general.md"
+    stats = main(Config(model=f"llm:{tiny_lm_dir}?chat=false", constitution=str(constitution), prompts=str(tmp_path / "p.txt"),
+                        output=str(tmp_path / "o.jsonl"), revisions=2, max_new_tokens=4))
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["records"] == 2 - stats["failed_samples"]
+    assert stats["steps"] == 2 * len(rows)
+    for r in rows:
+        assert r["completion"] == (r["revisions"][-1]["revision"] if r["revisions"] else r["initial"])
+    done = sum(len(r["revisions"]) for r in rows)
+    assert done + stats["failed_critiques"] + stats["failed_revisions"] == 2 * len(rows)
