@@ -4,13 +4,11 @@ the verdict cache, concurrency, token accounting; SL-CAI through the same endpoi
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from rlhfkit.judges.http import HTTPJudge
-
 from _judge_stub import StubServer
+from rlhfkit.judges.http import HTTPJudge
 
 A = ["what a lovely kind day", "you are cruel"]
 B = ["what an awful day", "you are good and warm"]

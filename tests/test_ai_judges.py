@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from _data_tokenizers import bundled_tokenizer
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges import load_judge
-from rlhfkit.judges.judge import Preference, compare_scores, preference_from_p
-
-from _data_tokenizers import bundled_tokenizer
+from rlhfkit.judges.judge import compare_scores, preference_from_p
 
 POS = ["what a wonderful and lovely day", "you are kind and generous"]
 NEG = ["what a horrible and awful day", "you are cruel and mean"]

@@ -46,7 +46,7 @@ class Config:
     items: str = ""
     """Pairs for judges to label when both sources are judges (a preference or a/b JSONL file)."""
     output: str = ""
-    """JSON file to write (atomically); printed only when empty."""
+    """JSON file to write (atomically); the summary is printed either way."""
 
     def __post_init__(self) -> None:
         require(bool(self.a) and bool(self.b), "a", "give two label sources, --a and --b (a file or judge:SPEC)")

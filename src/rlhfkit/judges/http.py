@@ -36,7 +36,12 @@ from collections.abc import Sequence
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges.judge import Preference, aligned, compare_scores, new_stats, preference_from_p
-from rlhfkit.judges.llm import COT_SUFFIX, DEFAULT_QUESTION, PAIRWISE_TEMPLATE, POINTWISE_TEMPLATE, _read_template
+from rlhfkit.judges.llm import (
+    DEFAULT_QUESTION,
+    PAIRWISE_TEMPLATE,
+    POINTWISE_TEMPLATE,
+    _read_template,
+)
 
 COT_INSTRUCTION = ("\nThink step by step about the question first, then end with a last line "
                    "'Answer: A' or 'Answer: B'.")

@@ -57,8 +57,8 @@ Revision:"""
 class Config:
     model: str = ""
     """The model that samples, critiques and revises: llm:PATH (local causal LM) or http:MODEL?base_url=URL."""
-    constitution: str = "configs/constitution_general.md"
-    """Constitution file (YAML or Markdown) with critique and revision requests."""
+    constitution: str = ""
+    """Constitution file (YAML or Markdown) with critique and revision requests, e.g. configs/constitution_general.md."""
     prompts: str = ""
     """Prompts to respond to: a .txt file (one a line) or records with a `prompt` (unless --responses)."""
     responses: str = ""
@@ -80,6 +80,7 @@ class Config:
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "give the model: llm:PATH or http:MODEL?base_url=URL")
+        require(bool(self.constitution), "constitution", "give the constitution file (--constitution FILE)")
         require(bool(self.prompts) or bool(self.responses), "prompts", "give --prompts FILE or --responses FILE")
         require(bool(self.output), "output", "give the output JSONL path (--output FILE)")
         require(self.revisions >= 1, "revisions", "must be >= 1")

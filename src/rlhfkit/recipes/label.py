@@ -23,7 +23,8 @@ Outputs (written atomically):
 
 RLAIF: ``--judge SPEC`` labels with any AI judge instead (``afinn``, ``textblob``, ``rm:PATH``,
 ``llm:PATH``, ``http:MODEL?base_url=...``; see :func:`rlhfkit.judges.load_judge`); the records
-have the same columns, ``annotator_id`` naming the judge, plus ``p_a`` and ``confidence``. A pair
+have the same columns, ``annotator_id`` naming the judge, plus ``p_chosen`` (the judge's
+probability that chosen is better) and ``confidence``. A pair
 the judge abstains on (timeouts, unreadable answers, after the retries) is left out and counted.
 RL-CAI: ``--constitution FILE`` draws one principle per comparison (Bai et al. 2022, sec. 4.1)
 and asks that principle's comparison question (or its own labeller, where the principle names
