@@ -393,3 +393,32 @@ def test_cai_revise_with_a_local_causal_lm(tiny_lm_dir, tmp_path):
         assert r["completion"] == (r["revisions"][-1]["revision"] if r["revisions"] else r["initial"])
     done = sum(len(r["revisions"]) for r in rows)
     assert done + stats["failed_critiques"] + stats["failed_revisions"] == 2 * len(rows)
+
+
+def test_agreement_reports_the_raw_position_bias_of_an_order_averaging_judge(tmp_path):
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    from rlhfkit.eval.agreement import judge_labels, read_labels
+    from rlhfkit.judges.llm import LLMJudge
+
+    a_id = tok(" A", add_special_tokens=False)["input_ids"][0]
+    b_id = tok(" B", add_special_tokens=False)["input_ids"][0]
+    judge = LLMJudge("stub", chat="false", _model=_AlwaysA(len(tok), a_id, b_id), _tokenizer=tok)
+    pairs = read_labels(str(_write_prefs(tmp_path / "a.jsonl", [("", p, n, False) for p, n in zip(POS, NEG)])))
+    labels, stats = judge_labels(judge, pairs)
+    assert stats["position_bias"] == 0.5 and stats["order_agreement"] == 0.0  # always the first shown
+    assert all(v["label"] == "tie" for v in labels.values()) and judge.both_orders is True
+
+
+def test_llm_chain_of_thought_reads_the_answer_after_its_own_reasoning(tiny_lm_dir):
+    from rlhfkit.judges.llm import COT_PREFIX, COT_SUFFIX, PAIRWISE_TEMPLATE
+
+    judge = load_judge(f"llm:{tiny_lm_dir}?chat=false&cot_tokens=5&both_orders=false")
+    [v] = judge.compare_with_question(["The day"], [POS[0]], [NEG[0]], question="Which is kinder?", chain_of_thought=True)
+    ctx = PAIRWISE_TEMPLATE.format(prompt="The day", response_a=POS[0], response_b=NEG[0], question="Which is kinder?")
+    ctx += COT_PREFIX
+    ctx += judge.generate_raw([ctx], 5)[0] + COT_SUFFIX
+    la = _reference_logprob(judge.model, judge.tok, ctx, " A")
+    lb = _reference_logprob(judge.model, judge.tok, ctx, " B")
+    assert v.p_a == pytest.approx(1.0 / (1.0 + math.exp(lb - la)), rel=1e-5)

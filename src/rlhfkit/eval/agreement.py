@@ -114,8 +114,16 @@ def judge_labels(judge, pairs: dict[tuple, dict]) -> tuple[dict[tuple, dict], di
     prompts = [_text(pairs[k]["prompt"]) for k in keys]
     xs = [_text(pairs[k]["x"]) for k in keys]
     ys = [_text(pairs[k]["y"]) for k in keys]
-    fwd = judge.compare(prompts, xs, ys)
-    bwd = judge.compare(prompts, ys, xs)
+    # a judge that averages both orders itself would hide its position bias: ask each order raw
+    both = getattr(judge, "both_orders", None)
+    if both:
+        judge.both_orders = False
+    try:
+        fwd = judge.compare(prompts, xs, ys)
+        bwd = judge.compare(prompts, ys, xs)
+    finally:
+        if both:
+            judge.both_orders = both
     out, first_shown, decided, consistent, both = {}, 0, 0, 0, 0
     for k, f, b in zip(keys, fwd, bwd):
         for v in (f, b):
