@@ -4,8 +4,10 @@
     rlhfkit agreement --a sim_labels.jsonl --b ai_labels.jsonl
 
 A source is a preference file (TRL columns ``prompt``/``chosen``/``rejected``, with ``tie`` or
-``label`` 0.5 for ties: a human-feedback export, simulated or AI labels) or ``judge:SPEC``, an
-AI judge that labels the other source's pairs (both orders, so its position bias is measured).
+``label`` 0.5 for ties: a human-feedback export, simulated or AI labels); ``feedback:DB_URL``,
+the human labels of a feedback database; ``simulated``, simulated annotators labelling the other
+source's pairs; or ``judge:SPEC``, an AI judge labelling the other source's pairs (each order
+asked separately, so its position bias is measured).
 Pairs are matched by prompt and the unordered pair of responses; a label is read as
 "first better", "tie" or "second better" in a canonical (sorted) order of the two responses.
 
@@ -40,9 +42,9 @@ CLASSES = ("first", "tie", "second")
 @dataclasses.dataclass
 class Config:
     a: str = ""
-    """First label source: a preference JSONL file or judge:SPEC."""
+    """First label source: a preference JSONL file, feedback:DB_URL, simulated or judge:SPEC."""
     b: str = ""
-    """Second label source: a preference JSONL file or judge:SPEC."""
+    """Second label source: a preference JSONL file, feedback:DB_URL, simulated or judge:SPEC."""
     items: str = ""
     """Pairs for judges to label when both sources are judges (a preference or a/b JSONL file)."""
     output: str = ""
@@ -50,8 +52,12 @@ class Config:
 
     def __post_init__(self) -> None:
         require(bool(self.a) and bool(self.b), "a", "give two label sources, --a and --b (a file or judge:SPEC)")
-        both_judges = self.a.startswith("judge:") and self.b.startswith("judge:")
-        require(not both_judges or bool(self.items), "items", "two judges need --items FILE to label")
+        both_judges = _labels_others(self.a) and _labels_others(self.b)
+        require(not both_judges or bool(self.items), "items", "two sources that label pairs need --items FILE")
+
+
+def _labels_others(spec: str) -> bool:
+    return spec.startswith("judge:") or spec == "simulated"
 
 
 def pair_key(prompt, x, y) -> tuple[str, str, str]:
@@ -198,12 +204,47 @@ def binary_agreement(labels: Sequence[float | None], truth: Sequence[float]) -> 
             "decided": len(pairs), "coverage": len(pairs) / n_ref if n_ref else float("nan")}
 
 
+def simulated_labels(pairs: dict[tuple, dict], seed: int = 0) -> dict[tuple, dict]:
+    """Simulated annotators (one panel rater per pair, Bradley-Terry noise, ties) on the pairs."""
+    from rlhfkit.judges import SimulatedAnnotators
+
+    keys = list(pairs)
+    got = SimulatedAnnotators(seed=seed).compare([_text(pairs[k]["prompt"]) for k in keys],
+                                                 [_text(pairs[k]["x"]) for k in keys], [_text(pairs[k]["y"]) for k in keys])
+    out = {}
+    for k, g in zip(keys, got):
+        winner = pairs[k]["x"] if g["label"] == 1.0 else pairs[k]["y"]
+        out[k] = dict(pairs[k], label="tie" if g["label"] == 0.5 else canonical_label(k, _key_text(winner), False))
+    return out
+
+
+def feedback_labels(db_url: str) -> dict[tuple, dict]:
+    """Human labels straight from a feedback database (every preference task; one label per pair:
+    the last exported), through the service's own export."""
+    from rlhfkit.feedback.export import load_preferences
+
+    out = {}
+    for rec in load_preferences(db_url, ties="keep"):
+        key = pair_key(rec["prompt"], rec["chosen"], rec["rejected"])
+        tie = bool(rec.get("tie")) or rec.get("label") == 0.5
+        out[key] = {"prompt": rec["prompt"], "x": rec["chosen"], "y": rec["rejected"],
+                    "label": canonical_label(key, _key_text(rec["chosen"]), tie)}
+    if not out:
+        raise DataError("no preference labels in the feedback database", source=db_url)
+    return out
+
+
 def _load_source(spec: str, other: dict | None, items: dict | None) -> tuple[dict, dict]:
+    pairs = items if items is not None else other
     if spec.startswith("judge:"):
         from rlhfkit.judges import load_judge
 
         judge = load_judge(spec[len("judge:"):])
-        return judge_labels(judge, items if items is not None else other)
+        return judge_labels(judge, pairs)
+    if spec == "simulated":
+        return simulated_labels(pairs), {}
+    if spec.startswith("feedback:"):
+        return feedback_labels(spec[len("feedback:"):]), {}
     return read_labels(spec), {}
 
 
@@ -211,7 +252,7 @@ def main(cfg: Config) -> dict:
     from rlhfkit.runs import atomic_write_json
 
     items = read_labels(cfg.items) if cfg.items else None
-    files = {s: read_labels(s) for s in (cfg.a, cfg.b) if not s.startswith("judge:")}
+    files = {s: _load_source(s, None, None)[0] for s in (cfg.a, cfg.b) if not _labels_others(s)}
     first_file = next(iter(files.values()), None)
     la, sa = (files[cfg.a], {}) if cfg.a in files else _load_source(cfg.a, first_file, items)
     lb, sb = (files[cfg.b], {}) if cfg.b in files else _load_source(cfg.b, first_file, items)
