@@ -446,3 +446,10 @@ def test_agreement_with_simulated_annotators_and_a_feedback_database(tmp_path):
     assert res["pairs"] == 2 and res["agreement"] == 0.5  # the person chose the unkind response once
     res = main(Config(a=f"feedback:{url}", b="simulated"))
     assert res["pairs"] == 2
+
+
+def test_trl_pairwise_call():
+    from rlhfkit.judges.judge import TRLPairwiseJudge
+
+    trl = TRLPairwiseJudge(load_judge("afinn"))
+    assert trl.judge(["", "", ""], [[POS[0], NEG[0]], [NEG[1], POS[1]], ["a day", "a night"]]) == [0, 1, -1]

@@ -211,3 +211,22 @@ class ArrayScores:
             raise RlhfkitError(f"judge {self.name!r} abstained on {missing} of {len(out)} responses "
                                f"(counters: {self.judge.stats}); rerun, or raise its retries or timeout")
         return np.asarray(out, dtype=np.float64)
+
+
+class TRLPairwiseJudge:
+    """Any rlhfkit judge with TRL's pairwise-judge call, ``judge(prompts, completions, shuffle_order)``
+    -> the index (0 or 1) of the better of each pair of completions, -1 where there is no verdict
+    (TRL's value for a failed judgement: here abstentions and ties), so it can be passed where TRL
+    expects a pairwise judge (e.g. OnlineDPOTrainer(judge=...)). Order shuffling is left to the
+    wrapped judge (the LLM and HTTP judges ask both orders), so ``shuffle_order`` is accepted and
+    ignored."""
+
+    def __init__(self, judge):
+        self.inner = judge
+
+    def judge(self, prompts, completions, shuffle_order: bool = True) -> list[int]:
+        for pair in completions:
+            if len(pair) != 2:
+                raise ValueError(f"a pairwise judge compares two completions, got {len(pair)}")
+        verdicts = self.inner.compare(list(prompts), [c[0] for c in completions], [c[1] for c in completions])
+        return [-1 if v.label is None or v.label == 0.5 else (0 if v.label == 1.0 else 1) for v in verdicts]
