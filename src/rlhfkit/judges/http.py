@@ -190,11 +190,20 @@ class HTTPJudge:
     def _run(self, bodies: Sequence[dict], parse) -> list:
         import httpx
 
+        from tqdm.auto import tqdm
+
         async def main():
             sem = asyncio.Semaphore(self.concurrency)
             limits = httpx.Limits(max_connections=self.concurrency)
-            async with httpx.AsyncClient(limits=limits) as client:
-                return await asyncio.gather(*(self._request(client, sem, b, parse) for b in bodies))
+            # disable=None: a bar on a terminal only, none in logs and tests
+            with tqdm(total=len(bodies), desc=f"{self.name}", unit="req", disable=None, leave=False) as bar:
+                async def one(b):
+                    value = await self._request(client, sem, b, parse)
+                    bar.update(1)
+                    return value
+
+                async with httpx.AsyncClient(limits=limits) as client:
+                    return await asyncio.gather(*(one(b) for b in bodies))
 
         return list(asyncio.run(main())) if bodies else []
 

@@ -130,7 +130,11 @@ class LLMJudge:
             out[i] = [0.0] * len(answers)
             jobs += [(i, k, ids, a) for k, a in enumerate(ans_ids)]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        for s in range(0, len(jobs), self.batch_size):
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal only, none in logs and tests
+        for s in tqdm(range(0, len(jobs), self.batch_size), desc=f"{self.name} judging", unit="batch",
+                      disable=None, leave=False):
             chunk = jobs[s:s + self.batch_size]
             seqs = [ids + a for _, _, ids, a in chunk]
             width = max(map(len, seqs))
