@@ -293,4 +293,8 @@ def main(cfg: Config) -> dict:
               f"{stats['gold_agreement']:.3f})")
     else:
         print(f"label: wrote {len(rows)} rankings to {out}{abstain_note}")
+    if judge is not None:  # retries, failures, tokens and cost: whatever the judge counts
+        shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats["judge"].items()
+                 if k != "name" and v}
+        print(f"label: judge {judge.name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     return stats
