@@ -70,7 +70,7 @@ def service(tmp_path):
         ann = svc.create_user(s, "ann", "correct horse battery")
         tokens = {"admin": create_api_token(s, admin), "ann": create_api_token(s, ann)}
     with ServerThread(create_app(db)) as server:
-        yield server.url, tokens
+        yield server.url, tokens, url
     db.dispose()
 
 
@@ -112,7 +112,7 @@ class ScriptedAnnotator(threading.Thread):
 
 
 def test_loop_with_people_through_the_feedback_service(start_model, tmp_path, service, monkeypatch):
-    url, tokens = service
+    url, tokens, _ = service
     monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
     annotator = ScriptedAnnotator(url, tokens["ann"])
     annotator.start()
@@ -136,7 +136,7 @@ def test_loop_with_people_through_the_feedback_service(start_model, tmp_path, se
 def test_feedback_deadline_trains_on_what_it_has(tmp_path, service, monkeypatch, capsys):
     from rlhfkit.judges.sources import FeedbackServiceSource
 
-    url, tokens = service
+    url, tokens, _ = service
     monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
     annotator = ScriptedAnnotator(url, tokens["ann"], limit=3)
     annotator.start()
@@ -146,7 +146,7 @@ def test_feedback_deadline_trains_on_what_it_has(tmp_path, service, monkeypatch,
     annotator.join(5)
     assert sum(x["label"] is not None for x in labels) == 3
     assert all(x["label"] == 1.0 for x in labels if x["label"] is not None)
-    assert "deadline of 2s reached with 3 of 6 pairs labelled" in capsys.readouterr().out
+    assert "deadline of 1.5s reached with 3 of 6 pairs labelled" in capsys.readouterr().out
 
 
 def test_feedback_source_needs_a_token(monkeypatch):
@@ -156,3 +156,18 @@ def test_feedback_source_needs_a_token(monkeypatch):
     monkeypatch.delenv("RLHFKIT_FEEDBACK_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="RLHFKIT_FEEDBACK_TOKEN"):
         FeedbackServiceSource("http://127.0.0.1:1")
+
+
+def test_feedback_source_on_the_service_database(service, capsys):
+    """feedback:DB_URL: the round's task is created in the database; people label through the server."""
+    from rlhfkit.judges.sources import FeedbackServiceSource
+
+    url, tokens, db_url = service
+    annotator = ScriptedAnnotator(url, tokens["ann"])
+    annotator.start()
+    src = FeedbackServiceSource(db_url, deadline=30, poll=0.05)
+    labels = src.compare(["p"] * 4, ["bad 1", "good 2", "bad 3", "good 4"], ["good 1", "bad 2", "good 3", "bad 4"])
+    annotator.stop.set()
+    annotator.join(5)
+    assert [x["label"] for x in labels] == [0.0, 1.0, 0.0, 1.0]
+    assert src.rounds[0]["labelled"] == 4 and "4 of 4 pairs labelled" in capsys.readouterr().out

@@ -6,7 +6,7 @@ Harmless Assistant", sec. 4.5 "iterated online RLHF"):
   1. sample two responses per prompt from the current policy (fresh prompts each round);
   2. collect preferences through one :class:`rlhfkit.feedback_sources.PreferenceSource`:
      ``--source simulated`` annotators, ``judge:SPEC`` an AI judge (RLAIF), or
-     ``feedback:URL`` people labelling in the feedback service (the round's pairs are posted as
+     ``feedback:URL`` (or ``feedback:DB_URL``) people labelling in the feedback service (the round's pairs are posted as
      a task; the round waits until ``feedback_quota`` of them are labelled or
      ``feedback_deadline`` seconds pass, then trains on what it has and says so);
   3. retrain the reward model on all preference data collected so far;
@@ -42,7 +42,7 @@ class Config:
     algorithm: str = "dpo"
     """Policy update each round: dpo or ppo."""
     source: str = "simulated"
-    """Preference source: 'simulated' annotators over the gold panel, 'judge:SPEC' (an AI judge, e.g. judge:afinn), or 'feedback:URL' (the feedback service at URL; admin token in $RLHFKIT_FEEDBACK_TOKEN)."""
+    """Preference source: 'simulated' annotators over the gold panel, 'judge:SPEC' (an AI judge, e.g. judge:afinn), or 'feedback:URL' (the feedback service at http(s)://URL, admin token in $RLHFKIT_FEEDBACK_TOKEN; or feedback:DB_URL, its database)."""
     feedback_quota: float = 1.0
     """feedback source: share of a round's pairs that must be labelled before training."""
     feedback_deadline: float = 3600.0
