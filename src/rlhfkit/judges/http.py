@@ -189,7 +189,6 @@ class HTTPJudge:
 
     def _run(self, bodies: Sequence[dict], parse) -> list:
         import httpx
-
         from tqdm.auto import tqdm
 
         async def main():
