@@ -7,7 +7,7 @@
 * revision requests: the response with every unkind word replaced by "kind";
 * anything else: a reply that contains one unkind word, to be revised.
 
-``plan`` (a list of "ok", "slow", "malformed", "429", "500", "drop", "unreadable") scripts the next
+``plan`` (a list of "ok", "slow", "malformed", "401", "429", "500", "drop", "unreadable") scripts the next
 requests' failures; ``always`` {substring: failure} fails every request whose body holds it; ``seen`` records each request's body and Authorization header.
 """
 
@@ -92,6 +92,9 @@ class StubServer:
                     return
                 if step == "slow":
                     time.sleep(stub.slow_seconds)
+                if step == "401":
+                    self.send(401, b'{"error": "invalid api key"}')
+                    return
                 if step in ("429", "500"):
                     self.send(int(step), b'{"error": "try later"}', {"Retry-After": "0"})
                     return

@@ -181,3 +181,14 @@ def test_cai_revise_rejects_a_model_that_cannot_generate(tmp_path):
         main(Config(model="afinn", constitution=str(_constitution(tmp_path)), prompts=str(tmp_path / "p.txt"),
                     output=str(tmp_path / "o.jsonl")))
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_wrong_request_stops_with_the_servers_message():
+    """A 4xx other than 429 (a wrong key, an unknown model) cannot be cured by retrying."""
+    from rlhfkit.errors import ConfigError
+
+    with StubServer() as srv:
+        srv.always = {"stub-model": "401"}
+        with pytest.raises(ConfigError, match="answered 401"):
+            judge(srv.url).compare([""], A[:1], B[:1])
+        assert len(srv.seen) <= 2  # no retries

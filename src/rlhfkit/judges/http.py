@@ -153,7 +153,7 @@ class HTTPJudge:
                         wait = max(wait, float(r.headers.get("retry-after", 0)))
                     except ValueError:
                         pass
-                elif r.status_code >= 500:
+                elif r.status_code >= 500 or r.status_code in (408, 409, 425):  # transient
                     self.stats["server_errors"] += 1
                 elif r.status_code >= 400:  # the request itself is wrong: retrying will not help
                     raise ConfigError(f"http judge: {self.base_url} answered {r.status_code}: {r.text[:200]}")
