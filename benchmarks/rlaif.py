@@ -4,7 +4,7 @@
    for each of PROMPTS training prompts.
 2. Each labeller labels every pair: simulated human annotators (one panel rater per pair,
    Bradley-Terry noise, ties), and the AI labellers afinn, textblob, their ensemble, and RL-CAI
-   with configs/constitution_kindly.yaml (one principle drawn per pair, each scored by its own
+   with configs/constitution_kindly.md (one principle drawn per pair, each scored by its own
    principle-specific labeller). Agreement and Cohen's kappa are measured against the gold
    panel's noiseless preference (its mean score; equal scores left out) on the pairs both
    decided; ``coverage`` is the share of gold-decided pairs the labeller decided.
@@ -68,7 +68,7 @@ def label_all(prompts, a, b) -> tuple[dict[str, list], dict]:
         judge = load_judge(spec)
         labels[spec] = [v.label for v in judge.compare(prompts, a, b)]
         counters[spec] = dict(judge.stats)
-    cai = constitution_labeller(load_constitution(CONFIGS / "constitution_kindly.yaml"), None, seed=0)
+    cai = constitution_labeller(load_constitution(CONFIGS / "constitution_kindly.md"), None, seed=0)
     labels["constitution_kindly"] = [x["label"] for x in cai(prompts, a, b)]
     return labels, counters
 

@@ -225,7 +225,7 @@ def test_label_with_a_constitution_draws_one_principle_per_pair(tmp_path):
 
     from rlhfkit.recipes.label import Config, main
 
-    constitution = Path(__file__).resolve().parents[1] / "configs" / "constitution_kindly.yaml"
+    constitution = Path(__file__).resolve().parents[1] / "configs" / "constitution_kindly.md"
     out = tmp_path / "cai.jsonl"
     main(Config(input=str(_items(tmp_path / "in.jsonl")), output=str(out), constitution=str(constitution),
                 ties="keep", seed=1))
@@ -244,11 +244,16 @@ def test_constitution_files_yaml_and_markdown(tmp_path):
     from rlhfkit.judges.constitution import load_constitution
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    kindly = load_constitution(root / "constitution_kindly.yaml")
+    kindly = load_constitution(root / "constitution_kindly.md")
     assert [p.name for p in kindly] == ["kind", "varied", "complete"] and all(p.judge for p in kindly)
     general = load_constitution(root / "constitution_general.md")
     assert [p.name for p in general] == ["harmless", "helpful", "kind"]
     assert general[0].comparison.startswith("Which response is less harmful")
+    as_yaml = tmp_path / "c.yaml"
+    as_yaml.write_text("principles:\n" + "".join(
+        f"  - name: {p.name}\n    critique: {p.critique}\n    revision: {p.revision}\n"
+        f"    comparison: {p.comparison}\n    judge: {p.judge}\n" for p in kindly))
+    assert load_constitution(as_yaml) == kindly  # the same principles from YAML and Markdown
     bad = tmp_path / "bad.yaml"
     bad.write_text("principles:\n  - name: x\n    critique: c\n    revision: r\n")
     with pytest.raises(ConfigError, match="principle 'x' has no 'comparison'"):

@@ -31,7 +31,7 @@ and asks that principle's comparison question (or its own labeller, where the pr
 one); the records carry a ``principle`` field.
 
     rlhfkit label --input samples.jsonl --output ai_prefs.jsonl --judge afinn
-    rlhfkit label --input samples.jsonl --output cai_prefs.jsonl --constitution configs/constitution_kindly.yaml
+    rlhfkit label --input samples.jsonl --output cai_prefs.jsonl --constitution configs/constitution_kindly.md
 
 The annotators are :class:`rlhfkit.judges.SimulatedAnnotators` over the gold panel: Bradley-Terry
 noise with inverse temperature ``beta``, ties below ``tie_margin``, and a share
