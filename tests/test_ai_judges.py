@@ -458,3 +458,22 @@ def test_trl_pairwise_call():
 
     trl = TRLPairwiseJudge(load_judge("afinn"))
     assert trl.judge(["", "", ""], [[POS[0], NEG[0]], [NEG[1], POS[1]], ["a day", "a night"]]) == [0, 1, -1]
+
+
+def test_llm_judge_with_a_chat_template_asks_one_user_turn(tiny_lm_dir):
+    from rlhfkit.judges.llm import PAIRWISE_TEMPLATE
+
+    judge = load_judge(f"llm:{tiny_lm_dir}?both_orders=false")
+    assert judge.use_chat and judge.answers == ["A", "B"]
+    [v] = judge.compare(["The day"], [POS[0]], [NEG[0]])
+    text = PAIRWISE_TEMPLATE.format(prompt="The day", response_a=POS[0], response_b=NEG[0], question=judge.question)
+    ctx = judge.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = judge.tok(ctx, add_special_tokens=False)["input_ids"]
+
+    def logprob(answer):
+        ans = judge.tok(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(judge.model(torch.tensor([ids + ans])).logits[0].double(), -1)
+        return float(sum(lp[len(ids) - 1 + k, t] for k, t in enumerate(ans)))
+
+    assert v.p_a == pytest.approx(1.0 / (1.0 + math.exp(logprob("B") - logprob("A"))), rel=1e-5)

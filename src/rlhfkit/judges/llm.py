@@ -6,7 +6,8 @@ Python ``str.format`` fields ``{prompt}``, ``{response}``, ``{response_a}``, ``{
 ``{question}``). The verdict is read from the log-probabilities of the answer tokens after the
 rubric, never from free text:
 
-* pairwise: ``P(A) = softmax(log p(" A"), log p(" B"))`` (Lee et al. 2023 call these the AI
+* pairwise: ``P(A) = softmax(log p(" A"), log p(" B"))`` (``"A"``/``"B"`` without the space when
+  the rubric is a chat turn; ``answers=`` replaces them) (Lee et al. 2023 call these the AI
   preference probabilities). Each pair is asked in both orders and the two are averaged,
   ``p_a = (P(A | a shown first) + P(B | a shown second)) / 2``, which cancels a constant position
   bias (Zheng et al. 2023, sec. 3.3; Wang et al. 2023, "Large Language Models are not Fair
@@ -74,7 +75,7 @@ class LLMJudge:
     """A local causal LM judging by the log-probs of its answer tokens (module docstring)."""
 
     def __init__(self, model: str, mode: str = "pairwise", pairwise_template: str = "", pointwise_template: str = "",
-                 question: str = DEFAULT_QUESTION, answers: str = " A, B", points: str = " 1, 2, 3, 4, 5",
+                 question: str = DEFAULT_QUESTION, answers: str = "", points: str = "",
                  both_orders: bool = True, batch_size: int = 8, max_length: int = 2048, device: str = "",
                  dtype: str = "float32", tie_margin: float = 0.0, chat: str = "auto", cot_tokens: int = 128,
                  name: str = "", _model=None, _tokenizer=None):
@@ -94,12 +95,14 @@ class LLMJudge:
         self.mode, self.question, self.both_orders = mode, question, bool(both_orders)
         self.pairwise_template = _read_template(pairwise_template, PAIRWISE_TEMPLATE)
         self.pointwise_template = _read_template(pointwise_template, POINTWISE_TEMPLATE)
-        self.answers = [a for a in answers.split(",")]
-        self.points = [p for p in points.split(",")]
+        self.batch_size, self.max_length, self.tie_margin = int(batch_size), int(max_length), float(tie_margin)
+        self.use_chat = bool((chat == "auto" and getattr(self.tok, "chat_template", None)) or chat is True or chat == "true")
+        # after "Answer:" a base model's next token carries a space; an assistant turn starts bare
+        space = "" if self.use_chat else " "
+        self.answers = answers.split(",") if answers else [f"{space}A", f"{space}B"]
+        self.points = points.split(",") if points else [f"{space}{k}" for k in range(1, 6)]
         if len(self.answers) != 2:
             raise ConfigError(f"llm judge: answers must name two answer strings, got {answers!r}")
-        self.batch_size, self.max_length, self.tie_margin = int(batch_size), int(max_length), float(tie_margin)
-        self.use_chat = (chat == "auto" and getattr(self.tok, "chat_template", None)) or chat is True or chat == "true"
         self.cot_tokens = int(cot_tokens)
         self.name = name or f"llm:{model}"
         self.stats = new_stats() | {"too_long": 0, "order_consistent": 0, "order_pairs": 0}
