@@ -35,8 +35,8 @@ EVAL_PROMPTS = 256
 MAX_NEW_TOKENS = 20
 AI_LABELLER = "afinn"
 LABELLERS = ("afinn", "textblob", "ensemble:afinn+textblob")
-DPO = dict(beta=0.1, learning_rate=2e-4, per_device_batch_size=16, num_epochs=2.0, max_length=96,
-           lr_scheduler="linear", warmup_steps=10)
+DPO = dict(beta=0.1, learning_rate=2e-4, per_device_train_batch_size=16, num_train_epochs=2.0, max_length=96,
+           lr_scheduler_type="linear", warmup_steps=10)
 
 
 def sample_pairs(sft: str, n: int) -> tuple[list[str], list[str], list[str]]:
@@ -93,9 +93,9 @@ def train_and_evaluate(sft: str, prefs: Path, out: Path, quick: bool, ref_rollou
     from rlhfkit.recipes import dpo
     from rlhfkit.tasks import kindly
 
-    hp = dict(DPO, per_device_batch_size=2) if quick else DPO
+    hp = dict(DPO, per_device_train_batch_size=2) if quick else DPO
     cfg = dpo.Config(model=sft, dataset=str(prefs), loss="sigmoid", output_dir=str(out), max_steps=2 if quick else -1,
-                     log_every=10, report_to="jsonl", progress=False, seed=0, **hp)
+                     logging_steps=10, report_to="jsonl", progress=False, seed=0, **hp)
     t0 = time.perf_counter()
     res = dpo.main(cfg)
     prompts = kindly.prompts("eval")[: 16 if quick else EVAL_PROMPTS]
