@@ -192,3 +192,19 @@ def test_a_wrong_request_stops_with_the_servers_message():
         with pytest.raises(ConfigError, match="answered 401"):
             judge(srv.url).compare([""], A[:1], B[:1])
         assert len(srv.seen) <= 2  # no retries
+
+
+def test_label_with_a_failing_endpoint_leaves_out_and_counts_the_abstentions(tmp_path, capsys):
+    from rlhfkit.recipes.label import Config, main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": "", "a": x, "b": y}) + "\n" for x, y in zip(A + ["a horrible day"], B + ["a good day"])))
+    with StubServer() as srv:
+        srv.always = {"horrible": "malformed"}  # every request about the third pair fails
+        stats = main(Config(input=str(inp), output=str(tmp_path / "o.jsonl"),
+                            judge=f"http:stub-model?base_url={srv.url}&backoff=0.01&max_retries=2"))
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and stats["abstained"] == 1
+    assert stats["judge"]["failed"] == 2 and stats["judge"]["malformed"] == 6  # 2 orders x 3 attempts
+    out = capsys.readouterr().out
+    assert "1 abstained" in out and "malformed 6" in out
