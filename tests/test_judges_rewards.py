@@ -254,3 +254,17 @@ def test_final_check_goes_through_the_one_evaluator(task, tmp_path, use_lora):
     assert ev["eval_reward"] == ev["eval_reward_reference"] == pytest.approx(0.5)
     assert ev["eval_win_rate"] == 0.5
     assert abs(ev["kl"]) < 0.1 and "reward_reference" in ev  # one small step from the reference
+
+
+def test_judge_spec_with_the_bundled_lexicon_judge_and_eval_refuses_abstentions():
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.eval.run_eval import PromptScorer
+
+    rs = load_rewards(["judge:afinn"])
+    assert rs(["", ""], ["good", "bad bad"]).tolist() == [3.0, -6.0]
+
+    def half(prompts, completions, **kw):
+        return [1.0 if i % 2 else None for i in range(len(completions))]
+
+    with pytest.raises(RlhfkitError, match="judge 'half' abstained on 2 of 3"):
+        PromptScorer(RewardSet([as_reward(half)]), None, {}).score(["p"] * 3, ["a", "b", "c"])

@@ -147,12 +147,19 @@ class PromptScorer:
         self.rewards, self.raw, self.columns = rewards, raw_prompts, columns
 
     def score(self, prompts, responses):
+        from rlhfkit.errors import RlhfkitError
         from rlhfkit.rollout.prompts import as_completions
 
         raw = list(prompts) if self.raw is None else self.raw
         if len(raw) != len(responses):
             raise ValueError(f"{len(responses)} responses for {len(raw)} prompts")
-        return self.rewards(raw, as_completions(raw, list(responses)), **self.columns)
+        scored = self.rewards.score(raw, as_completions(raw, list(responses)), **self.columns)
+        for name, values in scored.values.items():  # an evaluation's mean must not drop or invent items
+            missing = sum(v is None for v in values)
+            if missing:
+                raise RlhfkitError(f"judge '{name}' abstained on {missing} of {len(values)} responses; an evaluation "
+                                   "needs a score for every response (rerun: a judge's verdict cache keeps the rest)")
+        return scored.total
 
 
 # ---------------------------------------------------------------------------------------------
