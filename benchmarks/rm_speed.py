@@ -65,8 +65,8 @@ def _setup(root: Path):
 def _run_ours(root: Path, tok, units, padding_free: bool = True) -> dict:
     from rlhfkit.recipes.reward import Config, train_one
 
-    cfg = Config(model=str(root / "init"), dataset="-", output_dir=str(root / "ours"), per_device_batch_size=BATCH,
-                 learning_rate=LR, num_epochs=1.0, seed=SEED, report_to="none", progress=False, log_every=10**9,
+    cfg = Config(model=str(root / "init"), dataset="-", output_dir=str(root / "ours"), per_device_train_batch_size=BATCH,
+                 learning_rate=LR, num_train_epochs=1.0, seed=SEED, report_to="none", progress=False, logging_steps=10**9,
                  max_grad_norm=1.0, normalize=False, padding_free=padding_free)
     _, final = train_one(cfg, 0, units, [], tok, Path(cfg.output_dir), printer=lambda m: None)
     return {"seconds": final["seconds"], "steps": final["steps"]}

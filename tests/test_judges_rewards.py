@@ -157,7 +157,7 @@ def test_recipes_pass_dataset_columns_and_log_each_reward(task, tmp_path, recipe
     kw = dict(num_generations=2) if recipe != "ppo" else {}
     cfg = mod.Config(model=task["policy"], prompts=task["prompts"], reward=["length:4"], reward_weights=[1.0, 0.5],
                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, max_completion_length=5,
-                     per_device_batch_size=4, report_to="jsonl", **kw)
+                     per_device_train_batch_size=4, report_to="jsonl", **kw)
     mod.main(cfg, reward_funcs=[aligned])
     rows = read_metrics(tmp_path)
     assert len(seen) == 2 and seen[0] == (4 if recipe != "ppo" else 2)
@@ -177,7 +177,7 @@ def test_a_failing_reward_stops_the_run_before_any_update(task, tmp_path):
         return [1.0] * (len(completions) - 1)
 
     cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], output_dir=str(tmp_path), max_steps=1,
-                      prompts_per_step=2, num_generations=2, max_completion_length=4, per_device_batch_size=4,
+                      prompts_per_step=2, num_generations=2, max_completion_length=4, per_device_train_batch_size=4,
                       report_to="jsonl")
     with pytest.raises(RewardFunctionError, match="reward 'broken' returned 3 values for 4"):
         grpo.main(cfg, reward_funcs=broken)
@@ -192,10 +192,79 @@ def test_cli_takes_repeated_reward_and_weights(task, tmp_path, capsys):
     rc = main(["grpo", "--model", task["policy"], "--prompts", task["prompts"], "--reward", f"py:{rw}:has_a",
                "--reward", "math", "--reward_weights", "1.0", "0.5", "--output_dir", str(tmp_path), "--max_steps",
                "1", "--prompts_per_step", "2", "--num_generations", "2", "--max_completion_length", "4",
-               "--per_device_batch_size", "4", "--report_to", "jsonl"])
+               "--per_device_train_batch_size", "4", "--report_to", "jsonl"])
     assert rc == 0
     row = read_metrics(tmp_path)[0]
     assert "rewards/has_a/mean" in row and "rewards/math/mean" in row
     rc = main(["grpo", "--model", task["policy"], "--prompts", task["prompts"], "--reward", "nonsense",
                "--output_dir", str(tmp_path / "bad")])
     assert rc == 2 and "reward 'nonsense': unknown" in capsys.readouterr().err
+
+
+def test_report_plots_each_reward_and_the_zero_variance_share():
+    from rlhfkit.eval.report import _curve_keys
+
+    rows = [{"step": s, "rewards/math/mean": 0.1 * s, "rewards/math/std": 0.2, "rewards/math/abstained": 0.0,
+             "rewards/fmt/mean": 0.5, "frac_reward_zero_std": 0.25, **{f"m{i}": 1.0 for i in range(20)}}
+            for s in (1, 2)]
+    keys = _curve_keys(rows)
+    assert keys[:3] == ["rewards/fmt/mean", "rewards/math/mean", "frac_reward_zero_std"]
+    assert "rewards/math/std" not in keys and "rewards/math/abstained" not in keys
+
+
+def test_hacking_alarm_uses_any_held_out_reward(task, tmp_path):
+    """A held-out verifier as the 'gold': training reward rising while it falls fires the alarm."""
+    from rlhfkit.recipes import grpo
+
+    held_out = tmp_path / "held_out.py"
+    held_out.write_text("calls = [0]\n\ndef falling(prompts, completions, **kw):\n    calls[0] += 1\n"
+                        "    return [-0.1 * calls[0]] * len(completions)\n")
+    rising = {"n": 0}
+
+    def train_reward(prompts, completions, **kw):
+        rising["n"] += 1
+        return [0.1 * rising["n"] + 0.01 * i for i in range(len(completions))]
+
+    cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_reward=f"py:{held_out}:falling",
+                      output_dir=str(tmp_path / "run"), max_steps=8, prompts_per_step=2, num_generations=2,
+                      max_completion_length=3, per_device_train_batch_size=4, report_to="jsonl", hacking_window=3,
+                      stop_on_hacking=True)
+    grpo.main(cfg, reward_funcs=train_reward)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["eval_reward"] == pytest.approx(-0.1)
+    # window of 3 full at update 3, patience 2: fires at update 4 and the run ends there
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["hacking_alarm"] == 1.0
+    assert (tmp_path / "run" / "alarms.jsonl").is_file()
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_final_check_goes_through_the_one_evaluator(task, tmp_path, use_lora):
+    """With an eval reward and held-out prompts the run ends with rlhfkit.eval.run_eval.evaluate:
+    policy vs reference (with LoRA: the policy with its adapters off) by the held-out reward."""
+    from rlhfkit.recipes import grpo
+
+    verifier = tmp_path / "verifier.py"
+    verifier.write_text("def level(prompts, completions, level, **kw):\n    return [float(x) for x in level]\n")
+    cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_prompts=task["prompts"], num_eval_prompts=4,
+                      eval_reward=f"py:{verifier}:level", reward=["length:4"], output_dir=str(tmp_path / "run"),
+                      max_steps=1, prompts_per_step=2, num_generations=2, max_completion_length=3,
+                      per_device_train_batch_size=4, report_to="jsonl", use_lora=use_lora, lora_r=4)
+    ev = grpo.main(cfg)["eval"]
+    # the verifier scores the prompt's own column: both models get the same score, every prompt ties
+    assert ev["eval_reward"] == ev["eval_reward_reference"] == pytest.approx(0.5)
+    assert ev["eval_win_rate"] == 0.5
+    assert abs(ev["kl"]) < 0.1 and "reward_reference" in ev  # one small step from the reference
+
+
+def test_judge_spec_with_the_bundled_lexicon_judge_and_eval_refuses_abstentions():
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.eval.run_eval import PromptScorer
+
+    rs = load_rewards(["judge:afinn"])
+    assert rs(["", ""], ["good", "bad bad"]).tolist() == [3.0, -6.0]
+
+    def half(prompts, completions, **kw):
+        return [1.0 if i % 2 else None for i in range(len(completions))]
+
+    with pytest.raises(RlhfkitError, match="judge 'half' abstained on 2 of 3"):
+        PromptScorer(RewardSet([as_reward(half)]), None, {}).score(["p"] * 3, ["a", "b", "c"])

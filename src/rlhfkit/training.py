@@ -8,6 +8,7 @@ checkpoints written atomically, and the NaN guard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
     `cpu=True` makes it join them with the gloo backend (DistributedType.MULTI_CPU).
     """
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    reset_accelerate_state()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -44,6 +46,22 @@ def make_accelerator(cfg: Any) -> Accelerator:
     return acc
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state between recipes run in one process (a notebook).
+
+    accelerate keeps one AcceleratorState per process; a second Accelerator with another
+    precision (bf16 after fp32) or accumulation setting would otherwise fail ("AcceleratorState
+    has already been initialized and cannot be changed"). Under a multi-process launch the state
+    belongs to the launch and is left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices (not on biases, norms or 1-d parameters)."""
     decay, no_decay = [], []
@@ -51,7 +69,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -68,7 +86,7 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, num_training_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler)
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler_type)
     )
 
 
@@ -95,7 +113,11 @@ def iterate_batches(n: int, batch_size: int, seed: int, start_step: int, total_s
     global_bs = batch_size * num_processes
     per_epoch = n // global_bs
     if per_epoch == 0:
-        raise ValueError(f"{n} examples are fewer than one global batch of {global_bs}")
+        from rlhfkit.errors import ConfigError
+
+        what = "no training examples" if n == 0 else f"{n} training examples are fewer than one global batch of {global_bs}"
+        raise ConfigError(f"config field 'per_device_train_batch_size': {what} "
+                          f"({batch_size} per device x {num_processes} processes); give more data or a smaller batch")
     order, order_epoch = None, -1
     for step in range(start_step, total_steps):
         epoch, pos = divmod(step, per_epoch)
@@ -127,7 +149,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    # accelerate warns "Removed shared tensor ..." on every checkpoint of a model with tied
+    # embeddings; the tie is restored on load, so the warning is noise to a user
+    quiet = logging.getLogger("accelerate.utils.other")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        quiet.setLevel(level)
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
         with atomic_path(final) as t:

@@ -9,7 +9,6 @@ reward rising while the eval reward falls.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,41 +130,40 @@ def check_hacking(alarm, metrics: dict, step: int, accelerator) -> bool:
     return alarm.should_stop
 
 
+class _UnderContext(torch.nn.Module):
+    """A model whose every forward runs inside `ctx()`: the reference of a LoRA policy (adapters off)."""
+
+    def __init__(self, model: torch.nn.Module, ctx: Callable[[], Any]):
+        super().__init__()
+        self.model, self._ctx = model, ctx
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._ctx():
+            return self.model(*args, **kwargs)
+
+
 @torch.no_grad()
 def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[Any], columns: dict, eval_reward,
                                train_reward, cfg: Any, ref_ctx: Callable[[], Any] | None = None,
-                               seed: int = 12345) -> dict[str, float]:
-    """Held-out check of a finished run: win rate of the policy over the reference by the eval reward
-    (ties half), both rewards for both models, and the mean summed per-response KL(policy || reference)."""
-    from rlhfkit.rollout import generate
-    from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
-    from rlhfkit.rollout.prompts import as_completions, render_prompt
+                               seed: int = 12345, n_boot: int = 200) -> dict[str, float]:
+    """Held-out check of a finished run through the one evaluator (`rlhfkit.eval.run_eval.evaluate`):
+    win rate of the policy over the reference by the eval reward (ties half), both rewards for both
+    models, and the mean summed per-response KL(policy || reference), flattened to means."""
+    from rlhfkit.eval.run_eval import PromptScorer, evaluate
+    from rlhfkit.rollout.forward import unwrap
+    from rlhfkit.rollout.prompts import render_prompt
 
-    ctx = ref_ctx or contextlib.nullcontext
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    kw = dict(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-              batch_size=cfg.generation_batch_size, seed=seed, max_prompt_length=cfg.max_prompt_length)
-    pol = generate(unwrap(policy), tokenizer, texts, **kw)
-    with ctx():
-        ref = generate(unwrap(reference), tokenizer, texts, **kw)
     prompts = list(prompts)
-
-    def score(rs, roll):
-        return rs(prompts, as_completions(prompts, roll.responses), **columns)
-
-    g_pol, g_ref = score(eval_reward, pol), score(eval_reward, ref)
-    win = float(np.mean((g_pol > g_ref) + 0.5 * (g_pol == g_ref)))
-    ids, mask = pol.sequences()
-    r_len, bs = pol.response_ids.shape[1], cfg.generation_batch_size
-    lp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
-    with ctx():
-        lr = batched(lambda i, m: response_logprobs(unwrap(reference), i, m, r_len, cfg.temperature)[0], ids, mask,
-                     bs)
-    kl = ((lp - lr) * pol.response_mask).sum(-1).mean().item()
-    out = {"eval_win_rate": win, "kl": kl, "eval_reward": float(g_pol.mean()),
-           "eval_reward_reference": float(g_ref.mean()), "response_length": pol.response_lengths.float().mean().item(),
-           "reward": float(np.mean(score(train_reward, pol))), "reward_reference": float(np.mean(score(train_reward, ref)))}
+    ref = _UnderContext(unwrap(reference), ref_ctx) if ref_ctx is not None else unwrap(reference)
+    m, _ = evaluate(unwrap(policy), ref, tokenizer, [render_prompt(tokenizer, p) for p in prompts],
+                    PromptScorer(eval_reward, prompts, columns), PromptScorer(train_reward, prompts, columns), (),
+                    cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.generation_batch_size, seed, n_boot)
+    out = {"eval_win_rate": m["win_rate"]["mean"], "kl": m["kl"]["mean"], "eval_reward": m["gold"]["mean"],
+           "eval_reward_reference": m["gold_reference"]["mean"], "reward": m["proxy"]["mean"],
+           "reward_reference": m["proxy_reference"]["mean"], "response_length_words": m["mean_length"],
+           "eval_win_rate_lo": m["win_rate"]["lo"], "eval_win_rate_hi": m["win_rate"]["hi"]}
     # the names reports of the bundled task read
-    out.update(gold_win_rate=win, gold_reward=out["eval_reward"], gold_reward_reference=out["eval_reward_reference"],
-               proxy_reward=out["reward"], proxy_reward_reference=out["reward_reference"])
+    out.update(gold_win_rate=out["eval_win_rate"], gold_reward=out["eval_reward"],
+               gold_reward_reference=out["eval_reward_reference"], proxy_reward=out["reward"],
+               proxy_reward_reference=out["reward_reference"])
     return out

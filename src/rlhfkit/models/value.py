@@ -57,10 +57,11 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
     return policy
 
 
-def load_value_model(source: str, tokenizer: Any, dtype: str = "float32") -> TokenValues:
-    """The critic from a folder (a reward model or the policy: a fresh one-output head)."""
+def load_value_model(source: str, tokenizer: Any, dtype: str = "float32", **kwargs: Any) -> TokenValues:
+    """The critic from a folder (a reward model or the policy: a fresh one-output head); `kwargs` go to
+    load_reward_model (attn_implementation, gradient_checkpointing)."""
     from rlhfkit.models import load_reward_model
 
-    critic = load_reward_model(source, dtype)
+    critic = load_reward_model(source, dtype, **kwargs)
     critic.config.pad_token_id = tokenizer.pad_token_id
     return TokenValues(critic)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-
 from typing import Annotated
 
 import numpy as np
@@ -160,13 +159,14 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
 def main(cfg: Config) -> dict:
     from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.dropout import disable_dropout
+    from rlhfkit.models.lora import disable_dropout
     from rlhfkit.rollout.prompts import load_prompt_set
 
     seed_everything(cfg.seed)
     out = prepare_run_dir(cfg.output_dir, cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, padding_side="left")
-    policy = disable_dropout(load_policy(cfg.model, cfg.dtype, trainable=False))
+    policy = load_policy(cfg.model, cfg.dtype, trainable=False)
+    disable_dropout(policy)
     prompt_set = load_prompt_set(cfg.prompts, "eval", limit=cfg.max_prompts)
     prompts = prompt_set.prompts  # text, or conversations (written as given to selected.jsonl)
     judge = load_rewards(cfg.reward, cfg.reward_weights, batch_size=cfg.batch_size)

@@ -20,7 +20,7 @@ From Python: ``rlhfkit.recipes.grpo.main(Config(model=..., prompts=..., reward=[
 or ``main(cfg, reward_funcs=[fn, ...])`` with TRL-style functions.
 
 Optimiser-step convention (all on-policy recipes): one mini-batch = one optimiser step. Its rows
-go through the model in micro-batches of `per_device_batch_size`; each micro-batch's loss is
+go through the model in micro-batches of `per_device_train_batch_size`; each micro-batch's loss is
 normalised by the totals of the whole mini-batch (rlhfkit.losses.policy.StepTotals), so the
 micro-batch losses add up to the mini-batch loss and `accelerator.backward(loss)` is called on
 each with no further division.
@@ -33,19 +33,39 @@ import dataclasses
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-from rlhfkit.advantages import ADVANTAGE_ESTIMATORS, RunningMoments, kl_estimate, make_kl_controller, process_scores
-from rlhfkit.advantages import zero_variance_share
+from rlhfkit.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    RunningMoments,
+    kl_estimate,
+    make_kl_controller,
+    process_scores,
+    zero_variance_share,
+)
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, reference_model, save_model
-from rlhfkit.models.dropout import disable_dropout
-from rlhfkit.rollout import get_engine, micro_batches, minibatches
+from rlhfkit.models import (
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    reference_model,
+    save_model,
+)
+from rlhfkit.models.lora import disable_dropout
+from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
-from rlhfkit.rollout.prompts import as_completions, default_eval_source, load_prompt_set, prompts_for_step, render_prompt
+from rlhfkit.rollout.prompts import (
+    as_completions,
+    default_eval_source,
+    load_prompt_set,
+    prompts_for_step,
+    render_prompt,
+    rows_of,
+)
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
@@ -85,6 +105,8 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     """grpo: divide group-centred rewards by the group std (false for Dr. GRPO); rloo: whiten advantages over the batch."""
     engine: str = "hf"
     """Generation engine (rlhfkit.rollout.ENGINES)."""
+    logging_steps: int = 1
+    """Write metrics every N updates (each update's metrics are computed either way)."""
     num_ppo_epochs: int = 1
     """Passes over each rollout batch (GRPO's mu; TRL's num_iterations)."""
     output_dir: str = "runs/grpo"
@@ -104,6 +126,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
         require(self.importance_sampling_level in IMPORTANCE_RATIOS, "importance_sampling_level",
                 f"must be one of {sorted(IMPORTANCE_RATIOS)}")
         require(self.beta >= 0 and self.epsilon > 0, "beta", "beta must be >= 0 and epsilon > 0")
+        require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
 
 
 def step_totals(acc, rmask: torch.Tensor, max_length: int) -> StepTotals:
@@ -114,6 +137,93 @@ def step_totals(acc, rmask: torch.Tensor, max_length: int) -> StepTotals:
     return StepTotals(float(t[0]), float(t[1]), max_length)
 
 
+def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, acc, engine,
+            single_pass: bool):
+    """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages."""
+    G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, acc.device
+    # 2. rollout: G responses per prompt, prompt-major rows
+    roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
+                  cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
+                  seed=cfg.seed * 1_000_003 + step * 7919 + acc.process_index, max_prompt_length=cfg.max_prompt_length)
+    row_prompts, columns = rows_of(prompts, roll.prompt_index)
+    completions = as_completions(row_prompts, roll.responses)
+    # 3. score every reward; a failing reward stops the run here, before any update
+    scored = rewards.score(row_prompts, completions, **columns)
+    scores = torch.tensor(scored.total, dtype=torch.float32)
+    eval_scores = eval_reward(row_prompts, completions, **columns) if eval_reward is not None else None
+    # 4. old and reference log-probs with the training forward and layout (first ratio exactly 1); a single
+    #    pass trains each row once before any step, so its old log-probs are filled in by that forward
+    ids, mask = (t.to(dev) for t in roll.sequences())
+    r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
+    old_logp = torch.zeros_like(rmask) if single_pass else batched(
+        lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    with ref_ctx():
+        ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    check_finite("rollout log-probs", old_logp, ref_logp)
+    # 5. rewards -> group advantages (the KL in the reward for RLOO)
+    shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
+                            cfg.score_clip or None).to(dev)
+    if cfg.kl_in_reward:
+        shaped = shaped - beta * (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * rmask).sum(-1)
+    adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](shaped, G, cfg.scale_rewards)
+    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv)
+    stats = scored.stats()
+    stats.update(frac_reward_zero_std=zero_variance_share(scores, G),
+                 group_reward_std=scores.reshape(-1, G).std(-1).mean().item(),
+                 num_truncated_prompts=roll.num_truncated_prompts)
+    return roll, scores, eval_scores, traj, stats
+
+
+def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, acc, beta, single_pass) -> dict:
+    """Step 6: num_ppo_epochs x num_mini_batches optimiser steps on the policy; averaged metrics."""
+    metrics, stopped = [], False
+    kl_in_loss = 0.0 if cfg.kl_in_reward else beta
+    for epoch in range(cfg.num_ppo_epochs):
+        for mb in minibatches(len(traj), cfg.num_mini_batches, cfg.seed, step, epoch):
+            totals = step_totals(acc, traj.response_mask[mb], cfg.max_completion_length)
+            micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
+            for j, idx in enumerate(micro):
+                with acc.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext():
+                    logp, ent = response_logprobs(policy, traj.input_ids[idx], traj.attention_mask[idx],
+                                                  traj.response_len, cfg.temperature, with_entropy=epoch == 0)
+                    if single_pass:
+                        traj.old_logp[idx] = logp.detach()
+                    loss, m = grpo_loss(logp, traj.old_logp[idx], traj.ref_logp[idx] if kl_in_loss else None,
+                                        traj.advantages[idx], traj.response_mask[idx], cfg.epsilon, kl_in_loss,
+                                        cfg.loss_type, cfg.epsilon_high or None, cfg.max_completion_length,
+                                        cfg.importance_sampling_level, totals)
+                    check_finite("GRPO loss", loss)
+                    acc.backward(loss)
+                if ent is not None:
+                    m["entropy"] = masked_mean(ent, traj.response_mask[idx])
+                mb_metrics.append(m)
+            grad_norm = None
+            if cfg.max_grad_norm:  # a non-finite gradient shows in the norm
+                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                check_finite("GRPO gradient norm", grad_norm)
+            else:
+                check_finite_grads(policy)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sm = monitor.average_metrics(mb_metrics)
+            sm["policy_loss"] = sum(float(x["policy_loss"]) for x in mb_metrics)  # the step's loss
+            if grad_norm is not None:
+                sm["grad_norm"] = float(grad_norm)
+            metrics.append(sm)
+            if cfg.early_stop_kl and sm["approx_kl"] > cfg.early_stop_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    out = monitor.average_metrics(metrics)
+    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
+               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics), early_stopped=float(stopped))
+    if "kl" in out:  # the loss's mean per-token k3; "kl" in the metrics is the per-response sum
+        out["kl_k3_token_mean"] = out.pop("kl")
+    return out
+
+
 def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     """Train; returns the last update's metrics and, with an eval reward, the held-out evaluation.
 
@@ -122,7 +232,8 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     acc = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, acc.is_main_process)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = reference_model(policy, cfg.use_lora)
@@ -134,7 +245,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
-        1, int(cfg.num_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
+        1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
     policy, optimizer = acc.prepare(policy, optimizer)
@@ -154,110 +265,45 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         acc.print(f"grpo: resumed from {ckpt} at update {start}")
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
     alarm = monitor.make_hacking_alarm(cfg, out, acc.is_main_process)
-    G, bs, dev = cfg.num_generations, cfg.per_device_batch_size, acc.device
     single_pass = cfg.num_ppo_epochs * cfg.num_mini_batches == 1 and not cfg.kl_in_reward
     truncated, last = 0, {}
+    bar = tqdm(total=n_updates, initial=start, desc=cfg.advantage_estimator, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
         # 1. this update's prompts (a pure function of seed and step) and their extra columns
-        batch = prompt_set.select(prompts_for_step(len(prompt_set), step, cfg.prompts_per_step, cfg.seed,
-                                                   acc.num_processes, acc.process_index))
-        # 2. rollout: G responses per prompt, prompt-major rows
-        roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in batch.prompts], cfg.max_completion_length,
-                      cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
-                      seed=cfg.seed * 1_000_003 + step * 7919 + acc.process_index,
-                      max_prompt_length=cfg.max_prompt_length)
-        rows = roll.prompt_index.tolist()
-        row_prompts = [batch.prompts[i] for i in rows]
-        columns = {k: [v[i] for i in rows] for k, v in batch.columns.items()}
-        completions = as_completions(row_prompts, roll.responses)
-        # 3. score every reward; a failing reward stops the run here, before any update
-        scored = rewards.score(row_prompts, completions, **columns)
-        scores = torch.tensor(scored.total, dtype=torch.float32)
-        eval_scores = eval_reward(row_prompts, completions, **columns) if eval_reward is not None else None
-        # 4. old and reference log-probs with the training forward and layout (first ratio exactly 1)
-        ids, mask = (t.to(dev) for t in roll.sequences())
-        r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
-        old_logp = torch.zeros_like(rmask) if single_pass else batched(
-            lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
-        with ref_ctx():
-            ref_logp = batched(lambda i, m: response_logprobs(ref_fwd, i, m, r_len, cfg.temperature)[0], ids, mask, bs)
-        check_finite("rollout log-probs", old_logp, ref_logp)
-        # 5. rewards -> advantages (KL in the reward for RLOO)
+        prompts = prompt_set.select(prompts_for_step(len(prompt_set), step, cfg.prompts_per_step, cfg.seed,
+                                                     acc.num_processes, acc.process_index))
+        # 2.-5. rollout, rewards, old/reference log-probs, group advantages
         beta = kl_ctl.value
-        shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
-                                cfg.score_clip or None).to(dev)
-        if cfg.kl_in_reward:
-            shaped = shaped - beta * (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * rmask).sum(-1)
-        adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](shaped, G, cfg.scale_rewards)
+        roll, scores, eval_scores, traj, stats = collect(policy, ref_fwd, ref_ctx, tok, rewards, eval_reward, prompts,
+                                                         cfg, step, beta, running, acc, engine, single_pass)
         t_roll = time.perf_counter() - t0
-        # 6. num_ppo_epochs x num_mini_batches optimiser steps
-        step_metrics, stopped = [], False
-        for epoch in range(cfg.num_ppo_epochs):
-            for mb in minibatches(len(roll), cfg.num_mini_batches, cfg.seed, step, epoch):
-                totals = step_totals(acc, rmask[mb], cfg.max_completion_length)
-                micro, mb_metrics = micro_batches(mb, bs), []
-                for j, idx in enumerate(micro):
-                    sync = acc.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext()
-                    with sync:
-                        logp, ent = response_logprobs(policy, ids[idx], mask[idx], r_len, cfg.temperature,
-                                                      with_entropy=epoch == 0)
-                        if single_pass:  # trained once, before any step: old log-probs are these
-                            old_logp[idx] = logp.detach()
-                        loss, m = grpo_loss(logp, old_logp[idx], None if cfg.kl_in_reward else ref_logp[idx],
-                                            adv[idx], rmask[idx], cfg.epsilon, 0.0 if cfg.kl_in_reward else beta,
-                                            cfg.loss_type, cfg.epsilon_high or None, cfg.max_completion_length,
-                                            cfg.importance_sampling_level, totals)
-                        check_finite("GRPO loss", loss)
-                        acc.backward(loss)
-                    if ent is not None:
-                        m["entropy"] = masked_mean(ent, rmask[idx])
-                    mb_metrics.append(m)
-                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-                check_finite("GRPO gradient norm", grad_norm) if grad_norm is not None else check_finite_grads(policy)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                sm = monitor.average_metrics(mb_metrics)
-                sm["policy_loss"] = sum(float(x["policy_loss"]) for x in mb_metrics)  # the step's loss
-                if grad_norm is not None:
-                    sm["grad_norm"] = float(grad_norm)
-                step_metrics.append(sm)
-                if cfg.early_stop_kl and sm["approx_kl"] > cfg.early_stop_kl:
-                    stopped = True
-                    break
-            if stopped:
-                break
-        # 7. metrics: per reward, groups without signal, KL, the hacking alarm
-        train_stats = monitor.average_metrics(step_metrics)
-        train_stats.update(first_ratio_mean=step_metrics[0]["ratio_mean"], first_ratio_min=step_metrics[0]["ratio_min"],
-                           first_ratio_max=step_metrics[0]["ratio_max"], optimizer_steps=len(step_metrics),
-                           early_stopped=float(stopped), learning_rate=scheduler.get_last_lr()[0])
-        if "kl" in train_stats:  # the loss's mean per-token k3; "kl" below is the per-response sum
-            train_stats["kl_k3_token_mean"] = train_stats.pop("kl")
-        kl = kl_estimate(old_logp, ref_logp, "k1") * rmask
-        stats = monitor.rollout_stats(roll, scores, kl, old_logp, eval_scores)
-        stats.update(scored.stats())
-        stats["frac_reward_zero_std"] = zero_variance_share(scores, G)
-        stats["group_reward_std"] = scores.reshape(-1, G).std(-1).mean().item()
-        stats["num_truncated_prompts"] = roll.num_truncated_prompts
+        # 6. epochs x mini-batches of clipped policy steps
+        train_stats = train_on_batch(policy, optimizer, scheduler, traj, cfg, step, acc, beta, single_pass)
+        # 7. metrics (per reward, groups without signal, KL), the KL controller, alarm, samples, checkpoint
+        kl = kl_estimate(traj.old_logp, traj.ref_logp, "k1") * traj.response_mask
+        stats.update(monitor.rollout_stats(roll, scores, kl, traj.old_logp, eval_scores))
         truncated += roll.num_truncated_prompts
-        merged = {**train_stats, **stats}
+        merged = {**train_stats, **stats, "learning_rate": scheduler.get_last_lr()[0]}
         keys = sorted(merged)
         last = dict(zip(keys, mean_across_processes(acc, [float(merged[k]) for k in keys])))
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(beta=kl_ctl.value, kl_coef=kl_ctl.value, rollout_seconds=t_roll,
                     step_seconds=time.perf_counter() - t0)
         stop_run = monitor.check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
-        logger.log(last, step + 1)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == n_updates or stop_run:
+            logger.log(last, step + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break
+    bar.close()
     if truncated:
         acc.print(f"grpo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")

@@ -22,6 +22,7 @@ import dataclasses
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhfkit.advantages import (
     RunningMoments,
@@ -36,12 +37,24 @@ from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
-from rlhfkit.models import load_policy, load_tokenizer, reference_context, reference_model, save_model
-from rlhfkit.models.dropout import disable_dropout
+from rlhfkit.models import (
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    reference_model,
+    save_model,
+)
+from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
-from rlhfkit.rollout.prompts import as_completions, default_eval_source, load_prompt_set, prompts_for_step, render_prompt
+from rlhfkit.rollout.prompts import (
+    as_completions,
+    default_eval_source,
+    load_prompt_set,
+    prompts_for_step,
+    render_prompt,
+)
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
@@ -54,6 +67,8 @@ from rlhfkit.training import (
     mean_across_processes,
     save_checkpoint,
 )
+
+NAME = "ppo"
 
 
 @dataclasses.dataclass
@@ -82,6 +97,8 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     """prompt/completion data for PPO-ptx ('' = the bundled SFT records when training on the bundled task)."""
     engine: str = "hf"
     """Generation engine (rlhfkit.rollout.ENGINES)."""
+    logging_steps: int = 1
+    """Write metrics every N updates (each update's metrics are computed either way)."""
     output_dir: str = "runs/ppo"
     """Folder for checkpoints, metrics.jsonl, TensorBoard events and the final model."""
 
@@ -91,6 +108,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
         require(self.model != "", "model", "give the SFT policy to start from (a folder or 'kindly')")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         require(self.cliprange > 0, "cliprange", "must be > 0")
+        require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma and lam must be in [0, 1]")
         require(self.vf_coef >= 0 and self.entropy_coef >= 0 and self.ptx_coef >= 0, "vf_coef",
                 "vf_coef, entropy_coef and ptx_coef must be >= 0")
@@ -110,7 +128,7 @@ def ptx_batches(cfg: Config, tok):
         from rlhfkit.data import load_records
 
         records = load_records(cfg.ptx_data, required=["prompt", "completion"])
-    collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_batch_size
+    collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_train_batch_size
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
         for i in torch.randperm(len(records), generator=g).tolist()[: len(records) - bs + 1: bs]:
@@ -120,7 +138,7 @@ def ptx_batches(cfg: Config, tok):
 def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, prompts, cfg, step, kl_ctl, running, acc,
             engine):
     """Steps 1-6 of an update: a scored rollout turned into a Trajectory of advantages and returns."""
-    dev, bs = acc.device, cfg.per_device_batch_size
+    dev, bs = acc.device, cfg.per_device_train_batch_size
     # 2. rollout: one response per prompt
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
@@ -165,7 +183,7 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
             if acc.num_processes > 1:
                 n_tok = acc.reduce(n_tok, "sum") / acc.num_processes
             totals = StepTotals(float(n_tok), float(len(mb)), cfg.max_completion_length)
-            micro, mb_metrics = micro_batches(mb, cfg.per_device_batch_size), []
+            micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
             for j, idx in enumerate(micro):
                 with contextlib.ExitStack() as sync:  # all-reduce gradients once, on the last micro-batch
                     if j < len(micro) - 1:
@@ -232,14 +250,16 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     acc = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, acc.is_main_process)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    policy = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
     ref_model = reference_model(policy, cfg.use_lora)  # with LoRA: the policy itself, adapters off
     if not cfg.use_lora:
         ref_model.to(acc.device)
     rewards = load_rewards(cfg.reward, cfg.reward_weights, acc.device, cfg.generation_batch_size,
                            reward_funcs if reward_funcs is not None else reward_fn)
     critic = load_value_model(value_model_source(cfg.value_model, cfg.model, cfg.reward, tok, acc.print), tok,
-                              cfg.dtype)
+                              cfg.dtype, attn_implementation=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         for model in (policy, ref_model, critic):
             disable_dropout(model)
@@ -247,7 +267,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
-        1, int(cfg.num_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
+        1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     opt_p, opt_v = make_optimizer(policy, cfg), make_optimizer(critic, cfg)
     schedulers = [make_scheduler(o, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches) for o in (opt_p, opt_v)]
     policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
@@ -269,6 +289,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
     alarm = monitor.make_hacking_alarm(cfg, out, acc.is_main_process)
     truncated, last = 0, {}
+    bar = tqdm(total=n_updates, initial=start, desc=NAME, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
         # 1. this update's prompts: a pure function of (seed, step), so resuming replays them
@@ -288,15 +309,19 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
         last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
         stop_run = monitor.check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
-        logger.log(last, step + 1)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == n_updates or stop_run:
+            logger.log(last, step + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             samples = monitor.sample_rows(roll, scores, eval_scores)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
         if stop_run:
             break
+    bar.close()
     if truncated:
         acc.print(f"ppo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")

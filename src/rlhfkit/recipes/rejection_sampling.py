@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-
 from typing import Annotated
 
 import numpy as np
@@ -118,7 +117,7 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
 def main(cfg: Config) -> dict:
     from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.dropout import disable_dropout
+    from rlhfkit.models.lora import disable_dropout
     from rlhfkit.recipes.sft import train_causal_lm
     from rlhfkit.rollout import generate
     from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt, rows_of
