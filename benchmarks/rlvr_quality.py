@@ -37,9 +37,9 @@ REWARD = "py:rlhfkit.tasks.arith:reward_fn"
 BUDGET = dict(max_steps=60, prompts_per_step=32, num_generations=8, learning_rate=3e-4, max_completion_length=5,
               temperature=1.0)
 SHARED = dict(prompts="arith", reward=[REWARD], eval_reward="none", eval_prompts="", num_eval_prompts=0,
-              per_device_batch_size=256, generation_batch_size=256, num_mini_batches=1, num_ppo_epochs=1,
+              per_device_train_batch_size=256, generation_batch_size=256, num_mini_batches=1, num_ppo_epochs=1,
               report_to="jsonl", sample_every=20, seed=SEED, progress=False, hacking_window=0, warmup_steps=0,
-              lr_scheduler="constant")
+              lr_scheduler_type="constant")
 ALGOS = {"grpo": dict(beta=0.0, loss_type="sequence"), "rloo": dict(beta=0.0)}
 
 
