@@ -26,8 +26,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import CONFIGS, WORK, locked, peer_available
 
 SEED = 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from rlhfkit.tasks import arith
 
 PROBLEM_RE = re.compile(r"^Q: (\d+)([+-])(\d+)= A:$")
