@@ -32,7 +32,7 @@ SEED = 0
 OUT = WORK / "rlvr_quality"
 REWARD = "py:rlhfkit.tasks.arith:reward_fn"
 # one budget for every learner: updates x prompts per update x generations per prompt
-BUDGET = dict(max_steps=60, prompts_per_step=32, num_generations=8, learning_rate=3e-4, max_completion_length=5,
+BUDGET = dict(max_steps=150, prompts_per_step=32, num_generations=8, learning_rate=5e-4, max_completion_length=5,
               temperature=1.0)
 SHARED = dict(prompts="arith", reward=[REWARD], eval_reward="none", eval_prompts="", num_eval_prompts=0,
               per_device_train_batch_size=256, generation_batch_size=256, num_mini_batches=1, num_ppo_epochs=1,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from rlhfkit.tasks import arith
 
+# the slow learning test: configs/sft_arith.yaml's SFT, then a short GRPO run (measured on the
+# shipped base: greedy accuracy on eval[:300] 0.28 after SFT, 0.38 after 60 GRPO updates)
+SFT_STEPS, SFT_LR = 100, 3e-4
+GRPO_STEPS, GRPO_LR, GRPO_GAIN = 60, 5e-4, 0.06
 PROBLEM_RE = re.compile(r"^Q: (\d+)([+-])(\d+)= A:$")
 
 
@@ -135,3 +141,44 @@ def test_export_writes_every_file(tmp_path):
     assert (tmp_path / "corpus_train.txt").read_text().splitlines() == arith.corpus_lines("train")
     assert not list(tmp_path.glob("*.tmp"))
 
+
+
+def _greedy_accuracy(path, records) -> float:
+    import torch
+
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout import generate
+
+    prompts = [r["prompt"] for r in records]
+    tok, model = load_tokenizer(str(path)), load_policy(str(path))
+    with torch.no_grad():
+        roll = generate(model, tok, prompts, max_new_tokens=5, temperature=0.0, batch_size=300)
+    hits = arith.accuracy(prompts, roll.responses, [r["answer"] for r in records])
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.slow
+def test_grpo_with_the_verifier_beats_the_sft_policy(tmp_path):
+    """The shipped base, SFT on the noisy demonstrations (configs/sft_arith.yaml settings), then
+    GRPO with the exact-match verifier, fixed seeds: greedy exact-match accuracy on 300 held-out
+    problems rises by at least GRPO_GAIN."""
+    from rlhfkit.recipes import grpo, sft
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith.sft_records("train")))
+    sft.main(sft.Config(model=str(arith.base_model_path()), dataset=str(data / "sft.jsonl"), max_length=32,
+                        per_device_train_batch_size=32, learning_rate=SFT_LR, max_steps=SFT_STEPS, warmup_steps=10,
+                        lr_scheduler_type="cosine", eval_steps=0, output_dir=str(tmp_path / "sft"), seed=0,
+                        progress=False, report_to="jsonl"))
+    policy0 = tmp_path / "sft" / "final"
+    grpo.main(grpo.Config(model=str(policy0), prompts="arith", reward=["py:rlhfkit.tasks.arith:reward_fn"],
+                          eval_reward="none", eval_prompts="", num_eval_prompts=0, max_steps=GRPO_STEPS,
+                          prompts_per_step=32, num_generations=8, max_completion_length=5, temperature=1.0,
+                          per_device_train_batch_size=256, generation_batch_size=256, num_ppo_epochs=1,
+                          num_mini_batches=1, beta=0.0, loss_type="sequence", learning_rate=GRPO_LR, warmup_steps=0,
+                          lr_scheduler_type="constant", sample_every=0, hacking_window=0, seed=0, report_to="jsonl",
+                          progress=False, output_dir=str(tmp_path / "grpo")))
+    held_out = arith.prompt_records("eval")[:300]
+    before, after = _greedy_accuracy(policy0, held_out), _greedy_accuracy(tmp_path / "grpo" / "final", held_out)
+    assert after >= before + GRPO_GAIN, (before, after)
