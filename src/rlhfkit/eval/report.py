@@ -28,9 +28,9 @@ from pathlib import Path
 
 from rlhfkit.runs import atomic_write_text
 
-MAX_CURVES = 12
+MAX_CURVES = 16
 MAX_SAMPLES = 12
-_PRIORITY = ("gold", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
+_PRIORITY = ("rewards/", "frac_reward_zero_std", "gold", "eval_reward", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
 # eval.json keys shown as table columns, in order
 TABLE_COLUMNS = (
     ("gold", "gold reward"), ("proxy", "proxy (RM)"), ("kl", "KL to ref"), ("win_rate", "win rate vs ref"),
@@ -110,7 +110,8 @@ def _curve_keys(rows: list[dict]) -> list[str]:
         for k, v in r.items():
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                 keys[k] = keys.get(k, 0) + 1
-    usable = [k for k, c in keys.items() if c >= 2]
+    # one curve per reward function (its mean); spread and abstentions stay in metrics.jsonl
+    usable = [k for k, c in keys.items() if c >= 2 and not (k.startswith("rewards/") and not k.endswith("/mean"))]
 
     def rank(k: str) -> tuple:
         low = k.lower()
@@ -264,6 +265,17 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
     if evals:
         parts.append("<h2>Evaluation</h2>")
         parts.append(metric_table(evals))
+
+    agreements = [(p, json.loads(p.read_text())) for p in _find(root, "agreement.json")]
+    if agreements:  # labels came from a judge: how far they stand from the reference (rlhfkit agreement)
+        parts.append("<h2>Label agreement (AI judge against the reference)</h2>")
+        keys = ("a", "b", "pairs", "decided", "agreement", "kappa", "krippendorff_alpha", "coverage")
+        parts.append(records_table([{"where": _rel(p, root), **{k: d[k] for k in keys if k in d}}
+                                    for p, d in agreements]))
+        for p, d in agreements:
+            if isinstance(d.get("confusion"), dict):
+                parts.append(f"<h3>Confusion ({esc(_rel(p, root))}): rows a, columns b</h3>")
+                parts.append(records_table([{"a": r, **row} for r, row in d["confusion"].items()]))
 
     for p in _find(root, "overopt.json"):
         img, fits = overopt_figure(json.loads(p.read_text()))
