@@ -72,7 +72,7 @@ from rlhfkit.training import (
     save_checkpoint,
 )
 
-CACHE_FORMAT = 1  # bump when the meaning of cached reference log-probs changes
+CACHE_FORMAT = 2  # bump when the meaning of cached reference log-probs changes
 
 
 @dataclasses.dataclass
@@ -113,8 +113,7 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
         require(self.beta > 0, "beta", "must be > 0")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         require(self.max_length >= 4, "max_length", "must be >= 4")
-        if not self.model:
-            self.model = "kindly"
+        self.model = self.model or "kindly"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +167,8 @@ def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: 
 
 
 def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[int], ref_table: torch.Tensor | None,
-               pad_id: int, device: Any) -> tuple[torch.Tensor, dict, int]:
-    """Loss and metrics of the micro-batch `index`; returns (loss, metrics, non-pad tokens)."""
+               pad_id: int, device: Any, reduce=None) -> tuple[torch.Tensor, dict, int]:
+    """Loss, metrics, non-pad tokens of micro-batch `index`; `reduce` (cross-process sum): KTO's z_0 over all."""
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
     # pairs: the preference batch the reward recipe uses too (chosen rows, then rejected rows)
@@ -193,7 +192,7 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
             if kl:
                 ref_kl, _ = response_logps(ref, collate_responses(example_rows(enc, index, kl=True), pad_id, device), fast)
     hparams = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
-                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight, all_reduce_sum=reduce)
     if enc.paired:
         B = len(index)
         inputs = dict(chosen_logps=logps[:B], rejected_logps=logps[B:], chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
@@ -280,6 +279,7 @@ def main(cfg: Config) -> dict:
                 ref_model = None  # every reference value is in the tables now; free the copy
 
     nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    reduce = (lambda t: accelerator.reduce(t, "sum")) if nproc > 1 else None  # KTO's z_0 over all processes
     per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_train_batch_size, nproc)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(policy, cfg)
@@ -303,7 +303,7 @@ def main(cfg: Config) -> dict:
                                            total_steps * accum, nproc, rank):
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(policy):
-            loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device)
+            loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device, reduce)
             check_finite("loss", loss)
             accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
         tokens += ntok * nproc
