@@ -45,28 +45,8 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def quiet_library_noise() -> None:
-    """Filter library messages a user of the command line cannot act on.
-
-    transformers 5.x deprecates the `past_key_values` keyword (a FutureWarning per forward and a
-    logged notice) in favour of `cache`; the rollout engine still passes it, and the message
-    says nothing about the user's run. Everything else stays visible.
-    """
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
-
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "past_key_values`/`cache_params` are deprecated" not in record.getMessage()
-
-    logging.getLogger("transformers.utils.generic").addFilter(_Drop())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_library_noise()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
