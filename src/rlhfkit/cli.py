@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.cli(rest) or 0)
     from rlhfkit.config import parse_config
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.runs import claim_run_folder, discard_unfinished_run, has_saved_state
+    from rlhfkit.runs import claim_run_folder, discard_unfinished_run, has_saved_state, run_folder_owned
 
     out = existed = None
     try:
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = getattr(cfg, "output_dir", None)
         if out and hasattr(cfg, "overwrite"):  # training commands: one run per folder
             existed = claim_run_folder(out, getattr(cfg, "resume", False), cfg.overwrite)
-        module.main(cfg)
+        with run_folder_owned():  # checked just above
+            module.main(cfg)
     except KeyboardInterrupt:
         saved = out is not None and has_saved_state(out)
         if out is not None and existed is not None:

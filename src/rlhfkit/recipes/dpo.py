@@ -58,7 +58,7 @@ from rlhfkit.models import (
     save_model,
     weights_fingerprint,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -251,6 +251,7 @@ def _reference(cfg: Config, policy):
     return ref.requires_grad_(False)
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     device = accelerator.device

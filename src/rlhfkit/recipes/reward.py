@@ -42,7 +42,7 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
 
 
 @dataclasses.dataclass
@@ -315,6 +315,7 @@ def _split(units: list[dict], fraction: float, seed: int) -> tuple[list[dict], l
     return [units[i] for i in order[n_eval:]], [units[i] for i in order[:n_eval]]
 
 
+@one_run_per_folder
 def main(cfg: Config, printer=print) -> dict:
     """Train (an ensemble of) reward models; returns the final metrics, also written to results.json."""
     from accelerate import PartialState
