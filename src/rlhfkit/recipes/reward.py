@@ -299,7 +299,8 @@ def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train
         raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_train_batch_size * 4, device)
         stats = compute_stats(raw, reference=f"{len(seqs)} distinct training responses")
         extra = attach_stats(module.model, stats)
-    save_model(module.model, tokenizer, path, extra_files=extra)
+    # merge_lora False: a peft adapter, the score head in it through modules_to_save
+    save_model(module.model, tokenizer, path, extra_files=extra, merge_lora=cfg.merge_lora)
     return stats
 
 
