@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from rlhfkit.errors import NonFiniteError
 from rlhfkit.runs import atomic_path
+from rlhfkit.sharding import enable_fsdp_on_cpu
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -40,6 +41,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
         mixed_precision=cfg.mixed_precision,
         cpu=multi_process_cpu,
     )
+    enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.sharding)
     set_seed(cfg.seed)
     return acc
 

@@ -45,6 +45,7 @@ from rlhfkit.losses.preference import (
 )
 from rlhfkit.models import load_policy, load_tokenizer, reference_context, save_model
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -557,8 +558,9 @@ def main(cfg: Config) -> dict:
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, policy)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final")
+        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", state_dict=state)
         atomic_write_json(out / "results.json", final)
     accelerator.wait_for_everyone()
     return final

@@ -25,6 +25,7 @@ from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models import load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -204,8 +205,9 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final")
+        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final", state_dict=state)
         atomic_write_json(output_dir / "results.json", final)
     accelerator.wait_for_everyone()
     return final
