@@ -43,6 +43,7 @@ from rlhfkit.losses.preference import (
     compute_preference_loss,
     needs_reference,
 )
+from rlhfkit.memory import report_for_run
 from rlhfkit.models import load_policy, load_tokenizer, reference_context, save_model
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
 from rlhfkit.sharding import full_state_dict
@@ -483,6 +484,7 @@ def main(cfg: Config) -> dict:
                       + (f", {len(held_out.rows)} held out" if held_out else ""))
 
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    report_for_run(accelerator, policy, cfg, batch=2 * cfg.per_device_batch_size, seq_len=cfg.max_length)
     ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
     kl = cfg.kto_kl and not train.paired
     ref_train = ref_eval = None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.sft import sft_loss
+from rlhfkit.memory import report_for_run
 from rlhfkit.models import load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.sharding import full_state_dict
@@ -218,6 +219,7 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_policy(cfg.model, cfg.dtype, lora=cfg)
+    report_for_run(accelerator, model, cfg, batch=cfg.per_device_batch_size, seq_len=cfg.max_length)
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
     eval_source = cfg.eval_dataset or cfg.dataset
     eval_split = "train" if cfg.eval_dataset else "eval"
