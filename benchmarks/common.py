@@ -130,3 +130,71 @@ def paired_comparison(ours: list[dict], peer: list[dict], work: float | None = N
     result.update(ratio=round(statistics.median(ratios), 3), ratio_runs=[round(r, 3) for r in ratios],
                   ratio_spread=[round(min(ratios), 3), round(max(ratios), 3)], comparable=True)
     return result
+
+
+def cuda_or_say_why(name: str) -> bool:
+    """True with a CUDA device; otherwise print the one line a GPU benchmark gives on a CPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    print(f"{name}: no CUDA device on this machine; nothing measured (run it where `torch.cuda.is_available()`)")
+    return False
+
+
+def qwen05b_config(vocab_size: int = 151936, **overrides):
+    """A Qwen2.5-0.5B-shaped LlamaConfig (24 layers, hidden 896, 14 heads, 2 KV heads, FFN 4864,
+    tied 151936-token embedding: about 494M parameters); random weights, nothing from a hub."""
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096,
+               tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work (a no-op on CPU) so wall-clock timings cover it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (read + write counted), best of `repeats`."""
+    import time
+
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def measure_matmul_peak(device, dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Best dense matmul FLOP/s for `dtype` on `device` (2 n^3 per product)."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
