@@ -84,8 +84,8 @@ def rejection_rounds(sft: str, rm: str, prompts: list[str], quick: bool, max_new
 
     out = pipeline_root(quick) / "rejection_sampling"
     cfg = rs.Config(model=sft, judge=f"rm:{rm}", rounds=1 if quick else 3, k=4 if quick else 8,
-                    prompts_per_round=16 if quick else 384, max_new_tokens=max_new_tokens, per_device_batch_size=16,
-                    learning_rate=1e-4, num_epochs=1.0, output_dir=str(out), progress=False, report_to="jsonl",
+                    prompts_per_round=16 if quick else 384, max_new_tokens=max_new_tokens, per_device_train_batch_size=16,
+                    learning_rate=1e-4, num_train_epochs=1.0, output_dir=str(out), progress=False, report_to="jsonl",
                     resume=True, seed=0)
     res = rs.main(cfg)
     tok = load_tokenizer(sft)

@@ -63,8 +63,8 @@ def sft_tokens_per_second(model, tokenizer, n_rows: int) -> dict:
     rows = make_rows(tokenizer, n_rows, SEQ_LEN)
     examples = [{"input_ids": r, "labels": list(r), "attention_mask": [1] * len(r)} for r in rows]
     with tempfile.TemporaryDirectory() as d:
-        cfg = sft.Config(model="unused", output_dir=d, per_device_batch_size=BATCH, num_epochs=1.0,
-                         learning_rate=1e-4, log_every=10**9, report_to="none", progress=False, seed=0)
+        cfg = sft.Config(model="unused", output_dir=d, per_device_train_batch_size=BATCH, num_train_epochs=1.0,
+                         learning_rate=1e-4, logging_steps=10**9, report_to="none", progress=False, seed=0)
         t0 = time.perf_counter()
         result = sft.train_causal_lm(cfg, model, tokenizer, examples, [], make_accelerator(cfg), Path(d))
         seconds = time.perf_counter() - t0

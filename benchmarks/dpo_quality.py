@@ -41,7 +41,7 @@ VARIANTS = {
 # Used only while the shipped base checkpoint is missing: a smaller Llama pretrained here
 # in minutes (one CPU thread), so the benchmark runs on a busy machine. The result records it.
 SMALL_BASE = dict(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, block_size=64,
-                  per_device_batch_size=32, learning_rate=3e-3, warmup_steps=20, lr_scheduler="cosine", max_steps=300)
+                  per_device_train_batch_size=32, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine", max_steps=300)
 COMPARISON_PROMPTS = 1536
 
 
@@ -60,7 +60,7 @@ def _base(root: Path, quick: bool) -> tuple[str, str]:
     if not (out / "final" / "config.json").is_file():
         args = dict(SMALL_BASE, max_steps=3) if quick else dict(SMALL_BASE)
         pretrain.main(from_dict(pretrain.Config, dict(args, corpus="kindly", tokenizer="kindly:tokenizer", output_dir=str(out),
-                                                       progress=False, report_to="jsonl", log_every=20, eval_every=0, seed=0)))
+                                                       progress=False, report_to="jsonl", logging_steps=20, eval_steps=0, seed=0)))
     return str(out / "final"), f"small base pretrained here ({SMALL_BASE}); the shipped checkpoint was missing"
 
 
@@ -105,9 +105,9 @@ def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> di
     from rlhfkit.recipes import dpo
 
     hp = dict(VARIANTS[loss])
-    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), per_device_batch_size=16,
-                     num_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
-                     lr_scheduler="linear", warmup_steps=0 if quick else 10, log_every=10, report_to="jsonl",
+    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), per_device_train_batch_size=16,
+                     num_train_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
+                     lr_scheduler_type="linear", warmup_steps=0 if quick else 10, logging_steps=10, report_to="jsonl",
                      progress=False, seed=0, ref_cache_dir=str(WORK / "ref_cache"), **hp)
     t0 = time.perf_counter()
     res = dpo.main(cfg)

@@ -59,9 +59,9 @@ def make_pairs(n: int) -> list[dict]:
 
 
 def count_tokens_ours(tokenizer, pairs) -> int:
-    from rlhfkit.recipes.dpo import encode
+    from rlhfkit.data.preference import encode_preferences
 
-    enc = encode([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], None, tokenizer, MAX_LEN)
+    enc = encode_preferences([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], None, tokenizer, MAX_LEN)
     return sum(2 * len(p) + len(c) + len(r) for p, c, r in enc.rows)
 
 
@@ -70,8 +70,9 @@ def run_ours(model_dir: str, data: str) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         cfg = dpo.Config(model=model_dir, dataset=data, output_dir=d, ref_cache_dir=str(Path(d) / "cache"), loss="sigmoid",
-                         beta=BETA, per_device_batch_size=BATCH, num_epochs=1.0, learning_rate=LR, lr_scheduler="constant",
-                         max_grad_norm=1.0, max_length=MAX_LEN, log_every=1, report_to="jsonl", progress=False, seed=0)
+                         beta=BETA, per_device_train_batch_size=BATCH, num_train_epochs=1.0, learning_rate=LR,
+                         lr_scheduler_type="constant", max_grad_norm=1.0, max_length=MAX_LEN, logging_steps=1,
+                         report_to="jsonl", progress=False, seed=0)
         t0 = time.perf_counter()
         res = dpo.main(cfg)
         total = time.perf_counter() - t0

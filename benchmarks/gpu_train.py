@@ -61,8 +61,8 @@ def sft_ours(cfg, tokenizer, data) -> dict:
 
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as d:
-        c = sft.Config(model="unused", output_dir=d, per_device_batch_size=BATCH, num_epochs=1.0, learning_rate=LR,
-                       log_every=10**9, report_to="none", progress=False, seed=0, mixed_precision="bf16")
+        c = sft.Config(model="unused", output_dir=d, per_device_train_batch_size=BATCH, num_train_epochs=1.0, learning_rate=LR,
+                       logging_steps=10**9, report_to="none", progress=False, seed=0, bf16=True)
         examples = [{"input_ids": r, "labels": list(r), "attention_mask": [1] * len(r)} for r in data]
         acc = make_accelerator(c)
         model = fresh_model(cfg)

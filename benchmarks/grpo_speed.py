@@ -49,7 +49,7 @@ def side_ours(root: Path, steps: int) -> dict:
     out = root / f"ours-{time.time_ns()}"
     cfg = grpo.Config(model=str(root / "policy"), reward_model=str(root / "rm"), prompts=str(root / "prompts.jsonl"),
                       eval_prompts="", output_dir=str(out), max_steps=steps, prompts_per_step=PROMPTS,
-                      num_generations=GENERATIONS, per_device_batch_size=PROMPTS * GENERATIONS,
+                      num_generations=GENERATIONS, per_device_train_batch_size=PROMPTS * GENERATIONS,
                       generation_batch_size=PROMPTS * GENERATIONS, num_mini_batches=1, num_ppo_epochs=1,
                       max_new_tokens=NEW_TOKENS, kl_coef=0.04, loss_type="token", learning_rate=1e-6,
                       report_to="jsonl", sample_every=0, seed=0, gold_judge="none")

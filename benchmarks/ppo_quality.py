@@ -37,12 +37,12 @@ SHARED = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, eval_prompts="kind
               report_to="jsonl", sample_every=10, seed=SEED, progress=False, generation_batch_size=256,
               score_norm="none", missing_eos_penalty=1.0)
 ALGOS = {
-    "ppo": dict(max_steps=36, prompts_per_step=64, per_device_batch_size=32, num_mini_batches=2, num_ppo_epochs=4,
+    "ppo": dict(max_steps=36, prompts_per_step=64, per_device_train_batch_size=32, num_mini_batches=2, num_ppo_epochs=4,
                 learning_rate=3e-4, kl_coef=0.05, target_kl=6.0, kl_horizon=10000, vf_coef=0.5, lam=0.95,
                 gamma=1.0),
-    "grpo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+    "grpo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_train_batch_size=32, num_mini_batches=2,
                  num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.2, loss_type="sequence"),
-    "rloo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_batch_size=32, num_mini_batches=2,
+    "rloo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_train_batch_size=32, num_mini_batches=2,
                  num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.05),
 }
 
@@ -99,9 +99,9 @@ def reward_model(policy: Path, quick: bool) -> Path:
         if not (out / "final" / "model.safetensors").is_file():
             data = preference_data(policy, n)
             cfg = reward.Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="bradley_terry",
-                                per_device_batch_size=32, learning_rate=3e-4, lr_scheduler="cosine", warmup_steps=10,
-                                num_epochs=2.0, seed=SEED, eval_fraction=0.0, report_to="jsonl", progress=False,
-                                log_every=50, max_length=96, weight_decay=0.01)
+                                per_device_train_batch_size=32, learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=10,
+                                num_train_epochs=2.0, seed=SEED, eval_fraction=0.0, report_to="jsonl", progress=False,
+                                logging_steps=50, max_length=96, weight_decay=0.01)
             reward.main(cfg, printer=lambda m: None)
     return out / "final"
 

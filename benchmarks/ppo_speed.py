@@ -67,7 +67,7 @@ def side_ours(root: Path, n_updates: int) -> dict:
     out = root / f"ours-{time.time_ns()}"
     cfg = ppo.Config(model=str(root / "policy"), reward_model=str(root / "rm"), value_model=str(root / "value"),
                      prompts=str(root / "prompts.jsonl"), eval_prompts="", output_dir=str(out),
-                     max_steps=n_updates, prompts_per_step=EPISODES, per_device_batch_size=EPISODES,
+                     max_steps=n_updates, prompts_per_step=EPISODES, per_device_train_batch_size=EPISODES,
                      generation_batch_size=EPISODES, num_mini_batches=1, num_ppo_epochs=EPOCHS,
                      max_new_tokens=NEW_TOKENS, temperature=1.0, kl_coef=0.05, learning_rate=3e-6,
                      report_to="jsonl", sample_every=0, seed=0, gold_judge="none")

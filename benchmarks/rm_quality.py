@@ -164,9 +164,9 @@ def _train(policy: Path, data: Path, out: Path, ensemble: int) -> dict:
     from rlhfkit.recipes.reward import Config, main
 
     cfg = Config(model=str(policy), dataset=str(data), output_dir=str(out), loss="soft_label",
-                 per_device_batch_size=32, learning_rate=LEARNING_RATE, lr_scheduler="cosine", warmup_steps=10,
-                 num_epochs=EPOCHS, seed=SEED, eval_fraction=0.0, report_to="jsonl",
-                 progress=False, log_every=50, max_length=96, ensemble_size=ensemble, weight_decay=0.01)
+                 per_device_train_batch_size=32, learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=10,
+                 num_train_epochs=EPOCHS, seed=SEED, eval_fraction=0.0, report_to="jsonl",
+                 progress=False, logging_steps=50, max_length=96, ensemble_size=ensemble, weight_decay=0.01)
     t0 = time.perf_counter()
     res = main(cfg, printer=lambda m: print(m, flush=True))
     res["train_seconds"] = time.perf_counter() - t0

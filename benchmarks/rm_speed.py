@@ -69,8 +69,8 @@ def _run_ours(root: Path, tok, units, padding_free: bool = True) -> dict:
     from rlhfkit.recipes.reward import Config, train_one
 
     shutil.rmtree(root / "ours", ignore_errors=True)  # a fresh metrics file every run
-    cfg = Config(model=str(root / "init"), dataset="-", output_dir=str(root / "ours"), per_device_batch_size=BATCH,
-                 learning_rate=LR, num_epochs=1.0, seed=SEED, report_to="jsonl", progress=False, log_every=1,
+    cfg = Config(model=str(root / "init"), dataset="-", output_dir=str(root / "ours"), per_device_train_batch_size=BATCH,
+                 learning_rate=LR, num_train_epochs=1.0, seed=SEED, report_to="jsonl", progress=False, logging_steps=1,
                  max_grad_norm=1.0, normalize=False, padding_free=padding_free)
     _, final = train_one(cfg, 0, units, [], tok, Path(cfg.output_dir), printer=lambda m: None)
     rows = [json.loads(line) for line in (root / "ours" / "metrics.jsonl").read_text().splitlines()]

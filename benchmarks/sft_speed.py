@@ -48,8 +48,8 @@ def run_ours(tokenizer, rows) -> dict:
 
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as d:
-        cfg = sft.Config(model="unused", output_dir=d, per_device_batch_size=BATCH, num_epochs=1.0,
-                         learning_rate=1e-4, lr_scheduler="linear", log_every=10**9, report_to="none",
+        cfg = sft.Config(model="unused", output_dir=d, per_device_train_batch_size=BATCH, num_train_epochs=1.0,
+                         learning_rate=1e-4, lr_scheduler_type="linear", logging_steps=10**9, report_to="none",
                          progress=False, seed=0)
         examples = [{"input_ids": r, "labels": list(r), "attention_mask": [1] * len(r)} for r in rows]
         model = fresh_model(tokenizer)

@@ -109,7 +109,7 @@ def test_rejection_sampling_rounds_and_resume(tmp_path, base):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"Prompt number {i} says\n" for i in range(8)))
     args = dict(model=str(base / "policy"), judge="gold", prompts=str(prompts), rounds=2, k=3, prompts_per_round=8,
-                max_new_tokens=6, per_device_batch_size=4, output_dir=str(tmp_path / "rs"), progress=False,
+                max_new_tokens=6, per_device_train_batch_size=4, output_dir=str(tmp_path / "rs"), progress=False,
                 report_to="jsonl", learning_rate=1e-3)
     res = rs.main(rs.Config(**args))
     assert [r["round"] for r in res["rounds"]] == [0, 1]

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from _data_tokenizers import bundled_tokenizer, trained_tokenizer
 from rlhfkit.data import (
     IGNORE_INDEX,
     PLAIN_CHAT_TEMPLATE,
     PadCollator,
-    PreferenceCollator,
-    RankingCollator,
-    SFTCollator,
-    UnpairedCollator,
     apply_chat_template,
     render_plain,
     to_prompt_completion,
@@ -160,75 +155,31 @@ def test_pad_collator_right_and_left():
         PadCollator(None)
 
 
-# ---------------------------------------------------------------- collators
+# ---------------------------------------------------------------- preference data -> one batch
 
-def test_preference_collator_orders_chosen_then_rejected(tokenizer):
-    records = [conv_record(), {"prompt": "The weather", "chosen": " is nice.", "rejected": " is bad.",
-                               "margin": 1.5}]
-    collator = PreferenceCollator(tokenizer, max_length=64)
-    batch = collator(records)
-    assert batch["input_ids"].shape[0] == 4 and batch["truncated"].tolist() == [False, False]
-    for b, record in enumerate(records):
-        prompt, chosen, rejected = to_text_pair(record, tokenizer)
-        for row, text in ((b, chosen), (b + 2, rejected)):
-            expected = tokenize_prompt_completion(tokenizer, prompt, text, 64)
-            n = len(expected["input_ids"])
-            assert batch["input_ids"][row, :n].tolist() == expected["input_ids"]
-            assert batch["labels"][row, :n].tolist() == expected["labels"]
-            assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and batch["attention_mask"][row].sum() == n
-        p = len(tokenize_prompt_completion(tokenizer, prompt, "", 64)["input_ids"]) - 1  # minus the EOS
-        assert torch.equal(batch["input_ids"][b, :p], batch["input_ids"][b + 2, :p])
-    assert batch["margin"].tolist() == [0.0, 1.5]
+def test_preference_rows_share_the_prompt_and_lay_out_for_one_forward(tokenizer):
+    from rlhfkit.data.preference import (
+        collate_responses,
+        encode_preferences,
+        example_rows,
+        preference_texts,
+    )
 
-
-def test_preference_collator_truncation_counts(trained):
-    long_prompt = "Hello there, kind friend. " * 4
-    records = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"},
-               {"prompt": long_prompt, "chosen": " What a lovely day it is.", "rejected": " no"},
-               {"prompt": "Hi", "chosen": " The weather is nice today, be kind to the world.", "rejected": " no"}]
-    collator = PreferenceCollator(trained, max_length=12, max_prompt_length=6)
-    batch = collator(records)
-    assert batch["input_ids"].shape == (6, 12)
-    assert batch["truncated"].tolist() == [False, True, True]
-    assert collator.num_truncated == 2 and collator.num_examples == 3
-    assert "truncated 2 of 3" in collator.truncation_summary()
-    # the long prompt kept BOS + its last 5 tokens in both rows; prompt positions masked
-    tail = ids(trained, long_prompt)[-5:]
-    for row in (1, 4):
-        assert batch["input_ids"][row, :6].tolist() == [trained.bos_token_id] + tail
-        assert (batch["labels"][row, :6] == IGNORE_INDEX).all()
-    collator(records[:1])
-    assert collator.num_examples == 4 and collator.num_truncated == 2
-
-
-def test_ranking_collator_groups_best_first(trained):
-    records = [{"prompt": "Hi", "responses": [" a", " bb", " ccc"], "ranking": [2, 0, 1]},
-               {"prompt": "Yo", "responses": [" x", " y"], "ranking": [1, 0]}]
-    batch = RankingCollator(trained, max_length=32)(records)
-    assert batch["group_sizes"].tolist() == [3, 2] and batch["input_ids"].shape[0] == 5
-    expected_order = [("Hi", " ccc"), ("Hi", " a"), ("Hi", " bb"), ("Yo", " y"), ("Yo", " x")]
-    for row, (prompt, text) in enumerate(expected_order):
-        exp = tokenize_prompt_completion(trained, prompt, text, 32)["input_ids"]
-        assert batch["input_ids"][row, : len(exp)].tolist() == exp
-
-
-def test_unpaired_collator_labels_and_kl_rows(trained):
-    records = [{"prompt": "Hi", "completion": " friend", "label": True},
-               {"prompt": "Yo", "completion": " go away", "label": False}]
-    batch = UnpairedCollator(trained, max_length=32, kl_rows=True)(records)
-    assert batch["label"].tolist() == [True, False] and batch["input_ids"].shape[0] == 4
-    mismatched = tokenize_prompt_completion(trained, "Hi", " go away", 32)["input_ids"]
-    assert batch["input_ids"][2, : len(mismatched)].tolist() == mismatched
-
-
-def test_sft_collator_mixed_layouts(trained):
-    records = [{"text": "Be kind to the world."}, {"prompt": "The weather", "completion": " is nice."},
-               {"messages": USER + [{"role": "assistant", "content": "You are kind."}]}]
-    batch = SFTCollator(trained, max_length=64)(records)
-    assert batch["input_ids"].shape[0] == 3
-    # text: everything but BOS supervised
-    n = len(ids(trained, "Be kind to the world.")) + 2
-    assert batch["labels"][0, 0] == IGNORE_INDEX and (batch["labels"][0, 1:n] != IGNORE_INDEX).all()
-    prompt, completion = to_prompt_completion(records[2], trained)
-    exp = tokenize_prompt_completion(trained, prompt, completion, 64)
-    assert batch["labels"][2, : len(exp["labels"])].tolist() == exp["labels"]
+    records = [conv_record(), {"prompt": "The weather", "chosen": " is nice.", "rejected": " is bad."}]
+    texts, labels, _ = preference_texts(records, False, tokenizer)
+    data = encode_preferences(texts, labels, tokenizer, 64)
+    assert data.paired and len(data.rows) == 2
+    for (prompt, chosen, rejected), (p_ids, c_ids, r_ids) in zip(texts, data.rows):
+        assert p_ids + c_ids == tokenize_prompt_completion(tokenizer, prompt, chosen, 64)["input_ids"]
+        assert p_ids + r_ids == tokenize_prompt_completion(tokenizer, prompt, rejected, 64)["input_ids"]
+    batch = collate_responses(example_rows(data, [0, 1]), tokenizer.pad_token_id)
+    P, R = batch.prompt_width, batch.response_width
+    assert batch.input_ids.shape == (4, P + R)
+    for row, (p_ids, resp) in enumerate([(data.rows[0][0], data.rows[0][1]), (data.rows[1][0], data.rows[1][1]),
+                                         (data.rows[0][0], data.rows[0][2]), (data.rows[1][0], data.rows[1][2])]):
+        assert batch.input_ids[row, P - len(p_ids):P].tolist() == p_ids  # prompts end at column P
+        assert batch.input_ids[row, P:P + len(resp)].tolist() == resp    # responses start there
+        assert batch.response_mask[row].sum() == len(resp)
+        assert batch.attention_mask[row].sum() == len(p_ids) + len(resp)
+    unpaired_texts, unpaired_labels, _ = preference_texts(records, True, tokenizer)
+    assert unpaired_labels == [True, True, False, False] and len(unpaired_texts) == 4

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from rlhfkit.data.preference import collate_responses
 from rlhfkit.errors import DataError
-from rlhfkit.logprobs import sequence_logprobs
+from rlhfkit.logprobs import sequence_logprobs, split_head
 from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
 from rlhfkit.recipes import dpo
 
@@ -39,8 +40,8 @@ PAIRS = [{"prompt": f"The weather on day {i} was", "chosen": " warm and lovely",
 
 
 def cfg_for(tmp_path, base, data, **kw):
-    args = dict(model=base, dataset=data, output_dir=str(tmp_path / "out"), max_steps=2, per_device_batch_size=4,
-                progress=False, report_to="jsonl", ref_cache_dir=str(tmp_path / "cache"), learning_rate=1e-3, log_every=1)
+    args = dict(model=base, dataset=data, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                progress=False, report_to="jsonl", ref_cache_dir=str(tmp_path / "cache"), learning_rate=1e-3, logging_steps=1)
     args.update(kw)
     return dpo.Config(**args)
 
@@ -51,8 +52,8 @@ def test_response_logps_match_right_padded_reference(tok, base):
     model.eval()
     rows = [(tok("A short one")["input_ids"], tok(" then more words here")["input_ids"] + [tok.eos_token_id]),
             (tok("A much longer prompt with many words")["input_ids"], tok(" ok")["input_ids"] + [tok.eos_token_id])]
-    batch = dpo.collate(rows, tok.pad_token_id)
-    assert dpo.split_head(model) is not None
+    batch = collate_responses(rows, tok.pad_token_id)
+    assert split_head(model) is not None
     for fast in (True, False):  # response-only LM head, and the logits_to_keep path
         with torch.no_grad():
             got, lengths = dpo.response_logps(model, batch, fast_head=fast)
@@ -211,8 +212,8 @@ def test_truncation_counted_and_identical_after_cut_skipped(tmp_path, tok, capsy
 def test_resume_matches_uninterrupted(tmp_path, base):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     full = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "full"), max_steps=4))
-    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=2, save_every=2))
-    resumed = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=4, resume=True, save_every=2))
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=2, save_steps=2))
+    resumed = dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "part"), max_steps=4, resume=True, save_steps=2))
     assert resumed["steps"] == full["steps"] == 4
     a = load_policy(str(tmp_path / "full" / "final")).state_dict()
     b = load_policy(str(tmp_path / "part" / "final")).state_dict()
@@ -225,9 +226,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, base):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     # a large Adam eps makes the update proportional to the gradient, so a wrongly scaled
     # accumulated gradient would show (with the default eps Adam hides any scale)
-    opt = dict(max_steps=1, adam_eps=1.0, max_grad_norm=0.0, learning_rate=0.5)
-    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "big"), per_device_batch_size=4, **opt))
-    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "acc"), per_device_batch_size=2,
+    opt = dict(max_steps=1, adam_epsilon=1.0, max_grad_norm=0.0, learning_rate=0.5)
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "big"), per_device_train_batch_size=4, **opt))
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "acc"), per_device_train_batch_size=2,
                      gradient_accumulation_steps=2, **opt))
     a = load_policy(str(tmp_path / "big" / "final")).state_dict()
     b = load_policy(str(tmp_path / "acc" / "final")).state_dict()
@@ -252,7 +253,7 @@ def test_learning_prefers_chosen_on_held_out_prompts(tmp_path, base, loss):
     before = dpo.main(cfg_for(tmp_path, base, train, output_dir=str(tmp_path / "b"), eval_dataset=held, loss=loss,
                               max_steps=1, learning_rate=1e-9))
     after = dpo.main(cfg_for(tmp_path, base, train, output_dir=str(tmp_path / "a"), eval_dataset=held, loss=loss,
-                             max_steps=40, learning_rate=3e-3, per_device_batch_size=8))
+                             max_steps=40, learning_rate=3e-3, per_device_train_batch_size=8))
     if loss == "ipo":  # IPO regresses h onto 1/(2 beta): the margin beta*h heads for 0.5, not beyond
         assert 0.3 < after["eval_rewards/margins"] < 0.7
     else:
@@ -268,14 +269,14 @@ def test_two_processes_match_one_process(tmp_path, base):
     import sys
 
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
-    opt = dict(max_steps=3, adam_eps=1.0, max_grad_norm=0.0, learning_rate=0.5)
-    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "one"), per_device_batch_size=8, **opt))
+    opt = dict(max_steps=3, adam_epsilon=1.0, max_grad_norm=0.0, learning_rate=0.5)
+    dpo.main(cfg_for(tmp_path, base, data, output_dir=str(tmp_path / "one"), per_device_train_batch_size=8, **opt))
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "rlhfkit.cli", "dpo", "--model", base, "--dataset", data, "--output_dir", str(two),
-           "--per_device_batch_size", "4", "--max_steps", "3", "--adam_eps", "1.0", "--max_grad_norm", "0",
-           "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--log_every", "1",
+           "--per_device_train_batch_size", "4", "--max_steps", "3", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+           "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--logging_steps", "1",
            "--ref_cache_dir", str(tmp_path / "cache2")]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -285,3 +286,17 @@ def test_two_processes_match_one_process(tmp_path, base):
     b = load_policy(str(two / "final")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between 1 and 2 processes")
+
+
+def test_dropout_is_off_so_the_first_loss_is_ln2(tmp_path):
+    """A tiny GPT-2 with dropout 0.1: policy (training mode) and reference agree exactly at step 0."""
+    from arch_models import make_model_folder
+
+    path = make_model_folder("gpt2", tmp_path / "gpt2", dropout=0.1)
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    first = dpo.main(cfg_for(tmp_path, path, data, max_steps=1, per_device_train_batch_size=8, max_length=48,
+                             output_dir=str(tmp_path / "off")))
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    kept = dpo.main(cfg_for(tmp_path, path, data, max_steps=1, per_device_train_batch_size=8, max_length=48,
+                            disable_dropout=False, output_dir=str(tmp_path / "on")))
+    assert kept["loss"] != pytest.approx(math.log(2), rel=1e-6)  # the switch keeps the model's dropout

@@ -239,6 +239,6 @@ def test_reward_recipe_trains_from_the_feedback_database(tmp_path):
     save_model(tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tokenizer=tok),
                tok, base)
     cfg = RR.Config(model=str(base), from_feedback=url, output_dir=str(tmp_path / "rm"), max_steps=1,
-                    per_device_batch_size=8, progress=False, report_to="jsonl", eval_fraction=0.1)
+                    per_device_train_batch_size=8, progress=False, report_to="jsonl", eval_fraction=0.1)
     res = RR.main(cfg, printer=lambda m: None)
     assert res["members"][0]["steps"] == 1

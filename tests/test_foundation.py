@@ -36,8 +36,8 @@ from rlhfkit.training import epoch_order, iterate_batches, lr_lambda
 def test_yaml_then_cli_override(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("learning_rate: 0.01\nper_device_batch_size: 4\nmodel: kindly\n")
-    cfg = parse_config(sft.Config, ["--config", str(y), "--per_device_batch_size", "16", "--resume", "true"])
-    assert cfg.learning_rate == 0.01 and cfg.per_device_batch_size == 16 and cfg.resume is True
+    cfg = parse_config(sft.Config, ["--config", str(y), "--per_device_train_batch_size", "16", "--resume", "true"])
+    assert cfg.learning_rate == 0.01 and cfg.per_device_train_batch_size == 16 and cfg.resume is True
 
 
 def test_yaml_unknown_field_and_wrong_type_are_named(tmp_path):
@@ -45,8 +45,8 @@ def test_yaml_unknown_field_and_wrong_type_are_named(tmp_path):
     y.write_text("learning_rat: 0.01\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*learning_rat"):
         load_yaml_config(sft.Config, y)
-    y.write_text("per_device_batch_size: eight\n")
-    with pytest.raises(ConfigError, match="per_device_batch_size"):
+    y.write_text("per_device_train_batch_size: eight\n")
+    with pytest.raises(ConfigError, match="per_device_train_batch_size"):
         load_yaml_config(sft.Config, y)
     # ints are accepted where floats are expected
     assert from_dict(sft.Config, {"learning_rate": 1}).learning_rate == 1.0

@@ -30,7 +30,7 @@ def ppo_cfg(assets, out, **kw):
     from rlhfkit.recipes.ppo import Config
 
     base = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
-                output_dir=str(out), max_steps=2, prompts_per_step=4, max_new_tokens=6, per_device_batch_size=2,
+                output_dir=str(out), max_steps=2, prompts_per_step=4, max_new_tokens=6, per_device_train_batch_size=2,
                 num_ppo_epochs=2, num_mini_batches=2, report_to="jsonl", sample_every=1, learning_rate=1e-3)
     base.update(kw)
     return Config(**base)
@@ -79,7 +79,7 @@ class NaNReward:
 def test_nan_reward_stops_step_with_weights_unchanged(assets, tmp_path):
     from rlhfkit.recipes import ppo
 
-    cfg = ppo_cfg(assets, tmp_path, max_steps=3, save_every=1)
+    cfg = ppo_cfg(assets, tmp_path, max_steps=3, save_steps=1)
     with pytest.raises(NonFiniteError, match="NaN or infinite.*weights are unchanged"):
         ppo.main(cfg, reward_fn=NaNReward(bad_call=2))
     # step 1 was checkpointed; the failing step 2 applied nothing
@@ -106,7 +106,7 @@ def test_nan_loss_raises_before_the_optimiser_step(assets):
     adv[2, 1] = float("nan")
     batch = dict(ids=ids, mask=mask, rmask=rmask, r_len=3, old_logp=torch.zeros(4, 3), old_values=torch.zeros(4, 3),
                  adv=adv, returns=torch.zeros(4, 3))
-    cfg = ppo_cfg(assets, "unused", num_mini_batches=1, per_device_batch_size=2)
+    cfg = ppo_cfg(assets, "unused", num_mini_batches=1, per_device_train_batch_size=2)
     with pytest.raises(NonFiniteError, match="PPO loss"):
         ppo.train_on_batch(policy, critic, opts, batch, cfg, 0, Accelerator(cpu=True), None)
     after = list(policy.parameters()) + list(critic.parameters())
@@ -116,8 +116,8 @@ def test_nan_loss_raises_before_the_optimiser_step(assets):
 def test_resume_continues_from_checkpoint(assets, tmp_path):
     from rlhfkit.recipes import ppo
 
-    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, save_every=1))
-    res = ppo.main(ppo_cfg(assets, tmp_path, max_steps=2, save_every=1, resume=True))
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, save_steps=1))
+    res = ppo.main(ppo_cfg(assets, tmp_path, max_steps=2, save_steps=1, resume=True))
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == [1, 2]  # the resumed run did update 2 only
     assert res["updates"] == 2
@@ -140,7 +140,7 @@ def test_group_recipes_two_steps(assets, tmp_path, recipe):
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     cfg = mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3,
-                     max_new_tokens=6, per_device_batch_size=3, num_ppo_epochs=2, num_mini_batches=2,
+                     max_new_tokens=6, per_device_train_batch_size=3, num_ppo_epochs=2, num_mini_batches=2,
                      report_to="jsonl", learning_rate=1e-3)
     mod.main(cfg)
     rows = read_metrics(tmp_path)
@@ -174,7 +174,7 @@ def test_grpo_single_pass_reuses_the_training_forward(assets, tmp_path):
 
     cfg = grpo.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
                       output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3, max_new_tokens=6,
-                      per_device_batch_size=3, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl")
+                      per_device_train_batch_size=3, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl")
     grpo.main(cfg)
     rows = read_metrics(tmp_path)
     assert rows[0]["first_ratio_mean"] == 1.0 and rows[0]["first_ratio_max"] == 1.0
@@ -229,9 +229,9 @@ def test_learning_raises_reward_with_fixed_seed(assets, tmp_path, recipe):
                   output_dir=str(tmp_path), max_steps=30, max_new_tokens=8, report_to="jsonl", sample_every=0,
                   learning_rate=3e-3, kl_coef=0.01, seed=0)
     if recipe == "ppo":
-        cfg = mod.Config(**common, prompts_per_step=8, per_device_batch_size=8, num_ppo_epochs=4, num_mini_batches=2)
+        cfg = mod.Config(**common, prompts_per_step=8, per_device_train_batch_size=8, num_ppo_epochs=4, num_mini_batches=2)
     else:
-        cfg = mod.Config(**common, prompts_per_step=4, num_generations=4, per_device_batch_size=8, num_ppo_epochs=2,
+        cfg = mod.Config(**common, prompts_per_step=4, num_generations=4, per_device_train_batch_size=8, num_ppo_epochs=2,
                          num_mini_batches=2)
     mod.main(cfg, reward_fn=TokenCountReward())
     rewards = [r["proxy_reward"] for r in read_metrics(tmp_path)]
@@ -251,7 +251,7 @@ def test_ppo_under_accelerate_launch_two_processes(assets, tmp_path):
     cmd = ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "rlhfkit.cli", "ppo", "--model", assets["policy"], "--reward_model",
            assets["rm"], "--prompts", assets["prompts"], "--eval_prompts", "", "--output_dir", str(tmp_path),
-           "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "6", "--per_device_batch_size", "2",
+           "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "6", "--per_device_train_batch_size", "2",
            "--report_to", "jsonl"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -269,8 +269,8 @@ def test_group_recipes_resume_and_lora(assets, tmp_path, recipe):
     def cfg(steps, **kw):
         return mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"],
                           eval_prompts="", output_dir=str(tmp_path), max_steps=steps, prompts_per_step=2,
-                          num_generations=2, max_new_tokens=5, per_device_batch_size=4, report_to="jsonl",
-                          save_every=1, use_lora=True, lora_r=4, **kw)
+                          num_generations=2, max_new_tokens=5, per_device_train_batch_size=4, report_to="jsonl",
+                          save_steps=1, use_lora=True, lora_r=4, **kw)
 
     mod.main(cfg(1))
     mod.main(cfg(2, resume=True))

@@ -49,7 +49,7 @@ def prefs(tmp_path_factory):
 
 
 def small_cfg(**kw):
-    base = dict(per_device_batch_size=8, learning_rate=3e-3, progress=False, report_to="jsonl", log_every=1,
+    base = dict(per_device_train_batch_size=8, learning_rate=3e-3, progress=False, report_to="jsonl", logging_steps=1,
                 max_steps=2, eval_fraction=0.1)
     base.update(kw)
     return RR.Config(**base)
@@ -126,10 +126,15 @@ def test_pairs_and_rankings_share_one_forward(tok):
     module = MR.LastTokenReward(model)
     calls = []
     module.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    from rlhfkit.data import encode_prompt
+
     enc = lambda p, r: MR.encode_prompt_response(tok, p, r)[0]  # noqa: E731
-    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "label": 1.0, "margin": None},
-             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")]},
-             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "label": 1.0, "margin": None}]
+    n = lambda p: len(encode_prompt(tok, p)[0])  # noqa: E731
+    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "prompt_length": n("a"), "label": 1.0,
+              "margin": None},
+             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")], "prompt_length": n("b")},
+             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "prompt_length": n("c"), "label": 1.0,
+              "margin": None}]
     batch = RC.collate_units(units, tok.pad_token_id)
     cfg = small_cfg(dataset="x")
     loss, _ = RR.batch_loss(module, batch, cfg)
@@ -177,7 +182,7 @@ def test_ties_and_flipped_labels_under_each_loss(tok):
 
 def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, tok):
     out = tmp_path / "rm"
-    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3, eval_every=2), printer=lambda m: None)
+    res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=3, eval_steps=2), printer=lambda m: None)
     assert res["members"][0]["steps"] == 3 and "eval_accuracy" in res
     final = out / "final"
     stats = json.loads((final / MR.STATS_FILE).read_text())
@@ -208,7 +213,7 @@ def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, 
 
 def test_resume_continues_from_the_checkpoint(base, prefs, tmp_path):
     out = tmp_path / "rm"
-    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=2, save_every=1), printer=lambda m: None)
+    RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=2, save_steps=1), printer=lambda m: None)
     msgs = []
     res = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(out), max_steps=4, resume=True), printer=msgs.append)
     assert any("resumed" in m and "step 2" in m for m in msgs)
@@ -346,3 +351,79 @@ def test_eval_rm_cli_reports_bad_data(base, tmp_path, capsys):
 def test_sigmoid_is_stable():
     x = np.array([-1000.0, 0.0, 1000.0, math.log(3)])
     np.testing.assert_allclose(MR.sigmoid(x), [0.0, 0.5, 1.0, 0.75], atol=1e-12)
+
+
+# ------------------------------------------------------------------ user models, dropout, accumulation
+
+
+def test_gpt2_reward_model_saves_and_plain_transformers_gives_the_same_scores(prefs, tmp_path):
+    """GPT-2 (learned positions, no pad token): training scores its own pairs at save time without
+    running past n_positions, and AutoModelForSequenceClassification pools the same token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from arch_models import make_model_folder
+
+    path = make_model_folder("gpt2", tmp_path / "gpt2")
+    out = tmp_path / "rm"
+    RR.main(small_cfg(model=path, dataset=prefs, output_dir=str(out), max_length=64, eval_fraction=0.0),
+            printer=lambda m: None)
+    final = out / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    assert hf.config.pad_token_id == tok.pad_token_id
+    prompts, responses = ["The day was", "She felt"], [" lovely and fine", " sad"]
+    ours = MR.RewardScorer(final, normalize=False).score(prompts, responses)
+    seqs = [MR.encode_prompt_response(tok, p, r)[0] for p, r in zip(prompts, responses)]
+    ids, mask = MR.pad_right(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).logits[:, 0].double().numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_scoring_stays_within_learned_positions(tmp_path):
+    from arch_models import MAX_POSITIONS, make_model_folder
+    from rlhfkit.models import load_reward_model
+
+    path = make_model_folder("gpt2", tmp_path / "gpt2")
+    tok = load_tokenizer(path, distinct_pad=True)
+    module = MR.LastTokenReward(load_reward_model(path, tokenizer=tok), padding_free=True, pack_tokens=4096).eval()
+    seqs = [[tok.eos_token_id] + [300 + i] * 40 for i in range(6)]  # 6 x 41 tokens: far more than 64 per packed row
+    packed = MR.score_token_lists(module, seqs, tok.pad_token_id)
+    module.padding_free = False
+    padded = MR.score_token_lists(module, seqs, tok.pad_token_id)
+    assert max(len(s) for s in seqs) < MAX_POSITIONS
+    np.testing.assert_allclose(packed, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_off_makes_the_reward_model_deterministic_in_training_mode(prefs, tmp_path):
+    from arch_models import make_model_folder
+
+    path = make_model_folder("gpt2", tmp_path / "gpt2", dropout=0.1)
+    tok = load_tokenizer(path, distinct_pad=True)
+    ids = torch.tensor([[tok.eos_token_id, 300, 301, 302, tok.eos_token_id]])
+    mask = torch.ones_like(ids)
+    for disable, same in ((True, True), (False, False)):
+        cfg = small_cfg(model=path, dataset=prefs, disable_dropout=disable, max_length=64)
+        module = MR.LastTokenReward(RR._load_model(cfg, 1, 0, tok)).train()
+        a, b = module(ids, mask), module(ids, mask)
+        assert torch.equal(a, b) is same
+
+
+def test_gradient_accumulation_4x2_equals_batch_8(base, prefs, tmp_path):
+    """accelerate's backward already divides by the accumulation steps: 4 micro-batches of 2 give
+    the gradient (and, with a large Adam eps, the update) of one batch of 8."""
+    opt = dict(max_steps=1, adam_epsilon=1.0, learning_rate=0.5, max_grad_norm=1e9, eval_fraction=0.0, normalize=False,
+               padding_free=False)
+    big = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "big"), per_device_train_batch_size=8, **opt),
+                  printer=lambda m: None)
+    acc = RR.main(small_cfg(model=base, dataset=prefs, output_dir=str(tmp_path / "acc"), per_device_train_batch_size=2,
+                            gradient_accumulation_steps=4, **opt), printer=lambda m: None)
+    g_big, g_acc = big["members"][0]["grad_norm"], acc["members"][0]["grad_norm"]
+    assert g_big > 0 and g_acc == pytest.approx(g_big, rel=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "big" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -67,12 +67,12 @@ def test_sft_fsdp_two_processes_match_one(base):
             w = s.split()
             f.write(json.dumps({"prompt": " ".join(w[:3]), "completion": " " + " ".join(w[3:])}) + "\n")
     common = dict(model=str(model), dataset=str(data), max_length=32, learning_rate=3e-3, max_steps=4,
-                  report_to="jsonl", progress=False, seed=3, log_every=1, adam_eps=1e-3)
-    sft.main(sft.Config(output_dir=str(root / "sft_one"), per_device_batch_size=8, **common))
+                  report_to="jsonl", progress=False, seed=3, logging_steps=1, adam_epsilon=1e-3)
+    sft.main(sft.Config(output_dir=str(root / "sft_one"), per_device_train_batch_size=8, **common))
     _launch_fsdp(["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(root / "sft_two"),
-                  "--max_length", "32", "--per_device_batch_size", "4", "--learning_rate", "3e-3",
+                  "--max_length", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
                   "--max_steps", "4", "--report_to", "jsonl", "--progress", "False", "--seed", "3",
-                  "--log_every", "1", "--adam_eps", "1e-3"])
+                  "--logging_steps", "1", "--adam_epsilon", "1e-3"])
     _assert_same_weights(root / "sft_one" / "final", root / "sft_two" / "final", model)
 
 
@@ -81,11 +81,11 @@ def test_dpo_fsdp_two_processes_match_one(base):
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     dpo.main(dpo.Config(model=str(model), dataset=str(data), output_dir=str(root / "dpo_one"), max_steps=3,
-                        per_device_batch_size=8, progress=False, report_to="jsonl", log_every=1,
-                        ref_cache_dir=str(root / "cache1"), learning_rate=0.5, adam_eps=1.0, max_grad_norm=0.0))
+                        per_device_train_batch_size=8, progress=False, report_to="jsonl", logging_steps=1,
+                        ref_cache_dir=str(root / "cache1"), learning_rate=0.5, adam_epsilon=1.0, max_grad_norm=0.0))
     _launch_fsdp(["dpo", "--model", str(model), "--dataset", str(data), "--output_dir", str(root / "dpo_two"),
-                  "--per_device_batch_size", "4", "--max_steps", "3", "--adam_eps", "1.0", "--max_grad_norm", "0",
-                  "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--log_every", "1",
+                  "--per_device_train_batch_size", "4", "--max_steps", "3", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+                  "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--logging_steps", "1",
                   "--ref_cache_dir", str(root / "cache2")])
     _assert_same_weights(root / "dpo_one" / "final", root / "dpo_two" / "final", model)
 

@@ -109,7 +109,7 @@ def test_sft_recipe_trains_in_bf16_on_cpu(tmp_path, fresh_accelerate_state):
     runs = {}
     for mp in ("no", "bf16"):
         cfg = sft.Config(model=str(tmp_path / "m"), dataset=str(data), output_dir=str(tmp_path / mp), max_steps=2,
-                         per_device_batch_size=8, report_to="jsonl", progress=False, log_every=1, mixed_precision=mp)
+                         per_device_train_batch_size=8, report_to="jsonl", progress=False, logging_steps=1, bf16=(mp == "bf16"))
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)

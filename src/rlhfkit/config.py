@@ -49,6 +49,20 @@ class ModelArgs:
     """Dropout on the LoRA input."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or 'all-linear'."""
+    attn_implementation: str = ""
+    """Attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
+    merge_lora: bool = True
+    """With use_lora, save the adapter merged into full weights (True) or as a standard peft adapter folder (False)."""
+    disable_dropout: bool = True
+    """Turn off every dropout layer of the trained models (preference and RL recipes), as TRL does: with dropout on, the policy and its reference disagree at step 0 and the reward of one text varies between forwards. False keeps the model's own dropout."""
+
+
+@dataclasses.dataclass
+class SplitArgs:
+    dataset_split: str = "train"
+    """Split of `dataset` to train on (a saved DatasetDict, a folder of {split}.jsonl files or a hub dataset)."""
+    eval_split: str = ""
+    """Held-out split (of `eval_dataset` when given, else of `dataset`); default: test, eval or validation when the dataset folder has one."""
 
 
 @dataclasses.dataclass
@@ -65,46 +79,56 @@ class TrainArgs:
     """AdamW beta1."""
     adam_beta2: float = 0.999
     """AdamW beta2."""
-    adam_eps: float = 1e-8
+    adam_epsilon: float = 1e-8
     """AdamW epsilon."""
-    lr_scheduler: str = "constant"
+    lr_scheduler_type: str = "constant"
     """Learning-rate schedule after warm-up: constant, linear or cosine."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
-    per_device_batch_size: int = 8
+    per_device_train_batch_size: int = 8
     """Micro-batch size per process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimiser step."""
-    num_epochs: float = 1.0
+    num_train_epochs: float = 1.0
     """Passes over the training data (fractional allowed)."""
     max_steps: int = -1
-    """Stop after this many optimiser steps (-1: run num_epochs)."""
-    mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16."""
-    log_every: int = 10
+    """Stop after this many optimiser steps (-1: run num_train_epochs)."""
+    bf16: bool = False
+    """Mixed precision in bfloat16 (accelerate's autocast; weights stay in `dtype`)."""
+    fp16: bool = False
+    """Mixed precision in float16 with loss scaling (GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (transformers' gradient checkpointing, non-reentrant)."""
+    logging_steps: int = 10
     """Log metrics every N optimiser steps."""
-    eval_every: int = 0
+    eval_steps: int = 0
     """Evaluate on held-out data every N steps (0: only at the end)."""
-    save_every: int = 0
+    save_steps: int = 0
     """Write a resumable checkpoint every N steps (0: only the final model)."""
     resume: bool = False
     """Resume from the newest checkpoint in output_dir if one exists."""
+    overwrite: bool = False
+    """Replace an existing run in output_dir (without it, and without --resume true, an existing run folder is refused)."""
     report_to: str = "jsonl,tensorboard"
-    """Metric sinks, comma separated: jsonl, tensorboard, none."""
+    """Metric sinks (accelerate trackers), comma separated: jsonl, csv, tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow, all, or none."""
     progress: bool = True
     """Show a progress bar."""
 
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the precision chosen by bf16 / fp16: no, bf16 or fp16."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
     def _check_train_args(self) -> None:
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        require(self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
+        require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-        require(self.lr_scheduler in ("constant", "linear", "cosine"), "lr_scheduler",
-                f"must be constant, linear or cosine, got {self.lr_scheduler!r}")
-        require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision",
-                f"must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        require(self.num_epochs > 0 or self.max_steps > 0, "num_epochs", "must be > 0 unless max_steps is set")
+        require(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
+                f"must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
+        require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
+        require(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 unless max_steps is set")
 
 
 def _resolve_hint(cls: type, name: str) -> Any:
@@ -139,6 +163,42 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# rlhfkit's former names -> the transformers/TRL names they follow now
+RENAMED = {"per_device_batch_size": "per_device_train_batch_size", "num_epochs": "num_train_epochs",
+           "log_every": "logging_steps", "save_every": "save_steps", "eval_every": "eval_steps",
+           "lr_scheduler": "lr_scheduler_type", "adam_eps": "adam_epsilon", "mixed_precision": "bf16 / fp16"}
+
+# transformers TrainingArguments / TRL config fields that rlhfkit does not have (so a TRL YAML
+# fails with a message that says so rather than "unknown field")
+TRL_FIELDS = frozenset("""
+per_device_eval_batch_size eval_strategy evaluation_strategy save_strategy logging_strategy logging_dir
+logging_first_step save_total_limit save_only_model load_best_model_at_end metric_for_best_model
+greater_is_better push_to_hub hub_model_id hub_token hub_strategy dataloader_num_workers dataloader_pin_memory
+dataloader_drop_last remove_unused_columns label_names optim optim_args lr_scheduler_kwargs warmup_ratio
+tf32 bf16_full_eval fp16_full_eval torch_compile torch_compile_backend ddp_find_unused_parameters
+deepspeed fsdp fsdp_config run_name disable_tqdm use_cpu resume_from_checkpoint overwrite_output_dir
+gradient_checkpointing_kwargs ignore_data_skip auto_find_batch_size include_num_input_tokens_seen
+model_init_kwargs dataset_text_field dataset_kwargs dataset_num_proc packing_strategy padding_free
+padding_value pad_token eos_token assistant_only_loss use_liger_kernel activation_offloading
+ref_model_init_kwargs model_adapter_name ref_adapter_name force_use_ref_model sync_ref_model
+ref_model_mixup_alpha ref_model_sync_steps rpo_alpha use_weighting ld_alpha discopop_tau
+max_completion_length truncation_mode generate_during_eval use_logits_to_keep tools
+""".split())
+
+
+def _unknown_field_message(cls: type, names: list[str], source: str) -> str:
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    parts = []
+    for n in names:
+        if n in RENAMED:
+            parts.append(f"'{n}' is now '{RENAMED[n]}' (transformers' name)")
+        elif n in TRL_FIELDS:
+            parts.append(f"'{n}' is a transformers/TRL option that rlhfkit's {cls.__name__} does not support")
+        else:
+            parts.append(f"'{n}' is unknown")
+    return f"{source}: {'; '.join(parts)}; known fields: {', '.join(fields)}"
+
+
 def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     """Build `cls` from a mapping, rejecting unknown keys and wrongly typed values by name."""
     if not isinstance(data, dict):
@@ -146,10 +206,7 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"known fields: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(_unknown_field_message(cls, unknown, source))
     kwargs = {k: _coerce(v, _resolve_hint(cls, k), f"{source}: field '{k}'") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -204,6 +261,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
                 default = load_yaml_config(cls, a.split("=", 1)[1])
                 del argv[i]
                 break
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
+    unknown = sorted({f for f in flags if f not in known and f != "help"})
+    if unknown:
+        raise ConfigError(_unknown_field_message(cls, unknown, "command line"))
     argv = _normalise_bools(cls, argv)
     # FlagConversionOff: booleans take a value (`--resume true`), as in HfArgumentParser/TRL
     kwargs: dict[str, Any] = dict(prog=prog, description=description, args=argv, use_underscores=True,

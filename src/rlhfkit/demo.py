@@ -159,8 +159,8 @@ def run_sft(cfg: Config, base: str, out: Path) -> str:
     from rlhfkit.recipes import sft
 
     scfg = from_dict(sft.Config, _quiet(model=base, dataset="kindly", output_dir=str(out / "sft"), max_steps=cfg.sft_steps,
-                                        per_device_batch_size=max(cfg.batch_size, 4) * 2, learning_rate=5e-4,
-                                        lr_scheduler="cosine", warmup_steps=min(20, cfg.sft_steps // 5), log_every=10,
+                                        per_device_train_batch_size=max(cfg.batch_size, 4) * 2, learning_rate=5e-4,
+                                        lr_scheduler_type="cosine", warmup_steps=min(20, cfg.sft_steps // 5), logging_steps=10,
                                         max_length=64, max_eval_examples=128, seed=cfg.seed))
     sft.main(scfg)
     return str(out / "sft" / "final")
@@ -194,8 +194,8 @@ def run_reward(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
     from rlhfkit.recipes import reward
 
     rcfg = from_dict(reward.Config, _quiet(model=sft_path, dataset=str(prefs), output_dir=str(out / "reward"),
-                                           max_steps=cfg.reward_steps, per_device_batch_size=cfg.batch_size,
-                                           learning_rate=3e-4, log_every=10, eval_fraction=0.1, seed=cfg.seed))
+                                           max_steps=cfg.reward_steps, per_device_train_batch_size=cfg.batch_size,
+                                           learning_rate=3e-4, logging_steps=10, eval_fraction=0.1, seed=cfg.seed))
     return reward.main(rcfg, printer=lambda *a, **k: None).get("model_path", str(out / "reward" / "final"))
 
 
@@ -205,7 +205,7 @@ def run_ppo(cfg: Config, sft_path: str, rm_path: str, out: Path) -> str:
     pcfg = from_dict(ppo.Config, _quiet(model=sft_path, reward_model=rm_path, output_dir=str(out / "ppo"),
                                         max_steps=cfg.ppo_steps, kl_coef=cfg.ppo_kl_coef, learning_rate=3e-5,
                                         max_new_tokens=cfg.max_new_tokens, prompts_per_step=max(cfg.batch_size, 4) * 2,
-                                        per_device_batch_size=cfg.batch_size, log_every=1, num_eval_prompts=0,
+                                        per_device_train_batch_size=cfg.batch_size, logging_steps=1, num_eval_prompts=0,
                                         eval_prompts="", seed=cfg.seed))
     ppo.main(pcfg)
     return str(out / "ppo" / "final")
@@ -216,7 +216,7 @@ def run_dpo(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
 
     dcfg = from_dict(dpo.Config, _quiet(model=sft_path, dataset=str(prefs), output_dir=str(out / "dpo"),
                                         max_steps=cfg.dpo_steps, beta=cfg.dpo_beta, learning_rate=5e-5,
-                                        per_device_batch_size=cfg.batch_size, log_every=5, max_length=96,
+                                        per_device_train_batch_size=cfg.batch_size, logging_steps=5, max_length=96,
                                         seed=cfg.seed))
     dpo.main(dcfg)
     return str(out / "dpo" / "final")

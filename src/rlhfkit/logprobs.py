@@ -88,3 +88,128 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool 
     lp = token_logprobs(logits[:, :-1], labels[:, 1:], temperature)
     mask = labels[:, 1:] != IGNORE_INDEX
     return masked_mean(lp, mask, dim=-1) if average else masked_sum(lp, mask, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# THE response log-prob forward (DPO, reward-free preference losses, RL and eval share it)
+
+_SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling",
+                       "lm_head_multiplier")
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a plain or LoRA-wrapped HF causal LM whose logits are just
+    lm_head(hidden), else None.
+
+    Only for an unwrapped model: under DDP the forward must go through the wrapper (gradient
+    sync hooks), and under accelerate's autocast through the patched forward.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(inner, "config", None)
+    get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+    if cfg is None or get_decoder is None or get_head is None:
+        return None
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if any(getattr(text_cfg, f, None) not in (None, 1.0) for f in _SCALED_HEAD_FIELDS):
+        return None
+    decoder, head = get_decoder(), get_head()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def fast_head_allowed(mixed_precision: str = "no") -> bool:
+    """Whether `response_logprobs(fast_head=True)` may be used: not under DDP (gradient hooks live in
+    the wrapper's forward) nor mixed precision (accelerate's autocast lives in the wrapped forward).
+    Policy and reference then take the same path, so their log-probs agree to the last bit at step 0."""
+    import os
+
+    return mixed_precision == "no" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (left padding does not shift them), as generation does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_width: int,
+                      response_mask: torch.Tensor | None = None, temperature: float = 1.0,
+                      fast_head: bool = False, with_entropy: bool = False,
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log pi(response | prompt) of the last `response_width` columns, from one forward.
+
+    Layout: (B, P + R) rows, prompts left-padded, responses right-padded in the last
+    R = `response_width` columns (:func:`rlhfkit.data.preference.collate_responses`, and
+    what generation produces). `response_mask` (B, R) marks real response tokens (default:
+    the last R columns of `attention_mask`). Position ids follow the attention mask.
+
+    Returns (logprobs (B, R), zero where the mask is 0; entropy (B, R) or None). Only the
+    positions predicting response tokens go through the LM head; with `fast_head` (a model
+    :func:`split_head` accepts, no entropy asked) only the real ones, padding skipped. The
+    entropy carries gradients only with `entropy_grad` (an entropy bonus).
+    """
+    R = int(response_width)
+    P = input_ids.shape[1] - R
+    if P < 1:
+        raise ValueError("response_logprobs needs at least one prompt column (a BOS) before the responses")
+    mask = attention_mask[:, P:] if response_mask is None else response_mask
+    targets = input_ids[:, P:]
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    parts = split_head(model) if fast_head and not with_entropy else None
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[:, P - 1:-1]
+        keep = mask.bool()
+        logits = head(hidden[keep])  # (tokens, V): real response tokens only
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = -F.cross_entropy(logits, targets[keep], reduction="none")
+        return picked.new_zeros(mask.shape).masked_scatter(keep, picked), None
+    logits = model(**inputs, logits_to_keep=R + 1).logits[:, :-1]
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                          ignore_index=IGNORE_INDEX).view(mask.shape)
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = entropy_from_logits(logits)
+    return lp, ent
+
+
+@torch.no_grad()
+def preference_reference_logps(ref_model, data, batch_size: int, pad_id: int, device, kl: bool,
+                               progress: bool = False, fast_head: bool = True) -> torch.Tensor:
+    """Summed reference log-probs of a :class:`rlhfkit.data.preference.PreferenceData`, (n, 2) float64:
+    pairs -> [chosen, rejected]; unpaired -> [completion, mismatched KL completion (with `kl`)].
+
+    `ref_model` runs in eval mode, under `reference_context` (adapters disabled on a LoRA policy).
+    """
+    from tqdm.auto import tqdm
+
+    from rlhfkit.data.preference import collate_responses, example_rows
+    from rlhfkit.models.lora import reference_context
+
+    out = torch.zeros(len(data.rows), 2, dtype=torch.float64)
+    with reference_context(ref_model) as ref:
+        was_training = ref.training
+        ref.eval()
+        for start in tqdm(range(0, len(data.rows), batch_size), desc="reference log-probs", disable=not progress):
+            index = list(range(start, min(start + batch_size, len(data.rows))))
+            rows = example_rows(data, index)
+            if not data.paired and kl:
+                rows = rows + example_rows(data, index, kl=True)
+            b = collate_responses(rows, pad_id, device)
+            lp, _ = response_logprobs(ref, b.input_ids, b.attention_mask, b.response_width, b.response_mask,
+                                      fast_head=fast_head)
+            lp = lp.sum(-1).double().cpu()
+            if data.paired or kl:
+                out[index, 0], out[index, 1] = lp[:len(index)], lp[len(index):]
+            else:
+                out[index, 0] = lp
+        ref.train(was_training)
+    return out

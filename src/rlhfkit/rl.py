@@ -123,7 +123,7 @@ def prompts_for_step(prompts: Sequence[str], step: int, per_process: int, seed: 
 def total_updates(num_prompts: int, cfg: Any, num_processes: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_epochs * num_prompts / (cfg.prompts_per_step * num_processes)))
+    return max(1, math.ceil(cfg.num_train_epochs * num_prompts / (cfg.prompts_per_step * num_processes)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def group_rollout(policy: nn.Module, ref_model: nn.Module, ref_ctx: Callable[[],
     scores = score_rollout(reward_fn, roll)
     ids, mask = (t.to(device) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(device)
-    bs = cfg.per_device_batch_size  # the training layout, so the first ratio is exactly 1
+    bs = cfg.per_device_train_batch_size  # the training layout, so the first ratio is exactly 1
     old_logp = None
     if need_old:
         old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0],
@@ -389,7 +389,7 @@ def update_epochs(models: list[nn.Module], optimizers: list[torch.optim.Optimize
     metrics, stopped_early = [], False
     for epoch in range(cfg.num_ppo_epochs):
         for mb in minibatches(n, cfg.num_mini_batches, cfg.seed, step, epoch):
-            micro = micro_batches(mb, cfg.per_device_batch_size)
+            micro = micro_batches(mb, cfg.per_device_train_batch_size)
             mb_metrics = []
             for j, idx in enumerate(micro):
                 with contextlib.ExitStack() as sync:

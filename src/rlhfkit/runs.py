@@ -6,7 +6,7 @@ Every recipe writes into one `output_dir`:
     meta.json         rlhfkit version, git commit, library versions, seed, command line
     metrics.jsonl     one JSON object per logged step
     tb/               TensorBoard events
-    checkpoints/      resumable state (step-N folders), when save_every > 0
+    checkpoints/      resumable state (step-N folders), when save_steps > 0
     final/            the trained model in Hugging Face format
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -143,56 +144,203 @@ def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -
     return out
 
 
+RUN_MARKERS = ("config.yaml", "meta.json", "metrics.jsonl", "checkpoints", "final")
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` already holds an rlhfkit run (its config, metrics, checkpoints or model)."""
+    path = Path(path)
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def has_saved_state(path: str | Path) -> bool:
+    """Whether a run folder holds something worth keeping: a checkpoint or a final model."""
+    path = Path(path)
+    return (path / "final").exists() or any((path / "checkpoints").glob("step-*"))
+
+
+def claim_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> bool:
+    """Check `output_dir` before a command-line run; returns whether it existed before.
+
+    An existing run is refused unless `resume` (continue it) or `overwrite` (its run files are
+    removed first), so metrics of several runs never end up mixed in one metrics.jsonl.
+    """
+    from rlhfkit.errors import ConfigError
+
+    path = Path(output_dir)
+    existed = path.exists()
+    if is_run_folder(path) and not resume:
+        if not overwrite:
+            raise ConfigError(f"config field 'output_dir': {path} already holds a run; pass --resume true to "
+                              f"continue it or --overwrite true to replace it")
+        for name in RUN_MARKERS + ("tb", "results.json"):
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    return existed
+
+
+def discard_unfinished_run(output_dir: str | Path, existed_before: bool) -> bool:
+    """Remove a run folder this run created when it stopped before saving anything; returns whether it did."""
+    path = Path(output_dir)
+    if existed_before or not path.is_dir() or has_saved_state(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
 
+def _jsonl_tracker_cls():
+    from accelerate.tracking import GeneralTracker
+
+    class JSONLTracker(GeneralTracker):
+        """accelerate tracker appending one JSON object per logged step to metrics.jsonl."""
+
+        name = "jsonl"
+        requires_logging_directory = True
+
+        def __init__(self, run_name: str, logging_dir: str | Path):
+            super().__init__()
+            self.path = Path(logging_dir) / f"{run_name}.jsonl"
+            self.file = None
+
+        @property
+        def tracker(self):
+            return self.file
+
+        def start(self) -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            self.file.write(json.dumps({"step": step, **values}, default=_json_default) + "\n")
+
+        def finish(self) -> None:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+    return JSONLTracker
+
+
+def _csv_tracker_cls():
+    import csv
+
+    from accelerate.tracking import GeneralTracker
+
+    class CSVTracker(GeneralTracker):
+        """accelerate tracker writing metrics.csv in long form (step, name, value), so metrics that
+        appear later in a run (evaluations) need no change of header."""
+
+        name = "csv"
+        requires_logging_directory = True
+
+        def __init__(self, run_name: str, logging_dir: str | Path):
+            super().__init__()
+            self.path = Path(logging_dir) / f"{run_name}.csv"
+            self.file = self.writer = None
+
+        @property
+        def tracker(self):
+            return self.writer
+
+        def start(self) -> None:
+            new = not self.path.exists()
+            self.file = open(self.path, "a", newline="", buffering=1)
+            self.writer = csv.writer(self.file)
+            if new:
+                self.writer.writerow(["step", "name", "value"])
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            for k, v in values.items():
+                self.writer.writerow([step, k, v])
+
+        def finish(self) -> None:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+    return CSVTracker
+
+
+SINKS = ("jsonl", "csv", "tensorboard", "wandb", "mlflow")
+
+
+def make_trackers(output_dir: str | Path, report_to: str) -> list:
+    """accelerate trackers for `report_to` (comma separated names, `all`, or `none`), not yet started."""
+    from rlhfkit.errors import ConfigError
+
+    names = [s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"]
+    if "all" in names:
+        names = ["jsonl", "csv", "tensorboard"] + [n for n in ("wandb", "mlflow") if importlib.util.find_spec(n)]
+    unknown = sorted(set(names) - set(SINKS))
+    if unknown:
+        raise ConfigError(f"config field 'report_to': unknown sink(s) {unknown}; use {', '.join(SINKS)}, all or none")
+    out, trackers = Path(output_dir), []
+    for name in dict.fromkeys(names):
+        if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"config field 'report_to': {name} is not installed (pip install 'rlhfkit[trackers]')")
+        if name == "jsonl":
+            trackers.append(_jsonl_tracker_cls()("metrics", out))
+        elif name == "csv":
+            trackers.append(_csv_tracker_cls()("metrics", out))
+        elif name == "tensorboard":
+            from accelerate.tracking import TensorBoardTracker
+
+            trackers.append(TensorBoardTracker("tb", out))
+        elif name == "wandb":
+            from accelerate.tracking import WandBTracker
+
+            os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
+            trackers.append(WandBTracker(out.name, dir=str(out)))
+        else:
+            from accelerate.tracking import MLflowTracker
+
+            trackers.append(MLflowTracker(experiment_name="rlhfkit", logging_dir=str(out / "mlruns"), run_name=out.name))
+    return trackers
+
+
 class MetricsLogger:
-    """Append metrics to `metrics.jsonl` and TensorBoard; a no-op on non-main processes."""
+    """Metrics through accelerate's trackers (`report_to`); a no-op on non-main processes.
+
+    Non-finite numbers are kept in metrics.jsonl (as NaN) but not sent to TensorBoard, W&B or
+    MLflow, which reject or mis-plot them.
+    """
 
     def __init__(self, output_dir: str | Path, report_to: str = "jsonl,tensorboard", enabled: bool = True):
-        sinks = {s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"}
-        unknown = sinks - {"jsonl", "tensorboard"}
-        if unknown:
-            from rlhfkit.errors import ConfigError
-
-            raise ConfigError(f"config field 'report_to': unknown sink(s) {sorted(unknown)}; use jsonl, tensorboard or none")
         self.enabled = enabled
         self.dir = Path(output_dir)
-        self._jsonl = None
-        self._tb = None
+        self.trackers = make_trackers(output_dir, report_to)  # validates report_to on every process
         if not enabled:
+            self.trackers = []
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        if "jsonl" in sinks:
-            self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        if "tensorboard" in sinks:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tb"))
+        for t in self.trackers:
+            t.start()
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if not self.enabled:
             return
         clean = {k: _scalar(v) for k, v in metrics.items()}
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, **clean}, default=_json_default) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        finite = {k: v for k, v in clean.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        for t in self.trackers:
+            t.log(clean if t.name in ("jsonl", "csv") else finite, step=step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled and self._tb is not None:
-            self._tb.add_text(tag, text, step)
+        for t in self.trackers if self.enabled else []:
+            if t.name in ("tensorboard", "wandb", "mlflow"):
+                t.log({tag: text}, step=step)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
 
     def __enter__(self) -> MetricsLogger:
         return self

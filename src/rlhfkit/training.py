@@ -8,6 +8,7 @@ checkpoints written atomically, and the NaN guard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -53,7 +54,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -70,7 +71,7 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, num_training_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler)
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, num_training_steps, cfg.lr_scheduler_type)
     )
 
 
@@ -97,7 +98,11 @@ def iterate_batches(n: int, batch_size: int, seed: int, start_step: int, total_s
     global_bs = batch_size * num_processes
     per_epoch = n // global_bs
     if per_epoch == 0:
-        raise ValueError(f"{n} examples are fewer than one global batch of {global_bs}")
+        from rlhfkit.errors import ConfigError
+
+        what = "no training examples" if n == 0 else f"{n} training examples are fewer than one global batch of {global_bs}"
+        raise ConfigError(f"config field 'per_device_train_batch_size': {what} "
+                          f"({batch_size} per device x {num_processes} processes); give more data or a smaller batch")
     order, order_epoch = None, -1
     for step in range(start_step, total_steps):
         epoch, pos = divmod(step, per_epoch)
@@ -129,7 +134,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    # accelerate warns "Removed shared tensor ..." on every checkpoint of a model with tied
+    # embeddings; the tie is restored on load, so the warning is noise to a user
+    quiet = logging.getLogger("accelerate.utils.other")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        quiet.setLevel(level)
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
         with atomic_path(final) as t:

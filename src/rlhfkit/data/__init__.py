@@ -18,10 +18,6 @@ from rlhfkit.data.collate import (
     IGNORE_INDEX,
     Encoded,
     PadCollator,
-    PreferenceCollator,
-    RankingCollator,
-    SFTCollator,
-    UnpairedCollator,
     encode_prompt,
     encode_prompt_completion,
     tokenize_prompt_completion,
@@ -59,7 +55,7 @@ from rlhfkit.errors import DataError
 
 __all__ = [
     "DataError", "FORMATS", "IGNORE_INDEX", "PLAIN_CHAT_TEMPLATE", "VALIDATORS", "Encoded", "PadCollator",
-    "PreferenceCollator", "RankingCollator", "Records", "SFTCollator", "UnpairedCollator", "ValidationReport",
+    "Records", "ValidationReport",
     "apply_chat_template", "conversation_split", "detect_dataset_format", "detect_format", "encode_prompt",
     "encode_prompt_completion", "has_chat_template", "is_conversation", "is_conversational", "iter_jsonl",
     "iter_records", "load_records", "pack_sequences", "packed_attention_mask", "packing_efficiency",

@@ -40,6 +40,10 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """Render `messages` to text with the tokenizer's template, or the plain fallback."""
+    if tokenizer is not None and not has_chat_template(tokenizer) and hasattr(tokenizer, "apply_chat_template"):
+        # the conversation is rendered with the plain template, so that becomes the tokenizer's
+        # template: a model trained on it is saved with the template it was trained on
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     if tokenizer is not None and has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)

@@ -15,8 +15,9 @@ responses):
    last `max_length // 2` tokens;
 3. the response keeps its first `max_length - len(prompt)` tokens (a cut response loses its
    EOS, which is right: the text did not end there).
-BOS counts as part of the prompt and is never cut away. Every collator counts the examples it
-truncated (`truncated` per row in the batch, cumulative `num_truncated` on the collator).
+BOS counts as part of the prompt and is never cut away. No example is dropped for length: the
+prompt gives way first, so every example keeps at least its first response token. Recipes count
+the examples they truncated (and how many of those lost part of their prompt) and print both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 
-from rlhfkit.data.chat import to_prompt_completion, to_ranking_texts, to_text_pair
 from rlhfkit.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -41,6 +41,7 @@ class Encoded:
     labels: list[int]
     prompt_length: int
     truncated: bool
+    prompt_truncated: bool = False
 
     def as_dict(self) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids, "labels": self.labels,
@@ -92,7 +93,7 @@ def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, max_l
         c_ids = c_ids[: max(max_length - len(p_ids), 0)]
         c_cut = True
     return Encoded(input_ids=p_ids + c_ids, labels=[IGNORE_INDEX] * len(p_ids) + c_ids,
-                   prompt_length=len(p_ids), truncated=p_cut or c_cut)
+                   prompt_length=len(p_ids), truncated=p_cut or c_cut, prompt_truncated=p_cut)
 
 
 def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str, max_length: int | None = None,
@@ -104,6 +105,18 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str, max
 
 
 # ---------------------------------------------------------------- padding
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask) LongTensors."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
 
 _PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
 
@@ -158,134 +171,4 @@ class PadCollator:
                 batch[key] = self._pad(values, pad, width)
             else:
                 batch[key] = torch.as_tensor(values)
-        return batch
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    if pad is None:
-        raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return pad
-
-
-class _Counting:
-    """Shared bookkeeping: how many examples were seen and truncated (for the caller to print)."""
-
-    num_examples: int = 0
-    num_truncated: int = 0
-
-    def _count(self, flags: list[bool]) -> torch.Tensor:
-        self.num_examples += len(flags)
-        self.num_truncated += sum(flags)
-        return torch.tensor(flags, dtype=torch.bool)
-
-    def truncation_summary(self) -> str:
-        return f"{type(self).__name__}: truncated {self.num_truncated} of {self.num_examples} examples"
-
-
-class SFTCollator(_Counting):
-    """SFT records (text, prompt+completion, messages) -> padded, prompt-masked batch."""
-
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int | None = None,
-                 padding_side: str = "right"):
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-        self.pad = PadCollator(_pad_id(tokenizer), padding_side)
-
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        rows = [encode_prompt_completion(self.tokenizer, *to_prompt_completion(r, self.tokenizer),
-                                         self.max_length, max_prompt_length=self.max_prompt_length)
-                for r in records]
-        batch = self.pad([e.as_dict() for e in rows])
-        batch["truncated"] = self._count([e.truncated for e in rows])
-        return batch
-
-
-class PreferenceCollator(_Counting):
-    """Preference records -> one batch of 2B rows: the B chosen rows, then the B rejected rows.
-
-    Chosen and rejected go through ONE forward (`logits[:B]` chosen, `logits[B:]` rejected).
-    Both share the prompt tokenization, so their prompt tokens are identical. Extra keys:
-    `truncated` (B,) bool (a pair counts once if either side was cut) and `margin` (B,) float
-    when any record has a margin (missing margins are 0).
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int | None = None):
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-        self.pad = PadCollator(_pad_id(tokenizer), "right")
-
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        chosen, rejected, flags = [], [], []
-        for record in records:
-            prompt, c_text, r_text = to_text_pair(record, self.tokenizer)
-            shared = encode_prompt(self.tokenizer, prompt, self.max_length, self.max_prompt_length)
-            c = encode_prompt_completion(self.tokenizer, prompt, c_text, self.max_length, prompt_ids=shared)
-            r = encode_prompt_completion(self.tokenizer, prompt, r_text, self.max_length, prompt_ids=shared)
-            chosen.append(c.as_dict())
-            rejected.append(r.as_dict())
-            flags.append(c.truncated or r.truncated)
-        batch = self.pad(chosen + rejected)
-        batch["truncated"] = self._count(flags)
-        if any(r.get("margin") is not None for r in records):
-            batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in records])
-        return batch
-
-
-class RankingCollator(_Counting):
-    """Ranking records -> all K responses of every prompt in one batch, best first.
-
-    Rows of record b are contiguous, `group_sizes[b]` of them, ordered by rank (row 0 of a
-    group is the best response), so a K-way (Plackett-Luce or all-pairs) loss needs one
-    forward. Extra keys: `group_sizes` (B,) long, `truncated` (B,) bool.
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int | None = None):
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-        self.pad = PadCollator(_pad_id(tokenizer), "right")
-
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        rows, sizes, flags = [], [], []
-        for record in records:
-            prompt, responses = to_ranking_texts(record, self.tokenizer)
-            shared = encode_prompt(self.tokenizer, prompt, self.max_length, self.max_prompt_length)
-            encoded = [encode_prompt_completion(self.tokenizer, prompt, text, self.max_length, prompt_ids=shared)
-                       for text in responses]
-            rows.extend(e.as_dict() for e in encoded)
-            sizes.append(len(encoded))
-            flags.append(any(e.truncated for e in encoded))
-        batch = self.pad(rows)
-        batch["group_sizes"] = torch.tensor(sizes, dtype=torch.long)
-        batch["truncated"] = self._count(flags)
-        return batch
-
-
-class UnpairedCollator(_Counting):
-    """KTO records (prompt, completion, label) -> B prompt-masked rows plus `label` (B,) bool.
-
-    With `kl_rows=True` another B rows follow, pairing prompt i with completion i+1 (mod B):
-    the mismatched pairs KTO uses to estimate its KL reference point (Ethayarajh et al. 2024,
-    eq. 7), in the same forward.
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int | None = None,
-                 kl_rows: bool = False):
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-        self.kl_rows = kl_rows
-        self.pad = PadCollator(_pad_id(tokenizer), "right")
-
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        parts = [to_prompt_completion({"prompt": r["prompt"], "completion": r["completion"]}, self.tokenizer)
-                 for r in records]
-        prompts = [encode_prompt(self.tokenizer, p, self.max_length, self.max_prompt_length) for p, _ in parts]
-        encoded = [encode_prompt_completion(self.tokenizer, p, c, self.max_length, prompt_ids=ids)
-                   for (p, c), ids in zip(parts, prompts)]
-        rows = [e.as_dict() for e in encoded]
-        if self.kl_rows:
-            n = len(parts)
-            rows += [encode_prompt_completion(self.tokenizer, parts[i][0], parts[(i + 1) % n][1], self.max_length,
-                                              prompt_ids=prompts[i]).as_dict() for i in range(n)]
-        batch = self.pad(rows)
-        batch["label"] = torch.tensor([bool(r["label"]) for r in records], dtype=torch.bool)
-        batch["truncated"] = self._count([e.truncated for e in encoded])
         return batch

@@ -5,10 +5,11 @@ annotator) or a ranking (prompt, responses best first). Every bad record either 
 DataError naming source, line and field, or (``on_bad="skip"``) is dropped and counted by
 reason, and the counts are printed by the caller; nothing is dropped silently.
 
-A *unit* is the token form: a pair is 2 rows, a ranking K rows. :func:`collate_units` lays out
-one batch so that every row goes through a single forward pass: the chosen rows of all pairs,
-then their rejected rows, then the ranking rows, with an index that gathers each ranking's K
-rewards back into a (B, K) matrix.
+A *unit* is the token form: a pair is 2 rows, a ranking K rows, sharing one prompt encoding.
+:func:`collate_units` lays out one :class:`rlhfkit.data.preference.PreferenceBatch` (the batch
+type DPO uses too) so that every row goes through a single forward pass: the chosen rows of all
+pairs, then their rejected rows, then the ranking rows, with an index that gathers each
+ranking's K rewards back into a (B, K) matrix.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-import torch
-
+from rlhfkit.data.collate import encode_prompt, encode_prompt_completion
+from rlhfkit.data.preference import PreferenceBatch, collate_preferences
 from rlhfkit.errors import DataError
-from rlhfkit.models.reward import encode_prompt_response, pad_right
 
 # ---------------------------------------------------------------------------------------------
 # records -> comparisons (text), with every bad record an error or a counted skip
@@ -166,10 +166,14 @@ def tokenize_units(comps: Comparisons, tokenizer: Any, max_length: int, loss: st
     """
     counts: Counter = Counter()
 
-    def enc(prompt: str, response: str) -> list[int]:
-        ids, cut = encode_prompt_response(tokenizer, prompt, response, max_length)
-        counts["truncated_rows"] += int(cut)
-        return ids
+    def enc(prompt: str, responses: list[str]) -> tuple[list[list[int]], int]:
+        shared = encode_prompt(tokenizer, prompt or "", max_length)  # one prompt encoding for all responses
+        rows = []
+        for response in responses:
+            e = encode_prompt_completion(tokenizer, prompt or "", response, max_length, prompt_ids=shared)
+            counts["truncated_rows"] += int(e.truncated)
+            rows.append(e.input_ids)
+        return rows, len(shared[0])
 
     units = []
     for p in comps.pairs:
@@ -180,30 +184,14 @@ def tokenize_units(comps: Comparisons, tokenizer: Any, max_length: int, loss: st
                 continue
             if y < 0.5:
                 c, r, y = r, c, 1 - y
-        units.append({"kind": "pair", "rows": [enc(p["prompt"], c), enc(p["prompt"], r)], "label": y,
-                      "margin": p["margin"]})
+        rows, n_prompt = enc(p["prompt"], [c, r])
+        units.append({"kind": "pair", "rows": rows, "prompt_length": n_prompt, "label": y, "margin": p["margin"]})
     for k in comps.rankings:
-        units.append({"kind": "rank", "rows": [enc(k["prompt"], x) for x in k["responses"]]})
+        rows, n_prompt = enc(k["prompt"], k["responses"])
+        units.append({"kind": "rank", "rows": rows, "prompt_length": n_prompt})
     return units, counts
 
 
-def collate_units(units: list[dict], pad_id: int) -> dict[str, Any]:
+def collate_units(units: list[dict], pad_id: int) -> PreferenceBatch:
     """One batch: chosen rows of all pairs, then their rejected rows, then ranking rows."""
-    pairs = [u for u in units if u["kind"] == "pair"]
-    ranks = [u for u in units if u["kind"] == "rank"]
-    rows = [u["rows"][0] for u in pairs] + [u["rows"][1] for u in pairs]
-    k_max = max((len(u["rows"]) for u in ranks), default=0)
-    rank_index = torch.zeros((len(ranks), k_max), dtype=torch.long)
-    rank_mask = torch.zeros((len(ranks), k_max), dtype=torch.bool)
-    for b, u in enumerate(ranks):
-        start = len(rows)
-        rows.extend(u["rows"])
-        rank_index[b, :len(u["rows"])] = torch.arange(start, start + len(u["rows"]))
-        rank_mask[b, :len(u["rows"])] = True
-    ids, mask = pad_right(rows, pad_id)
-    margins = [u["margin"] for u in pairs]
-    return {"input_ids": ids, "attention_mask": mask, "num_pairs": len(pairs),
-            "labels": torch.tensor([u["label"] for u in pairs], dtype=torch.float32),
-            "margins": None if any(m is None for m in margins) or not margins else torch.tensor(margins),
-            "rank_index": rank_index, "rank_mask": rank_mask,
-            "order": [i for i, u in enumerate(units) if u["kind"] == "pair"] + [i for i, u in enumerate(units) if u["kind"] == "rank"]}
+    return collate_preferences(units, pad_id)

@@ -229,6 +229,39 @@ def read_source(source: Any, split: str = "train") -> Records:
     return read_hub_dataset(text, split)
 
 
+EVAL_SPLITS = ("test", "eval", "validation")
+
+
+def local_splits(source: Any) -> list[str]:
+    """Split names a local folder offers (a `save_to_disk` DatasetDict or {split}.jsonl files); [] otherwise."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return []
+    manifest = folder / "dataset_dict.json"
+    if manifest.is_file():
+        return list(json.loads(manifest.read_text()).get("splits") or [])
+    names = {p.stem for p in folder.iterdir() if p.suffix.lower() in FILE_SUFFIXES}
+    names |= {p.name for p in folder.iterdir() if p.is_dir() and _is_saved_dataset(p)}
+    return sorted(names)
+
+
+def eval_source(dataset: Any, eval_dataset: Any = "", eval_split: str = "") -> tuple[Any, str | None]:
+    """(source, split) of held-out data, or (None, None).
+
+    `eval_dataset` when given (its `eval_split`, default train); else `dataset`'s `eval_split`,
+    or the first of test / eval / validation that a local `dataset` folder has (so a
+    `save_to_disk` DatasetDict with train/test works without flags).
+    """
+    if eval_dataset:
+        return eval_dataset, eval_split or "train"
+    if eval_split:
+        return dataset, eval_split
+    found = [s for s in EVAL_SPLITS if s in local_splits(dataset)]
+    return (dataset, found[0]) if found else (None, None)
+
+
 def check_required(records: Records, required: Iterable[str]) -> None:
     """Every record must have each `required` column, and not as null."""
     required = list(required)

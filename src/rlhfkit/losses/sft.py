@@ -22,7 +22,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: float | None
     nll = -token_logprobs(logits[:, :-1], target)
     total = (nll * mask).sum()
     count = mask.sum()
-    denom = num_items if num_items is not None else count.clamp(min=1)
+    # a step without supervised tokens contributes 0, not 0/0 = NaN
+    denom = (num_items or 1) if num_items is not None else count.clamp(min=1)
     loss = total / denom
     return loss, {"nll_sum": total.detach(), "tokens": count.detach()}
 

@@ -7,22 +7,28 @@ from rlhfkit.models.factory import (
     tiny_reward_model,
 )
 from rlhfkit.models.io import (
+    check_max_length,
     load_policy,
     load_reward_model,
     load_tokenizer,
+    max_positions,
     reference_model,
     resolve_path,
     save_model,
+    weights_fingerprint,
 )
-from rlhfkit.models.lora import apply_lora, is_lora, reference_context
+from rlhfkit.models.lora import apply_lora, disable_dropout, is_lora, reference_context
 
 __all__ = [
     "apply_lora",
+    "check_max_length",
     "count_parameters",
+    "disable_dropout",
     "is_lora",
     "load_policy",
     "load_reward_model",
     "load_tokenizer",
+    "max_positions",
     "reference_context",
     "reference_model",
     "resolve_path",
@@ -30,4 +36,5 @@ __all__ = [
     "tiny_llama",
     "tiny_llama_config",
     "tiny_reward_model",
+    "weights_fingerprint",
 ]

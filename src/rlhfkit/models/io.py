@@ -8,8 +8,10 @@ names ``kindly`` / ``kindly:base`` (the shipped base model) and ``kindly:tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,25 @@ from transformers import (
 from rlhfkit.errors import ConfigError
 from rlhfkit.runs import atomic_path
 
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence what a user cannot act on while loading/saving: transformers' per-tensor progress
+    bars ("Loading weights", "Writing model shards") and its load report, which lists the fresh
+    score head of every new reward model as MISSING (that head is meant to be new)."""
+    from transformers.utils import logging as hf_logging
+
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +59,15 @@ def resolve_path(name: str) -> str:
         from rlhfkit.tasks import kindly
 
         return str(kindly.tokenizer_path())
+    if not Path(name).expanduser().exists() and _looks_local(name):
+        # fail at once: transformers would take it for a hub name and retry the network for a minute
+        raise ConfigError(f"model path {name!r} does not exist (a local folder saved with save_pretrained, "
+                          f"or a hub name like 'org/model')")
     return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(("/final", "/"))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -47,15 +76,19 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it has a pad token.
 
     A tokenizer without one borrows its EOS token as padding (attention masks keep the two
-    apart); one with neither is refused with a message naming the path.
+    apart); one with neither is refused with a message naming the path. With `distinct_pad`
+    (reward models) a pad token equal to EOS is replaced by a new `<|pad|>` token: transformers'
+    sequence classifiers pool the last token that is not the pad id, so with pad == EOS they
+    would score the token before the final EOS while rlhfkit scores the EOS itself.
     """
     resolved = resolve_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(resolved)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
     if tok.pad_token is None:
@@ -65,32 +98,58 @@ def load_tokenizer(path: str, padding_side: str = "right") -> PreTrainedTokenize
                 "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it again"
             )
         tok.pad_token = tok.eos_token
+    if distinct_pad and tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
     tok.padding_side = padding_side
     return tok
 
 
-def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: bool = True) -> PreTrainedModel:
-    """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added."""
+def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: bool = True,
+                disable_dropout: bool = False, attn_implementation: str = "",
+                gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added;
+    `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`)."""
     resolved = resolve_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype))
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype),
+                                                         **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from e
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
         from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
+    if disable_dropout:
+        from rlhfkit.models.lora import disable_dropout as _off
+
+        _off(model)
     model.train(trainable)
     return model
 
 
-def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1) -> PreTrainedModel:
-    """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM)."""
+def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1,
+                      tokenizer: Any = None, attn_implementation: str = "",
+                      gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM).
+
+    With `tokenizer`, the embeddings grow to cover tokens it added (a distinct pad token) and
+    `config.pad_token_id` is set from it, before any LoRA adapter is attached.
+    """
     resolved = resolve_path(path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype), num_labels=num_labels)
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype),
+                                                                       num_labels=num_labels,
+                                                                       **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {e}") from e
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         tok_path = resolved if Path(resolved).is_dir() else path
         try:
@@ -98,11 +157,25 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
             model.config.pad_token_id = tok.pad_token_id
         except ConfigError:
             pass  # the caller sets it once it has a tokenizer; scoring needs it to find the last token
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
         from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
+
+
+def _attn_kwargs(attn_implementation: str) -> dict:
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """transformers' gradient checkpointing, non-reentrant (works with frozen inputs, so with LoRA)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"config field 'gradient_checkpointing': {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path,
@@ -122,7 +195,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         from rlhfkit.sharding import unsharded_copy
 
         to_save, state_dict = unsharded_copy(to_save, state_dict), None
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, quiet_transformers():
         tmp.mkdir()
         to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
@@ -134,6 +207,45 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
             else:
                 target.write_text(content)
     return path
+
+
+def weights_fingerprint(model: Any) -> str:
+    """sha256 over a model's weights (LoRA adapter tensors excluded: a reference runs without them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    inner = getattr(model, "module", model)
+    for name, t in sorted(inner.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def max_positions(model: Any) -> int | None:
+    """The longest sequence a model's position embeddings cover (None: no fixed limit known)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    cfg = getattr(inner, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model: Any, max_length: int, field: str = "max_length") -> None:
+    """ConfigError when `max_length` exceeds the model's positions (GPT-2 would index past its
+    learned position table; RoPE models would run on positions they never saw)."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"config field '{field}': {max_length} is more than the model's {limit} positions "
+                          f"(max_position_embeddings / n_positions); use --{field} {limit} or less")
 
 
 def reference_model(policy: PreTrainedModel, use_lora: bool = False) -> PreTrainedModel:

@@ -30,7 +30,40 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
         task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found" not in str(e) and "target" not in str(e).lower():
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D") and "." in n})
+        raise ConfigError(f"config field 'lora_target_modules': {args.lora_target_modules!r} matches no module of "
+                          f"{type(model).__name__}; its linear layers are {', '.join(linear)} (or use all-linear)") from None
+
+
+def disable_dropout(model: Any) -> int:
+    """Set p = 0 on every torch.nn.Dropout in `model` (LoRA's own dropout included); returns how many.
+
+    TRL's `disable_dropout_in_model` does the same for DPO, reward and on-policy trainers: a
+    preference or RL loss compares forwards of the same text (policy vs reference, chosen vs
+    rejected, old vs new log-probs), and dropout noise makes those differ at step 0. Attention
+    modules that keep their rate as a float (`self.attention_dropout` in Llama, Qwen2, Mistral)
+    are zeroed too; the saved config is left as the user wrote it.
+    """
+    import torch
+
+    count = 0
+    for module in getattr(model, "modules", lambda: [])():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+            count += 1
+    inner = getattr(model, "module", model)
+    for sub in getattr(inner, "modules", lambda: [])():
+        # eager/sdpa attention modules read `self.attention_dropout` at forward time
+        if isinstance(getattr(sub, "attention_dropout", None), float) and sub.attention_dropout > 0:
+            sub.attention_dropout = 0.0
+            count += 1
+    return count
 
 
 def is_lora(model: Any) -> bool:

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhfkit.data.collate import pad_right  # noqa: F401  (re-exported)
 from rlhfkit.errors import ConfigError
+from rlhfkit.logprobs import position_ids_from_mask
 
 STATS_FILE = "reward_stats.json"
 ENSEMBLE_FILE = "ensemble.json"
@@ -54,17 +56,6 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str,
 
     enc = encode_prompt_completion(tokenizer, prompt or "", response, max_length)
     return list(enc.input_ids), bool(enc.truncated)
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into (input_ids, attention_mask) LongTensors."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,9 +113,15 @@ class LastTokenReward(nn.Module):
         hf = unwrap_hf(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
         if self.padding_free:
-            pooled = _packed_last_hidden(backbone, input_ids, attention_mask, self.pack_tokens)
+            # a packed row never runs past the model's learned positions (GPT-2's wpe table)
+            from rlhfkit.models.io import max_positions
+
+            budget = min(self.pack_tokens, max_positions(hf) or self.pack_tokens)
+            pooled = _packed_last_hidden(backbone, input_ids, attention_mask, budget)
         else:
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            # positions count real tokens, so a left-padded prompt scores as if unpadded
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
             idx = last_token_indices(attention_mask)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return _head(hf)(pooled).float()

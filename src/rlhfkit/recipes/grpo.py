@@ -160,7 +160,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             logger.log_text("samples", sample_table(roll, scores, gold), step + 1)
             write_samples(out, step + 1, roll, scores, gold)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(),
                                                  "running_moments": running.state_dict()})
         if stop_run:

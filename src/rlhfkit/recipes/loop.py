@@ -144,8 +144,8 @@ def collect_round(policy_path: str, prompts: list[str], source, cfg: Config, see
 def train_reward(data_file: Path, cfg: Config, out: Path, seed: int) -> str:
     from rlhfkit.recipes import reward
 
-    rcfg = _recipe_config(reward.Config, dict(learning_rate=cfg.reward_learning_rate, per_device_batch_size=cfg.batch_size,
-                                              report_to="jsonl", log_every=10, progress=cfg.progress, eval_fraction=0.1),
+    rcfg = _recipe_config(reward.Config, dict(learning_rate=cfg.reward_learning_rate, per_device_train_batch_size=cfg.batch_size,
+                                              report_to="jsonl", logging_steps=10, progress=cfg.progress, eval_fraction=0.1),
                           cfg.reward_config,
                           dict(model=cfg.model, dataset=str(data_file), output_dir=str(out), max_steps=cfg.reward_steps, seed=seed))
     res = reward.main(rcfg, printer=lambda *a, **k: None)
@@ -153,8 +153,8 @@ def train_reward(data_file: Path, cfg: Config, out: Path, seed: int) -> str:
 
 
 def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int) -> str:
-    common = dict(learning_rate=cfg.policy_learning_rate, per_device_batch_size=cfg.batch_size, report_to="jsonl",
-                  log_every=5, progress=cfg.progress)
+    common = dict(learning_rate=cfg.policy_learning_rate, per_device_train_batch_size=cfg.batch_size, report_to="jsonl",
+                  logging_steps=5, progress=cfg.progress)
     forced = dict(model=start, output_dir=str(out), max_steps=cfg.policy_steps, seed=seed)
     if cfg.algorithm == "dpo":
         from rlhfkit.recipes import dpo

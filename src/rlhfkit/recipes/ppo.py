@@ -136,7 +136,7 @@ def collect(policy, ref_model, ref_ctx, critic, tok, reward_fn, judge, prompts, 
     scores = score_rollout(reward_fn, roll)
     ids, mask = (t.to(device[0]) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(device[0])
-    bs = cfg.per_device_batch_size  # same batch layout as training, for a ratio of exactly 1
+    bs = cfg.per_device_train_batch_size  # same batch layout as training, for a ratio of exactly 1
     old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
     with ref_ctx():
         ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature)[0], ids, mask, bs)
@@ -172,9 +172,9 @@ def ptx_batches(cfg: Config, tok):
     collate = PadCollator(tok.pad_token_id)
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
-        for i in torch.randperm(len(records), generator=g).tolist()[: len(records) - cfg.per_device_batch_size + 1:
-                                                                    cfg.per_device_batch_size]:
-            rows = records[i:i + cfg.per_device_batch_size]
+        for i in torch.randperm(len(records), generator=g).tolist()[: len(records) - cfg.per_device_train_batch_size + 1:
+                                                                    cfg.per_device_train_batch_size]:
+            rows = records[i:i + cfg.per_device_train_batch_size]
             yield collate([tokenize_prompt_completion(tok, r["prompt"], r["completion"], 128) for r in rows])
 
 
@@ -259,7 +259,7 @@ def main(cfg: Config, reward_fn=None) -> dict:
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
             logger.log_text("samples", sample_table(roll, scores, gold), step + 1)
             write_samples(out, step + 1, roll, scores, gold)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(),
                                                  "running_moments": running.state_dict()})
         if stop_run:

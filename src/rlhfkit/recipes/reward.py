@@ -106,19 +106,20 @@ class Config(ModelArgs, TrainArgs):
 def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch.Tensor | None = None,
                device: Any = "cpu") -> tuple[torch.Tensor, dict[str, float]]:
     """One forward over every row of the batch, then the pair and ranking losses from its rewards."""
-    rewards = module(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (R, H)
+    rows = batch.rows.to(device)
+    rewards = module(rows.input_ids, rows.attention_mask)  # (R, H)
     if rewards.shape[-1] == 1:
         rewards = rewards.squeeze(-1)
-    b = batch["num_pairs"]
+    b = batch.num_pairs
     if weights is not None:
-        weights = weights[batch["order"]].to(device)
-    parts, metrics, n_units = [], {}, b + batch["rank_index"].shape[0]
+        weights = weights[batch.order].to(device)
+    parts, metrics, n_units = [], {}, b + batch.rank_index.shape[0]
     if b:
         chosen, rejected = rewards[:b], rewards[b:2 * b]
-        kwargs = {"labels": batch["labels"].to(device) if cfg.loss != "bradley_terry" else None,
+        kwargs = {"labels": batch.labels.to(device) if cfg.loss != "bradley_terry" else None,
                   "weights": None if weights is None else weights[:b]}
-        if cfg.use_margin and batch["margins"] is not None and cfg.loss == "bradley_terry":
-            kwargs["margin"] = batch["margins"].to(device)
+        if cfg.use_margin and batch.margins is not None and cfg.loss == "bradley_terry":
+            kwargs["margin"] = batch.margins.to(device)
         if cfg.loss == "davidson":
             kwargs["log_nu"] = cfg.tie_log_nu
         loss, m = PAIR_LOSSES[cfg.loss](chosen, rejected, **kwargs)
@@ -126,8 +127,8 @@ def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch
         if cfg.center_rewards_coef > 0:
             parts.append(reward_centering_penalty(torch.stack([chosen, rejected], 1), coef=cfg.center_rewards_coef) * b / n_units)
         metrics.update({f"pair_{k}" if k != "accuracy" else "accuracy": float(v) for k, v in m.items()})
-    if batch["rank_index"].numel():
-        idx, mask = batch["rank_index"].to(device), batch["rank_mask"].to(device)
+    if batch.rank_index.numel():
+        idx, mask = batch.rank_index.to(device), batch.rank_mask.to(device)
         ranked = rewards[idx]  # (Br, K[, H])
         nr = idx.shape[0]
         loss, m = RANKING_LOSSES[cfg.ranking_loss](ranked, mask, weights=None if weights is None else weights[b:])
@@ -151,7 +152,7 @@ def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: in
     module.eval()
     units = units[: cfg.max_eval_examples]
     totals: Counter = Counter()
-    bs = cfg.per_device_batch_size * 2
+    bs = cfg.per_device_train_batch_size * 2
     for i in range(0, len(units), bs):
         chunk = units[i:i + bs]
         loss, m = batch_loss(module, collate_units(chunk, pad_id), cfg, device=device)
@@ -171,11 +172,16 @@ def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: in
     return out
 
 
-def _load_model(cfg: Config, heads: int, seed: int):
-    from rlhfkit.models import load_reward_model
+def _load_model(cfg: Config, heads: int, seed: int, tokenizer: Any):
+    from rlhfkit.models import check_max_length, disable_dropout, load_reward_model
 
     torch.manual_seed(seed)  # the fresh score head's initialisation differs per member
-    model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads)
+    model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads,
+                              tokenizer=tokenizer, attn_implementation=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+    check_max_length(model, cfg.max_length)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     return model
@@ -202,11 +208,11 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     seed = cfg.seed + member
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
     acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
-    module = LastTokenReward(_load_model(cfg, heads, seed))
+    module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
     if cfg.padding_free:
-        probe = collate_units(train[: cfg.per_device_batch_size], tokenizer.pad_token_id)
-        module.padding_free = padding_free_matches(module, probe["input_ids"], probe["attention_mask"])
+        probe = collate_units(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
+        module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
         if not module.padding_free:
             printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
                     "training with padding instead")
@@ -214,8 +220,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     if heads > 1 and cfg.bootstrap_heads:
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
     nproc, accum = acc.num_processes, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_batch_size, nproc)
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     module, optimizer = acc.prepare(module, optimizer)
@@ -229,20 +235,21 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and acc.is_main_process))
     t0, tokens, window, metrics = time.perf_counter(), 0, [], {}
     module.train()
-    for micro, local, _ in iterate_batches(len(train), cfg.per_device_batch_size, seed, step * accum,
+    for micro, local, _ in iterate_batches(len(train), cfg.per_device_train_batch_size, seed, step * accum,
                                            total * accum, nproc, acc.process_index):
         batch = collate_units([train[i] for i in local], tokenizer.pad_token_id)
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else acc.no_sync(module):
             loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
             check_finite("reward-model loss", loss)
-            acc.backward(loss / accum)
-        tokens += int(batch["attention_mask"].sum()) * nproc
+            acc.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
+        tokens += int(batch.rows.attention_mask.sum()) * nproc
         window.append(m)
         if not sync:
             continue
-        if cfg.max_grad_norm > 0:
-            check_finite("gradient norm", acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+        grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None:
+            check_finite("gradient norm", grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -250,13 +257,15 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         bar.update(1)
         metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
         metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0))
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         window = []
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.logging_steps == 0 or step == total:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and eval_units and acc.is_main_process:
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and acc.is_main_process:
             logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, tokenizer.pad_token_id, acc.device), step)
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(acc, out, step, {"member": member})
     bar.close()
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
@@ -286,7 +295,7 @@ def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train
                     seen.add(key)
                     seqs.append(row)
         device = next(module.parameters()).device
-        raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_batch_size * 4, device)
+        raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_train_batch_size * 4, device)
         stats = compute_stats(raw, reference=f"{len(seqs)} distinct training responses")
         extra = attach_stats(module.model, stats)
     save_model(module.model, tokenizer, path, extra_files=extra)
@@ -313,7 +322,7 @@ def main(cfg: Config, printer=print) -> dict:
 
     is_main = PartialState().is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
     comps = load_comparisons(cfg.dataset, "train", cfg.on_bad_record, tokenizer, cfg.from_feedback)
     report_skips(comps, "training", printer)
     units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss)
@@ -327,8 +336,8 @@ def main(cfg: Config, printer=print) -> dict:
         train, eval_units = _split(units, cfg.eval_fraction, cfg.seed)
     for what, n in sorted(counts.items()):
         printer(f"reward: {n} {what.replace('_', ' ')} (max_length={cfg.max_length}, loss={cfg.loss})")
-    if len(train) < cfg.per_device_batch_size:
-        raise ConfigError(f"config field 'per_device_batch_size': {cfg.per_device_batch_size} is more than the "
+    if len(train) < cfg.per_device_train_batch_size:
+        raise ConfigError(f"config field 'per_device_train_batch_size': {cfg.per_device_train_batch_size} is more than the "
                           f"{len(train)} training comparisons")
     printer(f"reward: {len(train)} training and {len(eval_units)} held-out comparisons "
             f"({sum(u['kind'] == 'rank' for u in train)} rankings)")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.memory import report_for_run
-from rlhfkit.models import load_policy, load_tokenizer, save_model
+from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
 from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
@@ -66,10 +66,17 @@ class Config(ModelArgs, TrainArgs):
 # data
 
 
-def load_sft_examples(source: str, tokenizer, max_length: int, split: str = "train",
+def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
                       completion_only: bool = True) -> tuple[list[dict], int]:
-    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated)."""
-    from rlhfkit.data import load_records, to_prompt_completion, tokenize_prompt_completion
+    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated).
+
+    `source` is a path/name, a `datasets.Dataset` or a list of records. Truncation follows the
+    one rule of :mod:`rlhfkit.data.collate` (docs/data.md): a prompt keeps its end, a response
+    its start, and an over-long prompt is cut to leave room for the response, so every
+    example keeps at least one supervised token. Examples whose prompt was cut are counted
+    in `load_sft_examples.last_prompt_truncated` for the caller to report.
+    """
+    from rlhfkit.data import encode_prompt_completion, load_records, to_prompt_completion
 
     if source == "kindly":
         from rlhfkit.tasks import kindly
@@ -77,16 +84,21 @@ def load_sft_examples(source: str, tokenizer, max_length: int, split: str = "tra
         records = kindly.sft_records(split)
     else:
         records = load_records(source, split=split)
-    examples, truncated = [], 0
+    if not records:
+        from rlhfkit.errors import DataError
+
+        raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
+    examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
-        ex = tokenize_prompt_completion(tokenizer, prompt, completion, max_length=None)
-        if len(ex["input_ids"]) > max_length:
-            truncated += 1
-            ex = {k: v[:max_length] for k, v in ex.items()}
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length)
+        truncated += enc.truncated
+        prompt_cut += enc.prompt_truncated
+        ex = enc.as_dict()
         if not completion_only:
             ex["labels"] = list(ex["input_ids"])
         examples.append(ex)
+    load_sft_examples.last_prompt_truncated = prompt_cut
     return examples, truncated
 
 
@@ -133,8 +145,8 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
 
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
     nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_batch_size, nproc)
-    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * per_epoch) // accum)
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
+    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(model, cfg)
     # the scheduler is stepped by hand once per optimiser step: accelerate's wrapper would
     # step it once per process, which changes the schedule with the process count.
@@ -153,12 +165,12 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
     model.train()
     t0, tokens_seen, step_items, window_loss = time.perf_counter(), 0, 0, []
     metrics: dict[str, float] = {}
-    batches = iterate_batches(len(train), cfg.per_device_batch_size, cfg.seed, step * accum,
+    batches = iterate_batches(len(train), cfg.per_device_train_batch_size, cfg.seed, step * accum,
                               total_opt_steps * accum, nproc, rank)
     for micro, local, _ in batches:
         if micro % accum == 0:  # supervised tokens of the whole optimiser step, all processes
             step_items = sum(targets[i] for _, _, g in iterate_batches(
-                len(train), cfg.per_device_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
+                len(train), cfg.per_device_train_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
         batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(model):
@@ -172,7 +184,9 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             # accelerator.backward divides by gradient_accumulation_steps; this loss is already
             # normalised by the whole step's token count, so undo that division.
             accelerator.backward(loss * accelerator.gradient_accumulation_steps)
-        tokens_seen += int(batch["attention_mask"].sum()) * nproc
+        # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
+        real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0
+        tokens_seen += int(real.sum()) * nproc
         window_loss.append((m["nll_sum"].item(), m["tokens"].item()))
         if not sync:
             continue
@@ -190,25 +204,26 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         window_loss = []
-        if step % cfg.log_every == 0 or step == total_opt_steps:
+        if step % cfg.logging_steps == 0 or step == total_opt_steps:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and eval_examples:
-            logger.log(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator), step)
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_examples:
+            logger.log(evaluate_lm(model, eval_examples, collate, cfg.per_device_train_batch_size * 2, accelerator), step)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(accelerator, output_dir, step)
         if on_step is not None:
             on_step(step, metrics)
     bar.close()
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
     if eval_examples:
-        final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_batch_size * 2, accelerator))
+        final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_train_batch_size * 2, accelerator))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
     state = full_state_dict(accelerator, model)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final", state_dict=state)
+        save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final",
+                   merge_lora=getattr(cfg, "merge_lora", True), state_dict=state)
         atomic_write_json(output_dir / "results.json", final)
     accelerator.wait_for_everyone()
     return final
@@ -216,10 +231,12 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
 
 def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     accelerator = make_accelerator(cfg)
-    out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_policy(cfg.model, cfg.dtype, lora=cfg)
-    report_for_run(accelerator, model, cfg, batch=cfg.per_device_batch_size, seq_len=cfg.max_length)
+    model = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    check_max_length(model, cfg.max_length)
+    report_for_run(accelerator, model, cfg, batch=cfg.per_device_train_batch_size, seq_len=cfg.max_length)
+    out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
     eval_source = cfg.eval_dataset or cfg.dataset
     eval_split = "train" if cfg.eval_dataset else "eval"
@@ -228,7 +245,9 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
         eval_examples, _ = load_sft_examples(eval_source, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
-        accelerator.print(f"note: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} and were truncated")
+        cut = load_sft_examples.last_prompt_truncated
+        accelerator.print(f"sft: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} "
+                          f"and were truncated ({cut} of them had their prompt cut from the left; responses keep their start)")
     if cfg.packing:
         train = pack_examples(train, cfg.max_length, tokenizer.eos_token_id)
     accelerator.print(f"sft: {len(train)} training rows, {len(eval_examples)} held-out examples")
