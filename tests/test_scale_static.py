@@ -86,12 +86,12 @@ def test_sampled_distribution_matches_the_model(setup):
     assert 0.5 * (f6 - p6).abs().sum() < 0.04
 
 
-def test_plugs_into_the_rollout_api(setup, monkeypatch):
+def test_engine_signature_gives_the_hf_rollout(setup):
     tok, model, _ = setup
     ref = hf_engine.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2,
                              batch_size=5, seed=4)
-    monkeypatch.setattr(hf_engine, "_generate_chunk", static.generate_chunk)
-    out = hf_engine.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2,
-                             batch_size=5, seed=4)
-    assert out.responses == ref.responses
+    out = static.generate_rollout(model, tok, PROMPTS, max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2,
+                                  batch_size=5, seed=4)
+    assert hf_engine._generate_chunk is not static.generate_chunk  # the hf engine is left as it was
+    assert out.responses == ref.responses and len(out) == 2 * len(PROMPTS)
     assert torch.equal(out.response_ids, ref.response_ids) and torch.equal(out.query_ids, ref.query_ids)

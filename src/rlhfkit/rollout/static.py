@@ -121,3 +121,23 @@ def generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temp
     tokens, resp_mask, finished = generate(model, query, qmask, max_new_tokens, temperature, top_p, stop, pad_id,
                                            generator)
     return query, qmask, tokens, resp_mask, finished
+
+
+def generate_rollout(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                     num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
+                     max_prompt_length: int | None = None, stop_token_ids=None):
+    """The `static` engine with the rollout-engine signature of `rlhfkit.rollout.generate.generate`:
+    the same validation, prompt encoding, row order and Rollout, the decoding done by
+    :func:`generate_chunk`."""
+    import importlib
+
+    hf = importlib.import_module("rlhfkit.rollout.generate")
+    original = hf._generate_chunk
+    # the hf engine's orchestration (encode, batch, pad, decode text) with this engine's decoding
+    hf._generate_chunk = generate_chunk
+    try:
+        return hf.generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                           num_samples=num_samples, batch_size=batch_size, seed=seed,
+                           max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids)
+    finally:
+        hf._generate_chunk = original
