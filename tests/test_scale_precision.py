@@ -211,3 +211,43 @@ def test_offloaded_moves_in_and_back_out():
     with offloaded(m, "cpu", enabled=False):
         pass
     assert len(calls) == 2
+
+
+def test_sft_with_bf16_weights_trains_with_fp32_masters_and_resumes(tmp_path):
+    """dtype bfloat16: the recipe's optimiser keeps fp32 masters; a resumed run matches an uninterrupted one."""
+    from rlhfkit.recipes import sft
+
+    tok = load_tokenizer("kindly:tokenizer")
+    save_model(tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1,
+                          tokenizer=tok), tok, tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"day {i} was", "completion": " warm and kind"}) + "\n"
+                            for i in range(16)))
+
+    def cfg(out, **kw):
+        return sft.Config(model=str(tmp_path / "m"), dataset=str(data), output_dir=str(tmp_path / out), max_steps=4,
+                          per_device_train_batch_size=4, report_to="jsonl", progress=False, logging_steps=1,
+                          dtype="bfloat16", learning_rate=1e-2, **kw)
+
+    full = sft.main(cfg("full"))
+    assert full["steps"] == 4 and full["loss"] == full["loss"]
+
+    class Stop(Exception):
+        pass
+
+    def crash(step, metrics):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sft.main(cfg("resumed", save_steps=2), on_step=crash)
+    sft.main(cfg("resumed", save_steps=2, resume=True))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    start = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in a.values())
+    assert any(not torch.equal(a[k], start[k].to(torch.bfloat16)) for k in a)
+    for k in a:  # the fp32 masters were restored too, or the resumed weights would drift
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
