@@ -9,8 +9,14 @@ that never saw its answer). At the end the database is read directly:
 
 - lost: acknowledged labels missing from the database (must be 0);
 - duplicated: labels stored more than once for one (annotator, item) or one idempotency key;
+- over_assigned: labels beyond the task's overlap summed over items (must be 0);
 - p50_ms / p95_ms: latency of acknowledged submits (POST /labels), retries after the kill
   excluded; the GET /next latencies are reported beside them.
+
+Then a paced run per database (JSON `paced`): each of the 50 annotators reads for 2-5 s
+(uniform) before submitting, and fetches its next item right after the acknowledgement, while
+it reads (the page prefetches it), for PACED_SECONDS. Reported: p50/p95 of the submits (what
+an annotator waits for) and of the prefetched /next calls; target p95 <= 200 ms.
 
 The load generator and the server share this machine's CPUs, so latencies include contention.
 """
@@ -37,6 +43,8 @@ OVERLAP = 3
 KILL_AT = 0.4
 RESEND_RATE = 0.05
 PASSWORD = "load-test-password"
+PACED_SECONDS = 75
+PACED_THINK_S = (2.0, 5.0)
 
 
 def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
@@ -49,7 +57,8 @@ def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
     db = Database(url, pool_size=2)
     pw = hash_password(PASSWORD)  # one Argon2 hash shared: hashing 50 times adds nothing here
     with db.session() as s:
-        users = [User(username=f"ann{i:03d}", password_hash=pw, role="annotator") for i in range(annotators)]
+        users = [User(username=f"ann{i:03d}", username_key=f"ann{i:03d}", password_hash=pw, role="annotator")
+                 for i in range(annotators)]
         s.add_all(users)
         s.flush()
         tokens = [create_api_token(s, u, "load") for u in users]
@@ -193,11 +202,83 @@ def _audit(url: str, state: dict, tokens: list[str]) -> dict:
         per_key = s.execute(select(Label.user_id, Label.idempotency_key, func.count())
                             .group_by(Label.user_id, Label.idempotency_key).having(func.count() > 1)).all()
         rows = s.scalar(select(func.count()).select_from(Label))
+        # labels beyond an item's overlap: each item may go to at most OVERLAP annotators
+        per_item = s.execute(select(Label.item_id, func.count()).group_by(Label.item_id)
+                             .having(func.count() > OVERLAP)).all()
     db.dispose()
     lost = [k for k in state["acked"] if (user_of[digest(k[0])], k[1]) not in stored]
     wrong_id = [k for k, lid in state["acked"].items() if stored.get((user_of[digest(k[0])], k[1])) not in (None, lid)]
     return {"rows": rows, "lost": len(lost), "id_mismatch": len(wrong_id),
+            "over_assigned": sum(n - OVERLAP for _, n in per_item),
             "duplicated": sum(n - 1 for *_, n in per_pair) + sum(n - 1 for *_, n in per_key)}
+
+
+async def _paced_annotator(client: httpx.AsyncClient, base: str, task_id: int, token: str, state: dict,
+                           rng: random.Random, until: float):
+    headers = {"Authorization": f"Bearer {token}"}
+    await asyncio.sleep(rng.uniform(0, PACED_THINK_S[1]))  # annotators do not all start at once
+    r = await client.get(f"{base}/api/tasks/{task_id}/next", headers=headers)
+    while r.status_code == 200 and time.perf_counter() < until:
+        item = r.json()
+        await asyncio.sleep(rng.uniform(*PACED_THINK_S))  # reading and deciding
+        body = {"item_id": item["item_id"], "value": {"choice": rng.choice(["left", "right", "tie"])},
+                "idempotency_key": uuid.uuid4().hex}
+        t0 = time.perf_counter()
+        s = await client.post(f"{base}/api/tasks/{task_id}/labels", headers=headers, json=body)
+        state["submit_ms"].append((time.perf_counter() - t0) * 1000)
+        if s.status_code not in (200, 201):
+            state["errors"].append(f"submit {s.status_code} {s.text[:200]}")
+        t0 = time.perf_counter()
+        r = await client.get(f"{base}/api/tasks/{task_id}/next", headers=headers)  # prefetch the next item
+        state["next_ms"].append((time.perf_counter() - t0) * 1000)
+
+
+def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
+    from rlhfkit.feedback.testing import (
+        free_port,
+        postgres_unavailable_reason,
+        temp_postgres_database,
+    )
+
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-paced-"))
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp}/paced.db"
+        else:
+            reason = postgres_unavailable_reason()
+            if reason:
+                return {"skipped": reason}
+            url = stack.enter_context(temp_postgres_database(prefix="rlhfkit_paced"))
+        max_labels = int(annotators * seconds / PACED_THINK_S[0]) + annotators
+        task_id, tokens = _setup(url, annotators, -(-max_labels // OVERLAP) + annotators)
+        log = stack.enter_context(open(os.path.join(tmp, "server.log"), "w"))
+        port = free_port()
+        server = Server(url, port, log)
+        server.start()
+        stack.callback(server.stop)
+        state = {"submit_ms": [], "next_ms": [], "errors": []}
+
+        async def drive():
+            limits = httpx.Limits(max_connections=annotators + 10, max_keepalive_connections=annotators + 10)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                until = time.perf_counter() + seconds
+                await asyncio.gather(*[_paced_annotator(client, f"http://127.0.0.1:{port}", task_id, tok, state,
+                                                        random.Random(seed + i), until)
+                                       for i, tok in enumerate(tokens)])
+
+        t0 = time.perf_counter()
+        asyncio.run(drive())
+        ran = time.perf_counter() - t0
+        server.stop()
+        audit = _audit(url, {"acked": {}}, tokens)
+    sub, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
+    both = np.concatenate([sub, nxt])
+    return {"annotators": annotators, "think_s": list(PACED_THINK_S), "seconds": round(ran, 1),
+            "labels": len(sub), "labels_per_s": round(len(sub) / ran, 2),
+            "submit_p50_ms": round(float(np.percentile(sub, 50)), 2), "submit_p95_ms": round(float(np.percentile(sub, 95)), 2),
+            "next_p50_ms": round(float(np.percentile(nxt, 50)), 2), "next_p95_ms": round(float(np.percentile(nxt, 95)), 2),
+            "p50_ms": round(float(np.percentile(both, 50)), 2), "p95_ms": round(float(np.percentile(both, 95)), 2),
+            "over_assigned": audit["over_assigned"], "errors": len(state["errors"]), "first_errors": state["errors"][:3]}
 
 
 def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
@@ -229,6 +310,7 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
         submit, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
         return {
             "labels": len(state["acked"]), "lost": audit["lost"], "duplicated": audit["duplicated"],
+            "over_assigned": audit["over_assigned"],
             "p50_ms": round(float(np.percentile(submit, 50)), 2), "p95_ms": round(float(np.percentile(submit, 95)), 2),
             "next_p50_ms": round(float(np.percentile(nxt, 50)), 2), "next_p95_ms": round(float(np.percentile(nxt, 95)), 2),
             "rows_in_db": audit["rows"], "stored_but_unacknowledged": audit["rows"] - len(state["acked"]),
@@ -259,4 +341,8 @@ def run(quick: bool = False) -> dict:
     merged = np.concatenate(all_ms) if all_ms else np.zeros(1)
     out["p50_ms"] = round(float(np.percentile(merged, 50)), 2)
     out["p95_ms"] = round(float(np.percentile(merged, 95)), 2)
+    seconds = 10 if quick else PACED_SECONDS
+    out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
+    print(f"feedback_load paced: {out['paced']}", file=sys.stderr, flush=True)
+    out["paced_target_p95_ms"] = 200
     return out

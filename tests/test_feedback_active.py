@@ -62,7 +62,7 @@ def test_uncertainty_selection_in_service(tmp_path):
     db = Database(url)
     scorer = Members({"sure+": [3, 3.1, 2.9], "sure-": [-3, -3, -3], "hmm1": [1, -1, 0.5], "hmm2": [-1, 1, 0]})
     with db.session() as s:
-        user = svc.create_user(s, "ann", "password123")
+        user = svc.create_user(s, "ann", "correct horse battery")
         task = svc.create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
         svc.import_records(s, task, [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5 +
                            [{"prompt": "q", "responses": ["hmm1", "hmm2"]}] + [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5)
@@ -87,7 +87,7 @@ def test_hashed_ensemble_learns_and_online_scorer(tmp_path):
     db = Database(url)
     online = OnlineScorer(min_pairs=4, members=2)
     with db.session() as s:
-        user = svc.create_user(s, "ann", "password123")
+        user = svc.create_user(s, "ann", "correct horse battery")
         task = svc.create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
         svc.import_records(s, task, [{"prompt": "p", "responses": [k, r]} for k, r in zip(kind * 2, rude * 2)])
         assert online.for_task(s, task) is None  # too few labels yet: served at random

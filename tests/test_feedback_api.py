@@ -42,7 +42,7 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        admin = svc.create_user(s, "boss", PASSWORD, "admin")
+        admin = svc.create_user(s, "boss", PASSWORD, "owner")
         alice = svc.create_user(s, "alice", PASSWORD)
         bob = svc.create_user(s, "bob", PASSWORD)
         tokens = {u.username: create_api_token(s, u) for u in (admin, alice, bob)}
@@ -82,7 +82,7 @@ def test_migrations_match_models(db_url):
     from rlhfkit.feedback.models import Base
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == "0002"
     db = Database(db_url, pool_size=1)
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

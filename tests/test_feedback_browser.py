@@ -136,3 +136,68 @@ def test_label_with_keyboard_and_export(server, tmp_path):
                 assert by_prompt[prompt]["chosen"] == responses_shown[int(key) - 1]
         finally:
             browser.close()
+
+
+def test_scoped_task_list_correction_and_review_queue(tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
+    from playwright.sync_api import sync_playwright
+
+    url = f"sqlite:///{tmp_path}/scoped.db"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as s:
+        svc.create_user(s, "admin", PASSWORD, "admin")
+        ann = svc.create_user(s, "ann", PASSWORD)
+        open_task = svc.create_task(s, "open-pairs", "pairwise", gold_rate=0.0, randomize_order=False)
+        svc.import_records(s, open_task, [{"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
+        members = svc.create_task(s, "team-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
+        svc.add_member(s, members, ann)
+        svc.create_task(s, "secret-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
+    with ServerThread(create_app(db)) as srv, sync_playwright() as p:
+        base = srv.url
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15000)
+            login(page, base, "ann")
+            # role-scoped task list: open tasks and those she is a member of, nothing else
+            assert [a.inner_text() for a in page.query_selector_all("a.task-link")] == ["open-pairs", "team-pairs"]
+            page.click("text=open-pairs")
+            page.keyboard.press("1")  # left = "thanks a lot" (file order)
+            page.wait_for_selector("#done")
+            # correction: My labels -> Correct -> choose the other response
+            page.click("#my-labels")
+            assert page.inner_text("td.version") == "1"
+            page.click("a.correct")
+            page.wait_for_selector("#correcting")
+            page.click("#choose-right")
+            page.wait_for_selector("#labels")
+            assert page.inner_text("td.version") == "2"
+            page.click("text=Log out")
+            page.wait_for_load_state("domcontentloaded")
+
+            # review queue: a rejection needs a reason; the annotator then reads it
+            login(page, base, "admin")
+            page.click("text=open-pairs")
+            page.click("#review-link")
+            page.wait_for_selector("section.review-item")
+            assert '"choice": "b"' in page.inner_text("section.review-item code")
+            page.click("button.reject")
+            page.wait_for_selector("#error")
+            assert "reason" in page.inner_text("#error")
+            page.fill("input[name=reason]", "B is dismissive")
+            page.click("button.reject")
+            page.wait_for_selector("#queue-empty")
+            page.click("text=Log out")
+            page.wait_for_load_state("domcontentloaded")
+            login(page, base, "ann")
+            page.click("#my-labels")
+            assert page.inner_text("td.review") == "rejected: B is dismissive"
+            assert page.query_selector("a.correct") is None  # reviewed labels no longer change
+        finally:
+            browser.close()
+    with db.read_session() as s:
+        lab = s.scalar(select(Label))
+        assert lab.value == {"choice": "b"} and lab.version == 2 and lab.review_status == "rejected"
+    db.dispose()

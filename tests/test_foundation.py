@@ -35,7 +35,7 @@ from rlhfkit.training import epoch_order, iterate_batches, lr_lambda
 
 def test_yaml_then_cli_override(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("learning_rate: 0.01\nper_device_batch_size: 4\nmodel: kindly\n")
+    y.write_text("learning_rate: 0.01\nper_device_train_batch_size: 4\nmodel: kindly\n")
     cfg = parse_config(sft.Config, ["--config", str(y), "--per_device_train_batch_size", "16", "--resume", "true"])
     assert cfg.learning_rate == 0.01 and cfg.per_device_train_batch_size == 16 and cfg.resume is True
 

@@ -300,3 +300,61 @@ def test_day_one_errors_are_one_line_and_leave_no_half_run(tiny_setup, tmp_path,
     assert code in (2, 130) and len([line for line in err if line.strip()]) == 1, err
     assert expected in err[-1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("layout", ["prompt", "messages"])
+def test_sample_applies_the_chat_template_to_conversational_prompts(tmp_path, monkeypatch, arch, layout):
+    """The token ids that reach the model are the template's rendering with the generation prompt."""
+    from transformers import AutoTokenizer
+
+    from arch_models import make_model_folder
+    from rlhfkit.recipes import sample
+
+    path = make_model_folder(arch, tmp_path / arch)
+    if arch == "llama":  # a template that writes BOS itself, as Llama 3's does
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.chat_template = "{{ bos_token }}" + tok.chat_template
+        tok.save_pretrained(path)
+    conversation = [{"role": "user", "content": "Say something kind."}]
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({layout: conversation}) + "\n")
+    tok = AutoTokenizer.from_pretrained(path)
+    expected = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    seen = []
+
+    def load_and_watch(*args, **kwargs):
+        model = sft_load_policy(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"][0].tolist()) if not seen else None,
+                                        with_kwargs=True)
+        return model
+
+    from rlhfkit.models import load_policy as sft_load_policy
+
+    monkeypatch.setattr(sample, "load_policy", load_and_watch)
+    sample.main(sample.Config(model=path, prompts=str(data), max_new_tokens=2, output=str(tmp_path / "o.jsonl")))
+    assert seen == [list(expected)]
+
+
+def test_a_hub_name_without_network_or_cache_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.models import io
+
+    calls = []
+
+    def unreachable(self, repo_id, **kw):
+        calls.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ConfigError, match="hub cannot be reached"):
+        io.resolve_path("someorg/not-cached-model")
+    assert calls == ["someorg/not-cached-model"]  # one request, no retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        io.resolve_path("someorg/not-cached-model")
+    assert len(calls) == 1  # offline: no request at all

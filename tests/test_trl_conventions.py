@@ -100,3 +100,19 @@ def test_bf16_and_fp16_are_exclusive():
     with pytest.raises(ConfigError, match="bf16"):
         sft.Config(bf16=True, fp16=True)
     assert sft.Config(bf16=True).mixed_precision == "bf16"
+
+
+def test_a_saved_datasetdict_with_train_and_test_needs_no_flags(tmp_path, model):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "prefs"
+    DatasetDict({"train": Dataset.from_list(PAIRS), "test": Dataset.from_list(PAIRS[:4])}).save_to_disk(str(folder))
+    res = dpo.main(dpo.Config(model=model, dataset=str(folder), output_dir=str(tmp_path / "out"), max_steps=1,
+                              per_device_train_batch_size=4, max_length=48, progress=False, report_to="none",
+                              ref_cache_dir=str(tmp_path / "cache")))
+    assert "eval_loss" in res
+    # an explicit split: train on 'test', hold out nothing else
+    res = dpo.main(dpo.Config(model=model, dataset=str(folder), dataset_split="test", eval_split="train",
+                              output_dir=str(tmp_path / "out2"), max_steps=1, per_device_train_batch_size=4,
+                              max_length=48, progress=False, report_to="none", ref_cache_dir=str(tmp_path / "cache")))
+    assert res["train_examples"] == 4 and "eval_loss" in res

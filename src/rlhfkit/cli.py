@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("rlhfkit.recipes.sft", "Supervised fine-tuning on prompt/completion or messages data"),
     "sample": ("rlhfkit.recipes.sample", "Generate responses from a policy for a prompt file"),
     "label": ("rlhfkit.recipes.label", "Label response pairs or rankings with simulated annotators or a judge"),
+    "cai-revise": ("rlhfkit.recipes.cai", "Constitutional AI (SL-CAI): sample, critique, revise N times -> SFT records"),
+    "agreement": ("rlhfkit.eval.agreement", "Agreement of two label sources (human, simulated, AI judges): kappa, alpha, biases"),
     "reward": ("rlhfkit.recipes.reward", "Train a reward model from preferences or rankings"),
     "eval-rm": ("rlhfkit.eval.rm_eval", "Evaluate a reward model on preference data"),
     "ppo": ("rlhfkit.recipes.ppo", "PPO with a KL penalty against a reward model"),

@@ -52,13 +52,15 @@ class ModelArgs:
     attn_implementation: str = ""
     """Attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
     merge_lora: bool = True
-    """With use_lora, save the adapter merged into full weights (True) or as a standard peft adapter folder (False)."""
+    """With use_lora, save the policy merged into full weights (True) or as a standard peft adapter folder (False); reward models are always saved merged."""
     disable_dropout: bool = True
     """Turn off every dropout layer of the trained models (preference and RL recipes), as TRL does: with dropout on, the policy and its reference disagree at step 0 and the reward of one text varies between forwards. False keeps the model's own dropout."""
 
 
 @dataclasses.dataclass
 class SplitArgs:
+    max_prompt_length: int = 0
+    """Prompts keep at most their last N tokens (0: only max_length limits them), as in TRL."""
     dataset_split: str = "train"
     """Split of `dataset` to train on (a saved DatasetDict, a folder of {split}.jsonl files or a hub dataset)."""
     eval_split: str = ""

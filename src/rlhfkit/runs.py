@@ -126,12 +126,28 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+def _describe(value: Any) -> Any:
+    """A config value as YAML can hold it: in-memory data becomes a short description."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if hasattr(value, "column_names") and hasattr(value, "num_rows"):
+        return f"<datasets.Dataset: {value.num_rows} rows, columns {list(value.column_names)}>"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"<{len(value)} records given in Python>"
+    if isinstance(value, list | tuple):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _describe(v) for k, v in value.items()}
+    return repr(value)
+
+
 def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -> Path:
     """Create the run folder and record the resolved config and provenance (main process only)."""
     out = Path(output_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        cfg = {k: _describe(v) for k, v in cfg.items()}  # a Dataset or a list of records given in Python
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         meta = environment_info()
         meta.update(

@@ -37,6 +37,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
     `cpu=True` makes it join them with the gloo backend (DistributedType.MULTI_CPU).
     """
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    reset_accelerate_state()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -45,6 +46,22 @@ def make_accelerator(cfg: Any) -> Accelerator:
     enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.sharding)
     set_seed(cfg.seed)
     return acc
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state between recipes run in one process (a notebook).
+
+    accelerate keeps one AcceleratorState per process; a second Accelerator with another
+    precision (bf16 after fp32) or accumulation setting would otherwise fail ("AcceleratorState
+    has already been initialized and cannot be changed"). Under a multi-process launch the state
+    belongs to the launch and is left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:

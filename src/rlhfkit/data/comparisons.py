@@ -158,7 +158,8 @@ def report_skips(comps: Comparisons, what: str, printer=print) -> None:
 # comparisons -> token units -> batches
 
 
-def tokenize_units(comps: Comparisons, tokenizer: Any, max_length: int, loss: str) -> tuple[list[dict], Counter]:
+def tokenize_units(comps: Comparisons, tokenizer: Any, max_length: int, loss: str,
+                   max_prompt_length: int = 0) -> tuple[list[dict], Counter]:
     """Token-level units: a pair (2 rows) or a ranking (K rows). Returns (units, counts).
 
     Under the strict Bradley-Terry loss, pairs labelled 0 are flipped and ties (0.5) skipped
@@ -167,7 +168,7 @@ def tokenize_units(comps: Comparisons, tokenizer: Any, max_length: int, loss: st
     counts: Counter = Counter()
 
     def enc(prompt: str, responses: list[str]) -> tuple[list[list[int]], int]:
-        shared = encode_prompt(tokenizer, prompt or "", max_length)  # one prompt encoding for all responses
+        shared = encode_prompt(tokenizer, prompt or "", max_length, max_prompt_length or None)  # shared by all responses
         rows = []
         for response in responses:
             e = encode_prompt_completion(tokenizer, prompt or "", response, max_length, prompt_ids=shared)

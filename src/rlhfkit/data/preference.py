@@ -89,13 +89,14 @@ def preference_texts(records, unpaired: bool, tokenizer, loss_name: str = "",
     return pairs, None, from_rankings
 
 
-def encode_preferences(texts: list[tuple], labels: list[bool] | None, tokenizer, max_length: int) -> PreferenceData:
+def encode_preferences(texts: list[tuple], labels: list[bool] | None, tokenizer, max_length: int,
+                       max_prompt_length: int | None = None) -> PreferenceData:
     """Token ids per example; a pair identical after truncation carries no preference and is skipped (counted)."""
     from rlhfkit.data.collate import encode_prompt, encode_prompt_completion
 
     out = PreferenceData(rows=[], labels=[] if labels is not None else None)
     for i, (prompt, *responses) in enumerate(texts):
-        shared = encode_prompt(tokenizer, prompt, max_length)
+        shared = encode_prompt(tokenizer, prompt, max_length, max_prompt_length or None)
         encoded = [encode_prompt_completion(tokenizer, prompt, r, max_length, prompt_ids=shared) for r in responses]
         out.truncated += any(e.truncated for e in encoded)
         out.prompt_truncated += bool(shared[1])
@@ -110,7 +111,8 @@ def encode_preferences(texts: list[tuple], labels: list[bool] | None, tokenizer,
 
 
 def load_preferences(source: Any, split: str, unpaired: bool, tokenizer, max_length: int, limit: int | None = None,
-                     loss_name: str = "", log: Callable[[str], None] = print) -> PreferenceData:
+                     loss_name: str = "", log: Callable[[str], None] = print,
+                     max_prompt_length: int | None = None) -> PreferenceData:
     """Read, check, template and encode preference data, reporting truncation and skips."""
     from rlhfkit.data.readers import Records, load_records
 
@@ -120,7 +122,7 @@ def load_preferences(source: Any, split: str, unpaired: bool, tokenizer, max_len
         log(f"using the first {limit} of {len(records)} records of {name} [{split}]")
         records = Records(records[:limit], source=records.source, lines=(records.lines or [])[:limit] or None)
     texts, labels, from_rankings = preference_texts(records, unpaired, tokenizer, loss_name, log)
-    data = encode_preferences(texts, labels, tokenizer, max_length)
+    data = encode_preferences(texts, labels, tokenizer, max_length, max_prompt_length)
     data.from_rankings = from_rankings
     if data.truncated:
         log(f"{data.truncated} of {len(texts)} examples from {name} [{split}] were longer than max_length={max_length} "

@@ -19,7 +19,7 @@ def load_prompts(source: str, split: str = "train", tokenizer: Any = None, limit
 
     `source` is `kindly` (the bundled task's `split`), `kindly:train` / `kindly:eval`, a `.txt`
     file (one prompt a line, blank lines skipped) or anything `load_records` reads with a
-    `prompt` column. A conversation prompt is rendered with the tokenizer's chat template when
+    `prompt` column or a `messages` conversation ending in a user turn. A conversation prompt is rendered with the tokenizer's chat template when
     one is given, else its turns' contents are joined by newlines. An empty or non-text prompt
     raises DataError naming the file, line and field; so does a source without prompts.
     """
@@ -34,7 +34,17 @@ def load_prompts(source: str, split: str = "train", tokenizer: Any = None, limit
         from rlhfkit.data.readers import load_records
 
         prompts = []
-        for i, record in enumerate(load_records(source, split=split, required=["prompt"]), 1):
+        for i, record in enumerate(load_records(source, split=split), 1):
+            if record.get("prompt") is None and isinstance(record.get("messages"), list):
+                # a conversation ending in a user turn: the model writes the next assistant turn
+                msgs = record["messages"]
+                if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "user":
+                    raise DataError("a prompt conversation must end with a user message", source=str(source),
+                                    line=i, field="messages")
+                record = {"prompt": msgs}
+            if record.get("prompt") is None:
+                raise DataError("missing the prompt (a `prompt` column, or `messages` ending in a user turn)",
+                                source=str(source), line=i, field="prompt")
             p = record["prompt"]
             if isinstance(p, list):
                 if tokenizer is not None:

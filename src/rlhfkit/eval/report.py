@@ -265,6 +265,17 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
         parts.append("<h2>Evaluation</h2>")
         parts.append(metric_table(evals))
 
+    agreements = [(p, json.loads(p.read_text())) for p in _find(root, "agreement.json")]
+    if agreements:  # labels came from a judge: how far they stand from the reference (rlhfkit agreement)
+        parts.append("<h2>Label agreement (AI judge against the reference)</h2>")
+        keys = ("a", "b", "pairs", "decided", "agreement", "kappa", "krippendorff_alpha", "coverage")
+        parts.append(records_table([{"where": _rel(p, root), **{k: d[k] for k in keys if k in d}}
+                                    for p, d in agreements]))
+        for p, d in agreements:
+            if isinstance(d.get("confusion"), dict):
+                parts.append(f"<h3>Confusion ({esc(_rel(p, root))}): rows a, columns b</h3>")
+                parts.append(records_table([{"a": r, **row} for r, row in d["confusion"].items()]))
+
     for p in _find(root, "overopt.json"):
         img, fits = overopt_figure(json.loads(p.read_text()))
         if img:

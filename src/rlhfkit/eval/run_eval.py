@@ -47,7 +47,7 @@ class Config:
     reward_model: str = ""
     """Reward model (the proxy) to score responses with; empty: no proxy reward."""
     judge: str = "gold"
-    """Judge for gold reward and win rate: 'gold' (the bundled panel) or 'rm:PATH' (a reward model as judge)."""
+    """Judge for gold reward and win rate: 'gold' (the bundled panel), 'rm:PATH' (a reward model as judge) or 'judge:SPEC' (any AI judge, rlhfkit.judges.load_judge)."""
     preference_data: str = ""
     """Preference data (prompt/chosen/rejected) to measure the reward model's accuracy on."""
     corpus: str = "kindly"
@@ -82,7 +82,8 @@ class Config:
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.n_boot >= 0, "n_boot", "must be >= 0")
         require(self.num_prompts >= 0, "num_prompts", "must be >= 0")
-        require(self.judge == "gold" or self.judge.startswith("rm:"), "judge", f"must be 'gold' or 'rm:PATH', got {self.judge!r}")
+        require(self.judge == "gold" or self.judge.startswith(("rm:", "judge:")), "judge",
+                f"must be 'gold', 'rm:PATH' or 'judge:SPEC', got {self.judge!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +124,11 @@ def make_judge(spec: str):
         from rlhfkit.judges import GoldPanel
 
         return GoldPanel()
+    if spec.startswith("judge:"):
+        from rlhfkit.judges import load_judge
+        from rlhfkit.judges.judge import ArrayScores
+
+        return ArrayScores(load_judge(spec[len("judge:"):]))
     from rlhfkit.models.reward import RewardScorer
 
     return RewardScorer(spec[3:])

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import threading
 import uuid
-from pathlib import Path
-from typing import Any
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -32,57 +35,54 @@ from starlette.concurrency import run_in_threadpool
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
-from rlhfkit.feedback.models import ApiToken, Item, Label, LoginSession, Task, User, utcnow
+from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
+from rlhfkit.feedback.models import (
+    ApiToken,
+    AuditEvent,
+    Item,
+    Label,
+    LabelVersion,
+    LoginSession,
+    Task,
+    User,
+    utcnow,
+)
+from rlhfkit.feedback.schemas import (
+    INT_MAX,
+    CorrectionBody,
+    LabelBody,
+    LoginBody,
+    MemberBody,
+    PasswordBody,
+    ReviewBody,
+    RoleBody,
+    TaskBody,
+    TokenBody,
+    UserBody,
+    text_problem,
+)
 from rlhfkit.feedback.security import (
     create_api_token,
     create_login_session,
     digest,
+    hash_password,
     same,
     verify_password,
 )
 
-HERE = Path(__file__).resolve().parent
+HERE = FilePath(__file__).resolve().parent
 SESSION_COOKIE = "rlhfkit_session"
 PRELOGIN_COOKIE = "rlhfkit_prelogin"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+LOGIN_TOKEN_DAYS = 30  # tokens from /api/login expire; long-lived ones are issued on purpose
+PathId = Annotated[int, Path(ge=1, le=INT_MAX)]
+QueryId = Annotated[int | None, Query(ge=1, le=INT_MAX)]
+PathName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 class AuthError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class LoginBody(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=1, max_length=1024)
-    token_name: str = Field(default="api", max_length=64)
-
-
-class LabelBody(BaseModel):
-    item_id: int
-    value: dict[str, Any]
-    idempotency_key: str = Field(min_length=8, max_length=64)
-    duration_ms: int | None = Field(default=None, ge=0, le=86_400_000)
-
-
-class UserBody(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=8, max_length=1024)
-    role: str = "annotator"
-
-
-class TaskBody(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
-    question_type: str
-    overlap: int = 1
-    instructions: str = ""
-    rubric: list[str] | None = None
-    likert_points: int = 5
-    randomize_order: bool = True
-    selection: str = "random"
-    gold_rate: float = 0.1
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,25 +94,26 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
 
     The route dependency `principal` has usually authenticated the request already (before
     the body was validated, so anonymous callers learn nothing about the API); then the user
-    is only re-read in the caller's session.
+    it loaded is attached to the caller's session without another query (one lookup per
+    request, not three).
     """
     known = getattr(request.state, "principal", None)
     if known is not None:
-        user = s.get(User, known[0])
-        if user is None or not user.active:
-            raise AuthError(401, "account disabled")
-        return user, known[1]
+        return s.merge(known[0], load=False), known[1]
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        tok = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest(header[7:].strip())))
-        if tok is None or tok.revoked or not tok.user.active:
-            raise AuthError(401, "invalid or revoked API token")
-        return tok.user, None
+        row = s.execute(select(ApiToken, User).join(User, User.id == ApiToken.user_id)
+                        .where(ApiToken.token_hash == digest(header[7:].strip()))).first()
+        if row is None or row[0].revoked or not row[1].active or \
+                (row[0].expires_at is not None and row[0].expires_at <= utcnow()):
+            raise AuthError(401, "invalid, expired or revoked API token")
+        return row[1], None
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        sess = s.scalar(select(LoginSession).where(LoginSession.session_hash == digest(cookie)))
-        if sess is not None and sess.expires_at > utcnow() and sess.user.active:
-            return sess.user, sess.csrf_token
+        row = s.execute(select(LoginSession, User).join(User, User.id == LoginSession.user_id)
+                        .where(LoginSession.session_hash == digest(cookie))).first()
+        if row is not None and row[0].expires_at > utcnow() and row[1].active:
+            return row[1], row[0].csrf_token
     raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
 
 
@@ -120,7 +121,7 @@ def principal_dependency(db: Database):
     def principal(request: Request) -> None:
         with db.read_session() as s:
             user, csrf = authenticate(request, s)
-            request.state.principal = (user.id, csrf)
+            request.state.principal = (user, csrf)
     return principal
 
 
@@ -132,18 +133,38 @@ def check_csrf(request: Request, csrf: str | None, form_token: str | None = None
 
 
 def require_admin(user: User) -> None:
-    if user.role != "admin":
+    if not svc.is_admin(user):
         raise AuthError(403, "admin role required")
+
+
+def visible_task(s: Session, task_id: int, user: User) -> Task:
+    """The task, or 404 when it does not exist or the user is not a member (no existence leak)."""
+    task = s.get(Task, task_id)
+    if task is None or not svc.can_see_task(s, task, user):
+        raise LookupError(f"task {task_id} does not exist")
+    return task
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) -> FastAPI:
-    """Build the app for a database (URL or Database). `scorer` drives uncertainty selection."""
+def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
+               login_guard: LoginGuard | None = None, body_limit: int = 1 << 20,
+               import_limit: int = 64 << 20) -> FastAPI:
+    """Build the app for a database (URL or Database). `scorer` drives uncertainty selection.
+
+    `login_guard` holds the login rate limits and the bound on concurrent password checks;
+    request bodies are limited to `body_limit` bytes (`import_limit` for item imports).
+    """
     db = Database(db) if isinstance(db, str) else db
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = db
+    app.state.login_guard = login_guard or LoginGuard()
+    app.add_middleware(BodyLimit, limit=body_limit,
+                       larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
+    # security headers outside Starlette's error middleware, so 500 pages carry them too
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: SecurityHeaders(build())
     app.state.scorer = scorer
     app.state.rng = random.Random()
     app.state.rng_lock = threading.Lock()
@@ -154,16 +175,24 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False) ->
         with app.state.rng_lock:
             return random.Random(app.state.rng.getrandbits(64))
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers["X-Frame-Options"] = "DENY"
-        if request.url.path.startswith("/api") or request.url.path.startswith("/admin"):
-            response.headers["Cache-Control"] = "no-store"
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        # never echo the submitted values back (a 2 MB password, a secret in the wrong field)
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+        return JSONResponse({"detail": f"field '{first['field']}': {first['message']}", "field": first["field"],
+                             "errors": errors[:20]}, status_code=422)
+
+    @app.exception_handler(TooManyAttempts)
+    async def _too_many(request: Request, exc: TooManyAttempts):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status,
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _db_data(request: Request, exc: sa_exc.DataError):
+        # a safety net: the typed request models should have refused the value already
+        return JSONResponse({"detail": "a value does not fit the database (out of range or not storable text)"},
+                            status_code=422)
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, exc: AuthError):
@@ -218,19 +247,96 @@ def item_payload(task: Task, item: Item, order: list[int]) -> dict:
 def label_payload(label: Label) -> dict:
     return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
             "display_order": label.display_order, "duration_ms": label.duration_ms,
-            "created_at": label.created_at.isoformat() + "Z"}
+            "created_at": label.created_at.isoformat() + "Z", "version": label.version,
+            "review": {"status": label.review_status, "reason": label.review_reason}}
+
+
+def _lookup_and_verify(db: Database, username: str, password: str) -> User | None:
+    """The user when `password` is theirs, else None; always one Argon2 check (dummy hash for
+    unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
+    user = None
+    if not text_problem(password):
+        with db.read_session() as s:  # verify outside the write lock: Argon2 is slow
+            user = svc.find_user(s, username)
+    stored = user.password_hash if user is not None and user.active else None
+    return user if verify_password(stored, password) else None
+
+
+def login_checker(app: FastAPI, db: Database):
+    async def check_login(request: Request, username: str, password: str) -> User | None:
+        guard: LoginGuard = app.state.login_guard
+        account = svc.username_key(username)[:64] if not text_problem(username) else "?"
+        guard.before_attempt(request.client.host if request.client else "?", account)
+        user = await guard.run(_lookup_and_verify, db, username, password)
+        if user is None:
+            guard.failed(account)
+        return user
+    return check_login
 
 
 def _api_routes(app, db, templates, rng, secure, auth):
+    check_login = login_checker(app, db)
+
     @app.post("/api/login")
-    def api_login(body: LoginBody):
-        with db.read_session() as s:  # verify first: Argon2 is slow and must not hold the write lock
-            user = s.scalar(select(User).where(User.username == body.username))
-            if user is None or not user.active or not verify_password(user.password_hash, body.password):
-                raise AuthError(401, "wrong username or password")
-        with db.session() as s:
-            token = create_api_token(s, s.get(User, user.id), body.token_name)
+    async def api_login(body: LoginBody, request: Request):
+        user = await check_login(request, body.username, body.password)
+        if user is None:
+            raise AuthError(401, "wrong username or password")
+        token = await run_in_threadpool(_new_token, user.id, body.token_name)
         return {"token": token, "username": user.username, "role": user.role}
+
+    def _new_token(user_id: int, name: str) -> str:
+        with db.session() as s:
+            user = s.get(User, user_id)
+            svc.audit(s, user, "token.issue", user.username, name=name, via="login")
+            return create_api_token(s, user, name, expires_days=LOGIN_TOKEN_DAYS)
+
+    def token_row(t: ApiToken) -> dict:
+        return {"id": t.id, "name": t.name, "created_at": t.created_at.isoformat() + "Z", "revoked": t.revoked,
+                "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
+
+    @app.get("/api/tokens", dependencies=auth)
+    def my_tokens(request: Request):
+        with db.read_session() as s:
+            user, _ = authenticate(request, s)
+            return [token_row(t) for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))]
+
+    @app.post("/api/tokens", status_code=201, dependencies=auth)
+    def issue_my_token(body: TokenBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            svc.audit(s, user, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
+            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+
+    @app.delete("/api/tokens/{token_id}", dependencies=auth)
+    def revoke_token(token_id: PathId, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            tok = s.get(ApiToken, token_id)
+            if tok is None or (tok.user_id != user.id and not svc.is_admin(user)):
+                raise LookupError(f"token {token_id} not found")
+            tok.revoked = True
+            svc.audit(s, user, "token.revoke", tok.user.username, token_id=tok.id, name=tok.name)
+            return token_row(tok)
+
+    @app.post("/api/me/password", dependencies=auth)
+    def change_password(body: PasswordBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            if not verify_password(user.password_hash, body.old_password):
+                raise AuthError(403, "the current password is wrong")
+            svc.check_password_policy(body.new_password, user.username)
+            user.password_hash = hash_password(body.new_password)
+            # other browser sessions end: whoever knew the old password is logged out
+            keep = digest(request.cookies.get(SESSION_COOKIE, ""))
+            for sess in s.scalars(select(LoginSession).where(LoginSession.user_id == user.id)):
+                if sess.session_hash != keep:
+                    s.delete(sess)
+            svc.audit(s, user, "user.password", user.username)
+            return {"ok": True}
 
     @app.get("/api/me", dependencies=auth)
     def me(request: Request):
@@ -243,13 +349,13 @@ def _api_routes(app, db, templates, rng, secure, auth):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
-                     "progress": svc.progress(s, t, user)} for t in s.scalars(select(Task).order_by(Task.id))]
+                     "progress": svc.progress(s, t, user)} for t in svc.visible_tasks(s, user)]
 
     @app.get("/api/tasks/{task_id}/next", dependencies=auth)
-    def next_item(task_id: int, request: Request):
+    def next_item(task_id: PathId, request: Request):
         with db.session() as s:
             user, _ = authenticate(request, s)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
             if got is None:
                 return Response(status_code=204)
@@ -258,11 +364,11 @@ def _api_routes(app, db, templates, rng, secure, auth):
         return payload
 
     @app.post("/api/tasks/{task_id}/labels", dependencies=auth)
-    def submit(task_id: int, body: LabelBody, request: Request):
+    def submit(task_id: PathId, body: LabelBody, request: Request):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             label, replay = svc.submit_label(s, task, user, body.item_id, body.value, body.idempotency_key,
                                              body.duration_ms)
             s.commit()  # durable before we acknowledge
@@ -270,7 +376,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
         return JSONResponse({**out, "replayed": replay}, status_code=200 if replay else 201)
 
     @app.get("/api/labels/mine", dependencies=auth)
-    def my_labels(request: Request, task_id: int | None = None):
+    def my_labels(request: Request, task_id: QueryId = None):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             q = select(Label).where(Label.user_id == user.id).order_by(Label.id)
@@ -279,14 +385,35 @@ def _api_routes(app, db, templates, rng, secure, auth):
             return [label_payload(lab) for lab in s.scalars(q)]
 
     @app.get("/api/labels/{label_id}", dependencies=auth)
-    def get_label(label_id: int, request: Request):
+    def get_label(label_id: PathId, request: Request):
         with db.read_session() as s:
             user, _ = authenticate(request, s)
             label = s.get(Label, label_id)
             # another annotator's label is reported as missing: not even its existence leaks
-            if label is None or (label.user_id != user.id and user.role != "admin"):
+            if label is None or (label.user_id != user.id and not svc.is_admin(user)):
                 raise LookupError(f"label {label_id} not found")
             return label_payload(label)
+
+    @app.put("/api/labels/{label_id}", dependencies=auth)
+    def correct(label_id: PathId, body: CorrectionBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            return label_payload(svc.correct_label(s, label, user, body.value))
+
+    @app.get("/api/labels/{label_id}/versions", dependencies=auth)
+    def versions(label_id: PathId, request: Request):
+        with db.read_session() as s:
+            user, _ = authenticate(request, s)
+            label = s.get(Label, label_id)
+            if label is None or (label.user_id != user.id and not svc.is_admin(user)):
+                raise LookupError(f"label {label_id} not found")
+            old = s.scalars(select(LabelVersion).where(LabelVersion.label_id == label_id).order_by(LabelVersion.version))
+            return [{"version": v.version, "value": v.value, "superseded_at": v.created_at.isoformat() + "Z"}
+                    for v in old] + [{"version": label.version, "value": label.value, "superseded_at": None}]
 
 
 def _admin_api_routes(app, db, templates, rng, secure, auth):
@@ -299,21 +426,109 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             check_csrf(request, csrf)
         return user
 
+    def may_manage(actor: User, role: str) -> None:
+        # admins manage annotators; only an owner creates, changes or disables admins and owners
+        if role != "annotator" and actor.role != "owner":
+            raise AuthError(403, "only an owner can manage admins and owners")
+
+    def named_user(s: Session, username: str) -> User:
+        user = svc.find_user(s, username)
+        if user is None:
+            raise LookupError(f"user {username!r} not found")
+        return user
+
+    def user_row(u: User) -> dict:
+        return {"id": u.id, "username": u.username, "role": u.role, "active": u.active}
+
     @app.post("/api/admin/users", status_code=201, dependencies=auth)
     def new_user(body: UserBody, request: Request):
         with db.session() as s:
-            admin(request, s, write=True)
-            user = svc.create_user(s, body.username, body.password, body.role)
-            return {"id": user.id, "username": user.username, "role": user.role}
+            actor = admin(request, s, write=True)
+            may_manage(actor, body.role)
+            return user_row(svc.create_user(s, body.username, body.password, body.role, actor=actor))
+
+    @app.get("/api/admin/users", dependencies=auth)
+    def list_users(request: Request):
+        with db.read_session() as s:
+            admin(request, s)
+            return [user_row(u) for u in s.scalars(select(User).order_by(User.id))]
+
+    @app.post("/api/admin/users/{username}/role", dependencies=auth)
+    def set_role(username: PathName, body: RoleBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            may_manage(actor, body.role)
+            svc.audit(s, actor, "user.role", user.username, old=user.role, new=body.role)
+            user.role = body.role
+            return user_row(user)
 
     @app.post("/api/admin/users/{username}/tokens", status_code=201, dependencies=auth)
-    def new_token(username: str, request: Request):
+    def new_token(username: PathName, request: Request, body: TokenBody | None = None):
+        body = body or TokenBody(name="admin-issued")
         with db.session() as s:
-            admin(request, s, write=True)
-            user = s.scalar(select(User).where(User.username == username))
-            if user is None:
-                raise LookupError(f"user {username!r} not found")
-            return {"token": create_api_token(s, user, "admin-issued")}
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            svc.audit(s, actor, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
+            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+
+    @app.get("/api/admin/users/{username}/tokens", dependencies=auth)
+    def user_tokens(username: PathName, request: Request):
+        with db.read_session() as s:
+            admin(request, s)
+            user = named_user(s, username)
+            return [{"id": t.id, "name": t.name, "revoked": t.revoked, "created_at": t.created_at.isoformat() + "Z",
+                     "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
+                    for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))]
+
+    @app.post("/api/admin/users/{username}/{action}", dependencies=auth)
+    def set_active(username: PathName, action: Annotated[str, Path(pattern="^(disable|enable)$")], request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            user = named_user(s, username)
+            may_manage(actor, user.role)
+            if user.id == actor.id:
+                raise svc.Conflict("you cannot disable yourself")
+            user.active = action == "enable"  # labels stay; the account can no longer log in
+            svc.audit(s, actor, f"user.{action}", user.username)
+            return user_row(user)
+
+    @app.get("/api/admin/audit", dependencies=auth)
+    def audit_log(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200):
+        with db.read_session() as s:
+            admin(request, s)
+            rows = s.execute(select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.actor_id)
+                             .order_by(AuditEvent.id.desc()).limit(limit))
+            return [{"id": e.id, "at": e.at.isoformat() + "Z", "actor": name, "action": e.action, "target": e.target,
+                     "detail": e.detail} for e, name in rows]
+
+    @app.post("/api/admin/tasks/{task_id}/members", status_code=201, dependencies=auth)
+    def add_member(task_id: PathId, body: MemberBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            svc.add_member(s, _task(s, task_id), named_user(s, body.username), actor)
+            return {"ok": True}
+
+    @app.get("/api/admin/tasks/{task_id}/review", dependencies=auth)
+    def review_queue(task_id: PathId, request: Request,
+                     status: Annotated[str, Query(pattern="^(pending|accepted|rejected)$")] = "pending"):
+        with db.read_session() as s:
+            admin(request, s)
+            _task(s, task_id)
+            return [{**label_payload(lab), "annotator": name} for lab, name in s.execute(
+                select(Label, User.username).join(User, User.id == Label.user_id)
+                .where(Label.task_id == task_id, Label.review_status == status).order_by(Label.id))]
+
+    @app.post("/api/admin/labels/{label_id}/review", dependencies=auth)
+    def review(label_id: PathId, body: ReviewBody, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            return label_payload(svc.review_label(s, label, actor, body.decision, body.reason))
 
     @app.post("/api/admin/tasks", status_code=201, dependencies=auth)
     def new_task(body: TaskBody, request: Request):
@@ -323,13 +538,13 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return {"id": task.id, "name": task.name}
 
     @app.post("/api/admin/tasks/{task_id}/items", status_code=201, dependencies=auth)
-    def add_items(task_id: int, records: list[Any], request: Request):
+    def add_items(task_id: PathId, records: list[Any], request: Request):
         with db.session() as s:
             admin(request, s, write=True)
             return {"imported": svc.import_records(s, _task(s, task_id), records, source="request body")}
 
     @app.get("/api/admin/tasks/{task_id}/labels", dependencies=auth)
-    def all_labels(task_id: int, request: Request):
+    def all_labels(task_id: PathId, request: Request):
         with db.read_session() as s:
             admin(request, s)
             rows = s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
@@ -337,26 +552,35 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             return [{**label_payload(lab), "annotator": name} for lab, name in rows]
 
     @app.get("/api/admin/tasks/{task_id}/qc", dependencies=auth)
-    def qc(task_id: int, request: Request):
+    def qc(task_id: PathId, request: Request):
         with db.read_session() as s:
             admin(request, s)
             return ex.task_qc(s, _task(s, task_id))
 
     @app.get("/api/admin/tasks/{task_id}/export", dependencies=auth)
-    def export(task_id: int, request: Request, kind: str = "preferences", aggregate: str = "none",
-               ties: str = "skip"):
-        with db.read_session() as s:
-            admin(request, s)
+    def export(task_id: PathId, request: Request, kind: str = "preferences", aggregate: str = "none",
+               ties: str = "skip", status: Annotated[str, Query(pattern="^(all|accepted)$")] = "all"):
+        with db.session() as s:
+            actor = admin(request, s)
             task = _task(s, task_id)
             try:
-                records, skipped = ex.export_records(s, task, kind, aggregate, ties=ties)
+                records, skipped = ex.export_records(s, task, kind, aggregate, ties=ties,
+                                                     only_accepted=status == "accepted")
             except ValueError as e:
                 raise HTTPException(422, str(e)) from e
+            svc.audit(s, actor, "task.export", task.name, kind=kind, aggregate=aggregate, status=status,
+                      records=len(records))
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        name = f"{task.name}-{kind}.jsonl".replace("/", "_").replace('"', "")
         return Response(body, media_type="application/x-ndjson",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                        headers={"Content-Disposition": content_disposition(f"{task.name}-{kind}.jsonl"),
                                  "X-Skipped": json.dumps(skipped)})
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any file name: an ASCII fallback plus RFC 5987/6266 `filename*`
+    with the UTF-8 name percent-encoded (task names may hold any printable Unicode)."""
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", filename).strip("_") or "export.jsonl"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,33 +630,35 @@ def _page_routes(app, db, templates, rng, secure, auth):
         resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
         return resp
 
+    check_login = login_checker(app, db)
+
     @app.post("/login")
     async def login_submit(request: Request):
         form = await request.form()
-        return await run_in_threadpool(_login_submit, request, form)  # Argon2 must not block the loop
-
-    def _login_submit(request: Request, form):
         if not same(form.get("csrf_token"), request.cookies.get(PRELOGIN_COOKIE)):
             raise AuthError(403, "missing or wrong CSRF token; reload the login page")
-        username, password = str(form.get("username", "")), str(form.get("password", ""))
-        with db.read_session() as s:
-            user = s.scalar(select(User).where(User.username == username))
-            ok = user is not None and user.active and verify_password(user.password_hash, password)
-        if not ok:
+        username, password = str(form.get("username", ""))[:64], str(form.get("password", ""))[:1024]
+        user = await check_login(request, username, password)  # Argon2 runs in its own bounded pool
+        return await run_in_threadpool(_login_done, request, user)
+
+    def _login_done(request: Request, user: User | None):
+        if user is None:
             token = secrets.token_urlsafe(24)
             resp = render(request, "login.html", 401, csrf_token=token, error="Wrong username or password.", user=None)
             resp.set_cookie(PRELOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
             return resp
         with db.session() as s:
             secret, _ = create_login_session(s, s.get(User, user.id))
-        target = "/admin" if user.role == "admin" else "/"
+        target = "/admin" if svc.is_admin(user) else "/"
         resp = RedirectResponse(target, status_code=303)
         resp.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=secure)
         resp.delete_cookie(PRELOGIN_COOKIE)
         return resp
 
-    @app.post("/logout", dependencies=auth)
+    @app.post("/logout")
     async def logout(request: Request):
+        if not request.cookies.get(SESSION_COOKIE):  # API tokens are revoked, not logged out
+            raise AuthError(401, "not logged in (no session cookie)")
         form = await request.form()
         return await run_in_threadpool(_logout, request, form)
 
@@ -440,8 +666,11 @@ def _page_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
+            if csrf is None:
+                raise AuthError(401, "not logged in with a browser session")
             sess = s.scalar(select(LoginSession).where(LoginSession.session_hash == digest(request.cookies[SESSION_COOKIE])))
-            s.delete(sess)
+            if sess is not None:
+                s.delete(sess)
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE)
         return resp
@@ -450,14 +679,14 @@ def _page_routes(app, db, templates, rng, secure, auth):
     def home(request: Request):
         with db.read_session() as s:
             user, csrf = authenticate(request, s)
-            tasks = [(t, svc.progress(s, t, user)) for t in s.scalars(select(Task).order_by(Task.id))]
+            tasks = [(t, svc.progress(s, t, user)) for t in svc.visible_tasks(s, user)]
             return render(request, "home.html", user=user, csrf_token=csrf, tasks=tasks)
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
-    def label_page(task_id: int, request: Request, error: str | None = None, status: int = 200):
+    def label_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
         with db.session() as s:
             user, csrf = authenticate(request, s)
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
             prog = svc.progress(s, task, user)
             item = item_payload(task, got[0], got[1].display_order) if got else None
@@ -466,7 +695,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
                           progress=prog, error=error)
 
     @app.post("/tasks/{task_id}", dependencies=auth)
-    async def label_submit(task_id: int, request: Request):
+    async def label_submit(task_id: PathId, request: Request):
         form = await request.form()  # parsed on the event loop; the database work runs in a thread
         return await run_in_threadpool(_label_submit, task_id, request, form)
 
@@ -475,9 +704,11 @@ def _page_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
-            task = _task(s, task_id)
+            task = visible_task(s, task_id, user)
             try:
                 item_id = int(str(form.get("item_id", "")))
+                if not 1 <= item_id <= INT_MAX:
+                    raise LookupError(f"item {item_id} not found")
                 item = s.get(Item, item_id)
                 if item is None:
                     raise LookupError(f"item {item_id} not found")
@@ -500,7 +731,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
             return render(request, "admin.html", user=user, csrf_token=csrf, tasks=tasks)
 
     @app.get("/admin/tasks/{task_id}", response_class=HTMLResponse, dependencies=auth)
-    def admin_task(task_id: int, request: Request):
+    def admin_task(task_id: PathId, request: Request):
         from rlhfkit.feedback import export as ex
 
         with db.read_session() as s:
@@ -510,3 +741,93 @@ def _page_routes(app, db, templates, rng, secure, auth):
             report = ex.task_qc(s, task)
             return render(request, "admin_task.html", user=user, csrf_token=csrf, task=task, report=report,
                           kinds=ex.kinds_for(task.question_type), progress=svc.progress(s, task))
+
+    @app.get("/labels", response_class=HTMLResponse, dependencies=auth)
+    def my_labels_page(request: Request):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            rows = s.execute(select(Label, Task, Item).join(Task, Task.id == Label.task_id)
+                             .join(Item, Item.id == Label.item_id).where(Label.user_id == user.id)
+                             .order_by(Label.id.desc()).limit(500)).all()
+            return render(request, "my_labels.html", user=user, csrf_token=csrf, rows=rows)
+
+    def _own_label(s: Session, label_id: int, user: User) -> Label:
+        label = s.get(Label, label_id)
+        if label is None or label.user_id != user.id:
+            raise LookupError(f"label {label_id} not found")
+        return label
+
+    @app.get("/labels/{label_id}/edit", response_class=HTMLResponse, dependencies=auth)
+    def correction_page(label_id: PathId, request: Request, error: str | None = None, status: int = 200):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            label = _own_label(s, label_id, user)
+            task, item = s.get(Task, label.task_id), s.get(Item, label.item_id)
+            payload = item_payload(task, item, label.display_order)
+            return render(request, "label.html", status, user=user, csrf_token=csrf, task=task, item=payload,
+                          progress=svc.progress(s, task, user), error=error, correcting=label,
+                          form_action=f"/labels/{label.id}/edit")
+
+    @app.post("/labels/{label_id}/edit", dependencies=auth)
+    async def correction_submit(label_id: PathId, request: Request):
+        form = await request.form()
+        return await run_in_threadpool(_correction_submit, label_id, request, form)
+
+    def _correction_submit(label_id: int, request: Request, form):
+        error = None
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            label = _own_label(s, label_id, user)
+            task = s.get(Task, label.task_id)
+            try:
+                raw = _form_answer(task, form, len(label.display_order))
+                svc.correct_label(s, label, user, raw)
+                s.commit()
+            except (ValueError, svc.InvalidAnswer, svc.Conflict) as e:
+                s.rollback()
+                error = str(e)
+        if error is not None:
+            return correction_page(label_id, request, error=error, status=422)
+        return RedirectResponse("/labels", status_code=303)
+
+    @app.get("/admin/tasks/{task_id}/review", response_class=HTMLResponse, dependencies=auth)
+    def review_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
+        with db.read_session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            task = _task(s, task_id)
+            rows = s.execute(select(Label, User.username, Item).join(User, User.id == Label.user_id)
+                             .join(Item, Item.id == Label.item_id)
+                             .where(Label.task_id == task_id, Label.review_status == "pending")
+                             .order_by(Label.id).limit(200)).all()
+            return render(request, "review.html", status, user=user, csrf_token=csrf, task=task, rows=rows,
+                          error=error)
+
+    @app.post("/admin/labels/{label_id}/review", dependencies=auth)
+    async def review_submit(label_id: PathId, request: Request):
+        form = await request.form()
+        return await run_in_threadpool(_review_submit, label_id, request, form)
+
+    def _review_submit(label_id: int, request: Request, form):
+        error = None
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            label = s.get(Label, label_id)
+            if label is None:
+                raise LookupError(f"label {label_id} not found")
+            task_id = label.task_id
+            reason = str(form.get("reason", ""))[:2000]
+            try:
+                if text_problem(reason):
+                    raise svc.InvalidAnswer("reason", text_problem(reason))
+                svc.review_label(s, label, user, str(form.get("decision", "")), reason)
+                s.commit()
+            except svc.InvalidAnswer as e:
+                s.rollback()
+                error = str(e)
+        if error is not None:
+            return review_page(task_id, request, error=error, status=422)
+        return RedirectResponse(f"/admin/tasks/{task_id}/review", status_code=303)

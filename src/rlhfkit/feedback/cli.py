@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
-    sp.add_argument("--role", default="annotator", choices=["annotator", "admin"])
+    sp.add_argument("--role", default="annotator", choices=["annotator", "admin", "owner"],
+                    help="owner: everything; admin: tasks, annotators, review, export; annotator: labels")
     sp.add_argument("--password-env", help="read the password from this environment variable (else prompt)")
     sp.add_argument("--token", action="store_true", help="also create and print an API token")
     for name, help_ in (("import", "import prompts + responses from JSONL"),
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="pairwise ties: skip and count them, or keep them with label 0.5 and tie=true")
     sp.add_argument("--out", required=True)
     sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
+    sp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    sp.add_argument("--status", default="all", choices=("all", "accepted"),
+                    help="all labels, or only those a reviewer accepted")
     sp = add("qc", "print the task's quality-control report as JSON")
     sp.add_argument("--task", required=True)
     return p
@@ -93,12 +97,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
+    from rlhfkit.feedback.service import Conflict
+
     try:
         return HANDLERS[args.command](args)
     except RlhfkitError as e:
         print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
         return 2
-    except (ValueError, LookupError) as e:
+    except (ValueError, LookupError, Conflict) as e:
         print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
         return 2
 
@@ -198,14 +204,19 @@ def _export(args) -> int:
     from sqlalchemy import select
 
     from rlhfkit.feedback import export as ex
+    from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.models import Task
 
+    if os.path.exists(args.out) and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it")
     db = _db(args)
     with db.session() as s:
         task = s.scalar(select(Task).where(Task.name == args.task))
         if task is None:
             raise LookupError(f"no task named {args.task!r}")
-        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties)
+        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties,
+                                             only_accepted=args.status == "accepted")
+        svc.audit(s, None, "task.export", task.name, kind=args.kind, status=args.status, records=len(records), via="cli")
     (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
     print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
     return 0

@@ -45,11 +45,13 @@ def kinds_for(question_type: str) -> list[str]:
     return [k for k, types in KINDS.items() if question_type in types]
 
 
-def _rows(s: Session, task: Task) -> tuple[list[qc.LabelRow], dict[int, qc.ItemRow], dict[int, Item]]:
+def _rows(s: Session, task: Task, only_accepted: bool = False
+          ) -> tuple[list[qc.LabelRow], dict[int, qc.ItemRow], dict[int, Item]]:
     items = {it.id: it for it in s.scalars(select(Item).where(Item.task_id == task.id))}
     labels = [qc.LabelRow(name, lab.item_id, lab.value, lab.display_order, lab.duration_ms)
               for lab, name in s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
-                                         .where(Label.task_id == task.id).order_by(Label.id))]
+                                         .where(Label.task_id == task.id).order_by(Label.id))
+              if not only_accepted or lab.review_status == "accepted"]
     item_rows = {i: qc.ItemRow(i, len(it.responses), it.is_gold, it.gold_value) for i, it in items.items()}
     return labels, item_rows, items
 
@@ -72,8 +74,12 @@ def _coverage(consensus: dict) -> dict:
 
 
 def export_records(s: Session, task: Task, kind: str = "preferences", aggregate: str = "none",
-                   include_gold: bool = False, ties: str = "skip") -> tuple[list[dict], dict[str, int]]:
-    """Records of `kind` for one task, and the counts of labels skipped with the reason."""
+                   include_gold: bool = False, ties: str = "skip", only_accepted: bool = False
+                   ) -> tuple[list[dict], dict[str, int]]:
+    """Records of `kind` for one task, and the counts of labels skipped with the reason.
+
+    `only_accepted` keeps the labels a reviewer accepted (pending and rejected ones are left out).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown export kind {kind!r}; choose from {sorted(KINDS)}")
     if ties not in ("skip", "keep"):
@@ -85,7 +91,7 @@ def export_records(s: Session, task: Task, kind: str = "preferences", aggregate:
         raise ValueError(f"unknown aggregate {aggregate!r}; choose from {AGGREGATES}")
     if aggregate != "none" and task.question_type not in qc.METRIC:
         raise ValueError(f"{task.question_type} labels are free text and cannot be aggregated; use aggregate=none")
-    labels, item_rows, items = _rows(s, task)
+    labels, item_rows, items = _rows(s, task, only_accepted)
     if not include_gold:
         labels = [lab for lab in labels if not item_rows[lab.item_id].is_gold]
     if aggregate != "none":

@@ -28,7 +28,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 QUESTION_TYPES = ("pairwise", "ranking", "rating", "thumbs", "critique", "edit")
-ROLES = ("admin", "annotator")
+# owner: everything, including making admins; admin: tasks, annotators, review, export;
+# annotator: labels the tasks open to them
+ROLES = ("owner", "admin", "annotator")
+REVIEW_STATES = ("pending", "accepted", "rejected")
 SELECTIONS = ("random", "uncertainty")
 
 
@@ -42,8 +45,11 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("username_key", name="uq_users_username_key"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    # NFKC + case folding of the name: 'Admin' and full-width 'ａｄｍｉｎ' are one account
+    username_key: Mapped[str] = mapped_column(String(64), nullable=False)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="annotator")
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
@@ -60,6 +66,7 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     revoked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     user: Mapped[User] = relationship()
 
 
@@ -90,7 +97,19 @@ class Task(Base):
     selection: Mapped[str] = mapped_column(String(16), nullable=False, default="random")
     # share of served items that are gold (honeypot) items, while unseen gold items remain
     gold_rate: Mapped[float] = mapped_column(Float, nullable=False, default=0.1)
+    # False: only annotators added as members (task_members) see and label the task
+    open_to_all: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class TaskMember(Base):
+    """An annotator allowed on a task that is not open to all."""
+
+    __tablename__ = "task_members"
+    __table_args__ = (UniqueConstraint("task_id", "user_id", name="uq_task_member"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
 
 
 class Item(Base):
@@ -135,5 +154,36 @@ class Label(Base):
     idempotency_key: Mapped[str] = mapped_column(String(64), nullable=False)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     display_order: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    # measured by the server from serve to submit (clients' own timings are not trusted)
     duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # corrections: `value` is the latest version; earlier ones are kept in label_versions
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    review_status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    review_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class LabelVersion(Base):
+    """A superseded value of a label (the annotator corrected it)."""
+
+    __tablename__ = "label_versions"
+    __table_args__ = (UniqueConstraint("label_id", "version", name="uq_label_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)  # when it was superseded
+
+
+class AuditEvent(Base):
+    """Who did what to accounts, tokens, roles, reviews and exports (readable by admins)."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    target: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)

@@ -28,6 +28,20 @@ def use_test_hasher() -> None:
     from argon2 import profiles
 
     _hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
+
+
+_dummy: tuple[PasswordHasher, str] | None = None
+
+
+def _dummy_hash() -> str:
+    """A hash of a random secret made with the current parameters: unknown users are checked
+    against it, so they cost as much time (and memory) as known ones."""
+    global _dummy
+    if _dummy is None or _dummy[0] is not _hasher:
+        _dummy = (_hasher, _hasher.hash(new_secret()))
+    return _dummy[1]
+
+
 SESSION_HOURS = 12
 MIN_PASSWORD = 8
 
@@ -38,7 +52,11 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def verify_password(stored: str, password: str) -> bool:
+def verify_password(stored: str | None, password: str) -> bool:
+    """Check `password`; with `stored` None (no such user) run the same check on a dummy hash."""
+    if stored is None:
+        verify_password(_dummy_hash(), password)
+        return False
     try:
         return _hasher.verify(stored, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -53,10 +71,11 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def create_api_token(session, user: User, name: str = "") -> str:
-    """Store a new token for `user` and return its secret (shown once)."""
+def create_api_token(session, user: User, name: str = "", expires_days: float | None = None) -> str:
+    """Store a new token for `user` and return its secret (shown once); None: never expires."""
     secret = "rk_" + new_secret()
-    session.add(ApiToken(user_id=user.id, token_hash=digest(secret), name=name[:64]))
+    expires = None if expires_days is None else utcnow() + dt.timedelta(days=expires_days)
+    session.add(ApiToken(user_id=user.id, token_hash=digest(secret), name=name[:64], expires_at=expires))
     return secret
 
 

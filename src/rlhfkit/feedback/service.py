@@ -21,9 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,19 +37,29 @@ from rlhfkit.feedback.models import (
     ROLES,
     SELECTIONS,
     Assignment,
+    AuditEvent,
     Item,
     Label,
+    LabelVersion,
     Task,
+    TaskMember,
     User,
     utcnow,
 )
-from rlhfkit.feedback.security import hash_password
+from rlhfkit.feedback.schemas import (
+    ANSWER,
+    MAX_RESPONSES,
+    MAX_TEXT,
+    first_error,
+    json_text_problem,
+    name_problem,
+    text_problem,
+)
+from rlhfkit.feedback.security import MIN_PASSWORD, hash_password
 
 # an assignment not answered within this time frees its overlap slot for someone else
 ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
 DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
-MAX_TEXT = 20000
-MAX_RESPONSES = 16
 UNCERTAINTY_POOL = 256  # unlabelled items scored by the ensemble per request
 PAIR_CHOICES = {"left": 0, "right": 1}
 
@@ -67,22 +80,58 @@ class Conflict(Exception):
 # users and tasks
 
 
-def create_user(s: Session, username: str, password: str, role: str = "annotator") -> User:
+def username_key(name: str) -> str:
+    """The identity of a user name: NFKC-normalised and case-folded (Unicode TR #36 / #31
+    advice), so 'Admin', 'ADMIN' and full-width 'ａｄｍｉｎ' are one account."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def find_user(s: Session, name: str) -> User | None:
+    if not isinstance(name, str) or name_problem(name) or len(name) > 64:
+        return None
+    return s.scalar(select(User).where(User.username_key == username_key(name)))
+
+
+def check_password_policy(password: str, username: str = "") -> None:
+    """At least 8 characters and not guessable: zxcvbn (Dropbox's estimator, with its lists of
+    common passwords, names and keyboard patterns) must score it 2 or more out of 4."""
+    from zxcvbn import zxcvbn
+
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        raise InvalidAnswer("password", f"must have at least {MIN_PASSWORD} characters")
+    if text_problem(password):
+        raise InvalidAnswer("password", text_problem(password))
+    result = zxcvbn(password[:100], user_inputs=[username] if username else [])
+    if result["score"] < 2:
+        hint = result["feedback"].get("warning") or "it is a common or easily guessed password"
+        raise InvalidAnswer("password", f"too easy to guess ({hint.rstrip('.')}); choose a longer, less common one")
+
+
+def audit(s: Session, actor: User | None, action: str, target: str = "", **detail: Any) -> None:
+    s.add(AuditEvent(actor_id=actor.id if actor else None, action=action, target=target[:128], detail=detail))
+
+
+def create_user(s: Session, username: str, password: str, role: str = "annotator",
+                actor: User | None = None) -> User:
     if role not in ROLES:
         raise InvalidAnswer("role", f"must be one of {ROLES}")
-    if not username or len(username) > 64 or not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
+    if not isinstance(username, str) or not username or len(username) > 64 or name_problem(username) or \
+            not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise InvalidAnswer("username", "1-64 letters, digits, '.', '-' or '_'")
-    if s.scalar(select(User).where(User.username == username)) is not None:
+    if find_user(s, username) is not None:
         raise Conflict(f"user {username!r} already exists")
-    user = User(username=username, password_hash=hash_password(password), role=role)
+    check_password_policy(password, username)
+    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password),
+                role=role)
     s.add(user)
     s.flush()
+    audit(s, actor, "user.create", username, role=role)
     return user
 
 
 def create_task(s: Session, name: str, question_type: str, overlap: int = 1, instructions: str = "",
                 rubric: Sequence[str] | None = None, likert_points: int = 5, randomize_order: bool = True,
-                selection: str = "random", gold_rate: float = 0.1) -> Task:
+                selection: str = "random", gold_rate: float = 0.1, open_to_all: bool = True) -> Task:
     if question_type not in QUESTION_TYPES:
         raise InvalidAnswer("question_type", f"must be one of {QUESTION_TYPES}")
     if selection not in SELECTIONS:
@@ -93,14 +142,21 @@ def create_task(s: Session, name: str, question_type: str, overlap: int = 1, ins
         raise InvalidAnswer("likert_points", "must be between 2 and 11")
     if not 0.0 <= gold_rate <= 1.0:
         raise InvalidAnswer("gold_rate", "must be between 0 and 1")
-    if not name or len(name) > 128:
+    if not name or len(name) > 128 or not name.strip():
         raise InvalidAnswer("name", "1-128 characters")
+    if name_problem(name):
+        raise InvalidAnswer("name", name_problem(name))
+    if not isinstance(instructions, str) or text_problem(instructions) or len(instructions) > MAX_TEXT:
+        raise InvalidAnswer("instructions", text_problem(instructions) or f"at most {MAX_TEXT} characters")
+    for dim in rubric or ():
+        if not isinstance(dim, str) or not dim or len(dim) > 64 or name_problem(dim):
+            raise InvalidAnswer("rubric", "dimensions are names of 1-64 characters without control characters")
     if s.scalar(select(Task).where(Task.name == name)) is not None:
         raise Conflict(f"task {name!r} already exists")
     task = Task(name=name, question_type=question_type, overlap=overlap, instructions=instructions,
                 rubric=list(rubric or (DEFAULT_RUBRIC if question_type == "rating" else [])),
                 likert_points=likert_points, randomize_order=randomize_order, selection=selection,
-                gold_rate=gold_rate)
+                gold_rate=gold_rate, open_to_all=open_to_all)
     s.add(task)
     s.flush()
     return task
@@ -127,6 +183,9 @@ def _record_responses(rec: dict, source: str, line: int) -> list[str]:
     if len(responses) > MAX_RESPONSES or any(len(r) > MAX_TEXT for r in responses):
         raise DataError(f"at most {MAX_RESPONSES} responses of {MAX_TEXT} characters", source=source,
                         line=line, field="responses")
+    for i, r in enumerate(responses):
+        if text_problem(r):
+            raise DataError(text_problem(r), source=source, line=line, field=f"responses[{i}]")
     return responses
 
 
@@ -138,13 +197,24 @@ def item_from_record(task: Task, rec: Any, source: str = "<records>", line: int 
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_TEXT:
         raise DataError(f"must be a non-empty string of at most {MAX_TEXT} characters", source=source,
                         line=line, field="prompt")
+    if text_problem(prompt):
+        raise DataError(text_problem(prompt), source=source, line=line, field="prompt")
     responses = _record_responses(rec, source, line)
+    rid, meta = rec.get("id"), rec.get("meta") or {}
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int) or name_problem(str(rid))
+                            or len(str(rid)) > 128):
+        raise DataError("must be a string or integer of at most 128 characters, without control characters",
+                        source=source, line=line, field="id")
+    if not isinstance(meta, dict) or json_text_problem(meta) or len(json.dumps(meta)) > MAX_TEXT:
+        raise DataError(f"must be a JSON object of at most {MAX_TEXT} characters with storable text "
+                        f"({json_text_problem(meta) or 'not an object or too large'})", source=source, line=line,
+                        field="meta")
     need = {"pairwise": (2, 2), "ranking": (2, MAX_RESPONSES)}.get(task.question_type, (1, MAX_RESPONSES))
     if not need[0] <= len(responses) <= need[1]:
         raise DataError(f"a {task.question_type} item needs {need[0]}..{need[1]} responses, got {len(responses)}",
                         source=source, line=line, field="responses")
-    item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=rec.get("meta") or {},
-                external_id=None if rec.get("id") is None else str(rec["id"])[:128])
+    item = Item(task_id=task.id, prompt=prompt, responses=responses, meta=meta,
+                external_id=None if rid is None else str(rid))
     if rec.get("gold") is not None:
         gold = rec["gold"]
         # gold answers in a file name responses by their file order: pairwise "a"/"b" (or
@@ -169,8 +239,12 @@ def import_records(s: Session, task: Task, records: Iterable[Any], source: str =
 
 def read_jsonl(path: str) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte {e.start + 1})", source=path, line=n) from None
             if not line.strip():
                 continue
             try:
@@ -184,63 +258,52 @@ def read_jsonl(path: str) -> list[dict]:
 # answers
 
 
-def _position(value: Any, k: int, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < k:
-        raise InvalidAnswer(field, f"must be a position 0..{k - 1}")
-    return value
-
-
-def _text(value: Any, field: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not allow_empty and not value.strip()) or len(value) > MAX_TEXT:
-        raise InvalidAnswer(field, f"must be a non-empty string of at most {MAX_TEXT} characters")
-    return value
-
-
 def canonical_answer(task: Task, responses: Sequence[str], raw: Any, order: Sequence[int]) -> dict:
-    """Validate an answer given in display positions and map it to original indices."""
+    """Validate an answer given in display positions and map it to original indices.
+
+    The shape and JSON types are checked by the typed models in `schemas` (a discriminated
+    union on the task's question type); what depends on the item (how many responses, the
+    rubric, the Likert scale) is checked here.
+    """
     if not isinstance(raw, dict):
         raise InvalidAnswer("value", "must be a JSON object")
     k, qt = len(responses), task.question_type
+    try:
+        ans = ANSWER.validate_python({**raw, "question_type": qt})
+    except ValidationError as e:
+        raise InvalidAnswer(*first_error(e, "value", skip=1)) from None
     if qt == "pairwise":
-        choice = raw.get("choice")
-        if choice in PAIR_CHOICES:
-            return {"choice": "ab"[order[PAIR_CHOICES[choice]]]}
-        if choice in ("tie", "both_bad"):
-            return {"choice": choice}
-        raise InvalidAnswer("value.choice", "must be 'left', 'right', 'tie' or 'both_bad'")
+        if ans.choice in PAIR_CHOICES:
+            return {"choice": "ab"[order[PAIR_CHOICES[ans.choice]]]}
+        return {"choice": ans.choice}
     if qt == "ranking":
-        ranking = raw.get("ranking")
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(k)) or \
-                any(isinstance(r, bool) for r in ranking):
+        if sorted(ans.ranking) != list(range(k)):
             raise InvalidAnswer("value.ranking", f"must list every position 0..{k - 1} once, best first")
-        return {"ranking": [order[p] for p in ranking]}
+        return {"ranking": [order[p] for p in ans.ranking]}
     if qt == "rating":
-        ratings = raw.get("ratings")
-        if not isinstance(ratings, list) or len(ratings) != k:
+        if len(ans.ratings) != k:
             raise InvalidAnswer("value.ratings", f"must hold one rating object per response ({k})")
         out: list[dict] = [{}] * k
-        for pos, r in enumerate(ratings):
-            if not isinstance(r, dict) or set(r) != set(task.rubric):
+        for pos, r in enumerate(ans.ratings):
+            if set(r) != set(task.rubric):
                 raise InvalidAnswer(f"value.ratings[{pos}]", f"must rate exactly {task.rubric}")
             for dim, v in r.items():
-                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= task.likert_points:
+                if not 1 <= v <= task.likert_points:
                     raise InvalidAnswer(f"value.ratings[{pos}].{dim}", f"must be an integer 1..{task.likert_points}")
             out[order[pos]] = dict(r)
         return {"ratings": out}
     if qt == "thumbs":
-        thumbs = raw.get("thumbs")
-        if not isinstance(thumbs, list) or len(thumbs) != k or not all(isinstance(t, bool) for t in thumbs):
+        if len(ans.thumbs) != k:
             raise InvalidAnswer("value.thumbs", f"must be {k} booleans (true = thumbs up)")
         out_t = [False] * k
-        for pos, t in enumerate(thumbs):
+        for pos, t in enumerate(ans.thumbs):
             out_t[order[pos]] = t
         return {"thumbs": out_t}
     if qt == "critique":
-        return {"text": _text(raw.get("text"), "value.text")}
-    if qt == "edit":
-        pos = _position(raw.get("position", 0), k, "value.position")
-        return {"response": order[pos], "text": _text(raw.get("text"), "value.text")}
-    raise InvalidAnswer("question_type", f"unknown question type {qt!r}")
+        return {"text": ans.text}
+    if ans.position >= k:
+        raise InvalidAnswer("value.position", f"must be a position 0..{k - 1}")
+    return {"response": order[ans.position], "text": ans.text}
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +315,29 @@ def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
                                              Assignment.completed.is_(False),
                                              Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT)
                     .order_by(Assignment.id).limit(1))
+
+
+ASSIGN_LOCK_NAMESPACE = 0x524B  # first key of the per-task advisory lock ("RK")
+
+
+def lock_task_assignments(s: Session, task: Task) -> None:
+    """Serialise assignment decisions for one task until the transaction ends.
+
+    Counting an item's open slots and inserting the assignment is a read-then-write: two
+    PostgreSQL transactions under READ COMMITTED both see a free slot and both take it (about
+    1 item in 10 got two labels with overlap 1 and 8 clients). A transaction-scoped advisory
+    lock per task makes the count and the insert atomic; the next waiter's statements see the
+    committed assignment. SQLite needs nothing: writers already run one at a time
+    (BEGIN IMMEDIATE and the in-process write lock).
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(ASSIGN_LOCK_NAMESPACE, task.id)))
+
+
+def _slots_taken_by_others(s: Session, item_id: int, user: User) -> int:
+    return s.scalar(select(func.count()).select_from(Assignment).where(
+        Assignment.item_id == item_id, Assignment.user_id != user.id,
+        or_(Assignment.completed.is_(True), Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT))) or 0
 
 
 def candidate_ids(s: Session, task: Task, user: User, gold: bool, limit: int = 32) -> list[int]:
@@ -279,6 +365,7 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     current = _open_assignment(s, task, user)
     if current is not None:
         return s.get(Item, current.item_id), current
+    lock_task_assignments(s, task)
     item_id = None
     if task.gold_rate > 0 and rng.random() < task.gold_rate:
         golds = candidate_ids(s, task, user, gold=True, limit=64)
@@ -328,11 +415,14 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
                  duration_ms: int | None = None) -> tuple[Label, bool]:
     """Store one answer exactly once. Returns (label, replayed).
 
+    The stored duration is measured by the server from serve to submit; a client-supplied
+    `duration_ms` is ignored (quality control must not trust it).
+
     A retry with the same idempotency key returns the stored label (replayed=True) without
     writing; a different key for an item the user already labelled is a Conflict.
     """
-    if not isinstance(key, str) or not 8 <= len(key) <= 64:
-        raise InvalidAnswer("idempotency_key", "must be a string of 8-64 characters (e.g. a UUID)")
+    if not isinstance(key, str) or not re.fullmatch(r"[!-~]{8,64}", key):
+        raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
     existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
     if existing is not None:
         if existing.item_id != item_id:
@@ -344,13 +434,19 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
     if assignment is None:
         raise Conflict("this item was not served to you; ask for the next item first")
+    if not assignment.completed and assignment.served_at <= utcnow() - ASSIGNMENT_TIMEOUT and not item.is_gold:
+        # the slot was released when the assignment expired: accept only if nobody took it since
+        lock_task_assignments(s, task)
+        if _slots_taken_by_others(s, item_id, user) >= task.overlap:
+            raise Conflict("your assignment of this item expired and it was given to someone else; "
+                           "ask for the next item")
     if s.scalar(select(Label.id).where(Label.item_id == item_id, Label.user_id == user.id)) is not None:
         raise Conflict("you already labelled this item")
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
     measured = int((utcnow() - assignment.served_at).total_seconds() * 1000)
     label = Label(item_id=item_id, user_id=user.id, task_id=task.id, idempotency_key=key, value=value,
                   display_order=list(assignment.display_order),
-                  duration_ms=measured if duration_ms is None else int(duration_ms))
+                  duration_ms=measured)
     assignment.completed = True
     s.add(label)
     try:
@@ -362,6 +458,59 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
             return existing, True
         raise Conflict("you already labelled this item") from None
     return label, False
+
+
+def is_admin(user: User) -> bool:
+    return user.role in ("owner", "admin")
+
+
+def can_see_task(s: Session, task: Task, user: User) -> bool:
+    """Admins see every task; annotators the open ones and those they are members of."""
+    if is_admin(user) or task.open_to_all:
+        return True
+    return s.scalar(select(TaskMember.id).where(TaskMember.task_id == task.id, TaskMember.user_id == user.id)) is not None
+
+
+def visible_tasks(s: Session, user: User) -> list[Task]:
+    q = select(Task).order_by(Task.id)
+    if not is_admin(user):
+        member = select(TaskMember.task_id).where(TaskMember.user_id == user.id)
+        q = q.where(or_(Task.open_to_all.is_(True), Task.id.in_(member)))
+    return list(s.scalars(q))
+
+
+def add_member(s: Session, task: Task, user: User, actor: User | None = None) -> None:
+    if s.scalar(select(TaskMember.id).where(TaskMember.task_id == task.id, TaskMember.user_id == user.id)) is None:
+        s.add(TaskMember(task_id=task.id, user_id=user.id))
+        audit(s, actor, "task.member.add", task.name, user=user.username)
+
+
+def correct_label(s: Session, label: Label, user: User, raw: Any) -> Label:
+    """Replace the value of `user`'s own label with a corrected answer (a new version; the old
+    value is kept in label_versions). Only while it is not yet reviewed."""
+    if label.user_id != user.id:
+        raise LookupError(f"label {label.id} not found")
+    if label.review_status != "pending":
+        raise Conflict(f"label {label.id} was already {label.review_status} by a reviewer; it can no longer change")
+    task, item = s.get(Task, label.task_id), s.get(Item, label.item_id)
+    value = canonical_answer(task, item.responses, raw, label.display_order)
+    s.add(LabelVersion(label_id=label.id, version=label.version, value=label.value, created_at=utcnow()))
+    label.value, label.version = value, label.version + 1
+    s.flush()
+    return label
+
+
+def review_label(s: Session, label: Label, reviewer: User, decision: str, reason: str = "") -> Label:
+    """Accept or reject a label; a rejection needs a reason the annotator can read."""
+    if decision not in ("accepted", "rejected"):
+        raise InvalidAnswer("decision", "must be 'accepted' or 'rejected'")
+    if decision == "rejected" and not reason.strip():
+        raise InvalidAnswer("reason", "say why the label is rejected")
+    label.review_status, label.reviewed_by, label.reviewed_at = decision, reviewer.id, utcnow()
+    label.review_reason = reason or None
+    audit(s, reviewer, f"label.{decision[:-2]}", str(label.id), reason=reason)
+    s.flush()
+    return label
 
 
 def progress(s: Session, task: Task, user: User | None = None) -> dict:

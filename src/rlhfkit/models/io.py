@@ -59,15 +59,57 @@ def resolve_path(name: str) -> str:
         from rlhfkit.tasks import kindly
 
         return str(kindly.tokenizer_path())
-    if not Path(name).expanduser().exists() and _looks_local(name):
+    if Path(name).expanduser().exists():
+        return name
+    if _looks_local(name):
         # fail at once: transformers would take it for a hub name and retry the network for a minute
         raise ConfigError(f"model path {name!r} does not exist (a local folder saved with save_pretrained, "
                           f"or a hub name like 'org/model')")
+    _check_hub_name(name)
     return name
+
+
+_HUB_OK: set[str] = set()
+
+
+def _check_hub_name(name: str) -> None:
+    """A name that is not a local folder must be in the Hugging Face cache or on a reachable hub.
+
+    One request with a short timeout decides it, instead of transformers' retries (a minute and
+    a multi-line "check your internet connection" when the hub cannot be reached).
+    """
+    import os
+
+    if name in _HUB_OK:
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        _HUB_OK.add(name)
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"model {name!r} is not a local folder and not in the Hugging Face cache "
+                          f"(HF_HUB_OFFLINE is set); pass a folder saved with save_pretrained")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model {name!r} is not a local folder and the Hugging Face hub has no model of "
+                          f"that name") from None
+    except HfHubHTTPError:
+        pass  # the hub answered (a token or access problem): transformers reports it in full
+    except Exception as e:  # no network, DNS, proxy, timeout
+        raise ConfigError(f"model {name!r} is not a local folder and the Hugging Face hub cannot be reached "
+                          f"({type(e).__name__}); pass a folder saved with save_pretrained, or download it first") from None
+    _HUB_OK.add(name)
 
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(("/final", "/"))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -90,7 +132,7 @@ def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = 
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {_one_line(e)}") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(
@@ -115,7 +157,7 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
             model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype),
                                                          **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a causal LM from {path!r}: {e}") from e
+        raise ConfigError(f"cannot load a causal LM from {path!r}: {_one_line(e)}") from e
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
@@ -145,7 +187,7 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
                                                                        num_labels=num_labels,
                                                                        **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {e}") from e
+        raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {_one_line(e)}") from e
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -174,7 +216,10 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """transformers' gradient checkpointing, non-reentrant (works with frozen inputs, so with LoRA)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"config field 'gradient_checkpointing': {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 

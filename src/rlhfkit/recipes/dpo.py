@@ -123,9 +123,9 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
 # data and the forward pass: rlhfkit.data.preference and rlhfkit.logprobs
 
 
-def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limit: int | None = None) -> PreferenceData:
+def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limit: int | None = None, max_prompt_length: int = 0):
     return load_preferences(source, split, loss in UNPAIRED_LOSSES, tokenizer, max_length, limit, loss_name=loss,
-                            log=lambda m: print(f"dpo: {m}"))
+                            log=lambda m: print(f"dpo: {m}"), max_prompt_length=max_prompt_length)
 
 
 def use_fast_head(cfg) -> bool:
@@ -243,7 +243,7 @@ def evaluate(cfg: Config, model, ref_model, enc: PreferenceData, ref_table, pad_
 
 def _load_eval(cfg: Config, tokenizer) -> PreferenceData | None:
     source, split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
-    return None if source is None else load_encoded(source, split, cfg.loss, tokenizer, cfg.max_length, cfg.max_eval_examples)
+    return None if source is None else load_encoded(source, split, cfg.loss, tokenizer, cfg.max_length, cfg.max_eval_examples, cfg.max_prompt_length)
 
 
 def _reference(cfg: Config, policy):
@@ -260,7 +260,7 @@ def main(cfg: Config) -> dict:
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     pad_id = tokenizer.pad_token_id
-    train = load_encoded(cfg.dataset, cfg.dataset_split, cfg.loss, tokenizer, cfg.max_length)
+    train = load_encoded(cfg.dataset, cfg.dataset_split, cfg.loss, tokenizer, cfg.max_length, None, cfg.max_prompt_length)
     held_out = _load_eval(cfg, tokenizer)
     kind = "pairs" if train.paired else f"unpaired examples ({sum(train.labels)} desirable)"
     accelerator.print(f"dpo[{cfg.loss}]: {len(train.rows)} training {kind}"

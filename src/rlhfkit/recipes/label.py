@@ -21,6 +21,18 @@ Outputs (written atomically):
 * ``ranking`` -- ``prompt``, ``responses``, ``ranking`` (indices, best first), ``annotator_id``,
   ``reliable``; needs ``responses`` records.
 
+RLAIF: ``--judge SPEC`` labels with any AI judge instead (``afinn``, ``textblob``, ``rm:PATH``,
+``llm:PATH``, ``http:MODEL?base_url=...``; see :func:`rlhfkit.judges.load_judge`); the records
+have the same columns, ``annotator_id`` naming the judge, plus ``p_chosen`` (the judge's
+probability that chosen is better) and ``confidence``. A pair
+the judge abstains on (timeouts, unreadable answers, after the retries) is left out and counted.
+RL-CAI: ``--constitution FILE`` draws one principle per comparison (Bai et al. 2022, sec. 4.1)
+and asks that principle's comparison question (or its own labeller, where the principle names
+one); the records carry a ``principle`` field.
+
+    rlhfkit label --input samples.jsonl --output ai_prefs.jsonl --judge afinn
+    rlhfkit label --input samples.jsonl --output cai_prefs.jsonl --constitution configs/constitution_kindly.md
+
 The annotators are :class:`rlhfkit.judges.SimulatedAnnotators` over the gold panel: Bradley-Terry
 noise with inverse temperature ``beta``, ties below ``tie_margin``, and a share
 ``unreliable_frac`` of unreliable annotators (``unreliable_mode`` random or adversarial).
@@ -67,6 +79,12 @@ class Config:
     """Preference output from K responses: label this many random pairs per prompt (0: all the pairing gives)."""
     pairing: str = "all"
     """Preference output from K responses: 'all' K(K-1)/2 pairs, or 'disjoint': the distinct responses paired off at random, each in one pair."""
+    judge: str = ""
+    """Label with this AI judge instead of simulated annotators (RLAIF), e.g. afinn, textblob, rm:PATH, llm:PATH, http:MODEL?base_url=URL."""
+    constitution: str = ""
+    """RL-CAI: a constitution file (YAML or Markdown); one principle is drawn per comparison."""
+    chain_of_thought: bool = False
+    """RL-CAI with an LLM or HTTP judge: let the judge reason before its verdict."""
     seed: int = 0
     """Seed of annotator draws, label noise and pair choice."""
 
@@ -84,6 +102,8 @@ class Config:
         require(self.n_annotators >= 1, "n_annotators", "must be >= 1")
         require(self.pairs_per_prompt >= 0, "pairs_per_prompt", "must be >= 0")
         require(self.pairing in ("all", "disjoint"), "pairing", f"must be all or disjoint, got {self.pairing!r}")
+        require(not (self.constitution and self.output_format == "ranking"), "constitution",
+                "RL-CAI labels pairs: use --output_format preference")
 
 
 def as_text(value: Any, source: str | None, line: int, field: str) -> str:
@@ -129,7 +149,8 @@ def read_items(cfg: Config) -> list[dict]:
     return items
 
 
-def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
+def choose_pairs(cfg: Config, items: list[dict]) -> tuple[list[tuple[int, int, int]], int]:
+    """(item, i, j) of every pair to label, and how many identical responses were left out."""
     rng = np.random.default_rng(cfg.seed + 1)
     which, identical = [], 0
     for n, item in enumerate(items):
@@ -152,62 +173,128 @@ def label_pairs(cfg: Config, items: list[dict], annotators: SimulatedAnnotators)
             keep = rng.choice(len(pairs), size=cfg.pairs_per_prompt, replace=False)
             pairs = [pairs[k] for k in sorted(keep)]
         which += [(n, i, j) for i, j in pairs]
+    return which, identical
+
+
+def judge_labeller(judge):
+    """judge.compare -> label dicts (label None = abstained) with the judge's name as annotator_id."""
+    def label(prompts, a, b):
+        out = []
+        for v in judge.compare(prompts, a, b):
+            row = {"label": v.label, "annotator_id": judge.name, "reliable": True, "p_a": v.p_a,
+                   "confidence": v.confidence}
+            if v.consistent is not None:
+                row["order_consistent"] = v.consistent
+            out.append(row)
+        return out
+    return label
+
+
+def label_pairs(cfg: Config, items: list[dict], labeller) -> tuple[list[dict], dict]:
+    """Label the chosen pairs with `labeller(prompts, a, b) -> [{label, annotator_id, reliable, ...}]`."""
+    which, identical = choose_pairs(cfg, items)
     prompts = [items[n]["prompt_text"] for n, _, _ in which]
-    labels = annotators.compare(prompts, [items[n]["texts"][i] for n, i, _ in which],
-                                [items[n]["texts"][j] for n, _, j in which])
-    rows, ties = [], 0
+    labels = labeller(prompts, [items[n]["texts"][i] for n, i, _ in which],
+                      [items[n]["texts"][j] for n, _, j in which])
+    rows, ties, abstained = [], 0, 0
     for (n, i, j), lab in zip(which, labels):
+        if lab["label"] is None:
+            abstained += 1
+            continue
         tie = lab["label"] == 0.5
         ties += tie
         if tie and cfg.ties == "skip":
             continue
         first, second = (i, j) if lab["label"] >= 0.5 else (j, i)
-        rows.append({"prompt": items[n]["prompt"], "chosen": items[n]["responses"][first],
-                     "rejected": items[n]["responses"][second], "label": 1.0 if not tie else 0.5,
-                     "tie": bool(tie), "annotator_id": lab["annotator_id"], "reliable": lab["reliable"]})
+        row = {"prompt": items[n]["prompt"], "chosen": items[n]["responses"][first],
+               "rejected": items[n]["responses"][second], "label": 1.0 if not tie else 0.5,
+               "tie": bool(tie), "annotator_id": lab["annotator_id"], "reliable": lab["reliable"]}
+        for key in ("principle", "confidence", "order_consistent", "reasoning"):
+            if key in lab:
+                row[key] = lab[key]
+        if lab.get("p_a") is not None:  # P(chosen better) as the judge saw it
+            row["p_chosen"] = lab["p_a"] if first == i else 1.0 - lab["p_a"]
+        rows.append(row)
     # how often the labels agree with the panel's mean (the noiseless gold) where it is not even
-    panel = annotators.panel
+    from rlhfkit.judges import GoldPanel
+
+    panel = GoldPanel()
     gold_a = panel.score(prompts, [items[n]["texts"][i] for n, i, _ in which])
     gold_b = panel.score(prompts, [items[n]["texts"][j] for n, _, j in which])
-    lab = np.array([x["label"] for x in labels])
-    decided = (lab != 0.5) & (gold_a != gold_b)
+    lab = np.array([np.nan if x["label"] is None else x["label"] for x in labels])
+    decided = (lab != 0.5) & ~np.isnan(lab) & (gold_a != gold_b)
     agree = float(((lab == 1.0) == (gold_a > gold_b))[decided].mean()) if decided.any() else float("nan")
     return rows, {"pairs": len(which), "ties": ties, "ties_skipped": ties if cfg.ties == "skip" else 0,
-                  "identical_skipped": identical, "gold_agreement": agree}
+                  "identical_skipped": identical, "abstained": abstained, "gold_agreement": agree}
 
 
-def label_rankings(cfg: Config, items: list[dict], annotators: SimulatedAnnotators) -> tuple[list[dict], dict]:
-    ranked = annotators.rank_many([it["prompt_text"] for it in items], [it["texts"] for it in items])
+def label_rankings(cfg: Config, items: list[dict], annotators: SimulatedAnnotators | None,
+                   judge=None) -> tuple[list[dict], dict]:
+    if judge is None:
+        ranked = annotators.rank_many([it["prompt_text"] for it in items], [it["texts"] for it in items])
+    else:  # a judge ranks by its scores (stable for equal scores); an abstention drops the record
+        flat = judge.score([it["prompt_text"] for it in items for _ in it["texts"]],
+                           [t for it in items for t in it["texts"]])
+        ranked, start = [], 0
+        for it in items:
+            s = flat[start:start + len(it["texts"])]
+            start += len(it["texts"])
+            ranked.append(None if any(x is None for x in s) else
+                          {"ranking": sorted(range(len(s)), key=lambda k: -s[k]),
+                           "annotator_id": judge.name, "reliable": True})
     rows = [{"prompt": it["prompt"], "responses": it["responses"], "ranking": r["ranking"],
-             "annotator_id": r["annotator_id"], "reliable": r["reliable"]} for it, r in zip(items, ranked)]
-    return rows, {"rankings": len(rows)}
+             "annotator_id": r["annotator_id"], "reliable": r["reliable"]}
+            for it, r in zip(items, ranked) if r is not None]
+    return rows, {"rankings": len(rows), "abstained": sum(r is None for r in ranked)}
 
 
 def main(cfg: Config) -> dict:
     items = read_items(cfg)
-    annotators = SimulatedAnnotators(GoldPanel(), beta=cfg.beta, tie_margin=cfg.tie_margin,
-                                     unreliable_frac=cfg.unreliable_frac, mode=cfg.unreliable_mode,
-                                     seed=cfg.seed, n_annotators=cfg.n_annotators)
-    if cfg.output_format == "preference":
-        rows, stats = label_pairs(cfg, items, annotators)
+    judge = annotators = None
+    if cfg.judge or cfg.constitution:
+        from rlhfkit.judges import load_judge
+
+        judge = load_judge(cfg.judge) if cfg.judge else None
+    if cfg.constitution:
+        from rlhfkit.judges.constitution import constitution_labeller, load_constitution
+
+        labeller = constitution_labeller(load_constitution(cfg.constitution), judge, seed=cfg.seed,
+                                         chain_of_thought=cfg.chain_of_thought)
+    elif judge is not None:
+        labeller = judge_labeller(judge)
     else:
-        rows, stats = label_rankings(cfg, items, annotators)
+        annotators = SimulatedAnnotators(GoldPanel(), beta=cfg.beta, tie_margin=cfg.tie_margin,
+                                         unreliable_frac=cfg.unreliable_frac, mode=cfg.unreliable_mode,
+                                         seed=cfg.seed, n_annotators=cfg.n_annotators)
+        labeller = annotators.compare
+    if cfg.output_format == "preference":
+        rows, stats = label_pairs(cfg, items, labeller)
+    else:
+        rows, stats = label_rankings(cfg, items, annotators, judge)
     out = Path(cfg.output)
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     stats.update(records=len(items), written=len(rows), output=str(out),
-                 unreliable_annotators=int(annotators.unreliable.sum()))
+                 unreliable_annotators=int(annotators.unreliable.sum()) if annotators is not None else 0)
+    if judge is not None:
+        stats["judge"] = {"name": judge.name, **{k: v for k, v in judge.stats.items() if not isinstance(v, dict)}}
+    abstain_note = (f", {stats['abstained']} abstained (judge failed after retries; left out)"
+                    if stats.get("abstained") else "")
     if cfg.output_format == "preference":
         tie_note = (f", {stats['ties']} ties skipped" if cfg.ties == "skip"
                     else f", {stats['ties']} ties kept with label 0.5")
         if stats["identical_skipped"]:
             what = "pairs of identical responses" if cfg.pairing == "all" else "repeated responses"
             tie_note += f", {stats['identical_skipped']} {what} skipped"
-        print(f"label: {stats['records']} records -> {stats['pairs']} pairs{tie_note}; "
+        print(f"label: {stats['records']} records -> {stats['pairs']} pairs{tie_note}{abstain_note}; "
               f"wrote {len(rows)} preferences to {out} (agreement with the panel mean "
               f"{stats['gold_agreement']:.3f})")
     else:
-        print(f"label: wrote {len(rows)} rankings to {out}")
+        print(f"label: wrote {len(rows)} rankings to {out}{abstain_note}")
+    if judge is not None:  # retries, failures, tokens and cost: whatever the judge counts
+        shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats["judge"].items()
+                 if k != "name" and v}
+        print(f"label: judge {judge.name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     return stats

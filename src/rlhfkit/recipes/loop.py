@@ -4,8 +4,11 @@ Each round r = 1..R (Ouyang et al. 2022 sec. 3; Bai et al. 2022 "Training a Help
 Harmless Assistant", sec. 4.5 "iterated online RLHF"):
 
   1. sample two responses per prompt from the current policy (fresh prompts each round);
-  2. collect preferences through one :class:`rlhfkit.feedback_sources.PreferenceSource`
-     (simulated annotators here; an AI judge or the human-feedback service plug in the same way);
+  2. collect preferences through one :class:`rlhfkit.feedback_sources.PreferenceSource`:
+     ``--source simulated`` annotators, ``judge:SPEC`` an AI judge (RLAIF), or
+     ``feedback:URL`` (or ``feedback:DB_URL``) people labelling in the feedback service (the round's pairs are posted as
+     a task; the round waits until ``feedback_quota`` of them are labelled or
+     ``feedback_deadline`` seconds pass, then trains on what it has and says so);
   3. retrain the reward model on all preference data collected so far;
   4. update the policy: PPO against that reward model, or DPO on this round's pairs
      (on-policy iterative DPO, Xu et al. 2023; Xiong et al. 2024) with the current policy as reference;
@@ -39,7 +42,15 @@ class Config:
     algorithm: str = "dpo"
     """Policy update each round: dpo or ppo."""
     source: str = "simulated"
-    """Preference source: 'simulated' annotators over the gold panel."""
+    """Preference source: 'simulated' annotators over the gold panel, 'judge:SPEC' (an AI judge, e.g. judge:afinn), or 'feedback:URL' (the feedback service at http(s)://URL, admin token in $RLHFKIT_FEEDBACK_TOKEN; or feedback:DB_URL, its database)."""
+    feedback_quota: float = 1.0
+    """feedback source: share of a round's pairs that must be labelled before training."""
+    feedback_deadline: float = 3600.0
+    """feedback source: seconds to wait for the quota; then the round trains on the labels it has."""
+    feedback_poll: float = 5.0
+    """feedback source: seconds between checks of the labels' progress."""
+    feedback_overlap: int = 1
+    """feedback source: labels wanted per pair (majority vote when > 1)."""
     annotator_beta: float = 10.0
     """Simulated annotators' Bradley-Terry inverse temperature."""
     annotator_tie_margin: float = 0.02
@@ -89,7 +100,9 @@ class Config:
         require(bool(self.model), "model", "give the starting (SFT) policy folder")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
-        require(self.source in ("simulated",), "source", f"unknown source {self.source!r}; available: simulated")
+        require(self.source == "simulated" or self.source.startswith(("judge:", "feedback:")), "source",
+                f"unknown source {self.source!r}; available: simulated, judge:SPEC, feedback:URL")
+        require(0.0 < self.feedback_quota <= 1.0, "feedback_quota", "must be in (0, 1]")
         require(self.prompts_per_round >= 2, "prompts_per_round", "must be >= 2")
         require(self.continue_from in ("promoted", "latest"), "continue_from", "must be promoted or latest")
         require(self.reward_steps >= 1 and self.policy_steps >= 1, "policy_steps", "reward_steps and policy_steps must be >= 1")
@@ -111,7 +124,24 @@ def _recipe_config(cls: type, defaults: dict, yaml_path: str, forced: dict) -> A
     return from_dict(cls, {**defaults, **extra, **forced}, source=yaml_path or cls.__module__)
 
 
-def make_source(cfg: Config, seed: int):
+def make_source(cfg: Config, seed: int, cache: dict | None = None):
+    """The round's labeller; a judge or service client is built once (``cache``) and reused."""
+    cache = {} if cache is None else cache
+    if cfg.source.startswith("judge:"):
+        if "judge" not in cache:
+            from rlhfkit.judges import load_judge
+            from rlhfkit.judges.sources import AIJudgeSource
+
+            cache["judge"] = AIJudgeSource(load_judge(cfg.source[len("judge:"):]))
+        return cache["judge"]
+    if cfg.source.startswith("feedback:"):
+        if "feedback" not in cache:
+            from rlhfkit.judges.sources import FeedbackServiceSource
+
+            cache["feedback"] = FeedbackServiceSource(cfg.source[len("feedback:"):], quota=cfg.feedback_quota,
+                                                      deadline=cfg.feedback_deadline, poll=cfg.feedback_poll,
+                                                      overlap=cfg.feedback_overlap, task_prefix="loop")
+        return cache["feedback"]
     from rlhfkit.feedback_sources import SOURCES
 
     return SOURCES[cfg.source](beta=cfg.annotator_beta, tie_margin=cfg.annotator_tie_margin,
@@ -138,7 +168,27 @@ def collect_round(policy_path: str, prompts: list[str], source, cfg: Config, see
     roll = generate(policy, tok, prompts, cfg.max_new_tokens, temperature=cfg.temperature, num_samples=2, seed=seed)
     a, b = roll.responses[0::2], roll.responses[1::2]
     labels = source.compare(prompts, a, b)
-    return to_preference_records(prompts, a, b, labels, round=r)
+    # pairs without a label (a judge abstained, or nobody labelled them in time) are left out, counted
+    keep = [i for i, lab in enumerate(labels) if lab["label"] is not None]
+    records, counts = to_preference_records([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
+                                            [labels[i] for i in keep], round=r)
+    counts["unlabelled"] = len(labels) - len(keep)
+    return records, counts
+
+
+def write_judge_agreement(rdir: Path, records: list[dict]) -> None:
+    """The AI labels of a round against the gold panel's preference (shown by `rlhfkit report`)."""
+    from rlhfkit.eval.agreement import binary_agreement
+    from rlhfkit.judges import GoldPanel
+
+    panel = GoldPanel()
+    decided = [x for x in records if not x["tie"]]
+    gc = panel.score([x["prompt"] for x in decided], [x["chosen"] for x in decided])
+    gr = panel.score([x["prompt"] for x in decided], [x["rejected"] for x in decided])
+    truth = [1.0 if c > r else 0.0 if c < r else 0.5 for c, r in zip(gc, gr)]
+    res = binary_agreement([1.0] * len(decided), truth)
+    atomic_write_json(rdir / "agreement.json", {"a": records[0]["annotator_id"] if records else "judge",
+                                                "b": "gold panel (noiseless preference)", **res})
 
 
 def train_reward(data_file: Path, cfg: Config, out: Path, seed: int) -> str:
@@ -195,6 +245,7 @@ def main(cfg: Config) -> dict:
     eval_prompts = kindly.prompts("eval")[: cfg.num_eval_prompts]
     train_prompts = kindly.prompts("train")
     ref_cache: dict = {}
+    sources: dict = {}
 
     def evaluate_model(path: str, rm: str | None, folder: Path) -> dict:
         policy = reference if path == cfg.model else load_policy(path, trainable=False).eval()
@@ -221,13 +272,21 @@ def main(cfg: Config) -> dict:
         rdir = out / f"round-{r}"
         rdir.mkdir(parents=True, exist_ok=True)
         seed = cfg.seed + r
-        records, counts = collect_round(current_path, round_prompts(train_prompts, cfg, r), make_source(cfg, seed), cfg, seed, r)
+        records, counts = collect_round(current_path, round_prompts(train_prompts, cfg, r),
+                                        make_source(cfg, seed, sources), cfg, seed, r)
         all_records += records
         round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
         atomic_write_text(round_file, "".join(json.dumps(x) + "\n" for x in records))
         atomic_write_text(all_file, "".join(json.dumps(x) + "\n" for x in all_records))
         print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
-              f"identical and {counts['empty_skipped']} empty-response pairs skipped), {len(all_records)} in all")
+              f"identical and {counts['empty_skipped']} empty-response pairs skipped"
+              + (f", {counts['unlabelled']} without a label" if counts["unlabelled"] else "") + f"), {len(all_records)} in all")
+        if not records:
+            from rlhfkit.errors import DataError
+
+            raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
+        if cfg.source.startswith("judge:"):
+            write_judge_agreement(rdir, records)
         rm_path = train_reward(all_file, cfg, rdir / "reward", seed)
         policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed)
         metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
@@ -243,7 +302,8 @@ def main(cfg: Config) -> dict:
             promoted = False
         summary.append({"round": r, "id": model_id, "gold": metrics["gold"]["mean"], "win_rate": metrics["win_rate"]["mean"],
                         "win_rate_lo": metrics["win_rate"]["lo"], "win_rate_hi": metrics["win_rate"]["hi"],
-                        "kl": metrics["kl"]["mean"], "pairs": counts["kept"], "promoted": promoted,
+                        "kl": metrics["kl"]["mean"], "pairs": counts["kept"], "unlabelled": counts["unlabelled"],
+                        "promoted": promoted,
                         "seconds": round(time.perf_counter() - t0, 1)})
         print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f} "
               f"[{metrics['win_rate']['lo']:.3f}, {metrics['win_rate']['hi']:.3f}], KL {metrics['kl']['mean']:.2f}"

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.comparisons import collate_units, load_comparisons, report_skips, tokenize_units
+from rlhfkit.data.readers import eval_source
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
 from rlhfkit.models.reward import (
@@ -45,7 +46,7 @@ from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs):
+class Config(ModelArgs, TrainArgs, SplitArgs):
     dataset: str = ""
     """Preference or ranking data: .jsonl/.json/.parquet, a saved HF dataset folder or a hub name."""
     from_feedback: str = ""
@@ -53,7 +54,7 @@ class Config(ModelArgs, TrainArgs):
     eval_dataset: str = ""
     """Held-out preference data (default: `eval_fraction` of the training data is held out)."""
     eval_fraction: float = 0.05
-    """Share of the training data held out for evaluation when no eval_dataset is given (0 disables)."""
+    """Share of the training data held out for evaluation when there is no eval_dataset or eval split (0 disables)."""
     loss: str = "bradley_terry"
     """Pairwise loss: bradley_terry (ties skipped and counted), soft_label or davidson (ties modelled)."""
     ranking_loss: str = "instructgpt"
@@ -323,13 +324,14 @@ def main(cfg: Config, printer=print) -> dict:
     is_main = PartialState().is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
-    comps = load_comparisons(cfg.dataset, "train", cfg.on_bad_record, tokenizer, cfg.from_feedback)
+    comps = load_comparisons(cfg.dataset, cfg.dataset_split, cfg.on_bad_record, tokenizer, cfg.from_feedback)
     report_skips(comps, "training", printer)
-    units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss)
-    if cfg.eval_dataset:
-        ecomps = load_comparisons(cfg.eval_dataset, "train", cfg.on_bad_record, tokenizer)
+    units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
+    eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
+    if eval_from is not None and not cfg.from_feedback:
+        ecomps = load_comparisons(eval_from, eval_split, cfg.on_bad_record, tokenizer)
         report_skips(ecomps, "held-out", printer)
-        eval_units, ecounts = tokenize_units(ecomps, tokenizer, cfg.max_length, cfg.loss)
+        eval_units, ecounts = tokenize_units(ecomps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
         counts.update({f"eval_{k}": v for k, v in ecounts.items()})
         train = units
     else:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
+from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.memory import report_for_run
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
@@ -41,11 +42,11 @@ from rlhfkit.training import (
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs):
+class Config(ModelArgs, TrainArgs, SplitArgs):
     dataset: str = "kindly"
     """Training data: a .jsonl/.parquet file, a saved HF dataset folder, a hub name, or 'kindly'."""
     eval_dataset: str = ""
-    """Held-out data for loss and perplexity (default: the eval split of `dataset` when it has one)."""
+    """Held-out data for loss and perplexity (default: the test/eval/validation split of `dataset` when it has one)."""
     max_length: int = 128
     """Longest tokenised example (prompt + completion); longer ones are truncated and counted."""
     packing: bool = False
@@ -67,7 +68,7 @@ class Config(ModelArgs, TrainArgs):
 
 
 def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
-                      completion_only: bool = True) -> tuple[list[dict], int]:
+                      completion_only: bool = True, max_prompt_length: int = 0) -> tuple[list[dict], int]:
     """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated).
 
     `source` is a path/name, a `datasets.Dataset` or a list of records. Truncation follows the
@@ -91,7 +92,8 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
-        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length)
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length,
+                                       max_prompt_length=max_prompt_length or None)
         truncated += enc.truncated
         prompt_cut += enc.prompt_truncated
         ex = enc.as_dict()
@@ -178,12 +180,13 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             # attention mask, restarted position_ids) it is what keeps attention per document
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             logits = model(**inputs, use_cache=False).logits
-            # DDP averages gradients over processes; scaling by nproc turns that into a sum
-            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / nproc)
+            # one convention for every recipe: backward(loss), and accelerate divides by the
+            # accumulation steps. The sum is normalised by the whole step's token count (all
+            # micro-batches and processes); the factors nproc (DDP averages over processes) and
+            # accum (accelerate's division) make the step's gradient that of one big batch.
+            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / (nproc * accum))
             check_finite("loss", loss)
-            # accelerator.backward divides by gradient_accumulation_steps; this loss is already
-            # normalised by the whole step's token count, so undo that division.
-            accelerator.backward(loss * accelerator.gradient_accumulation_steps)
+            accelerator.backward(loss)
         # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
         real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0
         tokens_seen += int(real.sum()) * nproc
@@ -237,12 +240,16 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
     check_max_length(model, cfg.max_length)
     report_for_run(accelerator, model, cfg, batch=cfg.per_device_train_batch_size, seq_len=cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
-    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, "train", cfg.completion_only_loss)
-    eval_source = cfg.eval_dataset or cfg.dataset
-    eval_split = "train" if cfg.eval_dataset else "eval"
+    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss,
+                                       cfg.max_prompt_length)
+    if isinstance(cfg.dataset, str) and cfg.dataset == "kindly" and not cfg.eval_dataset:
+        eval_from, eval_split = "kindly", "eval"
+    else:
+        eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
     eval_examples: list[dict] = []
-    if cfg.eval_dataset or cfg.dataset == "kindly" or _has_split(cfg.dataset, "eval"):
-        eval_examples, _ = load_sft_examples(eval_source, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss)
+    if eval_from is not None:
+        eval_examples, _ = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss,
+                                             cfg.max_prompt_length)
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
         cut = load_sft_examples.last_prompt_truncated
@@ -252,8 +259,3 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
         train = pack_examples(train, cfg.max_length, tokenizer.eos_token_id)
     accelerator.print(f"sft: {len(train)} training rows, {len(eval_examples)} held-out examples")
     return train_causal_lm(cfg, model, tokenizer, train, eval_examples, accelerator, out, on_step)
-
-
-def _has_split(source: str, split: str) -> bool:
-    p = Path(source)
-    return p.is_dir() and (p / split).is_dir()

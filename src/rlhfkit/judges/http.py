@@ -1,0 +1,335 @@
+"""A judge behind an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp, TGI ...).
+
+    http:MODEL?base_url=http://127.0.0.1:8000/v1&api_key_env=OPENAI_API_KEY&concurrency=8
+
+* The API key is read from the environment variable ``api_key_env`` (never from the spec, so
+  it is not written to configs or logs); no key is sent when the variable is unset.
+* At most ``concurrency`` requests are in flight (httpx's async client, one semaphore).
+* Each request has a ``timeout`` (seconds). Timeouts, dropped connections, HTTP 429 and 5xx,
+  malformed JSON and answers that cannot be read are retried up to ``max_retries`` times with
+  exponential backoff and jitter (``backoff * 2**attempt`` seconds; a 429's Retry-After is
+  honoured when longer), then the item is recorded as abstaining. Each cause is counted in
+  ``stats`` -- never a crash mid-run, never a coin flip.
+* Verdicts are cached persistently (``cache=FILE``, SQLite) keyed by the SHA-256 of the full
+  request (base URL, model, messages, sampling parameters), so a re-run or a resumed run asks
+  only what it has not asked before. Only readable answers are cached.
+* Tokens (``usage`` of each response) and cost (``price_prompt`` / ``price_completion`` in
+  currency units per million tokens) are accounted in ``stats``; cache hits cost nothing.
+
+Pairwise verdicts are asked in both orders (as the local LLM judge does) and, when the
+server returns ``top_logprobs``, read from the probabilities of the answer tokens "A"/"B";
+otherwise from the answer text (confidence 1 per order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sqlite3
+import threading
+from collections.abc import Sequence
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.judges.judge import Preference, aligned, compare_scores, new_stats, preference_from_p
+from rlhfkit.judges.llm import (
+    DEFAULT_QUESTION,
+    PAIRWISE_TEMPLATE,
+    POINTWISE_TEMPLATE,
+    _read_template,
+)
+
+COT_INSTRUCTION = ("\nThink step by step about the question first, then end with a last line "
+                   "'Answer: A' or 'Answer: B'.")
+_ANSWER = re.compile(r"^\W*([AB])\W*$")
+_COT_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\(?\s*([AB])\b", re.IGNORECASE)
+_NUMBER = re.compile(r"^\W*(\d+(?:\.\d+)?)\W*$")
+
+
+class Unreadable(Exception):
+    """The server answered, but not with something this judge can read."""
+
+
+class VerdictCache:
+    """SQLite table key -> response JSON; safe to share between threads of one process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, response TEXT NOT NULL)")
+        self.db.commit()
+
+    def get(self, key: str) -> dict | None:
+        with self.lock:
+            row = self.db.execute("SELECT response FROM verdicts WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, response: dict) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?)", (key, json.dumps(response)))
+            self.db.commit()
+
+
+class HTTPJudge:
+    """OpenAI-compatible endpoint as a judge and a generator (see the module docstring)."""
+
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 4, timeout: float = 30.0, max_retries: int = 4, backoff: float = 0.5,
+                 cache: str = "", temperature: float = 0.0, max_tokens: int = 16, cot_max_tokens: int = 512,
+                 logprobs: bool = True, both_orders: bool = True, mode: str = "pairwise", question: str = DEFAULT_QUESTION,
+                 pairwise_template: str = "", pointwise_template: str = "", price_prompt: float = 0.0,
+                 price_completion: float = 0.0, tie_margin: float = 0.0, name: str = ""):
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ConfigError("http judge: concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
+        if mode not in ("pairwise", "pointwise"):
+            raise ConfigError(f"http judge: mode must be pairwise or pointwise, got {mode!r}")
+        self.model, self.base_url = model, base_url.rstrip("/")
+        self.api_key_env = api_key_env
+        self.concurrency, self.timeout, self.max_retries, self.backoff = int(concurrency), float(timeout), int(max_retries), float(backoff)
+        self.cache = VerdictCache(cache) if cache else None
+        self.temperature, self.max_tokens, self.cot_max_tokens = float(temperature), int(max_tokens), int(cot_max_tokens)
+        self.logprobs, self.both_orders, self.mode, self.question = bool(logprobs), bool(both_orders), mode, question
+        self.pairwise_template = _read_template(pairwise_template, PAIRWISE_TEMPLATE)
+        self.pointwise_template = _read_template(pointwise_template, POINTWISE_TEMPLATE)
+        self.price_prompt, self.price_completion = float(price_prompt), float(price_completion)
+        self.tie_margin = float(tie_margin)
+        self.name = name or f"http:{model}"
+        self.stats = new_stats() | {"requests": 0, "retries": 0, "timeouts": 0, "connection_errors": 0,
+                                    "rate_limited": 0, "server_errors": 0, "malformed": 0, "unreadable": 0,
+                                    "failed": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                    "cost": 0.0, "order_consistent": 0, "order_pairs": 0}
+
+    # -- one request, with retries -----------------------------------------------------------
+
+    def _body(self, content: str, max_tokens: int, logprobs: bool) -> dict:
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature, "max_tokens": max_tokens}
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        return body
+
+    def _key(self, body: dict) -> str:
+        return hashlib.sha256(json.dumps({"url": self.base_url, **body}, sort_keys=True).encode()).hexdigest()
+
+    async def _request(self, client, sem: asyncio.Semaphore, body: dict, parse):
+        """parse(response JSON) -> value, or raise Unreadable; returns the value or None (abstain)."""
+        key = self._key(body)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                try:
+                    value = parse(hit)
+                    self.stats["cache_hits"] += 1
+                    return value
+                except Unreadable:
+                    pass
+        import httpx
+
+        headers = {}
+        if os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * (2 ** attempt) * (0.5 + random.random())
+            async with sem:
+                self.stats["requests"] += 1
+                try:
+                    r = await client.post(f"{self.base_url}/chat/completions", json=body, headers=headers,
+                                          timeout=self.timeout)
+                except httpx.TimeoutException:
+                    self.stats["timeouts"] += 1
+                    r = None
+                except httpx.TransportError:  # refused, reset, dropped mid-response
+                    self.stats["connection_errors"] += 1
+                    r = None
+            if r is not None:
+                if r.status_code == 429:
+                    self.stats["rate_limited"] += 1
+                    try:
+                        wait = max(wait, float(r.headers.get("retry-after", 0)))
+                    except ValueError:
+                        pass
+                elif r.status_code >= 500 or r.status_code in (408, 409, 425):  # transient
+                    self.stats["server_errors"] += 1
+                elif r.status_code >= 400:  # the request itself is wrong: retrying will not help
+                    raise ConfigError(f"http judge: {self.base_url} answered {r.status_code}: {r.text[:200]}")
+                else:
+                    try:
+                        data = r.json()
+                    except ValueError:
+                        self.stats["malformed"] += 1
+                        data = None
+                    if data is not None:
+                        self._account(data)
+                        try:
+                            value = parse(data)
+                        except Unreadable:
+                            self.stats["unreadable"] += 1
+                        else:
+                            if self.cache is not None:
+                                self.cache.put(key, data)
+                            return value
+            if attempt < self.max_retries:
+                self.stats["retries"] += 1
+                await asyncio.sleep(min(wait, 60.0))
+        self.stats["failed"] += 1
+        return None
+
+    def _account(self, data: dict) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            self.stats["prompt_tokens"] += p
+            self.stats["completion_tokens"] += c
+            self.stats["cost"] += (p * self.price_prompt + c * self.price_completion) / 1e6
+
+    def _run(self, bodies: Sequence[dict], parse) -> list:
+        import httpx
+        from tqdm.auto import tqdm
+
+        async def main():
+            sem = asyncio.Semaphore(self.concurrency)
+            limits = httpx.Limits(max_connections=self.concurrency)
+            # disable=None: a bar on a terminal only, none in logs and tests
+            with tqdm(total=len(bodies), desc=f"{self.name}", unit="req", disable=None, leave=False) as bar:
+                async def one(b):
+                    value = await self._request(client, sem, b, parse)
+                    bar.update(1)
+                    return value
+
+                async with httpx.AsyncClient(limits=limits) as client:
+                    return await asyncio.gather(*(one(b) for b in bodies))
+
+        return list(asyncio.run(main())) if bodies else []
+
+    # -- reading answers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _choice(data: dict) -> dict:
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise Unreadable("no choices[0].message.content") from None
+        if not isinstance(text, str):
+            raise Unreadable("content is not text")
+        return choice
+
+    @staticmethod
+    def _top_logprobs(choice: dict, tokens: Sequence[str]) -> list[float] | None:
+        """log-probs of the given answer tokens at the first content position, if the server sent them."""
+        try:
+            first = choice["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        found = {}
+        for entry in first:
+            t = str(entry.get("token", "")).strip()
+            if t in tokens and t not in found:
+                found[t] = float(entry["logprob"])
+        return [found[t] for t in tokens] if len(found) == len(tokens) else None
+
+    def _parse_pair(self, cot: bool):
+        def parse(data: dict) -> float:
+            choice = self._choice(data)
+            text = choice["message"]["content"]
+            if cot:
+                m = _COT_ANSWER.findall(text)
+                if not m:
+                    raise Unreadable("no 'Answer: A/B' line")
+                return 1.0 if m[-1].upper() == "A" else 0.0
+            lp = self._top_logprobs(choice, ("A", "B")) if self.logprobs else None
+            if lp is not None:
+                m = max(lp)
+                ea, eb = math.exp(lp[0] - m), math.exp(lp[1] - m)
+                return ea / (ea + eb)
+            m = _ANSWER.match(text)
+            if not m:
+                raise Unreadable(f"answer {text[:40]!r} is not A or B")
+            return 1.0 if m.group(1) == "A" else 0.0
+        return parse
+
+    # -- the judge interface ---------------------------------------------------------------------
+
+    def _pair_bodies(self, prompts, first, second, question, cot):
+        bodies = []
+        for p, x, y in zip(prompts, first, second):
+            content = self.pairwise_template.format(prompt=p or "", response_a=x, response_b=y, question=question)
+            if cot:
+                content = content.rsplit("Answer:", 1)[0].rstrip() + COT_INSTRUCTION
+            bodies.append(self._body(content, self.cot_max_tokens if cot else self.max_tokens, self.logprobs and not cot))
+        return bodies
+
+    def compare_with_question(self, prompts, a, b, question: str, chain_of_thought: bool = False) -> list[Preference]:
+        prompts = aligned(prompts, a, b)
+        parse = self._parse_pair(chain_of_thought)
+        n = len(a)
+        bodies = self._pair_bodies(prompts, a, b, question, chain_of_thought)
+        if self.both_orders:
+            bodies += self._pair_bodies(prompts, b, a, question, chain_of_thought)
+        got = self._run(bodies, parse)
+        out = []
+        for i in range(n):
+            x = got[i]
+            y = got[n + i] if self.both_orders else (None if x is None else 1.0 - x)
+            if x is None and y is None:
+                out.append(Preference(label=None, reason="no readable answer after retries"))
+                continue
+            if x is None or y is None:  # one order answered: use it alone, consistency unknown
+                p = x if x is not None else 1.0 - y
+                out.append(preference_from_p(p, self.tie_margin))
+                continue
+            consistent = ((x > 0.5) == (1.0 - y > 0.5)) if self.both_orders else None
+            if self.both_orders:
+                self.stats["order_pairs"] += 1
+                self.stats["order_consistent"] += bool(consistent)
+            out.append(preference_from_p(0.5 * (x + 1.0 - y), self.tie_margin, consistent=consistent))
+        self.stats["compared"] += n
+        self.stats["abstained"] += sum(p.abstained for p in out)
+        pairs = self.stats["order_pairs"]
+        self.stats["order_agreement"] = self.stats["order_consistent"] / pairs if pairs else float("nan")
+        return out
+
+    def compare(self, prompts, a, b) -> list[Preference]:
+        if self.mode == "pointwise":
+            prompts = aligned(prompts, a, b)
+            sa, sb = self.score(prompts, a), self.score(prompts, b)
+            return [compare_scores(x, y, 0.25, self.tie_margin) for x, y in zip(sa, sb)]
+        return self.compare_with_question(prompts, a, b, self.question)
+
+    def score(self, prompts, responses) -> list[float | None]:
+        prompts = aligned(prompts, responses)
+        points = ("1", "2", "3", "4", "5")
+
+        def parse(data: dict) -> float:
+            choice = self._choice(data)
+            lp = self._top_logprobs(choice, points) if self.logprobs else None
+            if lp is not None:
+                m = max(lp)
+                w = [math.exp(v - m) for v in lp]
+                return sum(wi * (k + 1) for k, wi in enumerate(w)) / sum(w)
+            m = _NUMBER.match(choice["message"]["content"])
+            if not m:
+                raise Unreadable("the score is not a number")
+            return float(m.group(1))
+
+        bodies = [self._body(self.pointwise_template.format(prompt=p or "", response=r, question=self.question),
+                             self.max_tokens, self.logprobs) for p, r in zip(prompts, responses)]
+        out = self._run(bodies, parse)
+        self.stats["scored"] += len(out)
+        self.stats["abstained"] += sum(x is None for x in out)
+        return out
+
+    def generate(self, instructions: Sequence[str], max_new_tokens: int = 256) -> list[str | None]:
+        """The endpoint's answer to each instruction (None where it failed after the retries)."""
+        def parse(data: dict) -> str:
+            text = self._choice(data)["message"]["content"].strip()
+            if not text:
+                raise Unreadable("empty answer")
+            return text
+
+        return self._run([self._body(i, max_new_tokens, False) for i in instructions], parse)

@@ -1,0 +1,116 @@
+"""`load_judge(spec)`: one string names any AI judge.
+
+    gold                          the bundled human panel (for reference runs and tests)
+    afinn | textblob              lexicon AI labellers (rlhfkit.judges.lexicon)
+    rm:PATH                       a reward model or ensemble folder (rlhfkit.models.reward.RewardScorer)
+    llm:PATH                      LLM-as-judge with a local causal LM (rlhfkit.judges.llm)
+    http:MODEL                    an OpenAI-compatible endpoint (rlhfkit.judges.http)
+    ensemble:SPEC+SPEC+...        members vote (rlhfkit.judges.judge.EnsembleJudge)
+    principle:NAME                a principle-specific labeller of the bundled task (rlhfkit.judges.constitution)
+    FILE.yaml                     a mapping with `kind:` (one of the above) and the options
+
+Options follow a ``?``: ``http:gpt-4o-mini?base_url=http://127.0.0.1:8000/v1&concurrency=4``.
+Each is passed to the judge's constructor as a keyword; numbers and true/false are converted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from rlhfkit.errors import ConfigError
+
+JUDGE_KINDS = ("gold", "afinn", "textblob", "rm", "llm", "http", "ensemble", "principle")
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict]:
+    """'kind:arg?k=v&k=v' -> (kind, arg, options); a YAML file -> its mapping."""
+    spec = spec.strip()
+    if spec.endswith((".yaml", ".yml")):
+        import yaml
+
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"judge spec file {spec} does not exist")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict) or "kind" not in data:
+            raise ConfigError(f"{spec}: expected a mapping with a 'kind' field ({', '.join(JUDGE_KINDS)})")
+        data = dict(data)
+        kind = str(data.pop("kind"))
+        arg = str(data.pop("model", data.pop("path", "")) or "")
+        return kind, arg, data
+    head, _, query = spec.partition("?")
+    kind, _, arg = head.partition(":")
+    opts = {k: _value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+    return kind, arg, opts
+
+
+def load_judge(spec: str):
+    """Build the judge a spec names (see the module docstring); a clear error for a bad spec."""
+    kind, arg, opts = parse_spec(spec)
+    try:
+        judge = _build(kind, arg, opts, spec)
+    except TypeError as e:  # an option the judge does not take
+        raise ConfigError(f"judge spec {spec!r}: {e}") from e
+    return judge
+
+
+def _build(kind: str, arg: str, opts: dict, spec: str):
+    if kind == "gold":
+        from rlhfkit.judges.judge import PanelJudge
+        from rlhfkit.judges.panel import GoldPanel
+
+        return PanelJudge(GoldPanel(), name="gold", **opts)
+    if kind == "afinn":
+        from rlhfkit.judges.lexicon import AfinnJudge
+
+        return AfinnJudge(**opts)
+    if kind == "textblob":
+        from rlhfkit.judges.lexicon import TextBlobJudge
+
+        return TextBlobJudge(**opts)
+    if kind == "rm":
+        from rlhfkit.judges.judge import PanelJudge
+        from rlhfkit.models.reward import RewardScorer
+
+        if not arg:
+            raise ConfigError(f"judge spec {spec!r}: give the reward model folder, rm:PATH")
+        scale = opts.pop("scale", 1.0)
+        tie = opts.pop("tie_margin", 0.0)
+        return PanelJudge(RewardScorer(arg, **opts), name=f"rm:{arg}", scale=scale, tie_margin=tie)
+    if kind == "llm":
+        from rlhfkit.judges.llm import LLMJudge
+
+        if not arg:
+            raise ConfigError(f"judge spec {spec!r}: give a causal LM folder or name, llm:PATH")
+        return LLMJudge(arg, **opts)
+    if kind == "http":
+        from rlhfkit.judges.http import HTTPJudge
+
+        if not arg:
+            raise ConfigError(f"judge spec {spec!r}: give the model name, http:MODEL?base_url=...")
+        return HTTPJudge(model=arg, **opts)
+    if kind == "ensemble":
+        from rlhfkit.judges.judge import EnsembleJudge
+
+        parts = [p for p in arg.split("+") if p]
+        if not parts:
+            raise ConfigError(f"judge spec {spec!r}: give members, ensemble:afinn+textblob")
+        return EnsembleJudge([load_judge(p) for p in parts], **opts)
+    if kind == "principle":
+        from rlhfkit.judges.constitution import principle_judge
+
+        return principle_judge(arg, **opts)
+    raise ConfigError(f"unknown judge {kind!r} in spec {spec!r}; available: {', '.join(JUDGE_KINDS)}")

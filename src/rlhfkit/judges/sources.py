@@ -1,0 +1,174 @@
+"""Preference sources for `rlhfkit loop` beyond simulated annotators: AI judges and people.
+
+Both follow :class:`rlhfkit.feedback_sources.PreferenceSource`: ``compare(prompts, a, b)`` returns
+one dict per pair with ``label`` (1.0 a better, 0.0 b better, 0.5 tie, or None: no label --
+the judge abstained, or nobody labelled the pair before the deadline) and ``annotator_id``.
+
+* :class:`AIJudgeSource` -- any judge from :func:`rlhfkit.judges.load_judge` (RLAIF).
+* :class:`FeedbackServiceSource` -- the human-feedback service, through its HTTP API as an
+  admin client (``feedback:http://host:port``; the admin API token is read from the environment
+  variable ``token_env``) or through the service's own functions on its database
+  (``feedback:DB_URL``): each round's pairs become a pairwise task (``POST /api/admin/tasks``
+  and ``.../items``), the source polls the task's labels until ``quota`` of the pairs are
+  labelled or ``deadline`` seconds pass (then it goes on with what it has and says so), and
+  exports them (``GET .../export``). RLHF's collect -> train -> collect cycle, with people in it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+
+from rlhfkit.errors import ConfigError
+
+
+class AIJudgeSource:
+    """An AI judge as the loop's labeller; abstentions come back as label None."""
+
+    def __init__(self, judge):
+        self.judge, self.name = judge, judge.name
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[dict]:
+        out = []
+        for v in self.judge.compare(list(prompts), list(a), list(b)):
+            row = {"label": v.label, "annotator_id": self.name}
+            if v.p_a is not None:
+                row["p_a"] = v.p_a
+            out.append(row)
+        return out
+
+
+class _HTTPBackend:
+    """The service's admin API over HTTP (the admin token from an environment variable)."""
+
+    def __init__(self, url: str, token_env: str):
+        import os
+
+        import httpx
+
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise ConfigError(f"feedback source: set {token_env} to an admin API token of the service "
+                              f"(rlhfkit serve create-user ... --role admin, then POST /api/login)")
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(timeout=60.0, headers={"Authorization": f"Bearer {token}"})
+
+    def _call(self, method: str, path: str, **kw):
+        r = self.client.request(method, self.url + path, **kw)
+        if r.status_code >= 400:
+            raise ConfigError(f"feedback service {method} {path}: {r.status_code} {r.text[:200]}")
+        return r
+
+    def create(self, name: str, overlap: int, instructions: str, records: list[dict]) -> int:
+        tid = self._call("POST", "/api/admin/tasks", json={
+            "name": name, "question_type": "pairwise", "overlap": overlap, "instructions": instructions,
+            "randomize_order": True, "gold_rate": 0.0}).json()["id"]
+        self._call("POST", f"/api/admin/tasks/{tid}/items", json=records)
+        return tid
+
+    def label_counts(self, tid: int) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for lab in self._call("GET", f"/api/admin/tasks/{tid}/labels").json():
+            counts[lab["item_id"]] = counts.get(lab["item_id"], 0) + 1
+        return counts
+
+    def export(self, tid: int, aggregate: str) -> list[dict]:
+        r = self._call("GET", f"/api/admin/tasks/{tid}/export",
+                       params={"kind": "preferences", "aggregate": aggregate, "ties": "keep"})
+        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+class _DatabaseBackend:
+    """The service's own functions on its database (people label through a server on that database)."""
+
+    def __init__(self, db_url: str):
+        from rlhfkit.feedback.db import Database
+
+        self.db = Database(db_url, pool_size=1)
+
+    def create(self, name: str, overlap: int, instructions: str, records: list[dict]) -> int:
+        from rlhfkit.feedback import service as svc
+
+        with self.db.session() as s:
+            task = svc.create_task(s, name, "pairwise", overlap=overlap, instructions=instructions, gold_rate=0.0)
+            svc.import_records(s, task, records, source="loop round")
+            return task.id
+
+    def label_counts(self, tid: int) -> dict[int, int]:
+        from sqlalchemy import func, select
+
+        from rlhfkit.feedback.models import Label
+
+        with self.db.read_session() as s:
+            rows = s.execute(select(Label.item_id, func.count()).where(Label.task_id == tid).group_by(Label.item_id))
+            return {int(i): int(c) for i, c in rows}
+
+    def export(self, tid: int, aggregate: str) -> list[dict]:
+        from rlhfkit.feedback.export import export_records
+        from rlhfkit.feedback.models import Task
+
+        with self.db.read_session() as s:
+            return export_records(s, s.get(Task, tid), "preferences", aggregate, ties="keep")[0]
+
+
+class FeedbackServiceSource:
+    """People labelling in the feedback service (see the module docstring).
+
+    ``target`` is the service's address (``http://host:port``: its admin API, token in the
+    environment variable ``token_env``) or its database URL (``sqlite:///feedback.db``,
+    ``postgresql://...``: the service's own functions; people label through a server on it).
+    """
+
+    def __init__(self, target: str, token_env: str = "RLHFKIT_FEEDBACK_TOKEN", quota: float = 1.0,
+                 deadline: float = 3600.0, poll: float = 5.0, overlap: int = 1, aggregate: str = "majority",
+                 task_prefix: str = "loop", instructions: str = "Which response is better?", printer=print):
+        if not 0.0 < quota <= 1.0:
+            raise ConfigError(f"feedback source: quota must be in (0, 1], got {quota}")
+        if target.startswith(("http://", "https://")):
+            self.backend = _HTTPBackend(target, token_env)
+        else:
+            self.backend = _DatabaseBackend(target)
+        self.quota, self.deadline, self.poll, self.overlap = float(quota), float(deadline), float(poll), int(overlap)
+        self.aggregate = aggregate if overlap > 1 else "none"
+        self.task_prefix, self.instructions, self.printer = task_prefix, instructions, printer
+        self.name = f"feedback:{target}"
+        self.rounds: list[dict] = []
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[dict]:
+        n = len(prompts)
+        name = f"{self.task_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        tid = self.backend.create(name, self.overlap, self.instructions,
+                                  [{"prompt": p, "responses": [x, y], "id": str(i)}
+                                   for i, (p, x, y) in enumerate(zip(prompts, a, b))])
+        need = max(1, int(round(self.quota * n)))
+        start = time.monotonic()
+        while True:
+            done = sum(c >= self.overlap for c in self.backend.label_counts(tid).values())
+            if done >= need:
+                break
+            if time.monotonic() - start >= self.deadline:
+                self.printer(f"feedback: deadline of {self.deadline:g}s reached with {done} of {n} pairs labelled "
+                             f"(quota {need}); training on what there is")
+                break
+            time.sleep(self.poll)
+        return self._labels(prompts, a, b, self.backend.export(tid, self.aggregate), name, tid, done)
+
+    def _labels(self, prompts, a, b, records, name, tid, done) -> list[dict]:
+        """Exported records -> one label per pair (the latest record of a pair wins; None if unlabelled)."""
+        index = {}
+        for i, (p, x, y) in enumerate(zip(prompts, a, b)):
+            index[(p, x, y)] = (i, 1.0)
+            index[(p, y, x)] = (i, 0.0)
+        out: list[dict] = [{"label": None, "annotator_id": self.name} for _ in prompts]
+        for rec in records:
+            hit = index.get((rec["prompt"], rec["chosen"], rec["rejected"]))
+            if hit is None:
+                continue
+            i, lab = hit
+            out[i] = {"label": 0.5 if rec.get("tie") else lab, "annotator_id": f"feedback:{name}"}
+        got = sum(x["label"] is not None for x in out)
+        self.rounds.append({"task": name, "task_id": tid, "pairs": len(prompts), "labelled": got, "complete": done})
+        self.printer(f"feedback: task {name!r}: {got} of {len(prompts)} pairs labelled and exported")
+        return out

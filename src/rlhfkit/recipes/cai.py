@@ -1,0 +1,176 @@
+"""`rlhfkit cai-revise`: SL-CAI, the supervised stage of Constitutional AI (Bai et al. 2022, sec. 3).
+
+For each prompt: sample a response, then N times draw one principle of the constitution, ask
+the model to critique the response by that principle's critique request, and to revise it by
+its revision request given the critique. The final revisions are SFT records (TRL columns
+``prompt``/``completion``) with the history (``initial``, ``revisions``: principle, critique,
+revision) kept beside them; `rlhfkit sft --dataset OUTPUT` trains on them.
+
+    rlhfkit cai-revise --model http:my-model?base_url=http://127.0.0.1:8000/v1 \\
+        --constitution configs/constitution_general.md --prompts prompts.jsonl --revisions 2 --output cai_sft.jsonl
+    rlhfkit cai-revise --model llm:runs/chat_model --prompts prompts.txt --output cai_sft.jsonl
+
+The model is any judge spec that can generate (``llm:PATH`` or ``http:MODEL``). A critique or
+revision the model fails to produce (timeouts, empty answers, after the retries) leaves the
+response as it was; such steps are counted and printed, never hidden. Responses may be given
+instead of sampled (``--responses FILE`` with ``prompt`` and ``completion``/``response``).
+
+The bundled task's tiny policy cannot read or write critiques, so SL-CAI needs an
+instruction-following model; on the bundled task RL-CAI (`rlhfkit label --constitution`) uses
+principle-specific labellers instead (docs/ai-feedback.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rlhfkit.config import require
+from rlhfkit.errors import ConfigError, DataError
+
+# Bai et al. 2022, sec. 3.1: the conversation, then the request, then the model's turn
+CRITIQUE_TEMPLATE = """Human: {prompt}
+
+Assistant: {response}
+
+Critique request: {critique_request}
+
+Critique:"""
+
+REVISION_TEMPLATE = """Human: {prompt}
+
+Assistant: {response}
+
+Critique request: {critique_request}
+
+Critique: {critique}
+
+Revision request: {revision_request}
+
+Revision:"""
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = ""
+    """The model that samples, critiques and revises: llm:PATH (local causal LM) or http:MODEL?base_url=URL."""
+    constitution: str = ""
+    """Constitution file (YAML or Markdown) with critique and revision requests, e.g. configs/constitution_general.md."""
+    prompts: str = ""
+    """Prompts to respond to: a .txt file (one a line) or records with a `prompt` (unless --responses)."""
+    responses: str = ""
+    """Optional records with `prompt` and `completion` (or `response`): revise these instead of sampling."""
+    output: str = ""
+    """Output JSONL of SFT records (prompt, completion, initial, revisions), written atomically."""
+    revisions: int = 1
+    """N: critique-and-revise steps per response, one principle drawn for each."""
+    max_new_tokens: int = 256
+    """Longest response, critique or revision."""
+    limit: int = 0
+    """Use only the first this many prompts (0: all)."""
+    critique_template: str = ""
+    """File with the critique prompt ({prompt}, {response}, {critique_request}); default Bai et al. 2022's layout."""
+    revision_template: str = ""
+    """File with the revision prompt (adds {critique} and {revision_request})."""
+    seed: int = 0
+    """Seed of the principle draws."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.model), "model", "give the model: llm:PATH or http:MODEL?base_url=URL")
+        require(bool(self.constitution), "constitution", "give the constitution file (--constitution FILE)")
+        require(bool(self.prompts) or bool(self.responses), "prompts", "give --prompts FILE or --responses FILE")
+        require(bool(self.output), "output", "give the output JSONL path (--output FILE)")
+        require(self.revisions >= 1, "revisions", "must be >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+def _template(path: str, default: str) -> str:
+    if not path:
+        return default
+    if not Path(path).is_file():
+        raise ConfigError(f"template file {path} does not exist")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def read_responses(path: str, limit: int) -> tuple[list[str], list[str]]:
+    from rlhfkit.data.readers import load_records
+
+    records = load_records(path, required=["prompt"])
+    prompts, responses = [], []
+    for i, rec in enumerate(records):
+        r = rec.get("completion", rec.get("response"))
+        if not isinstance(r, str) or not isinstance(rec["prompt"], str):
+            raise DataError("needs text `prompt` and `completion` (or `response`)", source=path,
+                            line=records.line_of(i), field="completion")
+        prompts.append(rec["prompt"])
+        responses.append(r)
+    return (prompts[:limit], responses[:limit]) if limit else (prompts, responses)
+
+
+def revise(model, prompts: list[str], responses: list[str], principles, revisions: int, max_new_tokens: int,
+           seed: int = 0, critique_template: str = CRITIQUE_TEMPLATE,
+           revision_template: str = REVISION_TEMPLATE) -> tuple[list[list[dict]], dict]:
+    """N critique -> revision steps for every response, batched per step; returns (history, counts)."""
+    rng = np.random.default_rng(seed)
+    current = list(responses)
+    history: list[list[dict]] = [[] for _ in prompts]
+    counts = {"steps": 0, "failed_critiques": 0, "failed_revisions": 0}
+    for _ in range(revisions):
+        drawn = [principles[k] for k in rng.integers(0, len(principles), size=len(prompts))]
+        crit_prompts = [critique_template.format(prompt=p, response=r, critique_request=pr.critique)
+                        for p, r, pr in zip(prompts, current, drawn)]
+        critiques = model.generate(crit_prompts, max_new_tokens)
+        todo = [i for i, c in enumerate(critiques) if c]
+        counts["failed_critiques"] += len(prompts) - len(todo)
+        rev_prompts = [revision_template.format(prompt=prompts[i], response=current[i], critique_request=drawn[i].critique,
+                                                critique=critiques[i], revision_request=drawn[i].revision) for i in todo]
+        revised = model.generate(rev_prompts, max_new_tokens) if todo else []
+        for i, new in zip(todo, revised):
+            if not new:
+                counts["failed_revisions"] += 1
+                continue
+            history[i].append({"principle": drawn[i].name, "critique": critiques[i], "revision": new})
+            current[i] = new
+        counts["steps"] += len(prompts)
+    return history, counts
+
+
+def main(cfg: Config) -> dict:
+    from rlhfkit.data.prompts import load_prompts
+    from rlhfkit.judges import load_judge
+    from rlhfkit.judges.constitution import load_constitution
+    from rlhfkit.runs import atomic_write_text
+
+    principles = load_constitution(cfg.constitution)
+    model = load_judge(cfg.model)
+    if not hasattr(model, "generate"):
+        raise ConfigError(f"model {cfg.model!r} cannot write critiques; use llm:PATH or http:MODEL")
+    if cfg.responses:
+        prompts, initial = read_responses(cfg.responses, cfg.limit)
+        failed_samples = 0
+    else:
+        prompts = load_prompts(cfg.prompts, limit=cfg.limit)
+        sampled = model.generate(prompts, cfg.max_new_tokens)
+        failed_samples = sum(not s for s in sampled)
+        keep = [i for i, s in enumerate(sampled) if s]
+        prompts, initial = [prompts[i] for i in keep], [sampled[i] for i in keep]
+    history, counts = revise(model, prompts, initial, principles, cfg.revisions, cfg.max_new_tokens, cfg.seed,
+                             _template(cfg.critique_template, CRITIQUE_TEMPLATE),
+                             _template(cfg.revision_template, REVISION_TEMPLATE))
+    rows = [{"prompt": p, "completion": h[-1]["revision"] if h else r, "initial": r, "revisions": h}
+            for p, r, h in zip(prompts, initial, history)]
+    atomic_write_text(cfg.output, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    changed = sum(x["completion"] != x["initial"] for x in rows)
+    stats = {"records": len(rows), "revised": changed, "failed_samples": failed_samples, **counts,
+             "model": getattr(model, "name", cfg.model), "output": cfg.output}
+    if hasattr(model, "stats"):
+        stats["model_stats"] = {k: v for k, v in model.stats.items() if not isinstance(v, dict)}
+    failures = counts["failed_critiques"] + counts["failed_revisions"] + failed_samples
+    print(f"cai-revise: {len(rows)} prompts x {cfg.revisions} revision(s) -> {cfg.output}; {changed} responses changed"
+          + (f"; {failures} failed steps left the response as it was "
+             f"({failed_samples} samples, {counts['failed_critiques']} critiques, {counts['failed_revisions']} revisions)"
+             if failures else ""))
+    return stats
