@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from benchmarks.common import losses_agree, paired_comparison
 
 ROOT = Path(__file__).resolve().parent.parent
