@@ -51,8 +51,8 @@ def side_ours(root: Path, steps: int) -> dict:
                       eval_prompts="", output_dir=str(out), max_steps=steps, prompts_per_step=PROMPTS,
                       num_generations=GENERATIONS, per_device_train_batch_size=PROMPTS * GENERATIONS,
                       generation_batch_size=PROMPTS * GENERATIONS, num_mini_batches=1, num_ppo_epochs=1,
-                      max_new_tokens=NEW_TOKENS, kl_coef=0.04, loss_type="token", learning_rate=1e-6,
-                      report_to="jsonl", sample_every=0, seed=0, gold_judge="none")
+                      max_completion_length=NEW_TOKENS, beta=0.04, loss_type="token", learning_rate=1e-6,
+                      report_to="jsonl", sample_every=0, seed=0, eval_reward="none", hacking_window=0)
     t0, c0 = time.perf_counter(), time.process_time()
     grpo.main(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -33,7 +33,7 @@ SEED, K, MAX_NEW_TOKENS, RM_PAIRS = 0, 4, 24, 6000
 OUT = WORK / "ppo_quality"
 
 # each algorithm's settings on top of the shared ones below; chosen once, then fixed
-SHARED = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, eval_prompts="kindly", num_eval_prompts=0,
+SHARED = dict(max_completion_length=MAX_NEW_TOKENS, temperature=1.0, eval_prompts="kindly", num_eval_prompts=0,
               report_to="jsonl", sample_every=10, seed=SEED, progress=False, generation_batch_size=256,
               score_norm="none", missing_eos_penalty=1.0)
 ALGOS = {
@@ -41,9 +41,9 @@ ALGOS = {
                 learning_rate=3e-4, kl_coef=0.05, target_kl=6.0, kl_horizon=10000, vf_coef=0.5, lam=0.95,
                 gamma=1.0),
     "grpo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_train_batch_size=32, num_mini_batches=2,
-                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.2, loss_type="sequence"),
+                 num_ppo_epochs=2, learning_rate=3e-4, beta=0.2, loss_type="sequence"),
     "rloo": dict(max_steps=36, prompts_per_step=16, num_generations=4, per_device_train_batch_size=32, num_mini_batches=2,
-                 num_ppo_epochs=2, learning_rate=3e-4, kl_coef=0.05),
+                 num_ppo_epochs=2, learning_rate=3e-4, beta=0.05),
 }
 
 
@@ -149,7 +149,7 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     return {"gold_win_rate": ev["gold_win_rate"], "kl": ev["kl"], "gold_reward": ev["gold_reward"],
             "proxy_reward": ev["proxy_reward"], "minutes": round(minutes, 2),
             "gold_reward_sft": ev["gold_reward_reference"], "proxy_reward_sft": ev["proxy_reward_reference"],
-            "response_length": ev["response_length"], "updates": res["updates"], "gold_proxy_gap": gap,
+            "response_length_words": ev["response_length_words"], "updates": res["updates"], "gold_proxy_gap": gap,
             "settings": {k: v for k, v in ALGOS[algo].items()}}
 
 

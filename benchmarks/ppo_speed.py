@@ -69,8 +69,8 @@ def side_ours(root: Path, n_updates: int) -> dict:
                      prompts=str(root / "prompts.jsonl"), eval_prompts="", output_dir=str(out),
                      max_steps=n_updates, prompts_per_step=EPISODES, per_device_train_batch_size=EPISODES,
                      generation_batch_size=EPISODES, num_mini_batches=1, num_ppo_epochs=EPOCHS,
-                     max_new_tokens=NEW_TOKENS, temperature=1.0, kl_coef=0.05, learning_rate=3e-6,
-                     report_to="jsonl", sample_every=0, seed=0, gold_judge="none")
+                     max_completion_length=NEW_TOKENS, temperature=1.0, kl_coef=0.05, learning_rate=3e-6,
+                     report_to="jsonl", sample_every=0, seed=0, eval_reward="none", hacking_window=0)
     t0, c0 = time.perf_counter(), time.process_time()
     res = ppo.main(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -92,7 +92,7 @@ def test_best_of_n_end_to_end_with_reward_model(tmp_path, base):
     again = RewardScorer(str(base / "rm")).score([r["prompt"] for r in rows], [r["response"] for r in rows])
     np.testing.assert_allclose(again, [r["score"] for r in rows], rtol=1e-4, atol=1e-5)
     assert all(r["score"] >= r["mean_score"] - 1e-9 for r in rows)
-    assert "gold_selected" in res
+    assert "gold_selected" not in res  # a user's prompts: the bundled gold panel is not brought in unasked
 
 
 def test_select_top_and_examples():

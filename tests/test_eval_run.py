@@ -28,7 +28,7 @@ def models(tmp_path_factory):
 
 
 def _cfg(models, tmp_path, **kw):
-    base = dict(model=str(models / "pol" / "final"), num_prompts=6, max_new_tokens=6, n_boot=20,
+    base = dict(model=str(models / "pol" / "final"), prompts="kindly", num_prompts=6, max_new_tokens=6, n_boot=20,
                 max_perplexity_lines=10, output_dir=str(tmp_path / "ev"))
     base.update(kw)
     return run_eval.Config(**base)
@@ -76,6 +76,16 @@ def test_config_errors(models, tmp_path):
     with pytest.raises(ConfigError, match="model"):
         run_eval.Config()
     with pytest.raises(ConfigError, match="judge"):
-        run_eval.Config(model="x", judge="panel")
+        run_eval.main(run_eval.Config(model=str(models / "pol" / "final"), prompts="kindly", judge="panel",
+                                      output_dir=str(tmp_path / "j")))
+    # a user's run: no silent fallback to the bundled prompts or gold panel
+    with pytest.raises(ConfigError, match="pass --prompts FILE"):
+        run_eval.Config(model="x")
+    p = tmp_path / "p.txt"
+    p.write_text("hello there\n")
+    with pytest.raises(ConfigError, match="judge.*only on the bundled kindly task"):
+        run_eval.Config(model="x", prompts=str(p))
+    cfg = run_eval.Config(model="x", prompts=str(p), judge="rm:somewhere")
+    assert cfg.corpus == "" and cfg.judge == ["rm:somewhere"]
     with pytest.raises(ConfigError, match="reference"):
         run_eval.default_reference(str(tmp_path))

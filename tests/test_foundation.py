@@ -60,7 +60,7 @@ def test_every_committed_config_loads():
     files = sorted(root.glob("*.yaml"))
     assert len(files) >= 7
     for path in files:
-        name, module = path.name, "rlhfkit.recipes." + path.name.removesuffix("_kindly.yaml")
+        name, module = path.name, "rlhfkit.recipes." + path.stem.rsplit("_", 1)[0]  # RECIPE_TASK.yaml
         cfg = load_yaml_config(importlib.import_module(module).Config, root / name)
         assert dataclasses.is_dataclass(cfg)
 

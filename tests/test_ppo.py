@@ -30,7 +30,7 @@ def ppo_cfg(assets, out, **kw):
     from rlhfkit.recipes.ppo import Config
 
     base = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
-                output_dir=str(out), max_steps=2, prompts_per_step=4, max_new_tokens=6, per_device_train_batch_size=2,
+                output_dir=str(out), max_steps=2, prompts_per_step=4, max_completion_length=6, per_device_train_batch_size=2,
                 num_ppo_epochs=2, num_mini_batches=2, report_to="jsonl", sample_every=1, learning_rate=1e-3)
     base.update(kw)
     return Config(**base)
@@ -93,8 +93,9 @@ def test_nan_reward_stops_step_with_weights_unchanged(assets, tmp_path):
 def test_nan_loss_raises_before_the_optimiser_step(assets):
     from accelerate import Accelerator
 
+    from rlhfkit.models.value import TokenValues
     from rlhfkit.recipes import ppo
-    from rlhfkit.rl import TokenValues
+    from rlhfkit.rollout import Trajectory
 
     tok = tiny_tokenizer()
     policy, critic = tiny_policy(tok), TokenValues(tiny_rm(tok))
@@ -104,8 +105,8 @@ def test_nan_loss_raises_before_the_optimiser_step(assets):
     mask, rmask = torch.ones(4, 7, dtype=torch.long), torch.ones(4, 3)
     adv = torch.ones(4, 3)
     adv[2, 1] = float("nan")
-    batch = dict(ids=ids, mask=mask, rmask=rmask, r_len=3, old_logp=torch.zeros(4, 3), old_values=torch.zeros(4, 3),
-                 adv=adv, returns=torch.zeros(4, 3))
+    batch = Trajectory(ids, mask, rmask, old_logp=torch.zeros(4, 3), ref_logp=None, scores=torch.zeros(4),
+                       advantages=adv, values=torch.zeros(4, 3), returns=torch.zeros(4, 3))
     cfg = ppo_cfg(assets, "unused", num_mini_batches=1, per_device_train_batch_size=2)
     with pytest.raises(NonFiniteError, match="PPO loss"):
         ppo.train_on_batch(policy, critic, opts, batch, cfg, 0, Accelerator(cpu=True), None)
@@ -140,7 +141,7 @@ def test_group_recipes_two_steps(assets, tmp_path, recipe):
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     cfg = mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3,
-                     max_new_tokens=6, per_device_train_batch_size=3, num_ppo_epochs=2, num_mini_batches=2,
+                     max_completion_length=6, per_device_train_batch_size=3, num_ppo_epochs=2, num_mini_batches=2,
                      report_to="jsonl", learning_rate=1e-3)
     mod.main(cfg)
     rows = read_metrics(tmp_path)
@@ -173,7 +174,7 @@ def test_grpo_single_pass_reuses_the_training_forward(assets, tmp_path):
     from rlhfkit.recipes import grpo
 
     cfg = grpo.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
-                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3, max_new_tokens=6,
+                      output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=3, max_completion_length=6,
                       per_device_train_batch_size=3, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl")
     grpo.main(cfg)
     rows = read_metrics(tmp_path)
@@ -206,8 +207,12 @@ def test_ppo_ptx_mixes_in_the_sft_loss(assets, tmp_path):
 def test_config_errors(assets, tmp_path):
     with pytest.raises(ConfigError, match="kl_estimator"):
         ppo_cfg(assets, tmp_path, kl_estimator="k7")
-    with pytest.raises(ConfigError, match="reward_model"):
-        ppo_cfg(assets, tmp_path, reward_model="")
+    from rlhfkit.recipes import ppo
+
+    with pytest.raises(ConfigError, match="reward"):
+        ppo.main(ppo_cfg(assets, tmp_path, reward_model=""))
+    with pytest.raises(ConfigError, match="reward_weights"):
+        ppo.main(ppo_cfg(assets, tmp_path / "w", reward_weights=[1.0, 2.0]))
 
 
 class TokenCountReward:
@@ -226,12 +231,12 @@ def test_learning_raises_reward_with_fixed_seed(assets, tmp_path, recipe):
     torch.set_num_threads(1)
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     common = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
-                  output_dir=str(tmp_path), max_steps=30, max_new_tokens=8, report_to="jsonl", sample_every=0,
-                  learning_rate=3e-3, kl_coef=0.01, seed=0)
+                  output_dir=str(tmp_path), max_steps=30, max_completion_length=8, report_to="jsonl", sample_every=0,
+                  learning_rate=3e-3, seed=0)
     if recipe == "ppo":
-        cfg = mod.Config(**common, prompts_per_step=8, per_device_train_batch_size=8, num_ppo_epochs=4, num_mini_batches=2)
+        cfg = mod.Config(**common, kl_coef=0.01, prompts_per_step=8, per_device_train_batch_size=8, num_ppo_epochs=4, num_mini_batches=2)
     else:
-        cfg = mod.Config(**common, prompts_per_step=4, num_generations=4, per_device_train_batch_size=8, num_ppo_epochs=2,
+        cfg = mod.Config(**common, beta=0.01, prompts_per_step=4, num_generations=4, per_device_train_batch_size=8, num_ppo_epochs=2,
                          num_mini_batches=2)
     mod.main(cfg, reward_fn=TokenCountReward())
     rewards = [r["proxy_reward"] for r in read_metrics(tmp_path)]
@@ -251,7 +256,7 @@ def test_ppo_under_accelerate_launch_two_processes(assets, tmp_path):
     cmd = ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "rlhfkit.cli", "ppo", "--model", assets["policy"], "--reward_model",
            assets["rm"], "--prompts", assets["prompts"], "--eval_prompts", "", "--output_dir", str(tmp_path),
-           "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "6", "--per_device_train_batch_size", "2",
+           "--max_steps", "2", "--prompts_per_step", "2", "--max_completion_length", "6", "--per_device_train_batch_size", "2",
            "--report_to", "jsonl"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -269,7 +274,7 @@ def test_group_recipes_resume_and_lora(assets, tmp_path, recipe):
     def cfg(steps, **kw):
         return mod.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"],
                           eval_prompts="", output_dir=str(tmp_path), max_steps=steps, prompts_per_step=2,
-                          num_generations=2, max_new_tokens=5, per_device_train_batch_size=4, report_to="jsonl",
+                          num_generations=2, max_completion_length=5, per_device_train_batch_size=4, report_to="jsonl",
                           save_steps=1, use_lora=True, lora_r=4, **kw)
 
     mod.main(cfg(1))
@@ -292,7 +297,7 @@ class Drifting:
 def test_hacking_alarm_fires_and_stops_ppo(assets, tmp_path, monkeypatch):
     from rlhfkit.recipes import ppo
 
-    monkeypatch.setattr(ppo, "make_gold_judge", lambda cfg: Drifting(-0.1))
+    monkeypatch.setattr(ppo.monitor, "load_eval_reward", lambda cfg, device: Drifting(-0.1))
     ppo.main(ppo_cfg(assets, tmp_path, max_steps=8, hacking_window=3, stop_on_hacking=True,
                      score_norm="none"), reward_fn=Drifting(+0.1))
     rows = read_metrics(tmp_path)
@@ -308,10 +313,29 @@ def test_hacking_alarm_fires_and_stops_ppo(assets, tmp_path, monkeypatch):
 def test_hacking_alarm_quiet_when_gold_and_proxy_rise(assets, tmp_path, monkeypatch):
     from rlhfkit.recipes import ppo
 
-    monkeypatch.setattr(ppo, "make_gold_judge", lambda cfg: Drifting(+0.1))
+    monkeypatch.setattr(ppo.monitor, "load_eval_reward", lambda cfg, device: Drifting(+0.1))
     ppo.main(ppo_cfg(assets, tmp_path, max_steps=5, hacking_window=3, stop_on_hacking=True,
                      score_norm="none"), reward_fn=Drifting(+0.1))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert not any("hacking_alarm" in r for r in rows)
     assert not (tmp_path / "alarms.jsonl").exists()
+
+
+def test_on_policy_configs_read_the_schedule_and_refuse_unused_fields(assets, tmp_path):
+    from rlhfkit.recipes import grpo, ppo
+
+    with pytest.raises(ConfigError, match="eval_steps"):
+        ppo_cfg(assets, tmp_path, eval_steps=5)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        ppo_cfg(assets, tmp_path, gradient_accumulation_steps=2)
+    # lr_scheduler_type / warmup_steps count optimiser steps: 2 updates x 1 step, linear decay from 1e-3
+    grpo.main(grpo.Config(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"],
+                          eval_prompts="", output_dir=str(tmp_path), max_steps=2, prompts_per_step=2,
+                          num_generations=2, max_completion_length=4, per_device_train_batch_size=4, report_to="jsonl",
+                          learning_rate=1e-3, lr_scheduler_type="linear"))
+    rows = read_metrics(tmp_path)
+    assert [r["learning_rate"] for r in rows] == pytest.approx([5e-4, 0.0])
+    # logging_steps: every 2nd update, and the last one
+    ppo.main(ppo_cfg(assets, tmp_path / "log", max_steps=3, logging_steps=2))
+    assert [r["step"] for r in read_metrics(tmp_path / "log")] == [2, 3]

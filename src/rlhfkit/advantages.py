@@ -26,7 +26,7 @@ from rlhfkit.logprobs import masked_var, masked_whiten
 
 __all__ = [
     "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "RunningMoments", "explained_variance",
-    "gae", "group_advantages", "kl_estimate", "leave_one_out_advantages", "make_kl_controller",
+    "ADVANTAGE_ESTIMATORS", "gae", "group_advantages", "zero_variance_share", "kl_estimate", "leave_one_out_advantages", "make_kl_controller",
     "masked_whiten", "shape_rewards", "process_scores", "last_token_index",
 ]
 
@@ -35,7 +35,7 @@ __all__ = [
 # KL(pi || pi_ref) per token (Schulman 2020): k1 = -log r (unbiased, high variance),
 # k2 = (log r)^2 / 2 (biased, low variance), k3 = (r - 1) - log r (unbiased, always >= 0).
 
-_MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: keeps k3 finite when the policy has drifted far
+_MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: keeps exp() in k3 finite when the reference is far above the policy
 
 
 def _k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,9 @@ def _k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    log_r = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    # only the overflow side is guarded: for log r < -20 (the policy far above the reference) k3 is
+    # about -log r and its gradient 1 - r, which a clamp there would zero (issue 12)
+    log_r = (ref_logp - logp).clamp(max=_MAX_LOG_RATIO)
     return torch.expm1(log_r) - log_r
 
 
@@ -207,6 +209,30 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     g = _grouped(scores, group_size)
     baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
     return (g - baseline).reshape(scores.shape)
+
+
+def _grpo_estimator(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
+    return group_advantages(rewards, group_size, scale=scale_rewards)
+
+
+def _rloo_estimator(rewards: torch.Tensor, group_size: int, scale_rewards: bool = False) -> torch.Tensor:
+    adv = leave_one_out_advantages(rewards, group_size)
+    if scale_rewards:  # optional whitening over the batch (TRL RLOO's normalize_advantages)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8) if adv.numel() > 1 else adv * 0
+    return adv
+
+
+# critic-free estimators of the group recipe: (rewards (N,), group size, scale_rewards) -> (N,)
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
+    "grpo": _grpo_estimator,
+    "rloo": _rloo_estimator,
+}
+
+
+def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose responses all got the same reward: no learning signal (all advantages 0)."""
+    g = _grouped(rewards, group_size)
+    return (g.max(-1).values == g.min(-1).values).float().mean().item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

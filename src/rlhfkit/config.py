@@ -276,3 +276,85 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
         kwargs["default"] = default
     return tyro.cli(cls, **kwargs)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# on-policy recipes (PPO, GRPO/RLOO): what they share. Names follow TRL's PPOConfig/GRPOConfig.
+
+
+@dataclasses.dataclass
+class OnPolicyArgs:
+    reward: typing.Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
+    """Reward(s), repeatable: rm:PATH, gold, py:module:fn, py:file.py:fn, judge:SPEC, math, regex:PATTERN, length:MAX."""
+    reward_weights: list[float] = dataclasses.field(default_factory=list)
+    """Weight of each --reward in the total (default 1 each)."""
+    reward_model: str = ""
+    """Shorthand for --reward rm:PATH ('gold' = --reward gold)."""
+    eval_reward: str = ""
+    """Held-out reward for monitoring and the final evaluation ('gold' on the bundled task by default; any reward spec; 'none')."""
+    prompts: str = "kindly"
+    """Training prompts: 'kindly' (bundled), a bundled task name, or a JSONL/JSON/parquet/dataset with 'prompt' or 'messages' (+ extra columns)."""
+    eval_prompts: str = "auto"
+    """Held-out prompts for the final evaluation: auto (a bundled task's eval split when training on one, else none), a file, or '' (skip)."""
+    num_eval_prompts: int = 200
+    """How many held-out prompts the final evaluation uses (0 = all)."""
+    max_prompt_length: int = 64
+    """Prompts longer than this many tokens are left-truncated (the count is printed)."""
+    max_completion_length: int = 24
+    """Maximum response length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; the same scaling is applied to training log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    prompts_per_step: int = 16
+    """Prompts sampled per update, per process."""
+    generation_batch_size: int = 64
+    """Rows generated per forward pass (independent of the training micro-batch)."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimiser steps per pass over a rollout batch (the batch is shuffled and split)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator used in the reward: k1, k2, k3, abs or mse."""
+    target_kl: float = 0.0
+    """Adaptive KL controller target in nats per response (Ziegler et al. 2019); 0 = fixed coefficient."""
+    kl_horizon: int = 10000
+    """Horizon (in episodes) of the adaptive KL controller."""
+    early_stop_kl: float = 0.0
+    """Stop a step's remaining epochs once the mean approx-KL of a mini-batch exceeds this (0 = never)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of responses that hit max_completion_length without EOS."""
+    score_norm: str = "none"
+    """Reward normalisation: none, batch (whiten per batch) or running (running mean/std)."""
+    score_clip: float = 0.0
+    """Clip rewards to [-score_clip, score_clip] after normalisation (0 = no clipping)."""
+    sample_every: int = 10
+    """Log a table of sample responses every N updates (0 = never)."""
+    hacking_window: int = 10
+    """Reward-hacking alarm: updates per window over which the training reward rising while the eval reward falls fires it (0 = off)."""
+    stop_on_hacking: bool = False
+    """End training when the reward-hacking alarm fires (the final model and evaluation are still written)."""
+
+    def _check_on_policy_args(self) -> None:
+        """Checks; the rewards themselves are checked when loaded (a Python run may pass functions)."""
+        from rlhfkit.advantages import KL_ESTIMATORS
+
+        if self.reward_model:
+            self.reward = [*self.reward, "gold" if self.reward_model == "gold" else f"rm:{self.reward_model}"]
+            self.reward_model = ""
+        require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0 (training log-probs divide by it)")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.num_ppo_epochs >= 1, "num_ppo_epochs", "must be >= 1")
+        require(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
+        require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {sorted(KL_ESTIMATORS)}")
+        require(self.score_norm in ("none", "batch", "running"), "score_norm", "must be none, batch or running")
+        # one optimiser-step convention: a mini-batch is one optimiser step, split into micro-batches of
+        # per_device_train_batch_size rows whose losses are normalised by the mini-batch's totals and summed
+        require(getattr(self, "gradient_accumulation_steps", 1) == 1, "gradient_accumulation_steps",
+                "on-policy recipes take one optimiser step per mini-batch (num_mini_batches per epoch), "
+                "accumulating micro-batches of per_device_train_batch_size rows; leave it at 1")
+        require(getattr(self, "eval_steps", 0) == 0, "eval_steps",
+                "on-policy recipes evaluate once at the end (the eval reward is logged every update); leave it at 0")

@@ -204,7 +204,7 @@ def run_ppo(cfg: Config, sft_path: str, rm_path: str, out: Path) -> str:
 
     pcfg = from_dict(ppo.Config, _quiet(model=sft_path, reward_model=rm_path, output_dir=str(out / "ppo"),
                                         max_steps=cfg.ppo_steps, kl_coef=cfg.ppo_kl_coef, learning_rate=3e-5,
-                                        max_new_tokens=cfg.max_new_tokens, prompts_per_step=max(cfg.batch_size, 4) * 2,
+                                        max_completion_length=cfg.max_new_tokens, prompts_per_step=max(cfg.batch_size, 4) * 2,
                                         per_device_train_batch_size=cfg.batch_size, logging_steps=1, num_eval_prompts=0,
                                         eval_prompts="", seed=cfg.seed))
     ppo.main(pcfg)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from rlhfkit.runs import atomic_write_text
 
-MAX_CURVES = 12
+MAX_CURVES = 16
 MAX_SAMPLES = 12
-_PRIORITY = ("gold", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
+_PRIORITY = ("rewards/", "frac_reward_zero_std", "gold", "eval_reward", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
 # eval.json keys shown as table columns, in order
 TABLE_COLUMNS = (
     ("gold", "gold reward"), ("proxy", "proxy (RM)"), ("kl", "KL to ref"), ("win_rate", "win rate vs ref"),
@@ -110,7 +110,8 @@ def _curve_keys(rows: list[dict]) -> list[str]:
         for k, v in r.items():
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                 keys[k] = keys.get(k, 0) + 1
-    usable = [k for k, c in keys.items() if c >= 2]
+    # one curve per reward function (its mean); spread and abstentions stay in metrics.jsonl
+    usable = [k for k, c in keys.items() if c >= 2 and not (k.startswith("rewards/") and not k.endswith("/mean"))]
 
     def rank(k: str) -> tuple:
         low = k.lower()

@@ -23,9 +23,10 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import tyro
 
 from rlhfkit.config import require
 from rlhfkit.eval import metrics as M
@@ -40,18 +41,20 @@ class Config:
     """Reference policy (default: the `model` field of the policy run's config.yaml, i.e. the model it started from)."""
     tokenizer: str = ""
     """Tokenizer (default: the policy's own)."""
-    prompts: str = "kindly"
-    """Prompts: 'kindly' for the bundled eval prompts, a .txt file (one per line) or a .jsonl/.parquet with a `prompt` column."""
+    prompts: str = ""
+    """Prompts (required): 'kindly' for the bundled eval prompts, a .txt file, or records with 'prompt' or 'messages' (+ columns for rewards)."""
     num_prompts: int = 0
     """Evaluate on the first N prompts only (0: all)."""
     reward_model: str = ""
-    """Reward model (the proxy) to score responses with; empty: no proxy reward."""
-    judge: str = "gold"
-    """Judge for gold reward and win rate: 'gold' (the bundled panel), 'rm:PATH' (a reward model as judge) or 'judge:SPEC' (any AI judge, rlhfkit.judges.load_judge)."""
+    """Proxy reward to score responses with: a reward model folder or any reward spec; empty: no proxy reward."""
+    judge: Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
+    """Judge(s) for the 'gold' reward and win rate, repeatable: gold, rm:PATH, py:module:fn, math, judge:SPEC ... (default: gold on the bundled task only)."""
+    judge_weights: list[float] = dataclasses.field(default_factory=list)
+    """Weight of each --judge in the total (default 1 each)."""
     preference_data: str = ""
     """Preference data (prompt/chosen/rejected) to measure the reward model's accuracy on."""
-    corpus: str = "kindly"
-    """Held-out text for perplexity: 'kindly' (the corpus eval split), a .txt file, or '' to skip."""
+    corpus: str = "auto"
+    """Held-out text for perplexity: auto (the bundled corpus's eval split on the bundled task, else none), 'kindly', a .txt file, or '' to skip."""
     max_perplexity_lines: int = 1000
     """Score at most this many corpus lines."""
     max_new_tokens: int = 24
@@ -82,8 +85,15 @@ class Config:
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.n_boot >= 0, "n_boot", "must be >= 0")
         require(self.num_prompts >= 0, "num_prompts", "must be >= 0")
-        require(self.judge == "gold" or self.judge.startswith(("rm:", "judge:")), "judge",
-                f"must be 'gold', 'rm:PATH' or 'judge:SPEC', got {self.judge!r}")
+        from rlhfkit.judges.specs import is_bundled_kindly, rewards_or_default
+
+        require(bool(self.prompts), "prompts", "pass --prompts FILE (JSONL/JSON/parquet with 'prompt' or 'messages', "
+                "or a .txt file), or --prompts kindly for the bundled task's eval prompts")
+        if isinstance(self.judge, str):
+            self.judge = [self.judge] if self.judge else []
+        self.judge = rewards_or_default(self.judge, self.prompts, "judge")
+        if self.corpus == "auto":
+            self.corpus = "kindly" if is_bundled_kindly(self.prompts) else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,18 +130,36 @@ def default_reference(model: str) -> str:
 
 
 def make_judge(spec: str):
-    if spec == "gold":
-        from rlhfkit.judges import GoldPanel
+    """A judge (score(prompts, responses) -> array) from one reward spec."""
+    from rlhfkit.judges.specs import load_rewards
 
-        return GoldPanel()
-    if spec.startswith("judge:"):
-        from rlhfkit.judges import load_judge
-        from rlhfkit.judges.judge import ArrayScores
+    return PromptScorer(load_rewards([spec]), None, {})
 
-        return ArrayScores(load_judge(spec[len("judge:"):]))
-    from rlhfkit.models.reward import RewardScorer
 
-    return RewardScorer(spec[3:])
+class PromptScorer:
+    """A RewardSet as a judge for text metrics: `score(prompts, responses)` in the order of `raw_prompts`.
+
+    The evaluator passes the (templated) prompt texts; the rewards see the prompts as given
+    (conversations stay conversations) with their extra dataset columns.
+    """
+
+    def __init__(self, rewards, raw_prompts, columns):
+        self.rewards, self.raw, self.columns = rewards, raw_prompts, columns
+
+    def score(self, prompts, responses):
+        from rlhfkit.errors import RlhfkitError
+        from rlhfkit.rollout.prompts import as_completions
+
+        raw = list(prompts) if self.raw is None else self.raw
+        if len(raw) != len(responses):
+            raise ValueError(f"{len(responses)} responses for {len(raw)} prompts")
+        scored = self.rewards.score(raw, as_completions(raw, list(responses)), **self.columns)
+        for name, values in scored.values.items():  # an evaluation's mean must not drop or invent items
+            missing = sum(v is None for v in values)
+            if missing:
+                raise RlhfkitError(f"judge '{name}' abstained on {missing} of {len(values)} responses; an evaluation "
+                                   "needs a score for every response (rerun: a judge's verdict cache keeps the rest)")
+        return scored.total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +272,9 @@ def write_results(output_dir: str | Path, metrics: dict, rows: Sequence[dict]) -
 def main(cfg: Config) -> dict:
     import torch
 
+    from rlhfkit.judges.specs import load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout.prompts import load_prompt_set, render_prompt
 
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
@@ -252,15 +282,14 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     policy = load_policy(cfg.model, cfg.dtype, trainable=False).eval()
     reference = load_policy(ref_path, cfg.dtype, trainable=False).eval()
-    from rlhfkit.data.prompts import load_prompts
-
-    prompts = load_prompts(cfg.prompts, "eval", limit=cfg.num_prompts)
-    judge = make_judge(cfg.judge)
+    prompt_set = load_prompt_set(cfg.prompts, "eval", limit=cfg.num_prompts)
+    prompts = [render_prompt(tokenizer, p) for p in prompt_set.prompts]
+    judge = PromptScorer(load_rewards(cfg.judge, cfg.judge_weights, batch_size=cfg.batch_size), prompt_set.prompts,
+                         prompt_set.columns)
     scorer = None
     if cfg.reward_model:
-        from rlhfkit.models.reward import RewardScorer
-
-        scorer = RewardScorer(cfg.reward_model, batch_size=cfg.batch_size)
+        spec = cfg.reward_model if ":" in cfg.reward_model or cfg.reward_model == "gold" else f"rm:{cfg.reward_model}"
+        scorer = PromptScorer(load_rewards([spec], batch_size=cfg.batch_size), prompt_set.prompts, prompt_set.columns)
     with torch.no_grad():
         metrics, rows = evaluate(policy, reference, tokenizer, prompts, judge, scorer,
                                  load_corpus(cfg.corpus, cfg.max_perplexity_lines), cfg.max_new_tokens,
@@ -271,8 +300,8 @@ def main(cfg: Config) -> dict:
 
         if scorer is None:
             raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")
-        metrics["rm_accuracy"] = rm_accuracy(scorer, load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)
-    metrics.update(name=cfg.name or cfg.model, model=cfg.model, reference=ref_path, judge=cfg.judge)
+        metrics["rm_accuracy"] = rm_accuracy(PromptScorer(scorer.rewards, None, {}), load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)
+    metrics.update(name=cfg.name or cfg.model, model=cfg.model, reference=ref_path, judge="+".join(cfg.judge))
     write_results(out, metrics, rows)
     _print_summary(metrics)
     return {k: v for k, v in metrics.items() if not k.startswith("_")}

@@ -17,6 +17,7 @@ RLOO) have shape (B,) and are broadcast over the tokens of their response.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -31,31 +32,55 @@ Metrics = dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------
 # reducing per-token losses to a scalar
+#
+# One optimiser step (a mini-batch) is split into micro-batches. Each normaliser divides by a
+# total of the WHOLE step (`StepTotals`), so the micro-batch losses add up (accelerator.backward
+# of each, no division) to exactly the loss of the step: DAPO's token mean is a mean over every
+# token of the step, not a mean of per-micro-batch means (Yu et al. 2025, sec. 3.3).
 
 
-def _token_mean(x: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
-    return masked_mean(x, mask)
+@dataclasses.dataclass(frozen=True)
+class StepTotals:
+    """Totals of one optimiser step, per process (DDP averages gradients over processes)."""
+
+    num_tokens: float
+    """Response tokens in the step (mask sum), divided by the number of processes when global."""
+    num_sequences: float
+    """Responses in the step."""
+    max_length: int
+    """max_completion_length (Dr. GRPO's constant)."""
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, max_length: int | None = None) -> StepTotals:
+        """Totals of a step made of this one batch."""
+        return cls(float(mask.sum()), float(mask.shape[0]), int(max_length or mask.shape[1]))
 
 
-def _sequence_mean(x: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
-    return masked_mean(x, mask, dim=-1).mean()
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    return (x * mask.to(x.dtype)).sum() / max(totals.num_tokens, 1.0)
 
 
-def _dr_grpo(x: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
+def _sequence_mean(x: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    per_seq = (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return per_seq.sum() / totals.num_sequences
+
+
+def _dr_grpo(x: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
     # a constant denominator: no per-response length normalisation, so long wrong answers are
     # not penalised less per token than short ones (Liu et al. 2025, sec. 3.1)
-    return (x * mask.to(x.dtype)).sum() / (x.shape[0] * (max_length or x.shape[1]))
+    return (x * mask.to(x.dtype)).sum() / (totals.num_sequences * totals.max_length)
 
 
-def _sequence_sum(x: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
-    return (x * mask.to(x.dtype)).sum(-1).mean()
+def _sequence_sum(x: torch.Tensor, mask: torch.Tensor, totals: StepTotals) -> torch.Tensor:
+    return (x * mask.to(x.dtype)).sum() / totals.num_sequences
 
 
-LOSS_NORMALISERS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
-    "token": _token_mean,
-    "sequence": _sequence_mean,
-    "dr_grpo": _dr_grpo,
-    "sequence_sum": _sequence_sum,
+LOSS_NORMALISERS: dict[str, Callable[[torch.Tensor, torch.Tensor, StepTotals], torch.Tensor]] = {
+    "token": _token_mean,        # DAPO: mean over all tokens of the step
+    "sequence": _sequence_mean,  # GRPO eq. 3: mean over responses of each response's token mean
+    "dr_grpo": _dr_grpo,         # Dr. GRPO: token sum / (responses x max_completion_length)
+    "sequence_sum": _sequence_sum,  # REINFORCE: mean over responses of each response's token sum
 }
 
 
@@ -66,14 +91,43 @@ def _normaliser(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# importance ratios: log r per token (B, T), or per sequence broadcast as (B, 1)
+
+
+def _token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logp - old_logp  # PPO / GRPO: one ratio per token
+
+
+def _sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # GSPO (Zheng et al. 2025, eq. 7): the length-normalised sequence ratio (pi/pi_old)^(1/|y|)
+    m = mask.to(logp.dtype)
+    return (((logp - old_logp) * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+
+
+def _sequence_sum_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # RLOO (Ahmadian et al. 2024) and TRL's RLOOTrainer: the ratio of whole-sequence probabilities;
+    # pair it with loss_type "sequence" so each response's (constant) token loss counts once
+    return ((logp - old_logp) * mask.to(logp.dtype)).sum(-1)[:, None]
+
+
+IMPORTANCE_RATIOS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token": _token_log_ratio,
+    "sequence": _sequence_log_ratio,
+    "sequence_sum": _sequence_sum_log_ratio,
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # losses
 
 
-def _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high):
+def _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level: str = "token"):
     """Per-token -min(r A, clip(r, 1-eps, 1+eps_high) A) and the ratio statistics."""
+    if level not in IMPORTANCE_RATIOS:
+        raise ConfigError(f"unknown importance_sampling_level {level!r}; choose from {sorted(IMPORTANCE_RATIOS)}")
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
-    log_ratio = logp - old_logp
+    log_ratio = IMPORTANCE_RATIOS[level](logp, old_logp, mask)
     ratio = torch.exp(log_ratio)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = ratio * advantages
@@ -81,31 +135,33 @@ def _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high):
     per_token = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
         m = mask.bool()
-        r = ratio[m] if m.any() else torch.ones(1, dtype=ratio.dtype, device=ratio.device)
+        token_log_ratio = logp - old_logp
+        r = ratio.expand_as(logp)[m] if m.any() else torch.ones(1, dtype=ratio.dtype, device=ratio.device)
         metrics = {
-            "clipfrac": masked_mean((clipped < unclipped).to(ratio.dtype), mask),
+            "clipfrac": masked_mean((clipped < unclipped).to(logp.dtype).expand_as(logp), mask),
             # k3 estimate of KL(old || new) (Schulman 2020): >= 0 and low variance
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask),
             "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(),
         }
     return per_token, metrics
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                    normalize: str = "token") -> tuple[torch.Tensor, Metrics]:
+                    clip_eps: float = 0.2, clip_eps_high: float | None = None, normalize: str = "token",
+                    totals: StepTotals | None = None) -> tuple[torch.Tensor, Metrics]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) over per-token advantages.
 
     `clip_eps_high` allows an asymmetric upper clip (DAPO's clip-higher); None = symmetric.
+    `totals`: the optimiser step's totals (default: this batch is the whole step).
     """
     per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high)
-    loss = _normaliser(normalize)(per_token, mask, None)
+    loss = _normaliser(normalize)(per_token, mask, totals or StepTotals.of(mask))
     return loss, {"policy_loss": loss.detach(), **metrics}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float | None = 0.2) -> tuple[torch.Tensor, Metrics]:
-    """Clipped value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+               clip_range: float | None = 0.2, totals: StepTotals | None = None) -> tuple[torch.Tensor, Metrics]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), token mean.
 
     The critic may not move further than `clip_range` from its rollout-time prediction per
     update, mirroring the policy clip (OpenAI baselines ppo2). `clip_range=None` disables it.
@@ -118,14 +174,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         err_clipped = (clipped_v - returns) ** 2
         per_token = torch.maximum(err, err_clipped)
         frac = masked_mean((err_clipped > err).to(values.dtype), mask).detach()
-    loss = 0.5 * masked_mean(per_token, mask)
+    loss = 0.5 * _token_mean(per_token, mask, totals or StepTotals.of(mask))
     return loss, {"value_loss": loss.detach(), "value_clipfrac": frac}
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float) -> tuple[torch.Tensor, Metrics]:
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float,
+                  totals: StepTotals | None = None) -> tuple[torch.Tensor, Metrics]:
     """-coef * mean token entropy: added to the loss, it rewards keeping the policy spread (PPO eq. 9)."""
-    mean_entropy = masked_mean(entropy, mask)
-    return -coef * mean_entropy, {"entropy": mean_entropy.detach()}
+    mean_entropy = _token_mean(entropy, mask, totals or StepTotals.of(mask))
+    return -coef * mean_entropy, {"entropy": masked_mean(entropy, mask).detach()}
 
 
 def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float) -> tuple[torch.Tensor, Metrics]:
@@ -136,29 +193,36 @@ def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float) -> tuple[t
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, normalize: str = "sequence",
-              clip_eps_high: float | None = None, max_length: int | None = None) -> tuple[torch.Tensor, Metrics]:
+              clip_eps_high: float | None = None, max_length: int | None = None,
+              importance_sampling_level: str = "token", totals: StepTotals | None = None
+              ) -> tuple[torch.Tensor, Metrics]:
     """GRPO (Shao et al. 2024, eq. 3): clipped surrogate with the group advantage of each
     response on all its tokens, plus beta * k3(pi || pi_ref) per token (eq. 4) in the loss
-    rather than in the reward. `normalize`: "sequence" (GRPO), "token" (DAPO), "dr_grpo"."""
-    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high)
+    rather than in the reward. `normalize`: "sequence" (GRPO), "token" (DAPO), "dr_grpo",
+    "sequence_sum"; `importance_sampling_level`: "token", "sequence" (GSPO) or "sequence_sum"."""
+    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high,
+                                    importance_sampling_level)
     if beta and ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, "k3")
         per_token = per_token + beta * kl
         metrics["kl"] = masked_mean(kl, mask).detach()
-    loss = _normaliser(normalize)(per_token, mask, max_length)
+    loss = _normaliser(normalize)(per_token, mask, totals or StepTotals.of(mask, max_length))
     return loss, {"policy_loss": loss.detach(), **metrics}
 
 
 def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_eps: float = 0.2, normalize: str = "sequence_sum") -> tuple[torch.Tensor, Metrics]:
-    """RLOO / REINFORCE (Ahmadian et al. 2024, eq. 4) with per-token clipping.
+              clip_eps: float = 0.2, importance_sampling_level: str = "sequence_sum",
+              totals: StepTotals | None = None) -> tuple[torch.Tensor, Metrics]:
+    """RLOO / REINFORCE (Ahmadian et al. 2024, eq. 4), the sequence ratio clipped as in the paper and TRL.
 
-    With "sequence_sum" the gradient at ratio 1 is exactly -A_i * grad sum_t log pi(y_t), the
-    REINFORCE estimator of the whole response; later epochs over the same batch are clipped
-    like PPO.
+    With the whole-sequence ratio r_i = pi(y_i)/pi_old(y_i) the loss is the mean over responses
+    of -min(r_i A_i, clip(r_i) A_i); its gradient at r = 1 is -A_i grad sum_t log pi(y_t), the
+    REINFORCE estimator of the whole response. `importance_sampling_level="token"` clips each
+    token's ratio instead and sums over tokens (rlhfkit's earlier behaviour).
     """
-    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, None)
-    loss = _normaliser(normalize)(per_token, mask, None)
+    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, None, importance_sampling_level)
+    normalize = "sequence_sum" if importance_sampling_level == "token" else "sequence"
+    loss = _normaliser(normalize)(per_token, mask, totals or StepTotals.of(mask))
     return loss, {"policy_loss": loss.detach(), **metrics}
 
 

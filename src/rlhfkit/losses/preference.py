@@ -24,7 +24,7 @@ branches on the variant.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -202,15 +202,42 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     return loss, metrics
 
 
-def kto_kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+def kto_kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+                    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The KTO reference point z_0: a batch estimate of KL(pi || pi_ref), clamped at 0, no gradient.
 
     Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4.1:
-    z_0 is estimated from *mismatched* pairs (x_i, y_j), j != i, in the same micro-batch (the
-    responses shifted by one), as the mean of log pi(y_j|x_i) - log pi_ref(y_j|x_i), clamped at
-    zero because a KL is non-negative, and detached so that it does not itself get optimised.
+    z_0 is estimated from *mismatched* pairs (x_i, y_j) whose completion y_j was written for a
+    different prompt (see :func:`kto_mismatched_index`), as the mean of
+    log pi(y_j|x_i) - log pi_ref(y_j|x_i), clamped at zero because a KL is non-negative, and
+    detached so that it does not itself get optimised. Under several processes pass
+    `all_reduce_sum` (e.g. ``lambda t: accelerator.reduce(t, "sum")``): the mean is taken over
+    every process's rows first and clamped after, as in TRL (clamping each process's mean
+    first would bias z_0 upwards).
     """
-    return (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    diff = (kl_logps - ref_kl_logps).detach()
+    stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
+    if all_reduce_sum is not None:
+        stats = all_reduce_sum(stats)
+    return (stats[0] / stats[1].clamp(min=1)).clamp(min=0)
+
+
+def kto_mismatched_index(prompt_keys: Sequence[Any]) -> list[int]:
+    """For each row i, the row j whose completion pairs with prompt i in KTO's KL estimate.
+
+    j is the first row after i (cyclically) with a different prompt, so rows that share a
+    prompt (several completions of one prompt, rankings expanded to pairs) never give a
+    "mismatched" pair that is in fact matched. Raises ValueError when every row has the
+    same prompt (no mismatched pair exists).
+    """
+    n = len(prompt_keys)
+    out = []
+    for i in range(n):
+        j = next(((i + k) % n for k in range(1, n) if prompt_keys[(i + k) % n] != prompt_keys[i]), None)
+        if j is None:
+            raise ValueError("KTO's KL estimate needs completions of at least two different prompts in a batch")
+        out.append(j)
+    return out
 
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,

@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import Annotated
 
 import numpy as np
+import tyro
 
 from rlhfkit.config import require
 from rlhfkit.runs import atomic_path, atomic_write_json, prepare_run_dir, seed_everything
@@ -44,10 +46,14 @@ class Config:
     """Tokenizer (defaults to the model's own)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
-    judge: str = "gold"
-    """Who picks the best: 'rm:PATH' for a reward model (or ensemble) folder, or 'gold' for the bundled panel."""
+    reward: Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
+    """Who picks the best, repeatable: rm:PATH, py:module:fn, math, judge:SPEC, gold, ... (default: gold on the bundled task only)."""
+    reward_weights: list[float] = dataclasses.field(default_factory=list)
+    """Weight of each --reward in the total (default 1 each)."""
+    judge: str = ""
+    """Shorthand for one --reward (gold or rm:PATH)."""
     prompts: str = "kindly"
-    """Prompts: 'kindly' (the bundled eval prompts), a .txt file (one per line) or records with a `prompt` column."""
+    """Prompts: 'kindly' (the bundled eval prompts), a .txt file, or records with 'prompt' or 'messages' (+ columns for rewards)."""
     max_prompts: int = 0
     """Use only the first this many prompts (0: all)."""
     n: int = 16
@@ -72,7 +78,10 @@ class Config:
     def __post_init__(self) -> None:
         require(self.n >= 1, "n", "must be >= 1")
         require(self.kl_pool == 0 or self.kl_pool >= self.n, "kl_pool", f"must be 0 or >= n ({self.n})")
-        require(self.judge == "gold" or self.judge.startswith("rm:"), "judge", f"must be 'gold' or 'rm:PATH', got {self.judge!r}")
+        from rlhfkit.judges.specs import rewards_or_default
+
+        self.reward = rewards_or_default(self.reward + ([self.judge] if self.judge else []), self.prompts)
+        self.judge = ""
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.temperature > 0, "temperature", "must be > 0")
 
@@ -122,14 +131,25 @@ def bon_kl_empirical(scores: np.ndarray, n: int, distinct: bool = False, decimal
 # sampling and scoring
 
 
-def sample_and_score(policy, tokenizer, prompts: list[str], judge, k: int, cfg) -> tuple[list[list[str]], np.ndarray, dict]:
-    """k responses per prompt and their judge scores (P, k); also counts of truncated/unfinished samples."""
-    from rlhfkit.rollout import generate
+def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[list[list[str]], np.ndarray, dict]:
+    """k responses per prompt and their total reward (P, k); also counts of truncated/unfinished samples.
 
-    roll = generate(policy, tokenizer, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    num_samples=k, batch_size=cfg.batch_size, seed=cfg.seed)
+    `prompts` is a PromptSet (conversations through the policy's chat template; extra columns go
+    to the rewards) or a list of prompt strings; `judge` a RewardSet or a score(prompts, responses).
+    """
+    from rlhfkit.judges.rewards import RewardSet, as_reward
+    from rlhfkit.rollout import generate
+    from rlhfkit.rollout.prompts import PromptSet, as_completions, render_prompt, rows_of
+
+    if not isinstance(prompts, PromptSet):
+        prompts = PromptSet(list(prompts), {})
+    rewards = judge if isinstance(judge, RewardSet) else RewardSet([as_reward(judge, "judge")])
+    roll = generate(policy, tokenizer, [render_prompt(tokenizer, p) for p in prompts.prompts], cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, num_samples=k, batch_size=cfg.batch_size,
+                    seed=cfg.seed)
     responses = [roll.responses[i * k:(i + 1) * k] for i in range(len(prompts))]
-    scores = np.asarray(judge.score(roll.prompts, roll.responses), dtype=np.float64).reshape(len(prompts), k)
+    row_prompts, columns = rows_of(prompts, roll.prompt_index)
+    scores = rewards(row_prompts, as_completions(row_prompts, roll.responses), **columns).reshape(len(prompts), k)
     stats = {"truncated_prompts": roll.num_truncated_prompts,
              "unfinished_responses": int((~roll.ended_with_eos).sum()),
              "samples": len(roll.responses)}
@@ -137,19 +157,22 @@ def sample_and_score(policy, tokenizer, prompts: list[str], judge, k: int, cfg) 
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.data.prompts import load_prompts
-    from rlhfkit.eval.run_eval import make_judge
+    from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.models.lora import disable_dropout
+    from rlhfkit.rollout.prompts import load_prompt_set
 
     seed_everything(cfg.seed)
     out = prepare_run_dir(cfg.output_dir, cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, padding_side="left")
     policy = load_policy(cfg.model, cfg.dtype, trainable=False)
-    prompts = load_prompts(cfg.prompts, "eval", limit=cfg.max_prompts)
-    judge = make_judge(cfg.judge)
+    disable_dropout(policy)
+    prompt_set = load_prompt_set(cfg.prompts, "eval", limit=cfg.max_prompts)
+    prompts = prompt_set.prompts  # text, or conversations (written as given to selected.jsonl)
+    judge = load_rewards(cfg.reward, cfg.reward_weights, batch_size=cfg.batch_size)
     M = cfg.kl_pool or max(cfg.n, 64)
     t0 = time.perf_counter()
-    responses, scores, stats = sample_and_score(policy, tokenizer, prompts, judge, M, cfg)
+    responses, scores, stats = sample_and_score(policy, tokenizer, prompt_set, judge, M, cfg)
     if stats["truncated_prompts"]:
         print(f"best-of-n: {stats['truncated_prompts']} prompts were longer than the model allows and were left-truncated")
     cand = scores[:, :cfg.n]
@@ -157,7 +180,7 @@ def main(cfg: Config) -> dict:
     chosen = [responses[i][j] for i, j in enumerate(best)]
     best_scores = cand[np.arange(len(prompts)), best]
     results = {
-        "n": cfg.n, "prompts": len(prompts), "kl_pool": M, "judge": cfg.judge,
+        "n": cfg.n, "prompts": len(prompts), "kl_pool": M, "judge": "+".join(cfg.reward),
         "score_selected": float(best_scores.mean()), "score_first_sample": float(cand[:, 0].mean()),
         "score_mean_all": float(cand.mean()),
         "kl_bound": float(bon_kl_bound(cfg.n)),
@@ -167,7 +190,7 @@ def main(cfg: Config) -> dict:
         **stats, "seconds": time.perf_counter() - t0,
     }
     gold_sel = gold_first = None
-    if cfg.gold and cfg.judge != "gold":
+    if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
         from rlhfkit.judges import GoldPanel
 
         panel = GoldPanel()

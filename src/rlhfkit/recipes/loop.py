@@ -215,7 +215,7 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
     else:
         from rlhfkit.recipes import ppo
 
-        pcfg = _recipe_config(ppo.Config, dict(common, kl_coef=cfg.ppo_kl_coef, max_new_tokens=cfg.max_new_tokens,
+        pcfg = _recipe_config(ppo.Config, dict(common, kl_coef=cfg.ppo_kl_coef, max_completion_length=cfg.max_new_tokens,
                                                num_eval_prompts=0, eval_prompts=""),
                               cfg.policy_config, dict(forced, reward_model=rm_path))
         ppo.main(pcfg)

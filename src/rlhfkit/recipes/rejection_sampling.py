@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import tyro
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
@@ -31,10 +33,14 @@ from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_
 
 @dataclasses.dataclass
 class Config(ModelArgs, TrainArgs):
-    judge: str = "gold"
-    """Who scores samples: 'rm:PATH' (reward model folder) or 'gold' (the bundled panel)."""
+    reward: Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
+    """Who scores samples, repeatable: rm:PATH, py:module:fn, math, judge:SPEC, gold, ... (default: gold on the bundled task only)."""
+    reward_weights: list[float] = dataclasses.field(default_factory=list)
+    """Weight of each --reward in the total (default 1 each)."""
+    judge: str = ""
+    """Shorthand for one --reward (gold or rm:PATH)."""
     prompts: str = "kindly"
-    """Training prompts: 'kindly' (bundled train prompts), a .txt file or records with a `prompt` column."""
+    """Training prompts: 'kindly' (bundled train prompts), a .txt file, or records with 'prompt' or 'messages' (+ columns for rewards)."""
     rounds: int = 3
     """Rounds R of sample -> select -> fine-tune."""
     k: int = 8
@@ -54,7 +60,7 @@ class Config(ModelArgs, TrainArgs):
     generation_batch_size: int = 64
     """Rows per generation forward."""
     gold: bool = True
-    """Also score samples with the gold panel when the judge is a reward model (bundled task)."""
+    """Also score samples with the gold panel when it is not the reward (bundled task only)."""
 
     def __post_init__(self) -> None:
         self._check_train_args()
@@ -62,7 +68,10 @@ class Config(ModelArgs, TrainArgs):
         require(self.k >= 1, "k", "must be >= 1")
         require(1 <= self.keep <= self.k, "keep", f"must be between 1 and k ({self.k})")
         require(self.prompts_per_round >= 1, "prompts_per_round", "must be >= 1")
-        require(self.judge == "gold" or self.judge.startswith("rm:"), "judge", f"must be 'gold' or 'rm:PATH', got {self.judge!r}")
+        from rlhfkit.judges.specs import rewards_or_default
+
+        self.reward = rewards_or_default(self.reward + ([self.judge] if self.judge else []), self.prompts)
+        self.judge = ""
         if not self.model:
             self.model = "kindly"
 
@@ -79,12 +88,16 @@ def select_top(scores: np.ndarray, keep: int, min_score: float = float("-inf")) 
     return [(i, int(j)) for i in range(scores.shape[0]) for j in order[i] if scores[i, j] >= min_score]
 
 
-def round_prompts(prompts: list[str], r: int, per_round: int, seed: int) -> list[str]:
+def round_indices(n: int, r: int, per_round: int, seed: int) -> list[int]:
     """A different slice of a fixed shuffle each round (wrapping around when prompts run out)."""
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    start = (r * per_round) % len(prompts)
-    idx = [order[(start + i) % len(prompts)] for i in range(min(per_round, len(prompts)))]
-    return [prompts[i] for i in idx]
+    order = np.random.default_rng(seed).permutation(n)
+    start = (r * per_round) % n
+    return [int(order[(start + i) % n]) for i in range(min(per_round, n))]
+
+
+def round_prompts(prompts: list[str], r: int, per_round: int, seed: int) -> list[str]:
+    """The prompts of round `r` (see :func:`round_indices`)."""
+    return [prompts[i] for i in round_indices(len(prompts), r, per_round, seed)]
 
 
 def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: int) -> list[dict]:
@@ -102,21 +115,21 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.eval.run_eval import make_judge
+    from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.models.lora import disable_dropout
     from rlhfkit.recipes.sft import train_causal_lm
     from rlhfkit.rollout import generate
+    from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt, rows_of
     from rlhfkit.training import make_accelerator
 
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    from rlhfkit.data.prompts import load_prompts
-
-    prompts = load_prompts(cfg.prompts, "train")
-    judge = make_judge(cfg.judge)
+    prompt_set = load_prompt_set(cfg.prompts, "train")
+    judge = load_rewards(cfg.reward, cfg.reward_weights, accelerator.device, cfg.generation_batch_size)
     panel = None
-    if cfg.gold and cfg.judge != "gold":
+    if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
         from rlhfkit.judges import GoldPanel
 
         panel = GoldPanel()
@@ -132,16 +145,19 @@ def main(cfg: Config) -> dict:
             print(f"rejection-sampling: round {r} already finished, continuing from {current}")
             continue
         policy = load_policy(current, cfg.dtype, lora=cfg)  # LoRA: fresh adapters on the merged previous round
-        batch_prompts = round_prompts(prompts, r, cfg.prompts_per_round, cfg.seed)
-        roll = generate(policy, tokenizer, batch_prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, num_samples=cfg.k, batch_size=cfg.generation_batch_size, seed=cfg.seed + r)
-        scores = np.asarray(judge.score(roll.prompts, roll.responses), dtype=np.float64).reshape(len(batch_prompts), cfg.k)
+        disable_dropout(policy)
+        batch = prompt_set.select(round_indices(len(prompt_set), r, cfg.prompts_per_round, cfg.seed))
+        roll = generate(policy, tokenizer, [render_prompt(tokenizer, p) for p in batch.prompts], cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, num_samples=cfg.k,
+                        batch_size=cfg.generation_batch_size, seed=cfg.seed + r)
+        row_prompts, columns = rows_of(batch, roll.prompt_index)
+        scores = judge(row_prompts, as_completions(row_prompts, roll.responses), **columns).reshape(len(batch), cfg.k)
         picks = select_top(scores, cfg.keep, cfg.min_score)
         if not picks:
             raise ValueError(f"round {r}: no sample reached min_score={cfg.min_score}; lower it")
         metrics = {"round": r, "score_mean": float(scores.mean()),
                    "score_kept": float(np.mean([scores[i, j] for i, j in picks])),
-                   "kept": len(picks), "dropped_below_min_score": len(batch_prompts) * cfg.keep - len(picks),
+                   "kept": len(picks), "dropped_below_min_score": len(batch) * cfg.keep - len(picks),
                    "distinct_share": len(set(roll.responses)) / len(roll.responses),
                    "unfinished_share": float((~roll.ended_with_eos).float().mean())}
         if panel is not None:

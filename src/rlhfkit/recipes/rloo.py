@@ -1,165 +1,39 @@
 """RLOO: REINFORCE with a leave-one-out baseline, no critic (Ahmadian et al. 2024, "Back to
 Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs").
 
-Each prompt gets `num_generations` responses. A response's reward is its reward-model score
-minus beta times its summed per-token KL to the reference (the KL is in the reward, eq. 2);
-its advantage is that reward minus the mean reward of the other responses to the same
-prompt (eq. 4; Kool et al. 2019). The whole response is one action: the loss is
--A * sum_t log pi(y_t), with PPO-style clipping for later epochs on the same batch.
+A preset of the group recipe (rlhfkit.recipes.grpo): each prompt gets `num_generations`
+responses; a response's reward is its score minus beta times its summed per-token KL to the
+reference (the KL is in the reward, eq. 2); its advantage is that reward minus the mean reward
+of the other responses to the same prompt (eq. 4; Kool et al. 2019). The whole response is one
+action: the importance ratio is the ratio of whole-response probabilities, clipped per
+response as in the paper and TRL, and at ratio 1 the gradient is -A * grad sum_t log pi(y_t).
 
-    rlhfkit rloo --model runs/sft/final --reward_model runs/rm/final --output_dir runs/rloo
+    rlhfkit rloo --model runs/sft/final --reward rm:runs/rm/final --output_dir runs/rloo
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
 
-import numpy as np
-
-from rlhfkit.advantages import (
-    RunningMoments,
-    kl_estimate,
-    leave_one_out_advantages,
-    make_kl_controller,
-    process_scores,
-)
-from rlhfkit.config import ModelArgs, TrainArgs, require
-from rlhfkit.data.prompts import load_prompts
-from rlhfkit.losses.policy import rloo_loss
-from rlhfkit.models import (
-    load_policy,
-    load_tokenizer,
-    reference_context,
-    reference_model,
-    save_model,
-)
-from rlhfkit.rl import (
-    OnPolicyArgs,
-    check_hacking,
-    evaluate_gold,
-    group_rollout,
-    make_gold_judge,
-    make_hacking_alarm,
-    make_reward_fn,
-    policy_update,
-    prompts_for_step,
-    rollout_stats,
-    sample_table,
-    total_updates,
-    unwrap,
-    write_samples,
-)
-from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
-from rlhfkit.training import (
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    mean_across_processes,
-    save_checkpoint,
-)
+from rlhfkit.recipes import grpo
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs, OnPolicyArgs):
-    num_generations: int = 4
-    """Responses sampled per prompt (k in RLOO-k)."""
-    whiten_advantages: bool = False
+class Config(grpo.Config):
+    advantage_estimator: str = "rloo"
+    """Group baseline: grpo (group mean and std) or rloo (leave-one-out mean)."""
+    kl_in_reward: bool = True
+    """Put -beta * KL(policy || reference) into each response's reward (RLOO) instead of the loss (GRPO)."""
+    beta: float = 0.05
+    """KL coefficient of the reward's -beta * summed per-token KL."""
+    importance_sampling_level: str = "sequence_sum"
+    """Importance ratio: sequence_sum (RLOO: whole response), sequence (GSPO) or token."""
+    loss_type: str = "sequence"
+    """Loss normalisation: with a sequence-level ratio, sequence counts each response's loss once."""
+    scale_rewards: bool = False
     """Whiten the leave-one-out advantages over the batch."""
-    num_ppo_epochs: int = 1
-    """Passes over each rollout batch."""
     output_dir: str = "runs/rloo"
     """Folder for checkpoints, metrics.jsonl, TensorBoard events and the final model."""
 
-    def __post_init__(self) -> None:
-        self._check_train_args()
-        self._check_on_policy_args()
-        require(self.model != "", "model", "give the SFT policy to start from (a folder or 'kindly')")
-        require(self.num_generations >= 2, "num_generations", "the leave-one-out baseline needs at least 2")
 
-
-def main(cfg: Config, reward_fn=None) -> dict:
-    """Train; returns the final held-out evaluation (when a gold judge exists) and the last metrics."""
-    acc = make_accelerator(cfg)
-    out = prepare_run_dir(cfg.output_dir, cfg, acc.is_main_process)
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, cfg.dtype, lora=cfg)
-    ref_model = reference_model(policy, cfg.use_lora)
-    if not cfg.use_lora:
-        ref_model.to(acc.device)
-    reward_fn = reward_fn or make_reward_fn(cfg.reward_model, acc.device, cfg.generation_batch_size)
-    judge = make_gold_judge(cfg)
-    prompts = load_prompts(cfg.prompts, "train")
-    n_updates = total_updates(len(prompts), cfg, acc.num_processes)
-    optimizer = make_optimizer(policy, cfg)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
-
-    def ref_ctx():
-        return reference_context(policy) if cfg.use_lora else contextlib.nullcontext()
-
-    kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
-    running, start = RunningMoments(), 0
-    if cfg.resume and (ckpt := latest_checkpoint(cfg.output_dir)) is not None:
-        state = load_checkpoint(acc, ckpt)
-        start = state["step"]
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        running.load_state_dict(state["running_moments"])
-        acc.print(f"rloo: resumed from {ckpt} at update {start}")
-    logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
-    alarm = make_hacking_alarm(cfg, out, acc.is_main_process)
-    truncated, last = 0, {}
-    for step in range(start, n_updates):
-        t0 = time.perf_counter()
-        step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed, acc.num_processes,
-                                        acc.process_index)
-        roll, scores, batch = group_rollout(policy, ref_fwd, ref_ctx, tok, reward_fn, step_prompts, cfg, step,
-                                            acc.device, acc.process_index, need_ref=True)
-        shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
-                                cfg.score_clip or None).to(acc.device)
-        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], cfg.kl_estimator) * batch["rmask"]
-        rewards = shaped - kl_ctl.value * kl.sum(-1)  # KL in the reward, per response
-        adv = leave_one_out_advantages(rewards, cfg.num_generations)
-        if cfg.whiten_advantages:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-
-        def loss_fn(logp, idx, batch=batch, adv=adv):  # bound now: used within this update
-            return rloo_loss(logp, batch["old_logp"][idx], adv[idx], batch["rmask"][idx], cfg.clip_eps)
-
-        gold = np.asarray(judge(roll.prompts, roll.responses)) if judge is not None else None
-        stats = rollout_stats(roll, scores, kl, batch["old_logp"], gold)
-        stats["non_score_reward"] = (-kl_ctl.value * kl.sum(-1)).mean().item()
-        t_roll = time.perf_counter() - t0
-        train_stats = policy_update(policy, optimizer, batch, cfg, step, acc, loss_fn, "RLOO")
-        truncated += roll.num_truncated_prompts
-        merged = {**train_stats, **stats}
-        keys = sorted(merged)
-        last = dict(zip(keys, mean_across_processes(acc, [float(merged[k]) for k in keys])))
-        kl_ctl.update(last["kl"], len(roll) * acc.num_processes)
-        last.update(kl_coef=kl_ctl.value, rollout_seconds=t_roll, step_seconds=time.perf_counter() - t0)
-        stop_run = check_hacking(alarm, last, step + 1, acc)  # printed; ends the run after this update
-        logger.log(last, step + 1)
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
-            logger.log_text("samples", sample_table(roll, scores, gold), step + 1)
-            write_samples(out, step + 1, roll, scores, gold)
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-            save_checkpoint(acc, out, step + 1, {"kl_ctl": kl_ctl.state_dict(),
-                                                 "running_moments": running.state_dict()})
-        if stop_run:
-            break
-    if truncated:
-        acc.print(f"rloo: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
-                  "tokens and were left-truncated")
-    logger.close()
-    result = {"updates": n_updates, "last": last}
-    if acc.is_main_process:
-        save_model(unwrap(policy), tok, out / "final")
-        eval_prompts = load_prompts(cfg.eval_prompts, "eval", limit=cfg.num_eval_prompts) if cfg.eval_prompts else []
-        if judge is not None and eval_prompts:
-            result["eval"] = evaluate_gold(policy, ref_fwd, tok, eval_prompts, judge, reward_fn, cfg, ref_ctx)
-            acc.print("rloo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
-        atomic_write_json(out / "final_metrics.json", result)
-    acc.wait_for_everyone()
-    return result
+main = grpo.main

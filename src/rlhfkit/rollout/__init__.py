@@ -1,14 +1,25 @@
-"""rlhfkit.rollout: batched sampling from a policy (KV cache, temperature, top-p, EOS stop).
+"""rlhfkit.rollout: generation engines behind one interface, the typed rollout records, prompt sets.
 
-`generate` is the one entry point every on-policy recipe, best-of-N and the evaluators use.
+An engine is a function ``generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0,
+top_p=1.0, num_samples=1, batch_size=64, seed=None, max_prompt_length=None,
+stop_token_ids=None) -> Rollout``; :data:`ENGINES` maps names to engines ("hf": the KV-cache
+sampling loop in generate.py). Other engines register themselves in ENGINES under their name.
 """
 
-from rlhfkit.rollout.generate import (
-    Rollout,
-    encode_prompts,
-    generate,
-    sample_next_token,
-    top_p_filter,
-)
+from rlhfkit.rollout.generate import encode_prompts, generate, sample_next_token, top_p_filter
+from rlhfkit.rollout.record import Rollout, Trajectory, micro_batches, minibatches
 
-__all__ = ["Rollout", "generate", "encode_prompts", "sample_next_token", "top_p_filter"]
+ENGINES = {"hf": generate}
+
+
+def get_engine(name: str):
+    """The generation engine called `name`."""
+    from rlhfkit.errors import ConfigError
+
+    if name not in ENGINES:
+        raise ConfigError(f"config field 'engine': unknown generation engine {name!r}; choose from {sorted(ENGINES)}")
+    return ENGINES[name]
+
+
+__all__ = ["ENGINES", "Rollout", "Trajectory", "encode_prompts", "generate", "get_engine", "micro_batches",
+           "minibatches", "sample_next_token", "top_p_filter"]

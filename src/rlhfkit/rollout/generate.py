@@ -6,64 +6,19 @@ criteria, cache re-validation) costs more than the forward pass itself. The loop
 one prefill over left-padded prompts and then one single-token forward per step, reusing
 the cache, and stops as soon as every row has produced an end-of-sequence token.
 
-Layout of a :class:`Rollout` (N rows = prompts x num_samples, samples of one prompt adjacent):
-
-    query_ids      (N, P)  prompt tokens, LEFT-padded with the pad id
-    query_mask     (N, P)  1 on real prompt tokens
-    response_ids   (N, R)  sampled tokens, RIGHT-padded with the pad id
-    response_mask  (N, R)  1 on sampled tokens up to and including the first EOS
-    ended_with_eos (N,)    True where the response stopped at an EOS token
+`generate` is the "hf" engine behind :data:`rlhfkit.rollout.ENGINES`; it returns a
+:class:`~rlhfkit.rollout.record.Rollout` (layout documented there).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from rlhfkit.errors import ConfigError
-
-
-@dataclasses.dataclass
-class Rollout:
-    prompts: list[str]
-    responses: list[str]
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    ended_with_eos: torch.Tensor
-    prompt_index: torch.Tensor
-    """(N,) index of each row's prompt in the list passed to `generate`."""
-    num_truncated_prompts: int = 0
-    """Prompts that were longer than `max_prompt_length` and lost their first tokens."""
-
-    def __len__(self) -> int:
-        return len(self.responses)
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
-
-    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of prompt + response, ready for one forward pass."""
-        ids = torch.cat([self.query_ids, self.response_ids], dim=1)
-        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
-        return ids, mask
-
-    def select(self, index: Sequence[int] | torch.Tensor) -> Rollout:
-        """The rows in `index`, in that order (tensors indexed, lists picked)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
-        rows = idx.tolist()
-        return Rollout(
-            prompts=[self.prompts[i] for i in rows], responses=[self.responses[i] for i in rows],
-            query_ids=self.query_ids[idx], query_mask=self.query_mask[idx],
-            response_ids=self.response_ids[idx], response_mask=self.response_mask[idx],
-            ended_with_eos=self.ended_with_eos[idx], prompt_index=self.prompt_index[idx],
-            num_truncated_prompts=self.num_truncated_prompts,
-        )
+from rlhfkit.rollout.record import Rollout
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

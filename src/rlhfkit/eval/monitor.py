@@ -1,0 +1,169 @@
+"""What an on-policy run logs each update: rollout statistics, per-reward curves, the share of
+groups without learning signal, sample tables, the reward-hacking alarm, and the final check
+against the starting policy with a held-out reward.
+
+The "eval reward" is any reward spec held out from training (the bundled task's gold panel by
+default, a held-out verifier, a second reward model); the hacking alarm watches the training
+reward rising while the eval reward falls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhfkit.rollout.record import Rollout
+
+
+def eval_reward_spec(cfg: Any) -> str | None:
+    """The held-out reward spec of a run, or None: `eval_reward` if set ('none' = off), else the gold
+    panel when training on the bundled task and not already training on it."""
+    spec = getattr(cfg, "eval_reward", "")
+    if spec == "none":
+        return None
+    if spec:
+        return spec
+    if str(cfg.prompts).split(":")[0] == "kindly" and "gold" not in cfg.reward:
+        return "gold"
+    return None
+
+
+def load_eval_reward(cfg: Any, device: Any = "cpu"):
+    """A RewardSet with the one held-out reward (named after its spec), or None."""
+    spec = eval_reward_spec(cfg)
+    if spec is None:
+        return None
+    from rlhfkit.judges.specs import load_rewards
+
+    return load_rewards([spec], device=device, batch_size=cfg.generation_batch_size)
+
+
+def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Tensor, logp: torch.Tensor,
+                  eval_scores: np.ndarray | None) -> dict[str, float]:
+    """Per-update metrics of a rollout batch (before training on it). `reward` is the training total."""
+    from rlhfkit.logprobs import masked_mean
+
+    mask = rollout.response_mask.to(kl_per_token.device)
+    out = {
+        "reward": scores.mean().item(),
+        "reward_std": scores.std(unbiased=False).item() if len(scores) > 1 else 0.0,
+        "kl": (kl_per_token * mask).sum(-1).mean().item(),
+        "response_length": rollout.response_lengths.float().mean().item(),
+        "eos_rate": rollout.ended_with_eos.float().mean().item(),
+        "rollout_neg_logp": -masked_mean(logp, mask).item(),
+    }
+    out["proxy_reward"] = out["reward"]  # the name reports and the over-optimisation tools read
+    if eval_scores is not None:
+        out["eval_reward"] = float(np.mean(eval_scores))
+        out["gold_reward"] = out["eval_reward"]
+        out["gold_proxy_gap"] = out["reward"] - out["eval_reward"]
+    return out
+
+
+def average_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Averages of per-mini-batch metrics over an update; *_min / *_max keep the extremes."""
+    if not metrics:
+        return {}
+    out: dict[str, float] = {}
+    for key in metrics[0]:
+        vals = [float(m[key]) for m in metrics if key in m]
+        out[key] = min(vals) if key.endswith("_min") else max(vals) if key.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+def sample_rows(rollout: Rollout, scores: torch.Tensor, eval_scores: np.ndarray | None, n: int = 8) -> list[dict]:
+    return [{"prompt": rollout.prompts[i], "response": rollout.responses[i], "reward": scores[i].item(),
+             "eval_reward": None if eval_scores is None else float(eval_scores[i])} for i in range(min(n, len(rollout)))]
+
+
+def sample_table(rows: list[dict]) -> str:
+    """A markdown table of sample rows (TensorBoard renders it)."""
+    out = ["| prompt | response | reward | eval reward |", "|---|---|---|---|"]
+    for r in rows:
+        g = "" if r["eval_reward"] is None else f"{r['eval_reward']:.3f}"
+        cells = [str(r["prompt"]).replace("|", "\\|").replace("\n", " "), r["response"].replace("|", "\\|")
+                 .replace("\n", " ")]
+        out.append(f"| {cells[0]} | {cells[1]} | {r['reward']:.3f} | {g} |")
+    return "\n".join(out)
+
+
+def write_samples(output_dir: str | Path, step: int, rows: list[dict]) -> None:
+    """Append sample rows of this update to samples.jsonl."""
+    with open(Path(output_dir) / "samples.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps({"step": step, **r}) + "\n")
+
+
+def make_hacking_alarm(cfg: Any, output_dir: str | Path, is_main: bool = True):
+    """The reward-hacking alarm of `rlhfkit.eval.overopt` for an on-policy run (None when off).
+
+    Events go to `alarms.jsonl` in the run folder, where `rlhfkit report` shows them.
+    """
+    if cfg.hacking_window <= 0:
+        return None
+    from rlhfkit.eval.overopt import HackingAlarm
+
+    return HackingAlarm(window=cfg.hacking_window, stop=cfg.stop_on_hacking,
+                        log_path=Path(output_dir) / "alarms.jsonl" if is_main else None)
+
+
+def check_hacking(alarm, metrics: dict, step: int, accelerator) -> bool:
+    """Feed one update's training and eval reward to the alarm; True when the run should stop.
+
+    The alarm's slopes are added to `metrics`. Every process sees the same (process-averaged)
+    metrics, so all stop together.
+    """
+    if alarm is None or "eval_reward" not in metrics:
+        return False
+    event = alarm.update(step, metrics["reward"], metrics["eval_reward"])
+    metrics.update({f"hacking_{k}": v for k, v in alarm.last.items()})
+    if event is not None:
+        metrics["hacking_alarm"] = 1.0
+        accelerator.print(f"warning: reward hacking at update {step}: training reward slope "
+                          f"{event['proxy_slope']:+.4f} while eval reward slope {event['gold_slope']:+.4f} over the "
+                          f"last {alarm.window} updates" + (" - stopping" if alarm.should_stop else ""))
+    return alarm.should_stop
+
+
+class _UnderContext(torch.nn.Module):
+    """A model whose every forward runs inside `ctx()`: the reference of a LoRA policy (adapters off)."""
+
+    def __init__(self, model: torch.nn.Module, ctx: Callable[[], Any]):
+        super().__init__()
+        self.model, self._ctx = model, ctx
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._ctx():
+            return self.model(*args, **kwargs)
+
+
+@torch.no_grad()
+def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[Any], columns: dict, eval_reward,
+                               train_reward, cfg: Any, ref_ctx: Callable[[], Any] | None = None,
+                               seed: int = 12345, n_boot: int = 200) -> dict[str, float]:
+    """Held-out check of a finished run through the one evaluator (`rlhfkit.eval.run_eval.evaluate`):
+    win rate of the policy over the reference by the eval reward (ties half), both rewards for both
+    models, and the mean summed per-response KL(policy || reference), flattened to means."""
+    from rlhfkit.eval.run_eval import PromptScorer, evaluate
+    from rlhfkit.rollout.forward import unwrap
+    from rlhfkit.rollout.prompts import render_prompt
+
+    prompts = list(prompts)
+    ref = _UnderContext(unwrap(reference), ref_ctx) if ref_ctx is not None else unwrap(reference)
+    m, _ = evaluate(unwrap(policy), ref, tokenizer, [render_prompt(tokenizer, p) for p in prompts],
+                    PromptScorer(eval_reward, prompts, columns), PromptScorer(train_reward, prompts, columns), (),
+                    cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.generation_batch_size, seed, n_boot)
+    out = {"eval_win_rate": m["win_rate"]["mean"], "kl": m["kl"]["mean"], "eval_reward": m["gold"]["mean"],
+           "eval_reward_reference": m["gold_reference"]["mean"], "reward": m["proxy"]["mean"],
+           "reward_reference": m["proxy_reference"]["mean"], "response_length_words": m["mean_length"],
+           "eval_win_rate_lo": m["win_rate"]["lo"], "eval_win_rate_hi": m["win_rate"]["hi"]}
+    # the names reports of the bundled task read
+    out.update(gold_win_rate=out["eval_win_rate"], gold_reward=out["eval_reward"],
+               gold_reward_reference=out["eval_reward_reference"], proxy_reward=out["reward"],
+               proxy_reward_reference=out["reward_reference"])
+    return out
