@@ -133,7 +133,7 @@ class VLLMEngine:
 
 
 def _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, truncated):
-    from rlhfkit.rollout.generate import Rollout
+    from rlhfkit.rollout.record import Rollout
 
     rows = [i for i in range(len(ids)) for _ in range(num_samples)]
     p = max(len(x) for x in ids)
@@ -152,3 +152,24 @@ def _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, 
     return Rollout(prompts=[prompts[i] for i in rows], responses=texts, query_ids=query, query_mask=qmask,
                    response_ids=resp, response_mask=rmask, ended_with_eos=torch.tensor(ended),
                    prompt_index=torch.tensor(rows, dtype=torch.long), num_truncated_prompts=truncated)
+
+
+_ENGINES: dict[int, VLLMEngine] = {}
+
+
+def generate_rollout(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
+                     top_p: float = 1.0, num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
+                     max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None):
+    """The `vllm` engine with the rollout-engine signature: one colocated vLLM per policy, started
+    on first use from the policy's checkpoint path, its weights refreshed on every call."""
+    inner = getattr(model, "module", model)
+    key = id(inner)
+    if key not in _ENGINES:
+        import_vllm()  # a missing library is the first thing to say
+        path = getattr(inner.config, "_name_or_path", "") or getattr(inner, "name_or_path", "")
+        if not path:
+            raise ConfigError("config field 'engine': vllm needs a policy loaded from a checkpoint folder or hub name")
+        _ENGINES[key] = VLLMEngine(path)
+    return _ENGINES[key].generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                                  num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                  max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids)
