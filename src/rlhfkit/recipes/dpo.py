@@ -50,6 +50,7 @@ from rlhfkit.losses.preference import (
     compute_preference_loss,
     needs_reference,
 )
+from rlhfkit.memory import report_for_run
 from rlhfkit.models import (
     check_max_length,
     load_policy,
@@ -59,6 +60,7 @@ from rlhfkit.models import (
     weights_fingerprint,
 )
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -125,10 +127,6 @@ def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limi
                             log=lambda m: print(f"dpo: {m}"), max_prompt_length=max_prompt_length)
 
 
-def use_fast_head(cfg) -> bool:
-    return fast_head_allowed(cfg.mixed_precision)
-
-
 def response_logps(model, batch: ResponseBatch, fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log pi(response | prompt) per row and the response lengths."""
     lp, _ = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_width,
@@ -154,7 +152,7 @@ def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: 
         print(f"dpo: reference log-probs from cache {path}")
         return load_file(str(path))["logps"]
     logps = compute_reference_logps(ref_model, enc, cfg.per_device_train_batch_size * 2, pad_id, device, kl,
-                                    progress=cfg.progress and is_main, fast_head=use_fast_head(cfg))
+                                    progress=cfg.progress and is_main, fast_head=fast_head_allowed(cfg.mixed_precision))
     if is_main:
         with atomic_path(path) as tmp:
             save_file({"logps": logps}, str(tmp), metadata={k: str(v) for k, v in key_parts.items()})
@@ -174,7 +172,7 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
     # pairs: the preference batch the reward recipe uses too (chosen rows, then rejected rows)
     batch = (collate_preferences(pair_units(enc, index), pad_id, device).rows if enc.paired
              else collate_responses(example_rows(enc, index), pad_id, device))
-    fast = use_fast_head(cfg)
+    fast = fast_head_allowed(cfg.mixed_precision)
     logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch.attention_mask.sum())
     kl_logps = ref_kl = None
@@ -247,8 +245,7 @@ def _reference(cfg: Config, policy):
     """The reference model: the adapter-disabled policy with LoRA, else a frozen separate copy."""
     if cfg.use_lora:
         return policy
-    ref = load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout)
-    return ref.requires_grad_(False)
+    return load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout).requires_grad_(False)
 
 
 @one_run_per_folder
@@ -267,6 +264,7 @@ def main(cfg: Config) -> dict:
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg, disable_dropout=cfg.disable_dropout,
                          attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(policy, cfg.max_length)
+    report_for_run(accelerator, policy, cfg, batch=2 * cfg.per_device_train_batch_size, seq_len=cfg.max_length)
     ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
     kl = cfg.kto_kl and not train.paired
     ref_train = ref_eval = None
@@ -343,8 +341,10 @@ def main(cfg: Config) -> dict:
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, policy)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", merge_lora=cfg.merge_lora)
+        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", merge_lora=cfg.merge_lora,
+                   state_dict=state)
         atomic_write_json(out / "results.json", final)
     accelerator.wait_for_everyone()
     return final
