@@ -61,6 +61,7 @@ from rlhfkit.feedback.security import MIN_PASSWORD, hash_password
 ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
 DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
 UNCERTAINTY_POOL = 256  # unlabelled items scored by the ensemble per request
+CLAIM_ROUNDS = 4  # rounds of reading candidates and claiming one before waiting on locks
 PAIR_CHOICES = {"left": 0, "right": 1}
 
 
@@ -317,21 +318,23 @@ def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
                     .order_by(Assignment.id).limit(1))
 
 
-ASSIGN_LOCK_NAMESPACE = 0x524B  # first key of the per-task advisory lock ("RK")
+def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
+    """Lock one item row for this transaction on PostgreSQL (True when locked; with
+    `skip_locked`, False when another transaction holds it). SQLite needs nothing: its
+    writers run one at a time (BEGIN IMMEDIATE and the in-process write lock).
 
-
-def lock_task_assignments(s: Session, task: Task) -> None:
-    """Serialise assignment decisions for one task until the transaction ends.
-
-    Counting an item's open slots and inserting the assignment is a read-then-write: two
-    PostgreSQL transactions under READ COMMITTED both see a free slot and both take it (about
-    1 item in 10 got two labels with overlap 1 and 8 clients). A transaction-scoped advisory
-    lock per task makes the count and the insert atomic; the next waiter's statements see the
-    committed assignment. SQLite needs nothing: writers already run one at a time
-    (BEGIN IMMEDIATE and the in-process write lock).
+    Counting an item's open slots and inserting an assignment is a read-then-write: two
+    PostgreSQL transactions under READ COMMITTED both saw a free slot and both took it (about
+    1 item in 10 got two labels with overlap 1 and 8 clients). Holding the item's row lock
+    from the count to the commit makes it atomic, and the next holder's count (a new
+    statement) sees the committed assignment. FOR NO KEY UPDATE does not conflict with the
+    KEY SHARE locks that inserting labels and assignments takes on the item; SKIP LOCKED lets
+    concurrent /next calls take different items instead of queueing on one lock.
     """
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(select(func.pg_advisory_xact_lock(ASSIGN_LOCK_NAMESPACE, task.id)))
+    if s.get_bind().dialect.name != "postgresql":
+        return True
+    q = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=skip_locked)
+    return s.scalar(q) is not None
 
 
 def _slots_taken_by_others(s: Session, item_id: int, user: User) -> int:
@@ -365,19 +368,28 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     current = _open_assignment(s, task, user)
     if current is not None:
         return s.get(Item, current.item_id), current
-    lock_task_assignments(s, task)
     item_id = None
     if task.gold_rate > 0 and rng.random() < task.gold_rate:
         golds = candidate_ids(s, task, user, gold=True, limit=64)
         item_id = rng.choice(golds) if golds else None
     if item_id is None:
         uncertain = task.selection == "uncertainty" and scorer is not None
-        pool = candidate_ids(s, task, user, gold=False, limit=UNCERTAINTY_POOL if uncertain else 32)
-        if not pool:
-            pool = candidate_ids(s, task, user, gold=True, limit=64)
+        # candidates are read without locks; claiming one locks it and re-counts its slots. When
+        # every candidate was taken meanwhile, read the candidates again (new commits show).
+        for attempt in range(CLAIM_ROUNDS):
+            pool = candidate_ids(s, task, user, gold=False, limit=UNCERTAINTY_POOL if uncertain else 32)
             if not pool:
+                break
+            first = _choose(s, pool, task, rng, scorer)
+            item_id = _claim(s, task, user, [first] + [i for i in pool if i != first],
+                             wait=attempt == CLAIM_ROUNDS - 1)
+            if item_id is not None:
+                break
+        if item_id is None:  # no real item is left: gold items (no overlap limit) keep coming
+            golds = candidate_ids(s, task, user, gold=True, limit=64)
+            if not golds:
                 return None
-        item_id = _choose(s, pool, task, rng, scorer)
+            item_id = rng.choice(golds)
     item = s.get(Item, item_id)
     order = list(range(len(item.responses)))
     if task.randomize_order:
@@ -391,6 +403,18 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
         again = _open_assignment(s, task, user)
         return None if again is None else (s.get(Item, again.item_id), again)
     return item, assignment
+
+
+def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = False) -> int | None:
+    """The first item of `ordered` whose row lock we get and that still has a free slot.
+
+    Items locked by a concurrent /next are skipped, unless `wait` (the last round: wait for
+    their holders, who commit within one request, rather than report the task finished).
+    """
+    for item_id in ordered:
+        if lock_item(s, item_id, skip_locked=not wait) and _slots_taken_by_others(s, item_id, user) < task.overlap:
+            return item_id
+    return None
 
 
 def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer) -> int:
@@ -436,7 +460,7 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
         raise Conflict("this item was not served to you; ask for the next item first")
     if not assignment.completed and assignment.served_at <= utcnow() - ASSIGNMENT_TIMEOUT and not item.is_gold:
         # the slot was released when the assignment expired: accept only if nobody took it since
-        lock_task_assignments(s, task)
+        lock_item(s, item_id)
         if _slots_taken_by_others(s, item_id, user) >= task.overlap:
             raise Conflict("your assignment of this item expired and it was given to someone else; "
                            "ask for the next item")

@@ -55,7 +55,7 @@ from rlhfkit.rollout.prompts import (
     prompts_for_step,
     render_prompt,
 )
-from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -96,7 +96,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     ptx_data: str = ""
     """prompt/completion data for PPO-ptx ('' = the bundled SFT records when training on the bundled task)."""
     engine: str = "hf"
-    """Generation engine (rlhfkit.rollout.ENGINES)."""
+    """Generation engine: hf (sampling loop), static (static KV cache, compiled on CUDA) or vllm (colocated vLLM, pip install vllm); docs/scale.md."""
     logging_steps: int = 1
     """Write metrics every N updates (each update's metrics are computed either way)."""
     output_dir: str = "runs/ppo"
@@ -241,6 +241,7 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
     return out
 
 
+@one_run_per_folder
 def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     """Train; returns the last update's metrics and, with an eval reward, the held-out evaluation.
 
