@@ -244,12 +244,11 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
     """SFT, DPO and GRPO on both sides for `cfg` on the current device (CUDA when there is one)."""
     import json
 
+    from benchmarks.dpo_speed import make_pairs
     from rlhfkit.data.preference import encode_preferences
     from rlhfkit.models import load_tokenizer
     from rlhfkit.tasks import kindly
     from rlhfkit.training import epoch_order
-
-    from benchmarks.dpo_speed import make_pairs
 
     sizes = {"sft_rows": 64 if quick else 256, "dpo_pairs": 64 if quick else 256, "grpo_steps": 2 if quick else 5,
              **(sizes or {})}
