@@ -48,6 +48,7 @@ from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
+from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -242,6 +243,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     rewards = load_rewards(cfg.reward, cfg.reward_weights, acc.device, cfg.generation_batch_size,
                            reward_funcs if reward_funcs is not None else reward_fn)
     eval_reward = monitor.load_eval_reward(cfg, acc.device)
+    report_on_policy(acc, policy, cfg, frozen=(ref_model, rewards, eval_reward))
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(

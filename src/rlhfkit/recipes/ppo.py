@@ -37,6 +37,7 @@ from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
+from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -264,6 +265,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         for model in (policy, ref_model, critic):
             disable_dropout(model)
     eval_reward = monitor.load_eval_reward(cfg, acc.device)
+    report_on_policy(acc, policy, cfg, frozen=(ref_model, rewards, eval_reward), critic=critic)
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
