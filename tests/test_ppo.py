@@ -378,3 +378,22 @@ def test_ppo_prints_a_memory_estimate_matching_a_hand_count(assets, tmp_path, ca
     for row, value in want.items():
         unit = 1024**3 if value >= 1024**3 else 1024**2 if value >= 1024**2 else 1024
         assert abs(got[row] - value) <= 0.005 * unit + 1e-9, (row, got[row], value)
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_offload_reference_gives_the_same_run(assets, tmp_path, recipe):
+    import importlib
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+    extra = {"num_generations": 2} if recipe == "grpo" else {}
+    runs = []
+    for offload in (False, True):
+        out = tmp_path / str(offload)
+        base = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
+                    output_dir=str(out), max_steps=1, prompts_per_step=2, max_completion_length=6,
+                    per_device_train_batch_size=2, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl",
+                    learning_rate=1e-3, offload_reference=offload, **extra)
+        mod.main(mod.Config(**base))
+        runs.append(read_metrics(out)[0])
+    for key in ("kl", "proxy_reward", "response_length"):
+        assert runs[0][key] == runs[1][key], key

@@ -268,6 +268,7 @@ def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), criti
       num_generations) sequences of that length);
     * the frozen reference and reward models found in `frozen` (reward sets, scorers,
       modules), at their own dtypes; the policy itself (the reference under LoRA) not again;
+      with offload_reference only the largest (one is on the device at a time);
     * a trained `critic` (PPO's value model): its weights, gradients, optimiser state and
       activations, with a one-output head instead of the vocabulary.
     """
@@ -280,7 +281,9 @@ def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), criti
     if critic is not None:
         mine |= {id(m) for m in critic.modules()}
     mine |= {id(m) for m in policy.modules()}
-    frozen_bytes = sum(tensor_bytes(m) for m in modules_in(*frozen) if id(m) not in mine)
+    sizes = [tensor_bytes(m) for m in modules_in(*frozen) if id(m) not in mine]
+    # offloaded to CPU between uses: only one frozen model is on the device at a time
+    frozen_bytes = max(sizes, default=0) if getattr(cfg, "offload_reference", False) else sum(sizes)
     extra = None
     if critic is not None:
         inner = getattr(critic, "model", critic)
