@@ -43,7 +43,13 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.runs import (
+    MetricsLogger,
+    atomic_path,
+    atomic_write_json,
+    one_run_per_folder,
+    prepare_run_dir,
+)
 
 
 @dataclasses.dataclass
