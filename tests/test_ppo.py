@@ -339,3 +339,61 @@ def test_on_policy_configs_read_the_schedule_and_refuse_unused_fields(assets, tm
     # logging_steps: every 2nd update, and the last one
     ppo.main(ppo_cfg(assets, tmp_path / "log", max_steps=3, logging_steps=2))
     assert [r["step"] for r in read_metrics(tmp_path / "log")] == [2, 3]
+
+
+def _printed_estimate(text: str) -> dict[str, float]:
+    """The first memory table in `text` as {row: bytes} (at the printed 2-decimal precision)."""
+    units = {"GiB": 1024**3, "MiB": 1024**2, "KiB": 1024}
+    lines = text.splitlines()
+    start = lines.index("memory estimate per device:")
+    out = {}
+    for line in lines[start + 1: start + 8]:
+        *name, value, unit = line.split()
+        out[" ".join(name)] = float(value) * units[unit]
+    return out
+
+
+def test_ppo_prints_a_memory_estimate_matching_a_hand_count(assets, tmp_path, capsys):
+    from rlhfkit.recipes import ppo
+
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, num_ppo_epochs=1, num_mini_batches=1, eval_reward="none"))
+    got = _printed_estimate(capsys.readouterr().out)
+    tok = tiny_tokenizer()
+    V, h, L, ffn, heads, d = len(tok), 32, 2, 64, 4, 8
+    layer = 4 * h * h + 3 * h * ffn + 2 * h  # q, k, v, o; gate, up, down; two norms
+    P = 2 * V * h + L * layer + h  # untied embedding and LM head, final norm
+    C = V * h + L * layer + h + h  # the critic (started from the reward model): a one-output head
+    b, s = 2, 64 + 6  # per_device_train_batch_size; max_prompt_length + max_completion_length
+    fp32 = 4
+    want = {
+        "weights": fp32 * (P + C),  # policy and critic both train
+        "gradients": fp32 * (P + C),
+        "optimizer": 2 * fp32 * (P + C),  # AdamW's two fp32 moments
+        # sdpa: s*b*h*34 bytes per layer at 2-byte activations, doubled for fp32; logits and their gradient
+        "activations": 2 * (L * s * b * h * 34 * fp32 // 2) + 2 * b * s * V * 4 + 2 * b * s * 1 * 4,
+        "kv cache": 2 * L * heads * d * s * 4 * fp32,  # K and V for a generation batch of 4 prompts
+        "frozen models": fp32 * P + fp32 * C,  # the reference (a copy of the policy) and the reward model
+    }
+    want["total"] = sum(want.values())
+    for row, value in want.items():
+        unit = 1024**3 if value >= 1024**3 else 1024**2 if value >= 1024**2 else 1024
+        assert abs(got[row] - value) <= 0.005 * unit + 1e-9, (row, got[row], value)
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_offload_reference_gives_the_same_run(assets, tmp_path, recipe):
+    import importlib
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+    extra = {"num_generations": 2} if recipe == "grpo" else {}
+    runs = []
+    for offload in (False, True):
+        out = tmp_path / str(offload)
+        base = dict(model=assets["policy"], reward_model=assets["rm"], prompts=assets["prompts"], eval_prompts="",
+                    output_dir=str(out), max_steps=1, prompts_per_step=2, max_completion_length=6,
+                    per_device_train_batch_size=2, num_ppo_epochs=1, num_mini_batches=1, report_to="jsonl",
+                    learning_rate=1e-3, offload_reference=offload, **extra)
+        mod.main(mod.Config(**base))
+        runs.append(read_metrics(out)[0])
+    for key in ("kl", "proxy_reward", "response_length"):
+        assert runs[0][key] == runs[1][key], key

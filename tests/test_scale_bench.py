@@ -47,3 +47,27 @@ def test_gpu_benchmarks_say_no_cuda_and_exit_0(name, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0]
     assert result.exists() == existed  # no figure written
+
+
+def test_gpu_train_paths_run_on_cpu_with_a_tiny_model(monkeypatch):
+    """Every side of gpu_train (SFT, DPO, GRPO; ours and TRL) on a tiny Llama on CPU: the code a GPU run takes."""
+    pytest.importorskip("trl")
+    from benchmarks import gpu_train
+
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.factory import tiny_llama_config
+
+    for name, value in dict(SEQ_LEN=32, BATCH=4, DPO_BATCH=4, DPO_MAX_LEN=64, G_PROMPTS=2, G_GENERATIONS=2,
+                            G_NEW_TOKENS=8).items():
+        monkeypatch.setattr(gpu_train, name, value)
+    tok = load_tokenizer("kindly:tokenizer")
+    cfg = tiny_llama_config(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, tokenizer=tok)
+    out = gpu_train.measure(cfg, peak=1e12, repeats=1, sizes={"sft_rows": 8, "dpo_pairs": 8, "grpo_steps": 1})
+    for part in ("sft", "dpo", "grpo"):
+        assert out[part]["ours_side"]["seconds"] > 0 and out[part]["peer_side"]["seconds"] > 0
+        assert out[part]["loss_first"]["ours"] is not None and out[part]["loss_first"]["peer"] is not None
+    # same weights and batches: SFT and DPO do the same first step on both sides (DPO's is ln 2)
+    assert out["sft"]["comparable"] and out["dpo"]["comparable"], (out["sft"]["not_compared_because"],
+                                                                   out["dpo"]["not_compared_because"])
+    assert out["dpo"]["loss_first"]["ours"] == pytest.approx(0.693147, rel=1e-4)
+    assert set(out["sft"]["mfu"]) == {"ours", "peer"} and set(out["grpo"]["step_seconds"]) == {"ours", "peer"}

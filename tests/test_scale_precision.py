@@ -251,3 +251,50 @@ def test_sft_with_bf16_weights_trains_with_fp32_masters_and_resumes(tmp_path):
     assert any(not torch.equal(a[k], start[k].to(torch.bfloat16)) for k in a)
     for k in a:  # the fp32 masters were restored too, or the resumed weights would drift
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_optim_field_uses_transformers_names(tmp_path):
+    from rlhfkit.config import load_yaml_config
+    from rlhfkit.recipes import sft
+    from rlhfkit.training import make_optimizer
+
+    model = torch.nn.Linear(3, 3)
+    default = sft.Config(model="m")
+    assert default.optim == "adamw_torch" and type(make_optimizer(model, default)) is torch.optim.AdamW
+    fused = make_optimizer(model, sft.Config(model="m", optim="adamw_torch_fused"))
+    assert type(fused) is torch.optim.AdamW and fused.defaults["fused"] is True
+    # pure bf16 weights: the chosen optimiser runs on fp32 masters
+    bf16 = make_optimizer(torch.nn.Linear(3, 3).to(torch.bfloat16), sft.Config(model="m", optim="adamw_torch_fused"))
+    assert isinstance(bf16, MasterWeightOptimizer) and bf16.inner.defaults["fused"] is True
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\noptim: sgd\n")
+    with pytest.raises(ConfigError, match="'optim'.*not one of"):
+        load_yaml_config(sft.Config, path)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="'optim'.*pip install bitsandbytes"):
+            sft.Config(model="m", optim="adamw_8bit")
+
+
+def test_offloaded_between_calls_moves_the_reward_models_for_each_score():
+    from rlhfkit.precision import OffloadedBetweenCalls
+
+    calls = []
+
+    class Spy(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            calls.append(str(args[0]))
+            return super().to(*args, **kwargs)
+
+    class Scorer:  # holds its model two levels down, as RewardSet -> Reward -> scorer does
+        def __init__(self):
+            self.inner = {"members": [Spy(2, 1)]}
+            self.name = "rm"
+
+        def score(self, x):
+            calls.append("score")
+            return self.inner["members"][0](x)
+
+    wrapped = OffloadedBetweenCalls(Scorer(), "cpu:0")
+    assert calls == ["cpu"] and wrapped.name == "rm"
+    out = wrapped.score(torch.ones(1, 2))
+    assert out.shape == (1, 1) and calls == ["cpu", "cpu:0", "score", "cpu"]

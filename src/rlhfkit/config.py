@@ -103,6 +103,8 @@ class TrainArgs:
     """Mixed precision in float16 with loss scaling (GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (transformers' gradient checkpointing, non-reentrant)."""
+    optim: str = "adamw_torch"
+    """Optimiser (transformers' names): adamw_torch, adamw_torch_fused, adamw_8bit or paged_adamw_8bit (8-bit state; need bitsandbytes)."""
     logging_steps: int = 10
     """Log metrics every N optimiser steps."""
     eval_steps: int = 0
@@ -130,6 +132,9 @@ class TrainArgs:
         require(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
                 f"must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
         require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
+        from rlhfkit.precision import optimizer_class
+
+        optimizer_class(self.optim)  # an unknown name, or an 8-bit one without bitsandbytes, is a config error
         require(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 unless max_steps is set")
 
 
@@ -176,7 +181,7 @@ TRL_FIELDS = frozenset("""
 per_device_eval_batch_size eval_strategy evaluation_strategy save_strategy logging_strategy logging_dir
 logging_first_step save_total_limit save_only_model load_best_model_at_end metric_for_best_model
 greater_is_better push_to_hub hub_model_id hub_token hub_strategy dataloader_num_workers dataloader_pin_memory
-dataloader_drop_last remove_unused_columns label_names optim optim_args lr_scheduler_kwargs warmup_ratio
+dataloader_drop_last remove_unused_columns label_names optim_args lr_scheduler_kwargs warmup_ratio
 tf32 bf16_full_eval fp16_full_eval torch_compile torch_compile_backend ddp_find_unused_parameters
 deepspeed fsdp fsdp_config run_name disable_tqdm use_cpu resume_from_checkpoint overwrite_output_dir
 gradient_checkpointing_kwargs ignore_data_skip auto_find_batch_size include_num_input_tokens_seen
@@ -334,6 +339,8 @@ class OnPolicyArgs:
     """Reward-hacking alarm: updates per window over which the training reward rising while the eval reward falls fires it (0 = off)."""
     stop_on_hacking: bool = False
     """End training when the reward-hacking alarm fires (the final model and evaluation are still written)."""
+    offload_reference: bool = False
+    """Keep the frozen reference and reward models in CPU memory and move them to the GPU only for their forwards (OpenRLHF's --ref_reward_offload): frees their memory for the policy's rollout and training, at the cost of a copy per use."""
 
     def _check_on_policy_args(self) -> None:
         """Checks; the rewards themselves are checked when loaded (a Python run may pass functions)."""

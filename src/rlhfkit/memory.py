@@ -71,6 +71,14 @@ def llama_param_count(config: Any) -> int:
     return V * h + L * per_layer + h + head
 
 
+def size(nbytes: float) -> str:
+    """Bytes in the largest of GiB, MiB, KiB that gives at least 1 (so small models read too)."""
+    for unit, div in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= div or unit == "KiB":
+            return f"{nbytes / div:9.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
 @dataclasses.dataclass
 class MemoryEstimate:
     weights: int
@@ -87,10 +95,10 @@ class MemoryEstimate:
     def table(self, capacity: int | None = None) -> str:
         rows = [(f.name.replace("_", " "), getattr(self, f.name)) for f in dataclasses.fields(self)]
         lines = ["memory estimate per device:"]
-        lines += [f"  {name:<14}{b / GiB:9.2f} GiB" for name, b in rows]
-        lines.append(f"  {'total':<14}{self.total / GiB:9.2f} GiB")
+        lines += [f"  {name:<14}{size(b)}" for name, b in rows]
+        lines.append(f"  {'total':<14}{size(self.total)}")
         if capacity:
-            lines.append(f"  {'available':<14}{capacity / GiB:9.2f} GiB")
+            lines.append(f"  {'available':<14}{size(capacity)}")
         return "\n".join(lines)
 
 
@@ -171,11 +179,14 @@ def check_fits(est: MemoryEstimate, capacity: int | None, headroom: float = 0.9,
 
 
 def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0, rollout_len: int = 0,
-           frozen_params: int = 0, shards: int = 1, printer=print) -> MemoryEstimate:
+           frozen_params: int = 0, shards: int = 1, printer=print, outputs: int | None = None,
+           frozen_bytes: int = 0, extra: MemoryEstimate | None = None) -> MemoryEstimate:
     """Estimate for a loaded model and a recipe config; print it and refuse a run that cannot fit.
 
     Reads optional config fields by name (gradient_checkpointing, attn_implementation, optim,
-    mixed_precision, use_lora), so it works with every recipe's config.
+    mixed_precision, use_lora), so it works with every recipe's config. `outputs` replaces the
+    vocabulary in the logits term (1 for a reward or value head); `frozen_bytes` adds frozen
+    models counted at their own dtype; `extra` adds a second trained model (PPO's critic).
     """
     from rlhfkit.models.factory import count_parameters
 
@@ -185,11 +196,16 @@ def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0,
     gc = bool(getattr(cfg, "gradient_checkpointing", False))
     optim = getattr(cfg, "optim", "adamw")
     shape = ModelShape.from_config(model.config, params=params)
+    if outputs is not None:
+        shape.vocab = outputs
     est = estimate(shape, trainable_params=trainable, weight_dtype=weight_dtype,
                    mixed_precision=getattr(cfg, "mixed_precision", "no"), optimizer=optim, batch=batch,
                    seq_len=seq_len, gradient_checkpointing=gc,
-                   attn_implementation=getattr(cfg, "attn_implementation", "sdpa"), shards=shards,
+                   attn_implementation=getattr(cfg, "attn_implementation", "") or "sdpa", shards=shards,
                    rollout_batch=rollout_batch, rollout_len=rollout_len, frozen_params=frozen_params)
+    est.frozen_models += frozen_bytes // (shards if shards > 1 and getattr(cfg, "zero_stage", 0) in (0, 3) else 1)
+    if extra is not None:
+        est = MemoryEstimate(*(a + b for a, b in zip(dataclasses.astuple(est), dataclasses.astuple(extra))))
     capacity = device_capacity()
     printer(est.table(capacity))
     check_fits(est, capacity, gradient_checkpointing=gc, optimizer=optim,
@@ -203,3 +219,75 @@ def report_for_run(accelerator, model, cfg: Any, *, batch: int, seq_len: int, **
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
     return report(model, cfg, batch=batch, seq_len=seq_len, shards=shards, printer=accelerator.print, **kwargs)
+
+
+def modules_in(*objects: Any, depth: int = 8) -> list:
+    """The distinct torch modules held by `objects` (reward sets, scorers, wrappers), searched through
+    attributes, lists and dicts up to `depth` levels; a module found is not searched inside."""
+    import torch
+
+    found, seen = [], set()
+
+    def walk(obj, d):
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen or d < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, d - 1)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                walk(x, d - 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for x in vars(obj).values():
+                walk(x, d - 1)
+
+    for o in objects:
+        walk(o, depth)
+    return found
+
+
+def tensor_bytes(module) -> int:
+    """Bytes of a module's unique parameters at their own dtypes."""
+    seen, total = set(), 0
+    for t in module.parameters():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), critic=None) -> MemoryEstimate:
+    """The estimate for PPO, GRPO and RLOO, printed and checked like :func:`report_for_run`:
+
+    * the policy trained on micro-batches of per_device_train_batch_size sequences of
+      max_prompt_length + max_completion_length tokens;
+    * the KV cache of one generation batch (min(generation_batch_size, prompts_per_step x
+      num_generations) sequences of that length);
+    * the frozen reference and reward models found in `frozen` (reward sets, scorers,
+      modules), at their own dtypes; the policy itself (the reference under LoRA) not again;
+      with offload_reference only the largest (one is on the device at a time);
+    * a trained `critic` (PPO's value model): its weights, gradients, optimiser state and
+      activations, with a one-output head instead of the vocabulary.
+    """
+    from rlhfkit.sharding import is_sharded
+
+    shards = accelerator.num_processes if is_sharded(accelerator) else 1
+    seq = cfg.max_prompt_length + cfg.max_completion_length
+    rollout = min(cfg.generation_batch_size, cfg.prompts_per_step * getattr(cfg, "num_generations", 1))
+    mine = {id(m) for m in (policy, getattr(policy, "module", None), critic) if m is not None}
+    if critic is not None:
+        mine |= {id(m) for m in critic.modules()}
+    mine |= {id(m) for m in policy.modules()}
+    sizes = [tensor_bytes(m) for m in modules_in(*frozen) if id(m) not in mine]
+    # offloaded to CPU between uses: only one frozen model is on the device at a time
+    frozen_bytes = max(sizes, default=0) if getattr(cfg, "offload_reference", False) else sum(sizes)
+    extra = None
+    if critic is not None:
+        inner = getattr(critic, "model", critic)
+        extra = report(inner, cfg, batch=cfg.per_device_train_batch_size, seq_len=seq, shards=shards,
+                       printer=lambda _: None, outputs=1)
+    return report(policy, cfg, batch=cfg.per_device_train_batch_size, seq_len=seq, rollout_batch=rollout,
+                  rollout_len=seq, shards=shards, printer=accelerator.print, frozen_bytes=frozen_bytes, extra=extra)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from collections.abc import Iterable, Iterator
 
@@ -24,7 +25,8 @@ import torch
 from rlhfkit.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+# transformers TrainingArguments' `optim` names (adamw: rlhfkit's former name for adamw_torch)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 def check_attn_implementation(name: str, field: str = "attn_implementation") -> str:
@@ -123,15 +125,18 @@ def to_pure_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(torch.bfloat16)
 
 
-def optimizer_class(name: str, field: str = "optim") -> type[torch.optim.Optimizer]:
-    """The optimiser class for `name`: adamw (torch), adamw_8bit / paged_adamw_8bit (bitsandbytes)."""
-    if name == "adamw":
+def optimizer_class(name: str, field: str = "optim"):
+    """The optimiser class for `name` (transformers' names): adamw_torch, adamw_torch_fused (torch's
+    fused kernel), adamw_8bit / paged_adamw_8bit (bitsandbytes, when installed)."""
+    if name in ("adamw", "adamw_torch"):
         return torch.optim.AdamW
+    if name == "adamw_torch_fused":
+        return functools.partial(torch.optim.AdamW, fused=True)
     if name not in OPTIMIZERS:
         raise ConfigError(f"config field '{field}': {name!r} is not one of {', '.join(OPTIMIZERS)}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"config field '{field}': {name} needs `pip install bitsandbytes` (rlhfkit[gpu]); "
-                          "use adamw, or shard the optimiser state with a ZeRO/FSDP config instead")
+                          "use adamw_torch, or shard the optimiser state with a ZeRO/FSDP config instead")
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
@@ -154,3 +159,32 @@ def offloaded(model: torch.nn.Module, device: torch.device | str, enabled: bool 
         model.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class OffloadedBetweenCalls:
+    """An object holding frozen models (a RewardSet, a scorer) whose models stay in CPU memory and
+    move to `device` only for each call of one of `methods` (OpenRLHF's --ref_reward_offload for
+    the reward side; the reference uses :func:`offloaded` directly). Other attributes pass through."""
+
+    def __init__(self, obj, device: torch.device | str, methods: tuple[str, ...] = ("score",)):
+        from rlhfkit.memory import modules_in
+
+        self._obj, self._device, self._methods = obj, device, methods
+        self._modules = modules_in(obj)
+        for m in self._modules:
+            m.to("cpu")
+
+    def _on_device(self, fn, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for m in self._modules:
+                stack.enter_context(offloaded(m, self._device))
+            return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._on_device(self._obj, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._obj, name)
+        if name in self._methods and callable(attr):
+            return functools.partial(self._on_device, attr)
+        return attr

@@ -65,19 +65,21 @@ def reset_accelerate_state() -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on biases, norms or 1-d parameters)."""
+    """AdamW (cfg.optim: torch's, fused, or bitsandbytes' 8-bit); weight decay only on matrices (not on
+    biases, norms or 1-d parameters)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    if any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay):
-        # pure bf16/fp16 weights: AdamW on fp32 master copies (rlhfkit.precision)
-        from rlhfkit.precision import MasterWeightOptimizer
+    from rlhfkit.precision import MasterWeightOptimizer, optimizer_class
 
-        return MasterWeightOptimizer(groups, torch.optim.AdamW, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    cls = optimizer_class(getattr(cfg, "optim", "adamw_torch"))
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay):
+        # pure bf16/fp16 weights: the optimiser on fp32 master copies (rlhfkit.precision)
+        return MasterWeightOptimizer(groups, cls, **kwargs)
+    return cls(groups, **kwargs)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.precision import enable_gradient_checkpointing
 from rlhfkit.runs import atomic_path
 
 
@@ -210,17 +211,6 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
 
 def _attn_kwargs(attn_implementation: str) -> dict:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
-
-
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """transformers' gradient checkpointing, non-reentrant (works with frozen inputs, so with LoRA)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"config field 'gradient_checkpointing': {type(model).__name__} does not support it")
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path,

@@ -59,7 +59,13 @@ from rlhfkit.models import (
     save_model,
     weights_fingerprint,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.runs import (
+    MetricsLogger,
+    atomic_path,
+    atomic_write_json,
+    one_run_per_folder,
+    prepare_run_dir,
+)
 from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,

@@ -48,6 +48,7 @@ from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
+from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -56,6 +57,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.models.lora import disable_dropout
+from rlhfkit.precision import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
@@ -238,11 +240,13 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = reference_model(policy, cfg.use_lora)
-    if not cfg.use_lora:
+    if not cfg.use_lora and not cfg.offload_reference:
         ref_model.to(acc.device)
     rewards = load_rewards(cfg.reward, cfg.reward_weights, acc.device, cfg.generation_batch_size,
                            reward_funcs if reward_funcs is not None else reward_fn)
+    rewards = OffloadedBetweenCalls(rewards, acc.device) if cfg.offload_reference else rewards
     eval_reward = monitor.load_eval_reward(cfg, acc.device)
+    report_on_policy(acc, policy, cfg, frozen=(ref_model, rewards, eval_reward))
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
@@ -254,7 +258,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():
-        return reference_context(policy) if cfg.use_lora else contextlib.nullcontext()
+        return reference_context(policy) if cfg.use_lora else offloaded(ref_model, acc.device, cfg.offload_reference)
 
     kl_ctl = make_kl_controller(cfg.beta, cfg.target_kl or None, cfg.kl_horizon)
     running, start = RunningMoments(), 0

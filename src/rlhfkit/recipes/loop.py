@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.runs import atomic_write_json, atomic_write_text, one_run_per_folder, prepare_run_dir, seed_everything
+from rlhfkit.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    one_run_per_folder,
+    prepare_run_dir,
+    seed_everything,
+)
 
 ALGORITHMS = ("dpo", "ppo")
 

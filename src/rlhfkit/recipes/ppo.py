@@ -37,6 +37,7 @@ from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
+from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -46,6 +47,7 @@ from rlhfkit.models import (
 )
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.value import load_value_model, value_model_source
+from rlhfkit.precision import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
@@ -254,10 +256,11 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
                          gradient_checkpointing=cfg.gradient_checkpointing)
     ref_model = reference_model(policy, cfg.use_lora)  # with LoRA: the policy itself, adapters off
-    if not cfg.use_lora:
+    if not cfg.use_lora and not cfg.offload_reference:
         ref_model.to(acc.device)
     rewards = load_rewards(cfg.reward, cfg.reward_weights, acc.device, cfg.generation_batch_size,
                            reward_funcs if reward_funcs is not None else reward_fn)
+    rewards = OffloadedBetweenCalls(rewards, acc.device) if cfg.offload_reference else rewards
     critic = load_value_model(value_model_source(cfg.value_model, cfg.model, cfg.reward, tok, acc.print), tok,
                               cfg.dtype, attn_implementation=cfg.attn_implementation,
                               gradient_checkpointing=cfg.gradient_checkpointing)
@@ -265,6 +268,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         for model in (policy, ref_model, critic):
             disable_dropout(model)
     eval_reward = monitor.load_eval_reward(cfg, acc.device)
+    report_on_policy(acc, policy, cfg, frozen=(ref_model, rewards, eval_reward), critic=critic)
     prompt_set = load_prompt_set(cfg.prompts, "train")
     engine = get_engine(cfg.engine)
     n_updates = cfg.max_steps if cfg.max_steps > 0 else max(
@@ -276,7 +280,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():
-        return reference_context(policy) if cfg.use_lora else contextlib.nullcontext()
+        return reference_context(policy) if cfg.use_lora else offloaded(ref_model, acc.device, cfg.offload_reference)
 
     kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
     running, start = RunningMoments(), 0

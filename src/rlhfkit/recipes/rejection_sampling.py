@@ -28,7 +28,13 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.runs import (
+    MetricsLogger,
+    atomic_path,
+    atomic_write_json,
+    one_run_per_folder,
+    prepare_run_dir,
+)
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ from rlhfkit.data.comparisons import collate_units, load_comparisons, report_ski
 from rlhfkit.data.readers import eval_source
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
+from rlhfkit.memory import report_for_run
 from rlhfkit.models.reward import (
     LastTokenReward,
     attach_stats,
@@ -42,7 +43,13 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.runs import (
+    MetricsLogger,
+    atomic_path,
+    atomic_write_json,
+    one_run_per_folder,
+    prepare_run_dir,
+)
 
 
 @dataclasses.dataclass
@@ -211,6 +218,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
     module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
+    report_for_run(acc, unwrap_hf(module.model), cfg, batch=2 * cfg.per_device_train_batch_size,
+                   seq_len=cfg.max_length, outputs=heads)
     if cfg.padding_free:
         probe = collate_units(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
         module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
