@@ -374,11 +374,9 @@ def candidate_query(task: Task, user: User, gold: bool, limit: int = 32):
     """The SELECT behind `candidate_ids` (separate so its plan can be checked)."""
     mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
     q = select(Item.id).where(Item.task_id == task.id, Item.is_gold.is_(gold), ~mine)
-    if gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
-        q = q.order_by(Item.id)
-    else:
-        q = q.where(Item.slots_taken < task.overlap).order_by(Item.slots_taken.desc(), Item.id)
-    return q.limit(limit)
+    if not gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
+        q = q.where(Item.slots_taken < task.overlap)
+    return q.order_by(Item.slots_taken.desc(), Item.id).limit(limit)
 
 
 def candidate_ids(s: Session, task: Task, user: User, gold: bool, limit: int = 32) -> list[int]:
@@ -493,7 +491,10 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
     if assignment is None:
         raise Conflict("this item was not served to you; ask for the next item first")
-    if s.scalar(select(Label.id).where(Label.item_id == item_id, Label.user_id == user.id)) is not None:
+    # an open assignment has no label (both change in one transaction; a concurrent duplicate
+    # hits uq_label_item_user below)
+    if assignment.completed and s.scalar(select(Label.id).where(Label.item_id == item_id,
+                                                                Label.user_id == user.id)) is not None:
         raise Conflict("you already labelled this item")
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
     if not assignment.completed:
