@@ -444,8 +444,15 @@ def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = 
     Items locked by a concurrent /next are skipped, unless `wait` (the last round: wait for
     their holders, who commit within one request, rather than report the task finished).
     """
+    postgres = s.get_bind().dialect.name == "postgresql"
     for item_id in ordered:
-        if lock_item(s, item_id, skip_locked=not wait) and take_slot(s, task, item_id, gold=False):
+        if postgres and not wait:  # lock-or-skip and take the slot in one round trip
+            locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
+            done = s.execute(update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < task.overlap)
+                             .values(slots_taken=Item.slots_taken + 1).execution_options(synchronize_session=False))
+            if done.rowcount:
+                return item_id
+        elif lock_item(s, item_id, skip_locked=not wait) and take_slot(s, task, item_id, gold=False):
             return item_id
     return None
 
