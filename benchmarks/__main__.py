@@ -3,7 +3,8 @@
 A benchmark is a module `benchmarks/NAME.py` with `run(quick: bool = False) -> dict`.
 Speed benchmarks report `ours`, `peer` (None when the peer library is not installed) and
 `ratio` (ours / peer, higher is better); quality benchmarks use the names their issue uses.
-Results go to benchmarks/results/NAME.json (written atomically).
+Results go to benchmarks/results/NAME.json (written atomically). A benchmark that cannot run
+here (the gpu_* ones without CUDA) prints one line saying why, returns None and writes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"benchmarks.{args.name}")
     t0 = time.perf_counter()
     result = module.run(quick=args.quick)
+    if result is None:  # nothing measured on this machine (a GPU benchmark without CUDA): no file, exit 0
+        return 0
     result = {"benchmark": args.name, **result, "wall_seconds": round(time.perf_counter() - t0, 2),
               "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
               "env": environment_info(), "quick": args.quick}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +60,141 @@ def peer_available(name: str = "trl", attr: str | None = None) -> bool:
     except ImportError:
         return False
     return attr is None or hasattr(module, attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# equal-work speed comparisons (every speed benchmark, CPU and GPU)
+
+LOSS_RTOL = 1e-4
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages: read a speed figure against how busy the cores were."""
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def losses_agree(a: float | None, b: float | None, rtol: float = LOSS_RTOL) -> tuple[bool, str]:
+    """Whether two first-step losses agree to `rtol` relative; the reason when they do not."""
+    if a is None or b is None:
+        return False, "a side did not report its first-step loss"
+    if a != a or b != b:
+        return False, f"a first-step loss is NaN (ours {a}, peer {b})"
+    rel = abs(a - b) / max(abs(a), abs(b), 1e-12)
+    if rel > rtol:
+        return False, (f"first-step losses differ by {rel:.2e} relative (ours {a:.6g}, peer {b:.6g}), more than "
+                       f"{rtol:g}: the two sides did not do the same computation, so their speeds are not compared")
+    return True, ""
+
+
+def paired_comparison(ours: list[dict], peer: list[dict], work: float | None = None,
+                      higher_is_better: bool = False) -> dict:
+    """Summarise alternating runs of both sides into the fields every speed benchmark reports.
+
+    Each run is a dict with `seconds`, `loss_first` and `loss_last`; run i of ours is paired
+    with run i of the peer (they ran next to each other, so under a changing load they saw
+    about the same machine). The ratio is the peer's time over ours (higher is better for
+    rlhfkit); its median and spread over the pairs are reported, and only when the first-step
+    losses agree to LOSS_RTOL relative in every pair. With `work` (tokens, samples ...) the
+    medians are also given as throughput.
+    """
+    def side(runs):
+        if not runs:
+            return None
+        med = statistics.median(r["seconds"] for r in runs)
+        out = {"seconds": round(med, 4), "seconds_runs": [round(r["seconds"], 4) for r in runs],
+               "loss_first": runs[0].get("loss_first"), "loss_last": runs[0].get("loss_last")}
+        if work:
+            out["per_second"] = round(work / med, 2)
+        return out
+
+    result = {"ours_side": side(ours), "peer_side": side(peer),
+              "loss_first": {"ours": ours[0].get("loss_first") if ours else None,
+                             "peer": peer[0].get("loss_first") if peer else None},
+              "loss_last": {"ours": ours[0].get("loss_last") if ours else None,
+                            "peer": peer[0].get("loss_last") if peer else None},
+              "ratio": None, "ratio_runs": [], "ratio_spread": None, "comparable": False, "not_compared_because": None}
+    if not peer:
+        result["not_compared_because"] = "the peer library is not installed"
+        return result
+    reasons = []
+    for o, p in zip(ours, peer):
+        ok, why = losses_agree(o.get("loss_first"), p.get("loss_first"))
+        if not ok:
+            reasons.append(why)
+    if reasons:
+        result["not_compared_because"] = reasons[0]
+        return result
+    ratios = [p["seconds"] / o["seconds"] for o, p in zip(ours, peer)]
+    result.update(ratio=round(statistics.median(ratios), 3), ratio_runs=[round(r, 3) for r in ratios],
+                  ratio_spread=[round(min(ratios), 3), round(max(ratios), 3)], comparable=True)
+    return result
+
+
+def cuda_or_say_why(name: str) -> bool:
+    """True with a CUDA device; otherwise print the one line a GPU benchmark gives on a CPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    print(f"{name}: no CUDA device on this machine; nothing measured (run it where `torch.cuda.is_available()`)")
+    return False
+
+
+def qwen05b_config(vocab_size: int = 151936, **overrides):
+    """A Qwen2.5-0.5B-shaped LlamaConfig (24 layers, hidden 896, 14 heads, 2 KV heads, FFN 4864,
+    tied 151936-token embedding: about 494M parameters); random weights, nothing from a hub."""
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096,
+               tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work (a no-op on CPU) so wall-clock timings cover it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (read + write counted), best of `repeats`."""
+    import time
+
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def measure_matmul_peak(device, dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Best dense matmul FLOP/s for `dtype` on `device` (2 n^3 per product)."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best

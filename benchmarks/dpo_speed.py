@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import peer_available
+from benchmarks.common import load_average, paired_comparison, peer_available
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+from rlhfkit.training import epoch_order
 
 N_PAIRS, BATCH, MAX_LEN, BETA, LR = 256, 8, 128, 0.1, 1e-4
 THREADS = 1  # the same for both; one thread per process is the steadiest choice on a shared 2-core machine
@@ -69,12 +70,16 @@ def run_ours(model_dir: str, data: str) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         cfg = dpo.Config(model=model_dir, dataset=data, output_dir=d, ref_cache_dir=str(Path(d) / "cache"), loss="sigmoid",
-                         beta=BETA, per_device_train_batch_size=BATCH, num_train_epochs=1.0, learning_rate=LR, lr_scheduler_type="constant",
-                         max_grad_norm=1.0, max_length=MAX_LEN, logging_steps=10**9, report_to="none", progress=False, seed=0)
+                         beta=BETA, per_device_train_batch_size=BATCH, num_train_epochs=1.0, learning_rate=LR,
+                         lr_scheduler_type="constant", max_grad_norm=1.0, max_length=MAX_LEN, logging_steps=1,
+                         report_to="jsonl", progress=False, seed=0)
         t0 = time.perf_counter()
         res = dpo.main(cfg)
         total = time.perf_counter() - t0
-    return {"total": total, "train_loop": res["seconds"], "steps": res["steps"]}
+        losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r]
+    return {"total": total, "train_loop": res["seconds"], "steps": res["steps"], "seconds": total,
+            "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def run_trl(model_dir: str, tokenizer, pairs) -> dict:
@@ -87,9 +92,10 @@ def run_trl(model_dir: str, tokenizer, pairs) -> dict:
         args = DPOConfig(output_dir=d, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
                          lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                          beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=True,
-                         precompute_ref_batch_size=2 * BATCH, max_length=MAX_LEN, logging_strategy="no",
-                         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
-                         dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                         precompute_ref_batch_size=2 * BATCH, max_length=MAX_LEN, logging_strategy="steps",
+                         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
+                         bf16=False, fp16=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                         train_sampling_strategy="sequential")
         t0 = time.perf_counter()
         ds = Dataset.from_list([{**p, "prompt": bos + p["prompt"]} for p in pairs])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -101,7 +107,9 @@ def run_trl(model_dir: str, tokenizer, pairs) -> dict:
         total = time.perf_counter() - t0
         tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
                      for e in trainer.train_dataset)
-    return {"total": total, "train_loop": t2 - t1, "steps": trainer.state.global_step, "tokens": tokens}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"total": total, "train_loop": t2 - t1, "steps": trainer.state.global_step, "tokens": tokens,
+            "seconds": total, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 
@@ -121,10 +129,14 @@ def run(quick: bool = False) -> dict:
                               seed=0, tokenizer=tokenizer), tokenizer, model_dir)
         data = Path(work) / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        for _ in range(repeats):
+        # TRL samples sequentially over the pairs put in the order rlhfkit's loop draws them
+        peer_pairs = [pairs[i] for i in epoch_order(n, 0, 0)]
+        load_before = load_average()
+        for _ in range(repeats):  # alternating: each pair of runs sees about the same machine load
             ours_runs.append(run_ours(model_dir, str(data)))
             if has_trl:
-                peer_runs.append(run_trl(model_dir, tokenizer, pairs))
+                peer_runs.append(run_trl(model_dir, tokenizer, peer_pairs))
+    cmp = paired_comparison(ours_runs, peer_runs)
     med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
     ours = tokens / med(ours_runs, "total")
     peer_tokens = peer_runs[0]["tokens"] if peer_runs else None
@@ -133,14 +145,19 @@ def run(quick: bool = False) -> dict:
         "metric": "tokens_per_second (end to end: load, tokenise, reference precompute, train, save)",
         "ours": round(ours, 1),
         "peer": round(peer, 1) if peer else None,
-        "ratio": round(ours / peer, 3) if peer else None,
+        **{k: cmp[k] for k in ("ratio", "ratio_runs", "ratio_spread", "comparable", "not_compared_because",
+                               "loss_first", "loss_last")},
+        "ratio_definition": "median over alternating pairs of (peer end-to-end seconds / ours)",
+        "loss_note": "the first DPO loss is ln 2 on any data (policy == reference); the last-step losses show "
+                     "whether both sides trained on the same batches",
+        "load_average": {"before": load_before, "after": load_average()},
         "target_ratio": 2.0,
         "peer_name": "trl.DPOTrainer" if has_trl else None,
         "train_loop_tokens_per_second": {"ours": round(tokens / med(ours_runs, "train_loop"), 1),
                                          "peer": round(peer_tokens / med(peer_runs, "train_loop"), 1) if peer_runs else None},
         "tokens": {"ours": tokens, "peer": peer_tokens},
-        "seconds_ours": [{k: round(v, 3) for k, v in r.items()} for r in ours_runs],
-        "seconds_peer": [{k: round(v, 3) for k, v in r.items()} for r in peer_runs],
+        "seconds_ours": [{k: round(r[k], 3) for k in ("total", "train_loop")} for r in ours_runs],
+        "seconds_peer": [{k: round(r[k], 3) for k in ("total", "train_loop")} for r in peer_runs],
         "workload": {"pairs": n, "batch_pairs": BATCH, "epochs": 1, "layers": 2, "hidden": 128, "heads": 4, "ffn": 512,
                      "vocab": len(tokenizer), "dtype": "float32", "loss": "sigmoid", "beta": BETA, "max_length": MAX_LEN,
                      "reference": "precomputed once by both, inside the timed region", "threads": torch.get_num_threads()},

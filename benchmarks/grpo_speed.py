@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import peer_available
+from benchmarks.common import load_average, paired_comparison, peer_available
 
 HERE = Path(__file__).resolve().parent
 STEPS, PROMPTS, GENERATIONS, NEW_TOKENS, THREADS = 5, 4, 4, 32, 1
@@ -59,7 +59,11 @@ def side_ours(root: Path, steps: int) -> dict:
     from rlhfkit.runs import read_metrics
 
     rows = read_metrics(out)
-    return {"seconds": wall, "cpu_seconds": cpu,
+    # the policy loss: TRL logs the same quantity (PPO loss/policy_avg; GRPO loss, = policy loss + beta KL)
+    key = next((k for k in ("policy_loss", "loss/policy", "loss") if any(k in r for r in rows)), None)
+    losses = [r[key] for r in rows if key in r] if key else []
+    return {"seconds": wall, "cpu_seconds": cpu, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
             "mean_response_length": statistics.mean(r["response_length"] for r in rows)}
 
 
@@ -77,7 +81,7 @@ def side_trl(root: Path, steps: int) -> dict:
                       gradient_accumulation_steps=1, num_generations=GENERATIONS, max_completion_length=NEW_TOKENS,
                       max_steps=steps, num_iterations=1, beta=0.04, loss_type="dapo", learning_rate=1e-6,
                       temperature=1.0, gradient_checkpointing=False, report_to="none", save_strategy="no",
-                      logging_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0,
+                      logging_strategy="steps", logging_steps=1, use_cpu=True, bf16=False, fp16=False, seed=0,
                       dataloader_num_workers=0, disable_tqdm=True)
     rm_tok = load_tokenizer(str(root / "rm"))
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(root / "policy"),
@@ -86,7 +90,10 @@ def side_trl(root: Path, steps: int) -> dict:
                           reward_processing_classes=rm_tok)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
             "trl_version": trl.__version__}
 
 
@@ -106,6 +113,7 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     have_peer = peer_available("trl", "GRPOTrainer")
     ours, peer = [], []
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         prepare(root, steps)
@@ -132,6 +140,14 @@ def run(quick: bool = False) -> dict:
                       peer_name=f"trl {peer[0]['trl_version']} GRPOTrainer (trainer.train() only)")
     else:
         result.update(peer=None, ratio=None, peer_note="trl is not installed")
+    cmp = paired_comparison(ours, peer)
+    # a speed ratio only for equal work: the first-step losses must agree (rollouts sampled by two
+    # different samplers usually differ, and then the JSON says so instead of giving a ratio)
+    result.update({k: cmp[k] for k in ("ratio_runs", "ratio_spread", "comparable", "not_compared_because",
+                                       "loss_first", "loss_last")},
+                  ratio=cmp["ratio"], load_average={"before": load_before, "after": load_average()})
+    if not cmp["comparable"] and "cpu_ratio" in result:
+        result["cpu_ratio"] = None
     return result
 
 

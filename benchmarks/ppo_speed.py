@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import load_average, paired_comparison
+
 HERE = Path(__file__).resolve().parent
 UPDATES, EPISODES, NEW_TOKENS, EPOCHS, THREADS = 5, 16, 32, 4, 1
 TRL_PATH = Path(os.environ.get("TRL_PPO_PATH", HERE / "work" / "trl-1.12.0"))
@@ -75,7 +77,11 @@ def side_ours(root: Path, n_updates: int) -> dict:
     from rlhfkit.runs import read_metrics
 
     rows = read_metrics(out)
-    return {"seconds": wall, "cpu_seconds": cpu, "loop_seconds": sum(r["step_seconds"] for r in rows),
+    # the policy loss: TRL logs the same quantity (PPO loss/policy_avg; GRPO loss, = policy loss + beta KL)
+    key = next((k for k in ("policy_loss", "loss/policy", "loss") if any(k in r for r in rows)), None)
+    losses = [r[key] for r in rows if key in r] if key else []
+    return {"seconds": wall, "cpu_seconds": cpu, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "loop_seconds": sum(r["step_seconds"] for r in rows),
             "mean_response_length": statistics.mean(r["response_length"] for r in rows), "updates": res["updates"]}
 
 
@@ -94,7 +100,7 @@ def side_trl(root: Path, n_updates: int) -> dict:
     args = PPOConfig(output_dir=str(root / "trl"), per_device_train_batch_size=EPISODES, gradient_accumulation_steps=1,
                      num_mini_batches=1, total_episodes=n_updates * EPISODES, num_ppo_epochs=EPOCHS,
                      response_length=NEW_TOKENS, local_rollout_forward_batch_size=EPISODES, temperature=1.0,
-                     kl_coef=0.05, learning_rate=3e-6, report_to="none", save_strategy="no", logging_strategy="no",
+                     kl_coef=0.05, learning_rate=3e-6, report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
                      num_sample_generations=0, use_cpu=True, bf16=False, fp16=False, seed=0, stop_token="eos",
                      dataloader_num_workers=0, disable_tqdm=True)
     policy = AutoModelForCausalLM.from_pretrained(root / "policy")
@@ -105,7 +111,10 @@ def side_trl(root: Path, n_updates: int) -> dict:
                          train_dataset=ds, value_model=vm)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    losses = [h["loss/policy_avg"] for h in trainer.state.log_history if "loss/policy_avg" in h]
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
             "trl_version": trl.__version__}
 
 
@@ -126,6 +135,7 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     have_peer = (TRL_PATH / "trl" / "experimental" / "ppo").is_dir()
     ours, peer = [], []
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         prepare(root, n_updates)
@@ -156,6 +166,14 @@ def run(quick: bool = False) -> dict:
                       peer_note=f"TRL's PPOTrainer exists only up to trl 1.12 and was not found at {TRL_PATH}; "
                                 "install it there with `pip install --no-deps --target "
                                 "benchmarks/work/trl-1.12.0 trl==1.12.0`. No recorded figure is substituted.")
+    cmp = paired_comparison(ours, peer)
+    # a speed ratio only for equal work: the first-step losses must agree (rollouts sampled by two
+    # different samplers usually differ, and then the JSON says so instead of giving a ratio)
+    result.update({k: cmp[k] for k in ("ratio_runs", "ratio_spread", "comparable", "not_compared_because",
+                                       "loss_first", "loss_last")},
+                  ratio=cmp["ratio"], load_average={"before": load_before, "after": load_average()})
+    if not cmp["comparable"] and "cpu_ratio" in result:
+        result["cpu_ratio"] = None
     return result
 
 

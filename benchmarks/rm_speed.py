@@ -25,6 +25,7 @@ Tokens counted = real (non-pad) tokens processed, identical for both.
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import peer_available
+from benchmarks.common import load_average, paired_comparison, peer_available
 
 N_PAIRS, BATCH, LR, SEED = 256, 8, 1e-4, 0
 
@@ -63,13 +64,18 @@ def _setup(root: Path):
 
 
 def _run_ours(root: Path, tok, units, padding_free: bool = True) -> dict:
+    import shutil
+
     from rlhfkit.recipes.reward import Config, train_one
 
+    shutil.rmtree(root / "ours", ignore_errors=True)  # a fresh metrics file every run
     cfg = Config(model=str(root / "init"), dataset="-", output_dir=str(root / "ours"), per_device_train_batch_size=BATCH,
-                 learning_rate=LR, num_train_epochs=1.0, seed=SEED, report_to="none", progress=False, logging_steps=10**9,
+                 learning_rate=LR, num_train_epochs=1.0, seed=SEED, report_to="jsonl", progress=False, logging_steps=1,
                  max_grad_norm=1.0, normalize=False, padding_free=padding_free)
     _, final = train_one(cfg, 0, units, [], tok, Path(cfg.output_dir), printer=lambda m: None)
-    return {"seconds": final["seconds"], "steps": final["steps"]}
+    rows = [json.loads(line) for line in (root / "ours" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"seconds": final["seconds"], "steps": final["steps"], "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _run_trl(root: Path, tok, units) -> dict:
@@ -93,13 +99,15 @@ def _run_trl(root: Path, tok, units) -> dict:
     args = RewardConfig(output_dir=str(root / "trl"), per_device_train_batch_size=BATCH, num_train_epochs=1,
                         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                         max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-                        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no",
+                        report_to="none", logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no",
                         disable_tqdm=True, dataloader_num_workers=0, max_length=None, seed=SEED,
                         train_sampling_strategy="sequential", optim="adamw_torch")
     clock = Clock()
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
     trainer.train()
-    return {"seconds": clock.t1 - clock.t0, "steps": trainer.state.global_step}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": clock.t1 - clock.t0, "steps": trainer.state.global_step, "loss_first": losses[0],
+            "loss_last": losses[-1]}
 
 
 def _padding_fraction(units) -> float:
@@ -128,6 +136,7 @@ def run(quick: bool = False) -> dict:
         tokens = sum(len(r) for u in units for r in u["rows"])
         have_trl = peer_available("trl")
         ours, peer, padded = [], [], []
+        load_before = load_average()
         _run_ours(root, tok, units)  # warm-up (allocator, kernels), not timed
         for _ in range(repeats):
             ours.append(_run_ours(root, tok, units))
@@ -135,7 +144,12 @@ def run(quick: bool = False) -> dict:
                 peer.append(_run_trl(root, tok, units))
             padded.append(_run_ours(root, tok, units, padding_free=False))  # ablation: our loop, padded batches
     best_ours = min(r["seconds"] for r in ours)
+    cmp = paired_comparison(ours, peer)
     out = {
+        **{k: cmp[k] for k in ("ratio_runs", "ratio_spread", "comparable", "not_compared_because",
+                               "loss_first", "loss_last")},
+        "ratio_paired_median": cmp["ratio"],
+        "load_average": {"before": load_before, "after": load_average()},
         "ours": tokens / best_ours,
         "peer": tokens / min(r["seconds"] for r in peer) if peer else None,
         "unit": "tokens/s (real tokens, chosen + rejected, training loop only; best of repeats)",
@@ -156,8 +170,9 @@ def run(quick: bool = False) -> dict:
     }
     if peer:
         assert peer[0]["steps"] == ours[0]["steps"], (peer[0]["steps"], ours[0]["steps"])
-    out["ratio"] = out["ours"] / out["peer"] if out["peer"] else None
-    out["ratio_median"] = (out["ours_median_tokens_per_s"] / out["peer_median_tokens_per_s"]) if peer else None
+    # the headline ratio is the median of paired ratios, and only when both sides did the same computation
+    out["ratio"] = cmp["ratio"]
+    out["ratio_best_of_repeats"] = out["ours"] / out["peer"] if (out["peer"] and cmp["comparable"]) else None
     out["ours_padded_tokens_per_s"] = tokens / min(r["seconds"] for r in padded)
     out["ours_padded_seconds"] = [round(r["seconds"], 3) for r in padded]
     out["target_ratio"] = 1.5

@@ -134,7 +134,7 @@ def test_on_policy(arch, data, tmp_path, recipe, lora):
 
     mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
     fields = dict(model=arch["base"], reward_model=_reward_model(arch, data), prompts=data["prompts"], eval_prompts="",
-                  output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, max_new_tokens=4,
+                  output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, max_completion_length=4,
                   per_device_train_batch_size=2, report_to="jsonl", **(LORA if lora else {}))
     if recipe == "grpo":
         fields["num_generations"] = 2
@@ -145,7 +145,7 @@ def test_on_policy(arch, data, tmp_path, recipe, lora):
 def test_best_of_n(arch, data, tmp_path):
     from rlhfkit.recipes import best_of_n
 
-    res = best_of_n.main(best_of_n.Config(model=arch["base"], judge=f"rm:{_reward_model(arch, data)}",
+    res = best_of_n.main(best_of_n.Config(model=arch["base"], reward=[f"rm:{_reward_model(arch, data)}"],
                                           prompts=data["prompts"], n=2, max_new_tokens=4, gold=False,
                                           output_dir=str(tmp_path)))
     assert np.isfinite(res["score_selected"])
@@ -155,6 +155,6 @@ def test_eval(arch, data, tmp_path):
     from rlhfkit.eval import run_eval
 
     res = run_eval.main(run_eval.Config(model=arch["base"], reference=arch["base"], prompts=data["prompts"],
-                                        reward_model=_reward_model(arch, data), max_new_tokens=4, n_boot=10,
+                                        judge=[f"rm:{_reward_model(arch, data)}"], max_new_tokens=4, n_boot=10,
                                         max_perplexity_lines=4, output_dir=str(tmp_path)))
     assert isinstance(res, dict)

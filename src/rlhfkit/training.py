@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 
 from rlhfkit.errors import NonFiniteError
 from rlhfkit.runs import atomic_path
+from rlhfkit.sharding import enable_fsdp_on_cpu
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -42,6 +43,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
         mixed_precision=cfg.mixed_precision,
         cpu=multi_process_cpu,
     )
+    enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.sharding)
     set_seed(cfg.seed)
     return acc
 
@@ -69,7 +71,13 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay):
+        # pure bf16/fp16 weights: AdamW on fp32 master copies (rlhfkit.precision)
+        from rlhfkit.precision import MasterWeightOptimizer
+
+        return MasterWeightOptimizer(groups, torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:

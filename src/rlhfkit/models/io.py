@@ -224,7 +224,8 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path,
-               extra_files: dict[str, str | bytes] | None = None, merge_lora: bool = True) -> Path:
+               extra_files: dict[str, str | bytes] | None = None, merge_lora: bool = True,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """`save_pretrained` (safetensors) into a temporary folder, then rename onto `path`.
 
     LoRA models are merged into their base before saving (so the result loads with plain
@@ -235,9 +236,13 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     if merge_lora and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save = getattr(to_save, "module", to_save)  # unwrap DDP if the caller did not
+    if state_dict is not None:
+        from rlhfkit.sharding import unsharded_copy
+
+        to_save, state_dict = unsharded_copy(to_save, state_dict), None
     with atomic_path(path) as tmp, quiet_transformers():
         tmp.mkdir()
-        to_save.save_pretrained(tmp, safe_serialization=True)
+        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():

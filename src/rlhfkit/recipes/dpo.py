@@ -50,6 +50,7 @@ from rlhfkit.losses.preference import (
     compute_preference_loss,
     needs_reference,
 )
+from rlhfkit.memory import report_for_run
 from rlhfkit.models import (
     check_max_length,
     load_policy,
@@ -59,6 +60,7 @@ from rlhfkit.models import (
     weights_fingerprint,
 )
 from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -267,6 +269,7 @@ def main(cfg: Config) -> dict:
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg, disable_dropout=cfg.disable_dropout,
                          attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(policy, cfg.max_length)
+    report_for_run(accelerator, policy, cfg, batch=2 * cfg.per_device_train_batch_size, seq_len=cfg.max_length)
     ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
     kl = cfg.kto_kl and not train.paired
     ref_train = ref_eval = None
@@ -342,8 +345,10 @@ def main(cfg: Config) -> dict:
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, policy)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", merge_lora=cfg.merge_lora)
+        save_model(accelerator.unwrap_model(policy), tokenizer, out / "final", merge_lora=cfg.merge_lora,
+                   state_dict=state)
         atomic_write_json(out / "results.json", final)
     accelerator.wait_for_everyone()
     return final

@@ -104,7 +104,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     scale_rewards: bool = True
     """grpo: divide group-centred rewards by the group std (false for Dr. GRPO); rloo: whiten advantages over the batch."""
     engine: str = "hf"
-    """Generation engine (rlhfkit.rollout.ENGINES)."""
+    """Generation engine: hf (sampling loop), static (static KV cache, compiled on CUDA) or vllm (colocated vLLM, pip install vllm); docs/scale.md."""
     logging_steps: int = 1
     """Write metrics every N updates (each update's metrics are computed either way)."""
     num_ppo_epochs: int = 1

@@ -96,7 +96,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     ptx_data: str = ""
     """prompt/completion data for PPO-ptx ('' = the bundled SFT records when training on the bundled task)."""
     engine: str = "hf"
-    """Generation engine (rlhfkit.rollout.ENGINES)."""
+    """Generation engine: hf (sampling loop), static (static KV cache, compiled on CUDA) or vllm (colocated vLLM, pip install vllm); docs/scale.md."""
     logging_steps: int = 1
     """Write metrics every N updates (each update's metrics are computed either way)."""
     output_dir: str = "runs/ppo"

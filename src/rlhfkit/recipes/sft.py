@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
+from rlhfkit.memory import report_for_run
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
 from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
     iterate_batches,
@@ -221,9 +223,10 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model)  # all processes: gathers a sharded model
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, output_dir / "final",
-                   merge_lora=getattr(cfg, "merge_lora", True))
+                   merge_lora=getattr(cfg, "merge_lora", True), state_dict=state)
         atomic_write_json(output_dir / "results.json", final)
     accelerator.wait_for_everyone()
     return final
@@ -235,6 +238,7 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
     model = load_policy(cfg.model, cfg.dtype, lora=cfg, attn_implementation=cfg.attn_implementation,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(model, cfg.max_length)
+    report_for_run(accelerator, model, cfg, batch=cfg.per_device_train_batch_size, seq_len=cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
     train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss,
                                        cfg.max_prompt_length)

@@ -11,6 +11,13 @@ from rlhfkit.rollout.record import Rollout, Trajectory, micro_batches, minibatch
 
 ENGINES = {"hf": generate}
 
+# the fast engines (issue 15): static KV cache + torch.compile, and colocated vLLM (docs/scale.md)
+from rlhfkit.rollout import static as _static  # noqa: E402
+from rlhfkit.rollout import vllm as _vllm  # noqa: E402
+
+ENGINES["static"] = _static.generate_rollout
+ENGINES["vllm"] = _vllm.generate_rollout
+
 
 def get_engine(name: str):
     """The generation engine called `name`."""

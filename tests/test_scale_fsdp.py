@@ -1,0 +1,110 @@
+"""FSDP2 through accelerate config files: 2 CPU processes (gloo) give the weights of 1 process.
+
+The launches use the shipped configs/accelerate/fsdp2_1gpu.yaml with --num_processes 2, so
+the file a GPU user launches with is the one under test (rlhfkit.sharding switches the CPU
+process group to FSDP2; accelerate alone would fall back to DDP there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+from rlhfkit.recipes import dpo, sft
+
+ROOT = Path(__file__).resolve().parent.parent
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp2_1gpu.yaml"
+SENTENCES = ["the kind dog waited by the door", "a warm smile made the morning better",
+             "she thanked him for the gentle help", "they shared bread with the tired travellers",
+             "the garden was full of bright flowers", "he spoke softly to the frightened child"]
+PAIRS = [{"prompt": f"The weather on day {i} was", "chosen": " warm and lovely",
+          "rejected": f" grim {'and cold ' * (i % 3)}"} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    tok = load_tokenizer("kindly:tokenizer")
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1, tokenizer=tok)
+    save_model(model, tok, root / "model")
+    return root, root / "model"
+
+
+def _launch_fsdp(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "rlhfkit.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the run really was sharded, not DDP under an FSDP name
+    assert "FSDP2 on CPU: parameters sharded over 2 processes" in proc.stdout, proc.stdout[-2000:]
+    return proc
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path, start: Path) -> None:
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    s = load_file(str(start / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    moved = max((a[k] - s[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # training changed the weights, so equality below means something
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between FSDP x2 and 1 process")
+
+
+def test_sft_fsdp_two_processes_match_one(base):
+    root, model = base
+    data = root / "sft.jsonl"
+    with open(data, "w") as f:
+        for s in SENTENCES * 6:
+            w = s.split()
+            f.write(json.dumps({"prompt": " ".join(w[:3]), "completion": " " + " ".join(w[3:])}) + "\n")
+    common = dict(model=str(model), dataset=str(data), max_length=32, learning_rate=3e-3, max_steps=4,
+                  report_to="jsonl", progress=False, seed=3, logging_steps=1, adam_epsilon=1e-3)
+    sft.main(sft.Config(output_dir=str(root / "sft_one"), per_device_train_batch_size=8, **common))
+    _launch_fsdp(["sft", "--model", str(model), "--dataset", str(data), "--output_dir", str(root / "sft_two"),
+                  "--max_length", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+                  "--max_steps", "4", "--report_to", "jsonl", "--progress", "False", "--seed", "3",
+                  "--logging_steps", "1", "--adam_epsilon", "1e-3"])
+    _assert_same_weights(root / "sft_one" / "final", root / "sft_two" / "final", model)
+
+
+def test_dpo_fsdp_two_processes_match_one(base):
+    root, model = base
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    dpo.main(dpo.Config(model=str(model), dataset=str(data), output_dir=str(root / "dpo_one"), max_steps=3,
+                        per_device_train_batch_size=8, progress=False, report_to="jsonl", logging_steps=1,
+                        ref_cache_dir=str(root / "cache1"), learning_rate=0.5, adam_epsilon=1.0, max_grad_norm=0.0))
+    _launch_fsdp(["dpo", "--model", str(model), "--dataset", str(data), "--output_dir", str(root / "dpo_two"),
+                  "--per_device_train_batch_size", "4", "--max_steps", "3", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+                  "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--logging_steps", "1",
+                  "--ref_cache_dir", str(root / "cache2")])
+    _assert_same_weights(root / "dpo_one" / "final", root / "dpo_two" / "final", model)
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    folder = ROOT / "configs" / "accelerate"
+    fsdp, ds = sorted(folder.glob("*fsdp*.yaml")), sorted(folder.glob("*deepspeed*.yaml"))
+    assert len(fsdp) == 3 and len(ds) == 6
+    for path in fsdp:
+        cfg = load_config_from_file(str(path))
+        assert cfg.distributed_type == DistributedType.FSDP and cfg.fsdp_config["fsdp_version"] == 2, path
+    for path in ds:
+        cfg = load_config_from_file(str(path))
+        assert cfg.distributed_type == DistributedType.DEEPSPEED, path
+        assert cfg.deepspeed_config["zero_stage"] == (3 if "zero3" in path.name else 2), path
+    for path in fsdp + ds:
+        cfg = load_config_from_file(str(path))
+        expected = 16 if "multinode" in path.name else (8 if "8gpu" in path.name else 1)
+        assert cfg.num_processes == expected and cfg.num_machines == (2 if expected == 16 else 1), path
