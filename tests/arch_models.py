@@ -4,7 +4,8 @@ user would have them in a folder: model + tokenizer with that family's special-t
 * gpt2: learned positions (n_positions), Conv1D layers, BOS = EOS = <|endoftext|>, NO pad token;
 * qwen2: ChatML chat template, no BOS, EOS <|im_end|>, pad <|endoftext|>;
 * llama: BOS <s>-style (the bundled <|endoftext|>), distinct pad;
-* mistral: like llama, sliding-window attention config.
+* mistral: like llama, sliding-window attention config;
+* gemma: like llama, with embeddings scaled by sqrt(hidden), GeGLU MLP and an explicit head_dim.
 The tokenizer is the bundled byte-level BPE with the family's special tokens added.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHS = ("gpt2", "qwen2", "llama", "mistral")
+ARCHS = ("gpt2", "qwen2", "llama", "mistral", "gemma")
 MAX_POSITIONS = 64
 
 CHATML = (
@@ -40,15 +41,15 @@ def make_tokenizer(arch: str):
 
 
 def make_config(arch: str, vocab_size: int, tok, dropout: float = 0.0):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                   pad_token_id=tok.pad_token_id)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=MAX_POSITIONS, resid_pdrop=dropout,
                           embd_pdrop=dropout, attn_pdrop=dropout, **common)
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[arch]
-    extra = {"sliding_window": 32} if arch == "mistral" else {}
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig, "gemma": GemmaConfig}[arch]
+    extra = {"sliding_window": 32} if arch == "mistral" else {"head_dim": 16} if arch == "gemma" else {}
     return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                intermediate_size=64, max_position_embeddings=MAX_POSITIONS, attention_dropout=dropout,
                tie_word_embeddings=True, **extra, **common)

@@ -142,19 +142,37 @@ def test_on_policy(arch, data, tmp_path, recipe, lora):
     assert (tmp_path / "final").is_dir()
 
 
-def test_best_of_n(arch, data, tmp_path):
+def _lora_adapter(arch, data) -> str:
+    """An SFT LoRA run saved as a peft adapter (merge_lora false), made once per architecture."""
+    from rlhfkit.recipes import sft
+
+    out = arch["root"] / "sft-adapter"
+    if not (out / "final").is_dir():
+        sft.main(sft.Config(model=arch["base"], dataset=data["sft"], output_dir=str(out), max_steps=1,
+                            per_device_train_batch_size=4, merge_lora=False, **FAST, **LORA))
+    assert (out / "final" / "adapter_config.json").is_file()
+    return str(out / "final")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_best_of_n(arch, data, tmp_path, lora):
     from rlhfkit.recipes import best_of_n
 
-    res = best_of_n.main(best_of_n.Config(model=arch["base"], reward=[f"rm:{_reward_model(arch, data)}"],
+    policy = _lora_adapter(arch, data) if lora else arch["base"]
+    res = best_of_n.main(best_of_n.Config(model=policy, reward=[f"rm:{_reward_model(arch, data)}"],
                                           prompts=data["prompts"], n=2, max_new_tokens=4, gold=False,
                                           output_dir=str(tmp_path)))
     assert np.isfinite(res["score_selected"])
 
 
-def test_eval(arch, data, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_eval(arch, data, tmp_path, lora):
     from rlhfkit.eval import run_eval
 
-    res = run_eval.main(run_eval.Config(model=arch["base"], reference=arch["base"], prompts=data["prompts"],
+    policy = _lora_adapter(arch, data) if lora else arch["base"]
+    res = run_eval.main(run_eval.Config(model=policy, reference=arch["base"], prompts=data["prompts"],
                                         judge=[f"rm:{_reward_model(arch, data)}"], max_new_tokens=4, n_boot=10,
                                         max_perplexity_lines=4, output_dir=str(tmp_path)))
     assert isinstance(res, dict)
+    if lora:  # the adapter was applied: the policy is not its base
+        assert res["kl"]["mean"] != 0

@@ -176,6 +176,45 @@ def test_kto_unpaired_and_from_pairs(tmp_path, tok, base):
         dpo.load_encoded(data, "train", "sigmoid", tok, 64)
 
 
+def test_kto_kl_rows_pair_a_prompt_with_another_prompts_completion(tok):
+    from rlhfkit.data.preference import PreferenceData, example_rows
+
+    # neighbouring rows share a prompt (several completions per prompt, as rankings expand)
+    a, b = [5, 6], [7, 8]
+    enc = PreferenceData(rows=[(a, [1]), (a, [2]), (b, [3]), (b, [4])], labels=[True, False, True, False])
+    assert example_rows(enc, [0, 1, 2, 3], kl=True) == [(a, [3]), (a, [3]), (b, [1]), (b, [1])]
+    # KTO from ranking data: no KL row carries a completion written for its own prompt
+    ranks = [{"prompt": f"Rank {i}", "responses": [f" a{i}", f" b{i}", f" c{i}"], "ranking": [0, 1, 2]} for i in range(3)]
+    enc = dpo.load_encoded(ranks, "train", "kto", tok, 64)
+    own = {tuple(p + c) for p, c in example_rows(enc, list(range(len(enc.rows))))}
+    assert not own & {tuple(p + c) for p, c in example_rows(enc, list(range(len(enc.rows))), kl=True)}
+    with pytest.raises(DataError, match="--kto_kl false"):
+        example_rows(PreferenceData(rows=[(a, [1]), (a, [2])], labels=[True, False]), [0], kl=True)
+
+
+def test_kto_z0_is_clamped_after_the_cross_process_mean(tmp_path, tok, base):
+    from rlhfkit.losses.preference import kto_loss
+
+    D = torch.float64
+    # this process: KL rows 0.5, 0.3 (mean 0.4); the other process: sum -1.0 over 2 rows
+    other = torch.tensor([-1.0, 2.0], dtype=D)
+    loss, m = kto_loss(torch.tensor([1.0, -1.0], dtype=D), torch.zeros(2, dtype=D), torch.tensor([True, False]),
+                       torch.tensor([0.5, 0.3], dtype=D), torch.zeros(2, dtype=D), beta=1.0,
+                       all_reduce_sum=lambda t: t + other)
+    # z0 = clamp((0.8 - 1.0) / 4, 0) = 0, so loss = 1 - sigmoid(1) for both rows (per-process clamp would give 0.4)
+    assert m["kto/kl"].item() == 0.0
+    assert loss.item() == pytest.approx(1 - 1 / (1 + math.exp(-1.0)), rel=1e-12, abs=0)
+    # the recipe hands its cross-process reduce to the loss
+    cfg = cfg_for(tmp_path, base, "unused.jsonl", loss="kto", precompute_ref=False)
+    unpaired = [{"prompt": f"It was {i}", "completion": " fine" if i % 2 else " bad", "label": bool(i % 2)} for i in range(4)]
+    enc = dpo.load_encoded(unpaired, "train", "kto", tok, 64)
+    model = load_policy(base, "float32", trainable=False)
+    seen = []
+    _, m, _ = dpo.batch_loss(cfg, model, model, enc, [0, 1, 2, 3], None, tok.pad_token_id, "cpu",
+                             reduce=lambda t: seen.append(t.clone()) or t + torch.tensor([-1e3, 4.0], dtype=t.dtype))
+    assert len(seen) == 1 and seen[0][1].item() == 4 and m["kto/kl"].item() == 0.0
+
+
 @pytest.mark.parametrize("loss", ["ipo", "hinge", "cdpo", "robust", "simpo", "orpo"])
 def test_every_variant_runs(tmp_path, base, loss):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)

@@ -241,3 +241,35 @@ def test_response_logprobs_padding_invariant():
             for j, tokid in enumerate(rr):
                 assert float(got[i, j]) == pytest.approx(float(logp[len(qq) - 1 + j, tokid]), rel=1e-4, abs=1e-5)
     assert float(got[0, 2]) == 0.0
+
+
+def test_one_response_logprob_forward(monkeypatch):
+    """eval's and the on-policy recipes' response log-probs are rlhfkit.logprobs.response_logprobs, same numbers."""
+    import rlhfkit.logprobs as L
+    from rlhfkit.rollout import forward
+
+    model = _tiny_lm()
+    q = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    r = torch.tensor([[10, 11, 0], [12, 13, 14]])
+    rm = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ids, attn = torch.cat([q, r], 1), torch.cat([(q != 0).long(), rm], 1)
+    with torch.no_grad():
+        shared, _ = L.response_logprobs(model, ids, attn, 3, rm, 0.7)
+        on_policy, _ = forward.response_logprobs(model, ids, attn, 3, 0.7)
+    assert torch.equal(M.response_logprobs(model, q, r, rm, pad_token_id=0, temperature=0.7), shared)
+    assert torch.equal(on_policy, shared)
+    # a naive float64 forward gives the same numbers
+    with torch.no_grad():
+        for i in range(2):
+            keep = attn[i].bool()
+            logits = model(ids[i:i + 1, keep]).logits[0].double() / 0.7
+            lp = torch.log_softmax(logits, -1)
+            n_q = int(keep[:3].sum())
+            for j in range(int(rm[i].sum())):
+                assert float(shared[i, j]) == pytest.approx(float(lp[n_q - 1 + j, r[i, j]]), rel=1e-5, abs=1e-6)
+    calls, original = [], L.response_logprobs
+    monkeypatch.setattr(L, "response_logprobs", lambda *a, **k: calls.append("eval") or original(*a, **k))
+    monkeypatch.setattr(forward, "shared_response_logprobs", lambda *a, **k: calls.append("rl") or original(*a, **k))
+    M.response_logprobs(model, q, r, rm, pad_token_id=0)
+    forward.response_logprobs(model, ids, attn, 3, 1.0)
+    assert calls == ["eval", "rl"]

@@ -264,6 +264,29 @@ def test_lora_reward_model_trains_and_saves_merged(base, prefs, tmp_path):
     assert np.isfinite(scores).all()
 
 
+def test_lora_reward_model_saves_a_peft_adapter_with_merge_lora_false(base, prefs, tok, tmp_path):
+    """The adapter (score head via modules_to_save) reloads in peft + transformers, scoring as the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    kw = dict(model=base, dataset=prefs, use_lora=True, lora_r=4, lora_alpha=8, seed=5)
+    RR.main(small_cfg(output_dir=str(tmp_path / "merged"), **kw), printer=lambda m: None)
+    RR.main(small_cfg(output_dir=str(tmp_path / "adapter"), merge_lora=False, **kw), printer=lambda m: None)
+    folder = tmp_path / "adapter" / "final"
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    assert "score" in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
+    plain = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tok.pad_token_id)
+    batch = tok(["The day was lovely and fine", "The day was awful"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        untrained = plain.eval()(**batch).logits
+    reloaded = PeftModel.from_pretrained(plain, folder).eval()  # injects the adapter into `plain`
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged" / "final").eval()
+    with torch.no_grad():
+        got, want = reloaded(**batch).logits, merged(**batch).logits
+    assert (got - untrained).abs().max() > 1e-3  # the trained head and adapter were loaded
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["models", "heads"])
 def test_ensembles_give_mean_std_and_conservative_scores(base, prefs, tmp_path, mode):
     out = tmp_path / mode

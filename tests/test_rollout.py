@@ -51,6 +51,25 @@ def test_greedy_matches_uncached_unpadded_loop(tok, sharp_model):
         assert r.query_mask[i].sum() == len(p)
 
 
+def test_kv_cache_passed_by_the_keyword_the_model_takes(tok, sharp_model, monkeypatch):
+    """No deprecation notice (transformers 5.x renamed `past_key_values` to `cache`), warning or log."""
+    import inspect
+    import warnings
+
+    from transformers.utils import generic
+
+    from rlhfkit.rollout.generate import cache_keyword
+
+    takes = inspect.signature(type(sharp_model).forward).parameters
+    assert cache_keyword(sharp_model) == ("cache" if "cache" in takes else "past_key_values")
+    notices = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: notices.append(msg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = generate(sharp_model, tok, PROMPTS, max_new_tokens=4, temperature=0.0, batch_size=2)
+    assert r.response_ids.shape[1] >= 1 and not [m for m in notices if "past_key_values" in str(m)]
+
+
 def test_eos_stops_and_masks(tok, sharp_model):
     # force EOS by making it the stop token that greedy picks first at some step: use the
     # first greedy token of prompt 0 as an extra stop id

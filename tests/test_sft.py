@@ -276,6 +276,31 @@ def test_existing_run_folder_is_refused_unless_resume_or_overwrite(tiny_setup, t
     assert [json.loads(r)["step"] for r in rows] == [1]  # the old run's metrics are gone, not mixed in
 
 
+def test_python_entry_points_keep_one_run_per_folder(tiny_setup, tmp_path, monkeypatch):
+    """recipes.X.main(Config(...)) follows the command line: refuse an existing run, drop a half one."""
+    from rlhfkit.errors import ConfigError
+
+    _, model, data = tiny_setup
+    out = tmp_path / "run"
+    sft.main(_cfg(model, data, out, max_steps=1))
+    with pytest.raises(ConfigError, match="--resume true.*--overwrite true"):
+        sft.main(_cfg(model, data, out, max_steps=1))
+    sft.main(_cfg(model, data, out, max_steps=1, overwrite=True))
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1]  # one run's metrics, not two mixed
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sft, "train_causal_lm", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        sft.main(_cfg(model, data, tmp_path / "fresh", max_steps=1))
+    assert not (tmp_path / "fresh").exists()  # failed before its first checkpoint: no half run folder
+    with pytest.raises(RuntimeError, match="boom"):  # a folder that existed before is kept
+        sft.main(_cfg(model, data, out, max_steps=1, resume=True))
+    assert (out / "final").is_dir()
+
+
 @pytest.mark.parametrize("case", ["lora_targets", "empty", "interrupt"])
 def test_day_one_errors_are_one_line_and_leave_no_half_run(tiny_setup, tmp_path, capsys, monkeypatch, case):
     _, model, data = tiny_setup

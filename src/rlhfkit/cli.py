@@ -45,28 +45,8 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def quiet_library_noise() -> None:
-    """Filter library messages a user of the command line cannot act on.
-
-    transformers 5.x deprecates the `past_key_values` keyword (a FutureWarning per forward and a
-    logged notice) in favour of `cache`; the rollout engine still passes it, and the message
-    says nothing about the user's run. Everything else stays visible.
-    """
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
-
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "past_key_values`/`cache_params` are deprecated" not in record.getMessage()
-
-    logging.getLogger("transformers.utils.generic").addFilter(_Drop())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_library_noise()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -82,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.cli(rest) or 0)
     from rlhfkit.config import parse_config
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.runs import claim_run_folder, discard_unfinished_run, has_saved_state
+    from rlhfkit.runs import claim_run_folder, discard_unfinished_run, has_saved_state, run_folder_owned
 
     out = existed = None
     try:
@@ -90,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = getattr(cfg, "output_dir", None)
         if out and hasattr(cfg, "overwrite"):  # training commands: one run per folder
             existed = claim_run_folder(out, getattr(cfg, "resume", False), cfg.overwrite)
-        module.main(cfg)
+        with run_folder_owned():  # checked just above
+            module.main(cfg)
     except KeyboardInterrupt:
         saved = out is not None and has_saved_state(out)
         if out is not None and existed is not None:

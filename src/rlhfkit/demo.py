@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+from rlhfkit.runs import atomic_write_json, atomic_write_text, one_run_per_folder, prepare_run_dir, seed_everything
 
 QUICK = dict(sft_steps=3, comparison_prompts=24, reward_steps=3, ppo_steps=2, dpo_steps=2, bon_n=4, eval_prompts=8,
              max_new_tokens=8, perplexity_lines=20, n_boot=20, batch_size=4, pretrain_steps=3)
@@ -350,6 +350,7 @@ def print_table(rows: list[dict], report: Path, seconds: float) -> None:
     console.print(f"report: [bold]{report}[/]  ({seconds:.0f} s in all)")
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     """Run every stage; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     import torch

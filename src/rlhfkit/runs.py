@@ -13,7 +13,9 @@ Every recipe writes into one `output_dir`:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +207,49 @@ def discard_unfinished_run(output_dir: str | Path, existed_before: bool) -> bool
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+_FOLDER_OWNED = contextvars.ContextVar("rlhfkit_run_folder_owned", default=False)
+
+
+@contextlib.contextmanager
+def run_folder_owned():
+    """Mark the run folders as already checked: runs started inside (a command that claimed its
+    folder itself, or the stages of `loop` / `demo`) skip :func:`one_run_per_folder`."""
+    token = _FOLDER_OWNED.set(True)
+    try:
+        yield
+    finally:
+        _FOLDER_OWNED.reset(token)
+
+
+def one_run_per_folder(main: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Give a recipe's Python entry point the command line's run-folder rules.
+
+    For a config with `output_dir` and `overwrite`: an existing run is refused unless `resume`
+    or `overwrite` (:func:`claim_run_folder`), and a folder this run created is removed when
+    the run fails or is interrupted before its first checkpoint (:func:`discard_unfinished_run`).
+    Under `accelerate launch` only the main process (RANK 0) checks and removes anything.
+    """
+
+    @functools.wraps(main)
+    def entry(cfg, *args, **kwargs):
+        out = getattr(cfg, "output_dir", None)
+        if _FOLDER_OWNED.get() or not out or not hasattr(cfg, "overwrite"):
+            with run_folder_owned():
+                return main(cfg, *args, **kwargs)
+        if os.environ.get("RANK", "0") != "0":  # the main process checks and cleans the folder
+            with run_folder_owned():
+                return main(cfg, *args, **kwargs)
+        existed = claim_run_folder(out, getattr(cfg, "resume", False), cfg.overwrite)
+        try:
+            with run_folder_owned():
+                return main(cfg, *args, **kwargs)
+        except BaseException:
+            discard_unfinished_run(out, existed)
+            raise
+
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class PreferenceData:
     prompt_truncated: int = 0
     skipped: int = 0
     from_rankings: int = 0
+    kl_index: list[int] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def paired(self) -> bool:
@@ -137,13 +138,21 @@ def load_preferences(source: Any, split: str, unpaired: bool, tokenizer, max_len
 
 def example_rows(data: PreferenceData, index: list[int], kl: bool = False) -> list[tuple[list[int], list[int]]]:
     """(prompt, response) rows of the examples `index`. Pairs: all chosen rows, then all rejected
-    rows (one forward). Unpaired with `kl`: the mismatched rows (prompt of i, completion of i+1
-    in dataset order) for KTO's KL estimate; a fixed pairing keeps reference log-probs cacheable."""
+    rows (one forward). Unpaired with `kl`: the mismatched rows for KTO's KL estimate, prompt of
+    i with the completion of the first example after i (in dataset order, cyclically) whose
+    prompt differs (:func:`rlhfkit.losses.preference.kto_mismatched_index`), so completions of
+    a shared prompt never pair up; a fixed pairing keeps reference log-probs cacheable."""
     if data.paired:
         return [(data.rows[i][0], data.rows[i][1]) for i in index] + [(data.rows[i][0], data.rows[i][2]) for i in index]
     if kl:
-        n = len(data.rows)
-        return [(data.rows[i][0], data.rows[(i + 1) % n][1]) for i in index]
+        if data.kl_index is None:
+            from rlhfkit.losses.preference import kto_mismatched_index
+
+            try:
+                data.kl_index = kto_mismatched_index([tuple(r[0]) for r in data.rows])
+            except ValueError as e:
+                raise DataError(f"{e}; every example has the same prompt, so pass --kto_kl false") from None
+        return [(data.rows[i][0], data.rows[data.kl_index[i]][1]) for i in index]
     return [(data.rows[i][0], data.rows[i][1]) for i in index]
 
 

@@ -282,13 +282,13 @@ def response_logprobs(model, query_ids, response_ids, response_mask, pad_token_i
                       temperature: float = 1.0):
     """Per-token log pi(response | query) for left-padded queries and right-padded responses.
 
-    Position ids follow the attention mask (as in generation), so a left-padded prompt sees
-    the same positions it had when the response was sampled. Returns (N, T_resp) float32,
+    The one response log-prob forward, :func:`rlhfkit.logprobs.response_logprobs`, in
+    batches; position ids follow the attention mask (as in generation). Returns (N, T_resp) float32,
     zero where `response_mask` is 0.
     """
     import torch
 
-    from rlhfkit.logprobs import token_logprobs
+    from rlhfkit.logprobs import response_logprobs as shared_response_logprobs
 
     device = next(model.parameters()).device
     out = []
@@ -297,14 +297,9 @@ def response_logprobs(model, query_ids, response_ids, response_mask, pad_token_i
             q = query_ids[s:s + batch_size].to(device)
             r = response_ids[s:s + batch_size].to(device)
             rm = response_mask[s:s + batch_size].to(device).long()
-            ids = torch.cat([q, r], dim=1)
             attn = torch.cat([(q != pad_token_id).long(), rm], dim=1)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-            tq = q.shape[1]
-            lg = logits[:, tq - 1:-1]  # logits predicting each response token
-            labels = torch.where(rm.bool(), r, torch.full_like(r, -100))
-            out.append(token_logprobs(lg.float(), labels, temperature).cpu())
+            lp, _ = shared_response_logprobs(model, torch.cat([q, r], dim=1), attn, r.shape[1], rm, temperature)
+            out.append(lp.float().cpu())
     return torch.cat(out, dim=0)
 
 

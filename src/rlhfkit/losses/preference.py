@@ -242,8 +242,8 @@ def kto_mismatched_index(prompt_keys: Sequence[Any]) -> list[int]:
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
              kl_logps: torch.Tensor | None = None, ref_kl_logps: torch.Tensor | None = None,
-             beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, Metrics]:
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, Metrics]:
     """Kahneman-Tversky Optimisation on unpaired desirable / undesirable responses.
 
     Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 8:
@@ -256,12 +256,14 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
 
     `labels` is True (1) for desirable. The mean is over all examples of the batch, so a
     batch with only desirable examples is valid (the undesirable term is simply absent).
+    `all_reduce_sum` (several processes) makes z_0 the clamped mean over every process's
+    mismatched rows, see :func:`kto_kl_estimate`.
     """
     labels = labels.bool()
     if kl_logps is not None:
         if ref_kl_logps is None:
             raise ValueError("kto_loss: ref_kl_logps is required when kl_logps is given")
-        z0 = kto_kl_estimate(kl_logps, ref_kl_logps)
+        z0 = kto_kl_estimate(kl_logps, ref_kl_logps, all_reduce_sum)
     else:
         z0 = torch.zeros((), dtype=logps.dtype, device=logps.device)
     r = logps - ref_logps

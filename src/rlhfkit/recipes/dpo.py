@@ -59,7 +59,7 @@ from rlhfkit.models import (
     save_model,
     weights_fingerprint,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
@@ -74,7 +74,7 @@ from rlhfkit.training import (
     save_checkpoint,
 )
 
-CACHE_FORMAT = 1  # bump when the meaning of cached reference log-probs changes
+CACHE_FORMAT = 2  # bump when the meaning of cached reference log-probs changes
 
 
 @dataclasses.dataclass
@@ -115,8 +115,7 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
         require(self.beta > 0, "beta", "must be > 0")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         require(self.max_length >= 4, "max_length", "must be >= 4")
-        if not self.model:
-            self.model = "kindly"
+        self.model = self.model or "kindly"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +125,6 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
 def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limit: int | None = None, max_prompt_length: int = 0):
     return load_preferences(source, split, loss in UNPAIRED_LOSSES, tokenizer, max_length, limit, loss_name=loss,
                             log=lambda m: print(f"dpo: {m}"), max_prompt_length=max_prompt_length)
-
-
-def use_fast_head(cfg) -> bool:
-    return fast_head_allowed(cfg.mixed_precision)
 
 
 def response_logps(model, batch: ResponseBatch, fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +152,7 @@ def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: 
         print(f"dpo: reference log-probs from cache {path}")
         return load_file(str(path))["logps"]
     logps = compute_reference_logps(ref_model, enc, cfg.per_device_train_batch_size * 2, pad_id, device, kl,
-                                    progress=cfg.progress and is_main, fast_head=use_fast_head(cfg))
+                                    progress=cfg.progress and is_main, fast_head=fast_head_allowed(cfg.mixed_precision))
     if is_main:
         with atomic_path(path) as tmp:
             save_file({"logps": logps}, str(tmp), metadata={k: str(v) for k, v in key_parts.items()})
@@ -170,14 +165,14 @@ def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: 
 
 
 def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[int], ref_table: torch.Tensor | None,
-               pad_id: int, device: Any) -> tuple[torch.Tensor, dict, int]:
-    """Loss and metrics of the micro-batch `index`; returns (loss, metrics, non-pad tokens)."""
+               pad_id: int, device: Any, reduce=None) -> tuple[torch.Tensor, dict, int]:
+    """Loss, metrics, non-pad tokens of micro-batch `index`; `reduce` (cross-process sum): KTO's z_0 over all."""
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
     # pairs: the preference batch the reward recipe uses too (chosen rows, then rejected rows)
     batch = (collate_preferences(pair_units(enc, index), pad_id, device).rows if enc.paired
              else collate_responses(example_rows(enc, index), pad_id, device))
-    fast = use_fast_head(cfg)
+    fast = fast_head_allowed(cfg.mixed_precision)
     logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch.attention_mask.sum())
     kl_logps = ref_kl = None
@@ -195,7 +190,7 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
             if kl:
                 ref_kl, _ = response_logps(ref, collate_responses(example_rows(enc, index, kl=True), pad_id, device), fast)
     hparams = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
-                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight, all_reduce_sum=reduce)
     if enc.paired:
         B = len(index)
         inputs = dict(chosen_logps=logps[:B], rejected_logps=logps[B:], chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
@@ -250,10 +245,10 @@ def _reference(cfg: Config, policy):
     """The reference model: the adapter-disabled policy with LoRA, else a frozen separate copy."""
     if cfg.use_lora:
         return policy
-    ref = load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout)
-    return ref.requires_grad_(False)
+    return load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout).requires_grad_(False)
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -283,6 +278,7 @@ def main(cfg: Config) -> dict:
                 ref_model = None  # every reference value is in the tables now; free the copy
 
     nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    reduce = (lambda t: accelerator.reduce(t, "sum")) if nproc > 1 else None  # KTO's z_0 over all processes
     per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_train_batch_size, nproc)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(policy, cfg)
@@ -306,7 +302,7 @@ def main(cfg: Config) -> dict:
                                            total_steps * accum, nproc, rank):
         sync = (micro + 1) % accum == 0
         with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(policy):
-            loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device)
+            loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device, reduce)
             check_finite("loss", loss)
             accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
         tokens += ntok * nproc

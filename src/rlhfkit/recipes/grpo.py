@@ -66,7 +66,7 @@ from rlhfkit.rollout.prompts import (
     render_prompt,
     rows_of,
 )
-from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -224,6 +224,7 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
     return out
 
 
+@one_run_per_folder
 def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     """Train; returns the last update's metrics and, with an eval reward, the held-out evaluation.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+from rlhfkit.runs import atomic_write_json, atomic_write_text, one_run_per_folder, prepare_run_dir, seed_everything
 
 ALGORITHMS = ("dpo", "ppo")
 
@@ -222,6 +222,7 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
     return str(out / "final")
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     """Run the rounds; returns {"rounds": [...], "promoted": id} (also written to loop.json)."""
     import torch

@@ -55,7 +55,7 @@ from rlhfkit.rollout.prompts import (
     prompts_for_step,
     render_prompt,
 )
-from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -241,6 +241,7 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
     return out
 
 
+@one_run_per_folder
 def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     """Train; returns the last update's metrics and, with an eval reward, the held-out evaluation.
 

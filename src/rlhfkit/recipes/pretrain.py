@@ -19,7 +19,7 @@ import torch
 from rlhfkit.config import TrainArgs, require
 from rlhfkit.models import count_parameters, load_tokenizer, save_model, tiny_llama
 from rlhfkit.recipes.sft import train_causal_lm
-from rlhfkit.runs import atomic_write_json, prepare_run_dir
+from rlhfkit.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import make_accelerator
 
 
@@ -97,6 +97,7 @@ def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
     return out
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)

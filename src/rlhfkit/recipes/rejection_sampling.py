@@ -28,7 +28,7 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
 
 
 @dataclasses.dataclass
@@ -114,6 +114,7 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
     return out
 
 
+@one_run_per_folder
 def main(cfg: Config) -> dict:
     from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer

@@ -42,7 +42,7 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_path, atomic_write_json, one_run_per_folder, prepare_run_dir
 
 
 @dataclasses.dataclass
@@ -299,7 +299,8 @@ def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train
         raw = score_token_lists(module, seqs, tokenizer.pad_token_id, cfg.per_device_train_batch_size * 4, device)
         stats = compute_stats(raw, reference=f"{len(seqs)} distinct training responses")
         extra = attach_stats(module.model, stats)
-    save_model(module.model, tokenizer, path, extra_files=extra)
+    # merge_lora False: a peft adapter, the score head in it through modules_to_save
+    save_model(module.model, tokenizer, path, extra_files=extra, merge_lora=cfg.merge_lora)
     return stats
 
 
@@ -315,6 +316,7 @@ def _split(units: list[dict], fraction: float, seed: int) -> tuple[list[dict], l
     return [units[i] for i in order[n_eval:]], [units[i] for i in order[:n_eval]]
 
 
+@one_run_per_folder
 def main(cfg: Config, printer=print) -> dict:
     """Train (an ensemble of) reward models; returns the final metrics, also written to results.json."""
     from accelerate import PartialState

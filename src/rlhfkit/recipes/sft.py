@@ -26,7 +26,7 @@ from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.memory import report_for_run
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
-from rlhfkit.runs import MetricsLogger, atomic_write_json, prepare_run_dir
+from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.sharding import full_state_dict
 from rlhfkit.training import (
     check_finite,
@@ -232,6 +232,7 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
     return final
 
 
+@one_run_per_folder
 def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rlhfkit.logprobs import entropy_from_logits, token_logprobs
+from rlhfkit.logprobs import response_logprobs as shared_response_logprobs
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -25,21 +25,12 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
 
-    Only the R positions that predict response tokens go through the LM head. Returns
-    (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`
-    (an entropy bonus), since back-propagating a full softmax for a logged metric is wasted work.
+    The one response log-prob forward, :func:`rlhfkit.logprobs.response_logprobs`, in the
+    argument order of the on-policy recipes; positions where `attention_mask` is 0 get 0.
+    Returns (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`.
     """
-    t = input_ids.shape[1]
-    keep = torch.arange(t - response_len - 1, t - 1, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                use_cache=False, logits_to_keep=keep)
-    logits = out.logits
-    logp = token_logprobs(logits, input_ids[:, -response_len:], temperature)
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits, temperature)
-    return logp, ent
+    return shared_response_logprobs(model, input_ids, attention_mask, response_len, None, temperature,
+                                    with_entropy=with_entropy, entropy_grad=entropy_grad)
 
 
 @torch.no_grad()

@@ -83,6 +83,24 @@ def _stop_ids(model, tokenizer, extra: Sequence[int] | None) -> list[int]:
     return sorted(ids)
 
 
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` (transformers 5.x, which
+    deprecates `past_key_values`) or `past_key_values` (older releases); read from the forward
+    signature of the model under any peft / DDP wrapper, once per model class."""
+    import inspect
+
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    key = type(inner)
+    if key not in _CACHE_KEYWORD:
+        params = inspect.signature(inner.forward).parameters
+        _CACHE_KEYWORD[key] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD[key]
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
 @torch.inference_mode()
 def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                     top_p: float, stop: torch.Tensor, pad_id: int, generator) -> tuple[torch.Tensor, ...]:
@@ -96,8 +114,9 @@ def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, tem
     query, attn = query.to(device), attn.to(device)
     attn[:, p:] = 1  # every sampled position is visible; rows that finished are ignored anyway
     positions = (attn[:, :p].cumsum(-1) - 1).clamp(min=0)
+    cache = cache_keyword(model)
     out = model(input_ids=query, attention_mask=attn[:, :p], position_ids=positions,
-                past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                **{cache: DynamicCache()}, use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1:] + 1
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -113,7 +132,7 @@ def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, tem
             tokens = tokens[:, : t + 1]
             break
         out = model(input_ids=tok[:, None], attention_mask=attn[:, : p + t + 1], position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **{cache: getattr(out, cache)}, use_cache=True)
         next_pos = next_pos + 1
     steps = torch.arange(tokens.shape[1], device=device)
     resp_mask = (steps[None, :] <= eos_at[:, None]).long()
