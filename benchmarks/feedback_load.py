@@ -266,9 +266,11 @@ def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
                                                         random.Random(seed + i), until)
                                        for i, tok in enumerate(tokens)])
 
+        load_before = os.getloadavg()
         t0 = time.perf_counter()
         asyncio.run(drive())
         ran = time.perf_counter() - t0
+        load_after = os.getloadavg()
         server.stop()
         audit = _audit(url, {"acked": {}}, tokens)
     sub, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
@@ -278,7 +280,10 @@ def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
             "submit_p50_ms": round(float(np.percentile(sub, 50)), 2), "submit_p95_ms": round(float(np.percentile(sub, 95)), 2),
             "next_p50_ms": round(float(np.percentile(nxt, 50)), 2), "next_p95_ms": round(float(np.percentile(nxt, 95)), 2),
             "p50_ms": round(float(np.percentile(both, 50)), 2), "p95_ms": round(float(np.percentile(both, 95)), 2),
-            "over_assigned": audit["over_assigned"], "errors": len(state["errors"]), "first_errors": state["errors"][:3]}
+            "over_assigned": audit["over_assigned"], "errors": len(state["errors"]), "first_errors": state["errors"][:3],
+            # the machine's 1/5/15-minute load averages (os.getloadavg) when the run began and ended
+            "load_average_start": [round(x, 2) for x in load_before],
+            "load_average_end": [round(x, 2) for x in load_after]}
 
 
 def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
@@ -327,6 +332,7 @@ def run(quick: bool = False) -> dict:
     annotators, target = (10, 300) if quick else (ANNOTATORS, TARGET_LABELS)
     out: dict = {"annotators": annotators, "target_labels": target, "overlap": OVERLAP,
                  "kill_after_fraction": KILL_AT, "note": "client and server share the machine's CPUs (contended)"}
+    out["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     all_ms = []
     for backend in ("sqlite", "postgres"):
         res = _one(backend, annotators, target, seed=0)
@@ -345,4 +351,5 @@ def run(quick: bool = False) -> dict:
     out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
     print(f"feedback_load paced: {out['paced']}", file=sys.stderr, flush=True)
     out["paced_target_p95_ms"] = 200
+    out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out

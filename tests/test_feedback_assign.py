@@ -106,3 +106,69 @@ def test_expired_but_not_reassigned_submit_is_accepted(db_url):
                                     uuid.uuid4().hex)
         assert label.user_id == alice
     db.dispose()
+
+
+def test_migration_0003_counts_the_slots_of_existing_assignments(db_url):
+    """A 0002 database with a completed, an open and an expired-open assignment: after the
+    upgrade the items count the first two, the expired one is released, and serving goes on
+    from those counts (the expired item is served again, the full ones are not)."""
+    from sqlalchemy import text
+
+    upgrade(db_url, "0002")
+    db = Database(db_url, pool_size=2)
+    now = svc.utcnow()
+    old = now - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(minutes=1)
+    with db.engine.begin() as conn:
+        for uid in (1, 2, 3):  # explicit ids: nothing below inserts users, tasks or items
+            conn.execute(text("INSERT INTO users (id, username, username_key, password_hash, role, active, created_at) "
+                              "VALUES (:i, :n, :n, 'x', 'annotator', true, :t)"), {"i": uid, "n": f"u{uid}", "t": now})
+        conn.execute(text("INSERT INTO tasks (id, name, question_type, instructions, rubric, likert_points, overlap, "
+                          "randomize_order, selection, gold_rate, open_to_all, created_at) VALUES "
+                          "(1, 't', 'pairwise', '', '[]', 5, 1, false, 'random', 0.0, true, :t)"), {"t": now})
+        for iid in (1, 2, 3):
+            conn.execute(text("INSERT INTO items (id, task_id, prompt, responses, is_gold, meta, created_at) "
+                              "VALUES (:i, 1, 'p', '[\"a\", \"b\"]', false, '{}', :t)"), {"i": iid, "t": now})
+        for item, user, served, done in ((1, 1, now, True), (2, 2, now, False), (3, 1, old, False)):
+            conn.execute(text("INSERT INTO assignments (item_id, user_id, task_id, display_order, served_at, "
+                              "completed) VALUES (:i, :u, 1, '[0, 1]', :s, :d)"),
+                         {"i": item, "u": user, "s": served, "d": done})
+    db.dispose()
+    upgrade(db_url)
+    db = Database(db_url, pool_size=2)
+    from rlhfkit.feedback.models import Item
+
+    with db.read_session() as s:
+        assert dict(s.execute(select(Item.id, Item.slots_taken)).all()) == {1: 1, 2: 1, 3: 0}
+        assert dict(s.execute(select(Assignment.item_id, Assignment.released)).all()) == {1: False, 2: False, 3: True}
+    with db.session() as s:
+        got = svc.next_assignment(s, s.get(Task, 1), s.get(User, 3))
+        assert got is not None and got[0].id == 3
+    with db.session() as s:
+        assert svc.next_assignment(s, s.get(Task, 1), s.get(User, 2)) is not None  # its own open item 2
+    with db.session() as s, pytest.raises(svc.Conflict, match="expired"):
+        svc.submit_label(s, s.get(Task, 1), s.get(User, 1), 3, {"choice": "left"}, uuid.uuid4().hex)
+    db.dispose()
+
+
+def test_serving_query_walks_the_slot_index(tmp_path):
+    """On SQLite the candidate query reads items through ix_items_open_slots in its order (no
+    sort of the task's items, no scan of its assignments), so a /next costs about `limit` rows
+    whatever the size of the task; and it skips the items the user already has."""
+    db, (u0, u1), task_id = setup(f"sqlite:///{tmp_path}/fb.db", 2, 300, overlap=2)
+    served = []
+    for _ in range(20):
+        with db.session() as s:
+            served.append(svc.next_assignment(s, s.get(Task, task_id), s.get(User, u0))[0].id)
+        with db.session() as s:
+            svc.submit_label(s, s.get(Task, task_id), s.get(User, u0), served[-1], {"choice": "left"}, uuid.uuid4().hex)
+    with db.read_session() as s:
+        task = s.get(Task, task_id)
+        # items u0 started come first for u1 (overlap completes before new items open), none for u0
+        assert sorted(svc.candidate_ids(s, task, s.get(User, u1), gold=False, limit=20)) == sorted(served)
+        assert not set(svc.candidate_ids(s, task, s.get(User, u0), gold=False, limit=300)) & set(served)
+        stmt = svc.candidate_query(task, s.get(User, u1), gold=False, limit=8).compile(
+            s.get_bind(), compile_kwargs={"literal_binds": True})
+        plan = " | ".join(row[-1] for row in s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {stmt}"))
+    db.dispose()
+    assert "ix_items_open_slots" in plan and "TEMP B-TREE" not in plan, plan
+    assert "SCAN assignments" not in plan, plan

@@ -119,7 +119,7 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
 
 def principal_dependency(db: Database):
     def principal(request: Request) -> None:
-        with db.read_session() as s:
+        with db.lookup_session() as s:  # authenticate reads one row
             user, csrf = authenticate(request, s)
             request.state.principal = (user, csrf)
     return principal

@@ -107,6 +107,11 @@ class Database:
         self.factory = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
         self.read_factory = sessionmaker(self.engine.execution_options(rlhfkit_readonly=True), expire_on_commit=False)
+        # one-statement lookups (the caller's token or session on every request): on PostgreSQL
+        # in autocommit, which saves the BEGIN and ROLLBACK round trips a transaction costs
+        lookup_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT") \
+            if self.backend == "postgresql" else self.engine.execution_options(rlhfkit_readonly=True)
+        self.lookup_factory = sessionmaker(lookup_engine, expire_on_commit=False)
 
     @property
     def backend(self) -> str:
@@ -137,6 +142,15 @@ class Database:
             yield s
         finally:
             s.close()  # ends the transaction; loaded objects stay readable (detached, not expired)
+
+    @contextlib.contextmanager
+    def lookup_session(self) -> Iterator[Session]:
+        """A session for one read statement (no multi-statement snapshot on PostgreSQL)."""
+        s = self.lookup_factory()
+        try:
+            yield s
+        finally:
+            s.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -124,13 +125,24 @@ class Item(Base):
     gold_value: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # assignments of this item that hold an overlap slot (completed, or open and not yet
+    # released by the expiry sweep); kept in the transaction that changes them
+    slots_taken: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+# serving reads a task's items with free slots, fullest first, in this index's order
+Index("ix_items_open_slots", Item.task_id, Item.is_gold, Item.slots_taken.desc(), Item.id)
 
 
 class Assignment(Base):
     """An item served to an annotator: the order shown and when it was shown."""
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "user_id", name="uq_assignment_item_user"),
+        Index("ix_assignments_user_open", "user_id", "task_id", "completed"),
+        Index("ix_assignments_expiry", "task_id", "completed", "released", "served_at"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -138,6 +150,8 @@ class Assignment(Base):
     display_order: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     served_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     completed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # set when the assignment expired unanswered and its slot went back to the item
+    released: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
 
 class Label(Base):

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -62,6 +62,7 @@ ASSIGNMENT_TIMEOUT = dt.timedelta(minutes=30)
 DEFAULT_RUBRIC = ["helpful", "harmless", "honest"]
 UNCERTAINTY_POOL = 256  # unlabelled items scored by the ensemble per request
 CLAIM_ROUNDS = 4  # rounds of reading candidates and claiming one before waiting on locks
+RELEASE_BATCH = 64  # expired assignments given back per /next (the rest on the next calls)
 PAIR_CHOICES = {"left": 0, "right": 1}
 
 
@@ -323,13 +324,10 @@ def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
     `skip_locked`, False when another transaction holds it). SQLite needs nothing: its
     writers run one at a time (BEGIN IMMEDIATE and the in-process write lock).
 
-    Counting an item's open slots and inserting an assignment is a read-then-write: two
-    PostgreSQL transactions under READ COMMITTED both saw a free slot and both took it (about
-    1 item in 10 got two labels with overlap 1 and 8 clients). Holding the item's row lock
-    from the count to the commit makes it atomic, and the next holder's count (a new
-    statement) sees the committed assignment. FOR NO KEY UPDATE does not conflict with the
-    KEY SHARE locks that inserting labels and assignments takes on the item; SKIP LOCKED lets
-    concurrent /next calls take different items instead of queueing on one lock.
+    Taking a slot is a conditional UPDATE of the item's count (`take_slot`), which is atomic on
+    its own; locking first with SKIP LOCKED lets concurrent /next calls move on to other
+    candidates instead of queueing on one row. FOR NO KEY UPDATE does not conflict with the
+    KEY SHARE locks that inserting labels and assignments takes on the item.
     """
     if s.get_bind().dialect.name != "postgresql":
         return True
@@ -337,28 +335,59 @@ def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
     return s.scalar(q) is not None
 
 
-def _slots_taken_by_others(s: Session, item_id: int, user: User) -> int:
-    return s.scalar(select(func.count()).select_from(Assignment).where(
-        Assignment.item_id == item_id, Assignment.user_id != user.id,
-        or_(Assignment.completed.is_(True), Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT))) or 0
+def release_expired(s: Session, task: Task) -> int:
+    """Give the slots of expired, unanswered assignments of `task` back to their items.
+
+    Each release is a conditional update of the assignment (still open and not released), so
+    two concurrent sweeps, or a sweep and a late submit, cannot both act on one assignment; the
+    item's count drops in the same transaction. Reads only expired open assignments through
+    ix_assignments_expiry, at most RELEASE_BATCH of them.
+    """
+    cutoff = utcnow() - ASSIGNMENT_TIMEOUT
+    rows = s.execute(select(Assignment.id, Assignment.item_id).where(
+        Assignment.task_id == task.id, Assignment.completed.is_(False), Assignment.released.is_(False),
+        Assignment.served_at <= cutoff).order_by(Assignment.item_id).limit(RELEASE_BATCH)).all()
+    released = 0
+    for aid, item_id in rows:
+        done = s.execute(update(Assignment).where(
+            Assignment.id == aid, Assignment.completed.is_(False), Assignment.released.is_(False),
+            Assignment.served_at <= cutoff).values(released=True).execution_options(synchronize_session=False))
+        if done.rowcount:
+            s.execute(update(Item).where(Item.id == item_id).values(slots_taken=Item.slots_taken - 1)
+                      .execution_options(synchronize_session=False))
+            released += 1
+    return released
+
+
+def take_slot(s: Session, task: Task, item_id: int, gold: bool) -> bool:
+    """Count one more assignment on the item, unless its overlap is full (gold items have no
+    limit). One conditional UPDATE: on PostgreSQL it takes the row lock and re-checks the
+    condition on the newest row version (READ COMMITTED), so two transactions can never both
+    take the last slot; on SQLite writers run one at a time."""
+    cond = Item.id == item_id if gold else and_(Item.id == item_id, Item.slots_taken < task.overlap)
+    done = s.execute(update(Item).where(cond).values(slots_taken=Item.slots_taken + 1)
+                     .execution_options(synchronize_session=False))
+    return bool(done.rowcount)
+
+
+def candidate_query(task: Task, user: User, gold: bool, limit: int = 32):
+    """The SELECT behind `candidate_ids` (separate so its plan can be checked)."""
+    mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
+    q = select(Item.id).where(Item.task_id == task.id, Item.is_gold.is_(gold), ~mine)
+    if not gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
+        q = q.where(Item.slots_taken < task.overlap)
+    return q.order_by(Item.slots_taken.desc(), Item.id).limit(limit)
 
 
 def candidate_ids(s: Session, task: Task, user: User, gold: bool, limit: int = 32) -> list[int]:
     """Ids of items this user has not been served whose overlap is not yet taken by others.
 
     Items already started by others come first, so overlap completes before new items open.
+    The query walks ix_items_open_slots (task, gold, slots_taken DESC, id) and probes the
+    (item, user) unique index for each row, so it reads about `limit` items plus those the user
+    already has, whatever the size of the task.
     """
-    mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.task_id == task.id)
-    taken = (select(Assignment.item_id, func.count().label("n"))
-             .where(Assignment.task_id == task.id,
-                    or_(Assignment.completed.is_(True), Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT))
-             .group_by(Assignment.item_id).subquery())
-    q = (select(Item.id).outerjoin(taken, taken.c.item_id == Item.id)
-         .where(Item.task_id == task.id, Item.is_gold.is_(gold), Item.id.not_in(mine)))
-    if not gold:  # every annotator sees every gold item; real items stop at `overlap` annotators
-        q = q.where(or_(taken.c.n.is_(None), taken.c.n < task.overlap))
-    q = q.order_by(func.coalesce(taken.c.n, 0).desc(), Item.id).limit(limit)
-    return list(s.scalars(q))
+    return list(s.scalars(candidate_query(task, user, gold, limit)))
 
 
 def next_assignment(s: Session, task: Task, user: User, rng: random.Random | None = None,
@@ -368,14 +397,16 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     current = _open_assignment(s, task, user)
     if current is not None:
         return s.get(Item, current.item_id), current
+    if release_expired(s, task):
+        s.commit()  # releases are committed on their own: no item locks held while claiming
     item_id = None
     if task.gold_rate > 0 and rng.random() < task.gold_rate:
         golds = candidate_ids(s, task, user, gold=True, limit=64)
         item_id = rng.choice(golds) if golds else None
     if item_id is None:
         uncertain = task.selection == "uncertainty" and scorer is not None
-        # candidates are read without locks; claiming one locks it and re-counts its slots. When
-        # every candidate was taken meanwhile, read the candidates again (new commits show).
+        # candidates are read without locks; claiming one locks it and takes a slot only if one
+        # is still free. When every candidate was taken meanwhile, read the candidates again.
         for attempt in range(CLAIM_ROUNDS):
             pool = candidate_ids(s, task, user, gold=False, limit=UNCERTAINTY_POOL if uncertain else 32)
             if not pool:
@@ -391,6 +422,8 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
                 return None
             item_id = rng.choice(golds)
     item = s.get(Item, item_id)
+    if item.is_gold:  # real items took their slot in _claim
+        take_slot(s, task, item.id, gold=True)
     order = list(range(len(item.responses)))
     if task.randomize_order:
         rng.shuffle(order)
@@ -411,8 +444,15 @@ def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = 
     Items locked by a concurrent /next are skipped, unless `wait` (the last round: wait for
     their holders, who commit within one request, rather than report the task finished).
     """
+    postgres = s.get_bind().dialect.name == "postgresql"
     for item_id in ordered:
-        if lock_item(s, item_id, skip_locked=not wait) and _slots_taken_by_others(s, item_id, user) < task.overlap:
+        if postgres and not wait:  # lock-or-skip and take the slot in one round trip
+            locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
+            done = s.execute(update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < task.overlap)
+                             .values(slots_taken=Item.slots_taken + 1).execution_options(synchronize_session=False))
+            if done.rowcount:
+                return item_id
+        elif lock_item(s, item_id, skip_locked=not wait) and take_slot(s, task, item_id, gold=False):
             return item_id
     return None
 
@@ -458,20 +498,18 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
     if assignment is None:
         raise Conflict("this item was not served to you; ask for the next item first")
-    if not assignment.completed and assignment.served_at <= utcnow() - ASSIGNMENT_TIMEOUT and not item.is_gold:
-        # the slot was released when the assignment expired: accept only if nobody took it since
-        lock_item(s, item_id)
-        if _slots_taken_by_others(s, item_id, user) >= task.overlap:
-            raise Conflict("your assignment of this item expired and it was given to someone else; "
-                           "ask for the next item")
-    if s.scalar(select(Label.id).where(Label.item_id == item_id, Label.user_id == user.id)) is not None:
+    # an open assignment has no label (both change in one transaction; a concurrent duplicate
+    # hits uq_label_item_user below)
+    if assignment.completed and s.scalar(select(Label.id).where(Label.item_id == item_id,
+                                                                Label.user_id == user.id)) is not None:
         raise Conflict("you already labelled this item")
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
+    if not assignment.completed:
+        _complete(s, task, item, assignment)
     measured = int((utcnow() - assignment.served_at).total_seconds() * 1000)
     label = Label(item_id=item_id, user_id=user.id, task_id=task.id, idempotency_key=key, value=value,
                   display_order=list(assignment.display_order),
                   duration_ms=measured)
-    assignment.completed = True
     s.add(label)
     try:
         s.flush()
@@ -482,6 +520,21 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
             return existing, True
         raise Conflict("you already labelled this item") from None
     return label, False
+
+
+def _complete(s: Session, task: Task, item: Item, assignment: Assignment) -> None:
+    """Mark an open assignment answered. Its slot still counts unless the expiry sweep gave it
+    back; then the submit is accepted only if the item has a free slot again (nobody took it)."""
+    still_held = s.execute(update(Assignment).where(
+        Assignment.id == assignment.id, Assignment.completed.is_(False), Assignment.released.is_(False))
+        .values(completed=True).execution_options(synchronize_session=False)).rowcount
+    if not still_held:
+        if not take_slot(s, task, item.id, gold=item.is_gold):
+            raise Conflict("your assignment of this item expired and it was given to someone else; "
+                           "ask for the next item")
+        s.execute(update(Assignment).where(Assignment.id == assignment.id)
+                  .values(completed=True, released=False).execution_options(synchronize_session=False))
+    s.expire(assignment, ["completed", "released"])
 
 
 def is_admin(user: User) -> bool:
