@@ -164,6 +164,8 @@ def test_scoped_task_list_correction_and_review_queue(tmp_path):
             # role-scoped task list: open tasks and those she is a member of, nothing else
             assert [a.inner_text() for a in page.query_selector_all("a.task-link")] == ["open-pairs", "team-pairs"]
             page.click("text=open-pairs")
+            page.wait_for_selector("#answer")
+            page.wait_for_load_state("load")  # label.js listens for keys only once it has run
             page.keyboard.press("1")  # left = "thanks a lot" (file order)
             page.wait_for_selector("#done")
             # correction: My labels -> Correct -> choose the other response
