@@ -10,3 +10,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+_PG_REASON: dict[str, str | None] = {}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A feedback-service database URL: a fresh SQLite file, or a temporary PostgreSQL database."""
+    from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/fb.db"
+        return
+    if "pg" not in _PG_REASON:  # asked once per worker
+        _PG_REASON["pg"] = postgres_unavailable_reason()
+    if reason := _PG_REASON["pg"]:
+        pytest.skip(reason)
+    with temp_postgres_database() as url:
+        yield url

@@ -14,7 +14,6 @@ from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Label
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
-from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
@@ -22,18 +21,6 @@ PASSWORD = "correct horse battery"
 XSS_PROMPT = 'Say hi <script>window.__xss=1</script>'
 XSS_RESPONSE = '<img src=x onerror="window.__xss=2">hello'
 
-_PG_REASON = postgres_unavailable_reason()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fb.db"
-        return
-    if _PG_REASON:
-        pytest.skip(_PG_REASON)
-    with temp_postgres_database() as url:
-        yield url
 
 
 @pytest.fixture

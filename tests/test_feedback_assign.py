@@ -16,22 +16,9 @@ from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Assignment, Label, Task, User
 from rlhfkit.feedback.security import use_test_hasher
-from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()
-_PG_REASON = postgres_unavailable_reason()
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fb.db"
-        return
-    if _PG_REASON:
-        pytest.skip(_PG_REASON)
-    with temp_postgres_database() as url:
-        yield url
 
 
 def setup(db_url, n_users, n_items, overlap):

@@ -11,23 +11,10 @@ from rlhfkit.feedback import export as ex
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.security import use_test_hasher
-from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
 PASSWORD = "correct horse battery"
-_PG_REASON = postgres_unavailable_reason()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fb.db"
-        return
-    if _PG_REASON:
-        pytest.skip(_PG_REASON)
-    with temp_postgres_database() as url:
-        yield url
 
 
 def answer(s, task, user, display_answer):

@@ -20,25 +20,12 @@ from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Item, Label, Task, User
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
-from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()
 
 PASSWORD = "correct horse battery"
-_PG_REASON = postgres_unavailable_reason()
 BAD_TEXTS = ["nul \x00 inside", "lone \ud800 surrogate", "\udfff"]
 BIG_IDS = [2**31, 2**63, 2**64 + 5, -(2**63) - 1]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fb.db"
-        return
-    if _PG_REASON:
-        pytest.skip(_PG_REASON)
-    with temp_postgres_database() as url:
-        yield url
 
 
 @pytest.fixture
