@@ -35,7 +35,13 @@ import threading
 from collections.abc import Sequence
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.judge import Preference, aligned, compare_scores, new_stats, preference_from_p
+from rlhfkit.judges.judge import (
+    Preference,
+    aligned,
+    combine_orders,
+    compare_scores,
+    new_stats,
+)
 from rlhfkit.judges.llm import (
     DEFAULT_QUESTION,
     PAIRWISE_TEMPLATE,
@@ -272,27 +278,9 @@ class HTTPJudge:
         if self.both_orders:
             bodies += self._pair_bodies(prompts, b, a, question, chain_of_thought)
         got = self._run(bodies, parse)
-        out = []
-        for i in range(n):
-            x = got[i]
-            y = got[n + i] if self.both_orders else (None if x is None else 1.0 - x)
-            if x is None and y is None:
-                out.append(Preference(label=None, reason="no readable answer after retries"))
-                continue
-            if x is None or y is None:  # one order answered: use it alone, consistency unknown
-                p = x if x is not None else 1.0 - y
-                out.append(preference_from_p(p, self.tie_margin))
-                continue
-            consistent = ((x > 0.5) == (1.0 - y > 0.5)) if self.both_orders else None
-            if self.both_orders:
-                self.stats["order_pairs"] += 1
-                self.stats["order_consistent"] += bool(consistent)
-            out.append(preference_from_p(0.5 * (x + 1.0 - y), self.tie_margin, consistent=consistent))
-        self.stats["compared"] += n
-        self.stats["abstained"] += sum(p.abstained for p in out)
-        pairs = self.stats["order_pairs"]
-        self.stats["order_agreement"] = self.stats["order_consistent"] / pairs if pairs else float("nan")
-        return out
+        second = got[n:] if self.both_orders else [None if x is None else 1.0 - x for x in got]
+        return combine_orders(got[:n], second, self.both_orders, self.tie_margin, self.stats,
+                              "no readable answer after retries")
 
     def compare(self, prompts, a, b) -> list[Preference]:
         if self.mode == "pointwise":

@@ -60,6 +60,35 @@ def preference_from_p(p_a: float | None, tie_margin: float = 0.0, consistent: bo
                       consistent=consistent, reason=reason)
 
 
+
+def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None], both_orders: bool,
+                   tie_margin: float, stats: dict, reason: str) -> list[Preference]:
+    """Verdicts from a pairwise judge asked in both orders, to cancel position bias.
+
+    `p_ab[i]`: P(a better) with a shown first; `p_ba[i]`: P(b better) with b shown first
+    (a judge asked once passes 1 - p_ab). The verdict averages P(a better) over the two
+    orders; when only one order answered it stands alone (consistency unknown), and when
+    neither did the item abstains with `reason`. Updates the order-agreement counters.
+    """
+    out = []
+    for x, y in zip(p_ab, p_ba):
+        if x is None and y is None:
+            out.append(Preference(label=None, reason=reason))
+            continue
+        if x is None or y is None:
+            out.append(preference_from_p(x if x is not None else 1.0 - y, tie_margin))
+            continue
+        consistent = ((x > 0.5) == (1.0 - y > 0.5)) if both_orders else None
+        if both_orders:
+            stats["order_pairs"] += 1
+            stats["order_consistent"] += bool(consistent)
+        out.append(preference_from_p(0.5 * (x + (1.0 - y)), tie_margin, consistent=consistent))
+    stats["compared"] += len(out)
+    stats["abstained"] += sum(p.abstained for p in out)
+    pairs = stats["order_pairs"]
+    stats["order_agreement"] = stats["order_consistent"] / pairs if pairs else float("nan")
+    return out
+
 @runtime_checkable
 class AIJudge(Protocol):
     """What `load_judge` returns: a named, batched scorer and comparer with abstentions."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.judge import Preference, aligned, new_stats, preference_from_p
+from rlhfkit.judges.judge import Preference, aligned, combine_orders, new_stats
 
 PAIRWISE_TEMPLATE = """Compare two responses to the same prompt.
 {question}
@@ -177,21 +177,7 @@ class LLMJudge:
         p1 = self._p_first(prompts, a, b, question, chain_of_thought)
         p2 = (self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders
               else [None if x is None else 1.0 - x for x in p1])
-        out = []
-        for x, y in zip(p1, p2):
-            if x is None or y is None:
-                out.append(Preference(label=None, reason="rubric too long for max_length"))
-                continue
-            consistent = (x > 0.5) == (1.0 - y > 0.5) if self.both_orders else None
-            if self.both_orders:
-                self.stats["order_pairs"] += 1
-                self.stats["order_consistent"] += bool(consistent)
-            out.append(preference_from_p(0.5 * (x + (1.0 - y)), self.tie_margin, consistent=consistent))
-        self.stats["compared"] += len(out)
-        self.stats["abstained"] += sum(p.abstained for p in out)
-        n = self.stats["order_pairs"]
-        self.stats["order_agreement"] = self.stats["order_consistent"] / n if n else float("nan")
-        return out
+        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats, "rubric too long for max_length")
 
     def compare(self, prompts, a, b) -> list[Preference]:
         """mode=pairwise: the pairwise rubric in both orders; mode=pointwise: the higher expected score."""
