@@ -146,7 +146,10 @@ def test_group_recipes_two_steps(assets, tmp_path, recipe):
     mod.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["first_ratio_mean"] == 1.0
+    # micro-batches of 3 shuffled rows are padded differently from the rollout's forward, so the
+    # first ratio is 1 up to float32 rounding (RLOO's sequence ratio sums 6 tokens' rounding);
+    # exactness with one unshuffled micro-batch is tested in test_rl_user_models.py
+    assert rows[0]["first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert "kl" in rows[0] and "proxy_reward" in rows[0]
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
