@@ -76,6 +76,16 @@ def average_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def update_summary(metrics: list[dict[str, Any]], stopped: bool) -> dict[str, float]:
+    """One update's metrics from its optimiser steps: averages (extremes for *_min / *_max), the
+    first step's importance ratio (1 up to rounding when old and new log-probs agree), the step
+    count and whether the approx-KL early stop cut the epochs short."""
+    out = average_metrics(metrics)
+    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
+               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics), early_stopped=float(stopped))
+    return out
+
+
 def sample_rows(rollout: Rollout, scores: torch.Tensor, eval_scores: np.ndarray | None, n: int = 8) -> list[dict]:
     return [{"prompt": rollout.prompts[i], "response": rollout.responses[i], "reward": scores[i].item(),
              "eval_reward": None if eval_scores is None else float(eval_scores[i])} for i in range(min(n, len(rollout)))]

@@ -39,8 +39,8 @@ from rlhfkit.judges.judge import (
     Preference,
     aligned,
     combine_orders,
-    compare_scores,
     new_stats,
+    rubric_compare,
 )
 from rlhfkit.judges.llm import (
     DEFAULT_QUESTION,
@@ -278,16 +278,11 @@ class HTTPJudge:
         if self.both_orders:
             bodies += self._pair_bodies(prompts, b, a, question, chain_of_thought)
         got = self._run(bodies, parse)
-        second = got[n:] if self.both_orders else [None if x is None else 1.0 - x for x in got]
-        return combine_orders(got[:n], second, self.both_orders, self.tie_margin, self.stats,
+        return combine_orders(got[:n], got[n:] if self.both_orders else None, self.both_orders, self.tie_margin, self.stats,
                               "no readable answer after retries")
 
     def compare(self, prompts, a, b) -> list[Preference]:
-        if self.mode == "pointwise":
-            prompts = aligned(prompts, a, b)
-            sa, sb = self.score(prompts, a), self.score(prompts, b)
-            return [compare_scores(x, y, 0.25, self.tie_margin) for x, y in zip(sa, sb)]
-        return self.compare_with_question(prompts, a, b, self.question)
+        return rubric_compare(self, prompts, a, b)
 
     def score(self, prompts, responses) -> list[float | None]:
         prompts = aligned(prompts, responses)

@@ -61,15 +61,17 @@ def preference_from_p(p_a: float | None, tie_margin: float = 0.0, consistent: bo
 
 
 
-def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None], both_orders: bool,
+def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None] | None, both_orders: bool,
                    tie_margin: float, stats: dict, reason: str) -> list[Preference]:
     """Verdicts from a pairwise judge asked in both orders, to cancel position bias.
 
     `p_ab[i]`: P(a better) with a shown first; `p_ba[i]`: P(b better) with b shown first
-    (a judge asked once passes 1 - p_ab). The verdict averages P(a better) over the two
+    (None for a judge asked once: then 1 - p_ab). The verdict averages P(a better) over the two
     orders; when only one order answered it stands alone (consistency unknown), and when
     neither did the item abstains with `reason`. Updates the order-agreement counters.
     """
+    if p_ba is None:
+        p_ba = [None if x is None else 1.0 - x for x in p_ab]
     out = []
     for x, y in zip(p_ab, p_ba):
         if x is None and y is None:
@@ -88,6 +90,16 @@ def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None], b
     pairs = stats["order_pairs"]
     stats["order_agreement"] = stats["order_consistent"] / pairs if pairs else float("nan")
     return out
+
+
+def rubric_compare(judge, prompts, a, b) -> list[Preference]:
+    """A rubric judge's `compare`: mode=pairwise asks its pairwise rubric (both orders);
+    mode=pointwise compares the two responses' expected pointwise scores."""
+    if judge.mode == "pointwise":
+        prompts = aligned(prompts, a, b)
+        sa, sb = judge.score(prompts, a), judge.score(prompts, b)
+        return [compare_scores(x, y, 0.25, judge.tie_margin) for x, y in zip(sa, sb)]
+    return judge.compare_with_question(prompts, a, b, judge.question)
 
 @runtime_checkable
 class AIJudge(Protocol):

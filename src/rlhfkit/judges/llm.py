@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.judge import Preference, aligned, combine_orders, new_stats
+from rlhfkit.judges.judge import Preference, aligned, combine_orders, new_stats, rubric_compare
 
 PAIRWISE_TEMPLATE = """Compare two responses to the same prompt.
 {question}
@@ -175,19 +175,12 @@ class LLMJudge:
     def compare_with_question(self, prompts, a, b, question: str, chain_of_thought: bool = False) -> list[Preference]:
         prompts = aligned(prompts, a, b)
         p1 = self._p_first(prompts, a, b, question, chain_of_thought)
-        p2 = (self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders
-              else [None if x is None else 1.0 - x for x in p1])
+        p2 = self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders else None
         return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats, "rubric too long for max_length")
 
     def compare(self, prompts, a, b) -> list[Preference]:
         """mode=pairwise: the pairwise rubric in both orders; mode=pointwise: the higher expected score."""
-        if self.mode == "pointwise":
-            from rlhfkit.judges.judge import compare_scores
-
-            prompts = aligned(prompts, a, b)
-            sa, sb = self.score(prompts, a), self.score(prompts, b)
-            return [compare_scores(x, y, 0.25, self.tie_margin) for x, y in zip(sa, sb)]
-        return self.compare_with_question(prompts, a, b, self.question)
+        return rubric_compare(self, prompts, a, b)
 
     # -- pointwise ----------------------------------------------------------------------------
 

@@ -218,9 +218,7 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
                 break
         if stopped:
             break
-    out = monitor.average_metrics(metrics)
-    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
-               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics), early_stopped=float(stopped))
+    out = monitor.update_summary(metrics, stopped)
     if "kl" in out:  # the loss's mean per-token k3; "kl" in the metrics is the per-response sum
         out["kl_k3_token_mean"] = out.pop("kl")
     return out

@@ -237,10 +237,7 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
                 break
         if stopped:
             break
-    out = monitor.average_metrics(metrics)
-    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
-               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics), early_stopped=float(stopped))
-    return out
+    return monitor.update_summary(metrics, stopped)
 
 
 @one_run_per_folder
