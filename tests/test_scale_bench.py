@@ -71,3 +71,57 @@ def test_gpu_train_paths_run_on_cpu_with_a_tiny_model(monkeypatch):
                                                                    out["dpo"]["not_compared_because"])
     assert out["dpo"]["loss_first"]["ours"] == pytest.approx(0.693147, rel=1e-4)
     assert set(out["sft"]["mfu"]) == {"ours", "peer"} and set(out["grpo"]["step_seconds"]) == {"ours", "peer"}
+
+
+def test_shared_sampling_noise_makes_hf_generate_draw_rlhfkit_tokens():
+    """The speed benchmarks' peer (HF generate + torch.multinomial) samples, with the shared noise,
+    exactly the tokens rlhfkit's sampler draws for the same seed: the two sides do the same work."""
+    from benchmarks.equal_work import shared_sampling_noise
+
+    from rlhfkit.data.collate import encode_prompt
+    from rlhfkit.models import load_tokenizer, tiny_llama
+    from rlhfkit.rollout.generate import generate
+
+    tok = load_tokenizer("kindly:tokenizer")
+    model = tiny_llama(len(tok), seed=3, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, tokenizer=tok)
+    prompts = ["the cat sat on", "a kind word", "she said"]
+    roll = generate(model, tok, prompts, 12, temperature=1.0, num_samples=2, batch_size=6, seed=41)
+    ids = [encode_prompt(tok, p)[0] for p in prompts for _ in range(2)]
+    width = max(map(len, ids))
+    inp = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
+    att = (inp != tok.pad_token_id).long()
+    shared_sampling_noise(model, lambda call: 41 + call)
+    model.eval()
+    out = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0,
+                         temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf = out[:, width:]
+    mask = roll.response_mask.bool()
+    assert hf.shape[1] >= mask.shape[1]
+    assert torch.equal(hf[:, : mask.shape[1]][mask], roll.response_ids[mask])
+    # and without the shared noise the peer draws other tokens (so the check above can fail)
+    torch.manual_seed(0)
+    plain = model.__class__.generate(model, input_ids=inp, attention_mask=att, max_new_tokens=12, do_sample=True,
+                                     top_k=0, top_p=1.0, temperature=1.0, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)[:, width:]
+    assert not torch.equal(plain[:, : mask.shape[1]][mask], roll.response_ids[mask])
+
+
+def test_reward_encoding_gives_the_peer_rlhfkit_reward_inputs():
+    """TRL joins prompt + completion text; the benchmark's tokenizer splits it back and encodes
+    [BOS] prompt + response + EOS exactly as rlhfkit's reward models read it."""
+    from benchmarks.equal_work import rlhfkit_reward_encoding
+
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.reward import encode_prompt_response
+
+    prompts, responses = ["he has no conscience", "as white as"], ["ibility of", " snow"]
+    tok = rlhfkit_reward_encoding(load_tokenizer("kindly:tokenizer"), ["<|endoftext|>" + p for p in prompts],
+                                  bos="<|endoftext|>")
+    enc = tok(text=["<|endoftext|>" + p + r for p, r in zip(prompts, responses)], return_tensors="pt",
+              padding=True, padding_side="right", add_special_tokens=False)
+    plain = load_tokenizer("kindly:tokenizer")
+    for row, mask, p, r in zip(enc["input_ids"], enc["attention_mask"], prompts, responses):
+        assert row[mask.bool()].tolist() == encode_prompt_response(plain, p, r)[0]
+    # the joined text tokenised as a whole differs at the boundary: the wrapper is not a no-op
+    joined = plain("<|endoftext|>" + prompts[0] + responses[0], add_special_tokens=False).input_ids
+    assert joined != encode_prompt_response(plain, prompts[0], responses[0])[0]
