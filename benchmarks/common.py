@@ -89,14 +89,16 @@ def losses_agree(a: float | None, b: float | None, rtol: float = LOSS_RTOL) -> t
 
 
 def paired_comparison(ours: list[dict], peer: list[dict], work: float | None = None,
-                      higher_is_better: bool = False) -> dict:
+                      higher_is_better: bool = False, deterministic: bool = False) -> dict:
     """Summarise alternating runs of both sides into the fields every speed benchmark reports.
 
     Each run is a dict with `seconds`, `loss_first` and `loss_last`; run i of ours is paired
     with run i of the peer (they ran next to each other, so under a changing load they saw
     about the same machine). The ratio is the peer's time over ours (higher is better for
     rlhfkit); its median and spread over the pairs are reported, and only when the first-step
-    losses agree to LOSS_RTOL relative in every pair. With `work` (tokens, samples ...) the
+    losses agree to LOSS_RTOL relative in every pair. With `deterministic` (no sampling: SFT,
+    reward, DPO), the last-step losses must agree too: a first DPO loss is ln 2 whatever either
+    side computes, and only the losses after some updates show the two trained alike. With `work` (tokens, samples ...) the
     medians are also given as throughput.
     """
     def side(runs):
@@ -123,6 +125,10 @@ def paired_comparison(ours: list[dict], peer: list[dict], work: float | None = N
         ok, why = losses_agree(o.get("loss_first"), p.get("loss_first"))
         if not ok:
             reasons.append(why)
+        if deterministic:
+            ok, why = losses_agree(o.get("loss_last"), p.get("loss_last"))
+            if not ok:
+                reasons.append(why.replace("first-step", "last-step").replace("its first-step", "its last-step"))
     if reasons:
         result["not_compared_because"] = reasons[0]
         return result

@@ -136,7 +136,7 @@ def run(quick: bool = False) -> dict:
             ours_runs.append(run_ours(model_dir, str(data)))
             if has_trl:
                 peer_runs.append(run_trl(model_dir, tokenizer, peer_pairs))
-    cmp = paired_comparison(ours_runs, peer_runs)
+    cmp = paired_comparison(ours_runs, peer_runs, deterministic=True)
     med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
     ours = tokens / med(ours_runs, "total")
     peer_tokens = peer_runs[0]["tokens"] if peer_runs else None

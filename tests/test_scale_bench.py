@@ -36,6 +36,17 @@ def test_no_ratio_when_first_losses_differ():
     assert paired_comparison(_runs([1.0], 3.0), [])["not_compared_because"] == "the peer library is not installed"
 
 
+def test_deterministic_runs_must_also_end_alike():
+    """A first DPO loss is ln 2 on both sides whatever they compute; without sampling the last
+    losses must agree too before a ratio is given."""
+    ours, peer = _runs([1.0], 0.6931, last=0.70), _runs([2.0], 0.6931, last=0.71)
+    assert paired_comparison(ours, peer)["comparable"]  # sampled work: only the first step is checked
+    out = paired_comparison(ours, peer, deterministic=True)
+    assert out["ratio"] is None and "last-step losses differ" in out["not_compared_because"]
+    same_end = _runs([2.0], 0.6931, last=0.70 * (1 + 5e-5))
+    assert paired_comparison(ours, same_end, deterministic=True)["ratio"] == 2.0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 @pytest.mark.parametrize("name", ["gpu_rollout", "gpu_train", "gpu_memory"])
 def test_gpu_benchmarks_say_no_cuda_and_exit_0(name, tmp_path):
