@@ -145,8 +145,8 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     Returns (logprobs (B, R), zero where the mask is 0; entropy (B, R) or None). Only the
     positions predicting response tokens go through the LM head; with `fast_head` (a model
-    :func:`split_head` accepts, no entropy asked) only the real ones, padding skipped. The
-    entropy carries gradients only with `entropy_grad` (an entropy bonus).
+    :func:`split_head` accepts) only the real ones, padding skipped (the entropy, if asked, is
+    then 0 at padding). The entropy carries gradients only with `entropy_grad` (an entropy bonus).
     """
     R = int(response_width)
     P = input_ids.shape[1] - R
@@ -156,7 +156,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     targets = input_ids[:, P:]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    parts = split_head(model) if fast_head and not with_entropy else None
+    parts = split_head(model) if fast_head else None
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, P - 1:-1]
@@ -166,7 +166,12 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         if temperature != 1.0:
             logits = logits / temperature
         picked = -F.cross_entropy(logits, targets[keep], reduction="none")
-        return picked.new_zeros(mask.shape).masked_scatter(keep, picked), None
+        ent = None
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                tok_ent = entropy_from_logits(logits)
+            ent = tok_ent.new_zeros(mask.shape).masked_scatter(keep, tok_ent)
+        return picked.new_zeros(mask.shape).masked_scatter(keep, picked), ent
     logits = model(**inputs, logits_to_keep=R + 1).logits[:, :-1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if temperature != 1.0:

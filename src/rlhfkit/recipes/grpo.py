@@ -46,7 +46,7 @@ from rlhfkit.advantages import (
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
-from rlhfkit.logprobs import masked_mean
+from rlhfkit.logprobs import fast_head_allowed, masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
 from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
@@ -157,10 +157,11 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     #    pass trains each row once before any step, so its old log-probs are filled in by that forward
     ids, mask = (t.to(dev) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
+    fast = fast_head_allowed(cfg.mixed_precision)  # one LM-head path for rollout, reference and training
     old_logp = torch.zeros_like(rmask) if single_pass else batched(
-        lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+        lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
     with ref_ctx():
-        ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+        ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
     check_finite("rollout log-probs", old_logp, ref_logp)
     # 5. rewards -> group advantages (the KL in the reward for RLOO)
     shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
@@ -187,7 +188,8 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
             for j, idx in enumerate(micro):
                 with acc.no_sync(policy) if j < len(micro) - 1 else contextlib.nullcontext():
                     logp, ent = response_logprobs(policy, traj.input_ids[idx], traj.attention_mask[idx],
-                                                  traj.response_len, cfg.temperature, with_entropy=epoch == 0)
+                                                  traj.response_len, cfg.temperature, with_entropy=epoch == 0,
+                                                  fast_head=fast_head_allowed(cfg.mixed_precision))
                     if single_pass:
                         traj.old_logp[idx] = logp.detach()
                     loss, m = grpo_loss(logp, traj.old_logp[idx], traj.ref_logp[idx] if kl_in_loss else None,

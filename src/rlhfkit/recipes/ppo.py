@@ -36,6 +36,7 @@ from rlhfkit.advantages import (
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
+from rlhfkit.logprobs import fast_head_allowed
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
 from rlhfkit.memory import report_on_policy
 from rlhfkit.models import (
@@ -153,9 +154,10 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     # 4. old log-probs, reference log-probs and values: the training forward and layout, no gradients
     ids, mask = (t.to(dev) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
-    old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+    fast = fast_head_allowed(cfg.mixed_precision)  # one LM-head path for rollout, reference and training
+    old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
     with ref_ctx():
-        ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature)[0], ids, mask, bs)
+        ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
     old_values = batched(lambda i, m: unwrap(critic)(i, m, r_len), ids, mask, bs) * rmask
     check_finite("rollout log-probs / values", old_logp, ref_logp, old_values)
     # 5. rewards: the (normalised) score at the last token, -beta * KL at every token (Ziegler et al. eq. 2)
@@ -195,7 +197,8 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
                     # 7b. new log-probs (entropy: in the loss when it has a weight, else a first-epoch metric)
                     bonus = cfg.entropy_coef > 0
                     logp, ent = response_logprobs(policy, ids, mask, traj.response_len, cfg.temperature,
-                                                  with_entropy=bonus or epoch == 0, entropy_grad=bonus)
+                                                  with_entropy=bonus or epoch == 0, entropy_grad=bonus,
+                                                  fast_head=fast_head_allowed(cfg.mixed_precision))
                     # 7c. clipped surrogate (Schulman et al. 2017 eq. 7) and clipped value loss
                     pl, pm = ppo_policy_loss(logp, traj.old_logp[idx], traj.advantages[idx], rmask, cfg.cliprange,
                                              totals=totals)

@@ -22,15 +22,18 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_len: int, temperature: float, with_entropy: bool = False,
-                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      entropy_grad: bool = False, fast_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
 
     The one response log-prob forward, :func:`rlhfkit.logprobs.response_logprobs`, in the
     argument order of the on-policy recipes; positions where `attention_mask` is 0 get 0.
     Returns (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`.
+    `fast_head` sends only real response tokens through the LM head (rlhfkit.logprobs.fast_head_allowed
+    says when); a recipe passes the same value to every forward so that rollout, reference and
+    training log-probs take one path and agree to the last bit at the first step.
     """
     return shared_response_logprobs(model, input_ids, attention_mask, response_len, None, temperature,
-                                    with_entropy=with_entropy, entropy_grad=entropy_grad)
+                                    with_entropy=with_entropy, entropy_grad=entropy_grad, fast_head=fast_head)
 
 
 @torch.no_grad()
