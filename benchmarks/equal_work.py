@@ -37,11 +37,15 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torch
 
 
 @contextlib.contextmanager
-def _noise(noise: torch.Generator) -> Iterator[None]:
+def _noise(seed: int) -> Iterator[None]:
+    generators: dict[torch.device, torch.Generator] = {}  # made on the device of the first draw
+
     def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
         if num_samples != 1 or probs.dim() != 2 or generator is not None or out is not None:
             return _ORIGINAL_MULTINOMIAL(probs, num_samples, replacement, generator=generator, out=out)
-        return inverse_cdf_sample(probs, noise)
+        if probs.device not in generators:
+            generators[probs.device] = torch.Generator(device=probs.device).manual_seed(seed)
+        return inverse_cdf_sample(probs, generators[probs.device])
 
     torch.multinomial = multinomial
     try:
@@ -56,8 +60,7 @@ def shared_sampling_noise(model, seed_of_call: Callable[[int], int]) -> None:
     calls = itertools.count()
 
     def generate(*args, **kwargs):
-        g = torch.Generator().manual_seed(int(seed_of_call(next(calls))))
-        with _noise(g):
+        with _noise(int(seed_of_call(next(calls)))):
             return original(*args, **kwargs)
 
     model.generate = generate

@@ -16,11 +16,14 @@ The first DPO loss is ln 2 on both sides (policy == reference). Counted FLOPs: 6
 token plus 2N per token for the reference pass.
 
 GRPO: 8 prompts x 8 generations a step, up to 256 new tokens, beta 0.04 (a reference forward),
-token-level loss, one pass per batch, a same-shaped one-output reward model; `grpo.main` (timed
-whole: load, train, save) vs `GRPOTrainer.train()` (train only). MFU counts only the training
-forward/backward (6N per prompt+completion token), not generation, so it is a lower bound.
-Rollouts come from two different samplers, so their first losses usually differ and the
-harness then gives no ratio but says why (the step times are still recorded).
+token-level loss, one pass per batch, a same-shaped one-output reward model; both sides timed
+from the saved folders to the saved policy (`grpo.main` vs loading, building the trainer,
+`GRPOTrainer.train()` and `save_model()`). The policy first gets a short SFT on the bundled task
+(benchmarks.equal_work.warm_start) so responses end with EOS at varied lengths; TRL visits the
+prompts in rlhfkit's order, samples with rlhfkit's noise for the same seed and its reward model
+reads rlhfkit's token ids (benchmarks/equal_work.py), so the first losses agree when the two
+sides did the same computation. MFU counts only the training forward/backward (6N per
+prompt+completion token), not generation, so it is a lower bound.
 
 `measure()` takes any config and device: the test smoke-runs every path on CPU with a tiny
 Llama, so the code a GPU run takes is exercised without one.
@@ -118,13 +121,18 @@ def sft_trl(cfg, tokenizer, data) -> dict:
     return {"seconds": seconds, "loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)}
 
 
-def save_policy(cfg, tokenizer, root: Path) -> tuple[str, str]:
-    """The same initial policy and reward model (a one-output classifier of that shape) for both sides."""
+def save_policy(cfg, tokenizer, root: Path, warm_steps: int = 0, warm_lr: float = 1e-3) -> tuple[str, str]:
+    """The same initial policy (after `warm_steps` SFT steps) and reward model (a one-output
+    classifier of that shape) for both sides."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    from benchmarks.equal_work import warm_start
     from rlhfkit.models import save_model
 
-    save_model(fresh_model(cfg), tokenizer, root / "policy")
+    policy = fresh_model(cfg)
+    if warm_steps:
+        warm_start(policy, tokenizer, steps=warm_steps, lr=warm_lr)
+    save_model(policy.cpu(), tokenizer, root / "policy")
     rm_cfg = LlamaConfig(**{**cfg.to_dict(), "num_labels": 1})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -200,27 +208,35 @@ def grpo_ours(policy: str, rm: str, prompts: str, steps: int) -> dict:
 
 
 def grpo_trl(policy: str, rm: str, prompts: list[str], steps: int) -> dict:
+    """`prompts` in the order rlhfkit visits them (visited in sequence here)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import GRPOConfig, GRPOTrainer
 
+    from benchmarks.equal_work import rlhfkit_reward_encoding, rlhfkit_rollout_seed, shared_sampling_noise
     from rlhfkit.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
+        _sync()
+        t0 = time.perf_counter()
+        tok = load_tokenizer(policy, padding_side="left")
+        # rlhfkit puts the BOS before a prompt; TRL tokenises the bare text, so it is written out
+        bos = tok.bos_token if tok.bos_token_id is not None and tok("x").input_ids[:1] != [tok.bos_token_id] else ""
+        prompts = [bos + p for p in prompts]
         args = GRPOConfig(output_dir=d, per_device_train_batch_size=G_PROMPTS * G_GENERATIONS,
                           gradient_accumulation_steps=1, num_generations=G_GENERATIONS,
                           max_completion_length=G_NEW_TOKENS, max_steps=steps, num_iterations=1, beta=G_BETA,
                           loss_type="dapo", learning_rate=1e-6, temperature=1.0, gradient_checkpointing=False,
                           report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
-                          use_cpu=not _cuda(), bf16=_cuda(), seed=0, dataloader_num_workers=0, disable_tqdm=True)
-        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy),
-                              reward_funcs=AutoModelForSequenceClassification.from_pretrained(rm), args=args,
-                              train_dataset=Dataset.from_dict({"prompt": prompts}),
-                              processing_class=load_tokenizer(policy, padding_side="left"),
-                              reward_processing_classes=load_tokenizer(rm))
-        _sync()
-        t0 = time.perf_counter()
+                          use_cpu=not _cuda(), bf16=_cuda(), seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                          shuffle_dataset=False)
+        model = AutoModelForCausalLM.from_pretrained(policy)
+        shared_sampling_noise(model, lambda i: rlhfkit_rollout_seed(0, i))
+        trainer = GRPOTrainer(model=model, reward_funcs=AutoModelForSequenceClassification.from_pretrained(rm),
+                              args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+                              reward_processing_classes=rlhfkit_reward_encoding(load_tokenizer(rm), prompts, bos))
         trainer.train()
+        trainer.save_model(str(Path(d) / "final"))
         _sync()
         seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -247,6 +263,7 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
     from benchmarks.dpo_speed import make_pairs
     from rlhfkit.data.preference import encode_preferences
     from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.prompts import prompts_for_step
     from rlhfkit.tasks import kindly
     from rlhfkit.training import epoch_order
 
@@ -271,7 +288,8 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
 
     with tempfile.TemporaryDirectory() as work:
         root = Path(work)
-        policy, rm = save_policy(cfg, tokenizer, root)
+        policy, rm = save_policy(cfg, tokenizer, root, warm_steps=sizes.get("warm_steps", 20),
+                                 warm_lr=sizes.get("warm_lr", 1e-3))
         pairs = make_pairs(sizes["dpo_pairs"])
         (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         enc = encode_preferences([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], None, tokenizer,
@@ -290,12 +308,13 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
         steps = sizes["grpo_steps"]
         prompts = kindly.prompts("train")[: steps * G_PROMPTS]
         (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        peer_prompts = [prompts[i] for step in range(steps) for i in prompts_for_step(len(prompts), step, G_PROMPTS, 0)]
         prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts) * G_GENERATIONS
         ours, peer = [], []
         for _ in range(repeats):
             ours.append(grpo_ours(policy, rm, str(root / "prompts.jsonl"), steps))
             if has_trl:
-                peer.append(grpo_trl(policy, rm, prompts, steps))
+                peer.append(grpo_trl(policy, rm, peer_prompts, steps))
         cmp = paired_comparison(ours, peer)
         flops = {side: 6 * n_mm * (prompt_tokens + runs[0]["mean_completion_tokens"] * steps * G_PROMPTS * G_GENERATIONS)
                  for side, runs in (("ours", ours), ("peer", peer)) if runs and runs[0]["mean_completion_tokens"]}

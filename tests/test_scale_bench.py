@@ -68,12 +68,13 @@ def test_gpu_train_paths_run_on_cpu_with_a_tiny_model(monkeypatch):
     from rlhfkit.models import load_tokenizer
     from rlhfkit.models.factory import tiny_llama_config
 
-    for name, value in dict(SEQ_LEN=32, BATCH=4, DPO_BATCH=4, DPO_MAX_LEN=64, G_PROMPTS=2, G_GENERATIONS=2,
+    for name, value in dict(SEQ_LEN=32, BATCH=4, DPO_BATCH=4, DPO_MAX_LEN=64, G_PROMPTS=2, G_GENERATIONS=4,
                             G_NEW_TOKENS=8).items():
         monkeypatch.setattr(gpu_train, name, value)
     tok = load_tokenizer("kindly:tokenizer")
     cfg = tiny_llama_config(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, tokenizer=tok)
-    out = gpu_train.measure(cfg, peak=1e12, repeats=1, sizes={"sft_rows": 8, "dpo_pairs": 8, "grpo_steps": 1})
+    out = gpu_train.measure(cfg, peak=1e12, repeats=1, sizes={"sft_rows": 8, "dpo_pairs": 8, "grpo_steps": 1,
+                                                              "warm_steps": 80, "warm_lr": 5e-3})
     for part in ("sft", "dpo", "grpo"):
         assert out[part]["ours_side"]["seconds"] > 0 and out[part]["peer_side"]["seconds"] > 0
         assert out[part]["loss_first"]["ours"] is not None and out[part]["loss_first"]["peer"] is not None
@@ -81,6 +82,10 @@ def test_gpu_train_paths_run_on_cpu_with_a_tiny_model(monkeypatch):
     assert out["sft"]["comparable"] and out["dpo"]["comparable"], (out["sft"]["not_compared_because"],
                                                                    out["dpo"]["not_compared_because"])
     assert out["dpo"]["loss_first"]["ours"] == pytest.approx(0.693147, rel=1e-4)
+    # GRPO: same prompts, same sampled tokens, same reward inputs, so the same first loss (not 0:
+    # the warm-started policy ends responses at varied lengths)
+    assert out["grpo"]["comparable"], out["grpo"]["not_compared_because"]
+    assert out["grpo"]["loss_first"]["ours"] != 0
     assert set(out["sft"]["mfu"]) == {"ours", "peer"} and set(out["grpo"]["step_seconds"]) == {"ours", "peer"}
 
 
