@@ -153,3 +153,24 @@ def test_sampling_frequencies_match_probabilities():
     tok = sample_next_token(logits[:, :3], 2.0, 1.0, g)
     freq = torch.bincount(tok, minlength=3).float() / len(tok)
     assert torch.allclose(freq, flat / flat.sum(), atol=0.015)
+
+
+def test_generation_through_a_reference_wrapper_uses_the_models_cache_keyword():
+    """The held-out evaluation samples the reference of a LoRA policy through a wrapper whose forward
+    takes **kwargs; the KV cache must still go by the wrapped model's keyword (no deprecation warning)."""
+    import contextlib
+    import warnings
+
+    from rlhfkit.eval.monitor import _UnderContext
+    from rlhfkit.models import load_tokenizer, tiny_llama
+    from rlhfkit.rollout.generate import cache_keyword, generate
+
+    tok = load_tokenizer("kindly:tokenizer")
+    model = tiny_llama(len(tok), seed=0, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, tokenizer=tok)
+    wrapped = _UnderContext(model, contextlib.nullcontext)
+    assert cache_keyword(wrapped) == cache_keyword(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = generate(wrapped, tok, ["hello there"], 6, seed=1)
+    b = generate(model, tok, ["hello there"], 6, seed=1)
+    assert torch.equal(a.response_ids, b.response_ids)

@@ -94,6 +94,11 @@ def cache_keyword(model) -> str:
     key = type(inner)
     if key not in _CACHE_KEYWORD:
         params = inspect.signature(inner.forward).parameters
+        if "cache" not in params and "past_key_values" not in params and isinstance(
+                getattr(inner, "model", None), torch.nn.Module):
+            # a wrapper passing its arguments through (e.g. the reference of a LoRA policy, run
+            # with adapters off): the wrapped model decides, asked each time
+            return cache_keyword(inner.model)
         _CACHE_KEYWORD[key] = "cache" if "cache" in params else "past_key_values"
     return _CACHE_KEYWORD[key]
 
