@@ -131,7 +131,9 @@ def evaluate_policy(policy_path: str, sft_path: str, prompts: list[str], max_new
             "kl": m["kl"]["mean"], "gold": m["gold"]["mean"], "gold_sft": m["gold_reference"]["mean"],
             "lc_win_rate": m["lc_win_rate"].get("mean") if isinstance(m["lc_win_rate"], dict) else m["lc_win_rate"],
             "mean_length": m["mean_length"], "mean_length_sft": m["mean_length_reference"],
-            "distinct_1": m.get("distinct_1"), "prompts": m["n_prompts"]}
+            "distinct_1": m.get("distinct_1"), "prompts": m["n_prompts"],
+            # the gold gain's parts: sentiment term and quality term (rlhfkit.eval.metrics.gold_gain_split)
+            "gold_gain_split": m.get("gold_gain_split")}
     return keep, m["_reference"]["rollout"]
 
 
@@ -154,6 +156,7 @@ def run(quick: bool = False) -> dict:
     return {
         "gold_win_rate": dpo["gold_win_rate"],
         "kl": dpo["kl"],
+        "gold_gain_split": dpo["gold_gain_split"],
         "target_gold_win_rate": TARGET,
         "meets_target": bool(dpo["gold_win_rate"] >= TARGET),
         "variants": variants,

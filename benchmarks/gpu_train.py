@@ -213,7 +213,11 @@ def grpo_trl(policy: str, rm: str, prompts: list[str], steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import GRPOConfig, GRPOTrainer
 
-    from benchmarks.equal_work import rlhfkit_reward_encoding, rlhfkit_rollout_seed, shared_sampling_noise
+    from benchmarks.equal_work import (
+        rlhfkit_reward_encoding,
+        rlhfkit_rollout_seed,
+        shared_sampling_noise,
+    )
     from rlhfkit.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as d:

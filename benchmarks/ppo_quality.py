@@ -150,7 +150,9 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
             "proxy_reward": ev["proxy_reward"], "minutes": round(minutes, 2),
             "gold_reward_sft": ev["gold_reward_reference"], "proxy_reward_sft": ev["proxy_reward_reference"],
             "response_length_words": ev["response_length_words"], "updates": res["updates"], "gold_proxy_gap": gap,
-            "settings": {k: v for k, v in ALGOS[algo].items()}}
+            "settings": {k: v for k, v in ALGOS[algo].items()},
+            # the gold gain's parts: sentiment term and quality term (rlhfkit.eval.metrics.gold_gain_split)
+            "gold_gain_split": {k: ev[k] for k in ev if k.startswith(("gold_gain", "q1_share"))}}
 
 
 def run(quick: bool = False) -> dict:
@@ -167,6 +169,7 @@ def run(quick: bool = False) -> dict:
 
     return {
         "gold_win_rate": ppo["gold_win_rate"], "kl": ppo["kl"], "gold_reward": ppo["gold_reward"],
+        "gold_gain_split": ppo["gold_gain_split"],
         "proxy_reward": ppo["proxy_reward"], "minutes": ppo["minutes"],
         "targets": {"gold_win_rate": ">= 0.75", "kl": "<= 10 nats", "minutes": "<= 15"},
         "meets_targets": bool(ppo["gold_win_rate"] >= 0.75 and ppo["kl"] <= 10 and ppo["minutes"] <= 15),

@@ -273,3 +273,35 @@ def test_one_response_logprob_forward(monkeypatch):
     M.response_logprobs(model, q, r, rm, pad_token_id=0)
     forward.response_logprobs(model, ids, attn, 3, 1.0)
     assert calls == ["eval", "rl"]
+
+
+def test_gold_gain_split_hand_worked():
+    """g = q (c + 1) - 1; one prompt: policy (c, q) = (0.5, 1.0), reference (-0.2, 0.5):
+    g = 0.5, g' = 0.5 * 0.8 - 1 = -0.6, gain 1.1 = sentiment 0.75 * 0.7 = 0.525 + quality 1.15 * 0.5 = 0.575."""
+    from rlhfkit.eval.metrics import gold_gain_split
+
+    out = gold_gain_split(np.array([0.5]), np.array([-0.2]), np.array([1.0]), np.array([0.5]), n_boot=10)
+    assert out["gain"]["mean"] == pytest.approx(1.1, abs=1e-12)
+    assert out["sentiment_term"]["mean"] == pytest.approx(0.525, abs=1e-12)
+    assert out["quality_term"]["mean"] == pytest.approx(0.575, abs=1e-12)
+    assert out["sentiment_share"]["mean"] == pytest.approx(0.525 / 1.1, abs=1e-12)
+    assert out["q1_share"]["policy"]["mean"] == 1.0 and out["q1_share"]["reference"]["mean"] == 0.0
+
+
+def test_gold_gain_split_adds_up_to_the_panels_gold_difference():
+    """On real panel scores the two terms add up exactly to the per-prompt gold difference."""
+    from rlhfkit.eval.metrics import gold_gain_split
+    from rlhfkit.judges import GoldPanel
+
+    panel = GoldPanel()
+    prompts = ["the day was", "she said that", "he looked at the", "we found a"]
+    pol = [" lovely and warm", " she loved the gift", " kind old dog", " good friend"]
+    ref = [" grim grim grim", " xqzv blorf", " sad and cold", ""]
+    c, c0 = panel.sentiment(prompts, pol).mean(1), panel.sentiment(prompts, ref).mean(1)
+    q, q0 = panel.quality(pol), panel.quality(ref)
+    out = gold_gain_split(c, c0, q, q0, n_boot=200)
+    gain = panel.score(prompts, pol) - panel.score(prompts, ref)
+    assert out["gain"]["mean"] == pytest.approx(gain.mean(), abs=1e-12)
+    assert out["sentiment_term"]["mean"] + out["quality_term"]["mean"] == pytest.approx(gain.mean(), abs=1e-12)
+    assert out["quality_term"]["mean"] > 0  # the references are degenerate: quality carries part of this gain
+    assert out["sentiment_term"]["lo"] <= out["sentiment_term"]["mean"] <= out["sentiment_term"]["hi"]

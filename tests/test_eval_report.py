@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from rlhfkit.eval import overopt
 from rlhfkit.eval.report import build_report, cli
@@ -69,3 +70,23 @@ def test_report_cli_writes_file(tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     assert cli([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_shows_the_gold_gain_split_of_an_evaluation(tmp_path):
+    """text_metrics with the bundled panel as judge splits the gain; the report shows it."""
+    import json
+
+    from rlhfkit.eval.report import build_report
+    from rlhfkit.eval.run_eval import text_metrics
+    from rlhfkit.judges import GoldPanel
+
+    prompts = ["the day was", "she said that", "he looked at the"]
+    m, _ = text_metrics(prompts, [" lovely and warm", " she loved it", " kind old dog"],
+                        [" grim grim grim", " cold and sad", " blorf"], GoldPanel(), n_boot=50)
+    split = m["gold_gain_split"]
+    assert split["gain"]["mean"] == pytest.approx(m["gold"]["mean"] - m["gold_reference"]["mean"], abs=1e-12)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps({"name": "policy", **m}))
+    html = build_report(tmp_path)
+    assert "What moved: sentiment or quality" in html
+    assert f'{split["sentiment_term"]["mean"]:.4g}' in html and f'{split["quality_term"]["mean"]:.4g}' in html

@@ -256,6 +256,21 @@ def test_final_check_goes_through_the_one_evaluator(task, tmp_path, use_lora):
     assert abs(ev["kl"]) < 0.1 and "reward_reference" in ev  # one small step from the reference
 
 
+def test_final_check_with_the_gold_panel_splits_the_gain(task, tmp_path):
+    """With the bundled panel as the held-out reward the final check also splits the gold gain into
+    its sentiment and quality terms, which add up to the gold difference."""
+    from rlhfkit.recipes import grpo
+
+    cfg = grpo.Config(model=task["policy"], prompts=task["prompts"], eval_prompts=task["prompts"], num_eval_prompts=4,
+                      eval_reward="gold", reward=["length:4"], output_dir=str(tmp_path / "run"), max_steps=1,
+                      prompts_per_step=2, num_generations=2, max_completion_length=3, per_device_train_batch_size=4,
+                      report_to="jsonl")
+    ev = grpo.main(cfg)["eval"]
+    assert ev["gold_gain"] == pytest.approx(ev["eval_reward"] - ev["eval_reward_reference"], abs=1e-9)
+    assert ev["gold_gain_sentiment"] + ev["gold_gain_quality"] == pytest.approx(ev["gold_gain"], abs=1e-9)
+    assert 0.0 <= ev["q1_share"] <= 1.0 and ev["gold_gain_lo"] <= ev["gold_gain"] <= ev["gold_gain_hi"]
+
+
 def test_judge_spec_with_the_bundled_lexicon_judge_and_eval_refuses_abstentions():
     from rlhfkit.errors import RlhfkitError
     from rlhfkit.eval.run_eval import PromptScorer

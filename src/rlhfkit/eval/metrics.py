@@ -353,3 +353,52 @@ def perplexity(model, tokenizer, lines: Sequence[str], batch_size: int = 16, max
     nll = total_nll / total_tok
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tok, "lines": len(encoded), "truncated": truncated,
             "skipped": skipped}
+
+
+def gold_gain_split(sentiment: np.ndarray, sentiment_ref: np.ndarray, quality: np.ndarray, quality_ref: np.ndarray,
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """Split the gold panel's gain of a policy over its reference into a sentiment and a quality part.
+
+    The panel's score of one response is g = q c - (1 - q) = q (c + 1) - 1 with c the mean over
+    raters of their compound sentiment c_r and q the quality factor (rlhfkit.judges.panel). For
+    one prompt, with the policy's (c, q) against the reference's (c', q'), the gain splits exactly
+    (the midpoint rule for a product):
+
+        g - g' = (q + q')/2 * (c - c')            sentiment term
+               + ((c + 1) + (c' + 1))/2 * (q - q')  quality term
+
+    Both terms are averaged over prompts, with paired bootstrap intervals (prompts resampled),
+    and `sentiment_share` is the sentiment term's share of the summed gain. Also returned: the
+    mean sentiment c and quality q of each side and the share of responses with q = 1.
+    """
+    c, c0 = np.asarray(sentiment, np.float64), np.asarray(sentiment_ref, np.float64)
+    q, q0 = np.asarray(quality, np.float64), np.asarray(quality_ref, np.float64)
+    if not c.shape == c0.shape == q.shape == q0.shape or c.ndim != 1:
+        raise ValueError("gold_gain_split needs four equal-length 1-D arrays (one value per prompt)")
+    d_sent = (q + q0) / 2 * (c - c0)
+    d_qual = ((c + 1) + (c0 + 1)) / 2 * (q - q0)
+    total = d_sent + d_qual
+
+    def share(a: np.ndarray) -> np.ndarray:  # a: (..., 2n) = sentiment terms then totals
+        n = a.shape[-1] // 2
+        den = a[..., n:].sum(-1)
+        return np.where(den != 0, a[..., :n].sum(-1) / np.where(den != 0, den, 1.0), np.nan)
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, c.size, size=(n_boot, c.size))
+    shares = share(np.concatenate([d_sent[idx], total[idx]], axis=-1))
+    shares = shares[np.isfinite(shares)]
+    point = float(share(np.concatenate([d_sent, total])[None, :])[0])
+    return {
+        "gain": bootstrap_ci(total, n_boot=n_boot, seed=seed),
+        "sentiment_term": bootstrap_ci(d_sent, n_boot=n_boot, seed=seed),
+        "quality_term": bootstrap_ci(d_qual, n_boot=n_boot, seed=seed),
+        "sentiment_share": {"mean": point, "lo": float(np.percentile(shares, 2.5)) if shares.size else float("nan"),
+                            "hi": float(np.percentile(shares, 97.5)) if shares.size else float("nan")},
+        "sentiment": {"policy": bootstrap_ci(c, n_boot=n_boot, seed=seed),
+                      "reference": bootstrap_ci(c0, n_boot=n_boot, seed=seed)},
+        "quality": {"policy": bootstrap_ci(q, n_boot=n_boot, seed=seed),
+                    "reference": bootstrap_ci(q0, n_boot=n_boot, seed=seed)},
+        "q1_share": {"policy": bootstrap_ci((q >= 1.0).astype(np.float64), n_boot=n_boot, seed=seed),
+                     "reference": bootstrap_ci((q0 >= 1.0).astype(np.float64), n_boot=n_boot, seed=seed)},
+    }

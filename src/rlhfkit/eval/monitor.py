@@ -173,6 +173,13 @@ def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[A
            "reward_reference": m["proxy_reference"]["mean"], "response_length_words": m["mean_length"],
            "eval_win_rate_lo": m["win_rate"]["lo"], "eval_win_rate_hi": m["win_rate"]["hi"]}
     # the names reports of the bundled task read
+    if "gold_gain_split" in m:  # the bundled panel: the gain's sentiment and quality parts (eval.metrics)
+        split = m["gold_gain_split"]
+        for key, name in (("gain", "gold_gain"), ("sentiment_term", "gold_gain_sentiment"),
+                          ("quality_term", "gold_gain_quality"), ("sentiment_share", "gold_gain_sentiment_share")):
+            out.update({name: split[key]["mean"], f"{name}_lo": split[key]["lo"], f"{name}_hi": split[key]["hi"]})
+        out.update(q1_share=split["q1_share"]["policy"]["mean"],
+                   q1_share_reference=split["q1_share"]["reference"]["mean"])
     out.update(gold_win_rate=out["eval_win_rate"], gold_reward=out["eval_reward"],
                gold_reward_reference=out["eval_reward_reference"], proxy_reward=out["reward"],
                proxy_reward_reference=out["reward_reference"])

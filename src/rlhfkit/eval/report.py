@@ -231,6 +231,23 @@ def records_table(rows: list[dict], columns: Sequence[str] | None = None, text_c
     return "<table>" + head + "".join(body) + "</table>"
 
 
+def gain_split_rows(evals: list[tuple[str, dict]]) -> list[dict]:
+    """One row per evaluation that has the gold panel's gain split (rlhfkit.eval.metrics.gold_gain_split)."""
+    rows = []
+    for name, e in evals:
+        split = e.get("gold_gain_split")
+        if not isinstance(split, dict):
+            continue
+        rows.append({"model": e.get("name") or name, "gold gain": split["gain"],
+                     "sentiment term": split["sentiment_term"], "quality term": split["quality_term"],
+                     "sentiment share": split["sentiment_share"],
+                     "sentiment c (ref)": f'{split["sentiment"]["policy"]["mean"]:.3f} '
+                                          f'({split["sentiment"]["reference"]["mean"]:.3f})',
+                     "q = 1 share (ref)": f'{split["q1_share"]["policy"]["mean"]:.3f} '
+                                          f'({split["q1_share"]["reference"]["mean"]:.3f})'})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # the page
 
@@ -265,6 +282,14 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
     if evals:
         parts.append("<h2>Evaluation</h2>")
         parts.append(metric_table(evals))
+        splits = gain_split_rows(evals)
+        if splits:
+            parts.append("<h2>What moved: sentiment or quality</h2>")
+            parts.append('<p class="note">The gold panel scores a response g = q&middot;c &minus; (1 &minus; q): c is '
+                         "the raters' mean sentiment, q the quality factor (real words, no repetition, two words "
+                         "or more). Per prompt the gain over the reference splits exactly into a sentiment term "
+                         "(mean q &times; change in c) and a quality term (mean c+1 &times; change in q).</p>")
+            parts.append(records_table(splits))
 
     agreements = [(p, json.loads(p.read_text())) for p in _find(root, "agreement.json")]
     if agreements:  # labels came from a judge: how far they stand from the reference (rlhfkit agreement)

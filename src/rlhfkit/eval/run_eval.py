@@ -182,6 +182,19 @@ def rm_accuracy(scorer, records: Sequence[dict], source: str = "preference data"
     return M.win_rate(labels, n_boot=n_boot)
 
 
+def gold_panel_of(judge):
+    """The gold panel behind `judge` (the panel itself, or a scorer whose rewards include `gold`), else None."""
+    from rlhfkit.judges.panel import GoldPanel
+
+    if isinstance(judge, GoldPanel):
+        return judge
+    for reward in getattr(getattr(judge, "rewards", None), "rewards", ()):
+        inner = getattr(reward.fn, "judge", None)
+        if isinstance(inner, GoldPanel):
+            return inner
+    return None
+
+
 def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses: Sequence[str], judge,
                  scorer=None, tokenizer=None, tie_margin: float = 0.0, n_boot: int = 1000,
                  seed: int = 0) -> tuple[dict, list[dict]]:
@@ -205,6 +218,14 @@ def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses
         "n_prompts": len(prompts),
     }
     out.update(M.diversity(responses))
+    panel = gold_panel_of(judge)
+    if panel is not None:  # the bundled task's panel: how much of the gain is sentiment, how much quality
+        raw = getattr(judge, "raw", None)
+        plain_prompts = [str(p) for p in (prompts if raw is None else raw)]
+        out["gold_gain_split"] = M.gold_gain_split(
+            panel.sentiment(plain_prompts, list(responses)).mean(axis=1),
+            panel.sentiment(plain_prompts, list(ref_responses)).mean(axis=1),
+            panel.quality(list(responses)), panel.quality(list(ref_responses)), n_boot=n_boot, seed=seed)
     if tokenizer is not None:
         token_texts = [[str(t) for t in tokenizer(r, add_special_tokens=False)["input_ids"]] for r in responses]
         out["ead"] = M.expectation_adjusted_distinct(token_texts, vocab_size=len(tokenizer))
