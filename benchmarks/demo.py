@@ -5,6 +5,8 @@ rate against the SFT policy per method, with 95% intervals), `within_budget` (<=
 issue's target on 2 CPU cores), `threads` (torch intra-op threads used) and `cpu_seconds`
 (user + system time, per stage too). Wall times taken on a machine shared with other jobs are
 upper bounds; CPU seconds / threads estimates the wall time on idle cores.
+`max_win_rate_half_width`: the widest win-rate interval's half-width (target <= 0.04; every
+eval prompt, two samples each, prompts resampled).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def run(quick: bool = False) -> dict:
         "cpu_seconds": summary["cpu_seconds"],
         "stage_cpu_seconds": summary["stage_cpu_seconds"],
         "win_rates": summary["win_rates"],
+        "max_win_rate_half_width": max(r["win_rate_half_width"] for r in summary["win_rates"]),
+        "half_width_target": 0.04,
         "comparisons": summary["comparisons"],
         "skipped": summary["skipped"],
         "threads": threads,

@@ -12,14 +12,16 @@ from rlhfkit import demo
 
 def test_demo_quick_smoke(tmp_path, capsys):
     torch.set_num_threads(2)
-    cfg = demo.Config(quick=True, output_dir=str(tmp_path / "demo"), eval_prompts=6, comparison_prompts=16,
-                      perplexity_lines=10)
+    cfg = demo.Config(quick=True, output_dir=str(tmp_path / "demo"), eval_prompts=6, eval_samples=3,
+                      comparison_prompts=16, perplexity_lines=10)
     summary = demo.main(cfg)
     out = tmp_path / "demo"
     methods = [r["method"] for r in summary["win_rates"]]
     assert methods == ["sft", "ppo", "dpo", "best-of-4"]
     for r in summary["win_rates"]:
         assert 0.0 <= r["win_rate"] <= 1.0
+        assert r["comparisons"] == 18  # 6 prompts x 3 samples, intervals resampling the 6 prompts
+        assert 0.0 <= r["win_rate_half_width"] <= 0.5 and "gold_difference_95ci" in r
     assert summary["skipped"] == {}
     assert set(summary["stage_seconds"]) >= {"supervised fine-tuning", "reward model", "PPO", "DPO", "report"}
     assert 0.0 <= summary["reward_model"]["rm_accuracy"]["mean"] <= 1.0

@@ -305,3 +305,20 @@ def test_gold_gain_split_adds_up_to_the_panels_gold_difference():
     assert out["sentiment_term"]["mean"] + out["quality_term"]["mean"] == pytest.approx(gain.mean(), abs=1e-12)
     assert out["quality_term"]["mean"] > 0  # the references are degenerate: quality carries part of this gain
     assert out["sentiment_term"]["lo"] <= out["sentiment_term"]["mean"] <= out["sentiment_term"]["hi"]
+
+
+def test_cluster_bootstrap_resamples_prompts_not_samples():
+    """Two identical samples per prompt carry no more information than one: the cluster interval
+    equals the one-sample interval (same resampling), and the row bootstrap would be narrower."""
+    from rlhfkit.eval.metrics import bootstrap_ci, cluster_bootstrap_ci
+
+    per_prompt = np.array([1.0, 0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 1.0])
+    doubled, clusters = np.repeat(per_prompt, 2), np.repeat(np.arange(8), 2)
+    c = cluster_bootstrap_ci(doubled, clusters, n_boot=2000, seed=3)
+    one = cluster_bootstrap_ci(per_prompt, np.arange(8), n_boot=2000, seed=3)
+    assert c["mean"] == pytest.approx(per_prompt.mean()) and c["clusters"] == 8 and c["n"] == 16
+    assert (c["lo"], c["hi"]) == pytest.approx((one["lo"], one["hi"]))
+    rows = bootstrap_ci(doubled, n_boot=2000, seed=3)
+    assert rows["hi"] - rows["lo"] < c["hi"] - c["lo"]
+    with pytest.raises(ValueError):
+        cluster_bootstrap_ci(doubled, clusters[:-1])

@@ -31,7 +31,7 @@ from rlhfkit.runs import (
     seed_everything,
 )
 
-QUICK = dict(sft_steps=3, comparison_prompts=24, reward_steps=3, ppo_steps=2, dpo_steps=2, bon_n=4, eval_prompts=8,
+QUICK = dict(sft_steps=3, comparison_prompts=24, reward_steps=3, ppo_steps=2, dpo_steps=2, bon_n=4, eval_prompts=8, eval_samples=1,
              max_new_tokens=8, perplexity_lines=20, n_boot=20, batch_size=4, pretrain_steps=3)
 
 
@@ -63,8 +63,10 @@ class Config:
     """DPO beta."""
     bon_n: int = 16
     """Samples per prompt for best-of-N (and its over-optimisation sweep n = 1, 2, 4, ..., N)."""
-    eval_prompts: int = 200
-    """Held-out prompts in the evaluation."""
+    eval_prompts: int = 0
+    """Held-out prompts in the evaluation (0: all 554 of the task's eval prompts)."""
+    eval_samples: int = 2
+    """Samples per held-out prompt and policy; win-rate intervals resample whole prompts."""
     max_new_tokens: int = 20
     """Response length."""
     perplexity_lines: int = 500
@@ -86,8 +88,10 @@ class Config:
         unknown = set(self.method_list) - {"ppo", "dpo", "bon"}
         require(not unknown, "methods", f"unknown method(s) {sorted(unknown)}; choose from ppo, dpo, bon")
         require(self.bon_n >= 2, "bon_n", "must be >= 2")
-        require(min(self.sft_steps, self.reward_steps, self.comparison_prompts, self.eval_prompts) >= 1, "sft_steps",
+        require(min(self.sft_steps, self.reward_steps, self.comparison_prompts) >= 1, "sft_steps",
                 "step and prompt counts must be >= 1")
+        require(self.eval_prompts >= 0, "eval_prompts", "must be >= 0 (0: all eval prompts)")
+        require(self.eval_samples >= 1, "eval_samples", "must be >= 1")
 
     @property
     def method_list(self) -> list[str]:
@@ -286,10 +290,14 @@ def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, s
     judge, scorer = GoldPanel(), RewardScorer(rm_path)
     tok = load_tokenizer(sft_path)
     reference = load_policy(sft_path, trainable=False).eval()
-    prompts = kindly.prompts("eval")[: cfg.eval_prompts]
+    held_out = kindly.prompts("eval")[: cfg.eval_prompts or None]
+    # every prompt eval_samples times: intervals tight enough to read (half-width about 0.03 at
+    # 554 prompts x 2), resampling whole prompts since a prompt's samples are not independent
+    prompts = [p for p in held_out for _ in range(cfg.eval_samples)]
+    clusters = [i for i in range(len(held_out)) for _ in range(cfg.eval_samples)]
     corpus = kindly.corpus_lines("eval")[: cfg.perplexity_lines]
     results, ref = {}, {}
-    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, n_boot=cfg.n_boot)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, n_boot=cfg.n_boot, clusters=clusters)
     with torch.no_grad():
         for name, path in {"sft": sft_path, **policies}.items():
             with stages.stage(f"evaluate {name}"):
@@ -305,7 +313,7 @@ def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, s
             with stages.stage(f"best-of-{cfg.bon_n} and its sweep"):
                 responses, sweep = best_of_n(cfg, sft_path, scorer, judge, prompts)
                 m, rows = text_metrics(prompts, responses, ref["rollout"].responses, judge, scorer, tok,
-                                       n_boot=cfg.n_boot, seed=cfg.seed)
+                                       n_boot=cfg.n_boot, seed=cfg.seed, clusters=clusters)
                 kl = float(bon_kl(cfg.bon_n))  # analytic (an upper bound on the true KL; Beirami et al. 2024)
                 m.update(kl={"mean": kl, "lo": kl, "hi": kl, "n": len(prompts)}, name=f"best-of-{cfg.bon_n}",
                          model=sft_path, reference=sft_path, perplexity=results["sft"].get("perplexity"))
@@ -330,7 +338,12 @@ def win_rate_table(results: dict[str, dict]) -> list[dict]:
         wr, lc = m["win_rate"], m["lc_win_rate"]
         row = {"method": m.get("name", name), "win_rate": round(wr["mean"], 3),
                "win_rate_95ci": f"[{wr['lo']:.3f}, {wr['hi']:.3f}]", "lc_win_rate": round(lc["mean"], 3),
-               "gold": round(m["gold"]["mean"], 4), "kl": round(m["kl"]["mean"], 3)}
+               "gold": round(m["gold"]["mean"], 4), "kl": round(m["kl"]["mean"], 3),
+               "win_rate_half_width": round((wr["hi"] - wr["lo"]) / 2, 4), "comparisons": wr["n"]}
+        if "gold_difference" in m:  # paired: policy minus SFT on the same prompts
+            gd = m["gold_difference"]
+            row["gold_difference"] = round(gd["mean"], 4)
+            row["gold_difference_95ci"] = f"[{gd['lo']:.4f}, {gd['hi']:.4f}]"
         if "proxy" in m:
             row["proxy"] = round(m["proxy"]["mean"], 4)
         if m.get("perplexity") is not None:
@@ -345,7 +358,8 @@ def print_table(rows: list[dict], report: Path, seconds: float) -> None:
 
     table = Table(title="Win rate against the SFT policy (gold panel, ties half)")
     headers = {"method": "method", "win_rate": "win rate", "win_rate_95ci": "95% CI", "lc_win_rate": "LC win",
-               "gold": "gold", "proxy": "proxy", "kl": "KL", "perplexity": "ppl"}
+               "gold_difference": "gold vs SFT", "gold_difference_95ci": "95% CI", "proxy": "proxy", "kl": "KL",
+               "perplexity": "ppl"}
     cols = [c for c in headers if any(c in r for r in rows)]
     for c in cols:
         table.add_column(headers[c], justify="left" if c == "method" else "right", no_wrap=True)

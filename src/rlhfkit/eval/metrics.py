@@ -62,17 +62,41 @@ def preference_labels(scores_a: Sequence[float], scores_b: Sequence[float], tie_
     return np.where(d > tie_margin, 1.0, np.where(d < -tie_margin, 0.0, 0.5))
 
 
-def win_rate(labels: Sequence[float], n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+def cluster_bootstrap_ci(values: Sequence[float] | np.ndarray, clusters: Sequence[int] | np.ndarray,
+                         n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of `values` with a bootstrap interval that resamples whole clusters (e.g. the several
+    samples of one prompt, which are not independent of each other). Returns ``{"mean", "lo",
+    "hi", "n", "clusters"}``."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    _, ids = np.unique(np.asarray(clusters).ravel(), return_inverse=True)
+    if ids.size != x.size:
+        raise ValueError(f"{x.size} values but {ids.size} cluster ids")
+    sums, counts = np.bincount(ids, weights=x), np.bincount(ids).astype(np.float64)
+    k = sums.size
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, k, size=(n_boot, k))
+    stats = sums[pick].sum(1) / counts[pick].sum(1)
+    alpha = (1 - confidence) / 2
+    return {"mean": float(x.mean()), "lo": float(np.quantile(stats, alpha)), "hi": float(np.quantile(stats, 1 - alpha)),
+            "n": int(x.size), "clusters": int(k)}
+
+
+def win_rate(labels: Sequence[float], n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
+             clusters: Sequence[int] | None = None) -> dict:
     """Share of comparisons won, ties counting half, with a bootstrap interval.
 
-    `labels` are 1 (win), 0 (loss) or 0.5 (tie) per prompt. Returns ``{"mean", "lo", "hi", "n",
-    "wins", "ties", "losses"}``.
+    `labels` are 1 (win), 0 (loss) or 0.5 (tie) per comparison. With `clusters` (the prompt of each
+    comparison, when a prompt has several samples) the interval resamples prompts, not comparisons.
+    Returns ``{"mean", "lo", "hi", "n", "wins", "ties", "losses"}``.
     """
     y = np.asarray(labels, dtype=np.float64).ravel()
     bad = ~np.isin(y, (0.0, 0.5, 1.0))
     if bad.any():
         raise ValueError(f"win_rate labels must be 0, 0.5 or 1; item {int(np.argmax(bad))} is {y[bad][0]}")
-    out = bootstrap_ci(y, n_boot=n_boot, confidence=confidence, seed=seed)
+    if clusters is not None:
+        out = cluster_bootstrap_ci(y, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
+    else:
+        out = bootstrap_ci(y, n_boot=n_boot, confidence=confidence, seed=seed)
     out.update(wins=int((y == 1).sum()), ties=int((y == 0.5).sum()), losses=int((y == 0).sum()))
     return out
 
@@ -356,7 +380,7 @@ def perplexity(model, tokenizer, lines: Sequence[str], batch_size: int = 16, max
 
 
 def gold_gain_split(sentiment: np.ndarray, sentiment_ref: np.ndarray, quality: np.ndarray, quality_ref: np.ndarray,
-                    n_boot: int = 1000, seed: int = 0) -> dict:
+                    n_boot: int = 1000, seed: int = 0, clusters: Sequence[int] | None = None) -> dict:
     """Split the gold panel's gain of a policy over its reference into a sentiment and a quality part.
 
     The panel's score of one response is g = q c - (1 - q) = q (c + 1) - 1 with c the mean over
@@ -367,7 +391,8 @@ def gold_gain_split(sentiment: np.ndarray, sentiment_ref: np.ndarray, quality: n
         g - g' = (q + q')/2 * (c - c')            sentiment term
                + ((c + 1) + (c' + 1))/2 * (q - q')  quality term
 
-    Both terms are averaged over prompts, with paired bootstrap intervals (prompts resampled),
+    Both terms are averaged over prompts, with paired bootstrap intervals (prompts resampled;
+    with `clusters`, the prompt of each row when prompts have several samples, whole prompts),
     and `sentiment_share` is the sentiment term's share of the summed gain. Also returned: the
     mean sentiment c and quality q of each side and the share of responses with q = 1.
     """
@@ -384,21 +409,22 @@ def gold_gain_split(sentiment: np.ndarray, sentiment_ref: np.ndarray, quality: n
         den = a[..., n:].sum(-1)
         return np.where(den != 0, a[..., :n].sum(-1) / np.where(den != 0, den, 1.0), np.nan)
 
+    ids = np.arange(c.size) if clusters is None else np.unique(np.asarray(clusters).ravel(), return_inverse=True)[1]
+    sent_sums, total_sums = np.bincount(ids, weights=d_sent), np.bincount(ids, weights=total)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, c.size, size=(n_boot, c.size))
-    shares = share(np.concatenate([d_sent[idx], total[idx]], axis=-1))
+    idx = rng.integers(0, sent_sums.size, size=(n_boot, sent_sums.size))
+    shares = share(np.concatenate([sent_sums[idx], total_sums[idx]], axis=-1))
     shares = shares[np.isfinite(shares)]
     point = float(share(np.concatenate([d_sent, total])[None, :])[0])
+
+    def ci(x: np.ndarray) -> dict:
+        return cluster_bootstrap_ci(x, ids, n_boot=n_boot, seed=seed)
+
     return {
-        "gain": bootstrap_ci(total, n_boot=n_boot, seed=seed),
-        "sentiment_term": bootstrap_ci(d_sent, n_boot=n_boot, seed=seed),
-        "quality_term": bootstrap_ci(d_qual, n_boot=n_boot, seed=seed),
+        "gain": ci(total), "sentiment_term": ci(d_sent), "quality_term": ci(d_qual),
         "sentiment_share": {"mean": point, "lo": float(np.percentile(shares, 2.5)) if shares.size else float("nan"),
                             "hi": float(np.percentile(shares, 97.5)) if shares.size else float("nan")},
-        "sentiment": {"policy": bootstrap_ci(c, n_boot=n_boot, seed=seed),
-                      "reference": bootstrap_ci(c0, n_boot=n_boot, seed=seed)},
-        "quality": {"policy": bootstrap_ci(q, n_boot=n_boot, seed=seed),
-                    "reference": bootstrap_ci(q0, n_boot=n_boot, seed=seed)},
-        "q1_share": {"policy": bootstrap_ci((q >= 1.0).astype(np.float64), n_boot=n_boot, seed=seed),
-                     "reference": bootstrap_ci((q0 >= 1.0).astype(np.float64), n_boot=n_boot, seed=seed)},
+        "sentiment": {"policy": ci(c), "reference": ci(c0)},
+        "quality": {"policy": ci(q), "reference": ci(q0)},
+        "q1_share": {"policy": ci((q >= 1.0).astype(np.float64)), "reference": ci((q0 >= 1.0).astype(np.float64))},
     }

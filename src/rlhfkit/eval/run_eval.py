@@ -197,11 +197,13 @@ def gold_panel_of(judge):
 
 def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses: Sequence[str], judge,
                  scorer=None, tokenizer=None, tie_margin: float = 0.0, n_boot: int = 1000,
-                 seed: int = 0) -> tuple[dict, list[dict]]:
+                 seed: int = 0, clusters: Sequence[int] | None = None) -> tuple[dict, list[dict]]:
     """Everything computable from the texts alone: gold, proxy, win rates, diversity.
 
     Returns (metrics, per-prompt sample rows). Used directly for best-of-N, whose "policy"
-    is a selection rule rather than a model.
+    is a selection rule rather than a model. `clusters` names the prompt of each row when a
+    prompt appears several times (several samples): the win-rate and gold-difference intervals
+    then resample prompts.
     """
     gold = np.asarray(judge.score(prompts, responses), dtype=np.float64)
     gold_ref = np.asarray(judge.score(prompts, ref_responses), dtype=np.float64)
@@ -211,7 +213,10 @@ def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses
     out: dict[str, Any] = {
         "gold": M.bootstrap_ci(gold, n_boot=n_boot, seed=seed),
         "gold_reference": M.bootstrap_ci(gold_ref, n_boot=n_boot, seed=seed),
-        "win_rate": M.win_rate(labels, n_boot=n_boot, seed=seed),
+        "win_rate": M.win_rate(labels, n_boot=n_boot, seed=seed, clusters=clusters),
+        # paired: the same prompts (and sample slots) for both, so the difference's interval is tight
+        "gold_difference": (M.cluster_bootstrap_ci(gold - gold_ref, clusters, n_boot=n_boot, seed=seed)
+                            if clusters is not None else M.bootstrap_ci(gold - gold_ref, n_boot=n_boot, seed=seed)),
         "lc_win_rate": M.length_controlled_win_rate(labels, len_pol, len_ref, n_boot=min(n_boot, 200), seed=seed),
         "mean_length": float(np.mean(len_pol)),
         "mean_length_reference": float(np.mean(len_ref)),
@@ -225,7 +230,8 @@ def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses
         out["gold_gain_split"] = M.gold_gain_split(
             panel.sentiment(plain_prompts, list(responses)).mean(axis=1),
             panel.sentiment(plain_prompts, list(ref_responses)).mean(axis=1),
-            panel.quality(list(responses)), panel.quality(list(ref_responses)), n_boot=n_boot, seed=seed)
+            panel.quality(list(responses)), panel.quality(list(ref_responses)), n_boot=n_boot, seed=seed,
+            clusters=clusters)
     if tokenizer is not None:
         token_texts = [[str(t) for t in tokenizer(r, add_special_tokens=False)["input_ids"]] for r in responses]
         out["ead"] = M.expectation_adjusted_distinct(token_texts, vocab_size=len(tokenizer))
@@ -248,7 +254,7 @@ def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses
 def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer=None, corpus: Sequence[str] = (),
              max_new_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
              seed: int = 0, n_boot: int = 1000, tie_margin: float = 0.0, reference_rollout=None,
-             reference_perplexity: dict | None = None) -> tuple[dict, list[dict]]:
+             reference_perplexity: dict | None = None, clusters: Sequence[int] | None = None) -> tuple[dict, list[dict]]:
     """Sample from `policy` and `reference`, then compute every metric. Returns (metrics, rows).
 
     Pass `reference_rollout` / `reference_perplexity` (from an earlier call's
@@ -260,12 +266,14 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer
                    batch_size=batch_size, seed=seed)
     ref = reference_rollout or generate(reference, tokenizer, list(prompts), max_new_tokens, temperature=temperature,
                                         top_p=top_p, batch_size=batch_size, seed=seed + 1)
-    out, rows = text_metrics(prompts, pol.responses, ref.responses, judge, scorer, tokenizer, tie_margin, n_boot, seed)
+    out, rows = text_metrics(prompts, pol.responses, ref.responses, judge, scorer, tokenizer, tie_margin, n_boot, seed,
+                             clusters)
     pad = tokenizer.pad_token_id
     lp = M.response_logprobs(policy, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
     lr = M.response_logprobs(reference, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
     kl = M.kl_from_logprobs(lp, lr, pol.response_mask)
-    out["kl"] = M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed)
+    out["kl"] = (M.cluster_bootstrap_ci(kl["per_response"], clusters, n_boot=n_boot, seed=seed)
+                 if clusters is not None else M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed))
     out["ended_with_eos"] = float(pol.ended_with_eos.float().mean())
     for row, k in zip(rows, kl["per_response"]):
         row["kl"] = float(k)
