@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
-from rlhfkit.recipes import dpo, sft
+from rlhfkit.recipes import dpo, reward, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp2_1gpu.yaml"
@@ -88,6 +88,37 @@ def test_dpo_fsdp_two_processes_match_one(base):
                   "--learning_rate", "0.5", "--report_to", "jsonl", "--progress", "False", "--logging_steps", "1",
                   "--ref_cache_dir", str(root / "cache2")])
     _assert_same_weights(root / "dpo_one" / "final", root / "dpo_two" / "final", model)
+
+
+def test_reward_fsdp_two_processes_match_one(base):
+    from transformers import AutoModelForSequenceClassification
+
+    root, model = base
+    data = root / "rm_pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    common = dict(max_steps=3, eval_fraction=0.25, learning_rate=1e-2, adam_epsilon=1e-3, seed=5)
+    reward.main(reward.Config(model=str(model), dataset=str(data), output_dir=str(root / "rm_one"),
+                              per_device_train_batch_size=8, progress=False, report_to="jsonl", **common))
+    _launch_fsdp(["reward", "--model", str(model), "--dataset", str(data), "--output_dir", str(root / "rm_two"),
+                  "--per_device_train_batch_size", "4", "--progress", "False", "--report_to", "jsonl",
+                  *[a for k, v in common.items() for a in (f"--{k}", str(v))]])
+    # the start is the causal LM: compare the shared backbone; the score head is new in both runs
+    one, two = load_file(str(root / "rm_one" / "final" / "model.safetensors")), load_file(
+        str(root / "rm_two" / "final" / "model.safetensors"))
+    assert sorted(one) == sorted(two) and "score.weight" in one
+    start = load_file(str(model / "model.safetensors"))
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
+    assert moved > 1e-3
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs between FSDP x2 and 1 process")
+    # one ordinary checkpoint, with the same normalisation statistics and held-out metrics
+    rm = AutoModelForSequenceClassification.from_pretrained(root / "rm_two" / "final")
+    assert rm.config.num_labels == 1
+    r1, r2 = (json.loads((root / d / "results.json").read_text()) for d in ("rm_one", "rm_two"))
+    torch.testing.assert_close(torch.tensor(r1["members"][0]["stats"]["mean"]), torch.tensor(r2["members"][0]["stats"]["mean"]),
+                               rtol=1e-4, atol=1e-5)
+    assert r1["eval_examples"] == r2["eval_examples"] == 4
+    assert abs(r1["eval_loss"] - r2["eval_loss"]) < 1e-4
 
 
 def test_shipped_accelerate_configs_parse():
