@@ -63,6 +63,17 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return False
 
 
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` all-gathers sharded parameters (FSDP2 units in it, e.g. a
+    sharded policy or a LoRA policy's reference view of it): every process must then run the
+    same number of forwards, or the ones left waiting hang."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on the main process when they are sharded, else None.
 
