@@ -121,6 +121,83 @@ def test_reward_fsdp_two_processes_match_one(base):
     assert abs(r1["eval_loss"] - r2["eval_loss"]) < 1e-4
 
 
+GENERATE_SCRIPT = """
+import json, sys, types
+import torch
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rollout.generate import generate
+from rlhfkit.training import make_accelerator
+
+model_dir, out_dir = sys.argv[1], sys.argv[2]
+acc = make_accelerator(types.SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0))
+tok = load_tokenizer(model_dir)
+plain = load_policy(model_dir, "float32")
+policy = load_policy(model_dir, "float32")
+sharded, _ = acc.prepare(policy, torch.optim.SGD(policy.parameters(), lr=0.0))  # FSDP2 prepares both together
+rank = acc.process_index
+# rank 0: 3 prompts (2 chunks of 2), rank 1: 5 prompts (3 chunks); a third of the vocabulary stops a row,
+# so rows, chunks and processes end at different steps
+prompts = [f"the kind dog number {i} said" for i in range(3 if rank == 0 else 5)]
+stop = list(range(0, len(tok), 3))
+kw = dict(max_new_tokens=12, temperature=1.0, num_samples=2, batch_size=4, seed=100 + rank, stop_token_ids=stop)
+a, b = generate(sharded, tok, prompts, **kw), generate(plain, tok, prompts, **kw)
+with open(f"{out_dir}/rank{rank}.json", "w") as f:
+    json.dump({k: [getattr(r, k).tolist() for r in (a, b)] for k in ("response_ids", "response_mask", "ended_with_eos")}, f)
+"""
+
+
+def test_generation_from_a_sharded_policy_matches_the_whole_model(base, tmp_path):
+    """Sampling in lockstep (every process runs as many chunks and steps as the busiest one) gives on
+    each process the tokens the unsharded model samples there with the same seed."""
+    root, model = base
+    script = tmp_path / "gen.py"
+    script.write_text(GENERATE_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+           "--num_processes", "2", "--mixed_precision", "no", str(script), str(model), str(tmp_path)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 on CPU: parameters sharded over 2 processes" in proc.stdout, proc.stdout[-2000:]
+    lengths = set()
+    for rank, n_rows in ((0, 6), (1, 10)):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(got["response_ids"][0]) == n_rows
+        assert got["response_ids"][0] == got["response_ids"][1]
+        assert got["response_mask"][0] == got["response_mask"][1]
+        assert got["ended_with_eos"][0] == got["ended_with_eos"][1]
+        lengths |= {sum(m) for m in got["response_mask"][0]}
+    assert len(lengths) > 2  # rows really ended at different steps (the lockstep path was exercised)
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "rloo"])
+def test_group_recipe_fsdp_two_processes(base, recipe):
+    """GRPO / RLOO with the policy sharded: rollouts, a full reference copy per process, updates, the
+    held-out evaluation on every process, and one gathered checkpoint that loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    root, model = base
+    prompts = root / "rl_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the kind dog number {i} said"}) + "\n" for i in range(16)))
+    rw = root / "rl_reward.py"
+    rw.write_text("def chars(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    out = root / f"{recipe}_two"
+    # two mini-batches: the first one's ratio compares the training forward with the rollout's log-probs
+    _launch_fsdp([recipe, "--model", str(model), "--prompts", str(prompts), "--reward", f"py:{rw}:chars",
+                  "--eval_reward", f"py:{rw}:chars", "--eval_prompts", str(prompts), "--num_eval_prompts", "3",
+                  "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "2", "--num_generations", "4",
+                  "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--generation_batch_size", "4",
+                  "--num_ppo_epochs", "1", "--num_mini_batches", "2", "--learning_rate", "1e-2",
+                  "--report_to", "jsonl", "--progress", "False"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "first_ratio_min" in r] == [1, 2]
+    for r in rows:  # averaged over the processes: 1 only if every process's first ratio is exactly 1
+        assert r["first_ratio_min"] == r["first_ratio_max"] == 1.0, r
+    assert "eval_win_rate" in json.loads((out / "final_metrics.json").read_text())["eval"]
+    policy = AutoModelForCausalLM.from_pretrained(out / "final")
+    start = load_file(str(model / "model.safetensors"))
+    moved = max((p.detach() - start[n]).abs().max().item() for n, p in policy.named_parameters() if n in start)
+    assert moved > 1e-3
+
+
 def test_shipped_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
