@@ -168,11 +168,12 @@ def test_generation_from_a_sharded_policy_matches_the_whole_model(base, tmp_path
     assert len(lengths) > 2  # rows really ended at different steps (the lockstep path was exercised)
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "rloo"])
-def test_group_recipe_fsdp_two_processes(base, recipe):
-    """GRPO / RLOO with the policy sharded: rollouts, a full reference copy per process, updates, the
-    held-out evaluation on every process, and one gathered checkpoint that loads in transformers."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("recipe", ["ppo", "grpo", "rloo"])
+def test_on_policy_recipe_fsdp_two_processes(base, recipe):
+    """PPO / GRPO / RLOO with the policy (and PPO's critic) sharded: rollouts, a whole reference copy
+    per process, updates, the held-out evaluation on every process, and gathered checkpoints that
+    load in transformers."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root, model = base
     prompts = root / "rl_prompts.jsonl"
@@ -180,22 +181,25 @@ def test_group_recipe_fsdp_two_processes(base, recipe):
     rw = root / "rl_reward.py"
     rw.write_text("def chars(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
     out = root / f"{recipe}_two"
+    per_recipe = ["--prompts_per_step", "4"] if recipe == "ppo" else ["--prompts_per_step", "2", "--num_generations", "4"]
     # two mini-batches: the first one's ratio compares the training forward with the rollout's log-probs
     _launch_fsdp([recipe, "--model", str(model), "--prompts", str(prompts), "--reward", f"py:{rw}:chars",
                   "--eval_reward", f"py:{rw}:chars", "--eval_prompts", str(prompts), "--num_eval_prompts", "3",
-                  "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "2", "--num_generations", "4",
-                  "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--generation_batch_size", "4",
-                  "--num_ppo_epochs", "1", "--num_mini_batches", "2", "--learning_rate", "1e-2",
-                  "--report_to", "jsonl", "--progress", "False"])
+                  "--output_dir", str(out), "--max_steps", "2", *per_recipe, "--max_completion_length", "8",
+                  "--per_device_train_batch_size", "2", "--generation_batch_size", "4", "--num_ppo_epochs", "1",
+                  "--num_mini_batches", "2", "--learning_rate", "1e-2", "--report_to", "jsonl", "--progress", "False"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "first_ratio_min" in r] == [1, 2]
     for r in rows:  # averaged over the processes: 1 only if every process's first ratio is exactly 1
         assert r["first_ratio_min"] == r["first_ratio_max"] == 1.0, r
     assert "eval_win_rate" in json.loads((out / "final_metrics.json").read_text())["eval"]
-    policy = AutoModelForCausalLM.from_pretrained(out / "final")
     start = load_file(str(model / "model.safetensors"))
-    moved = max((p.detach() - start[n]).abs().max().item() for n, p in policy.named_parameters() if n in start)
-    assert moved > 1e-3
+    saved = [AutoModelForCausalLM.from_pretrained(out / "final")]
+    if recipe == "ppo":  # the critic starts from the policy's weights with a new value head
+        saved.append(AutoModelForSequenceClassification.from_pretrained(out / "value"))
+    for m in saved:
+        moved = max((p.detach() - start[n]).abs().max().item() for n, p in m.named_parameters() if n in start)
+        assert moved > 1e-3
 
 
 def test_shipped_accelerate_configs_parse():

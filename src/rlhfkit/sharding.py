@@ -63,6 +63,13 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return False
 
 
+def shard_layers_of(wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
+    """Give a module that holds a transformers model (a reward head, a critic) the decoder layer
+    classes of that model, so accelerate's FSDP transformer auto-wrap makes one unit per layer
+    (it reads `_no_split_modules` from the module it prepares) instead of one for the whole model."""
+    wrapper._no_split_modules = getattr(inner, "_no_split_modules", None)
+
+
 def forward_is_collective(model: torch.nn.Module) -> bool:
     """Whether a forward of `model` all-gathers sharded parameters (FSDP2 units in it, e.g. a
     sharded policy or a LoRA policy's reference view of it): every process must then run the

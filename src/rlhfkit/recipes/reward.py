@@ -50,7 +50,7 @@ from rlhfkit.runs import (
     one_run_per_folder,
     prepare_run_dir,
 )
-from rlhfkit.sharding import full_state_dict, is_sharded, unsharded_copy
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_layers_of, unsharded_copy
 
 
 @dataclasses.dataclass
@@ -235,8 +235,7 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
-    # FSDP wraps each decoder layer of the inner model in its own unit (accelerate reads the layer class here)
-    module._no_split_modules = getattr(unwrap_hf(module.model), "_no_split_modules", None)
+    shard_layers_of(module, unwrap_hf(module.model))
     module, optimizer = acc.prepare(module, optimizer)
     sharded = is_sharded(acc)
     acc.register_for_checkpointing(scheduler)
