@@ -202,6 +202,33 @@ def test_on_policy_recipe_fsdp_two_processes(base, recipe):
         assert moved > 1e-3
 
 
+def test_ppo_fsdp_two_processes_match_one(base):
+    """Same prompts and same (greedy: top_p keeps only the likeliest token) rollouts on 1 and 2 processes:
+    policy and critic end with the same weights. Advantages are not whitened (a whitening over each
+    process's rows would differ from one over all rows), and one mini-batch per epoch holds every row."""
+    from rlhfkit.recipes import ppo
+
+    root, model = base
+    prompts = root / "ppo_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the kind dog number {i} said"}) + "\n" for i in range(16)))
+    rw = root / "ppo_reward.py"
+    rw.write_text("def chars(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    common = dict(model=str(model), prompts=str(prompts), reward=[f"py:{rw}:chars"], eval_reward="none", max_steps=2,
+                  max_completion_length=8, generation_batch_size=8, num_ppo_epochs=2, num_mini_batches=1,
+                  learning_rate=1e-2, adam_epsilon=1e-3, top_p=1e-6, whiten_advantages=False)
+    ppo.main(ppo.Config(output_dir=str(root / "ppo_one"), prompts_per_step=8, per_device_train_batch_size=8,
+                        report_to="jsonl", progress=False, **common))
+    flags = [a for k, v in common.items() for a in (f"--{k}", v[0] if isinstance(v, list) else str(v))]
+    _launch_fsdp(["ppo", *flags, "--output_dir", str(root / "ppo_two"), "--prompts_per_step", "4",
+                  "--per_device_train_batch_size", "4", "--report_to", "jsonl", "--progress", "False"])
+    _assert_same_weights(root / "ppo_one" / "final", root / "ppo_two" / "final", model)
+    # the critic: its backbone starts from the policy's weights, its value head is new in both runs
+    one, two = (load_file(str(root / d / "value" / "model.safetensors")) for d in ("ppo_one", "ppo_two"))
+    assert sorted(one) == sorted(two)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=f"critic {k} differs")
+
+
 def test_shipped_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
