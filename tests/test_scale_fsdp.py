@@ -180,7 +180,7 @@ def test_on_policy_recipe_fsdp_two_processes(base, recipe):
     prompts.write_text("".join(json.dumps({"prompt": f"the kind dog number {i} said"}) + "\n" for i in range(16)))
     rw = root / "rl_reward.py"
     rw.write_text("def chars(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
-    out = root / f"{recipe}_two"
+    out = root / f"{recipe}_sharded"
     per_recipe = ["--prompts_per_step", "4"] if recipe == "ppo" else ["--prompts_per_step", "2", "--num_generations", "4"]
     # two mini-batches: the first one's ratio compares the training forward with the rollout's log-probs
     _launch_fsdp([recipe, "--model", str(model), "--prompts", str(prompts), "--reward", f"py:{rw}:chars",
