@@ -170,9 +170,8 @@ def test_generation_from_a_sharded_policy_matches_the_whole_model(base, tmp_path
 
 @pytest.mark.parametrize("recipe", ["ppo", "grpo", "rloo"])
 def test_on_policy_recipe_fsdp_two_processes(base, recipe):
-    """PPO / GRPO / RLOO with the policy (and PPO's critic) sharded: rollouts, a whole reference copy
-    per process, updates, the held-out evaluation on every process, and gathered checkpoints that
-    load in transformers."""
+    """PPO / GRPO / RLOO with the policy, the reference (and PPO's critic) sharded: rollouts, updates,
+    the held-out evaluation on every process, and gathered checkpoints that load in transformers."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root, model = base
@@ -183,12 +182,15 @@ def test_on_policy_recipe_fsdp_two_processes(base, recipe):
     out = root / f"{recipe}_sharded"
     per_recipe = ["--prompts_per_step", "4"] if recipe == "ppo" else ["--prompts_per_step", "2", "--num_generations", "4"]
     # two mini-batches: the first one's ratio compares the training forward with the rollout's log-probs
-    _launch_fsdp([recipe, "--model", str(model), "--prompts", str(prompts), "--reward", f"py:{rw}:chars",
-                  "--eval_reward", f"py:{rw}:chars", "--eval_prompts", str(prompts), "--num_eval_prompts", "3",
-                  "--output_dir", str(out), "--max_steps", "2", *per_recipe, "--max_completion_length", "8",
-                  "--per_device_train_batch_size", "2", "--generation_batch_size", "4", "--num_ppo_epochs", "1",
-                  "--num_mini_batches", "2", "--learning_rate", "1e-2", "--report_to", "jsonl", "--progress", "False"])
+    proc = _launch_fsdp([recipe, "--model", str(model), "--prompts", str(prompts), "--reward", f"py:{rw}:chars",
+                         "--eval_reward", f"py:{rw}:chars", "--eval_prompts", str(prompts), "--num_eval_prompts", "3",
+                         "--output_dir", str(out), "--max_steps", "2", *per_recipe, "--max_completion_length", "8",
+                         "--per_device_train_batch_size", "2", "--generation_batch_size", "4", "--num_ppo_epochs", "1",
+                         "--num_mini_batches", "2", "--learning_rate", "1e-2", "--report_to", "jsonl",
+                         "--progress", "False"])
+    assert "FSDP2: frozen LlamaForCausalLM sharded over 2 processes" in proc.stdout  # the reference too
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0  # the sharded reference gives the policy's own log-probs at the start
     assert [r["step"] for r in rows if "first_ratio_min" in r] == [1, 2]
     for r in rows:  # averaged over the processes: 1 only if every process's first ratio is exactly 1
         assert r["first_ratio_min"] == r["first_ratio_max"] == 1.0, r

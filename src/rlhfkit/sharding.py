@@ -63,6 +63,21 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return False
 
 
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen model (the reference of PPO/GRPO/RLOO) like the trained one under FSDP2, so no
+    process holds a whole copy; unchanged otherwise. accelerate's `prepare` takes FSDP2 models only
+    with an optimiser, so its per-model step (one unit per decoder layer) is called directly."""
+    if not (is_sharded(accelerator) and accelerator.is_fsdp2):
+        return model
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    name = type(model).__name__
+    model.requires_grad_(False)
+    model = fsdp2_prepare_model(accelerator, model)
+    accelerator.print(f"FSDP2: frozen {name} sharded over {accelerator.num_processes} processes")
+    return model
+
+
 def shard_layers_of(wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
     """Give a module that holds a transformers model (a reward head, a critic) the decoder layer
     classes of that model, so accelerate's FSDP transformer auto-wrap makes one unit per layer

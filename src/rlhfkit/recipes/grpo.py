@@ -70,7 +70,7 @@ from rlhfkit.rollout.prompts import (
     rows_of,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.sharding import full_state_dict, is_sharded
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -257,9 +257,11 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     scheduler = make_scheduler(optimizer, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
     policy, optimizer = acc.prepare(policy, optimizer)
     acc.register_for_checkpointing(scheduler)
-    sharded = is_sharded(acc)  # the policy is sharded; a separate reference stays a whole copy per process
+    sharded = is_sharded(acc)  # the policy is sharded, and a separate reference below
     if sharded and cfg.engine != "hf":
         raise ConfigError(f"engine '{cfg.engine}' cannot sample from a sharded policy; use --engine hf under FSDP")
+    if sharded and not cfg.use_lora and not cfg.offload_reference:  # offloaded: a whole copy parked in CPU memory
+        ref_model = shard_frozen(acc, ref_model)
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():

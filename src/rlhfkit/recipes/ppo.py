@@ -61,7 +61,7 @@ from rlhfkit.rollout.prompts import (
     render_prompt,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.sharding import full_state_dict, is_sharded, shard_layers_of
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -278,7 +278,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     opt_p, opt_v = make_optimizer(policy, cfg), make_optimizer(critic, cfg)
     schedulers = [make_scheduler(o, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches) for o in (opt_p, opt_v)]
-    sharded = is_sharded(acc)  # policy and critic sharded; a separate reference stays a whole copy per process
+    sharded = is_sharded(acc)  # policy and critic sharded, and a separate reference below
     if sharded:  # accelerate's FSDP2 prepares one model (with its optimiser) per call
         if cfg.engine != "hf":
             raise ConfigError(f"engine '{cfg.engine}' cannot sample from a sharded policy; use --engine hf under FSDP")
@@ -287,6 +287,8 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     else:
         policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
     acc.register_for_checkpointing(*schedulers)
+    if sharded and not cfg.use_lora and not cfg.offload_reference:  # offloaded: a whole copy parked in CPU memory
+        ref_model = shard_frozen(acc, ref_model)
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():
