@@ -63,6 +63,39 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return False
 
 
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen model (the reference of PPO/GRPO/RLOO) like the trained one under FSDP2, so no
+    process holds a whole copy; unchanged otherwise. accelerate's `prepare` takes FSDP2 models only
+    with an optimiser, so its per-model step (one unit per decoder layer) is called directly."""
+    if not (is_sharded(accelerator) and accelerator.is_fsdp2):
+        return model
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    name = type(model).__name__
+    model.requires_grad_(False)
+    model = fsdp2_prepare_model(accelerator, model)
+    accelerator.print(f"FSDP2: frozen {name} sharded over {accelerator.num_processes} processes")
+    return model
+
+
+def shard_layers_of(wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
+    """Give a module that holds a transformers model (a reward head, a critic) the decoder layer
+    classes of that model, so accelerate's FSDP transformer auto-wrap makes one unit per layer
+    (it reads `_no_split_modules` from the module it prepares) instead of one for the whole model."""
+    wrapper._no_split_modules = getattr(inner, "_no_split_modules", None)
+
+
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` all-gathers sharded parameters (FSDP2 units in it, e.g. a
+    sharded policy or a LoRA policy's reference view of it): every process must then run the
+    same number of forwards, or the ones left waiting hang."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on the main process when they are sharded, else None.
 

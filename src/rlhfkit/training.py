@@ -36,16 +36,24 @@ def make_accelerator(cfg: Any) -> Accelerator:
     --num_processes 2` on a CPU box), accelerate would otherwise leave every process alone;
     `cpu=True` makes it join them with the gloo backend (DistributedType.MULTI_CPU).
     """
-    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     reset_accelerate_state()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
-        cpu=multi_process_cpu,
+        cpu=multi_process_cpu(),
     )
     enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.sharding)
     set_seed(cfg.seed)
     return acc
+
+
+def multi_process_cpu() -> bool:
+    """A launch of several processes on a machine without CUDA: they join over gloo (cpu=True).
+
+    A recipe that asks for the process state before its Accelerator exists must pass this as
+    `PartialState(cpu=...)`, or the state is fixed as single-process for the whole launch.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def reset_accelerate_state() -> None:

@@ -44,6 +44,7 @@ from rlhfkit.advantages import (
     zero_variance_share,
 )
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed, masked_mean
@@ -69,6 +70,7 @@ from rlhfkit.rollout.prompts import (
     rows_of,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -255,6 +257,11 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     scheduler = make_scheduler(optimizer, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
     policy, optimizer = acc.prepare(policy, optimizer)
     acc.register_for_checkpointing(scheduler)
+    sharded = is_sharded(acc)  # the policy is sharded, and a separate reference below
+    if sharded and cfg.engine != "hf":
+        raise ConfigError(f"engine '{cfg.engine}' cannot sample from a sharded policy; use --engine hf under FSDP")
+    if sharded and not cfg.use_lora and not cfg.offload_reference:  # offloaded: a whole copy parked in CPU memory
+        ref_model = shard_frozen(acc, ref_model)
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():
@@ -314,14 +321,17 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
                   "tokens and were left-truncated")
     logger.close()
     result = {"updates": n_updates, "last": last}
+    state = full_state_dict(acc, policy)  # all processes: gathers a sharded policy onto the main one
     if acc.is_main_process:
-        save_model(unwrap(policy), tok, out / "final")
-        eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
-        if eval_reward is not None and eval_source:
-            held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
-            result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
-                                                                held_out.columns, eval_reward, rewards, cfg, ref_ctx)
-            acc.print("grpo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
+        save_model(unwrap(policy), tok, out / "final", state_dict=state)
+    eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
+    # a sharded policy's forwards are collectives: every process then runs the same evaluation
+    if eval_reward is not None and eval_source and (acc.is_main_process or sharded):
+        held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
+        result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
+                                                            held_out.columns, eval_reward, rewards, cfg, ref_ctx)
+        acc.print("grpo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
+    if acc.is_main_process:
         atomic_write_json(out / "final_metrics.json", result)
     acc.wait_for_everyone()
     return result

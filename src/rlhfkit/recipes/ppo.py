@@ -34,6 +34,7 @@ from rlhfkit.advantages import (
     shape_rewards,
 )
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval import monitor
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed
@@ -47,6 +48,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.models.lora import disable_dropout
+from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.precision import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
@@ -59,6 +61,7 @@ from rlhfkit.rollout.prompts import (
     render_prompt,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
 from rlhfkit.training import (
     check_finite,
     check_finite_grads,
@@ -275,8 +278,17 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         1, int(cfg.num_train_epochs * len(prompt_set) / (cfg.prompts_per_step * acc.num_processes) + 0.999999))
     opt_p, opt_v = make_optimizer(policy, cfg), make_optimizer(critic, cfg)
     schedulers = [make_scheduler(o, cfg, n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches) for o in (opt_p, opt_v)]
-    policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
+    sharded = is_sharded(acc)  # policy and critic sharded, and a separate reference below
+    if sharded:  # accelerate's FSDP2 prepares one model (with its optimiser) per call
+        if cfg.engine != "hf":
+            raise ConfigError(f"engine '{cfg.engine}' cannot sample from a sharded policy; use --engine hf under FSDP")
+        shard_layers_of(critic, unwrap_hf(critic.model))
+        (policy, opt_p), (critic, opt_v) = acc.prepare(policy, opt_p), acc.prepare(critic, opt_v)
+    else:
+        policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
     acc.register_for_checkpointing(*schedulers)
+    if sharded and not cfg.use_lora and not cfg.offload_reference:  # offloaded: a whole copy parked in CPU memory
+        ref_model = shard_frozen(acc, ref_model)
     ref_fwd = unwrap(policy) if cfg.use_lora else ref_model
 
     def ref_ctx():
@@ -332,15 +344,20 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
                   "tokens and were left-truncated")
     logger.close()
     result = {"updates": n_updates, "last": last}
+    # all processes: a sharded policy and critic are gathered onto the main process
+    p_state, v_state = full_state_dict(acc, policy), full_state_dict(acc, critic)
     if acc.is_main_process:
-        save_model(unwrap(policy), tok, out / "final")
-        save_model(unwrap(critic).model, tok, out / "value")
-        eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
-        if eval_reward is not None and eval_source:
-            held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
-            result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
-                                                                held_out.columns, eval_reward, rewards, cfg, ref_ctx)
-            acc.print("ppo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
+        save_model(unwrap(policy), tok, out / "final", state_dict=p_state)
+        save_model(unwrap(critic).model, tok, out / "value",
+                   state_dict=None if v_state is None else {k.removeprefix("model."): v for k, v in v_state.items()})
+    eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
+    # a sharded policy's forwards are collectives: every process then runs the same evaluation
+    if eval_reward is not None and eval_source and (acc.is_main_process or sharded):
+        held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
+        result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
+                                                            held_out.columns, eval_reward, rewards, cfg, ref_ctx)
+        acc.print("ppo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
+    if acc.is_main_process:
         atomic_write_json(out / "final_metrics.json", result)
     acc.wait_for_everyone()
     return result

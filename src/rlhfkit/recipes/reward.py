@@ -50,6 +50,7 @@ from rlhfkit.runs import (
     one_run_per_folder,
     prepare_run_dir,
 )
+from rlhfkit.sharding import full_state_dict, is_sharded, shard_layers_of, unsharded_copy
 
 
 @dataclasses.dataclass
@@ -234,7 +235,9 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
+    shard_layers_of(module, unwrap_hf(module.model))
     module, optimizer = acc.prepare(module, optimizer)
+    sharded = is_sharded(acc)
     acc.register_for_checkpointing(scheduler)
     step = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -273,7 +276,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         if step % cfg.logging_steps == 0 or step == total:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and acc.is_main_process:
+        # a sharded model all-gathers in every forward: every process evaluates (the same units) then
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and (acc.is_main_process or sharded):
             logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, tokenizer.pad_token_id, acc.device), step)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save_checkpoint(acc, out, step, {"member": member})
@@ -284,8 +288,11 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
         final.update(evaluate(module, eval_units, cfg, tokenizer.pad_token_id, acc.device))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
+    state = full_state_dict(acc, module)  # all processes: gathers a sharded model onto the main one
     if acc.is_main_process:  # one writer; the others wait so every process returns a saved model
-        final["stats"] = save_reward_model(module, tokenizer, out / "final", train, cfg)
+        whole = module if state is None else LastTokenReward(
+            unsharded_copy(module.model, {k.removeprefix("model."): v for k, v in state.items()}), module.padding_free)
+        final["stats"] = save_reward_model(whole, tokenizer, out / "final", train, cfg)
         atomic_write_json(out / "member_results.json", final)
     acc.wait_for_everyone()
     return module, final
@@ -331,8 +338,9 @@ def main(cfg: Config, printer=print) -> dict:
     from accelerate import PartialState
 
     from rlhfkit.models import load_tokenizer
+    from rlhfkit.training import multi_process_cpu
 
-    is_main = PartialState().is_main_process
+    is_main = PartialState(cpu=multi_process_cpu()).is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
     comps = load_comparisons(cfg.dataset, cfg.dataset_split, cfg.on_bad_record, tokenizer, cfg.from_feedback)

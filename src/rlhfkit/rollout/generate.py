@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.record import Rollout
+from rlhfkit.sharding import forward_is_collective
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -106,9 +107,31 @@ def cache_keyword(model) -> str:
 _CACHE_KEYWORD: dict[type, str] = {}
 
 
-@torch.inference_mode()
+def _all_finished(finished: torch.Tensor, lockstep: bool) -> bool:
+    """Every row has ended: on this process, or with `lockstep` on every process (an all-reduce)."""
+    done = bool(finished.all())
+    if not lockstep:
+        return done
+    pending = torch.tensor([0 if done else 1], device=finished.device)
+    torch.distributed.all_reduce(pending)
+    return int(pending.item()) == 0
+
+
 def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                    top_p: float, stop: torch.Tensor, pad_id: int, generator) -> tuple[torch.Tensor, ...]:
+                    top_p: float, stop: torch.Tensor, pad_id: int, generator,
+                    lockstep: bool = False) -> tuple[torch.Tensor, ...]:
+    """Decode one batch of prompts. With `lockstep` (a sharded model, whose every forward is a
+    collective) the loop runs until the rows of every process have ended; a process whose rows
+    ended first feeds padding without sampling, so its tokens and its generator's draws are those
+    of a run on its own. A sharded model samples under no_grad, not inference_mode: parameters
+    all-gathered in inference mode would be inference tensors, which the next training forward's
+    all-gather may not write into."""
+    with torch.no_grad() if lockstep else torch.inference_mode():
+        return _decode(model, prompt_ids, max_new_tokens, temperature, top_p, stop, pad_id, generator, lockstep)
+
+
+def _decode(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+            stop: torch.Tensor, pad_id: int, generator, lockstep: bool) -> tuple[torch.Tensor, ...]:
     device = stop.device
     b, p = len(prompt_ids), max(len(x) for x in prompt_ids)
     query = torch.full((b, p), pad_id, dtype=torch.long)
@@ -126,19 +149,25 @@ def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, tem
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos_at = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+    width = max_new_tokens  # columns this process generated: up to the step its last row ended
     for t in range(max_new_tokens):
-        tok = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator)
-        tok = tok.masked_fill(finished, pad_id)
-        tokens[:, t] = tok
-        hit = torch.isin(tok, stop) & ~finished
-        eos_at = torch.where(hit, torch.full_like(eos_at, t), eos_at)
-        finished |= hit
-        if t == max_new_tokens - 1 or bool(finished.all()):
-            tokens = tokens[:, : t + 1]
+        if width == max_new_tokens:
+            tok = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator)
+            tok = tok.masked_fill(finished, pad_id)
+            tokens[:, t] = tok
+            hit = torch.isin(tok, stop) & ~finished
+            eos_at = torch.where(hit, torch.full_like(eos_at, t), eos_at)
+            finished |= hit
+            if bool(finished.all()):
+                width = t + 1
+        else:  # this process is done; it keeps the other processes' forwards company
+            tok = torch.full((b,), pad_id, dtype=torch.long, device=device)
+        if t == max_new_tokens - 1 or _all_finished(finished, lockstep):
             break
         out = model(input_ids=tok[:, None], attention_mask=attn[:, : p + t + 1], position_ids=next_pos,
                     **{cache: getattr(out, cache)}, use_cache=True)
         next_pos = next_pos + 1
+    tokens = tokens[:, :width]
     steps = torch.arange(tokens.shape[1], device=device)
     resp_mask = (steps[None, :] <= eos_at[:, None]).long()
     tokens = tokens.masked_fill(resp_mask == 0, pad_id)
@@ -182,14 +211,26 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
+    # a sharded model all-gathers its parameters in every forward: each process must run as many
+    # chunks and decoding steps as the busiest one (the extra chunks' rows are dropped)
+    lockstep = forward_is_collective(model)
+    starts = list(range(0, len(rows), batch_size))
+    n_chunks = len(starts)
+    if lockstep:
+        n_chunks_t = torch.tensor([n_chunks], device=device)
+        torch.distributed.all_reduce(n_chunks_t, op=torch.distributed.ReduceOp.MAX)
+        n_chunks = int(n_chunks_t.item())
     was_training = model.training
     model.eval()
     chunks = []
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            chunks.append(_generate_chunk(model, [ids[i] for i in chunk], max_new_tokens, temperature,
-                                          top_p, stop, pad_id, generator))
+        for c in range(n_chunks):
+            chunk = rows[starts[c]:starts[c] + batch_size] if c < len(starts) else None
+            prompt_ids = [ids[i] for i in chunk] if chunk else [ids[0] if ids else [pad_id]]
+            result = _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, stop, pad_id, generator,
+                                     **({"lockstep": True} if lockstep else {}))
+            if chunk:
+                chunks.append(result)
     finally:
         model.train(was_training)
     p = max(c[0].shape[1] for c in chunks)
