@@ -22,6 +22,7 @@ from rlhfkit.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_URL = "sqlite:///feedback.db"
+POOL_RECYCLE_S = 1800
 
 
 def normalise_url(url: str) -> str:
@@ -50,7 +51,11 @@ def make_engine(url: str = DEFAULT_URL, pool_size: int = 20) -> Engine:
         _sqlite_pragmas(engine)
         return engine
     if backend == "postgresql":
-        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # No pool_pre_ping: it costs a round trip on every checkout (two per request). Pooled
+        # connections are renewed after POOL_RECYCLE_S instead, and a connection found dead
+        # (server restarted) makes SQLAlchemy invalidate the whole pool; the request that met
+        # it is answered 503 with Retry-After (app.py) and the next one reconnects.
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=POOL_RECYCLE_S)
     raise ConfigError(f"database URL {url!r}: only sqlite and postgresql are supported")
 
 
