@@ -26,6 +26,16 @@ from rlhfkit.errors import RlhfkitError
 SUBCOMMANDS = ("run", "serve", "init-db", "create-user", "import", "sample", "export", "qc")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 1000")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhfkit serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
                              "the task's labels ('hashed'), or none (random)")
         sp.add_argument("--log-level", default="warning")
+        sp.add_argument("--pool-size", type=_positive_int, default=8,
+                        help="database connections, and so requests doing database work at once (default 8: on "
+                             "a few cores more concurrent transactions only contend for CPU and locks)")
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
@@ -128,7 +141,7 @@ def _run(args) -> int:
         from rlhfkit.feedback.online import OnlineScorer
 
         scorer = OnlineScorer()
-    app = create_app(Database(args.db), scorer=scorer, secure_cookies=args.secure_cookies)
+    app = create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer, secure_cookies=args.secure_cookies)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0

@@ -509,6 +509,9 @@ def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer)
 # labels
 
 
+_LABEL_BY_KEY, _LABEL_DONE = aliased(Label, name="label_by_key"), aliased(Label, name="label_done")
+
+
 def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key: str,
                  duration_ms: int | None = None) -> tuple[Label, bool]:
     """Store one answer exactly once. Returns (label, replayed).
@@ -523,7 +526,7 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
         raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
     # one statement reads the item, the user's assignment of it, a label already stored under
     # this key (a retry), and whether the user already labelled the item
-    by_key, done = aliased(Label), aliased(Label)
+    by_key, done = _LABEL_BY_KEY, _LABEL_DONE
     row = s.execute(
         select(Item, Assignment, by_key, done.id).select_from(Item)
         .outerjoin(Assignment, and_(Assignment.item_id == Item.id, Assignment.user_id == user.id))
