@@ -401,12 +401,24 @@ def _api_routes(app, db, templates, rng, secure, auth):
             return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
                      "progress": svc.progress(s, t, user)} for t in svc.visible_tasks(s, user)]
 
+    single_statement = db.backend == "postgresql"  # see service: single-statement paths
+
     @app.get("/api/tasks/{task_id}/next", dependencies=auth)
     def next_item(task_id: PathId, request: Request):
+        r, gold = rng(), None
+        if single_statement:
+            with db.lookup_session() as s:  # autocommit
+                user, _ = authenticate(request, s)
+                task = visible_task(s, task_id, user, app.state.tasks)
+                try:
+                    item, assignment = svc.next_assignment_autocommit(s, task, user, r)
+                    return item_payload(task, item, assignment.display_order)
+                except svc.NeedsTransaction as e:
+                    gold = e.gold
         with db.session() as s:
             user, _ = authenticate(request, s)
             task = visible_task(s, task_id, user, app.state.tasks)
-            got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
+            got = svc.next_assignment(s, task, user, r, app.state.scorer, gold=gold)
             if got is None:
                 return Response(status_code=204)
             item, assignment = got
@@ -415,6 +427,18 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     @app.post("/api/tasks/{task_id}/labels", dependencies=auth)
     def submit(task_id: PathId, body: LabelBody, request: Request):
+        if single_statement:
+            with db.lookup_session() as s:  # autocommit: the label is durable once the statement returns
+                user, csrf = authenticate(request, s)
+                check_csrf(request, csrf)
+                task = visible_task(s, task_id, user, app.state.tasks)
+                try:
+                    label, replay = svc.submit_label_autocommit(s, task, user, body.item_id, body.value,
+                                                                body.idempotency_key)
+                    return JSONResponse({**label_payload(label), "replayed": replay},
+                                        status_code=200 if replay else 201)
+                except svc.NeedsTransaction:
+                    pass
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
