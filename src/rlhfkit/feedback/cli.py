@@ -56,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
                              "the task's labels ('hashed'), or none (random)")
         sp.add_argument("--log-level", default="warning")
-        sp.add_argument("--pool-size", type=_positive_int, default=8,
-                        help="database connections, and so requests doing database work at once (default 8: on "
-                             "a few cores more concurrent transactions only contend for CPU and locks)")
+        sp.add_argument("--pool-size", type=_positive_int, default=max(4, 2 * (os.cpu_count() or 2)),
+                        help="database connections, and so requests doing database work at once (default: twice "
+                             "the cores, at least 4; more concurrent transactions than that only contend for CPU "
+                             "and locks)")
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
