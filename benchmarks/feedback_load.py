@@ -13,6 +13,11 @@ that never saw its answer). At the end the database is read directly:
 - p50_ms / p95_ms: latency of acknowledged submits (POST /labels), retries after the kill
   excluded; the GET /next latencies are reported beside them.
 
+A second flat-out run per database follows in reverse order (ABBA: sqlite, postgres, postgres,
+sqlite), reported in `flat_out_repeat`, with both runs' labels/s and their mean per database
+(`flat_out_labels_per_s`, `flat_out_labels_per_s_mean`); every run records the machine's load
+average (os.getloadavg) when it began and ended.
+
 Then a paced run per database (JSON `paced`): each of the 50 annotators reads for 2-5 s
 (uniform) before submitting, and fetches its next item right after the acknowledgement, while
 it reads (the page prefetches it), for PACED_SECONDS. Reported: p50/p95 of the submits (what
@@ -309,7 +314,9 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
         server = Server(url, port, log)
         server.start()
         stack.callback(server.stop)
+        load_before = os.getloadavg()
         state = asyncio.run(_drive(f"http://127.0.0.1:{port}", task_id, tokens, target, server, seed))
+        load_after = os.getloadavg()
         server.stop()
         audit = _audit(url, state, tokens)
         submit, nxt = np.asarray(state["submit_ms"]), np.asarray(state["next_ms"])
@@ -324,6 +331,8 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
             "replayed_after_kill": state["replays_after_kill"], "kills": state["kills"],
             "errors": len(state["errors"]), "first_errors": state["errors"][:3],
             "seconds": round(state["seconds"], 2), "labels_per_s": round(len(state["acked"]) / state["seconds"], 1),
+            "load_average_start": [round(x, 2) for x in load_before],
+            "load_average_end": [round(x, 2) for x in load_after],
             "_submit_ms": submit,
         }
 
@@ -347,6 +356,17 @@ def run(quick: bool = False) -> dict:
     merged = np.concatenate(all_ms) if all_ms else np.zeros(1)
     out["p50_ms"] = round(float(np.percentile(merged, 50)), 2)
     out["p95_ms"] = round(float(np.percentile(merged, 95)), 2)
+    # a second flat-out run per database in the reverse order (sqlite, postgres, postgres,
+    # sqlite): other work on a shared machine drifts, and ABBA order lets the comparison of the
+    # two databases average it out
+    repeat = {b: _one(b, annotators, target, seed=2) for b in ("postgres", "sqlite")}
+    out["flat_out_repeat"] = {b: {k: r[k] for k in ("labels_per_s", "p50_ms", "p95_ms", "over_assigned", "lost",
+                                                    "duplicated", "load_average_start", "load_average_end")}
+                              for b, r in repeat.items() if "labels" in r}
+    out["flat_out_labels_per_s"] = {b: [out[b]["labels_per_s"], out["flat_out_repeat"][b]["labels_per_s"]]
+                                    for b in out["flat_out_repeat"] if "labels_per_s" in out[b]}
+    out["flat_out_labels_per_s_mean"] = {b: round(float(np.mean(v)), 1) for b, v in out["flat_out_labels_per_s"].items()}
+    print(f"feedback_load flat-out repeat: {out['flat_out_repeat']}", file=sys.stderr, flush=True)
     seconds = 10 if quick else PACED_SECONDS
     out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
     print(f"feedback_load paced: {out['paced']}", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
@@ -159,3 +159,76 @@ def test_serving_query_walks_the_slot_index(tmp_path):
     db.dispose()
     assert "ix_items_open_slots" in plan and "TEMP B-TREE" not in plan, plan
     assert "SCAN assignments" not in plan, plan
+
+
+def _api_setup(db_url, n_users, n_items, overlap):
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.security import create_api_token
+
+    db, users, task_id = setup(db_url, n_users, n_items, overlap)
+    with db.session() as s:
+        tokens = [create_api_token(s, s.get(User, u)) for u in users]
+    return db, TestClient(create_app(db)), tokens, task_id
+
+
+def _label_via_api(client, token, task_id, errors):
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        while True:
+            r = client.get(f"/api/tasks/{task_id}/next", headers=headers)
+            if r.status_code == 204:
+                return
+            assert r.status_code == 200, r.text
+            body = {"item_id": r.json()["item_id"], "value": {"choice": "left"}, "idempotency_key": uuid.uuid4().hex}
+            r = client.post(f"/api/tasks/{task_id}/labels", headers=headers, json=body)
+            assert r.status_code == 201, r.text
+    except Exception as e:  # reported by the test
+        errors.append(repr(e))
+
+
+@pytest.mark.parametrize("overlap", [1, 3])
+def test_concurrent_annotators_through_the_api_never_exceed_overlap(db_url, overlap):
+    """The routes' own paths (on PostgreSQL the single-statement claim in autocommit, with the
+    transactional path behind it), 8 annotators at once."""
+    n_users, n_items = 8, 30
+    db, client, tokens, task_id = _api_setup(db_url, n_users, n_items, overlap)
+    errors: list[str] = []
+    threads = [threading.Thread(target=_label_via_api, args=(client, tok, task_id, errors)) for tok in tokens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    with db.read_session() as s:
+        per_item = Counter(s.scalars(select(Label.item_id)))
+        from rlhfkit.feedback.models import Item
+
+        slots = dict(s.execute(select(Item.id, Item.slots_taken)).all())
+        open_left = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.completed.is_(False)))
+    db.dispose()
+    assert errors == []
+    assert len(per_item) == n_items and set(per_item.values()) == {overlap}
+    assert all(slots[i] == per_item[i] for i in slots) and open_left == 0
+
+
+def test_expired_and_reassigned_submit_is_refused_through_the_api(db_url):
+    db, client, (alice, bob), task_id = _api_setup(db_url, 2, 1, overlap=1)
+    a, b = ({"Authorization": f"Bearer {t}"} for t in (alice, bob))
+    item_id = client.get(f"/api/tasks/{task_id}/next", headers=a).json()["item_id"]
+    assert client.get(f"/api/tasks/{task_id}/next", headers=b).status_code == 204  # overlap 1: taken
+    with db.session() as s:  # alice walked away: her assignment expires
+        s.execute(update(Assignment).values(served_at=svc.utcnow() - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
+    assert client.get(f"/api/tasks/{task_id}/next", headers=b).json()["item_id"] == item_id
+    late = {"item_id": item_id, "value": {"choice": "left"}, "idempotency_key": uuid.uuid4().hex}
+    r = client.post(f"/api/tasks/{task_id}/labels", headers=a, json=late)
+    assert r.status_code == 409 and "expired" in r.json()["detail"], r.text
+    r = client.post(f"/api/tasks/{task_id}/labels", headers=b, json={**late, "idempotency_key": uuid.uuid4().hex})
+    assert r.status_code == 201, r.text
+    r = client.post(f"/api/tasks/{task_id}/labels", headers=b, json={**late, "idempotency_key": uuid.uuid4().hex})
+    assert r.status_code == 409 and "already labelled" in r.json()["detail"], r.text
+    client.close()
+    with db.read_session() as s:
+        assert [lab.user_id for lab in s.scalars(select(Label))] == [s.scalar(select(User.id).where(User.username == "u1"))]
+    db.dispose()

@@ -3,7 +3,9 @@ hardening items: security headers on errors, no-store pages, no echo in 422s, lo
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
@@ -25,6 +28,7 @@ from rlhfkit.feedback.testing import ServerThread
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
+FLOOD_ROUNDS, FLOOD_SAMPLES = 4, 6  # quiet and flooded turns, annotator /next+submit pairs in each
 FLOOD = """
 import signal, sys, threading, uuid, httpx
 stop = threading.Event(); seen = []
@@ -119,7 +123,7 @@ def test_login_flood_keeps_annotators_fast_and_memory_bounded(db, costly_hasher)
 
     headers = {"Authorization": f"Bearer {tokens['ann']}"}
 
-    def annotator_latencies(base, n=20):
+    def annotator_latencies(base, n):
         lat = []
         with httpx.Client(base_url=base, timeout=60, headers=headers) as c:
             for _ in range(n):
@@ -131,22 +135,44 @@ def test_login_flood_keeps_annotators_fast_and_memory_bounded(db, costly_hasher)
                 lat.append(time.perf_counter() - t0)
         return sorted(lat)
 
+    def wait_for(condition, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "the login flood did not stop or start"
+            time.sleep(0.02)
+
     with ServerThread(create_app(db, login_guard=guard)) as srv:
-        quiet = annotator_latencies(srv.url)
-        # the flood comes from another process, as it would: it must not share our GIL
+        # the flood comes from another process, as it would: it must not share our GIL. It is
+        # paused (SIGSTOP) and resumed in turns, so the quiet control and the flooded samples
+        # are interleaved and see the same load from other work on this shared machine
         flood = subprocess.Popen([sys.executable, "-c", FLOOD, srv.url], stdout=subprocess.PIPE, text=True)
-        time.sleep(1.0)
-        lat = annotator_latencies(srv.url)
-        flood.terminate()
-        statuses = [int(x) for x in flood.communicate(timeout=30)[0].split()]
+        quiet, lat = [], []
+        try:
+            time.sleep(1.0)
+            for _ in range(FLOOD_ROUNDS):
+                os.kill(flood.pid, signal.SIGSTOP)
+                wait_for(lambda: guard.queued == 0)  # the checks already queued finish: quiet
+                quiet += annotator_latencies(srv.url, FLOOD_SAMPLES)
+                os.kill(flood.pid, signal.SIGCONT)
+                wait_for(lambda: guard.queued >= guard.max_concurrent)  # the flood is back in
+                time.sleep(0.3)
+                lat += annotator_latencies(srv.url, FLOOD_SAMPLES)
+        finally:
+            os.kill(flood.pid, signal.SIGCONT)
+            flood.terminate()
+            statuses = [int(x) for x in flood.communicate(timeout=30)[0].split()]
     assert guard.peak_running == 1  # one 64 MiB Argon2 check at a time, whatever the flood
     assert statuses.count(401) > 0 and statuses.count(503) > 0 and set(statuses) <= {401, 503}
-    p95, quiet_p95 = lat[18], quiet[18]  # 19th of 20
+    quiet, lat = sorted(quiet), sorted(lat)
+    p95, quiet_p95 = (np.percentile(x, 95) for x in (lat, quiet))
     print(f"annotator /next+submit: quiet p95 {quiet_p95 * 1000:.0f} ms; under a login flood median "
-          f"{lat[10] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms; flood answers {len(statuses)} "
+          f"{statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms; flood answers {len(statuses)} "
           f"({statuses.count(503)} refused busy)")
-    # the bound: under a second, or (when other work slows this shared machine) 3x the quiet p95
-    assert p95 < max(1.0, 3 * quiet_p95), (quiet, lat)
+    # the bound: half a second, or 8x the p95 of the interleaved quiet control when other work
+    # slows this shared machine (both halves slow alike). Measured on 2 cores at load average
+    # 11-13: with one check at a time, flooded p95 208-375 ms against quiet 46-76 ms; with
+    # sixteen at once (no useful bound), 625-920 ms against quiet 35-77 ms, which fails here.
+    assert p95 < max(0.5, 8 * quiet_p95), (quiet, lat)
 
 
 def test_request_bodies_are_limited_and_never_echoed(db):

@@ -18,6 +18,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -29,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.errors import DataError
@@ -137,12 +138,51 @@ def require_admin(user: User) -> None:
         raise AuthError(403, "admin role required")
 
 
-def visible_task(s: Session, task_id: int, user: User) -> Task:
+def visible_task(s: Session, task_id: int, user: User, tasks: TaskCache | None = None) -> Task:
     """The task, or 404 when it does not exist or the user is not a member (no existence leak)."""
-    task = s.get(Task, task_id)
+    task = tasks.get(s, task_id) if tasks is not None else s.get(Task, task_id)
     if task is None or not svc.can_see_task(s, task, user):
         raise LookupError(f"task {task_id} does not exist")
     return task
+
+
+class TaskCache:
+    """Task settings by id, read once per process instead of on every /next and submit.
+
+    A task's settings do not change once it is created (no route or command edits them), so a
+    copy stays valid; `invalidate` drops one, for code that changes or deletes a task. Entries
+    are detached copies (in no session), shared read-only between request threads. Membership
+    of closed tasks is not cached: it is checked on each request.
+    """
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._tasks: OrderedDict[int, Task] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, s: Session, task_id: int) -> Task | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                self._tasks.move_to_end(task_id)
+                return task
+        row = s.execute(select(*Task.__table__.columns).where(Task.id == task_id)).first()
+        if row is None:
+            return None
+        task = Task(**row._mapping)
+        make_transient_to_detached(task)
+        with self._lock:
+            self._tasks[task_id] = task
+            while len(self._tasks) > self.size:
+                self._tasks.popitem(last=False)
+        return task
+
+    def invalidate(self, task_id: int | None = None) -> None:
+        with self._lock:
+            if task_id is None:
+                self._tasks.clear()
+            else:
+                self._tasks.pop(task_id, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +199,7 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
     db = Database(db) if isinstance(db, str) else db
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = db
+    app.state.tasks = TaskCache()
     app.state.login_guard = login_guard or LoginGuard()
     app.add_middleware(BodyLimit, limit=body_limit,
                        larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
@@ -193,6 +234,15 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
         # a safety net: the typed request models should have refused the value already
         return JSONResponse({"detail": "a value does not fit the database (out of range or not storable text)"},
                             status_code=422)
+
+    @app.exception_handler(sa_exc.DBAPIError)
+    async def _db_gone(request: Request, exc: sa_exc.DBAPIError):
+        # the database dropped a pooled connection (restarted, or the connection was killed):
+        # SQLAlchemy has invalidated the pool, so a retry gets a fresh connection
+        if exc.connection_invalidated:
+            return JSONResponse({"detail": "the database connection was lost; retry"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        raise exc
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, exc: AuthError):
@@ -351,12 +401,24 @@ def _api_routes(app, db, templates, rng, secure, auth):
             return [{"id": t.id, "name": t.name, "question_type": t.question_type, "overlap": t.overlap,
                      "progress": svc.progress(s, t, user)} for t in svc.visible_tasks(s, user)]
 
+    single_statement = db.backend == "postgresql"  # see service: single-statement paths
+
     @app.get("/api/tasks/{task_id}/next", dependencies=auth)
     def next_item(task_id: PathId, request: Request):
+        r, gold = rng(), None
+        if single_statement:
+            with db.lookup_session() as s:  # autocommit
+                user, _ = authenticate(request, s)
+                task = visible_task(s, task_id, user, app.state.tasks)
+                try:
+                    item, assignment = svc.next_assignment_autocommit(s, task, user, r)
+                    return item_payload(task, item, assignment.display_order)
+                except svc.NeedsTransaction as e:
+                    gold = e.gold
         with db.session() as s:
             user, _ = authenticate(request, s)
-            task = visible_task(s, task_id, user)
-            got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
+            task = visible_task(s, task_id, user, app.state.tasks)
+            got = svc.next_assignment(s, task, user, r, app.state.scorer, gold=gold)
             if got is None:
                 return Response(status_code=204)
             item, assignment = got
@@ -365,10 +427,22 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     @app.post("/api/tasks/{task_id}/labels", dependencies=auth)
     def submit(task_id: PathId, body: LabelBody, request: Request):
+        if single_statement:
+            with db.lookup_session() as s:  # autocommit: the label is durable once the statement returns
+                user, csrf = authenticate(request, s)
+                check_csrf(request, csrf)
+                task = visible_task(s, task_id, user, app.state.tasks)
+                try:
+                    label, replay = svc.submit_label_autocommit(s, task, user, body.item_id, body.value,
+                                                                body.idempotency_key)
+                    return JSONResponse({**label_payload(label), "replayed": replay},
+                                        status_code=200 if replay else 201)
+                except svc.NeedsTransaction:
+                    pass
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
-            task = visible_task(s, task_id, user)
+            task = visible_task(s, task_id, user, app.state.tasks)
             label, replay = svc.submit_label(s, task, user, body.item_id, body.value, body.idempotency_key,
                                              body.duration_ms)
             s.commit()  # durable before we acknowledge
@@ -686,7 +760,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
     def label_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
         with db.session() as s:
             user, csrf = authenticate(request, s)
-            task = visible_task(s, task_id, user)
+            task = visible_task(s, task_id, user, app.state.tasks)
             got = svc.next_assignment(s, task, user, rng(), app.state.scorer)
             prog = svc.progress(s, task, user)
             item = item_payload(task, got[0], got[1].display_order) if got else None
@@ -704,7 +778,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf, form.get("csrf_token"))
-            task = visible_task(s, task_id, user)
+            task = visible_task(s, task_id, user, app.state.tasks)
             try:
                 item_id = int(str(form.get("item_id", "")))
                 if not 1 <= item_id <= INT_MAX:

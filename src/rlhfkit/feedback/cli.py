@@ -7,6 +7,12 @@
     rlhfkit serve sample --db URL --task NAME --type ranking --policy PATH --prompts FILE [--num-samples 4]
     rlhfkit serve export --db URL --task NAME --kind preferences [--aggregate majority] --out FILE.jsonl|DIR [--hf]
     rlhfkit serve qc --db URL --task NAME
+    rlhfkit serve list-users --db URL
+    rlhfkit serve set-role --db URL --username NAME --role owner|admin|annotator
+    rlhfkit serve disable-user|enable-user --db URL --username NAME
+    rlhfkit serve create-token --db URL --username NAME [--name N] [--expires-days D]
+    rlhfkit serve list-tokens --db URL --username NAME
+    rlhfkit serve revoke-token --db URL --id ID
 
 --db takes a SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) or a file path
 (SQLite). The default is ./feedback.db. Every command applies pending migrations first.
@@ -23,13 +29,40 @@ from collections.abc import Sequence
 
 from rlhfkit.errors import RlhfkitError
 
-SUBCOMMANDS = ("run", "serve", "init-db", "create-user", "import", "sample", "export", "qc")
+SUBCOMMANDS = ("run", "serve", "init-db", "create-user", "import", "sample", "export", "qc", "list-users", "set-role",
+               "disable-user", "enable-user", "create-token", "list-tokens", "revoke-token")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (the command and what is wrong), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive 32-bit integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 36500:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 36500 days")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhfkit serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
+    p = _Parser(prog="rlhfkit serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
@@ -46,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
                              "the task's labels ('hashed'), or none (random)")
         sp.add_argument("--log-level", default="warning")
+        sp.add_argument("--pool-size", type=_positive_int, default=max(4, 2 * (os.cpu_count() or 2)),
+                        help="database connections, and so requests doing database work at once (default: twice "
+                             "the cores, at least 4; more concurrent transactions than that only contend for CPU "
+                             "and locks)")
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
@@ -89,6 +126,23 @@ def _parser() -> argparse.ArgumentParser:
                     help="all labels, or only those a reviewer accepted")
     sp = add("qc", "print the task's quality-control report as JSON")
     sp.add_argument("--task", required=True)
+    # team administration (each change is written to the audit log, actor "cli")
+    add("list-users", "list accounts: id, username, role, active")
+    sp = add("set-role", "change an account's role")
+    sp.add_argument("--username", required=True)
+    sp.add_argument("--role", required=True, choices=["annotator", "admin", "owner"])
+    for name, help_ in (("disable-user", "disable an account: it can no longer log in or use its tokens; its labels "
+                                         "stay"), ("enable-user", "enable a disabled account again")):
+        sp = add(name, help_)
+        sp.add_argument("--username", required=True)
+    sp = add("create-token", "issue an API token for an account and print it (shown once)")
+    sp.add_argument("--username", required=True)
+    sp.add_argument("--name", default="cli", help="a label for the token (up to 64 characters)")
+    sp.add_argument("--expires-days", type=_positive_float, default=None, help="days until it expires (default: never)")
+    sp = add("list-tokens", "list an account's API tokens: id, name, created, expires, state")
+    sp.add_argument("--username", required=True)
+    sp = add("revoke-token", "revoke an API token by id (see list-tokens)")
+    sp.add_argument("--id", dest="token_id", required=True, type=_positive_int)
     return p
 
 
@@ -128,7 +182,7 @@ def _run(args) -> int:
         from rlhfkit.feedback.online import OnlineScorer
 
         scorer = OnlineScorer()
-    app = create_app(Database(args.db), scorer=scorer, secure_cookies=args.secure_cookies)
+    app = create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer, secure_cookies=args.secure_cookies)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
@@ -237,8 +291,110 @@ def _qc(args) -> int:
     return 0
 
 
+def _named_user(s, username: str):
+    from rlhfkit.feedback import service as svc
+
+    user = svc.find_user(s, username)
+    if user is None:
+        raise LookupError(f"user {username!r} not found")
+    return user
+
+
+def _list_users(args) -> int:
+    from sqlalchemy import select
+
+    from rlhfkit.feedback.models import User
+
+    db = _db(args)
+    with db.read_session() as s:
+        for u in s.scalars(select(User).order_by(User.id)):
+            print(f"{u.id}\t{u.username}\t{u.role}\t{'active' if u.active else 'disabled'}")
+    return 0
+
+
+def _set_role(args) -> int:
+    from rlhfkit.feedback import service as svc
+
+    db = _db(args)
+    with db.session() as s:
+        user = _named_user(s, args.username)
+        old = user.role
+        svc.audit(s, None, "user.role", user.username, old=old, new=args.role, via="cli")
+        user.role = args.role
+    print(f"{args.username}: role {old} -> {args.role}")
+    return 0
+
+
+def _set_active(args) -> int:
+    from rlhfkit.feedback import service as svc
+
+    active = args.command == "enable-user"
+    db = _db(args)
+    with db.session() as s:
+        user = _named_user(s, args.username)
+        user.active = active
+        svc.audit(s, None, f"user.{'enable' if active else 'disable'}", user.username, via="cli")
+    print(f"{args.username}: {'enabled' if active else 'disabled (labels kept; login and tokens refused)'}")
+    return 0
+
+
+def _create_token(args) -> int:
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.schemas import name_problem
+    from rlhfkit.feedback.security import create_api_token
+
+    if len(args.name) > 64 or name_problem(args.name):
+        raise ValueError(f"--name: {name_problem(args.name) or 'at most 64 characters'}")
+    db = _db(args)
+    with db.session() as s:
+        user = _named_user(s, args.username)
+        if not user.active:
+            raise ValueError(f"user {args.username!r} is disabled; enable-user first")
+        svc.audit(s, None, "token.issue", user.username, name=args.name, expires_days=args.expires_days, via="cli")
+        secret = create_api_token(s, user, args.name, args.expires_days)
+    print(secret)  # alone on stdout, so scripts can capture it; shown once
+    return 0
+
+
+def _list_tokens(args) -> int:
+    from sqlalchemy import select
+
+    from rlhfkit.feedback.models import ApiToken, utcnow
+
+    db = _db(args)
+    with db.read_session() as s:
+        user = _named_user(s, args.username)
+        now = utcnow()
+        for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)):
+            state = "revoked" if t.revoked else "expired" if t.expires_at is not None and t.expires_at <= now \
+                else "active"
+            expires = "never" if t.expires_at is None else t.expires_at.isoformat(timespec="seconds") + "Z"
+            print(f"{t.id}\t{t.name}\t{t.created_at.isoformat(timespec='seconds')}Z\t{expires}\t{state}")
+    return 0
+
+
+def _revoke_token(args) -> int:
+    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback.models import ApiToken
+
+    db = _db(args)
+    with db.session() as s:
+        tok = s.get(ApiToken, args.token_id)
+        if tok is None:
+            raise LookupError(f"token {args.token_id} not found")
+        already = tok.revoked
+        tok.revoked = True
+        if not already:
+            svc.audit(s, None, "token.revoke", tok.user.username, token_id=tok.id, name=tok.name, via="cli")
+        owner = tok.user.username
+    print(f"token {args.token_id} of {owner}: {'already revoked' if already else 'revoked'}")
+    return 0
+
+
 HANDLERS = {"run": _run, "serve": _run, "init-db": _init_db, "create-user": _create_user, "import": _import,
-            "sample": _sample, "export": _export, "qc": _qc}
+            "sample": _sample, "export": _export, "qc": _qc, "list-users": _list_users, "set-role": _set_role,
+            "disable-user": _set_active, "enable-user": _set_active, "create-token": _create_token,
+            "list-tokens": _list_tokens, "revoke-token": _revoke_token}
 
 
 if __name__ == "__main__":

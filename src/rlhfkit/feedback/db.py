@@ -22,6 +22,7 @@ from rlhfkit.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_URL = "sqlite:///feedback.db"
+POOL_RECYCLE_S = 1800
 
 
 def normalise_url(url: str) -> str:
@@ -33,8 +34,10 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str = DEFAULT_URL, pool_size: int = 20) -> Engine:
-    """Create an engine for `url` (a SQLAlchemy URL or a path to a SQLite file)."""
+def make_engine(url: str = DEFAULT_URL, pool_size: int = 20, max_overflow: int | None = None) -> Engine:
+    """Create an engine for `url` (a SQLAlchemy URL or a path to a SQLite file) with a pool of
+    `pool_size` connections plus up to `max_overflow` (default: as many again) opened on demand."""
+    max_overflow = pool_size if max_overflow is None else max_overflow
     url = normalise_url(url)
     try:
         parsed = make_url(url)
@@ -46,11 +49,15 @@ def make_engine(url: str = DEFAULT_URL, pool_size: int = 20) -> Engine:
             raise ConfigError("an in-memory SQLite database cannot be shared between requests; give a file path")
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
-                               pool_size=pool_size, max_overflow=pool_size)
+                               pool_size=pool_size, max_overflow=max_overflow)
         _sqlite_pragmas(engine)
         return engine
     if backend == "postgresql":
-        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # No pool_pre_ping: it costs a round trip on every checkout (two per request). Pooled
+        # connections are renewed after POOL_RECYCLE_S instead, and a connection found dead
+        # (server restarted) makes SQLAlchemy invalidate the whole pool; the request that met
+        # it is answered 503 with Retry-After (app.py) and the next one reconnects.
+        return create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=POOL_RECYCLE_S)
     raise ConfigError(f"database URL {url!r}: only sqlite and postgresql are supported")
 
 
@@ -101,9 +108,9 @@ def current_revision(url: str) -> str | None:
 class Database:
     """An engine plus a session factory; `session()` commits on success, rolls back on error."""
 
-    def __init__(self, url: str = DEFAULT_URL, pool_size: int = 20):
+    def __init__(self, url: str = DEFAULT_URL, pool_size: int = 20, max_overflow: int | None = None):
         self.url = normalise_url(url)
-        self.engine = make_engine(self.url, pool_size=pool_size)
+        self.engine = make_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
         self.factory = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
         self.read_factory = sessionmaker(self.engine.execution_options(rlhfkit_readonly=True), expire_on_commit=False)

@@ -68,6 +68,12 @@ class LoginGuard:
         self.peak_running = 0  # observed, for tests and the benchmark
         self._running = 0
 
+    @property
+    def queued(self) -> int:
+        """Password checks running or waiting now."""
+        with self._lock:
+            return self._queued
+
     def _retry_after(self, limit: RateLimitItem, *keys: str) -> int:
         reset, _ = self.limiter.get_window_stats(limit, *keys)
         return int(reset - time.time()) + 1

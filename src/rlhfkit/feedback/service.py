@@ -27,9 +27,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    and_,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.models import (
@@ -313,10 +326,26 @@ def canonical_answer(task: Task, responses: Sequence[str], raw: Any, order: Sequ
 
 
 def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
-    return s.scalar(select(Assignment).where(Assignment.task_id == task.id, Assignment.user_id == user.id,
-                                             Assignment.completed.is_(False),
-                                             Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT)
-                    .order_by(Assignment.id).limit(1))
+    return s.scalar(select(Assignment).where(*_open_for(task, user)).order_by(Assignment.id).limit(1))
+
+
+def _open_for(task: Task, user: User) -> tuple:
+    return (Assignment.task_id == task.id, Assignment.user_id == user.id, Assignment.completed.is_(False),
+            Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT)
+
+
+def _expired_open(task: Task) -> tuple:
+    return (Assignment.task_id == task.id, Assignment.completed.is_(False), Assignment.released.is_(False),
+            Assignment.served_at <= utcnow() - ASSIGNMENT_TIMEOUT)
+
+
+def _open_and_expired(s: Session, task: Task, user: User) -> tuple[int | None, bool]:
+    """(id of the user's open assignment in `task` or None, whether any assignment of the task
+    has expired unanswered), in one statement: the start of every /next."""
+    mine = select(Assignment.id).where(*_open_for(task, user)).order_by(Assignment.id).limit(1)
+    expired = exists().where(*_expired_open(task))
+    row = s.execute(select(mine.scalar_subquery(), expired)).one()
+    return row[0], bool(row[1])
 
 
 def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
@@ -344,9 +373,8 @@ def release_expired(s: Session, task: Task) -> int:
     ix_assignments_expiry, at most RELEASE_BATCH of them.
     """
     cutoff = utcnow() - ASSIGNMENT_TIMEOUT
-    rows = s.execute(select(Assignment.id, Assignment.item_id).where(
-        Assignment.task_id == task.id, Assignment.completed.is_(False), Assignment.released.is_(False),
-        Assignment.served_at <= cutoff).order_by(Assignment.item_id).limit(RELEASE_BATCH)).all()
+    rows = s.execute(select(Assignment.id, Assignment.item_id).where(*_expired_open(task))
+                     .order_by(Assignment.item_id).limit(RELEASE_BATCH)).all()
     released = 0
     for aid, item_id in rows:
         done = s.execute(update(Assignment).where(
@@ -370,6 +398,20 @@ def take_slot(s: Session, task: Task, item_id: int, gold: bool) -> bool:
     return bool(done.rowcount)
 
 
+def _take_slot_returning(s: Session, task: Task, item_id: int, gold: bool, skip_locked: bool = False) -> Item | None:
+    """`take_slot` that also reads the item back (UPDATE ... RETURNING: one round trip for the
+    claim and the item to show). With `skip_locked` (PostgreSQL), an item another transaction
+    holds locked is skipped instead of waited for: lock-or-skip and take the slot in one
+    statement."""
+    target = Item.id == item_id
+    if skip_locked:
+        locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
+        target = Item.id == locked.scalar_subquery()
+    cond = target if gold else and_(target, Item.slots_taken < task.overlap)
+    return s.scalars(update(Item).where(cond).values(slots_taken=Item.slots_taken + 1).returning(Item)
+                     .execution_options(synchronize_session=False, populate_existing=True)).first()
+
+
 def candidate_query(task: Task, user: User, gold: bool, limit: int = 32):
     """The SELECT behind `candidate_ids` (separate so its plan can be checked)."""
     mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
@@ -391,19 +433,28 @@ def candidate_ids(s: Session, task: Task, user: User, gold: bool, limit: int = 3
 
 
 def next_assignment(s: Session, task: Task, user: User, rng: random.Random | None = None,
-                    scorer=None) -> tuple[Item, Assignment] | None:
-    """The item to show `user` next (and its display order), or None when nothing is left."""
+                    scorer=None, gold: bool | None = None) -> tuple[Item, Assignment] | None:
+    """The item to show `user` next (and its display order), or None when nothing is left.
+    `gold`: whether to serve a gold item (None: draw it with probability task.gold_rate).
+
+    The common path costs four statements: the user's open assignment and whether any expired
+    (one SELECT), the candidates, the claim (UPDATE ... RETURNING the item) and the INSERT of
+    the assignment.
+    """
     rng = rng or random.Random()
-    current = _open_assignment(s, task, user)
-    if current is not None:
+    current_id, expired = _open_and_expired(s, task, user)
+    if current_id is not None:
+        current = s.get(Assignment, current_id)
         return s.get(Item, current.item_id), current
-    if release_expired(s, task):
+    if expired and release_expired(s, task):
         s.commit()  # releases are committed on their own: no item locks held while claiming
-    item_id = None
-    if task.gold_rate > 0 and rng.random() < task.gold_rate:
+    item = None
+    if gold is None:  # drawn here unless the caller drew it already
+        gold = task.gold_rate > 0 and rng.random() < task.gold_rate
+    if gold:
         golds = candidate_ids(s, task, user, gold=True, limit=64)
-        item_id = rng.choice(golds) if golds else None
-    if item_id is None:
+        item = _take_slot_returning(s, task, rng.choice(golds), gold=True) if golds else None
+    if item is None:
         uncertain = task.selection == "uncertainty" and scorer is not None
         # candidates are read without locks; claiming one locks it and takes a slot only if one
         # is still free. When every candidate was taken meanwhile, read the candidates again.
@@ -412,18 +463,17 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
             if not pool:
                 break
             first = _choose(s, pool, task, rng, scorer)
-            item_id = _claim(s, task, user, [first] + [i for i in pool if i != first],
-                             wait=attempt == CLAIM_ROUNDS - 1)
-            if item_id is not None:
+            item = _claim(s, task, user, [first] + [i for i in pool if i != first],
+                          wait=attempt == CLAIM_ROUNDS - 1)
+            if item is not None:
                 break
-        if item_id is None:  # no real item is left: gold items (no overlap limit) keep coming
+        if item is None:  # no real item is left: gold items (no overlap limit) keep coming
             golds = candidate_ids(s, task, user, gold=True, limit=64)
             if not golds:
                 return None
-            item_id = rng.choice(golds)
-    item = s.get(Item, item_id)
-    if item.is_gold:  # real items took their slot in _claim
-        take_slot(s, task, item.id, gold=True)
+            item = _take_slot_returning(s, task, rng.choice(golds), gold=True)
+            if item is None:  # deleted meanwhile
+                return None
     order = list(range(len(item.responses)))
     if task.randomize_order:
         rng.shuffle(order)
@@ -438,7 +488,7 @@ def next_assignment(s: Session, task: Task, user: User, rng: random.Random | Non
     return item, assignment
 
 
-def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = False) -> int | None:
+def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = False) -> Item | None:
     """The first item of `ordered` whose row lock we get and that still has a free slot.
 
     Items locked by a concurrent /next are skipped, unless `wait` (the last round: wait for
@@ -446,14 +496,14 @@ def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = 
     """
     postgres = s.get_bind().dialect.name == "postgresql"
     for item_id in ordered:
-        if postgres and not wait:  # lock-or-skip and take the slot in one round trip
-            locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
-            done = s.execute(update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < task.overlap)
-                             .values(slots_taken=Item.slots_taken + 1).execution_options(synchronize_session=False))
-            if done.rowcount:
-                return item_id
-        elif lock_item(s, item_id, skip_locked=not wait) and take_slot(s, task, item_id, gold=False):
-            return item_id
+        if postgres and not wait:  # lock-or-skip, take the slot and read the item in one round trip
+            item = _take_slot_returning(s, task, item_id, gold=False, skip_locked=True)
+            if item is not None:
+                return item
+        elif lock_item(s, item_id, skip_locked=not wait):
+            item = _take_slot_returning(s, task, item_id, gold=False)
+            if item is not None:
+                return item
     return None
 
 
@@ -475,6 +525,45 @@ def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer)
 # labels
 
 
+_LABEL_BY_KEY, _LABEL_DONE = aliased(Label, name="label_by_key"), aliased(Label, name="label_done")
+
+
+def _submit_lookup(s: Session, task: Task, user: User, item_id: int,
+                   key: str) -> tuple[Item | None, Assignment | None, Label | None]:
+    """(item, the user's assignment of it, the label stored under `key` when this is a retry),
+    checked: a key used for another item, an item outside the task, an item not served to the
+    user or already labelled by them raise."""
+    if not isinstance(key, str) or not re.fullmatch(r"[!-~]{8,64}", key):
+        raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
+    # one statement reads the item, the user's assignment of it, a label already stored under
+    # this key (a retry), and whether the user already labelled the item
+    by_key, done = _LABEL_BY_KEY, _LABEL_DONE
+    row = s.execute(
+        select(Item, Assignment, by_key, done.id).select_from(Item)
+        .outerjoin(Assignment, and_(Assignment.item_id == Item.id, Assignment.user_id == user.id))
+        .outerjoin(by_key, and_(by_key.user_id == user.id, by_key.idempotency_key == key))
+        .outerjoin(done, and_(done.item_id == Item.id, done.user_id == user.id))
+        .where(Item.id == item_id)).first()
+    if row is None:  # no such item; a retry's key still wins (it names the item it was for)
+        existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
+        item = assignment = labelled = None
+    else:
+        item, assignment, existing, labelled = row
+    if existing is not None:
+        if existing.item_id != item_id:
+            raise Conflict("idempotency_key was already used for another item")
+        return item, assignment, existing
+    if item is None or item.task_id != task.id:
+        raise LookupError(f"item {item_id} is not in task {task.id}")
+    if assignment is None:
+        raise Conflict("this item was not served to you; ask for the next item first")
+    # an open assignment has no label (both change in one transaction; a concurrent duplicate
+    # hits uq_label_item_user below)
+    if labelled is not None:
+        raise Conflict("you already labelled this item")
+    return item, assignment, None
+
+
 def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key: str,
                  duration_ms: int | None = None) -> tuple[Label, bool]:
     """Store one answer exactly once. Returns (label, replayed).
@@ -485,24 +574,9 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     A retry with the same idempotency key returns the stored label (replayed=True) without
     writing; a different key for an item the user already labelled is a Conflict.
     """
-    if not isinstance(key, str) or not re.fullmatch(r"[!-~]{8,64}", key):
-        raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
-    existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
+    item, assignment, existing = _submit_lookup(s, task, user, item_id, key)
     if existing is not None:
-        if existing.item_id != item_id:
-            raise Conflict("idempotency_key was already used for another item")
         return existing, True
-    item = s.get(Item, item_id)
-    if item is None or item.task_id != task.id:
-        raise LookupError(f"item {item_id} is not in task {task.id}")
-    assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
-    if assignment is None:
-        raise Conflict("this item was not served to you; ask for the next item first")
-    # an open assignment has no label (both change in one transaction; a concurrent duplicate
-    # hits uq_label_item_user below)
-    if assignment.completed and s.scalar(select(Label.id).where(Label.item_id == item_id,
-                                                                Label.user_id == user.id)) is not None:
-        raise Conflict("you already labelled this item")
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
     if not assignment.completed:
         _complete(s, task, item, assignment)
@@ -599,3 +673,104 @@ def progress(s: Session, task: Task, user: User | None = None) -> dict:
         out["mine"] = s.scalar(select(func.count()).select_from(Label).where(
             and_(Label.task_id == task.id, Label.user_id == user.id))) or 0
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# single-statement paths (PostgreSQL, autocommit)
+#
+# On PostgreSQL every statement is a round trip to another process, and a transaction adds two
+# (BEGIN, COMMIT). The common /next and submit are therefore also written as a few statements
+# that are each atomic on their own, run in autocommit: /next reads its state in one SELECT and
+# claims an item and records the assignment in one statement (UPDATE ... RETURNING inside a
+# WITH, feeding the INSERT); submit marks the assignment answered and inserts the label in one
+# statement. Whatever they do not cover (an open or expired assignment, gold items, uncertainty
+# selection, a contended or finished task, an expired submit, a concurrent duplicate) raises
+# NeedsTransaction before anything is written, and the caller runs the transactional path above.
+
+
+class NeedsTransaction(Exception):
+    """The single-statement path does not cover this request; run the transactional one.
+    `gold` carries the gold-item draw already made (so the random stream is drawn once)."""
+
+    def __init__(self, reason: str, gold: bool | None = None):
+        super().__init__(reason)
+        self.gold = gold
+
+
+def _fast_state_query(task: Task, user: User, limit: int = 32):
+    cand = candidate_query(task, user, gold=False, limit=limit).add_columns(
+        Item.slots_taken, func.json_array_length(Item.responses).label("k")).subquery("cand")
+    mine = select(Assignment.id).where(*_open_for(task, user)).order_by(Assignment.id).limit(1)
+    probe = select(mine.scalar_subquery().label("open_id"),
+                   exists().where(*_expired_open(task)).label("expired")).subquery("probe")
+    return (select(probe.c.open_id, probe.c.expired, cand.c.id, cand.c.k)
+            .select_from(probe.outerjoin(cand, true()))
+            .order_by(cand.c.slots_taken.desc(), cand.c.id))
+
+
+def next_assignment_autocommit(s: Session, task: Task, user: User,
+                               rng: random.Random) -> tuple[Item, Assignment] | None:
+    """`next_assignment` for the common case on PostgreSQL in autocommit: two statements."""
+    gold = task.gold_rate > 0 and rng.random() < task.gold_rate
+    if gold or task.selection != "random":
+        raise NeedsTransaction("gold item or uncertainty selection", gold)
+    rows = s.execute(_fast_state_query(task, user)).all()
+    if rows[0].open_id is not None or rows[0].expired or rows[0].id is None:
+        raise NeedsTransaction("open or expired assignment, or no candidate left", gold)
+    sizes = {r.id: r.k for r in rows}
+    pool = [r.id for r in rows]
+    first = rng.choice(pool)
+    for item_id in [first] + [i for i in pool if i != first]:
+        order = list(range(sizes[item_id]))
+        if task.randomize_order:
+            rng.shuffle(order)
+        now = utcnow()
+        locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
+        claimed = (update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < task.overlap)
+                   .values(slots_taken=Item.slots_taken + 1).returning(Item.id).cte("claimed"))
+        added = (insert(Assignment).from_select(
+            ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released"],
+            select(claimed.c.id, literal(user.id), literal(task.id), literal(order, JSON), literal(now, DateTime),
+                   false(), false()))
+            .returning(Assignment.id, Assignment.item_id).cte("added"))
+        try:
+            got = s.execute(select(Item, added.c.id).join(added, added.c.item_id == Item.id)).first()
+        except IntegrityError:  # the same user asked twice at once: the statement took nothing
+            s.rollback()
+            raise NeedsTransaction("concurrent /next of the same user", gold) from None
+        if got is not None:
+            item, assignment_id = got
+            assignment = Assignment(id=assignment_id, item_id=item.id, user_id=user.id, task_id=task.id,
+                                    display_order=order, served_at=now, completed=False, released=False)
+            return item, assignment
+    raise NeedsTransaction("every candidate was locked or full", gold)
+
+
+def submit_label_autocommit(s: Session, task: Task, user: User, item_id: int, raw: Any,
+                            key: str) -> tuple[Label, bool]:
+    """`submit_label` on PostgreSQL in autocommit: two statements for a new label (the lookup,
+    then the assignment UPDATE and label INSERT as one statement), one for a replay."""
+    item, assignment, existing = _submit_lookup(s, task, user, item_id, key)
+    if existing is not None:
+        return existing, True
+    value = canonical_answer(task, item.responses, raw, assignment.display_order)
+    if assignment.completed or assignment.released:
+        raise NeedsTransaction("the assignment expired (its slot must be taken again)")
+    now = utcnow()
+    fields = {"item_id": item_id, "user_id": user.id, "task_id": task.id, "idempotency_key": key, "value": value,
+              "display_order": list(assignment.display_order),
+              "duration_ms": int((now - assignment.served_at).total_seconds() * 1000), "created_at": now,
+              "version": 1, "review_status": "pending"}
+    done = (update(Assignment).where(Assignment.id == assignment.id, Assignment.completed.is_(False),
+                                     Assignment.released.is_(False))
+            .values(completed=True).returning(Assignment.id).cte("done"))
+    types = {"value": JSON, "display_order": JSON, "created_at": DateTime}
+    row = select(*[literal(v, types.get(k)) for k, v in fields.items()]).select_from(done)
+    try:
+        label_id = s.scalar(insert(Label).from_select(list(fields), row).returning(Label.id))
+    except IntegrityError:  # a concurrent retry of the same submission won the race
+        s.rollback()
+        raise NeedsTransaction("concurrent submit of the same label") from None
+    if label_id is None:  # expired and released meanwhile, or answered by a concurrent request
+        raise NeedsTransaction("the assignment changed meanwhile")
+    return Label(id=label_id, reviewed_by=None, reviewed_at=None, review_reason=None, **fields), False
