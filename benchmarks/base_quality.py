@@ -12,6 +12,8 @@ and no repetition beyond the allowances. Reported:
   per prompt;
 * `failures`: share of responses with each defect (a non-word, repetition over the allowance,
   fewer than two words), which may overlap;
+* `unknown_token_share`: share of sampled tokens that are the tokenizer's `<|unk|>` (decoded to
+  nothing, so a word missing from the text);
 * `mean_q` and `mean_sentiment` (mean over raters of c_r, the panel's sentiment term);
 * held-out perplexity of the base on the eval corpus split, per token of its own tokenizer and
   per word (total NLL over whitespace-separated words), so tokenizers of different granularity
@@ -44,16 +46,31 @@ def q1_share(quality: np.ndarray, groups: int, n_boot: int = N_BOOT, seed: int =
 
 
 def word_perplexity(model, tok, lines: list[str]) -> dict:
-    """Held-out perplexity per token and per whitespace-separated word of `lines`."""
+    """Held-out perplexity of a base on `lines`, per token of its tokenizer and per word.
+
+    Per word is exp(total NLL / whitespace-separated words): the same denominator whatever the
+    tokenizer. A word-level tokenizer predicts an out-of-vocabulary word as one `<|unk|>` and
+    never spells it, so on all lines its per-word figure is a lower bound; `in_vocabulary`
+    scores only the lines whose every word is in the bundled tokenizer's vocabulary, where any
+    two bases predict exactly the same text (the comparable figure)."""
     import math
 
     from rlhfkit.eval.metrics import perplexity
+    from rlhfkit.models import load_tokenizer
 
-    ppl = perplexity(model, tok, lines, batch_size=64)
-    words = sum(len(line.split()) for line in lines)
-    total = ppl["nll"] * ppl["tokens"]
-    return {"per_token": round(ppl["perplexity"], 2), "per_word": round(math.exp(total / words), 2),
-            "tokens": ppl["tokens"], "words": words, "tokens_per_word": round(ppl["tokens"] / words, 3)}
+    def score(subset: list[str]) -> dict:
+        ppl = perplexity(model, tok, subset, batch_size=64)
+        words = sum(len(line.split()) for line in subset)
+        total = ppl["nll"] * ppl["tokens"]
+        return {"per_token": round(ppl["perplexity"], 2), "per_word": round(math.exp(total / words), 2),
+                "lines": len(subset), "tokens": ppl["tokens"], "words": words,
+                "tokens_per_word": round(ppl["tokens"] / words, 3)}
+
+    bundled = load_tokenizer("kindly:tokenizer")
+    unk = bundled.unk_token_id
+    ids = bundled(lines, add_special_tokens=False)["input_ids"]
+    known = [line for line, x in zip(lines, ids) if unk is None or unk not in x]
+    return {**score(lines), "in_vocabulary": score(known)}
 
 
 def sample_quality(policy_path, prompts: list[str], samples: int = SAMPLES, seed: int = SEED) -> dict:
@@ -84,6 +101,9 @@ def sample_quality(policy_path, prompts: list[str], samples: int = SAMPLES, seed
                      "repetition": round(float(np.mean([p["repetition"] > 0 for p in parts])), 4),
                      "under_two_words": round(float(np.mean([p["length"] < 1 for p in parts])), 4)},
         "ended_with_eos": round(float(roll.ended_with_eos.float().mean()), 4),
+        # <|unk|> decodes to nothing: a response token that is unknown is a missing word
+        "unknown_token_share": (None if tok.unk_token_id is None else round(float(
+            ((roll.response_ids == tok.unk_token_id) & roll.response_mask.bool()).sum() / roll.response_mask.sum()), 4)),
         "mean_response_words": round(float(np.mean([len(r.split()) for r in roll.responses])), 2),
         "examples": [{"prompt": p, "response": r, "q": round(float(x), 3)}
                      for p, r, x in list(zip(roll.prompts, roll.responses, q))[: 8 * samples: samples]],

@@ -6,7 +6,7 @@ user would have them in a folder: model + tokenizer with that family's special-t
 * llama: BOS <s>-style (the bundled <|endoftext|>), distinct pad;
 * mistral: like llama, sliding-window attention config;
 * gemma: like llama, with embeddings scaled by sqrt(hidden), GeGLU MLP and an explicit head_dim.
-The tokenizer is the bundled byte-level BPE with the family's special tokens added.
+The tokenizer is the bundled word-level one with the family's special tokens added.
 """
 
 from __future__ import annotations

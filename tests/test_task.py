@@ -127,6 +127,23 @@ def test_tokenizer_cannot_spell_a_non_word():
         assert panel.degeneracy(text)["nonword"] == 0, text
 
 
+def test_unknown_words_are_never_a_training_target():
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.recipes.pretrain import make_blocks
+    from rlhfkit.recipes.sft import load_sft_examples
+
+    tok = load_tokenizer("kindly:tokenizer")
+    unk = tok.unk_token_id
+    lines = ["the zqxjv was kind", "a kind word"] * 8
+    blocks = make_blocks(lines, tok, 8)
+    assert any(unk in b["input_ids"] for b in blocks)
+    for b in blocks:
+        assert [-100 if t == unk else t for t in b["input_ids"]] == b["labels"]
+    examples, _ = load_sft_examples("kindly", tok, max_length=64, split="eval")
+    assert any(unk in ex["input_ids"] for ex in examples)
+    assert all(unk not in ex["labels"] for ex in examples)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="tokenizers missing")
 def test_tokenizer_training_is_deterministic(tmp_path):
     train_tokenizer = _script("train_tokenizer")
