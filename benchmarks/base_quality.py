@@ -49,10 +49,11 @@ def word_perplexity(model, tok, lines: list[str]) -> dict:
     """Held-out perplexity of a base on `lines`, per token of its tokenizer and per word.
 
     Per word is exp(total NLL / whitespace-separated words): the same denominator whatever the
-    tokenizer. A word-level tokenizer predicts an out-of-vocabulary word as one `<|unk|>` and
-    never spells it, so on all lines its per-word figure is a lower bound; `in_vocabulary`
-    scores only the lines whose every word is in the bundled tokenizer's vocabulary, where any
-    two bases predict exactly the same text (the comparable figure)."""
+    tokenizer. On all lines a word-level base predicts each out-of-vocabulary word as one
+    `<|unk|>` (a token it is never trained to predict) instead of spelling it, so the two bases
+    do not predict the same text there; `in_vocabulary` scores only the lines whose every word
+    is in the bundled tokenizer's vocabulary, where any two bases predict exactly the same text
+    (the comparable figure)."""
     import math
 
     from rlhfkit.eval.metrics import perplexity
