@@ -8,8 +8,7 @@
    training split and exports it (weights, tokenizer, pretrain_results.json) to
    src/rlhfkit/tasks/kindly/base/.
 
-Both steps are seeded; the tokenizer is byte-identical on every run, the weights are identical
-for the same torch build and thread count.
+Both steps are seeded; the tokenizer is byte-identical on every run (tests/test_task.py).
 """
 
 from __future__ import annotations
