@@ -17,6 +17,15 @@ import pytest  # noqa: E402
 _PG_REASON: dict[str, str | None] = {}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """A test that raises torch's thread count (the demo uses 2) must not leak it into the tests that
+    follow in the same worker: GRPO's exact first-step checks depend on the matmul partitioning."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
     """A feedback-service database URL: a fresh SQLite file, or a temporary PostgreSQL database."""
