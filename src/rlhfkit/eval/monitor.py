@@ -184,3 +184,20 @@ def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[A
                gold_reward_reference=out["eval_reward_reference"], proxy_reward=out["reward"],
                proxy_reward_reference=out["reward_reference"])
     return out
+
+
+def final_check(name: str, cfg: Any, acc, policy, reference, tokenizer, eval_reward, train_reward,
+                ref_ctx: Callable[[], Any] | None, sharded: bool) -> dict[str, float] | None:
+    """The end-of-run held-out check of an on-policy recipe (None without an eval reward or prompts):
+    :func:`evaluate_against_reference` on `cfg.eval_prompts` ("auto": the eval split of the training
+    prompts), printed. A sharded policy's forwards are collectives, so every process then runs it."""
+    from rlhfkit.rollout.prompts import default_eval_source, load_prompt_set
+
+    source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
+    if eval_reward is None or not source or not (acc.is_main_process or sharded):
+        return None
+    held_out = load_prompt_set(source, "eval", limit=cfg.num_eval_prompts)
+    out = evaluate_against_reference(policy, reference, tokenizer, held_out.prompts, held_out.columns, eval_reward,
+                                     train_reward, cfg, ref_ctx)
+    acc.print(f"{name}: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out

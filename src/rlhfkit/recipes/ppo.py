@@ -55,7 +55,6 @@ from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
-    default_eval_source,
     load_prompt_set,
     prompts_for_step,
     render_prompt,
@@ -350,13 +349,9 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         save_model(unwrap(policy), tok, out / "final", state_dict=p_state)
         save_model(unwrap(critic).model, tok, out / "value",
                    state_dict=None if v_state is None else {k.removeprefix("model."): v for k, v in v_state.items()})
-    eval_source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
-    # a sharded policy's forwards are collectives: every process then runs the same evaluation
-    if eval_reward is not None and eval_source and (acc.is_main_process or sharded):
-        held_out = load_prompt_set(eval_source, "eval", limit=cfg.num_eval_prompts)
-        result["eval"] = monitor.evaluate_against_reference(policy, ref_fwd, tok, held_out.prompts,
-                                                            held_out.columns, eval_reward, rewards, cfg, ref_ctx)
-        acc.print("ppo: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in result["eval"].items()))
+    held_out = monitor.final_check("ppo", cfg, acc, policy, ref_fwd, tok, eval_reward, rewards, ref_ctx, sharded)
+    if held_out is not None:
+        result["eval"] = held_out
     if acc.is_main_process:
         atomic_write_json(out / "final_metrics.json", result)
     acc.wait_for_everyone()
