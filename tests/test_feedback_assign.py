@@ -46,16 +46,22 @@ def label_until_done(db, user_id, task_id, errors):
         errors.append(repr(e))
 
 
-@pytest.mark.parametrize("overlap", [1, 2])
-def test_concurrent_annotators_never_exceed_overlap(db_url, overlap):
-    n_users, n_items = 8, 40
-    db, users, task_id = setup(db_url, n_users, n_items, overlap)
+def run_concurrently(target, arg_tuples) -> list[str]:
+    """One thread per argument tuple, each `target(*args, errors)`, all at once; the errors they report."""
     errors: list[str] = []
-    threads = [threading.Thread(target=label_until_done, args=(db, u, task_id, errors)) for u in users]
+    threads = [threading.Thread(target=target, args=(*args, errors)) for args in arg_tuples]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+@pytest.mark.parametrize("overlap", [1, 2])
+def test_concurrent_annotators_never_exceed_overlap(db_url, overlap):
+    n_users, n_items = 8, 40
+    db, users, task_id = setup(db_url, n_users, n_items, overlap)
+    errors = run_concurrently(label_until_done, [(db, u, task_id) for u in users])
     assert errors == []
     with db.read_session() as s:
         per_item = Counter(s.scalars(select(Label.item_id)))
@@ -194,12 +200,7 @@ def test_concurrent_annotators_through_the_api_never_exceed_overlap(db_url, over
     transactional path behind it), 8 annotators at once."""
     n_users, n_items = 8, 30
     db, client, tokens, task_id = _api_setup(db_url, n_users, n_items, overlap)
-    errors: list[str] = []
-    threads = [threading.Thread(target=_label_via_api, args=(client, tok, task_id, errors)) for tok in tokens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(_label_via_api, [(client, tok, task_id) for tok in tokens])
     client.close()
     with db.read_session() as s:
         per_item = Counter(s.scalars(select(Label.item_id)))
