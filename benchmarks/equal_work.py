@@ -66,11 +66,6 @@ def shared_sampling_noise(model, seed_of_call: Callable[[int], int]) -> None:
     model.generate = generate
 
 
-def rlhfkit_rollout_seed(seed: int, step: int, process_index: int = 0) -> int:
-    """The seed rlhfkit's PPO and GRPO recipes give the rollout of update `step` (0-based)."""
-    return seed * 1_000_003 + step * 7919 + process_index
-
-
 def warm_start(policy, tokenizer, steps: int = 120, batch: int = 32, lr: float = 2e-3, seed: int = 0) -> dict:
     """A short SFT of `policy` on the bundled task's continuations (in place); returns its metrics."""
     import tempfile

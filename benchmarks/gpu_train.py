@@ -215,10 +215,10 @@ def grpo_trl(policy: str, rm: str, prompts: list[str], steps: int) -> dict:
 
     from benchmarks.equal_work import (
         rlhfkit_reward_encoding,
-        rlhfkit_rollout_seed,
         shared_sampling_noise,
     )
     from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.prompts import rollout_seed
 
     with tempfile.TemporaryDirectory() as d:
         _sync()
@@ -235,7 +235,7 @@ def grpo_trl(policy: str, rm: str, prompts: list[str], steps: int) -> dict:
                           use_cpu=not _cuda(), bf16=_cuda(), seed=0, dataloader_num_workers=0, disable_tqdm=True,
                           shuffle_dataset=False)
         model = AutoModelForCausalLM.from_pretrained(policy)
-        shared_sampling_noise(model, lambda i: rlhfkit_rollout_seed(0, i))
+        shared_sampling_noise(model, lambda i: rollout_seed(0, i))
         trainer = GRPOTrainer(model=model, reward_funcs=AutoModelForSequenceClassification.from_pretrained(rm),
                               args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
                               reward_processing_classes=rlhfkit_reward_encoding(load_tokenizer(rm), prompts, bos))

@@ -96,10 +96,10 @@ def side_trl(root: Path, steps: int) -> dict:
 
     from benchmarks.equal_work import (
         rlhfkit_reward_encoding,
-        rlhfkit_rollout_seed,
         shared_sampling_noise,
     )
     from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.prompts import rollout_seed
 
     t0, c0 = time.perf_counter(), time.process_time()  # from the saved folders, as rlhfkit's side
     tok = load_tokenizer(str(root / "policy"), padding_side="left")
@@ -115,7 +115,7 @@ def side_trl(root: Path, steps: int) -> dict:
                       dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False)
     rm_tok = rlhfkit_reward_encoding(load_tokenizer(str(root / "rm")), prompts, bos)
     policy = AutoModelForCausalLM.from_pretrained(root / "policy")
-    shared_sampling_noise(policy, lambda i: rlhfkit_rollout_seed(SEED, i))
+    shared_sampling_noise(policy, lambda i: rollout_seed(SEED, i))
     trainer = GRPOTrainer(model=policy,
                           reward_funcs=AutoModelForSequenceClassification.from_pretrained(root / "rm"),
                           args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,

@@ -107,12 +107,12 @@ def side_trl(root: Path, n_updates: int) -> dict:
 
     from benchmarks.equal_work import (
         rlhfkit_ppo_reward,
-        rlhfkit_rollout_seed,
         sequential_dataloader,
         shared_sampling_noise,
     )
     from rlhfkit.data.collate import encode_prompt
     from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.prompts import rollout_seed
 
     t0, c0 = time.perf_counter(), time.process_time()  # from the saved folders, as rlhfkit's side
     tok = load_tokenizer("kindly:tokenizer", padding_side="left")
@@ -131,7 +131,7 @@ def side_trl(root: Path, n_updates: int) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(root / "policy")
     rm = AutoModelForSequenceClassification.from_pretrained(root / "rm")
     vm = AutoModelForSequenceClassification.from_pretrained(root / "value")
-    shared_sampling_noise(policy, lambda i: rlhfkit_rollout_seed(SEED, i))
+    shared_sampling_noise(policy, lambda i: rollout_seed(SEED, i))
     trl_ppo.get_reward = rlhfkit_ppo_reward(trl_ppo.get_reward, rm, tok, {tuple(i): p for i, p in zip(ids, prompts)})
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          train_dataset=ds, value_model=vm)

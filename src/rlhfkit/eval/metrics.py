@@ -22,12 +22,19 @@ import numpy as np
 
 
 def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
-                 seed: int = 0, statistic: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                 seed: int = 0, statistic: Callable[[np.ndarray], np.ndarray] | None = None,
+                 clusters: Sequence[int] | np.ndarray | None = None) -> dict:
     """Mean of `values` with a percentile bootstrap confidence interval.
 
     Returns ``{"mean", "lo", "hi", "n"}``. `statistic` maps a (n_boot, n) array of resamples
     to n_boot statistics (default: the row mean). With one value the interval is that value.
+    With `clusters` (e.g. the prompt of each of several samples) whole clusters are resampled
+    (:func:`cluster_bootstrap_ci`; the mean only).
     """
+    if clusters is not None:
+        if statistic is not None:
+            raise ValueError("bootstrap_ci: a custom statistic cannot be combined with clusters")
+        return cluster_bootstrap_ci(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("bootstrap_ci needs at least one value")
@@ -93,10 +100,7 @@ def win_rate(labels: Sequence[float], n_boot: int = 1000, confidence: float = 0.
     bad = ~np.isin(y, (0.0, 0.5, 1.0))
     if bad.any():
         raise ValueError(f"win_rate labels must be 0, 0.5 or 1; item {int(np.argmax(bad))} is {y[bad][0]}")
-    if clusters is not None:
-        out = cluster_bootstrap_ci(y, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
-    else:
-        out = bootstrap_ci(y, n_boot=n_boot, confidence=confidence, seed=seed)
+    out = bootstrap_ci(y, n_boot=n_boot, confidence=confidence, seed=seed, clusters=clusters)
     out.update(wins=int((y == 1).sum()), ties=int((y == 0.5).sum()), losses=int((y == 0).sum()))
     return out
 
@@ -404,18 +408,12 @@ def gold_gain_split(sentiment: np.ndarray, sentiment_ref: np.ndarray, quality: n
     d_qual = ((c + 1) + (c0 + 1)) / 2 * (q - q0)
     total = d_sent + d_qual
 
-    def share(a: np.ndarray) -> np.ndarray:  # a: (..., 2n) = sentiment terms then totals
-        n = a.shape[-1] // 2
-        den = a[..., n:].sum(-1)
-        return np.where(den != 0, a[..., :n].sum(-1) / np.where(den != 0, den, 1.0), np.nan)
-
     ids = np.arange(c.size) if clusters is None else np.unique(np.asarray(clusters).ravel(), return_inverse=True)[1]
     sent_sums, total_sums = np.bincount(ids, weights=d_sent), np.bincount(ids, weights=total)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, sent_sums.size, size=(n_boot, sent_sums.size))
-    shares = share(np.concatenate([sent_sums[idx], total_sums[idx]], axis=-1))
-    shares = shares[np.isfinite(shares)]
-    point = float(share(np.concatenate([d_sent, total])[None, :])[0])
+    pick = np.random.default_rng(seed).integers(0, sent_sums.size, size=(n_boot, sent_sums.size))
+    num, den = sent_sums[pick].sum(1), total_sums[pick].sum(1)
+    shares = num[den != 0] / den[den != 0]  # the sentiment term's share of each resample's gain
+    point = float(d_sent.sum() / total.sum()) if total.sum() != 0 else float("nan")
 
     def ci(x: np.ndarray) -> dict:
         return cluster_bootstrap_ci(x, ids, n_boot=n_boot, seed=seed)

@@ -215,8 +215,7 @@ def text_metrics(prompts: Sequence[str], responses: Sequence[str], ref_responses
         "gold_reference": M.bootstrap_ci(gold_ref, n_boot=n_boot, seed=seed),
         "win_rate": M.win_rate(labels, n_boot=n_boot, seed=seed, clusters=clusters),
         # paired: the same prompts (and sample slots) for both, so the difference's interval is tight
-        "gold_difference": (M.cluster_bootstrap_ci(gold - gold_ref, clusters, n_boot=n_boot, seed=seed)
-                            if clusters is not None else M.bootstrap_ci(gold - gold_ref, n_boot=n_boot, seed=seed)),
+        "gold_difference": M.bootstrap_ci(gold - gold_ref, n_boot=n_boot, seed=seed, clusters=clusters),
         "lc_win_rate": M.length_controlled_win_rate(labels, len_pol, len_ref, n_boot=min(n_boot, 200), seed=seed),
         "mean_length": float(np.mean(len_pol)),
         "mean_length_reference": float(np.mean(len_ref)),
@@ -272,8 +271,7 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer
     lp = M.response_logprobs(policy, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
     lr = M.response_logprobs(reference, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
     kl = M.kl_from_logprobs(lp, lr, pol.response_mask)
-    out["kl"] = (M.cluster_bootstrap_ci(kl["per_response"], clusters, n_boot=n_boot, seed=seed)
-                 if clusters is not None else M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed))
+    out["kl"] = M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed, clusters=clusters)
     out["ended_with_eos"] = float(pol.ended_with_eos.float().mean())
     for row, k in zip(rows, kl["per_response"]):
         row["kl"] = float(k)

@@ -66,6 +66,7 @@ from rlhfkit.rollout.prompts import (
     load_prompt_set,
     prompts_for_step,
     render_prompt,
+    rollout_seed,
     rows_of,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
@@ -147,7 +148,7 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     # 2. rollout: G responses per prompt, prompt-major rows
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
-                  seed=cfg.seed * 1_000_003 + step * 7919 + acc.process_index, max_prompt_length=cfg.max_prompt_length)
+                  seed=rollout_seed(cfg.seed, step, acc.process_index), max_prompt_length=cfg.max_prompt_length)
     row_prompts, columns = rows_of(prompts, roll.prompt_index)
     completions = as_completions(row_prompts, roll.responses)
     # 3. score every reward; a failing reward stops the run here, before any update

@@ -58,6 +58,7 @@ from rlhfkit.rollout.prompts import (
     load_prompt_set,
     prompts_for_step,
     render_prompt,
+    rollout_seed,
 )
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
@@ -147,7 +148,7 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     # 2. rollout: one response per prompt
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
-                  seed=cfg.seed * 1_000_003 + step * 7919 + acc.process_index, max_prompt_length=cfg.max_prompt_length)
+                  seed=rollout_seed(cfg.seed, step, acc.process_index), max_prompt_length=cfg.max_prompt_length)
     # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
     completions = as_completions(prompts.prompts, roll.responses)
     scored = rewards.score(prompts.prompts, completions, **prompts.columns)

@@ -141,6 +141,12 @@ def prompts_for_step(n_prompts: int, step: int, per_process: int, seed: int, num
     return chunk[process_index * per_process:(process_index + 1) * per_process]
 
 
+def rollout_seed(seed: int, step: int, process_index: int = 0) -> int:
+    """The sampling seed of update `step`'s rollout on process `process_index`: a pure function of
+    (seed, step, process), so a resumed run samples what an uninterrupted one would have."""
+    return seed * 1_000_003 + step * 7919 + process_index
+
+
 def rows_of(prompt_set: PromptSet, prompt_index: Any) -> tuple[list[Any], dict[str, list]]:
     """(prompts, columns) repeated for each rollout row (`Rollout.prompt_index`), for scoring."""
     rows = [int(i) for i in prompt_index]
