@@ -94,7 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out is not None and existed is not None:
             discard_unfinished_run(out, existed)
         raise
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """End a multi-process launch with every process leaving the group together: a process that exits
+    while another still has gloo traffic with it can abort the other at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
