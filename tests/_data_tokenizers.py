@@ -1,4 +1,4 @@
-"""Tokenizers for the data-layer tests: the bundled byte-level BPE and a tiny one trained here."""
+"""Tokenizers for the data-layer tests: the bundled word-level one and a tiny byte-level BPE trained here."""
 
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ user would have them in a folder: model + tokenizer with that family's special-t
 * llama: BOS <s>-style (the bundled <|endoftext|>), distinct pad;
 * mistral: like llama, sliding-window attention config;
 * gemma: like llama, with embeddings scaled by sqrt(hidden), GeGLU MLP and an explicit head_dim.
-The tokenizer is the bundled byte-level BPE with the family's special tokens added.
+The tokenizer is the bundled word-level one with the family's special tokens added; qwen2's is a
+byte-level BPE trained here on the bundled corpus (transformers loads a qwen2 folder's tokenizer
+as Qwen2Tokenizer, which rebuilds a byte-level BPE pipeline and would drop a word-level one).
 """
 
 from __future__ import annotations
@@ -22,12 +24,29 @@ CHATML = (
 )
 
 
+def byte_level_bpe(vocab_size: int = 1024):
+    """A byte-level BPE (GPT-2 pre-tokenisation) on the bundled corpus's first 5,000 lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhfkit.tasks import kindly
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(kindly.corpus_lines("train")[:5000], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", clean_up_tokenization_spaces=False)
+
+
 def make_tokenizer(arch: str):
     from transformers import AutoTokenizer
 
     from rlhfkit.models import resolve_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_path("kindly:tokenizer"))
+    tok = byte_level_bpe() if arch == "qwen2" else AutoTokenizer.from_pretrained(resolve_path("kindly:tokenizer"))
     if arch == "gpt2":
         tok.pad_token = None
         tok.chat_template = None

@@ -147,18 +147,20 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, tok, base):
 
 
 def test_rankings_expand_to_pairs(tmp_path, tok, base):
-    rows = [{"prompt": f"Say {i}", "responses": [" a", " bb", " ccc"], "ranking": [2, 0, 1]} for i in range(4)]
+    # words of the bundled word-level vocabulary (a made-up word would encode as <|unk|>)
+    rows = [{"prompt": f"Say {w}", "responses": [" a", " kind", " good day"], "ranking": [2, 0, 1]}
+            for w in ("one", "two", "three", "four")]
     data = write_jsonl(tmp_path / "r.jsonl", rows)
     enc = dpo.load_encoded(data, "train", "sigmoid", tok, 64)
     assert len(enc.rows) == 12 and enc.from_rankings == 12
     eos = tok.eos_token_id
-    assert enc.rows[0][1] == tok(" ccc", add_special_tokens=False)["input_ids"] + [eos]  # best first
+    assert enc.rows[0][1] == tok(" good day", add_special_tokens=False)["input_ids"] + [eos]  # best first
     assert enc.rows[0][2] == tok(" a", add_special_tokens=False)["input_ids"] + [eos]
     assert dpo.main(cfg_for(tmp_path, base, data, max_steps=1))["steps"] == 1
     # rows are tokenised exactly as SFT tokenises prompt + completion
     from rlhfkit.data import tokenize_prompt_completion
 
-    sft = tokenize_prompt_completion(tok, "Say 0", " ccc", max_length=64)
+    sft = tokenize_prompt_completion(tok, "Say one", " good day", max_length=64)
     assert enc.rows[0][0] + enc.rows[0][1] == sft["input_ids"]
 
 
@@ -184,7 +186,9 @@ def test_kto_kl_rows_pair_a_prompt_with_another_prompts_completion(tok):
     enc = PreferenceData(rows=[(a, [1]), (a, [2]), (b, [3]), (b, [4])], labels=[True, False, True, False])
     assert example_rows(enc, [0, 1, 2, 3], kl=True) == [(a, [3]), (a, [3]), (b, [1]), (b, [1])]
     # KTO from ranking data: no KL row carries a completion written for its own prompt
-    ranks = [{"prompt": f"Rank {i}", "responses": [f" a{i}", f" b{i}", f" c{i}"], "ranking": [0, 1, 2]} for i in range(3)]
+    words = [("kind", "good", "nice"), ("warm", "fine", "bad"), ("sad", "cold", "fair")]  # all in the vocabulary
+    ranks = [{"prompt": f"Rank {n}", "responses": [" " + w for w in words[i]], "ranking": [0, 1, 2]}
+             for i, n in enumerate(("one", "two", "three"))]
     enc = dpo.load_encoded(ranks, "train", "kto", tok, 64)
     own = {tuple(p + c) for p, c in example_rows(enc, list(range(len(enc.rows))))}
     assert not own & {tuple(p + c) for p, c in example_rows(enc, list(range(len(enc.rows))), kl=True)}
@@ -284,8 +288,13 @@ def test_learning_prefers_chosen_on_held_out_prompts(tmp_path, base, loss):
     good = [" a kind and lovely day", " such a happy and warm time", " a good gentle friend"]
     bad = [" a cruel and awful day", " such a sad and cold time", " a bad nasty enemy"]
 
+    # prompts differ by a word of the bundled vocabulary (a number such as 57 would be <|unk|>)
+    nouns = {0: ["story", "tale", "day", "walk", "trip", "game", "song", "film"],
+             1000: ["week", "visit", "talk", "party", "meal", "letter", "dream", "journey"]}
+
     def rows(start, n):
-        return [{"prompt": f"Story {i} was", "chosen": good[i % 3], "rejected": bad[(i + 1) % 3]} for i in range(start, start + n)]
+        return [{"prompt": f"The {nouns[start][i % 8]} was", "chosen": good[i % 3], "rejected": bad[(i + 1) % 3]}
+                for i in range(start, start + n)]
 
     train = write_jsonl(tmp_path / "train.jsonl", rows(0, 96))
     held = write_jsonl(tmp_path / "held.jsonl", rows(1000, 24))

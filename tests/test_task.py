@@ -70,15 +70,78 @@ def test_tokenizer_round_trips_and_has_special_tokens():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(kindly.tokenizer_path())
-    assert len(tok) == 4096
     assert tok.eos_token == "<|endoftext|>" and tok.bos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
-    assert tok.eos_token_id != tok.pad_token_id
-    for text in kindly.corpus_lines("eval")[:300] + ["Ünïcödé ☺ and  two spaces\ttab"]:
-        assert tok.decode(tok(text)["input_ids"]) == text
-    line = kindly.corpus_lines("train")[0]
-    assert len(tok(line)["input_ids"]) < len(line) / 2  # it learned merges, not bytes
+    assert tok.unk_token == "<|unk|>" and len({tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 3
+    lines = kindly.corpus_lines("eval")[:1000]
+    ids = tok(lines, add_special_tokens=False)["input_ids"]
+    known = [(line, x) for line, x in zip(lines, ids) if tok.unk_token_id not in x]
+    assert len(known) > 500
+    for line, x in known:
+        assert tok.decode(x) == line
+    # one token per word and mark: about one token per whitespace-separated word
+    assert sum(len(x) for _, x in known) < 1.3 * sum(len(line.split()) for line, _ in known)
+    # held-out words outside the vocabulary (all seen fewer than twice in training) are unknown
+    unknown = sum(x.count(tok.unk_token_id) for x in ids) / sum(len(x) for x in ids)
+    assert 0 < unknown < 0.12
+    assert tok.decode(tok("Ünïcödé ☺ and  two spaces\ttab")["input_ids"], skip_special_tokens=True) == "and two spaces tab"
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "user: hi<|endoftext|>\nassistant:"
+
+
+def test_tokenizer_cannot_spell_a_non_word():
+    """Every entry is a special token, a punctuation mark or a word the gold panel reads as English,
+    and any run of words with opening and closing marks around them decodes to text without non-words."""
+    import random
+    import string
+
+    from transformers import AutoTokenizer
+
+    from rlhfkit.judges import GoldPanel
+    from rlhfkit.judges.panel import response_tokens
+
+    train_tokenizer = _script("train_tokenizer")
+    panel = GoldPanel()
+    tok = AutoTokenizer.from_pretrained(kindly.tokenizer_path())
+    vocab = tok.get_vocab()
+    space, mark = train_tokenizer.SPACE, train_tokenizer.OPEN
+    words, opening, closing = [], [], []
+    for entry, i in vocab.items():
+        if entry in tok.all_special_tokens or entry == space:
+            continue
+        core = entry.removeprefix(space).removesuffix(mark)
+        if core in string.punctuation:
+            (opening if entry.endswith(mark) else closing if not entry.startswith(space) else []).append(i)
+            if entry.startswith(space) and not entry.endswith(mark):
+                assert not response_tokens(core), entry  # a lone mark stands only where the panel ignores it
+            continue
+        assert entry.startswith(space) and train_tokenizer.is_english(core, panel), entry
+        words.append(i)
+    assert len(words) > 10_000 and len(opening) == len(closing) == len(string.punctuation)
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = []
+        for _ in range(rng.randint(1, 12)):
+            ids += rng.sample(opening, rng.choice([0, 0, 0, 1, 2])) + [rng.choice(words)]
+            ids += rng.sample(closing, rng.choice([0, 0, 1, 2]))
+        text = tok.decode(ids)
+        assert panel.degeneracy(text)["nonword"] == 0, text
+
+
+def test_unknown_words_are_never_a_training_target():
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.recipes.pretrain import make_blocks
+    from rlhfkit.recipes.sft import load_sft_examples
+
+    tok = load_tokenizer("kindly:tokenizer")
+    unk = tok.unk_token_id
+    lines = ["the zqxjv was kind", "a kind word"] * 8
+    blocks = make_blocks(lines, tok, 8)
+    assert any(unk in b["input_ids"] for b in blocks)
+    for b in blocks:
+        assert [-100 if t == unk else t for t in b["input_ids"]] == b["labels"]
+    examples, _ = load_sft_examples("kindly", tok, max_length=64, split="eval")
+    assert any(unk in ex["input_ids"] for ex in examples)
+    assert all(unk not in ex["labels"] for ex in examples)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="tokenizers missing")
@@ -87,8 +150,8 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     assert train_tokenizer.main(["--out", str(tmp_path / "tok")]) == 0
     ours = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
     shipped = json.loads((kindly.tokenizer_path() / "tokenizer.json").read_text())
-    assert ours["model"]["merges"] == shipped["model"]["merges"]
-    assert ours["model"]["vocab"] == shipped["model"]["vocab"]
+    assert ours == shipped
+    assert train_tokenizer.main(["--out", str(tmp_path / "tok"), "--min-count", "0"]) == 2
 
 
 def test_base_model_path_names_the_missing_folder(monkeypatch, tmp_path):

@@ -5,7 +5,8 @@ The bundled base model is made by one command from the committed config:
     rlhfkit pretrain --config configs/pretrain_kindly.yaml
 
 Text lines are tokenised, joined with EOS and cut into blocks of `block_size` tokens
-(GPT-style concatenation); every token is a target. Held-out perplexity is reported on the
+(GPT-style concatenation); every token is a target except the tokenizer's unknown token (a
+word the vocabulary lacks: a model taught to predict it would write it, and it decodes to nothing). Held-out perplexity is reported on the
 corpus's eval split, and a few samples are printed so a person can check they are English.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from rlhfkit.config import TrainArgs, require
 from rlhfkit.models import count_parameters, load_tokenizer, save_model, tiny_llama
-from rlhfkit.recipes.sft import train_causal_lm
+from rlhfkit.recipes.sft import ignore_unknown, train_causal_lm
 from rlhfkit.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.training import make_accelerator
 
@@ -74,9 +75,10 @@ def make_blocks(lines: list[str], tokenizer, block_size: int) -> list[dict]:
         ids.extend(enc)
         ids.append(tokenizer.eos_token_id)
     blocks = []
+    unk = getattr(tokenizer, "unk_token_id", None)
     for i in range(0, len(ids) - block_size + 1, block_size):
         chunk = ids[i:i + block_size]
-        blocks.append({"input_ids": chunk, "labels": list(chunk), "attention_mask": [1] * block_size})
+        blocks.append({"input_ids": chunk, "labels": ignore_unknown(chunk, unk), "attention_mask": [1] * block_size})
     return blocks
 
 

@@ -99,9 +99,19 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
         ex = enc.as_dict()
         if not completion_only:
             ex["labels"] = list(ex["input_ids"])
+        ex["labels"] = ignore_unknown(ex["labels"], getattr(tokenizer, "unk_token_id", None))
         examples.append(ex)
     load_sft_examples.last_prompt_truncated = prompt_cut
     return examples, truncated
+
+
+def ignore_unknown(labels: list[int], unk_id: int | None) -> list[int]:
+    """Labels with the tokenizer's unknown token ignored (-100): the text there is a word the
+    vocabulary lacks, and a model taught to predict `<unk>` writes it at sampling time, where it
+    decodes to nothing (a word-level tokenizer's out-of-vocabulary words)."""
+    if unk_id is None:
+        return labels
+    return [-100 if t == unk_id else t for t in labels]
 
 
 def pack_examples(examples: list[dict], max_length: int, eos_id: int) -> list[dict]:

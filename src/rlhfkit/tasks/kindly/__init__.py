@@ -116,10 +116,11 @@ def sft_records(split: str = "train") -> list[dict]:
 
 
 def tokenizer_path() -> Path:
-    """Folder of the bundled byte-level BPE tokenizer (load with AutoTokenizer.from_pretrained)."""
+    """Folder of the bundled word-level tokenizer (load with AutoTokenizer.from_pretrained)."""
     path = HERE / "tokenizer"
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/train_tokenizer.py`")
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/train_tokenizer.py` "
+                                "(the base model must then be rebuilt too: `python scripts/build_base.py`)")
     return path
 
 
@@ -129,6 +130,7 @@ def base_model_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the bundled base checkpoint is not at {path} yet; build it with "
+            "`python scripts/build_base.py` (tokenizer and pretraining) or "
             "`rlhfkit pretrain --config configs/pretrain_kindly.yaml` (see docs/task.md)")
     return path
 
