@@ -241,6 +241,29 @@ def test_bad_input_is_named(tmp_path, tok):
         dpo.Config(dataset="x", loss="nope")
 
 
+def test_label_smoothing_is_cdpo_with_sigmoid_and_refused_where_no_loss_reads_it():
+    """TRL's DPOConfig: loss_type="sigmoid" with label_smoothing > 0 is cDPO; a loss that
+    ignores label_smoothing must not take it silently."""
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.losses.preference import cdpo_loss, compute_preference_loss
+
+    assert dpo.Config(dataset="x", loss="sigmoid").loss_name == "sigmoid"
+    cfg = dpo.Config(dataset="x", loss="sigmoid", label_smoothing=0.2)
+    assert cfg.loss_name == "cdpo"
+    g = torch.Generator().manual_seed(0)
+    logps = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4)]
+    got, _ = compute_preference_loss(cfg.loss_name, chosen_logps=logps[0], rejected_logps=logps[1], ref_chosen_logps=logps[2],
+                                     ref_rejected_logps=logps[3], beta=0.1, label_smoothing=0.2)
+    h = (logps[0] - logps[2]) - (logps[1] - logps[3])
+    by_hand = (-(0.8) * torch.nn.functional.logsigmoid(0.1 * h) - 0.2 * torch.nn.functional.logsigmoid(-0.1 * h)).mean()
+    torch.testing.assert_close(got, by_hand, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, cdpo_loss(*logps, beta=0.1, label_smoothing=0.2)[0], rtol=0, atol=0)
+    for loss in ("ipo", "simpo", "kto"):
+        with pytest.raises(ConfigError, match="label_smoothing"):
+            dpo.Config(dataset="x", loss=loss, label_smoothing=0.1)
+    assert dpo.Config(dataset="x", loss="robust", label_smoothing=0.1).loss_name == "robust"
+
+
 def test_truncation_counted_and_identical_after_cut_skipped(tmp_path, tok, capsys):
     rows = [{"prompt": "word " * 30, "chosen": " same start " * 10 + "good", "rejected": " same start " * 10 + "bad"},
             {"prompt": "short", "chosen": " a", "rejected": " b"}]

@@ -48,6 +48,7 @@ from rlhfkit.losses.preference import (
     PREFERENCE_LOSSES,
     UNPAIRED_LOSSES,
     compute_preference_loss,
+    loss_parameters,
     needs_reference,
 )
 from rlhfkit.memory import report_for_run
@@ -94,7 +95,7 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
     beta: float = 0.1
     """Strength of the KL regulariser (DPO beta; IPO tau; SimPO's reward scale; ORPO's lambda)."""
     label_smoothing: float = 0.0
-    """Assumed label-flip rate eps for cdpo and robust (0 <= eps < 0.5)."""
+    """Assumed label-flip rate eps for cdpo and robust, and for sigmoid (then cDPO, as in TRL); 0 <= eps < 0.5."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin gamma."""
     desirable_weight: float = 1.0
@@ -114,12 +115,20 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
     max_eval_examples: int = 512
     """Cap on held-out pairs scored at each evaluation."""
 
+    @property
+    def loss_name(self) -> str:
+        """The loss actually computed: `sigmoid` with label_smoothing > 0 is cDPO (Mitchell 2023),
+        as TRL's DPOConfig does it."""
+        return "cdpo" if self.loss == "sigmoid" and self.label_smoothing > 0 else self.loss
+
     def __post_init__(self) -> None:
         self._check_train_args()
         require(bool(self.dataset), "dataset", "give preference data (--dataset FILE)")
         require(self.loss in PREFERENCE_LOSSES, "loss", f"must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}")
         require(self.beta > 0, "beta", "must be > 0")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        require(self.label_smoothing == 0 or "label_smoothing" in loss_parameters(self.loss_name), "label_smoothing",
+                f"loss {self.loss!r} does not use it (sigmoid, which becomes cDPO as in TRL, cdpo and robust do)")
         require(self.max_length >= 4, "max_length", "must be >= 4")
         self.model = self.model or "kindly"
 
@@ -205,7 +214,7 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
     else:
         labels = torch.tensor([enc.labels[i] for i in index], device=device)
         inputs = dict(logps=logps, ref_logps=ref_logps, labels=labels, kl_logps=kl_logps, ref_kl_logps=ref_kl)
-    loss, metrics = compute_preference_loss(cfg.loss, **inputs, **hparams)
+    loss, metrics = compute_preference_loss(cfg.loss_name, **inputs, **hparams)
     return loss, metrics, tokens
 
 
