@@ -103,6 +103,39 @@ def test_hot_routes_issue_a_fixed_number_of_statements(env):
         assert r.status_code == 200 and r.json()["replayed"], r.text
         assert len(counter.statements) == submit_replay, counter.statements
     assert len(set(seen)) == 3
+    # what the statements wrote: every item still in its task, each assignment and label naming
+    # its own item, user and task (a parameter named like a column of an UPDATE's table would
+    # also have set that column)
+    from sqlalchemy import select
+
+    from rlhfkit.feedback.models import Assignment, Item, Label
+
+    with db.read_session() as s:
+        user_id = s.scalar(select(Label.user_id).limit(1))
+        assert {i.task_id for i in s.scalars(select(Item))} == {task_id}
+        assignments = {a.item_id: a for a in s.scalars(select(Assignment))}
+        labels = {lab.item_id: lab for lab in s.scalars(select(Label))}
+        assert sorted(assignments) == sorted(labels) == sorted(seen)
+        for item_id in seen:
+            a, lab = assignments[item_id], labels[item_id]
+            assert (a.task_id, a.user_id, a.completed, a.released) == (task_id, user_id, True, False)
+            # "left" was the response shown first; the label stores it by its place in the file
+            left = "ab"[lab.display_order[0]]
+            assert (lab.task_id, lab.user_id, lab.value, lab.version) == (task_id, user_id, {"choice": left}, 1)
+            assert lab.display_order == a.display_order
+            assert s.get(Item, item_id).slots_taken == 1
+
+
+def test_statements_built_once_take_only_prefixed_parameters():
+    """The statements of the PostgreSQL fast path are built once with bound parameters; each
+    required one is named b_*, so none can be taken for a column of an UPDATE or INSERT."""
+    from sqlalchemy.dialects import postgresql
+
+    built = [svc._fast_state_statement, svc._claim_statement, svc._label_insert_statement, svc._submit_lookup_statement]
+    for make in built:
+        binds = make().compile(dialect=postgresql.psycopg.dialect()).binds.values()
+        required = {b.key for b in binds if b.required}
+        assert required and all(k.startswith("b_") for k in required), (make.__name__, required)
 
 
 def test_cached_task_settings_still_hide_closed_tasks(env):

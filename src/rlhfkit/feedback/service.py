@@ -19,23 +19,27 @@ edit       {"position": pos, "text": "..."}               {"response": idx, "tex
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import random
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import (
     JSON,
     DateTime,
+    Integer,
+    String,
     and_,
+    bindparam,
     exists,
     false,
     func,
     insert,
-    literal,
     or_,
     select,
     true,
@@ -329,14 +333,18 @@ def _open_assignment(s: Session, task: Task, user: User) -> Assignment | None:
     return s.scalar(select(Assignment).where(*_open_for(task, user)).order_by(Assignment.id).limit(1))
 
 
-def _open_for(task: Task, user: User) -> tuple:
+def _open_for(task: Task, user: User, cutoff=None) -> tuple:
+    """Predicates of the user's open assignment: served after `cutoff` (default: now minus the
+    assignment timeout) and not completed."""
+    cutoff = utcnow() - ASSIGNMENT_TIMEOUT if cutoff is None else cutoff
     return (Assignment.task_id == task.id, Assignment.user_id == user.id, Assignment.completed.is_(False),
-            Assignment.served_at > utcnow() - ASSIGNMENT_TIMEOUT)
+            Assignment.served_at > cutoff)
 
 
-def _expired_open(task: Task) -> tuple:
+def _expired_open(task: Task, cutoff=None) -> tuple:
+    cutoff = utcnow() - ASSIGNMENT_TIMEOUT if cutoff is None else cutoff
     return (Assignment.task_id == task.id, Assignment.completed.is_(False), Assignment.released.is_(False),
-            Assignment.served_at <= utcnow() - ASSIGNMENT_TIMEOUT)
+            Assignment.served_at <= cutoff)
 
 
 def _open_and_expired(s: Session, task: Task, user: User) -> tuple[int | None, bool]:
@@ -526,6 +534,24 @@ def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer)
 
 
 _LABEL_BY_KEY, _LABEL_DONE = aliased(Label, name="label_by_key"), aliased(Label, name="label_done")
+# stand-ins for a task and a user in statements built once with bound parameters (below)
+# (parameter names start with "b_": an UPDATE or INSERT given a parameter named like a column of
+# its table would also set that column)
+_TASK = SimpleNamespace(id=bindparam("b_task_id", type_=Integer), overlap=bindparam("b_overlap", type_=Integer))
+_USER = SimpleNamespace(id=bindparam("b_user_id", type_=Integer))
+
+
+
+@functools.cache
+def _submit_lookup_statement():
+    """Item `item_id`, `user_id`'s assignment of it, their label stored under idempotency key `key`
+    and the id of their label of the item, in one statement (built once, bound parameters)."""
+    by_key, done, user_id = _LABEL_BY_KEY, _LABEL_DONE, _USER.id
+    return (select(Item, Assignment, by_key, done.id).select_from(Item)
+            .outerjoin(Assignment, and_(Assignment.item_id == Item.id, Assignment.user_id == user_id))
+            .outerjoin(by_key, and_(by_key.user_id == user_id, by_key.idempotency_key == bindparam("b_key", type_=String)))
+            .outerjoin(done, and_(done.item_id == Item.id, done.user_id == user_id))
+            .where(Item.id == bindparam("b_item_id", type_=Integer)))
 
 
 def _submit_lookup(s: Session, task: Task, user: User, item_id: int,
@@ -537,13 +563,7 @@ def _submit_lookup(s: Session, task: Task, user: User, item_id: int,
         raise InvalidAnswer("idempotency_key", "must be 8-64 printable ASCII characters (e.g. a UUID)")
     # one statement reads the item, the user's assignment of it, a label already stored under
     # this key (a retry), and whether the user already labelled the item
-    by_key, done = _LABEL_BY_KEY, _LABEL_DONE
-    row = s.execute(
-        select(Item, Assignment, by_key, done.id).select_from(Item)
-        .outerjoin(Assignment, and_(Assignment.item_id == Item.id, Assignment.user_id == user.id))
-        .outerjoin(by_key, and_(by_key.user_id == user.id, by_key.idempotency_key == key))
-        .outerjoin(done, and_(done.item_id == Item.id, done.user_id == user.id))
-        .where(Item.id == item_id)).first()
+    row = s.execute(_submit_lookup_statement(), {"b_item_id": item_id, "b_user_id": user.id, "b_key": key}).first()
     if row is None:  # no such item; a retry's key still wins (it names the item it was for)
         existing = s.scalar(select(Label).where(Label.user_id == user.id, Label.idempotency_key == key))
         item = assignment = labelled = None
@@ -697,15 +717,58 @@ class NeedsTransaction(Exception):
         self.gold = gold
 
 
-def _fast_state_query(task: Task, user: User, limit: int = 32):
+# The statements of the PostgreSQL fast path are built once per process with bound parameters:
+# SQLAlchemy's compiled cache already spares compiling a statement built anew, but building one of
+# CTEs and subqueries in Python costs about 0.3 ms, on every request.
+
+
+def _fast_state_query(task: Task, user: User, limit: int = 32, cutoff=None):
     cand = candidate_query(task, user, gold=False, limit=limit).add_columns(
         Item.slots_taken, func.json_array_length(Item.responses).label("k")).subquery("cand")
-    mine = select(Assignment.id).where(*_open_for(task, user)).order_by(Assignment.id).limit(1)
+    mine = select(Assignment.id).where(*_open_for(task, user, cutoff)).order_by(Assignment.id).limit(1)
     probe = select(mine.scalar_subquery().label("open_id"),
-                   exists().where(*_expired_open(task)).label("expired")).subquery("probe")
+                   exists().where(*_expired_open(task, cutoff)).label("expired")).subquery("probe")
     return (select(probe.c.open_id, probe.c.expired, cand.c.id, cand.c.k)
             .select_from(probe.outerjoin(cand, true()))
             .order_by(cand.c.slots_taken.desc(), cand.c.id))
+
+
+@functools.cache
+def _fast_state_statement():
+    """`_fast_state_query` with parameters task_id, user_id, overlap and cutoff."""
+    return _fast_state_query(_TASK, _USER, cutoff=bindparam("b_cutoff", type_=DateTime))
+
+
+@functools.cache
+def _claim_statement():
+    """Take one slot of item `item_id` (skipping it when another request holds its row) and
+    insert the assignment, in one statement; returns the item and the assignment id, or no row."""
+    locked = (select(Item.id).where(Item.id == bindparam("b_item_id", type_=Integer))
+              .with_for_update(key_share=True, skip_locked=True))
+    claimed = (update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < _TASK.overlap)
+               .values(slots_taken=Item.slots_taken + 1).returning(Item.id).cte("claimed"))
+    added = (insert(Assignment).from_select(
+        ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released"],
+        select(claimed.c.id, _USER.id, _TASK.id, bindparam("b_order", type_=JSON), bindparam("b_now", type_=DateTime),
+               false(), false()))
+        .returning(Assignment.id, Assignment.item_id).cte("added"))
+    return select(Item, added.c.id).join(added, added.c.item_id == Item.id)
+
+
+_LABEL_FIELDS = ("item_id", "user_id", "task_id", "idempotency_key", "value", "display_order", "duration_ms",
+                 "created_at", "version", "review_status")
+
+
+@functools.cache
+def _label_insert_statement():
+    """Complete assignment `assignment_id` if it is still open and insert the label, in one
+    statement; returns the label id, or none when the assignment was no longer open."""
+    done = (update(Assignment).where(Assignment.id == bindparam("b_assignment_id", type_=Integer),
+                                     Assignment.completed.is_(False), Assignment.released.is_(False))
+            .values(completed=True).returning(Assignment.id).cte("done"))
+    table = Label.__table__  # the Core table: an ORM insert given parameters would be a bulk insert
+    row = select(*[bindparam(f"b_{k}", type_=table.c[k].type) for k in _LABEL_FIELDS]).select_from(done)
+    return insert(table).from_select(list(_LABEL_FIELDS), row).returning(table.c.id)
 
 
 def next_assignment_autocommit(s: Session, task: Task, user: User,
@@ -714,7 +777,8 @@ def next_assignment_autocommit(s: Session, task: Task, user: User,
     gold = task.gold_rate > 0 and rng.random() < task.gold_rate
     if gold or task.selection != "random":
         raise NeedsTransaction("gold item or uncertainty selection", gold)
-    rows = s.execute(_fast_state_query(task, user)).all()
+    rows = s.execute(_fast_state_statement(), {"b_task_id": task.id, "b_user_id": user.id, "b_overlap": task.overlap,
+                                               "b_cutoff": utcnow() - ASSIGNMENT_TIMEOUT}).all()
     if rows[0].open_id is not None or rows[0].expired or rows[0].id is None:
         raise NeedsTransaction("open or expired assignment, or no candidate left", gold)
     sizes = {r.id: r.k for r in rows}
@@ -725,16 +789,9 @@ def next_assignment_autocommit(s: Session, task: Task, user: User,
         if task.randomize_order:
             rng.shuffle(order)
         now = utcnow()
-        locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
-        claimed = (update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < task.overlap)
-                   .values(slots_taken=Item.slots_taken + 1).returning(Item.id).cte("claimed"))
-        added = (insert(Assignment).from_select(
-            ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released"],
-            select(claimed.c.id, literal(user.id), literal(task.id), literal(order, JSON), literal(now, DateTime),
-                   false(), false()))
-            .returning(Assignment.id, Assignment.item_id).cte("added"))
         try:
-            got = s.execute(select(Item, added.c.id).join(added, added.c.item_id == Item.id)).first()
+            got = s.execute(_claim_statement(), {"b_item_id": item_id, "b_overlap": task.overlap, "b_user_id": user.id,
+                                                 "b_task_id": task.id, "b_order": order, "b_now": now}).first()
         except IntegrityError:  # the same user asked twice at once: the statement took nothing
             s.rollback()
             raise NeedsTransaction("concurrent /next of the same user", gold) from None
@@ -761,13 +818,8 @@ def submit_label_autocommit(s: Session, task: Task, user: User, item_id: int, ra
               "display_order": list(assignment.display_order),
               "duration_ms": int((now - assignment.served_at).total_seconds() * 1000), "created_at": now,
               "version": 1, "review_status": "pending"}
-    done = (update(Assignment).where(Assignment.id == assignment.id, Assignment.completed.is_(False),
-                                     Assignment.released.is_(False))
-            .values(completed=True).returning(Assignment.id).cte("done"))
-    types = {"value": JSON, "display_order": JSON, "created_at": DateTime}
-    row = select(*[literal(v, types.get(k)) for k, v in fields.items()]).select_from(done)
     try:
-        label_id = s.scalar(insert(Label).from_select(list(fields), row).returning(Label.id))
+        label_id = s.scalar(_label_insert_statement(), {**{f"b_{k}": v for k, v in fields.items()}, "b_assignment_id": assignment.id})
     except IntegrityError:  # a concurrent retry of the same submission won the race
         s.rollback()
         raise NeedsTransaction("concurrent submit of the same label") from None
