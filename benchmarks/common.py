@@ -35,9 +35,17 @@ def base_model() -> Path:
     return Path(kindly.base_model_path())
 
 
+def stamp(model_dir: Path | str) -> str:
+    """Size and modification time of a checkpoint's weights: a cache key that changes when the
+    checkpoint is rebuilt (a retrained base must not reuse results computed from the old one)."""
+    st = (Path(model_dir) / "model.safetensors").stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
 def sft_policy() -> Path:
-    """Path of the bundled task's SFT policy (trained on first use, about a few minutes)."""
-    out = WORK / "sft"
+    """Path of the bundled task's SFT policy (trained on first use, about a few minutes; one per
+    build of the shipped base)."""
+    out = WORK / f"sft-{stamp(base_model())}"
     final = out / "final"
     with locked("sft"):
         if not (final / "model.safetensors").is_file():

@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIGS, WORK, locked, peer_available
+from benchmarks.common import CONFIGS, WORK, locked, peer_available, stamp
 
 SEED = 0
 OUT = WORK / "rlvr_quality"
@@ -40,10 +40,6 @@ SHARED = dict(prompts="arith", reward=[REWARD], eval_reward="none", eval_prompts
               lr_scheduler_type="constant")
 ALGOS = {"grpo": dict(beta=0.0, loss_type="sequence"), "rloo": dict(beta=0.0)}
 
-
-def _stamp(path: Path) -> str:
-    st = (Path(path) / "model.safetensors").stat()
-    return f"{st.st_size}-{int(st.st_mtime)}"
 
 
 def data_dir() -> Path:
@@ -60,7 +56,7 @@ def sft_policy(quick: bool = False) -> Path:
     from rlhfkit.tasks import arith
 
     base = arith.base_model_path()
-    out = OUT / f"sft-{_stamp(base)}{'-quick' if quick else ''}"
+    out = OUT / f"sft-{stamp(base)}{'-quick' if quick else ''}"
     data = data_dir()
     with locked("rlvr_sft"):
         if not (out / "final" / "model.safetensors").is_file():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import WORK, locked, sft_policy
+from benchmarks.common import WORK, locked, sft_policy, stamp
 
 K_TRAIN, K_EVAL, MAX_NEW_TOKENS, GOLD_GAP, SEED = 16, 4, 24, 0.1, 0
 LABEL_SIZES = (1000, 3000, 10000)  # plus every labelled train pair, the headline model
@@ -89,7 +89,7 @@ def _samples(policy: Path | None, split: str, n_prompts: int | None, k: int) -> 
     if policy is None:
         return _corpus_samples(split, n_prompts, k)
     prompts = kindly.prompts(split)[:n_prompts]
-    cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{k}-{MAX_NEW_TOKENS}-{_stamp(policy)}.json"
+    cache = WORK / "rm_quality" / f"samples-{split}-{len(prompts)}x{k}-{MAX_NEW_TOKENS}-{stamp(policy)}.json"
     with locked("rm_quality_samples"):
         if cache.is_file():
             return json.loads(cache.read_text())
@@ -104,10 +104,6 @@ def _samples(policy: Path | None, split: str, n_prompts: int | None, k: int) -> 
         atomic_write_json(cache, out)
         return out
 
-
-def _stamp(policy: Path) -> str:
-    st = (Path(policy) / "model.safetensors").stat()
-    return f"{st.st_size}-{int(st.st_mtime)}"
 
 
 def _label(groups: list[dict], seed: int, pairing: str) -> tuple[list[dict], dict]:
