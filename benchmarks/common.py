@@ -35,6 +35,13 @@ def base_model() -> Path:
     return Path(kindly.base_model_path())
 
 
+# The speed benchmarks' fixed workload: the byte-level BPE tokenizer (4,096 entries) that the
+# bundled task used before its word-level tokenizer (17,073 entries, docs/task.md). Their tiny
+# models take its vocabulary, so the measured ratios stay comparable from run to run; with the
+# word-level vocabulary the output layer, the same work on both sides, would be most of a step.
+SPEED_TOKENIZER = str(Path(__file__).resolve().parent / "data" / "bpe_tokenizer")
+
+
 def stamp(model_dir: Path | str) -> str:
     """Size and modification time of a checkpoint's weights: a cache key that changes when the
     checkpoint is rebuilt (a retrained base must not reuse results computed from the old one)."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import SPEED_TOKENIZER
+
 SEQ_LEN, BATCH = 128, 8
 
 
@@ -77,9 +79,9 @@ def run(quick: bool = False) -> dict:
     from rlhfkit.models.factory import count_parameters
 
     load_before = os.getloadavg()
-    tokenizer = load_tokenizer("kindly:tokenizer")
+    tokenizer = load_tokenizer(SPEED_TOKENIZER)
     models = {
-        "kindly-base-2M": lambda: load_policy("kindly"),
+        "kindly-base": lambda: load_policy("kindly"),
         "llama-20M": lambda: tiny_llama(len(tokenizer), hidden_size=512, num_layers=6, num_heads=8,
                                         intermediate_size=1376, max_position_embeddings=SEQ_LEN, seed=0,
                                         tokenizer=tokenizer),

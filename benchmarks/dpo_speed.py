@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import load_average, paired_comparison, peer_available
+from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison, peer_available
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
 from rlhfkit.training import epoch_order
 
@@ -116,7 +116,7 @@ def run_trl(model_dir: str, tokenizer, pairs) -> dict:
 def run(quick: bool = False) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
-    tokenizer = load_tokenizer("kindly:tokenizer")
+    tokenizer = load_tokenizer(SPEED_TOKENIZER)
     n = 64 if quick else N_PAIRS
     repeats = 1 if quick else 3
     pairs = make_pairs(n)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    SPEED_TOKENIZER,
     cuda_or_say_why,
     load_average,
     measure_matmul_peak,
@@ -273,7 +274,7 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
 
     sizes = {"sft_rows": 64 if quick else 256, "dpo_pairs": 64 if quick else 256, "grpo_steps": 2 if quick else 5,
              **(sizes or {})}
-    tokenizer = load_tokenizer("kindly:tokenizer")
+    tokenizer = load_tokenizer(SPEED_TOKENIZER)
     has_trl = peer_available("trl")
     n_mm = matmul_params(fresh_model(cfg))
     out = {}
@@ -335,7 +336,7 @@ def run(quick: bool = False) -> dict | None:
     from rlhfkit.models import load_tokenizer
 
     device = torch.device("cuda")
-    tok = load_tokenizer("kindly:tokenizer")
+    tok = load_tokenizer(SPEED_TOKENIZER)
     # the bundled tokenizer's special ids, so generation stops at its EOS on both sides
     cfg = qwen05b_config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     peak = measure_matmul_peak(device, torch.bfloat16)

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import load_average, paired_comparison, peer_available
+from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison, peer_available
 
 HERE = Path(__file__).resolve().parent
 STEPS, PROMPTS, GENERATIONS, NEW_TOKENS, THREADS, SEED = 5, 4, 4, 32, 1, 0
@@ -50,7 +50,7 @@ def prepare(root: Path, steps: int) -> None:
     from rlhfkit.rollout.prompts import prompts_for_step
     from rlhfkit.tasks import kindly
 
-    tok = load_tokenizer("kindly:tokenizer")
+    tok = load_tokenizer(SPEED_TOKENIZER)
     size = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, tokenizer=tok)
     policy = tiny_llama(len(tok), seed=0, **size)
     warm_start(policy, tok, steps=WARM_STEPS, lr=1e-3)

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import load_average, paired_comparison
+from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison
 
 HERE = Path(__file__).resolve().parent
 UPDATES, EPISODES, NEW_TOKENS, EPOCHS, THREADS, SEED = 5, 16, 32, 4, 1, 0
@@ -60,7 +60,7 @@ def prepare(root: Path, n_updates: int) -> None:
     from rlhfkit.models import load_tokenizer
     from rlhfkit.tasks import kindly
 
-    tok = load_tokenizer("kindly:tokenizer")
+    tok = load_tokenizer(SPEED_TOKENIZER)
     policy, rm, vm = _models(tok)
     for name, m in (("policy", policy), ("rm", rm), ("value", vm)):
         m.save_pretrained(root / name)
@@ -115,7 +115,7 @@ def side_trl(root: Path, n_updates: int) -> dict:
     from rlhfkit.rollout.prompts import rollout_seed
 
     t0, c0 = time.perf_counter(), time.process_time()  # from the saved folders, as rlhfkit's side
-    tok = load_tokenizer("kindly:tokenizer", padding_side="left")
+    tok = load_tokenizer(SPEED_TOKENIZER, padding_side="left")
     # the prompts in the order rlhfkit's recipe visits them, visited in sequence
     prompts = json.loads((root / "peer_order.json").read_text())
     ids = [encode_prompt(tok, p)[0] for p in prompts]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import load_average, paired_comparison, peer_available
+from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison, peer_available
 
 N_PAIRS, BATCH, LR, SEED = 256, 8, 1e-4, 0
 
@@ -54,7 +54,7 @@ def _setup(root: Path):
     from rlhfkit.data.comparisons import parse_comparisons, tokenize_units
     from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
 
-    tok = load_tokenizer("kindly:tokenizer")
+    tok = load_tokenizer(SPEED_TOKENIZER)
     model = tiny_reward_model(len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                               max_position_embeddings=256, seed=SEED, tokenizer=tok)
     save_model(model, tok, root / "init")

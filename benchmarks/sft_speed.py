@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import load_average, paired_comparison, peer_available
+from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison, peer_available
 from rlhfkit.models import load_tokenizer, tiny_llama
 
 N_SEQ, SEQ_LEN, BATCH = 256, 64, 8
@@ -87,7 +87,7 @@ def run(quick: bool = False) -> dict:
     from rlhfkit.training import epoch_order
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer("kindly:tokenizer")
+    tokenizer = load_tokenizer(SPEED_TOKENIZER)
     n = 64 if quick else N_SEQ
     rows = make_rows(tokenizer, n, SEQ_LEN)
     # the peer samples sequentially, so hand it the rows in the order rlhfkit's loop draws them
