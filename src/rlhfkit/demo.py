@@ -47,7 +47,7 @@ class Config:
     """Pretraining steps when the shipped base checkpoint is missing."""
     sft_steps: int = 150
     """SFT optimiser steps."""
-    comparison_prompts: int = 768
+    comparison_prompts: int = 3072
     """Training prompts; two SFT samples of each are compared by the simulated annotators."""
     annotator_beta: float = 10.0
     """Simulated annotators' Bradley-Terry inverse temperature."""
@@ -57,10 +57,14 @@ class Config:
     """PPO updates."""
     ppo_kl_coef: float = 0.05
     """PPO KL coefficient beta."""
-    dpo_steps: int = 80
+    ppo_learning_rate: float = 1e-4
+    """PPO learning rate."""
+    dpo_steps: int = 120
     """DPO optimiser steps."""
     dpo_beta: float = 0.1
     """DPO beta."""
+    dpo_learning_rate: float = 5e-4
+    """DPO learning rate."""
     bon_n: int = 16
     """Samples per prompt for best-of-N (and its over-optimisation sweep n = 1, 2, 4, ..., N)."""
     eval_prompts: int = 0
@@ -213,7 +217,7 @@ def run_ppo(cfg: Config, sft_path: str, rm_path: str, out: Path) -> str:
     from rlhfkit.recipes import ppo
 
     pcfg = from_dict(ppo.Config, _quiet(model=sft_path, reward_model=rm_path, output_dir=str(out / "ppo"),
-                                        max_steps=cfg.ppo_steps, kl_coef=cfg.ppo_kl_coef, learning_rate=3e-5,
+                                        max_steps=cfg.ppo_steps, kl_coef=cfg.ppo_kl_coef, learning_rate=cfg.ppo_learning_rate,
                                         max_completion_length=cfg.max_new_tokens, prompts_per_step=max(cfg.batch_size, 4) * 2,
                                         per_device_train_batch_size=cfg.batch_size, logging_steps=1, num_eval_prompts=0,
                                         eval_prompts="", seed=cfg.seed))
@@ -225,7 +229,7 @@ def run_dpo(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
     from rlhfkit.recipes import dpo
 
     dcfg = from_dict(dpo.Config, _quiet(model=sft_path, dataset=str(prefs), output_dir=str(out / "dpo"),
-                                        max_steps=cfg.dpo_steps, beta=cfg.dpo_beta, learning_rate=5e-5,
+                                        max_steps=cfg.dpo_steps, beta=cfg.dpo_beta, learning_rate=cfg.dpo_learning_rate,
                                         per_device_train_batch_size=cfg.batch_size, logging_steps=5, max_length=96,
                                         seed=cfg.seed))
     dpo.main(dcfg)
