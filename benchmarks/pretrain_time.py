@@ -19,6 +19,7 @@ def run(quick: bool = False) -> dict:
     cfg = load_yaml_config(pretrain.Config, CONFIGS / "pretrain_kindly.yaml")
     cfg.output_dir = str(WORK / ("pretrain_quick" if quick else "pretrain"))
     cfg.export_to = ""
+    cfg.overwrite = True  # the previous timing run's folder
     cfg.progress = False
     if quick:
         cfg.max_steps = 20
