@@ -21,17 +21,20 @@ Headline keys: `gold_win_rate` and `kl` of DPO (sigmoid); `variants` holds every
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import stamp
 
 WORK = Path(__file__).resolve().parent / "work" / "kindly_pipeline"
 TARGET = 0.65
 
 # hyper-parameters per variant (beta as each paper uses it; SimPO's beta is a reward scale)
 VARIANTS = {
-    "sigmoid": dict(beta=0.1, learning_rate=2e-4),
+    "sigmoid": dict(beta=0.1, learning_rate=1e-3),
     "ipo": dict(beta=0.1, learning_rate=2e-4),
     "simpo": dict(beta=2.0, simpo_gamma=0.5, learning_rate=2e-4),
     "kto": dict(beta=0.1, learning_rate=2e-4),
@@ -42,7 +45,7 @@ VARIANTS = {
 # in minutes (one CPU thread), so the benchmark runs on a busy machine. The result records it.
 SMALL_BASE = dict(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, block_size=64,
                   per_device_train_batch_size=32, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine", max_steps=300)
-COMPARISON_PROMPTS = 1536
+COMPARISON_PROMPTS = 3072
 
 
 def _base(root: Path, quick: bool) -> tuple[str, str]:
@@ -71,8 +74,7 @@ def pipeline_root(quick: bool) -> Path:
     if quick:
         return WORK / "quick"
     try:
-        kindly.base_model_path()
-        return WORK / "full_shipped"
+        return WORK / f"full_shipped-{stamp(kindly.base_model_path())}"  # a rebuilt base gets a fresh pipeline
     except FileNotFoundError:
         return WORK / "full_small"
 
@@ -93,10 +95,13 @@ def pipeline(quick: bool) -> dict:
         base_file.parent.mkdir(parents=True, exist_ok=True)
         base_file.write_text(about)
         demo.run_sft(cfg, base, root)
-    if not prefs.is_file():
-        prefs, _ = demo.collect_comparisons(cfg, str(sft), root)
     counts_file = prefs.with_name(prefs.name.replace("preferences", "counts").replace(".jsonl", ".json"))
     counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
+    if not prefs.is_file() or counts.get("pairs") != cfg.comparison_prompts:  # missing, or cached for another count
+        prefs, _ = demo.collect_comparisons(cfg, str(sft), root)
+        for stale in ("reward", "rejection_sampling"):  # bon_curve's reward model and its rounds used the old ones
+            shutil.rmtree(root / stale, ignore_errors=True)
+        counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
     return {"sft": str(sft), "prefs": str(prefs), "counts": counts, "max_new_tokens": cfg.max_new_tokens,
             "base": base_file.read_text() if base_file.is_file() else "unknown"}
 
@@ -105,7 +110,7 @@ def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> di
     from rlhfkit.recipes import dpo
 
     hp = dict(VARIANTS[loss])
-    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), per_device_train_batch_size=16,
+    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), overwrite=True, per_device_train_batch_size=16,
                      num_train_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
                      lr_scheduler_type="linear", warmup_steps=0 if quick else 10, logging_steps=10, report_to="jsonl",
                      progress=False, seed=0, ref_cache_dir=str(WORK / "ref_cache"), **hp)
