@@ -15,6 +15,9 @@ and no repetition beyond the allowances. Reported:
 * `unknown_token_share`: share of sampled tokens that are the tokenizer's `<|unk|>` (decoded to
   nothing, so a word missing from the text);
 * `mean_q` and `mean_sentiment` (mean over raters of c_r, the panel's sentiment term);
+* `clear_pairs_ordered_by`: over pairs of one prompt's samples with a clear gold gap (>= 0.1),
+  the share ordered like gold by the sentiment term alone and by q alone: what a reward model
+  trained on such pairs has to learn;
 * held-out perplexity of the base on the eval corpus split, per token of its own tokenizer and
   per word (total NLL over whitespace-separated words), so tokenizers of different granularity
   can be compared on one scale.
@@ -74,6 +77,25 @@ def word_perplexity(model, tok, lines: list[str]) -> dict:
     return {**score(lines), "in_vocabulary": score(known)}
 
 
+def clear_pairs_ordered_by(gold: np.ndarray, sentiment: np.ndarray, quality: np.ndarray, groups: int,
+                           gap: float = 0.1) -> dict:
+    """What separates a prompt's samples: over every pair of one prompt's samples whose gold
+    scores differ by at least `gap` (rm_quality's clear pairs), the share that the sentiment term
+    alone orders the same way as gold, and the share that the quality factor q alone does (a pair
+    with equal q is not ordered by q). A reward model learns what separates its pairs."""
+    g, s, q = (np.asarray(x, dtype=np.float64).reshape(groups, -1) for x in (gold, sentiment, quality))
+    i, j = np.triu_indices(g.shape[1], k=1)
+    dg, ds, dq = g[:, i] - g[:, j], s[:, i] - s[:, j], q[:, i] - q[:, j]
+    clear = np.abs(dg) >= gap
+    if not clear.any():
+        return {"clear_pairs": 0}
+    sign = np.sign(dg[clear])
+    return {"clear_pairs": int(clear.sum()), "gold_gap": gap,
+            "sentiment": round(float((np.sign(ds[clear]) == sign).mean()), 4),
+            "quality": round(float((np.sign(dq[clear]) == sign).mean()), 4),
+            "quality_differs": round(float((dq[clear] != 0).mean()), 4)}
+
+
 def sample_quality(policy_path, prompts: list[str], samples: int = SAMPLES, seed: int = SEED) -> dict:
     """Sample the policy on `prompts` and score every response's q with the gold panel."""
     import torch
@@ -93,6 +115,7 @@ def sample_quality(policy_path, prompts: list[str], samples: int = SAMPLES, seed
     sentiment = panel.sentiment(roll.prompts, roll.responses).mean(axis=1)
     n = len(prompts)
     first = q.reshape(n, samples)[:, 0]
+    gold = panel.score(roll.prompts, roll.responses)
     return {
         "q1_share": q1_share(q, n),
         "q1_share_first_sample": q1_share(first, n),
@@ -105,6 +128,7 @@ def sample_quality(policy_path, prompts: list[str], samples: int = SAMPLES, seed
         # <|unk|> decodes to nothing: a response token that is unknown is a missing word
         "unknown_token_share": (None if tok.unk_token_id is None else round(float(
             ((roll.response_ids == tok.unk_token_id) & roll.response_mask.bool()).sum() / roll.response_mask.sum()), 4)),
+        "clear_pairs_ordered_by": clear_pairs_ordered_by(gold, sentiment, q, n) if samples > 1 else None,
         "mean_response_words": round(float(np.mean([len(r.split()) for r in roll.responses])), 2),
         "examples": [{"prompt": p, "response": r, "q": round(float(x), 3)}
                      for p, r, x in list(zip(roll.prompts, roll.responses, q))[: 8 * samples: samples]],
