@@ -176,3 +176,27 @@ def test_eval(arch, data, tmp_path, lora):
     assert isinstance(res, dict)
     if lora:  # the adapter was applied: the policy is not its base
         assert res["kl"]["mean"] != 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_wraps_every_architecture_without_warnings(tmp_path, arch):
+    """LoRA on each architecture says nothing a user cannot act on: GPT-2's Conv1D projections
+    get fan_in_fan_out from us (peft would set it with a warning), and peft's read of the
+    deprecated `is_gradient_checkpointing` is not shown. The adapter starts as a no-op."""
+    import warnings
+
+    from rlhfkit.config import ModelArgs
+    from rlhfkit.models import load_policy
+    from rlhfkit.models.lora import apply_lora
+
+    model = load_policy(make_model_folder(arch, tmp_path / arch), trainable=True)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = apply_lora(model, ModelArgs(use_lora=True, lora_r=2, lora_alpha=4))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(ids).logits, before)
+    if arch == "gpt2":
+        assert wrapped.peft_config["default"].fan_in_fan_out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,9 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
     targets: Any = args.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    # GPT-2's projections are transformers' Conv1D, whose weight is stored transposed: peft
+    # needs fan_in_fan_out=True for them (it would set it itself, with a warning)
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     cfg = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -29,9 +33,14 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
         target_modules=targets,
         task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        fan_in_fan_out=conv1d,
     )
     try:
-        return get_peft_model(model, cfg)
+        with warnings.catch_warnings():
+            # peft reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates
+            # in favour of `is_activation_checkpointing`: nothing a user could change
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return get_peft_model(model, cfg)
     except ValueError as e:
         if "not found" not in str(e) and "target" not in str(e).lower():
             raise
