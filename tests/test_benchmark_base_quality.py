@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from benchmarks.base_quality import clear_pairs_ordered_by, q1_share
 
 
