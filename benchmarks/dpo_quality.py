@@ -98,10 +98,9 @@ def pipeline(quick: bool) -> dict:
     counts_file = prefs.with_name(prefs.name.replace("preferences", "counts").replace(".jsonl", ".json"))
     counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
     if not prefs.is_file() or counts.get("pairs") != cfg.comparison_prompts:  # missing, or cached for another count
-        prefs, _ = demo.collect_comparisons(cfg, str(sft), root)
+        prefs, counts = demo.collect_comparisons(cfg, str(sft), root)
         for stale in ("reward", "rejection_sampling"):  # bon_curve's reward model and its rounds used the old ones
             shutil.rmtree(root / stale, ignore_errors=True)
-        counts = json.loads(counts_file.read_text()) if counts_file.is_file() else {}
     return {"sft": str(sft), "prefs": str(prefs), "counts": counts, "max_new_tokens": cfg.max_new_tokens,
             "base": base_file.read_text() if base_file.is_file() else "unknown"}
 
@@ -110,7 +109,8 @@ def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> di
     from rlhfkit.recipes import dpo
 
     hp = dict(VARIANTS[loss])
-    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), overwrite=True, per_device_train_batch_size=16,
+    cfg = dpo.Config(model=sft, dataset=prefs, loss=loss, output_dir=str(out), overwrite=True,
+                     per_device_train_batch_size=4 if quick else 16,  # --quick labels a couple of dozen pairs
                      num_train_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
                      lr_scheduler_type="linear", warmup_steps=0 if quick else 10, logging_steps=10, report_to="jsonl",
                      progress=False, seed=0, ref_cache_dir=str(WORK / "ref_cache"), **hp)

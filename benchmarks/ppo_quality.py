@@ -49,7 +49,6 @@ ALGOS = {
 }
 
 
-
 def preference_data(policy: Path, n_pairs: int) -> Path:
     """Simulated-annotator labels on pairs of policy_0's samples (cached per policy)."""
     import torch
@@ -115,17 +114,13 @@ def _finished(out: Path, cfg) -> tuple[dict | None, float]:
     done, meta, saved = out / "final_metrics.json", out / "meta.json", out / "config.yaml"
     if not (done.is_file() and meta.is_file() and saved.is_file()):
         return None, 0.0
-    def settings(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k != "overwrite"}
-
-    if settings(yaml.safe_load(saved.read_text())) != settings(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))):
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)):
         return None, 0.0
     started = datetime.strptime(json.loads(meta.read_text())["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
     return json.loads(done.read_text()), (done.stat().st_mtime - started) / 60
 
 
 def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
-    import dataclasses
     import importlib
 
     from rlhfkit.runs import read_metrics
@@ -135,13 +130,14 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     kw = {**SHARED, **ALGOS[algo]}
     if quick:
         kw.update(max_steps=4, num_eval_prompts=64)
-    cfg = mod.Config(model=str(policy), reward_model=str(rm), output_dir=str(out), **kw)
+    # overwrite: a run of other settings may hold the folder (a finished run of these is reused)
+    cfg = mod.Config(model=str(policy), reward_model=str(rm), output_dir=str(out), overwrite=True, **kw)
     res, minutes = _finished(out, cfg)
     if res is None:
         for stale in ("metrics.jsonl", "samples.jsonl"):
             (out / stale).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        res = mod.main(dataclasses.replace(cfg, overwrite=True))  # a run of other settings may hold the folder
+        res = mod.main(cfg)
         minutes = (time.perf_counter() - t0) / 60
     rows = read_metrics(out)
     every = max(1, len(rows) // 10)

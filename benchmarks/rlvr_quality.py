@@ -41,7 +41,6 @@ SHARED = dict(prompts="arith", reward=[REWARD], eval_reward="none", eval_prompts
 ALGOS = {"grpo": dict(beta=0.0, loss_type="sequence"), "rloo": dict(beta=0.0)}
 
 
-
 def data_dir() -> Path:
     from rlhfkit.tasks.arith.__main__ import export
 

@@ -105,7 +105,6 @@ def _samples(policy: Path | None, split: str, n_prompts: int | None, k: int) -> 
         return out
 
 
-
 def _label(groups: list[dict], seed: int, pairing: str) -> tuple[list[dict], dict]:
     """Pairs of a prompt's samples, labelled by one simulated annotator each.
 

@@ -111,7 +111,7 @@ def test_hot_routes_issue_a_fixed_number_of_statements(env):
     from rlhfkit.feedback.models import Assignment, Item, Label
 
     with db.read_session() as s:
-        user_id = s.scalar(select(Label.user_id).limit(1))
+        user_id = svc.find_user(s, "alice").id
         assert {i.task_id for i in s.scalars(select(Item))} == {task_id}
         assignments = {a.item_id: a for a in s.scalars(select(Assignment))}
         labels = {lab.item_id: lab for lab in s.scalars(select(Label))}

@@ -534,12 +534,11 @@ def _choose(s: Session, pool: list[int], task: Task, rng: random.Random, scorer)
 
 
 _LABEL_BY_KEY, _LABEL_DONE = aliased(Label, name="label_by_key"), aliased(Label, name="label_done")
-# stand-ins for a task and a user in statements built once with bound parameters (below)
-# (parameter names start with "b_": an UPDATE or INSERT given a parameter named like a column of
-# its table would also set that column)
+# stand-ins for a task and a user in statements built once with bound parameters (below); the
+# parameter names start with "b_", since an UPDATE or INSERT given a parameter named like a
+# column of its table would also set that column
 _TASK = SimpleNamespace(id=bindparam("b_task_id", type_=Integer), overlap=bindparam("b_overlap", type_=Integer))
 _USER = SimpleNamespace(id=bindparam("b_user_id", type_=Integer))
-
 
 
 @functools.cache
@@ -722,21 +721,20 @@ class NeedsTransaction(Exception):
 # CTEs and subqueries in Python costs about 0.3 ms, on every request.
 
 
-def _fast_state_query(task: Task, user: User, limit: int = 32, cutoff=None):
-    cand = candidate_query(task, user, gold=False, limit=limit).add_columns(
+@functools.cache
+def _fast_state_statement(limit: int = 32):
+    """The user's open assignment, whether any assignment of the task expired, and up to `limit`
+    candidates with their slots taken and response counts, in one SELECT (parameters b_task_id,
+    b_user_id, b_overlap, b_cutoff)."""
+    cutoff = bindparam("b_cutoff", type_=DateTime)
+    cand = candidate_query(_TASK, _USER, gold=False, limit=limit).add_columns(
         Item.slots_taken, func.json_array_length(Item.responses).label("k")).subquery("cand")
-    mine = select(Assignment.id).where(*_open_for(task, user, cutoff)).order_by(Assignment.id).limit(1)
+    mine = select(Assignment.id).where(*_open_for(_TASK, _USER, cutoff)).order_by(Assignment.id).limit(1)
     probe = select(mine.scalar_subquery().label("open_id"),
-                   exists().where(*_expired_open(task, cutoff)).label("expired")).subquery("probe")
+                   exists().where(*_expired_open(_TASK, cutoff)).label("expired")).subquery("probe")
     return (select(probe.c.open_id, probe.c.expired, cand.c.id, cand.c.k)
             .select_from(probe.outerjoin(cand, true()))
             .order_by(cand.c.slots_taken.desc(), cand.c.id))
-
-
-@functools.cache
-def _fast_state_statement():
-    """`_fast_state_query` with parameters task_id, user_id, overlap and cutoff."""
-    return _fast_state_query(_TASK, _USER, cutoff=bindparam("b_cutoff", type_=DateTime))
 
 
 @functools.cache
@@ -819,7 +817,8 @@ def submit_label_autocommit(s: Session, task: Task, user: User, item_id: int, ra
               "duration_ms": int((now - assignment.served_at).total_seconds() * 1000), "created_at": now,
               "version": 1, "review_status": "pending"}
     try:
-        label_id = s.scalar(_label_insert_statement(), {**{f"b_{k}": v for k, v in fields.items()}, "b_assignment_id": assignment.id})
+        params = {f"b_{k}": v for k, v in fields.items()}
+        label_id = s.scalar(_label_insert_statement(), {**params, "b_assignment_id": assignment.id})
     except IntegrityError:  # a concurrent retry of the same submission won the race
         s.rollback()
         raise NeedsTransaction("concurrent submit of the same label") from None

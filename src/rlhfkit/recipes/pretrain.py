@@ -6,8 +6,9 @@ The bundled base model is made by one command from the committed config:
 
 Text lines are tokenised, joined with EOS and cut into blocks of `block_size` tokens
 (GPT-style concatenation); every token is a target except the tokenizer's unknown token (a
-word the vocabulary lacks: a model taught to predict it would write it, and it decodes to nothing). Held-out perplexity is reported on the
-corpus's eval split, and a few samples are printed so a person can check they are English.
+word the vocabulary lacks: a model taught to predict it would write it, and it decodes to
+nothing). Held-out perplexity is reported on the corpus's eval split, and a few samples are
+printed so a person can check they are English.
 """
 
 from __future__ import annotations
