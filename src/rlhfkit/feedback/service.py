@@ -356,9 +356,10 @@ def _open_and_expired(s: Session, task: Task, user: User) -> tuple[int | None, b
     return row[0], bool(row[1])
 
 
-def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
+def lock_item(s: Session, item_id: int, skip_locked: bool = False, below: int | None = None) -> bool:
     """Lock one item row for this transaction on PostgreSQL (True when locked; with
-    `skip_locked`, False when another transaction holds it). SQLite needs nothing: its
+    `skip_locked`, False when another transaction holds it; with `below`, False without
+    locking when the item already has that many slots taken). SQLite needs nothing: its
     writers run one at a time (BEGIN IMMEDIATE and the in-process write lock).
 
     Taking a slot is a conditional UPDATE of the item's count (`take_slot`), which is atomic on
@@ -368,8 +369,10 @@ def lock_item(s: Session, item_id: int, skip_locked: bool = False) -> bool:
     """
     if s.get_bind().dialect.name != "postgresql":
         return True
-    q = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=skip_locked)
-    return s.scalar(q) is not None
+    q = select(Item.id).where(Item.id == item_id)
+    if below is not None:
+        q = q.where(Item.slots_taken < below)
+    return s.scalar(q.with_for_update(key_share=True, skip_locked=skip_locked)) is not None
 
 
 def release_expired(s: Session, task: Task) -> int:
@@ -412,9 +415,11 @@ def _take_slot_returning(s: Session, task: Task, item_id: int, gold: bool, skip_
     holds locked is skipped instead of waited for: lock-or-skip and take the slot in one
     statement."""
     target = Item.id == item_id
-    if skip_locked:
-        locked = select(Item.id).where(Item.id == item_id).with_for_update(key_share=True, skip_locked=True)
-        target = Item.id == locked.scalar_subquery()
+    if skip_locked:  # lock only an item with a free slot (see `_claim`)
+        locked = select(Item.id).where(Item.id == item_id)
+        if not gold:
+            locked = locked.where(Item.slots_taken < task.overlap)
+        target = Item.id == locked.with_for_update(key_share=True, skip_locked=True).scalar_subquery()
     cond = target if gold else and_(target, Item.slots_taken < task.overlap)
     return s.scalars(update(Item).where(cond).values(slots_taken=Item.slots_taken + 1).returning(Item)
                      .execution_options(synchronize_session=False, populate_existing=True)).first()
@@ -508,7 +513,7 @@ def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = 
             item = _take_slot_returning(s, task, item_id, gold=False, skip_locked=True)
             if item is not None:
                 return item
-        elif lock_item(s, item_id, skip_locked=not wait):
+        elif lock_item(s, item_id, skip_locked=not wait, below=task.overlap):
             item = _take_slot_returning(s, task, item_id, gold=False)
             if item is not None:
                 return item
