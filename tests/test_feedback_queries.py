@@ -172,3 +172,23 @@ def test_dropped_connections_are_a_503_then_the_pool_reconnects(env):
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert client.get(f"/api/tasks/{task_id}/next", headers=headers).status_code == 200
     assert client.get(f"/api/tasks/{task_id}/next", headers=headers).status_code == 200
+
+
+def test_a_deadlock_victim_is_a_503_to_retry(env, monkeypatch):
+    """PostgreSQL aborts one transaction of a deadlock (or a serialization conflict): nothing
+    was written, so the client is told to retry (503, Retry-After) instead of getting a 500."""
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    db, client, headers, task_id = env
+
+    def victim(*args, **kwargs):
+        raise sa_exc.OperationalError("UPDATE items ...", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    monkeypatch.setattr(svc, "next_assignment", victim)
+    monkeypatch.setattr(svc, "next_assignment_autocommit", victim)
+    r = client.get(f"/api/tasks/{task_id}/next", headers=headers)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert "retry" in r.json()["detail"]
+    monkeypatch.undo()
+    assert client.get(f"/api/tasks/{task_id}/next", headers=headers).status_code == 200

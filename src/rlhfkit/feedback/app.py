@@ -118,6 +118,9 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
     raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
 
 
+TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
 def principal_dependency(db: Database):
     def principal(request: Request) -> None:
         with db.lookup_session() as s:  # authenticate reads one row
@@ -242,6 +245,11 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
         if exc.connection_invalidated:
             return JSONResponse({"detail": "the database connection was lost; retry"}, status_code=503,
                                 headers={"Retry-After": "1"})
+        # PostgreSQL broke a deadlock or a serialization conflict by aborting this transaction:
+        # nothing was written, and the same request succeeds when sent again
+        if getattr(exc.orig, "sqlstate", None) in TRANSIENT_SQLSTATES:
+            return JSONResponse({"detail": "a concurrent request conflicted with this one; retry"},
+                                status_code=503, headers={"Retry-After": "1"})
         raise exc
 
     @app.exception_handler(AuthError)
