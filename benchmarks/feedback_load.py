@@ -18,6 +18,14 @@ sqlite), reported in `flat_out_repeat`, with both runs' labels/s and their mean 
 (`flat_out_labels_per_s`, `flat_out_labels_per_s_mean`); every run records the machine's load
 average (os.getloadavg) when it began and ended.
 
+Each flat-out run also says where the CPU went (`cpu_ms_per_label`, read from /proc): the
+server process since it became healthy (summed over the restart), every PostgreSQL process
+(backends that exit included, through the postmaster's reaped-children time), the load
+generator, and `server_side` = server + database, which compares the two databases on the
+same work whatever the load generator costs; `server_side_cpu_ms_per_label_mean` averages it
+over both runs. Each annotator has its own HTTP client and connection, as each annotator's
+browser has.
+
 Then a paced run per database (JSON `paced`): each of the 50 annotators reads for 2-5 s
 (uniform) before submitting, and fetches its next item right after the acknowledgement, while
 it reads (the page prefetches it), for PACED_SECONDS. Reported: p50/p95 of the submits (what
@@ -37,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 
 import httpx
 import numpy as np
@@ -75,10 +83,49 @@ def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
     return task_id, tokens
 
 
+def _cpu_s(stat_path: str, children: bool = False) -> float | None:
+    """CPU seconds (user + system) of one process from /proc (with `children`, also those of
+    its children it has waited for); None where the process or /proc is not there."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _database_cpu_s() -> float | None:
+    """CPU seconds of every PostgreSQL process on this machine. The server's backends that exit
+    (the killed server's connections) move into the postmaster's reaped-children time, which
+    is counted too, so nothing is lost when they go. None without /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "postgres":
+                    continue
+        except OSError:
+            continue
+        total += _cpu_s(f"/proc/{entry}/stat", children=True) or 0.0
+    return total
+
+
 class Server:
     def __init__(self, url: str, port: int, log):
         self.url, self.port, self.log = url, port, log
         self.proc: subprocess.Popen | None = None
+        self._spent, self._base = 0.0, 0.0  # CPU seconds of servers killed; of this one at start
+
+    def busy_s(self) -> float | None:
+        """CPU seconds the server processes spent since they became healthy (start-up and
+        imports excluded), summed over restarts; None without /proc."""
+        now = _cpu_s(f"/proc/{self.proc.pid}/stat") if self.proc and self.proc.poll() is None else self._base
+        return None if now is None else self._spent + now - self._base
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "rlhfkit.feedback.cli", "run", "--db", self.url, "--port", str(self.port),
@@ -88,6 +135,7 @@ class Server:
         while time.time() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    self._base = _cpu_s(f"/proc/{self.proc.pid}/stat") or 0.0
                     return
             except httpx.HTTPError:
                 pass
@@ -98,6 +146,7 @@ class Server:
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self._spent += (_cpu_s(f"/proc/{self.proc.pid}/stat") or self._base) - self._base
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
@@ -108,6 +157,13 @@ class Server:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _client() -> httpx.AsyncClient:
+    """One annotator's HTTP client: its own keep-alive connection, as each annotator's browser
+    has. (One client shared by all 50 made httpx scan its whole pool on every request and
+    response: half the load generator's CPU, taken from the server it shares the machine with.)"""
+    return httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
 
 
 async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: str, state: dict, rng: random.Random):
@@ -169,7 +225,6 @@ async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: 
 async def _drive(base: str, task_id: int, tokens: list[str], target: int, server: Server, seed: int) -> dict:
     state = {"acked": {}, "acked_count": 0, "target": target, "submit_ms": [], "next_ms": [], "errors": [],
              "resends": 0, "resend_mismatch": 0, "replays_after_kill": 0, "kills": []}
-    limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
 
     async def killer():
         while state["acked_count"] < KILL_AT * target:
@@ -180,11 +235,12 @@ async def _drive(base: str, task_id: int, tokens: list[str], target: int, server
         await asyncio.to_thread(server.start)
         state["kills"].append({"after_acked_labels": at, "downtime_s": round(time.perf_counter() - t0, 2)})
 
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(_client()) for _ in tokens]
         t0 = time.perf_counter()
         kill_task = asyncio.create_task(killer())
         await asyncio.gather(*[_annotator(client, base, task_id, tok, state, random.Random(seed + i))
-                               for i, tok in enumerate(tokens)])
+                               for i, (client, tok) in enumerate(zip(clients, tokens))])
         state["seconds"] = time.perf_counter() - t0
         if not kill_task.done():
             kill_task.cancel()
@@ -264,12 +320,12 @@ def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
         state = {"submit_ms": [], "next_ms": [], "errors": []}
 
         async def drive():
-            limits = httpx.Limits(max_connections=annotators + 10, max_keepalive_connections=annotators + 10)
-            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            async with AsyncExitStack() as clients:
+                each = [await clients.enter_async_context(_client()) for _ in tokens]
                 until = time.perf_counter() + seconds
                 await asyncio.gather(*[_paced_annotator(client, f"http://127.0.0.1:{port}", task_id, tok, state,
                                                         random.Random(seed + i), until)
-                                       for i, tok in enumerate(tokens)])
+                                       for i, (client, tok) in enumerate(zip(each, tokens))])
 
         load_before = os.getloadavg()
         t0 = time.perf_counter()
@@ -289,6 +345,18 @@ def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
             # the machine's 1/5/15-minute load averages (os.getloadavg) when the run began and ended
             "load_average_start": [round(x, 2) for x in load_before],
             "load_average_end": [round(x, 2) for x in load_after]}
+
+
+def _cpu_per_label(before: tuple, after: tuple, labels: int) -> dict:
+    """Where the CPU went, in ms per acknowledged label: the server process (with SQLite, the
+    database's work too: it runs inside), the PostgreSQL processes (whatever else they did
+    meanwhile included), the load generator (this process), and the server side (server +
+    database) that the two databases are compared on."""
+    spent = {k: None if a is None or b is None else 1000 * (b - a) / max(labels, 1)
+             for k, a, b in zip(("server", "database", "load_generator"), before, after)}
+    if spent["server"] is not None and spent["database"] is not None:
+        spent["server_side"] = spent["server"] + spent["database"]
+    return {k: None if v is None else round(v, 2) for k, v in spent.items()}
 
 
 def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
@@ -315,7 +383,9 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
         server.start()
         stack.callback(server.stop)
         load_before = os.getloadavg()
+        cpu_before = (server.busy_s(), _database_cpu_s(), time.process_time())
         state = asyncio.run(_drive(f"http://127.0.0.1:{port}", task_id, tokens, target, server, seed))
+        cpu_after = (server.busy_s(), _database_cpu_s(), time.process_time())
         load_after = os.getloadavg()
         server.stop()
         audit = _audit(url, state, tokens)
@@ -331,6 +401,7 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
             "replayed_after_kill": state["replays_after_kill"], "kills": state["kills"],
             "errors": len(state["errors"]), "first_errors": state["errors"][:3],
             "seconds": round(state["seconds"], 2), "labels_per_s": round(len(state["acked"]) / state["seconds"], 1),
+            "cpu_ms_per_label": _cpu_per_label(cpu_before, cpu_after, len(state["acked"])),
             "load_average_start": [round(x, 2) for x in load_before],
             "load_average_end": [round(x, 2) for x in load_after],
             "_submit_ms": submit,
@@ -361,11 +432,18 @@ def run(quick: bool = False) -> dict:
     # two databases average it out
     repeat = {b: _one(b, annotators, target, seed=2) for b in ("postgres", "sqlite")}
     out["flat_out_repeat"] = {b: {k: r[k] for k in ("labels_per_s", "p50_ms", "p95_ms", "over_assigned", "lost",
-                                                    "duplicated", "load_average_start", "load_average_end")}
+                                                    "duplicated", "cpu_ms_per_label", "load_average_start",
+                                                    "load_average_end")}
                               for b, r in repeat.items() if "labels" in r}
     out["flat_out_labels_per_s"] = {b: [out[b]["labels_per_s"], out["flat_out_repeat"][b]["labels_per_s"]]
                                     for b in out["flat_out_repeat"] if "labels_per_s" in out[b]}
     out["flat_out_labels_per_s_mean"] = {b: round(float(np.mean(v)), 1) for b, v in out["flat_out_labels_per_s"].items()}
+    # the same work measured without the load generator: CPU of the server and the database
+    # per label, averaged over both flat-out runs
+    out["server_side_cpu_ms_per_label_mean"] = {
+        b: round(float(np.mean([out[b]["cpu_ms_per_label"]["server_side"],
+                                out["flat_out_repeat"][b]["cpu_ms_per_label"]["server_side"]])), 2)
+        for b in out["flat_out_repeat"] if out[b]["cpu_ms_per_label"].get("server_side") is not None}
     print(f"feedback_load flat-out repeat: {out['flat_out_repeat']}", file=sys.stderr, flush=True)
     seconds = 10 if quick else PACED_SECONDS
     out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
