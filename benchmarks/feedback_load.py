@@ -161,9 +161,11 @@ class Server:
 
 def _client() -> httpx.AsyncClient:
     """One annotator's HTTP client: its own keep-alive connection, as each annotator's browser
-    has. (One client shared by all 50 made httpx scan its whole pool on every request and
+    has, kept while the annotator reads (httpx's default closes it after 5 s idle; browsers
+    keep idle connections far longer). (One client shared by all 50 made httpx scan its whole pool on every request and
     response: half the load generator's CPU, taken from the server it shares the machine with.)"""
-    return httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60)
+    return httpx.AsyncClient(timeout=60, limits=limits)
 
 
 async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: str, state: dict, rng: random.Random):

@@ -110,3 +110,15 @@ def test_admin_commands_have_help():
         out = subprocess.run([sys.executable, "-m", "rlhfkit.feedback.cli", command, "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert out.startswith(f"usage: rlhfkit serve {command}") and "--db" in out
+
+
+def test_run_keeps_idle_connections_open_while_annotators_read(url, monkeypatch):
+    """uvicorn closes a connection idle for 5 s by default: annotators reading for longer would
+    open a new one for most submits. `serve run` keeps them 75 s unless told otherwise."""
+    import uvicorn
+
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.append(kwargs))
+    assert cli(["run", "--db", url, "--uncertainty-scorer", "none"]) == 0
+    assert cli(["run", "--db", url, "--uncertainty-scorer", "none", "--keep-alive", "20"]) == 0
+    assert [kw["timeout_keep_alive"] for kw in seen] == [75, 20]

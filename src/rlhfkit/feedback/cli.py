@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="database connections, and so requests doing database work at once (default: twice "
                              "the cores, at least 4; more concurrent transactions than that only contend for CPU "
                              "and locks)")
+        sp.add_argument("--keep-alive", type=_positive_int, default=75, metavar="SECONDS",
+                        help="how long an idle connection stays open (default 75 s, as nginx's keepalive_timeout): "
+                             "annotators read for seconds between submits, and with uvicorn's default of 5 s "
+                             "most submits would open a new connection")
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
@@ -184,7 +188,8 @@ def _run(args) -> int:
         scorer = OnlineScorer()
     app = create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer, secure_cookies=args.secure_cookies)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_keep_alive=args.keep_alive)
     return 0
 
 
