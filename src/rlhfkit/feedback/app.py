@@ -12,6 +12,7 @@ Each write commits before the response is sent: an acknowledged label is on disk
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -28,8 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import Connection, String, bindparam, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, make_transient_to_detached
 from starlette.concurrency import run_in_threadpool
 
@@ -90,32 +92,60 @@ class AuthError(Exception):
 # authentication
 
 
+@functools.cache
+def _principal_statements():
+    """The token and the browser-session lookups, each one SELECT of plain columns (the
+    credential's checks and the user's columns), built once with a bound digest: loading them
+    as ORM entities cost more Python than the database round trip itself."""
+    user_columns = [attr.columns[0].label(f"u_{attr.key}") for attr in sa_inspect(User).column_attrs]
+    digest_param = bindparam("b_digest", type_=String)
+    by_token = (select(ApiToken.revoked, ApiToken.expires_at, *user_columns)
+                .join_from(ApiToken, User, User.id == ApiToken.user_id).where(ApiToken.token_hash == digest_param))
+    by_session = (select(LoginSession.expires_at, LoginSession.csrf_token, *user_columns)
+                  .join_from(LoginSession, User, User.id == LoginSession.user_id)
+                  .where(LoginSession.session_hash == digest_param))
+    return by_token, by_session
+
+
+def _user_of(row) -> User:
+    """A detached User (in no session, as if loaded and the session closed) from a row of
+    `_principal_statements`; sessions take it with `merge(load=False)`, without a query."""
+    m = row._mapping
+    user = User(**{attr.key: m[f"u_{attr.key}"] for attr in sa_inspect(User).column_attrs})
+    make_transient_to_detached(user)
+    return user
+
+
+def lookup_principal(request: Request, conn: Session | Connection) -> tuple[User, str | None]:
+    """(user, csrf token or None for Bearer auth) from the request's credentials, one statement
+    on `conn`; the user is detached. Raises AuthError(401) when anonymous."""
+    by_token, by_session = _principal_statements()
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        row = conn.execute(by_token, {"b_digest": digest(header[7:].strip())}).first()
+        if row is None or row.revoked or not row.u_active or \
+                (row.expires_at is not None and row.expires_at <= utcnow()):
+            raise AuthError(401, "invalid, expired or revoked API token")
+        return _user_of(row), None
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        row = conn.execute(by_session, {"b_digest": digest(cookie)}).first()
+        if row is not None and row.expires_at > utcnow() and row.u_active:
+            return _user_of(row), row.csrf_token
+    raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
+
+
 def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
-    """Return (user, csrf token or None for Bearer auth); raise AuthError(401) when anonymous.
+    """Return (user, csrf token or None for Bearer auth), the user in session `s`; raise
+    AuthError(401) when anonymous.
 
     The route dependency `principal` has usually authenticated the request already (before
     the body was validated, so anonymous callers learn nothing about the API); then the user
     it loaded is attached to the caller's session without another query (one lookup per
     request, not three).
     """
-    known = getattr(request.state, "principal", None)
-    if known is not None:
-        return s.merge(known[0], load=False), known[1]
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        row = s.execute(select(ApiToken, User).join(User, User.id == ApiToken.user_id)
-                        .where(ApiToken.token_hash == digest(header[7:].strip()))).first()
-        if row is None or row[0].revoked or not row[1].active or \
-                (row[0].expires_at is not None and row[0].expires_at <= utcnow()):
-            raise AuthError(401, "invalid, expired or revoked API token")
-        return row[1], None
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        row = s.execute(select(LoginSession, User).join(User, User.id == LoginSession.user_id)
-                        .where(LoginSession.session_hash == digest(cookie))).first()
-        if row is not None and row[0].expires_at > utcnow() and row[1].active:
-            return row[1], row[0].csrf_token
-    raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
+    known = getattr(request.state, "principal", None) or lookup_principal(request, s)
+    return s.merge(known[0], load=False), known[1]
 
 
 TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -123,9 +153,8 @@ TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_dete
 
 def principal_dependency(db: Database):
     def principal(request: Request) -> None:
-        with db.lookup_session() as s:  # authenticate reads one row
-            user, csrf = authenticate(request, s)
-            request.state.principal = (user, csrf)
+        with db.lookup_connection() as conn:  # one row, without an ORM session
+            request.state.principal = lookup_principal(request, conn)
     return principal
 
 

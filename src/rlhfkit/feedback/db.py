@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -116,9 +116,9 @@ class Database:
         self.read_factory = sessionmaker(self.engine.execution_options(rlhfkit_readonly=True), expire_on_commit=False)
         # one-statement lookups (the caller's token or session on every request): on PostgreSQL
         # in autocommit, which saves the BEGIN and ROLLBACK round trips a transaction costs
-        lookup_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT") \
+        self.lookup_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT") \
             if self.backend == "postgresql" else self.engine.execution_options(rlhfkit_readonly=True)
-        self.lookup_factory = sessionmaker(lookup_engine, expire_on_commit=False)
+        self.lookup_factory = sessionmaker(self.lookup_engine, expire_on_commit=False)
 
     @property
     def backend(self) -> str:
@@ -158,6 +158,12 @@ class Database:
             yield s
         finally:
             s.close()
+
+    @contextlib.contextmanager
+    def lookup_connection(self) -> Iterator[Connection]:
+        """`lookup_session` without the ORM: a Core connection for one read statement."""
+        with self.lookup_engine.connect() as conn:
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
