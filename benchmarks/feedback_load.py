@@ -18,6 +18,10 @@ sqlite), reported in `flat_out_repeat`, with both runs' labels/s and their mean 
 (`flat_out_labels_per_s`, `flat_out_labels_per_s_mean`); every run records the machine's load
 average (os.getloadavg) when it began and ended.
 
+Then the comparison on the same work (`flat_out_comparison`): COMPARE_ROUNDS rounds of
+postgres, sqlite, sqlite, postgres, 3,000 labels each, no kill, with per-run figures, the means
+and PostgreSQL's ratio to SQLite in labels/s and in server-side CPU per label.
+
 Each flat-out run also says where the CPU went (`cpu_ms_per_label`, read from /proc): the
 server process since it became healthy (summed over the restart), every PostgreSQL process
 (backends that exit included, through the postmaster's reaped-children time), the load
@@ -57,6 +61,8 @@ KILL_AT = 0.4
 RESEND_RATE = 0.05
 PASSWORD = "load-test-password"
 PACED_SECONDS = 75
+COMPARE_LABELS = 3000  # labels per run of the alternating comparison (no kill)
+COMPARE_ROUNDS = 2  # of postgres, sqlite, sqlite, postgres
 PACED_THINK_S = (2.0, 5.0)
 
 
@@ -224,12 +230,13 @@ async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: 
                 pass
 
 
-async def _drive(base: str, task_id: int, tokens: list[str], target: int, server: Server, seed: int) -> dict:
+async def _drive(base: str, task_id: int, tokens: list[str], target: int, server: Server, seed: int,
+                 kill: bool = True) -> dict:
     state = {"acked": {}, "acked_count": 0, "target": target, "submit_ms": [], "next_ms": [], "errors": [],
              "resends": 0, "resend_mismatch": 0, "replays_after_kill": 0, "kills": []}
 
     async def killer():
-        while state["acked_count"] < KILL_AT * target:
+        while state["acked_count"] < KILL_AT * target or not kill:
             await asyncio.sleep(0.02)
         t0 = time.perf_counter()
         at = state["acked_count"]
@@ -361,7 +368,7 @@ def _cpu_per_label(before: tuple, after: tuple, labels: int) -> dict:
     return {k: None if v is None else round(v, 2) for k, v in spent.items()}
 
 
-def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
+def _one(backend: str, annotators: int, target: int, seed: int, kill: bool = True) -> dict:
     from rlhfkit.feedback.testing import (
         free_port,
         postgres_unavailable_reason,
@@ -386,7 +393,7 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
         stack.callback(server.stop)
         load_before = os.getloadavg()
         cpu_before = (server.busy_s(), _database_cpu_s(), time.process_time())
-        state = asyncio.run(_drive(f"http://127.0.0.1:{port}", task_id, tokens, target, server, seed))
+        state = asyncio.run(_drive(f"http://127.0.0.1:{port}", task_id, tokens, target, server, seed, kill))
         cpu_after = (server.busy_s(), _database_cpu_s(), time.process_time())
         load_after = os.getloadavg()
         server.stop()
@@ -408,6 +415,29 @@ def _one(backend: str, annotators: int, target: int, seed: int) -> dict:
             "load_average_end": [round(x, 2) for x in load_after],
             "_submit_ms": submit,
         }
+
+
+def _compare(annotators: int, target: int, rounds: int) -> dict:
+    """The two databases on the same work, without the kill: `rounds` x (postgres, sqlite,
+    sqlite, postgres), each run on a fresh database and server; per run labels/s and CPU per
+    label, then the means and PostgreSQL's ratio to SQLite. Alternating cancels the machine's
+    drift (its speed moves by 10-20 % over minutes), which one pair of runs cannot."""
+    runs: dict[str, list] = {"postgres": [], "sqlite": []}
+    for i, backend in enumerate(["postgres", "sqlite", "sqlite", "postgres"] * rounds):
+        res = _one(backend, annotators, target, seed=100 + i, kill=False)
+        if "labels" not in res:
+            return {"skipped": res.get("skipped", "a database is unavailable")}
+        runs[backend].append({"labels_per_s": res["labels_per_s"], "cpu_ms_per_label": res["cpu_ms_per_label"],
+                              "lost": res["lost"], "over_assigned": res["over_assigned"]})
+    mean = {b: {"labels_per_s": round(float(np.mean([r["labels_per_s"] for r in v])), 1),
+                "server_side_cpu_ms_per_label": round(float(np.mean([r["cpu_ms_per_label"]["server_side"]
+                                                                     for r in v])), 2)} for b, v in runs.items()}
+    return {"labels_per_run": target, "order": "postgres, sqlite, sqlite, postgres" + f" x {rounds}",
+            "runs": runs, "mean": mean,
+            "postgres_over_sqlite_labels_per_s": round(mean["postgres"]["labels_per_s"]
+                                                       / mean["sqlite"]["labels_per_s"], 3),
+            "postgres_over_sqlite_server_side_cpu": round(mean["postgres"]["server_side_cpu_ms_per_label"]
+                                                          / mean["sqlite"]["server_side_cpu_ms_per_label"], 3)}
 
 
 def run(quick: bool = False) -> dict:
@@ -447,6 +477,8 @@ def run(quick: bool = False) -> dict:
                                 out["flat_out_repeat"][b]["cpu_ms_per_label"]["server_side"]])), 2)
         for b in out["flat_out_repeat"] if out[b]["cpu_ms_per_label"].get("server_side") is not None}
     print(f"feedback_load flat-out repeat: {out['flat_out_repeat']}", file=sys.stderr, flush=True)
+    out["flat_out_comparison"] = _compare(annotators, COMPARE_LABELS if not quick else target, COMPARE_ROUNDS)
+    print(f"feedback_load flat-out comparison: {out['flat_out_comparison']}", file=sys.stderr, flush=True)
     seconds = 10 if quick else PACED_SECONDS
     out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
     print(f"feedback_load paced: {out['paced']}", file=sys.stderr, flush=True)
