@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 
 import httpx
 import numpy as np
@@ -165,13 +165,16 @@ class Server:
                 self.kill()
 
 
-def _client() -> httpx.AsyncClient:
-    """One annotator's HTTP client: its own keep-alive connection, as each annotator's browser
-    has, kept while the annotator reads (httpx's default closes it after 5 s idle; browsers
-    keep idle connections far longer). (One client shared by all 50 made httpx scan its whole pool on every request and
-    response: half the load generator's CPU, taken from the server it shares the machine with.)"""
+@asynccontextmanager
+async def _clients(n: int):
+    """One HTTP client per annotator, each with its own keep-alive connection as each
+    annotator's browser has, kept while the annotator reads (httpx's default closes it after
+    5 s idle; browsers keep idle connections far longer). One client shared by all 50 made
+    httpx scan its whole pool on every request and response: half the load generator's CPU,
+    taken from the server it shares the machine with."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60)
-    return httpx.AsyncClient(timeout=60, limits=limits)
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(httpx.AsyncClient(timeout=60, limits=limits)) for _ in range(n)]
 
 
 async def _annotator(client: httpx.AsyncClient, base: str, task_id: int, token: str, state: dict, rng: random.Random):
@@ -236,7 +239,7 @@ async def _drive(base: str, task_id: int, tokens: list[str], target: int, server
              "resends": 0, "resend_mismatch": 0, "replays_after_kill": 0, "kills": []}
 
     async def killer():
-        while state["acked_count"] < KILL_AT * target or not kill:
+        while state["acked_count"] < KILL_AT * target:
             await asyncio.sleep(0.02)
         t0 = time.perf_counter()
         at = state["acked_count"]
@@ -244,14 +247,13 @@ async def _drive(base: str, task_id: int, tokens: list[str], target: int, server
         await asyncio.to_thread(server.start)
         state["kills"].append({"after_acked_labels": at, "downtime_s": round(time.perf_counter() - t0, 2)})
 
-    async with AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(_client()) for _ in tokens]
+    async with _clients(len(tokens)) as clients:
         t0 = time.perf_counter()
-        kill_task = asyncio.create_task(killer())
+        kill_task = asyncio.create_task(killer()) if kill else None
         await asyncio.gather(*[_annotator(client, base, task_id, tok, state, random.Random(seed + i))
                                for i, (client, tok) in enumerate(zip(clients, tokens))])
         state["seconds"] = time.perf_counter() - t0
-        if not kill_task.done():
+        if kill_task is not None and not kill_task.done():
             kill_task.cancel()
     return state
 
@@ -329,8 +331,7 @@ def _paced(backend: str, annotators: int, seconds: float, seed: int) -> dict:
         state = {"submit_ms": [], "next_ms": [], "errors": []}
 
         async def drive():
-            async with AsyncExitStack() as clients:
-                each = [await clients.enter_async_context(_client()) for _ in tokens]
+            async with _clients(len(tokens)) as each:
                 until = time.perf_counter() + seconds
                 await asyncio.gather(*[_paced_annotator(client, f"http://127.0.0.1:{port}", task_id, tok, state,
                                                         random.Random(seed + i), until)

@@ -82,6 +82,9 @@ QueryId = Annotated[int | None, Query(ge=1, le=INT_MAX)]
 PathName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
+TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected: retry the request
+
+
 class AuthError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -146,9 +149,6 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
     """
     known = getattr(request.state, "principal", None) or lookup_principal(request, s)
     return s.merge(known[0], load=False), known[1]
-
-
-TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 
 def principal_dependency(db: Database):

@@ -356,23 +356,22 @@ def _open_and_expired(s: Session, task: Task, user: User) -> tuple[int | None, b
     return row[0], bool(row[1])
 
 
-def lock_item(s: Session, item_id: int, skip_locked: bool = False, below: int | None = None) -> bool:
-    """Lock one item row for this transaction on PostgreSQL (True when locked; with
-    `skip_locked`, False when another transaction holds it; with `below`, False without
-    locking when the item already has that many slots taken). SQLite needs nothing: its
-    writers run one at a time (BEGIN IMMEDIATE and the in-process write lock).
+def _locked_if_free(item_id, overlap, skip_locked: bool):
+    """Scalar subquery: `item_id` once its row is locked for this transaction, provided the item
+    still has a free slot (`slots_taken < overlap`; overlap None: gold items, no limit). With
+    `skip_locked`, an item another transaction holds gives NULL instead of a wait.
 
-    Taking a slot is a conditional UPDATE of the item's count (`take_slot`), which is atomic on
-    its own; locking first with SKIP LOCKED lets concurrent /next calls move on to other
-    candidates instead of queueing on one row. FOR NO KEY UPDATE does not conflict with the
-    KEY SHARE locks that inserting labels and assignments takes on the item.
+    Only an item with a free slot is locked, so a transaction holds at most the lock of the
+    item it is taking and commits right after. Transactions that kept the locks of items they
+    had found full deadlocked in the waiting round of `_claim`. FOR NO KEY UPDATE does not
+    conflict with the KEY SHARE locks that inserting labels and assignments takes on the item.
+    SQLite renders no lock clause and needs none: its writers run one at a time (BEGIN
+    IMMEDIATE and the in-process write lock).
     """
-    if s.get_bind().dialect.name != "postgresql":
-        return True
     q = select(Item.id).where(Item.id == item_id)
-    if below is not None:
-        q = q.where(Item.slots_taken < below)
-    return s.scalar(q.with_for_update(key_share=True, skip_locked=skip_locked)) is not None
+    if overlap is not None:
+        q = q.where(Item.slots_taken < overlap)
+    return q.with_for_update(key_share=True, skip_locked=skip_locked).scalar_subquery()
 
 
 def release_expired(s: Session, task: Task) -> int:
@@ -409,17 +408,14 @@ def take_slot(s: Session, task: Task, item_id: int, gold: bool) -> bool:
     return bool(done.rowcount)
 
 
-def _take_slot_returning(s: Session, task: Task, item_id: int, gold: bool, skip_locked: bool = False) -> Item | None:
+def _take_slot_returning(s: Session, task: Task, item_id: int, gold: bool, lock: bool = False,
+                         wait: bool = False) -> Item | None:
     """`take_slot` that also reads the item back (UPDATE ... RETURNING: one round trip for the
-    claim and the item to show). With `skip_locked` (PostgreSQL), an item another transaction
-    holds locked is skipped instead of waited for: lock-or-skip and take the slot in one
-    statement."""
+    claim and the item to show). With `lock` (PostgreSQL), the row is locked first in the same
+    statement (`_locked_if_free`): an item another transaction holds is skipped, unless `wait`."""
     target = Item.id == item_id
-    if skip_locked:  # lock only an item with a free slot (see `_claim`)
-        locked = select(Item.id).where(Item.id == item_id)
-        if not gold:
-            locked = locked.where(Item.slots_taken < task.overlap)
-        target = Item.id == locked.with_for_update(key_share=True, skip_locked=True).scalar_subquery()
+    if lock:
+        target = Item.id == _locked_if_free(item_id, None if gold else task.overlap, skip_locked=not wait)
     cond = target if gold else and_(target, Item.slots_taken < task.overlap)
     return s.scalars(update(Item).where(cond).values(slots_taken=Item.slots_taken + 1).returning(Item)
                      .execution_options(synchronize_session=False, populate_existing=True)).first()
@@ -508,15 +504,10 @@ def _claim(s: Session, task: Task, user: User, ordered: list[int], wait: bool = 
     their holders, who commit within one request, rather than report the task finished).
     """
     postgres = s.get_bind().dialect.name == "postgresql"
-    for item_id in ordered:
-        if postgres and not wait:  # lock-or-skip, take the slot and read the item in one round trip
-            item = _take_slot_returning(s, task, item_id, gold=False, skip_locked=True)
-            if item is not None:
-                return item
-        elif lock_item(s, item_id, skip_locked=not wait, below=task.overlap):
-            item = _take_slot_returning(s, task, item_id, gold=False)
-            if item is not None:
-                return item
+    for item_id in ordered:  # lock (or skip), take the slot and read the item in one round trip
+        item = _take_slot_returning(s, task, item_id, gold=False, lock=postgres, wait=wait)
+        if item is not None:
+            return item
     return None
 
 
@@ -746,9 +737,8 @@ def _fast_state_statement(limit: int = 32):
 def _claim_statement():
     """Take one slot of item `item_id` (skipping it when another request holds its row) and
     insert the assignment, in one statement; returns the item and the assignment id, or no row."""
-    locked = (select(Item.id).where(Item.id == bindparam("b_item_id", type_=Integer))
-              .with_for_update(key_share=True, skip_locked=True))
-    claimed = (update(Item).where(Item.id == locked.scalar_subquery(), Item.slots_taken < _TASK.overlap)
+    locked = _locked_if_free(bindparam("b_item_id", type_=Integer), _TASK.overlap, skip_locked=True)
+    claimed = (update(Item).where(Item.id == locked, Item.slots_taken < _TASK.overlap)
                .values(slots_taken=Item.slots_taken + 1).returning(Item.id).cte("claimed"))
     added = (insert(Assignment).from_select(
         ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released"],
