@@ -3,6 +3,7 @@
 A benchmark is a module `benchmarks/NAME.py` with `run(quick: bool = False) -> dict`.
 Speed benchmarks report `ours`, `peer` (None when the peer library is not installed) and
 `ratio` (ours / peer, higher is better); quality benchmarks use the names their issue uses.
+`python -m benchmarks readme` rewrites README.md's benchmark table from the results files.
 Results go to benchmarks/results/NAME.json (written atomically). A benchmark that cannot run
 here (the gpu_* ones without CUDA) prints one line saying why, returns None and writes nothing.
 """
@@ -31,9 +32,14 @@ def available() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="benchmark to run: " + ", ".join(available()))
+    parser.add_argument("name", help="benchmark to run: " + ", ".join(available()) + "; or `readme` to regenerate README.md's table")
     parser.add_argument("--quick", action="store_true", help="a smaller workload to check the benchmark runs (results not saved)")
+    parser.add_argument("--check", action="store_true", help="with `readme`: exit 1 when README.md's table differs from the results")
     args = parser.parse_args(argv)
+    if args.name == "readme":  # not a benchmark: the README's table, regenerated from benchmarks/results
+        from benchmarks import _readme
+
+        return _readme.main(check=args.check)
     if args.name not in available():
         parser.error(f"unknown benchmark {args.name!r}; choose from {', '.join(available())}")
     module = importlib.import_module(f"benchmarks.{args.name}")

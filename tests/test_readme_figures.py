@@ -1,0 +1,25 @@
+"""Every figure in the README's benchmark table is read from benchmarks/results/*.json."""
+
+import json
+
+from benchmarks import _readme
+
+
+def test_readme_table_is_the_one_the_results_give():
+    readme = _readme.README.read_text()
+    assert _readme.START in readme and _readme.END in readme
+    assert _readme.render(readme) == readme, "README.md's benchmark table is stale: run `python -m benchmarks readme`"
+
+
+def test_table_changes_when_a_result_changes(tmp_path, monkeypatch):
+    """The check can fail: a changed figure in a results file changes the rendered table."""
+    for src in _readme.RESULTS.glob("*.json"):
+        (tmp_path / src.name).write_text(src.read_text())
+    before = _readme.table()
+    data = json.loads((tmp_path / "sft_speed.json").read_text())
+    data["ratio"] = data["ratio"] + 1.0
+    (tmp_path / "sft_speed.json").write_text(json.dumps(data))
+    monkeypatch.setattr(_readme, "RESULTS", tmp_path)
+    after = _readme.table()
+    assert before != after
+    assert f"{data['ratio']:.2f}x TRL SFTTrainer" in after
