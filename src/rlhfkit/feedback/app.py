@@ -295,6 +295,10 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
     async def _data(request: Request, exc: DataError):
         return JSONResponse({"detail": str(exc), "field": exc.field, "line": exc.line}, status_code=422)
 
+    @app.exception_handler(svc.Forbidden)
+    async def _forbidden(request: Request, exc: svc.Forbidden):
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
     @app.exception_handler(svc.Conflict)
     async def _conflict(request: Request, exc: svc.Conflict):
         return JSONResponse({"detail": str(exc)}, status_code=409)
@@ -936,9 +940,9 @@ def _page_routes(app, db, templates, rng, secure, auth):
                     raise svc.InvalidAnswer("reason", text_problem(reason))
                 svc.review_label(s, label, user, str(form.get("decision", "")), reason)
                 s.commit()
-            except svc.InvalidAnswer as e:
+            except (svc.InvalidAnswer, svc.Forbidden) as e:
                 s.rollback()
-                error = str(e)
+                error, status = str(e), 403 if isinstance(e, svc.Forbidden) else 422
         if error is not None:
-            return review_page(task_id, request, error=error, status=422)
+            return review_page(task_id, request, error=error, status=status)
         return RedirectResponse(f"/admin/tasks/{task_id}/review", status_code=303)

@@ -45,13 +45,19 @@ def kinds_for(question_type: str) -> list[str]:
     return [k for k, types in KINDS.items() if question_type in types]
 
 
+def is_accepted(label: Label) -> bool:
+    """Accepted by a reviewer other than its annotator: a self-approved label (stored before
+    self-review was refused) does not count."""
+    return label.review_status == "accepted" and label.reviewed_by != label.user_id
+
+
 def _rows(s: Session, task: Task, only_accepted: bool = False
           ) -> tuple[list[qc.LabelRow], dict[int, qc.ItemRow], dict[int, Item]]:
     items = {it.id: it for it in s.scalars(select(Item).where(Item.task_id == task.id))}
     labels = [qc.LabelRow(name, lab.item_id, lab.value, lab.display_order, lab.duration_ms)
               for lab, name in s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
                                          .where(Label.task_id == task.id).order_by(Label.id))
-              if not only_accepted or lab.review_status == "accepted"]
+              if not only_accepted or is_accepted(lab)]
     item_rows = {i: qc.ItemRow(i, len(it.responses), it.is_gold, it.gold_value) for i, it in items.items()}
     return labels, item_rows, items
 

@@ -56,6 +56,16 @@ def name_problem(value: str) -> str | None:
     return problem
 
 
+# invisible characters: a text made only of these says nothing a reader can see
+_INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def is_blank(value: str) -> bool:
+    """True when `value` shows nothing: only whitespace, separators and format characters
+    (zero-width space U+200B, word joiner, BOM, ...), which `str.strip` keeps."""
+    return all(unicodedata.category(ch) in _INVISIBLE for ch in value)
+
+
 def _clean_text(value: str) -> str:
     problem = text_problem(value)
     if problem:

@@ -68,6 +68,7 @@ from rlhfkit.feedback.schemas import (
     MAX_RESPONSES,
     MAX_TEXT,
     first_error,
+    is_blank,
     json_text_problem,
     name_problem,
     text_problem,
@@ -89,6 +90,10 @@ class InvalidAnswer(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"field '{field}': {message}")
         self.field = field
+
+
+class Forbidden(Exception):
+    """The caller may not do this (HTTP 403), whatever its role: e.g. reviewing their own label."""
 
 
 class Conflict(Exception):
@@ -670,8 +675,12 @@ def review_label(s: Session, label: Label, reviewer: User, decision: str, reason
     """Accept or reject a label; a rejection needs a reason the annotator can read."""
     if decision not in ("accepted", "rejected"):
         raise InvalidAnswer("decision", "must be 'accepted' or 'rejected'")
-    if decision == "rejected" and not reason.strip():
-        raise InvalidAnswer("reason", "say why the label is rejected")
+    if label.user_id == reviewer.id:  # a second pair of eyes, or the review means nothing
+        raise Forbidden("you cannot review your own label; another admin must review it")
+    if decision == "rejected" and is_blank(reason):
+        raise InvalidAnswer("reason", "say why the label is rejected (visible text, not only spaces or "
+                                      "invisible characters)")
+    reason = "" if is_blank(reason) else reason
     label.review_status, label.reviewed_by, label.reviewed_at = decision, reviewer.id, utcnow()
     label.review_reason = reason or None
     audit(s, reviewer, f"label.{decision[:-2]}", str(label.id), reason=reason)
