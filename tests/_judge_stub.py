@@ -9,6 +9,8 @@
 
 ``plan`` (a list of "ok", "slow", "malformed", "401", "429", "500", "drop", "unreadable") scripts the next
 requests' failures; ``always`` {substring: failure} fails every request whose body holds it; ``seen`` records each request's body and Authorization header.
+``style`` (a function of "A" or "B") rewrites the pairwise verdicts, e.g. ``lambda v: f"I prefer {v}."``;
+``headers`` adds response headers to the 429/500 failures (Retry-After "0" by default); ``error_body`` replaces their body.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class StubServer:
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
         self.slow_seconds, self.delay = slow_seconds, delay
+        self.style = None
+        self.headers = {"Retry-After": "0"}
+        self.error_body = b'{"error": "try later"}'
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -96,13 +101,16 @@ class StubServer:
                     self.send(401, b'{"error": "invalid api key"}')
                     return
                 if step in ("429", "500"):
-                    self.send(int(step), b'{"error": "try later"}', {"Retry-After": "0"})
+                    self.send(int(step), stub.error_body, stub.headers)
                     return
                 if step == "malformed":
                     self.send(200, b'{"choices": [{"message": {"content": "A"')
                     return
                 content = body["messages"][-1]["content"]
                 text = "I think so." if step == "unreadable" else answer(content)
+                if stub.style is not None and step != "unreadable" and "Response A:" in content \
+                        and "Think step by step" not in content:
+                    text = stub.style(text)
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                 if body.get("logprobs") and text in ("A", "B"):
                     other = "B" if text == "A" else "A"

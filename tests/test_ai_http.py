@@ -50,7 +50,8 @@ def test_position_bias_is_measured_not_hidden():
 def test_each_failure_is_retried_then_answered(failure, counter):
     with StubServer(slow_seconds=1.5) as srv:
         srv.plan = [failure, failure]
-        j = judge(srv.url, concurrency=1, both_orders=False, logprobs=False)
+        # sampled: an unreadable answer is retried only when a new sample may differ
+        j = judge(srv.url, concurrency=1, both_orders=False, logprobs=False, temperature=0.7)
         [v] = j.compare([""], [A[0]], [B[0]])
     assert v.label == 1.0
     assert j.stats[counter] == 2 and j.stats["retries"] == 2 and j.stats["abstained"] == 0

@@ -5,11 +5,13 @@
 * The API key is read from the environment variable ``api_key_env`` (never from the spec, so
   it is not written to configs or logs); no key is sent when the variable is unset.
 * At most ``concurrency`` requests are in flight (httpx's async client, one semaphore).
-* Each request has a ``timeout`` (seconds). Timeouts, dropped connections, HTTP 429 and 5xx,
-  malformed JSON and answers that cannot be read are retried up to ``max_retries`` times with
-  exponential backoff and jitter (``backoff * 2**attempt`` seconds; a 429's Retry-After is
-  honoured when longer), then the item is recorded as abstaining. Each cause is counted in
-  ``stats`` -- never a crash mid-run, never a coin flip.
+* Each request has a ``timeout`` (seconds). Timeouts, dropped connections, HTTP 429 and 5xx and
+  malformed JSON are retried up to ``max_retries`` times with exponential backoff and jitter
+  (``backoff * 2**attempt`` seconds; a 429's Retry-After is honoured when longer), then the item
+  is recorded as abstaining. An answer that cannot be read is retried only when sampling is
+  stochastic (``temperature > 0``): at temperature 0 the same request gets the same answer, so a
+  retry would pay for it twice and abstain anyway. Each cause is counted in ``stats`` -- never a
+  crash mid-run, never a coin flip.
 * Verdicts are cached persistently (``cache=FILE``, SQLite) keyed by the SHA-256 of the full
   request (base URL, model, messages, sampling parameters), so a re-run or a resumed run asks
   only what it has not asked before. Only readable answers are cached.
@@ -18,7 +20,9 @@
 
 Pairwise verdicts are asked in both orders (as the local LLM judge does) and, when the
 server returns ``top_logprobs``, read from the probabilities of the answer tokens "A"/"B";
-otherwise from the answer text (confidence 1 per order).
+otherwise from the answer text by the grammar of :mod:`rlhfkit.judges.verdicts` ("A",
+"Response B", "Answer: A", "I prefer B.", ``{"choice": "A"}``, ``[[B]]``, ...; confidence 1 per
+order). A text that calls the two equal is a tie (``allow_tie=false``: unreadable instead).
 """
 
 from __future__ import annotations
@@ -48,16 +52,11 @@ from rlhfkit.judges.llm import (
     POINTWISE_TEMPLATE,
     _read_template,
 )
+from rlhfkit.judges.verdicts import Unreadable, read_verdict
 
 COT_INSTRUCTION = ("\nThink step by step about the question first, then end with a last line "
                    "'Answer: A' or 'Answer: B'.")
-_ANSWER = re.compile(r"^\W*([AB])\W*$")
-_COT_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\(?\s*([AB])\b", re.IGNORECASE)
 _NUMBER = re.compile(r"^\W*(\d+(?:\.\d+)?)\W*$")
-
-
-class Unreadable(Exception):
-    """The server answered, but not with something this judge can read."""
 
 
 class VerdictCache:
@@ -89,7 +88,7 @@ class HTTPJudge:
                  cache: str = "", temperature: float = 0.0, max_tokens: int = 16, cot_max_tokens: int = 512,
                  logprobs: bool = True, both_orders: bool = True, mode: str = "pairwise", question: str = DEFAULT_QUESTION,
                  pairwise_template: str = "", pointwise_template: str = "", price_prompt: float = 0.0,
-                 price_completion: float = 0.0, tie_margin: float = 0.0, name: str = ""):
+                 price_completion: float = 0.0, tie_margin: float = 0.0, allow_tie: bool = True, name: str = ""):
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ConfigError("http judge: concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
         if mode not in ("pairwise", "pointwise"):
@@ -103,7 +102,7 @@ class HTTPJudge:
         self.pairwise_template = _read_template(pairwise_template, PAIRWISE_TEMPLATE)
         self.pointwise_template = _read_template(pointwise_template, POINTWISE_TEMPLATE)
         self.price_prompt, self.price_completion = float(price_prompt), float(price_completion)
-        self.tie_margin = float(tie_margin)
+        self.tie_margin, self.allow_tie = float(tie_margin), bool(allow_tie)
         self.name = name or f"http:{model}"
         self.stats = new_stats() | {"requests": 0, "retries": 0, "timeouts": 0, "connection_errors": 0,
                                     "rate_limited": 0, "server_errors": 0, "malformed": 0, "unreadable": 0,
@@ -175,6 +174,8 @@ class HTTPJudge:
                             value = parse(data)
                         except Unreadable:
                             self.stats["unreadable"] += 1
+                            if self.temperature == 0.0:  # greedy: the same request reads the same answer
+                                break
                         else:
                             if self.cache is not None:
                                 self.cache.put(key, data)
@@ -243,20 +244,14 @@ class HTTPJudge:
         def parse(data: dict) -> float:
             choice = self._choice(data)
             text = choice["message"]["content"]
-            if cot:
-                m = _COT_ANSWER.findall(text)
-                if not m:
-                    raise Unreadable("no 'Answer: A/B' line")
-                return 1.0 if m[-1].upper() == "A" else 0.0
+            if cot:  # the reasoning may weigh both responses: its last verdict counts
+                return read_verdict(text, self.allow_tie, last=True)
             lp = self._top_logprobs(choice, ("A", "B")) if self.logprobs else None
             if lp is not None:
                 m = max(lp)
                 ea, eb = math.exp(lp[0] - m), math.exp(lp[1] - m)
                 return ea / (ea + eb)
-            m = _ANSWER.match(text)
-            if not m:
-                raise Unreadable(f"answer {text[:40]!r} is not A or B")
-            return 1.0 if m.group(1) == "A" else 0.0
+            return read_verdict(text, self.allow_tie)
         return parse
 
     # -- the judge interface ---------------------------------------------------------------------
