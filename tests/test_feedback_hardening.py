@@ -94,3 +94,26 @@ def test_invisible_reject_reasons_are_refused(env, reason):
                json={"decision": "rejected", "reason": reason})
     assert r.status_code == 422 and r.json()["field"] == "reason", r.text
     assert c.get(f"/api/labels/{lab['id']}", headers=H(env, "ann")).json()["review"]["status"] == "pending"
+
+
+# --------------------------------------------------------------------------------------------
+# password change
+
+
+def change_password(env, who, old, new=NEW_PASSWORD):
+    return env["c"].post("/api/me/password", headers=H(env, who), json={"old_password": old, "new_password": new})
+
+
+def test_wrong_old_passwords_are_rate_limited_like_logins(db_url):
+    upgrade(db_url)
+    db = Database(db_url, pool_size=4)
+    with db.session() as s:
+        token = create_api_token(s, svc.create_user(s, "ann", PASSWORD))
+    c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="3/minute")))
+    env = {"c": c, "tokens": {"ann": token}}
+    for _ in range(3):
+        assert change_password(env, "ann", "wrong guess 1").status_code == 403
+    r = change_password(env, "ann", PASSWORD)  # refused before the check, even the right one
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+    c.close()
+    db.dispose()

@@ -342,6 +342,11 @@ def label_payload(label: Label) -> dict:
             "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
+def client_host(request: Request) -> str:
+    """The client's address: the peer, or what a trusted proxy forwarded (see `create_app`)."""
+    return request.client.host if request.client else "?"
+
+
 def _lookup_and_verify(db: Database, username: str, password: str) -> User | None:
     """The user when `password` is theirs, else None; always one Argon2 check (dummy hash for
     unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
@@ -357,7 +362,7 @@ def login_checker(app: FastAPI, db: Database):
     async def check_login(request: Request, username: str, password: str) -> User | None:
         guard: LoginGuard = app.state.login_guard
         account = svc.username_key(username)[:64] if not text_problem(username) else "?"
-        guard.before_attempt(request.client.host if request.client else "?", account)
+        guard.before_attempt(client_host(request), account)
         user = await guard.run(_lookup_and_verify, db, username, password)
         if user is None:
             guard.failed(account)
@@ -413,14 +418,28 @@ def _api_routes(app, db, templates, rng, secure, auth):
             return token_row(tok)
 
     @app.post("/api/me/password", dependencies=auth)
-    def change_password(body: PasswordBody, request: Request):
+    async def change_password(body: PasswordBody, request: Request):
+        user, csrf = request.state.principal
+        check_csrf(request, csrf)
+        # The old password is a login in disguise: the same limits, and the Argon2 checks run
+        # in the guard's pool, before any transaction, so no write lock waits on them.
+        guard: LoginGuard = app.state.login_guard
+        account = svc.username_key(user.username)[:64]
+        guard.before_attempt(client_host(request), account)
+        if not await guard.run(verify_password, user.password_hash, body.old_password):
+            guard.failed(account)
+            raise AuthError(403, "the current password is wrong")
+        await run_in_threadpool(svc.check_password_policy, body.new_password, user.username)
+        new_hash = await guard.run(hash_password, body.new_password)
+        return await run_in_threadpool(_store_password, request, user.password_hash, new_hash)
+
+    def _store_password(request: Request, old_hash: str, new_hash: str) -> dict:
         with db.session() as s:
-            user, csrf = authenticate(request, s)
-            check_csrf(request, csrf)
-            if not verify_password(user.password_hash, body.old_password):
-                raise AuthError(403, "the current password is wrong")
-            svc.check_password_policy(body.new_password, user.username)
-            user.password_hash = hash_password(body.new_password)
+            user, _ = authenticate(request, s)
+            s.refresh(user)
+            if user.password_hash != old_hash:  # changed by a concurrent request since the check
+                raise svc.Conflict("the password was changed meanwhile; log in again with the new one")
+            user.password_hash = new_hash
             # other browser sessions end: whoever knew the old password is logged out
             keep = digest(request.cookies.get(SESSION_COOKIE, ""))
             for sess in s.scalars(select(LoginSession).where(LoginSession.user_id == user.id)):
