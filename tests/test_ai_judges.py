@@ -140,7 +140,9 @@ def test_llm_judge_reads_the_verdict_from_answer_logprobs(tiny_lm_dir):
         forward, backward = p_first(p, x, y), p_first(p, y, x)
         assert v.p_a == pytest.approx(0.5 * (forward + 1.0 - backward), rel=1e-5)
         assert v.consistent == ((forward > 0.5) == (backward < 0.5))
-        assert v.label == (1.0 if v.p_a > 0.5 else 0.0)
+        # orders that disagree, or p_a within the default margin of 0.5, are ties
+        decided = v.consistent and abs(2 * v.p_a - 1) > 0.1
+        assert v.label == ((1.0 if v.p_a > 0.5 else 0.0) if decided else 0.5)
     assert judge.stats["order_pairs"] == 2
 
 
@@ -184,6 +186,49 @@ def test_both_orders_cancel_a_pure_position_bias():
     assert judge.stats["order_agreement"] == 0.0
     one_order = LLMJudge("stub", chat="false", both_orders=False, _model=_AlwaysA(len(tok), a_id, b_id), _tokenizer=tok)
     assert one_order.compare(["p"], ["bad"], ["good"])[0].label == 1.0  # the bias, uncancelled
+
+
+class _AlmostAlwaysA(torch.nn.Module):
+    """Always ' A', a hair more sure the later `marker` appears: position bias plus float noise."""
+
+    def __init__(self, vocab: int, a_id: int, b_id: int, marker: int):
+        super().__init__()
+        self.vocab, self.a_id, self.b_id, self.marker = vocab, a_id, b_id, marker
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for r, row in enumerate(input_ids):
+            hit = (row == self.marker).nonzero()
+            logits[r, :, self.a_id] = 3.0 + 1e-5 * (int(hit[0]) if len(hit) else 0)
+        logits[..., self.b_id] = 1.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_position_bias_noise_is_a_tie_not_a_label():
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    from rlhfkit.judges.judge import combine_orders
+    from rlhfkit.judges.llm import LLMJudge
+
+    a_id, b_id = (tok(x, add_special_tokens=False)["input_ids"][0] for x in (" A", " B"))
+    good = tok(" good", add_special_tokens=False)["input_ids"][0]
+
+    def biased(**kw):
+        return LLMJudge("stub", chat="false", _model=_AlmostAlwaysA(len(tok), a_id, b_id, good), _tokenizer=tok, **kw)
+
+    judge = biased()
+    [v] = judge.compare(["p"], ["good"], ["bad"])
+    assert v.p_a != 0.5 and abs(v.p_a - 0.5) < 1e-5  # the noise the old zero margin turned into a label
+    assert v.label == 0.5 and v.consistent is False and judge.tie_margin == 0.1
+    assert biased(inconsistent="abstain").compare(["p"], ["good"], ["bad"])[0].abstained
+    assert biased(tie_margin=0.0, inconsistent="average").compare(["p"], ["good"], ["bad"])[0].label in (0.0, 1.0)
+    # consistent orders a hair from 0.5 are a tie within the default margin, decided beyond it
+    stats = {"order_pairs": 0, "order_consistent": 0, "compared": 0, "abstained": 0}
+    near, far = combine_orders([0.5000003, 0.7], [0.4999997, 0.3], True, 0.1, stats, "")
+    assert (near.label, near.consistent, far.label) == (0.5, True, 1.0)
+    with pytest.raises(ConfigError, match="inconsistent"):
+        biased(inconsistent="flip")
 
 
 def test_llm_judge_abstains_on_a_rubric_too_long(tiny_lm_dir):

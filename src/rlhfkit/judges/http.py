@@ -40,6 +40,8 @@ from collections.abc import Sequence
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges.judge import (
+    DEFAULT_TIE_MARGIN,
+    INCONSISTENT,
     Preference,
     aligned,
     combine_orders,
@@ -88,11 +90,14 @@ class HTTPJudge:
                  cache: str = "", temperature: float = 0.0, max_tokens: int = 16, cot_max_tokens: int = 512,
                  logprobs: bool = True, both_orders: bool = True, mode: str = "pairwise", question: str = DEFAULT_QUESTION,
                  pairwise_template: str = "", pointwise_template: str = "", price_prompt: float = 0.0,
-                 price_completion: float = 0.0, tie_margin: float = 0.0, allow_tie: bool = True, name: str = ""):
+                 price_completion: float = 0.0, tie_margin: float = DEFAULT_TIE_MARGIN, inconsistent: str = "tie",
+                 allow_tie: bool = True, name: str = ""):
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ConfigError("http judge: concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
         if mode not in ("pairwise", "pointwise"):
             raise ConfigError(f"http judge: mode must be pairwise or pointwise, got {mode!r}")
+        if inconsistent not in INCONSISTENT:
+            raise ConfigError(f"http judge: inconsistent must be one of {', '.join(INCONSISTENT)}, got {inconsistent!r}")
         self.model, self.base_url = model, base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.concurrency, self.timeout, self.max_retries, self.backoff = int(concurrency), float(timeout), int(max_retries), float(backoff)
@@ -102,7 +107,7 @@ class HTTPJudge:
         self.pairwise_template = _read_template(pairwise_template, PAIRWISE_TEMPLATE)
         self.pointwise_template = _read_template(pointwise_template, POINTWISE_TEMPLATE)
         self.price_prompt, self.price_completion = float(price_prompt), float(price_completion)
-        self.tie_margin, self.allow_tie = float(tie_margin), bool(allow_tie)
+        self.tie_margin, self.allow_tie, self.inconsistent = float(tie_margin), bool(allow_tie), inconsistent
         self.name = name or f"http:{model}"
         self.stats = new_stats() | {"requests": 0, "retries": 0, "timeouts": 0, "connection_errors": 0,
                                     "rate_limited": 0, "server_errors": 0, "malformed": 0, "unreadable": 0,
@@ -274,7 +279,7 @@ class HTTPJudge:
             bodies += self._pair_bodies(prompts, b, a, question, chain_of_thought)
         got = self._run(bodies, parse)
         return combine_orders(got[:n], got[n:] if self.both_orders else None, self.both_orders, self.tie_margin, self.stats,
-                              "no readable answer after retries")
+                              "no readable answer after retries", self.inconsistent)
 
     def compare(self, prompts, a, b) -> list[Preference]:
         return rubric_compare(self, prompts, a, b)

@@ -61,15 +61,30 @@ def preference_from_p(p_a: float | None, tie_margin: float = 0.0, consistent: bo
 
 
 
+# The default tie band of the LLM and HTTP judges: |2 p_a - 1| <= 0.1, i.e. 0.45 <= p_a <= 0.55.
+# Log-prob verdicts of a judge with no real preference sit a rounding error away from 0.5
+# (p_a = 0.5000003 from a model that always answers "A"); a zero margin turns that noise into a
+# decided label with a confidence that looks like a preference.
+DEFAULT_TIE_MARGIN = 0.1
+INCONSISTENT = ("tie", "abstain", "average")
+
+
 def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None] | None, both_orders: bool,
-                   tie_margin: float, stats: dict, reason: str) -> list[Preference]:
+                   tie_margin: float, stats: dict, reason: str, inconsistent: str = "tie") -> list[Preference]:
     """Verdicts from a pairwise judge asked in both orders, to cancel position bias.
 
     `p_ab[i]`: P(a better) with a shown first; `p_ba[i]`: P(b better) with b shown first
     (None for a judge asked once: then 1 - p_ab). The verdict averages P(a better) over the two
     orders; when only one order answered it stands alone (consistency unknown), and when
     neither did the item abstains with `reason`. Updates the order-agreement counters.
+
+    Orders that disagree (the judge chose the response in the same position both times) show a
+    position bias, not a preference (Wang et al. 2023, "Large Language Models are not Fair
+    Evaluators"): `inconsistent` makes them a tie (default; the pair still counts as compared),
+    an abstention, or "average" keeps the averaged verdict.
     """
+    if inconsistent not in INCONSISTENT:
+        raise ValueError(f"inconsistent must be one of {', '.join(INCONSISTENT)}, got {inconsistent!r}")
     if p_ba is None:
         p_ba = [None if x is None else 1.0 - x for x in p_ab]
     out = []
@@ -81,10 +96,16 @@ def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None] | 
             out.append(preference_from_p(x if x is not None else 1.0 - y, tie_margin))
             continue
         consistent = ((x > 0.5) == (1.0 - y > 0.5)) if both_orders else None
+        p_a = 0.5 * (x + (1.0 - y))
         if both_orders:
             stats["order_pairs"] += 1
             stats["order_consistent"] += bool(consistent)
-        out.append(preference_from_p(0.5 * (x + (1.0 - y)), tie_margin, consistent=consistent))
+        if consistent is False and inconsistent == "tie":
+            out.append(Preference(label=0.5, p_a=p_a, consistent=False, reason="the two orders disagree"))
+        elif consistent is False and inconsistent == "abstain":
+            out.append(Preference(label=None, consistent=False, reason="the two orders disagree"))
+        else:
+            out.append(preference_from_p(p_a, tie_margin, consistent=consistent))
     stats["compared"] += len(out)
     stats["abstained"] += sum(p.abstained for p in out)
     pairs = stats["order_pairs"]

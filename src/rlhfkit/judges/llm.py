@@ -12,7 +12,10 @@ rubric, never from free text:
   ``p_a = (P(A | a shown first) + P(B | a shown second)) / 2``, which cancels a constant position
   bias (Zheng et al. 2023, sec. 3.3; Wang et al. 2023, "Large Language Models are not Fair
   Evaluators"). ``consistent`` reports whether both orders chose the same response, and
-  ``stats["order_agreement"]`` the share that did.
+  ``stats["order_agreement"]`` the share that did. Orders that disagree are a tie by default
+  (``inconsistent=abstain`` drops them; ``inconsistent=average`` keeps the averaged verdict), and
+  so is an averaged ``p_a`` within ``tie_margin`` (default 0.1: 0.45 <= p_a <= 0.55) of a coin
+  flip, so that rounding noise around 0.5 never becomes a confident label.
 * pointwise (``score``, and ``compare`` when ``mode=pointwise``): the expected score ``sum_k k * P(k)`` over the answer tokens "1".."5" (the
   probability-weighted score of G-Eval, Liu et al. 2023).
 
@@ -32,7 +35,15 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.judge import Preference, aligned, combine_orders, new_stats, rubric_compare
+from rlhfkit.judges.judge import (
+    DEFAULT_TIE_MARGIN,
+    INCONSISTENT,
+    Preference,
+    aligned,
+    combine_orders,
+    new_stats,
+    rubric_compare,
+)
 
 PAIRWISE_TEMPLATE = """Compare two responses to the same prompt.
 {question}
@@ -77,10 +88,12 @@ class LLMJudge:
     def __init__(self, model: str, mode: str = "pairwise", pairwise_template: str = "", pointwise_template: str = "",
                  question: str = DEFAULT_QUESTION, answers: str = "", points: str = "",
                  both_orders: bool = True, batch_size: int = 8, max_length: int = 2048, device: str = "",
-                 dtype: str = "float32", tie_margin: float = 0.0, chat: str = "auto", cot_tokens: int = 128,
-                 name: str = "", _model=None, _tokenizer=None):
+                 dtype: str = "float32", tie_margin: float = DEFAULT_TIE_MARGIN, inconsistent: str = "tie",
+                 chat: str = "auto", cot_tokens: int = 128, name: str = "", _model=None, _tokenizer=None):
         if mode not in ("pairwise", "pointwise"):
             raise ConfigError(f"llm judge: mode must be pairwise or pointwise, got {mode!r}")
+        if inconsistent not in INCONSISTENT:
+            raise ConfigError(f"llm judge: inconsistent must be one of {', '.join(INCONSISTENT)}, got {inconsistent!r}")
         if _model is None:
             from rlhfkit.models import load_policy, load_tokenizer
 
@@ -103,7 +116,7 @@ class LLMJudge:
         self.points = points.split(",") if points else [f"{space}{k}" for k in range(1, 6)]
         if len(self.answers) != 2:
             raise ConfigError(f"llm judge: answers must name two answer strings, got {answers!r}")
-        self.cot_tokens = int(cot_tokens)
+        self.cot_tokens, self.inconsistent = int(cot_tokens), inconsistent
         self.name = name or f"llm:{model}"
         self.stats = new_stats() | {"too_long": 0, "order_consistent": 0, "order_pairs": 0}
 
@@ -176,7 +189,8 @@ class LLMJudge:
         prompts = aligned(prompts, a, b)
         p1 = self._p_first(prompts, a, b, question, chain_of_thought)
         p2 = self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders else None
-        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats, "rubric too long for max_length")
+        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats, "rubric too long for max_length",
+                              self.inconsistent)
 
     def compare(self, prompts, a, b) -> list[Preference]:
         """mode=pairwise: the pairwise rubric in both orders; mode=pointwise: the higher expected score."""
