@@ -8,7 +8,9 @@ place per config, and raise :class:`ConfigError` naming the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import sys
 import types
 import typing
@@ -218,15 +220,22 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     return cls(**kwargs)
 
 
-def load_yaml_config(cls: type[T], path: str | Path) -> T:
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping a YAML config file holds (a missing file, bad YAML or a non-mapping: ConfigError)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return from_dict(cls, data, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_config(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_yaml_mapping(path), str(path))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -251,23 +260,64 @@ def _normalise_bools(cls: type, argv: list[str]) -> list[str]:
     return out
 
 
+_UNCHECKED: dict[type, type] = {}
+
+
+def _unchecked(cls: type[T]) -> type[T]:
+    """`cls` with its checks (`__post_init__`) turned off: the YAML file's values and the command
+    line's overrides are merged in it, and the merged values are checked once, by `cls` itself
+    (a YAML file may leave a required field to the command line)."""
+    if cls not in _UNCHECKED:
+        _UNCHECKED[cls] = type(cls.__name__, (cls,), {"__post_init__": lambda self: None, "__doc__": cls.__doc__,
+                                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _UNCHECKED[cls]
+
+
+def _field_values(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _take_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(`--config FILE` or `--config=FILE`, the other arguments)."""
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file path")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def _tyro_message(panel: str) -> str:
+    """tyro's error panel as one line: its first paragraph, without the title and the rules (rich draws
+    it as a Unicode box, or plainer without a terminal)."""
+    lines: list[str] = []
+    for line in panel.splitlines():
+        text = line.strip().strip("│|").strip()
+        if line.strip().startswith(("╭", "╰", "+")) or not text:
+            continue
+        if set(text) <= {"─", "-"}:
+            if lines:
+                break
+            continue
+        if not lines and text.lower().endswith("error") and ":" not in text:
+            continue  # the title ("Value error")
+        lines.append(text)
+    return " ".join(lines) or "cannot parse the arguments"
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
                  description: str | None = None) -> T:
-    """Parse `--config FILE.yaml` then `--field value` overrides into an instance of `cls`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    default = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML file path")
-        default = load_yaml_config(cls, argv[i + 1])
-        del argv[i:i + 2]
-    else:
-        for i, a in enumerate(argv):
-            if a.startswith("--config="):
-                default = load_yaml_config(cls, a.split("=", 1)[1])
-                del argv[i]
-                break
+    """Parse `--config FILE.yaml` then `--field value` overrides into an instance of `cls`.
+
+    The file's values and the overrides are merged first and checked together once, so a file
+    without a required field (TRL's YAML without `model`) is completed by `--model` for every
+    recipe. Every error is a one-line ConfigError.
+    """
+    path, argv = _take_config_file(list(sys.argv[1:] if argv is None else argv))
+    loose = _unchecked(cls)
+    default = from_dict(loose, read_yaml_mapping(path), path) if path is not None else loose()
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
     unknown = sorted({f for f in flags if f not in known and f != "help"})
@@ -276,10 +326,16 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
     argv = _normalise_bools(cls, argv)
     # FlagConversionOff: booleans take a value (`--resume true`), as in HfArgumentParser/TRL
     kwargs: dict[str, Any] = dict(prog=prog, description=description, args=argv, use_underscores=True,
-                                  config=(tyro.conf.FlagConversionOff,))
-    if default is not None:
-        kwargs["default"] = default
-    return tyro.cli(cls, **kwargs)
+                                  config=(tyro.conf.FlagConversionOff,), default=default)
+    if "-h" in argv or "--help" in argv:
+        return tyro.cli(loose, **kwargs)  # prints the help and exits
+    panel = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(panel), contextlib.redirect_stdout(panel):
+            parsed = tyro.cli(loose, **kwargs)
+    except SystemExit:
+        raise ConfigError(f"command line: {_tyro_message(panel.getvalue())} (see {prog or 'the command'} --help)") from None
+    return cls(**_field_values(parsed))
 
 
 
@@ -336,9 +392,13 @@ class OnPolicyArgs:
     sample_every: int = 10
     """Log a table of sample responses every N updates (0 = never)."""
     hacking_window: int = 10
-    """Reward-hacking alarm: updates per window over which the training reward rising while the eval reward falls fires it (0 = off)."""
+    """Alarms: updates per window over which the training reward rising while the eval reward falls fires the reward-hacking alarm; distinct-1/2 of the rollouts 20% below the first updates' fires the collapse alarm (0 = both off)."""
     stop_on_hacking: bool = False
-    """End training when the reward-hacking alarm fires (the final model and evaluation are still written)."""
+    """End training when the reward-hacking or collapse alarm fires (the final model and evaluation are still written)."""
+    perplexity_data: str = "auto"
+    """Held-out text whose perplexity the collapse alarm watches: auto (the bundled corpus when training on the bundled task, else none), 'kindly', a .txt file, or '' (off)."""
+    perplexity_every: int = 10
+    """Measure that perplexity every N updates, from update 0 (0 = never); above 1.5x the starting policy's the collapse alarm fires."""
     offload_reference: bool = False
     """Keep the frozen reference and reward models in CPU memory and move them to the GPU only for their forwards (OpenRLHF's --ref_reward_offload): frees their memory for the policy's rollout and training, at the cost of a copy per use."""
 
@@ -358,6 +418,7 @@ class OnPolicyArgs:
         require(self.num_mini_batches >= 1, "num_mini_batches", "must be >= 1")
         require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {sorted(KL_ESTIMATORS)}")
         require(self.score_norm in ("none", "batch", "running"), "score_norm", "must be none, batch or running")
+        require(self.perplexity_every >= 0, "perplexity_every", "must be >= 0 (0 = never)")
         # one optimiser-step convention: a mini-batch is one optimiser step, split into micro-batches of
         # per_device_train_batch_size rows whose losses are normalised by the mini-batch's totals and summed
         require(getattr(self, "gradient_accumulation_steps", 1) == 1, "gradient_accumulation_steps",
