@@ -237,6 +237,35 @@ def test_llm_judge_abstains_on_a_rubric_too_long(tiny_lm_dir):
     assert v[0].abstained and judge.stats["too_long"] >= 1 and judge.stats["abstained"] == 1
 
 
+def test_llm_judge_abstains_past_the_models_positions():
+    """max_length follows the model (32 positions here), not a fixed 2048 the model cannot read."""
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    from rlhfkit.judges.llm import LLMJudge, context_limit
+    from rlhfkit.models.factory import tiny_llama
+
+    model = tiny_llama(len(tok), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       max_position_embeddings=32, seed=0, tokenizer=tok)
+    judge = LLMJudge("tiny", chat="false", _model=model, _tokenizer=tok)
+    assert judge.max_length == 32
+    v = judge.compare(["The day"], ["is lovely"], ["is awful"])
+    assert v[0].abstained and "32 positions" in v[0].reason
+    assert judge.stats["too_long"] == 2 and judge.stats["abstained"] == 1
+    assert judge.score(["The day"], ["is lovely"]) == [None] and judge.stats["too_long"] == 3
+    cot = LLMJudge("tiny", chat="false", cot_tokens=8, _model=model, _tokenizer=tok)
+    assert cot.compare_with_question([""], ["a"], ["b"], "Which?", chain_of_thought=True)[0].abstained
+
+    class Tok:
+        model_max_length = int(1e30)  # transformers' "unset"
+
+    assert context_limit(model, Tok()) == 32 and context_limit(model, Tok(), 4096) == 32
+    assert context_limit(model, Tok(), 16) == 16
+    Tok.model_max_length = 24
+    assert context_limit(model, Tok()) == 24
+    assert context_limit(torch.nn.Identity(), Tok.__new__(type("T", (), {}))) == 2048
+
+
 # -- RLAIF and RL-CAI labelling ------------------------------------------------------------------
 
 def _items(path):

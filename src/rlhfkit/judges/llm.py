@@ -20,8 +20,12 @@ rubric, never from free text:
   probability-weighted score of G-Eval, Liu et al. 2023).
 
 Multi-token answers are scored by their summed token log-probs (teacher forcing). With a chat
-template on the tokenizer the rubric becomes one user message. A rubric too long for
-``max_length`` is not truncated (that would hide one response): the judge abstains and counts it.
+template on the tokenizer the rubric becomes one user message. ``max_length`` defaults to what
+the model can read: its config's ``max_position_embeddings`` (``n_positions``), or the
+tokenizer's ``model_max_length`` when that is smaller and set (transformers marks an unset one
+with a huge number); a larger ``max_length`` is cut down to it. A rubric too long (with the
+reasoning budget, under chain of thought) is not truncated, which would hide one response: the
+judge abstains and counts it in ``stats["too_long"]``.
 ``chain_of_thought=True`` (RL-CAI, Bai et al. 2022 sec. 4.1) lets the model write up to
 ``cot_tokens`` tokens of reasoning greedily before the answer prefix is appended.
 """
@@ -82,12 +86,28 @@ def _read_template(value: str, default: str) -> str:
     raise ConfigError(f"template {value!r} is neither a file nor a template with {{fields}}")
 
 
+FALLBACK_MAX_LENGTH = 2048
+_UNSET_TOKENIZER_LENGTH = 1_000_000  # transformers' "no limit" is int(1e30)
+
+
+def context_limit(model, tokenizer, max_length: int = 0) -> int:
+    """The longest sequence the judge may feed: `max_length` (0: no wish) capped by the model's
+    positions and a set tokenizer limit; 2048 when neither the wish nor the model gives one."""
+    cfg = getattr(model, "config", None)
+    limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    known = [int(x) for x in limits if isinstance(x, int) and 0 < x < _UNSET_TOKENIZER_LENGTH]
+    if max_length > 0:
+        known.append(max_length)
+    return min(known) if known else FALLBACK_MAX_LENGTH
+
+
 class LLMJudge:
     """A local causal LM judging by the log-probs of its answer tokens (module docstring)."""
 
     def __init__(self, model: str, mode: str = "pairwise", pairwise_template: str = "", pointwise_template: str = "",
                  question: str = DEFAULT_QUESTION, answers: str = "", points: str = "",
-                 both_orders: bool = True, batch_size: int = 8, max_length: int = 2048, device: str = "",
+                 both_orders: bool = True, batch_size: int = 8, max_length: int = 0, device: str = "",
                  dtype: str = "float32", tie_margin: float = DEFAULT_TIE_MARGIN, inconsistent: str = "tie",
                  chat: str = "auto", cot_tokens: int = 128, name: str = "", _model=None, _tokenizer=None):
         if mode not in ("pairwise", "pointwise"):
@@ -108,7 +128,8 @@ class LLMJudge:
         self.mode, self.question, self.both_orders = mode, question, bool(both_orders)
         self.pairwise_template = _read_template(pairwise_template, PAIRWISE_TEMPLATE)
         self.pointwise_template = _read_template(pointwise_template, POINTWISE_TEMPLATE)
-        self.batch_size, self.max_length, self.tie_margin = int(batch_size), int(max_length), float(tie_margin)
+        self.batch_size, self.tie_margin = int(batch_size), float(tie_margin)
+        self.max_length = context_limit(self.model, self.tok, int(max_length))
         self.use_chat = bool((chat == "auto" and getattr(self.tok, "chat_template", None)) or chat is True or chat == "true")
         # after "Answer:" a base model's next token carries a space; an assistant turn starts bare
         space = "" if self.use_chat else " "
@@ -139,6 +160,8 @@ class LLMJudge:
             raise ConfigError(f"llm judge: an answer string encodes to no tokens: {answers!r}")
         jobs, out = [], [None] * len(contexts)
         for i, c in enumerate(contexts):
+            if c is None:  # already found too long (chain of thought)
+                continue
             ids = self._ids(c)
             if len(ids) + max(map(len, ans_ids)) > self.max_length:
                 self.stats["too_long"] += 1
@@ -174,7 +197,12 @@ class LLMJudge:
                for p, x, y in zip(prompts, first, second)]
         if chain_of_thought:
             ctx = [c + COT_PREFIX for c in ctx]
-            ctx = [c + r + COT_SUFFIX for c, r in zip(ctx, self.generate_raw(ctx, self.cot_tokens))]
+            longest_answer = max(len(self.tok(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
+            suffix = len(self.tok(COT_SUFFIX, add_special_tokens=False)["input_ids"])
+            fits = [len(self._ids(c)) + self.cot_tokens + suffix + longest_answer <= self.max_length for c in ctx]
+            self.stats["too_long"] += fits.count(False)
+            reasons = self.generate_raw([c for c, ok in zip(ctx, fits) if ok], self.cot_tokens)
+            ctx = [c + reasons.pop(0) + COT_SUFFIX if ok else None for c, ok in zip(ctx, fits)]
         out = []
         for lp in self.answer_logprobs(ctx, self.answers):
             if lp is None or not all(math.isfinite(x) for x in lp):
@@ -189,8 +217,8 @@ class LLMJudge:
         prompts = aligned(prompts, a, b)
         p1 = self._p_first(prompts, a, b, question, chain_of_thought)
         p2 = self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders else None
-        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats, "rubric too long for max_length",
-                              self.inconsistent)
+        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats,
+                              f"rubric longer than the judge's {self.max_length} positions", self.inconsistent)
 
     def compare(self, prompts, a, b) -> list[Preference]:
         """mode=pairwise: the pairwise rubric in both orders; mode=pointwise: the higher expected score."""
@@ -230,7 +258,12 @@ class LLMJudge:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         for c in contexts:
             ids = torch.tensor([self._ids(c)], device=self.device)
-            gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            room = min(max_new_tokens, self.max_length - ids.shape[1])
+            if room < 1:  # the instruction alone fills the model's positions: no answer (counted by the caller)
+                self.stats["too_long"] += 1
+                out.append("")
+                continue
+            gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
                                       do_sample=False, pad_token_id=pad)
             out.append(self.tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         return out
