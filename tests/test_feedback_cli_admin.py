@@ -60,7 +60,11 @@ def test_roles_tokens_and_disabling_from_the_cli(url, capsys):
     code, _, err = run(capsys, "create-token", "--db", url, "--username", "ann")
     assert code == 2 and err == "rlhfkit serve create-token: user 'ann' is disabled; enable-user first"
     assert run(capsys, "enable-user", "--db", url, "--username", "ann")[0] == 0
-    assert c.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    # disabling revoked the token for good: enabling the account does not bring it back
+    assert c.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    code, token, _ = run(capsys, "create-token", "--db", url, "--username", "ann", "--name", "ci2")
+    assert code == 0 and c.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    token_id = run(capsys, "list-tokens", "--db", url, "--username", "ann")[1].splitlines()[-1].split("\t")[0]
 
     assert run(capsys, "revoke-token", "--db", url, "--id", token_id)[:2] == (0, f"token {token_id} of ann: revoked")
     assert c.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
@@ -73,7 +77,7 @@ def test_roles_tokens_and_disabling_from_the_cli(url, capsys):
     db.dispose()
     assert [a for a in actions if a[2] == "cli"] == [
         ("user.role", "ann", "cli"), ("token.issue", "ann", "cli"), ("user.disable", "ann", "cli"),
-        ("user.enable", "ann", "cli"), ("token.revoke", "ann", "cli")]
+        ("user.enable", "ann", "cli"), ("token.issue", "ann", "cli"), ("token.revoke", "ann", "cli")]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -122,3 +126,15 @@ def test_run_keeps_idle_connections_open_while_annotators_read(url, monkeypatch)
     assert cli(["run", "--db", url, "--uncertainty-scorer", "none"]) == 0
     assert cli(["run", "--db", url, "--uncertainty-scorer", "none", "--keep-alive", "20"]) == 0
     assert [kw["timeout_keep_alive"] for kw in seen] == [75, 20]
+
+
+def test_the_cli_keeps_an_owner_and_caps_non_owner_tokens(url, capsys):
+    code, _, err = run(capsys, "set-role", "--db", url, "--username", "olga", "--role", "admin")
+    assert code == 2 and "last active owner" in err
+    code, _, err = run(capsys, "disable-user", "--db", url, "--username", "olga")
+    assert code == 2 and "last active owner" in err
+    code, _, err = run(capsys, "create-token", "--db", url, "--username", "ann", "--expires-days", "400")
+    assert code == 2 and "expires_days" in err
+    assert run(capsys, "create-token", "--db", url, "--username", "ann")[0] == 0
+    rows = [line.split("\t") for line in run(capsys, "list-tokens", "--db", url, "--username", "ann")[1].splitlines()]
+    assert rows[-1][3] != "never"

@@ -117,3 +117,70 @@ def test_wrong_old_passwords_are_rate_limited_like_logins(db_url):
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
     c.close()
     db.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# credentials, token scopes and lifetimes, the last owner
+
+
+def test_a_password_change_revokes_the_other_api_tokens(env):
+    c = env["c"]
+    login_token = c.post("/api/login", json={"username": "ann", "password": PASSWORD}).json()["token"]
+    assert c.get("/api/me", headers=H(env, login_token)).status_code == 200
+    assert change_password(env, "ann", PASSWORD).status_code == 200
+    assert c.get("/api/me", headers=H(env, login_token)).status_code == 401
+    assert c.get("/api/me", headers=H(env, "ann")).status_code == 200  # the token that made the change
+    states = {t["id"]: t["revoked"] for t in c.get("/api/tokens", headers=H(env, "ann")).json()}
+    assert sorted(states.values()) == [False, True]
+
+
+def test_re_enabling_a_user_does_not_bring_back_old_tokens_or_sessions(env):
+    c = env["c"]
+    page = c.get("/login")
+    import re
+
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    browser = TestClient(c.app)
+    browser.cookies.set("rlhfkit_prelogin", c.cookies.get("rlhfkit_prelogin"))
+    r = browser.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": csrf},
+                     follow_redirects=False)
+    assert r.status_code == 303 and browser.get("/api/me").status_code == 200
+    for action in ("disable", "enable"):
+        assert c.post(f"/api/admin/users/ann/{action}", headers=H(env, "adam")).status_code == 200
+    assert c.get("/api/me", headers=H(env, "ann")).status_code == 401
+    assert browser.get("/api/me").status_code == 401
+    assert c.post("/api/login", json={"username": "ann", "password": PASSWORD}).status_code == 200
+    browser.close()
+
+
+def test_only_owners_manage_owners_tokens(env):
+    c = env["c"]
+    assert c.get("/api/admin/users/olga/tokens", headers=H(env, "adam")).status_code == 403
+    tid = c.get("/api/admin/users/olga/tokens", headers=H(env, "olga")).json()[0]["id"]
+    assert c.delete(f"/api/tokens/{tid}", headers=H(env, "adam")).status_code == 403
+    assert c.get("/api/me", headers=H(env, "olga")).status_code == 200
+    ann_tid = c.get("/api/admin/users/ann/tokens", headers=H(env, "adam")).json()[0]["id"]
+    assert c.delete(f"/api/tokens/{ann_tid}", headers=H(env, "adam")).status_code == 200
+
+
+@pytest.mark.parametrize("days", [None, 366, 3650])
+def test_non_owner_tokens_have_a_maximum_lifetime(env, days):
+    c = env["c"]
+    r = c.post("/api/tokens", headers=H(env, "ann"), json={"name": "forever", "expires_days": days})
+    assert r.status_code == 422 and r.json()["field"] == "expires_days", r.text
+    r = c.post("/api/admin/users/ann/tokens", headers=H(env, "olga"), json={"name": "ci", "expires_days": days})
+    assert r.status_code == 422 and r.json()["field"] == "expires_days", r.text
+    assert c.post("/api/tokens", headers=H(env, "ann"), json={"expires_days": 365}).status_code == 201
+    assert c.post("/api/tokens", headers=H(env, "olga"), json={"expires_days": days}).status_code == 201
+
+
+def test_the_last_owner_cannot_be_demoted_or_disabled(env):
+    c = env["c"]
+    r = c.post("/api/admin/users/olga/role", headers=H(env, "olga"), json={"role": "admin"})
+    assert r.status_code == 409 and "last" in r.json()["detail"], r.text
+    assert c.post("/api/admin/users/adam/role", headers=H(env, "olga"), json={"role": "owner"}).status_code == 200
+    r = c.post("/api/admin/users/olga/role", headers=H(env, "olga"), json={"role": "admin"})
+    assert r.status_code == 200, r.text
+    r = c.post("/api/admin/users/adam/role", headers=H(env, "adam"), json={"role": "annotator"})
+    assert r.status_code == 409, r.text
+    assert c.get("/api/me", headers=H(env, "adam")).json()["role"] == "owner"

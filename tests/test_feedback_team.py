@@ -135,7 +135,8 @@ def test_disabled_user_cannot_log_in_but_labels_stay(env):
     labels = c.get(f"/api/admin/tasks/{env['tasks']['open']}/labels", headers=H(env, "adam")).json()
     assert [lab["annotator"] for lab in labels] == ["ann"]
     assert c.post("/api/admin/users/ann/enable", headers=H(env, "adam")).status_code == 200
-    assert c.get("/api/me", headers=H(env, "ann")).status_code == 200
+    assert c.get("/api/me", headers=H(env, "ann")).status_code == 401  # tokens stay revoked
+    assert c.post("/api/login", json={"username": "ann", "password": PASSWORD}).status_code == 200
 
 
 def test_password_change(env):

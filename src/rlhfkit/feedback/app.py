@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.errors import DataError
+from rlhfkit.feedback import accounts
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
@@ -342,6 +343,15 @@ def label_payload(label: Label) -> dict:
             "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
+def _credential_digests(request: Request) -> tuple[str | None, str | None]:
+    """(token digest, session digest) of the credential this request came with."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return digest(header[7:].strip()), None
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return None, digest(cookie) if cookie else None
+
+
 def client_host(request: Request) -> str:
     """The client's address: the peer, or what a trusted proxy forwarded (see `create_app`)."""
     return request.client.host if request.client else "?"
@@ -402,8 +412,9 @@ def _api_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             user, csrf = authenticate(request, s)
             check_csrf(request, csrf)
-            svc.audit(s, user, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
-            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+            days = accounts.token_days(user, body.expires_days)
+            svc.audit(s, user, "token.issue", user.username, name=body.name, expires_days=days)
+            return {"token": create_api_token(s, user, body.name, days)}
 
     @app.delete("/api/tokens/{token_id}", dependencies=auth)
     def revoke_token(token_id: PathId, request: Request):
@@ -413,6 +424,8 @@ def _api_routes(app, db, templates, rng, secure, auth):
             tok = s.get(ApiToken, token_id)
             if tok is None or (tok.user_id != user.id and not svc.is_admin(user)):
                 raise LookupError(f"token {token_id} not found")
+            if tok.user_id != user.id and tok.user.role != "annotator" and user.role != "owner":
+                raise AuthError(403, "only an owner can manage the tokens of admins and owners")
             tok.revoked = True
             svc.audit(s, user, "token.revoke", tok.user.username, token_id=tok.id, name=tok.name)
             return token_row(tok)
@@ -440,13 +453,13 @@ def _api_routes(app, db, templates, rng, secure, auth):
             if user.password_hash != old_hash:  # changed by a concurrent request since the check
                 raise svc.Conflict("the password was changed meanwhile; log in again with the new one")
             user.password_hash = new_hash
-            # other browser sessions end: whoever knew the old password is logged out
-            keep = digest(request.cookies.get(SESSION_COOKIE, ""))
-            for sess in s.scalars(select(LoginSession).where(LoginSession.user_id == user.id)):
-                if sess.session_hash != keep:
-                    s.delete(sess)
-            svc.audit(s, user, "user.password", user.username)
-            return {"ok": True}
+            # every other credential ends (browser sessions, API tokens including /api/login's):
+            # whoever knew the old password or held a token is logged out; the credential that
+            # made the change stays
+            keep_token, keep_session = _credential_digests(request)
+            revoked = accounts.revoke_credentials(s, user, keep_token=keep_token, keep_session=keep_session)
+            svc.audit(s, user, "user.password", user.username, tokens_revoked=revoked)
+            return {"ok": True, "tokens_revoked": revoked}
 
     @app.get("/api/me", dependencies=auth)
     def me(request: Request):
@@ -594,8 +607,7 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             user = named_user(s, username)
             may_manage(actor, user.role)
             may_manage(actor, body.role)
-            svc.audit(s, actor, "user.role", user.username, old=user.role, new=body.role)
-            user.role = body.role
+            accounts.set_role(s, user, body.role, actor)
             return user_row(user)
 
     @app.post("/api/admin/users/{username}/tokens", status_code=201, dependencies=auth)
@@ -605,14 +617,16 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             actor = admin(request, s, write=True)
             user = named_user(s, username)
             may_manage(actor, user.role)
-            svc.audit(s, actor, "token.issue", user.username, name=body.name, expires_days=body.expires_days)
-            return {"token": create_api_token(s, user, body.name, body.expires_days)}
+            days = accounts.token_days(user, body.expires_days)
+            svc.audit(s, actor, "token.issue", user.username, name=body.name, expires_days=days)
+            return {"token": create_api_token(s, user, body.name, days)}
 
     @app.get("/api/admin/users/{username}/tokens", dependencies=auth)
     def user_tokens(username: PathName, request: Request):
         with db.read_session() as s:
-            admin(request, s)
+            actor = admin(request, s)
             user = named_user(s, username)
+            may_manage(actor, user.role)
             return [{"id": t.id, "name": t.name, "revoked": t.revoked, "created_at": t.created_at.isoformat() + "Z",
                      "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
                     for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))]
@@ -625,8 +639,8 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             may_manage(actor, user.role)
             if user.id == actor.id:
                 raise svc.Conflict("you cannot disable yourself")
-            user.active = action == "enable"  # labels stay; the account can no longer log in
-            svc.audit(s, actor, f"user.{action}", user.username)
+            # labels stay; disabling also revokes every token and session, for good
+            accounts.set_active(s, user, action == "enable", actor)
             return user_row(user)
 
     @app.get("/api/admin/audit", dependencies=auth)

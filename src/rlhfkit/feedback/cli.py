@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("create-token", "issue an API token for an account and print it (shown once)")
     sp.add_argument("--username", required=True)
     sp.add_argument("--name", default="cli", help="a label for the token (up to 64 characters)")
-    sp.add_argument("--expires-days", type=_positive_float, default=None, help="days until it expires (default: never)")
+    sp.add_argument("--expires-days", type=_positive_float, default=None, help="days until it expires (default: never for owners, else the maximum, 365)")
     sp = add("list-tokens", "list an account's API tokens: id, name, created, expires, state")
     sp.add_argument("--username", required=True)
     sp = add("revoke-token", "revoke an API token by id (see list-tokens)")
@@ -202,6 +202,7 @@ def _init_db(args) -> int:
 
 
 def _create_user(args) -> int:
+    from rlhfkit.feedback import accounts
     from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.security import create_api_token
 
@@ -209,7 +210,8 @@ def _create_user(args) -> int:
     db = _db(args)
     with db.session() as s:
         user = svc.create_user(s, args.username, password, args.role)
-        token = create_api_token(s, user, "cli") if args.token else None
+        days = None if user.role == "owner" else accounts.MAX_TOKEN_DAYS
+        token = create_api_token(s, user, "cli", days) if args.token else None
     print(f"created {args.role} {args.username!r}")
     if token:
         print(f"API token (shown once): {token}")
@@ -318,32 +320,28 @@ def _list_users(args) -> int:
 
 
 def _set_role(args) -> int:
-    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback import accounts
 
     db = _db(args)
     with db.session() as s:
-        user = _named_user(s, args.username)
-        old = user.role
-        svc.audit(s, None, "user.role", user.username, old=old, new=args.role, via="cli")
-        user.role = args.role
+        old = accounts.set_role(s, _named_user(s, args.username), args.role, via="cli")
     print(f"{args.username}: role {old} -> {args.role}")
     return 0
 
 
 def _set_active(args) -> int:
-    from rlhfkit.feedback import service as svc
+    from rlhfkit.feedback import accounts
 
     active = args.command == "enable-user"
     db = _db(args)
     with db.session() as s:
-        user = _named_user(s, args.username)
-        user.active = active
-        svc.audit(s, None, f"user.{'enable' if active else 'disable'}", user.username, via="cli")
-    print(f"{args.username}: {'enabled' if active else 'disabled (labels kept; login and tokens refused)'}")
+        accounts.set_active(s, _named_user(s, args.username), active, via="cli")
+    print(f"{args.username}: {'enabled (log in again: old tokens and sessions stay revoked)' if active else 'disabled (labels kept; tokens revoked, sessions ended)'}")
     return 0
 
 
 def _create_token(args) -> int:
+    from rlhfkit.feedback import accounts
     from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.schemas import name_problem
     from rlhfkit.feedback.security import create_api_token
@@ -355,8 +353,12 @@ def _create_token(args) -> int:
         user = _named_user(s, args.username)
         if not user.active:
             raise ValueError(f"user {args.username!r} is disabled; enable-user first")
-        svc.audit(s, None, "token.issue", user.username, name=args.name, expires_days=args.expires_days, via="cli")
-        secret = create_api_token(s, user, args.name, args.expires_days)
+        days = args.expires_days
+        if days is None and user.role != "owner":  # the default: the longest a non-owner's token lives
+            days = accounts.MAX_TOKEN_DAYS
+        days = accounts.token_days(user, days)
+        svc.audit(s, None, "token.issue", user.username, name=args.name, expires_days=days, via="cli")
+        secret = create_api_token(s, user, args.name, days)
     print(secret)  # alone on stdout, so scripts can capture it; shown once
     return 0
 
