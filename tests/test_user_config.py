@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from rlhfkit.cli import COMMANDS
-from rlhfkit.config import parse_config
+from rlhfkit.config import from_dict, load_yaml_config, parse_config
 from rlhfkit.errors import ConfigError
+from rlhfkit.recipes import ppo, sft
 
 # what each command's validation requires, given on the command line only
 REQUIRED = {
@@ -63,3 +64,48 @@ def test_the_command_line_takes_a_trl_yaml_without_model(tmp_path):
     # validation passed and the run started: the refusal is about the model folder, not a missing field
     assert out.returncode == 2 and "nowhere/x/y" in out.stderr and "config field 'model'" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def _yaml(tmp_path, text: str):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    return y
+
+
+def test_yaml_1_1_scalars_take_the_fields_type(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as a string; HfArgumentParser converts to the field's type
+    y = _yaml(tmp_path, "learning_rate: 1e-5\nadam_epsilon: 1e-8\nper_device_train_batch_size: '4'\nbf16: 'yes'\n"
+                        "num_train_epochs: '2'\n")
+    for cfg in (load_yaml_config(sft.Config, y), parse_config(sft.Config, ["--config", str(y)])):
+        assert cfg.learning_rate == 1e-5 and type(cfg.learning_rate) is float and cfg.adam_epsilon == 1e-8
+        assert cfg.per_device_train_batch_size == 4 and cfg.bf16 is True and cfg.num_train_epochs == 2.0
+
+
+@pytest.mark.parametrize("text, field", [("learning_rate: fast", "learning_rate"),
+                                         ("per_device_train_batch_size: 2.5", "per_device_train_batch_size"),
+                                         ("bf16: maybe", "bf16")])
+def test_a_value_that_cannot_take_the_type_is_one_line_naming_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=f"field '{field}'") as e:
+        load_yaml_config(sft.Config, _yaml(tmp_path, text + "\n"))
+    assert "\n" not in str(e.value) and "c.yaml" in str(e.value)
+
+
+def test_comma_fields_take_yaml_lists(tmp_path):
+    y = _yaml(tmp_path, "report_to: [tensorboard, jsonl]\nlora_target_modules:\n  - q_proj\n  - v_proj\n")
+    cfg = parse_config(sft.Config, ["--config", str(y)])
+    assert cfg.report_to == "tensorboard,jsonl" and cfg.lora_target_modules == "q_proj,v_proj"
+    assert from_dict(sft.Config, {"report_to": []}).report_to == "none"
+    assert from_dict(sft.Config, {"report_to": "csv, jsonl"}).report_to == "csv, jsonl"
+    with pytest.raises(ConfigError, match="field 'model'"):
+        from_dict(sft.Config, {"model": ["a", "b"]})
+
+
+def test_list_fields_take_a_single_value_and_strings_of_numbers(tmp_path):
+    cfg = load_yaml_config(ppo.Config, _yaml(tmp_path, "model: kindly\nreward: gold\nreward_weights: ['0.5']\n"))
+    assert cfg.reward == ["gold"] and cfg.reward_weights == [0.5]
+
+
+def test_a_bad_flag_value_is_one_line_naming_the_flag():
+    with pytest.raises(ConfigError, match="learning_rate") as e:
+        parse_config(sft.Config, ["--learning_rate", "fast"])
+    assert "\n" not in str(e.value)

@@ -144,8 +144,35 @@ def _resolve_hint(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls).get(name)
 
 
+# string fields that hold a comma-separated list: YAML may give them as a list (TRL's report_to and
+# lora_target_modules are lists)
+COMMA_FIELDS = frozenset({"report_to", "lora_target_modules", "methods"})
+_BOOL_STRINGS = {"true": True, "yes": True, "y": True, "t": True, "on": True, "1": True,
+                 "false": False, "no": False, "n": False, "f": False, "off": False, "0": False}
+
+
+def _from_string(value: str, hint: type, where: str) -> Any:
+    """A string in a YAML file for an int, float or bool field, converted as HfArgumentParser converts a
+    command-line string (YAML 1.1 reads `1e-5`, without a dot, as a string)."""
+    try:
+        if hint is bool:
+            return _BOOL_STRINGS[value.strip().lower()]
+        return hint(value.strip())
+    except (KeyError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[hint]
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+
+
+def _joined(name: str, value: list | tuple, where: str) -> str:
+    """A YAML list for a comma-separated field (`report_to: [tensorboard, jsonl]`)."""
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+    return ",".join(value) if value or name != "report_to" else "none"  # TRL's report_to: [] logs nowhere
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML value against a field's type hint, converting int->float where natural."""
+    """Check a YAML value against a field's type hint, converting where the meaning is plain: int ->
+    float, a string to the field's int/float/bool, a scalar to a one-item list."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -161,14 +188,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: value {value!r} does not match {hint}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint in (int, float, bool) and isinstance(value, str):
+        return _from_string(value, hint, where)
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
         return value
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return type(value)(value) if origin is None else (tuple(value) if origin is tuple else list(value))
+            value = [value]  # `reward: gold` for `reward: [gold]`
+        item = (typing.get_args(hint) or (Any,))[0]
+        items = [v if item is Any else _coerce(v, item, where) for v in value]
+        return tuple(items) if origin is tuple or hint is tuple else items
     return value
 
 
@@ -216,7 +247,12 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(_unknown_field_message(cls, unknown, source))
-    kwargs = {k: _coerce(v, _resolve_hint(cls, k), f"{source}: field '{k}'") for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        where = f"{source}: field '{k}'"
+        if k in COMMA_FIELDS and isinstance(v, list | tuple):
+            v = _joined(k, v, where)
+        kwargs[k] = _coerce(v, _resolve_hint(cls, k), where)
     return cls(**kwargs)
 
 
