@@ -76,6 +76,10 @@ class VerdictCache:
             row = self.db.execute("SELECT response FROM verdicts WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def __len__(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+
     def put(self, key: str, response: dict) -> None:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?)", (key, json.dumps(response)))

@@ -33,6 +33,11 @@ one); the records carry a ``principle`` field.
     rlhfkit label --input samples.jsonl --output ai_prefs.jsonl --judge afinn
     rlhfkit label --input samples.jsonl --output cai_prefs.jsonl --constitution configs/constitution_kindly.md
 
+A judge that abstains on every pair (an endpoint that fails every request) stops the command
+with a one-line error and writes nothing. Interrupted (Ctrl-C), the command says what was kept:
+an ``http:`` judge's verdict cache (``cache=FILE``) keeps every answer received, so the same
+command resumes without asking or paying for them again; the output is written only at the end.
+
 The annotators are :class:`rlhfkit.judges.SimulatedAnnotators` over the gold panel: Bradley-Terry
 noise with inverse temperature ``beta``, ties below ``tie_margin``, and a share
 ``unreliable_frac`` of unreliable annotators (``unreliable_mode`` random or adversarial).
@@ -43,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,7 @@ import numpy as np
 
 from rlhfkit.config import require
 from rlhfkit.data.readers import load_records, source_of
-from rlhfkit.errors import DataError
+from rlhfkit.errors import DataError, RlhfkitError
 from rlhfkit.judges import GoldPanel, SimulatedAnnotators
 from rlhfkit.runs import atomic_path
 
@@ -267,11 +273,21 @@ def main(cfg: Config) -> dict:
                                          unreliable_frac=cfg.unreliable_frac, mode=cfg.unreliable_mode,
                                          seed=cfg.seed, n_annotators=cfg.n_annotators)
         labeller = annotators.compare
-    if cfg.output_format == "preference":
-        rows, stats = label_pairs(cfg, items, labeller)
-    else:
-        rows, stats = label_rankings(cfg, items, annotators, judge)
     out = Path(cfg.output)
+    try:
+        if cfg.output_format == "preference":
+            rows, stats = label_pairs(cfg, items, labeller)
+        else:
+            rows, stats = label_rankings(cfg, items, annotators, judge)
+    except KeyboardInterrupt:
+        # the CLI's generic "nothing was saved" would be wrong where a verdict cache kept the answers
+        print(f"\nrlhfkit label: interrupted; {interrupted_note(judge, out)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if judge is not None and not rows and stats.get("abstained"):
+        n = stats.get("pairs", stats["abstained"])
+        raise RlhfkitError(f"the judge {judge.name} abstained on all {n} {'pairs' if 'pairs' in stats else 'records'} "
+                           f"({judge_counters(judge)}); nothing was written to {out}: check the judge "
+                           f"(its endpoint, key and model), or raise its max_retries or timeout")
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
@@ -294,7 +310,38 @@ def main(cfg: Config) -> dict:
     else:
         print(f"label: wrote {len(rows)} rankings to {out}{abstain_note}")
     if judge is not None:  # retries, failures, tokens and cost: whatever the judge counts
-        shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats["judge"].items()
-                 if k != "name" and v}
-        print(f"label: judge {judge.name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        print(f"label: judge {judge.name}: {judge_counters(judge)}")
     return stats
+
+
+def judge_counters(judge) -> str:
+    """The judge's non-zero counters, and its order agreement whenever it asked both orders (0 included:
+    a judge whose two orders never agree shows position bias, not preferences)."""
+    shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in judge.stats.items()
+             if not isinstance(v, dict) and v and not (k == "order_agreement" and v != v)}
+    if judge.stats.get("order_pairs"):
+        shown["order_agreement"] = round(judge.stats["order_agreement"], 3)
+    return ", ".join(f"{k} {v}" for k, v in shown.items()) or "no counters"
+
+
+def _caches(judge) -> list:
+    """The verdict caches of a judge and of its ensemble members."""
+    if judge is None:
+        return []
+    found = [judge.cache] if getattr(judge, "cache", None) is not None else []
+    for member in getattr(judge, "members", []):
+        found += _caches(member)
+    return found
+
+
+def interrupted_note(judge, out: Path) -> str:
+    """What an interrupted run kept, where, and how to go on."""
+    caches = _caches(judge)
+    if caches:
+        kept = "; ".join(f"{len(c)} verdicts are kept in {c.path}" for c in caches)
+        return (f"{kept}; run the same command again to resume (cached requests are answered from the "
+                f"cache, not asked or paid again); nothing was written to {out}")
+    if judge is None:
+        return f"nothing was written to {out}; run the command again"
+    return (f"no verdicts were kept and nothing was written to {out}; add cache=FILE to an http: judge spec "
+            f"to keep the answered verdicts for the next run")

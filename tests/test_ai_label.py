@@ -1,0 +1,94 @@
+"""`rlhfkit label --judge`: what its summary shows, and what it leaves behind when the judge fails
+or the run is interrupted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _judge_stub import StubServer
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.recipes.label import Config, main
+
+PAIRS = [("what a lovely kind day", "what an awful day"), ("you are cruel", "you are good and warm"),
+         ("a horrible day", "a good day")]
+
+
+def _input(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "", "a": a, "b": b}) + "\n" for a, b in PAIRS))
+    return path
+
+
+def test_a_zero_order_agreement_is_shown(tmp_path, capsys):
+    """The stub answers "A" on a tie of kindness: every order disagrees, agreement 0.000."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": "", "a": f"plain {i}", "b": f"dull {i}"}) + "\n" for i in range(2)))
+    with StubServer() as srv:
+        stats = main(Config(input=str(inp), output=str(tmp_path / "o.jsonl"), ties="keep",
+                            judge=f"http:stub?base_url={srv.url}&backoff=0.01"))
+    assert stats["judge"]["order_agreement"] == 0.0
+    assert "order_agreement 0.0" in capsys.readouterr().out
+
+
+def test_every_request_failing_is_an_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with StubServer() as srv:
+        srv.always = {"stub": "500"}
+        with pytest.raises(RlhfkitError) as e:
+            main(Config(input=str(_input(tmp_path)), output=str(out),
+                        judge=f"http:stub?base_url={srv.url}&backoff=0.001&max_retries=1"))
+    msg = str(e.value)
+    assert "\n" not in msg and "abstained on all 3 pairs" in msg and "server_errors 12" in msg
+    assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
+
+
+def test_the_command_exits_non_zero_with_one_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with StubServer() as srv:
+        srv.always = {"stub": "500"}
+        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "label", "--input", str(_input(tmp_path)),
+                            "--output", str(out), "--judge", f"http:stub?base_url={srv.url}&backoff=0.001&max_retries=0"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "abstained on all 3" in r.stderr
+    assert not out.exists()
+
+
+def test_interrupted_labelling_says_what_the_cache_kept(tmp_path, monkeypatch, capsys):
+    from rlhfkit.judges.http import HTTPJudge
+
+    cache, out = tmp_path / "verdicts.sqlite", tmp_path / "o.jsonl"
+    spec_opts = f"backoff=0.01&cache={cache}"
+    original = HTTPJudge.compare_with_question
+
+    def interrupted(self, prompts, a, b, question, chain_of_thought=False):
+        original(self, prompts[:1], a[:1], b[:1], question)  # one pair answered (both orders), then Ctrl-C
+        raise KeyboardInterrupt
+
+    with StubServer() as srv:
+        monkeypatch.setattr(HTTPJudge, "compare_with_question", interrupted)
+        with pytest.raises(SystemExit) as e:
+            main(Config(input=str(_input(tmp_path)), output=str(out), judge=f"http:stub?base_url={srv.url}&{spec_opts}"))
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and not out.exists()
+        assert "nothing was saved" not in err and f"2 verdicts are kept in {cache}" in err
+        assert "run the same command again" in err
+        monkeypatch.setattr(HTTPJudge, "compare_with_question", original)
+        stats = main(Config(input=str(_input(tmp_path)), output=str(out), judge=f"http:stub?base_url={srv.url}&{spec_opts}"))
+    assert stats["judge"]["cache_hits"] == 2 and stats["judge"]["requests"] == 4
+
+
+def test_interrupted_labelling_without_a_cache_says_how_to_keep_verdicts(tmp_path, monkeypatch, capsys):
+    from rlhfkit.judges.lexicon import AfinnJudge
+
+    def interrupted(self, prompts, a, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AfinnJudge, "compare", interrupted)
+    with pytest.raises(SystemExit):
+        main(Config(input=str(_input(tmp_path)), output=str(tmp_path / "o.jsonl"), judge="afinn"))
+    err = capsys.readouterr().err
+    assert "no verdicts were kept" in err and "cache=FILE" in err
