@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from arch_models import ARCHS, MAX_POSITIONS, make_model_folder
+from arch_models import ARCHS, ARCHS_MORE, MAX_POSITIONS, make_model_folder
 
 torch.set_num_threads(1)
 
@@ -178,7 +178,7 @@ def test_eval(arch, data, tmp_path, lora):
         assert res["kl"]["mean"] != 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ARCHS_MORE)
 def test_lora_wraps_every_architecture_without_warnings(tmp_path, arch):
     """LoRA on each architecture says nothing a user cannot act on: GPT-2's Conv1D projections
     get fan_in_fan_out from us (peft would set it with a warning), and peft's read of the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,20 +179,24 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
                       gradient_checkpointing: bool = False) -> PreTrainedModel:
     """An AutoModelForSequenceClassification with one output (a fresh head when `path` is an LM).
 
-    With `tokenizer`, the embeddings grow to cover tokens it added (a distinct pad token) and
-    `config.pad_token_id` is set from it, before any LoRA adapter is attached.
+    A peft adapter folder (``adapter_config.json``, no weights) loads onto its base and is merged
+    (see :func:`load_adapter`). With `tokenizer`, the embeddings grow to cover tokens it added
+    (a distinct pad token) and `config.pad_token_id` is set from it, before any LoRA adapter is
+    attached.
     """
     resolved = resolve_path(path)
+    base = adapter_base(resolved)
     try:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=_dtype(dtype),
-                                                                       num_labels=num_labels,
+            model = AutoModelForSequenceClassification.from_pretrained(resolve_path(base) if base else resolved,
+                                                                       dtype=_dtype(dtype), num_labels=num_labels,
                                                                        **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a sequence-classification model from {path!r}: {_one_line(e)}") from e
+        raise ConfigError(f"cannot load a sequence-classification model from {base or path!r}: {_one_line(e)}") from e
+    if base:
+        model = load_adapter(model, resolved, base)
     if tokenizer is not None:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        grow_embeddings(model, len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         tok_path = resolved if Path(resolved).is_dir() else path
@@ -207,6 +212,69 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
 
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a peft adapter folder was trained on (``base_model_name_or_path`` in its
+    adapter_config.json); None when `path` is not an adapter folder (no adapter config, or full
+    weights beside it)."""
+    folder = Path(path)
+    if not (folder / ADAPTER_CONFIG).is_file() or any((folder / w).is_file() for w in _WEIGHT_FILES):
+        return None
+    base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{folder / ADAPTER_CONFIG}: 'base_model_name_or_path' is empty, so the adapter's base model "
+                          f"is unknown; set it to the base model's folder or hub name")
+    return str(base)
+
+
+def grow_embeddings(model: PreTrainedModel, vocab: int) -> None:
+    """Resize the embeddings to `vocab` rows when a tokenizer added tokens (a new pad token).
+
+    The model remembers that it grew, so :func:`save_model` writes the resized embedding into a
+    LoRA adapter (peft's ``save_embedding_layers``), without which the adapter would not load.
+    New rows are drawn like the model's own initialisation; only the pad token is new and
+    attention masks hide it, so its values never change a score.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab > rows:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        model._rlhfkit_grown_from = rows
+
+
+def load_adapter(model: PreTrainedModel, folder: str | Path, base: str) -> PreTrainedModel:
+    """A peft adapter saved in `folder` loaded onto `model` (its base) and merged into it.
+
+    As peft's ``AutoPeftModel``: the base's embeddings first grow to the adapter's tokenizer (an
+    adapter saved after adding a pad token holds the resized embedding), then
+    ``PeftModel.from_pretrained``. Merging gives a plain transformers model, so a recipe trains it
+    in full or puts a fresh LoRA adapter on it, and a LoRA policy's reference is base + adapter.
+    """
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if (folder / "tokenizer_config.json").is_file():
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(folder)
+        grow_embeddings(model, len(tok))
+        if tok.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
+    try:
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(embedding|vocab).*", category=UserWarning)
+            peft_model = PeftModel.from_pretrained(model, str(folder))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load the peft adapter {folder} onto its base model {base!r}: {_one_line(e)}") from e
+    grown = getattr(model, "_rlhfkit_grown_from", None)
+    merged = peft_model.merge_and_unload()
+    if grown is not None:
+        merged._rlhfkit_grown_from = grown
+    return merged
 
 
 def _attn_kwargs(attn_implementation: str) -> dict:
@@ -230,9 +298,14 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         from rlhfkit.sharding import unsharded_copy
 
         to_save, state_dict = unsharded_copy(to_save, state_dict), None
+    kwargs = {}
+    if hasattr(to_save, "peft_config"):
+        # an adapter over embeddings grown for a new pad token carries them (peft's save_embedding_layers),
+        # else it could not load onto its base; said explicitly, so peft needs no look at the base's config
+        kwargs["save_embedding_layers"] = getattr(to_save.get_base_model(), "_rlhfkit_grown_from", None) is not None
     with atomic_path(path) as tmp, quiet_transformers():
         tmp.mkdir()
-        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():

@@ -290,7 +290,7 @@ class RewardScorer:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 64,
                  max_length: int | None = 512, normalize: bool = True, conservative_k: float = 0.0,
                  dtype: str = "float32"):
-        from rlhfkit.models import load_reward_model, load_tokenizer, resolve_path
+        from rlhfkit.models.io import adapter_base, load_reward_model, load_tokenizer, resolve_path
 
         root = Path(resolve_path(str(path)))
         self.paths = member_paths(root)
@@ -298,12 +298,14 @@ class RewardScorer:
         self.conservative_k = conservative_k
         self.members, self.stats, self.tokenizers = [], [], []
         for p in self.paths:
-            if not (p / "config.json").is_file():
-                raise ConfigError(f"{p} is not a saved model folder (no config.json)")
+            base = adapter_base(p)  # a LoRA reward model saved as a peft adapter (merge_lora false)
+            if not (p / "config.json").is_file() and base is None:
+                raise ConfigError(f"{p} is not a saved model folder (no config.json, no adapter_config.json)")
             model = load_reward_model(str(p), dtype=dtype, num_labels=_saved_num_labels(p))
             self.members.append(LastTokenReward(model).to(device).eval())
             self.stats.append(read_stats(p, model.config) if normalize else None)
-            self.tokenizers.append(load_tokenizer(str(p)))
+            has_tok = (p / "tokenizer_config.json").is_file() or base is None
+            self.tokenizers.append(load_tokenizer(str(p) if has_tok else base))
         self.truncated = 0
 
     @property
@@ -342,7 +344,10 @@ class RewardScorer:
 
 def _saved_num_labels(path: Path) -> int:
     """Outputs of a saved model: our own field, else id2label; transformers omits id2label when
-    there are 2 labels (its default), and a causal LM folder gets a fresh one-output head."""
+    there are 2 labels (its default), and a causal LM folder gets a fresh one-output head. A peft
+    adapter has no config.json: its saved score head's rows are the outputs."""
+    if not (path / "config.json").is_file():
+        return _adapter_num_labels(path)
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("rlhfkit_ensemble_heads"):
         return int(cfg["rlhfkit_ensemble_heads"])
@@ -350,6 +355,19 @@ def _saved_num_labels(path: Path) -> int:
         return len(cfg["id2label"])
     is_classifier = any("ForSequenceClassification" in a for a in cfg.get("architectures") or [])
     return 2 if is_classifier else 1
+
+
+def _adapter_num_labels(path: Path) -> int:
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                if key.endswith(("score.weight", "classifier.weight")):
+                    return int(f.get_slice(key).get_shape()[0])
+    stats = read_stats(path)
+    return len(stats["mean"]) if stats else 1
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
