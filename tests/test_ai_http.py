@@ -114,6 +114,23 @@ def test_load_judge_builds_the_http_judge():
         assert j.compare([""], A[:1], B[:1])[0].label == 1.0
 
 
+def test_an_http_judge_with_options_is_an_ensemble_member(tmp_path):
+    from rlhfkit.judges import load_judge
+    from rlhfkit.judges.lexicon import AfinnJudge
+
+    with StubServer() as srv:
+        ens = load_judge(f"ensemble:http:stub-model?base_url={srv.url}&concurrency=2&timeout=2+afinn")
+        http, afinn = ens.members
+        assert isinstance(http, HTTPJudge) and isinstance(afinn, AfinnJudge)
+        assert (http.base_url, http.concurrency, http.timeout) == (srv.url, 2, 2.0)
+        assert [v.label for v in ens.compare(["", ""], A, B)] == [1.0, 0.0]
+        spec = tmp_path / "ens.yaml"
+        spec.write_text(f"kind: ensemble\ntie_margin: 0.3\nmembers:\n  - http:stub-model?base_url={srv.url}&max_retries=1\n"
+                        "  - textblob\n")
+        ens = load_judge(str(spec))
+        assert ens.tie_margin == 0.3 and ens.members[0].max_retries == 1 and ens.members[1].name == "textblob"
+
+
 # -- SL-CAI: critique -> revise ----------------------------------------------------------------
 
 def _constitution(tmp_path):

@@ -5,22 +5,42 @@
     rm:PATH                       a reward model or ensemble folder (rlhfkit.models.reward.RewardScorer)
     llm:PATH                      LLM-as-judge with a local causal LM (rlhfkit.judges.llm)
     http:MODEL                    an OpenAI-compatible endpoint (rlhfkit.judges.http)
-    ensemble:SPEC+SPEC+...        members vote (rlhfkit.judges.judge.EnsembleJudge)
+    ensemble:SPEC+SPEC+...        members vote (rlhfkit.judges.judge.EnsembleJudge); each member is a
+                                  whole spec with its own options (below)
     principle:NAME                a principle-specific labeller of the bundled task (rlhfkit.judges.constitution)
     FILE.yaml                     a mapping with `kind:` (one of the above) and the options
 
 Options follow a ``?``: ``http:gpt-4o-mini?base_url=http://127.0.0.1:8000/v1&concurrency=4``.
 Each is passed to the judge's constructor as a keyword; numbers and true/false are converted.
+
+An ensemble's members are separated by ``+`` (or ``,``) where the text after it starts a member
+spec (``gold``, ``afinn``, ``textblob``, ``rm:``, ``llm:``, ``http:``, ``principle:`` or a YAML
+file), so each member keeps its own options and a ``+`` or ``,`` inside an option value stays:
+
+    ensemble:http:judge-model?base_url=http://127.0.0.1:8000/v1&concurrency=4+afinn
+
+The ensemble's own options (``tie_margin``, ``name``) go in a YAML spec:
+``kind: ensemble``, ``members: [SPEC, SPEC]``, ``tie_margin: 0.1``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 from rlhfkit.errors import ConfigError
 
 JUDGE_KINDS = ("gold", "afinn", "textblob", "rm", "llm", "http", "ensemble", "principle")
+
+
+# a member separator: "+" or "," followed by the start of a judge spec
+_MEMBER_START = re.compile(r"[+,](?=(?:gold|afinn|textblob)(?:[?+,]|$)|(?:rm|llm|http|principle):|[^+,?]+\.ya?ml(?:[+,]|$))")
+
+
+def ensemble_members(arg: str) -> list[str]:
+    """'http:m?base_url=...&k=v+afinn' -> ['http:m?base_url=...&k=v', 'afinn'] (module docstring)."""
+    return [m.strip() for m in _MEMBER_START.split(arg) if m.strip()]
 
 
 def _value(text: str):
@@ -51,6 +71,8 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
         kind = str(data.pop("kind"))
         arg = str(data.pop("model", data.pop("path", "")) or "")
         return kind, arg, data
+    if spec.startswith("ensemble:"):  # the members carry their own "?options"
+        return "ensemble", spec[len("ensemble:"):], {}
     head, _, query = spec.partition("?")
     kind, _, arg = head.partition(":")
     opts = {k: _value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
@@ -105,10 +127,13 @@ def _build(kind: str, arg: str, opts: dict, spec: str):
     if kind == "ensemble":
         from rlhfkit.judges.judge import EnsembleJudge
 
-        parts = [p for p in arg.split("+") if p]
+        members = opts.pop("members", None)
+        if isinstance(members, str):
+            members = ensemble_members(members)
+        parts = list(members) if members else ensemble_members(arg)
         if not parts:
             raise ConfigError(f"judge spec {spec!r}: give members, ensemble:afinn+textblob")
-        return EnsembleJudge([load_judge(p) for p in parts], **opts)
+        return EnsembleJudge([load_judge(str(p)) for p in parts], **opts)
     if kind == "principle":
         from rlhfkit.judges.constitution import principle_judge
 
