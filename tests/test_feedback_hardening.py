@@ -184,3 +184,75 @@ def test_the_last_owner_cannot_be_demoted_or_disabled(env):
     r = c.post("/api/admin/users/adam/role", headers=H(env, "adam"), json={"role": "annotator"})
     assert r.status_code == 409, r.text
     assert c.get("/api/me", headers=H(env, "adam")).json()["role"] == "owner"
+
+
+# --------------------------------------------------------------------------------------------
+# client addresses: trusted proxies only
+
+
+def guard_app(db_url, **kw):
+    upgrade(db_url)
+    db = Database(db_url, pool_size=4)
+    with db.session() as s:
+        svc.create_user(s, "alice", PASSWORD)
+    guard = LoginGuard(per_ip=kw.pop("per_ip", ""), per_account=kw.pop("per_account", ""),
+                       **{k: kw.pop(k) for k in list(kw) if k.startswith("per_account") or k == "slow_delay"})
+    return db, create_app(db, login_guard=guard, **kw)
+
+
+def login(c, password="wrong password", forwarded=None, user="alice"):
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    return c.post("/api/login", json={"username": user, "password": password}, headers=headers)
+
+
+def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_configured_proxy(db_url):
+    db, app = guard_app(db_url, per_ip="3/minute")
+    c = TestClient(app, client=("203.0.113.9", 5000))
+    for i in range(3):
+        assert login(c, forwarded=f"198.51.100.{i}").status_code == 401
+    r = login(c, PASSWORD, forwarded="198.51.100.77")  # a fresh forged address does not help
+    assert r.status_code == 429 and "address" in r.json()["detail"]
+    db.dispose()
+
+
+def test_the_served_app_ignores_x_forwarded_for_from_local_clients(db_url):
+    """`serve run` as configured by the CLI: uvicorn's default trusted X-Forwarded-For from
+    127.0.0.1, so a local client (or a proxy passing the header through) got a fresh address,
+    and a fresh per-address login budget, with every request."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from rlhfkit.feedback.cli import _parser, build_app, server_config
+    from rlhfkit.feedback.testing import free_port
+
+    db, _ = guard_app(db_url)
+    args = _parser().parse_args(["run", "--db", db_url, "--port", str(free_port()), "--uncertainty-scorer", "none"])
+    app = build_app(args)
+    app.state.login_guard = LoginGuard(per_ip="3/minute", per_account="")
+    server = uvicorn.Server(server_config(args, app))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=30) as c:
+            codes = [login(c, forwarded=f"198.51.100.{i}").status_code for i in range(4)]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.db.dispose()
+        db.dispose()
+    assert codes == [401, 401, 401, 429]
+
+
+def test_a_configured_proxy_forwards_the_client_address(db_url):
+    db, app = guard_app(db_url, per_ip="3/minute", forwarded_allow_ips="10.0.0.2")
+    proxy = TestClient(app, client=("10.0.0.2", 5000))
+    for _ in range(3):
+        assert login(proxy, forwarded="198.51.100.1").status_code == 401
+    assert login(proxy, forwarded="198.51.100.1").status_code == 429
+    assert login(proxy, PASSWORD, forwarded="198.51.100.2").status_code == 200  # another client behind it
+    db.dispose()

@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, make_transient_to_detached
 from starlette.concurrency import run_in_threadpool
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import accounts
@@ -223,8 +224,14 @@ class TaskCache:
 
 def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
                login_guard: LoginGuard | None = None, body_limit: int = 1 << 20,
-               import_limit: int = 64 << 20) -> FastAPI:
+               import_limit: int = 64 << 20, forwarded_allow_ips: str | list[str] | None = None) -> FastAPI:
     """Build the app for a database (URL or Database). `scorer` drives uncertainty selection.
+
+    The client address (login limits, audit log) is the peer's, unless the peer is one of
+    `forwarded_allow_ips` (addresses or networks of reverse proxies, comma-separated, or "*"):
+    then it is the one their X-Forwarded-For names (uvicorn's ProxyHeadersMiddleware, which
+    skips trusted hops from the right). By default no peer is trusted: any client can send the
+    header, and believing it gave each request a fresh per-address login budget.
 
     `login_guard` holds the login rate limits and the bound on concurrent password checks;
     request bodies are limited to `body_limit` bytes (`import_limit` for item imports).
@@ -238,7 +245,10 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
                        larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
     # security headers outside Starlette's error middleware, so 500 pages carry them too
     build = app.build_middleware_stack
-    app.build_middleware_stack = lambda: SecurityHeaders(build())
+    if forwarded_allow_ips:
+        app.build_middleware_stack = lambda: SecurityHeaders(ProxyHeadersMiddleware(build(), forwarded_allow_ips))
+    else:
+        app.build_middleware_stack = lambda: SecurityHeaders(build())
     app.state.scorer = scorer
     app.state.rng = random.Random()
     app.state.rng_lock = threading.Lock()

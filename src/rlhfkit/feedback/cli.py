@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="how long an idle connection stays open (default 75 s, as nginx's keepalive_timeout): "
                              "annotators read for seconds between submits, and with uvicorn's default of 5 s "
                              "most submits would open a new connection")
+        sp.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                        help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+                             "header is trusted for the client address ('*' for any peer). Default: none, "
+                             "the peer's own address is the client's")
     add("init-db", "create or upgrade the database schema")
     sp = add("create-user", "add an account")
     sp.add_argument("--username", required=True)
@@ -174,9 +178,8 @@ def _db(args):
     return Database(args.db, pool_size=2)
 
 
-def _run(args) -> int:
-    import uvicorn
-
+def build_app(args):
+    """The app `serve run` serves, from its parsed arguments (after applying migrations)."""
     from rlhfkit.feedback.app import create_app
     from rlhfkit.feedback.db import Database, upgrade
 
@@ -186,10 +189,26 @@ def _run(args) -> int:
         from rlhfkit.feedback.online import OnlineScorer
 
         scorer = OnlineScorer()
-    app = create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer, secure_cookies=args.secure_cookies)
+    return create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer,
+                      secure_cookies=args.secure_cookies, forwarded_allow_ips=args.forwarded_allow_ips)
+
+
+def server_config(args, app):
+    """uvicorn's settings for `serve run`. Proxy headers are the app's business (it trusts them
+    only from --forwarded-allow-ips): uvicorn's own handling, on by default, trusts
+    X-Forwarded-For from 127.0.0.1, so any local client could claim any address."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                          timeout_keep_alive=args.keep_alive, proxy_headers=False)
+
+
+def _run(args) -> int:
+    import uvicorn
+
+    app = build_app(args)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_keep_alive=args.keep_alive)
+    uvicorn.Server(server_config(args, app)).run()
     return 0
 
 
