@@ -92,3 +92,20 @@ def test_interrupted_labelling_without_a_cache_says_how_to_keep_verdicts(tmp_pat
         main(Config(input=str(_input(tmp_path)), output=str(tmp_path / "o.jsonl"), judge="afinn"))
     err = capsys.readouterr().err
     assert "no verdicts were kept" in err and "cache=FILE" in err
+
+
+def test_a_judge_a_constitution_does_not_use_is_named(tmp_path, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    main(Config(input=str(_input(tmp_path)), output=str(tmp_path / "o.jsonl"), judge="afinn",
+                constitution=str(root / "constitution_kindly.md")))
+    out = capsys.readouterr().out
+    assert "--judge afinn is not used: every principle of" in out
+    mixed = tmp_path / "mixed.md"
+    mixed.write_text("## kind\ncritique: c\nrevision: r\ncomparison: Which is kinder?\njudge: principle:kind\n\n"
+                     "## honest\ncritique: c\nrevision: r\ncomparison: Which is more honest?\n")
+    with StubServer() as srv:
+        main(Config(input=str(_input(tmp_path)), output=str(tmp_path / "o.jsonl"), constitution=str(mixed),
+                    judge=f"http:stub?base_url={srv.url}"))
+    assert "--judge http:stub answers principles honest; kind use the judges they name" in capsys.readouterr().out

@@ -27,8 +27,9 @@ have the same columns, ``annotator_id`` naming the judge, plus ``p_chosen`` (the
 probability that chosen is better) and ``confidence``. A pair
 the judge abstains on (timeouts, unreadable answers, after the retries) is left out and counted.
 RL-CAI: ``--constitution FILE`` draws one principle per comparison (Bai et al. 2022, sec. 4.1)
-and asks that principle's comparison question (or its own labeller, where the principle names
-one); the records carry a ``principle`` field.
+and asks that principle's comparison question of ``--judge``, or of its own labeller where the
+principle names one (that choice wins; a line says which principles ``--judge`` answers, or
+that it answers none); the records carry a ``principle`` field.
 
     rlhfkit label --input samples.jsonl --output ai_prefs.jsonl --judge afinn
     rlhfkit label --input samples.jsonl --output cai_prefs.jsonl --constitution configs/constitution_kindly.md
@@ -264,8 +265,10 @@ def main(cfg: Config) -> dict:
     if cfg.constitution:
         from rlhfkit.judges.constitution import constitution_labeller, load_constitution
 
-        labeller = constitution_labeller(load_constitution(cfg.constitution), judge, seed=cfg.seed,
-                                         chain_of_thought=cfg.chain_of_thought)
+        principles = load_constitution(cfg.constitution)
+        if judge is not None:
+            print(judge_use_note(principles, judge.name, cfg.constitution))
+        labeller = constitution_labeller(principles, judge, seed=cfg.seed, chain_of_thought=cfg.chain_of_thought)
     elif judge is not None:
         labeller = judge_labeller(judge)
     else:
@@ -312,6 +315,19 @@ def main(cfg: Config) -> dict:
     if judge is not None:  # retries, failures, tokens and cost: whatever the judge counts
         print(f"label: judge {judge.name}: {judge_counters(judge)}")
     return stats
+
+
+def judge_use_note(principles, judge_name: str, path: str) -> str:
+    """Which principles --judge answers: a principle that names its own judge keeps it."""
+    own = [p.name for p in principles if p.judge]
+    asked = [p.name for p in principles if not p.judge]
+    if not asked:
+        return (f"label: --judge {judge_name} is not used: every principle of {path} names its own judge "
+                f"(remove their judge: lines to ask {judge_name} instead)")
+    if own:
+        return (f"label: --judge {judge_name} answers principles {', '.join(asked)}; "
+                f"{', '.join(own)} use the judges they name")
+    return f"label: --judge {judge_name} answers every principle of {path}"
 
 
 def judge_counters(judge) -> str:
