@@ -61,7 +61,7 @@ report_to: jsonl,csv
 
 
 @pytest.mark.parametrize("field, expected", [
-    ("save_total_limit: 2", "transformers/TRL option that rlhfkit's Config does not support"),
+    ("save_total_limit: 2", "transformers/TRL option that rlhfkit's dpo Config does not support"),
     ("per_device_batch_size: 8", "is now 'per_device_train_batch_size'"),
     ("no_such_thing: 1", "'no_such_thing' is unknown"),
 ])

@@ -13,7 +13,7 @@ import pytest
 from rlhfkit.cli import COMMANDS
 from rlhfkit.config import from_dict, load_yaml_config, parse_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.recipes import ppo, sft
+from rlhfkit.recipes import dpo, grpo, ppo, reward, sft
 
 # what each command's validation requires, given on the command line only
 REQUIRED = {
@@ -109,3 +109,40 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag():
     with pytest.raises(ConfigError, match="learning_rate") as e:
         parse_config(sft.Config, ["--learning_rate", "fast"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cls, field, expected", [
+    (grpo.Config, "use_vllm: true", "use_vllm is TRL's option; rlhfkit's equivalent is --engine vllm"),
+    (grpo.Config, "vllm_mode: colocate", "vllm_mode is TRL's option; rlhfkit's equivalent is --engine vllm"),
+    (grpo.Config, "num_iterations: 2", "num_iterations is TRL's option; rlhfkit's equivalent is --num_ppo_epochs"),
+    (ppo.Config, "dataset_name: trl-lib/tldr", "dataset_name is TRL's option; rlhfkit's equivalent is --prompts"),
+    (ppo.Config, "num_generations: 4", "num_generations is TRL's option; rlhfkit's equivalent is --prompts_per_step"),
+    (ppo.Config, "beta: 0.1", "beta is TRL's option; rlhfkit's equivalent is --kl_coef"),
+    (dpo.Config, "loss_type: ipo", "loss_type is TRL's option; rlhfkit's equivalent is --loss"),
+    (sft.Config, "max_seq_length: 512", "max_seq_length is TRL's option; rlhfkit's equivalent is --max_length"),
+    (sft.Config, "vllm_gpu_memory_utilization: 0.5", "'vllm_gpu_memory_utilization' is a transformers/TRL option"),
+    (sft.Config, "learning_rat: 0.1", "'learning_rat' is unknown; did you mean learning_rate"),
+    (sft.Config, "zzzz: 1", "'zzzz' is unknown; see --help for the fields"),
+])
+def test_trl_options_are_named_with_the_equivalent_in_one_line(tmp_path, cls, field, expected):
+    y = _yaml(tmp_path, f"model: kindly\ndataset: x.jsonl\n{field}\n" if cls is dpo.Config else f"model: kindly\n{field}\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml_config(cls, y)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg and len(msg) < 200, msg
+    name, value = field.split(": ")
+    with pytest.raises(ConfigError) as e:
+        parse_config(cls, ["--model", "kindly", *(["--dataset", "x.jsonl"] if cls is dpo.Config else []), f"--{name}", value])
+    assert expected in str(e.value) and len(str(e.value)) < 200
+
+
+def test_trl_names_of_rlhfkit_fields_are_accepted(tmp_path):
+    y = _yaml(tmp_path, "model_name_or_path: kindly\ndataset_name: p.jsonl\ndataset_train_split: tr\nuse_peft: true\n"
+                        "torch_dtype: bfloat16\ncenter_rewards_coefficient: 0.01\n")
+    cfg = load_yaml_config(reward.Config, y)
+    assert (cfg.model, cfg.dataset, cfg.dataset_split, cfg.use_lora, cfg.dtype, cfg.center_rewards_coef) == (
+        "kindly", "p.jsonl", "tr", True, "bfloat16", 0.01)
+    cfg = parse_config(grpo.Config, ["--model_name_or_path", "kindly", "--reward_model_path", "rm"])
+    assert cfg.model == "kindly" and cfg.reward == ["rm:rm"]
+    with pytest.raises(ConfigError, match="'model_name_or_path' is TRL's name for 'model'; give one of them"):
+        from_dict(sft.Config, {"model": "a", "model_name_or_path": "b"})

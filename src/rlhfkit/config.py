@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 import tyro
 import yaml
 
+from rlhfkit import trl_options
+from rlhfkit.errors import ConfigError  # re-exported: config users import it here
+
 T = TypeVar("T")
-
-
-from rlhfkit.errors import ConfigError  # noqa: E402  (re-exported: config users import it here)
 
 
 def require(cond: bool, field: str, message: str) -> None:
@@ -203,40 +203,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-# rlhfkit's former names -> the transformers/TRL names they follow now
-RENAMED = {"per_device_batch_size": "per_device_train_batch_size", "num_epochs": "num_train_epochs",
-           "log_every": "logging_steps", "save_every": "save_steps", "eval_every": "eval_steps",
-           "lr_scheduler": "lr_scheduler_type", "adam_eps": "adam_epsilon", "mixed_precision": "bf16 / fp16"}
-
-# transformers TrainingArguments / TRL config fields that rlhfkit does not have (so a TRL YAML
-# fails with a message that says so rather than "unknown field")
-TRL_FIELDS = frozenset("""
-per_device_eval_batch_size eval_strategy evaluation_strategy save_strategy logging_strategy logging_dir
-logging_first_step save_total_limit save_only_model load_best_model_at_end metric_for_best_model
-greater_is_better push_to_hub hub_model_id hub_token hub_strategy dataloader_num_workers dataloader_pin_memory
-dataloader_drop_last remove_unused_columns label_names optim_args lr_scheduler_kwargs warmup_ratio
-tf32 bf16_full_eval fp16_full_eval torch_compile torch_compile_backend ddp_find_unused_parameters
-deepspeed fsdp fsdp_config run_name disable_tqdm use_cpu resume_from_checkpoint overwrite_output_dir
-gradient_checkpointing_kwargs ignore_data_skip auto_find_batch_size include_num_input_tokens_seen
-model_init_kwargs dataset_text_field dataset_kwargs dataset_num_proc packing_strategy padding_free
-padding_value pad_token eos_token assistant_only_loss use_liger_kernel activation_offloading
-ref_model_init_kwargs model_adapter_name ref_adapter_name force_use_ref_model sync_ref_model
-ref_model_mixup_alpha ref_model_sync_steps rpo_alpha use_weighting ld_alpha discopop_tau
-max_completion_length truncation_mode generate_during_eval use_logits_to_keep tools
-""".split())
-
-
 def _unknown_field_message(cls: type, names: list[str], source: str) -> str:
-    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
-    parts = []
-    for n in names:
-        if n in RENAMED:
-            parts.append(f"'{n}' is now '{RENAMED[n]}' (transformers' name)")
-        elif n in TRL_FIELDS:
-            parts.append(f"'{n}' is a transformers/TRL option that rlhfkit's {cls.__name__} does not support")
-        else:
-            parts.append(f"'{n}' is unknown")
-    return f"{source}: {'; '.join(parts)}; known fields: {', '.join(fields)}"
+    """One line: what each name is (a TRL option with its rlhfkit equivalent, an unsupported option, or a
+    typo with the closest field names)."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    config_name = f"{cls.__module__.rsplit('.', 1)[-1]} Config"
+    return f"{source}: " + "; ".join(trl_options.explain(n, fields, config_name) for n in names)
 
 
 def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
@@ -244,6 +216,7 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = trl_options.renamed(data, set(fields), source)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(_unknown_field_message(cls, unknown, source))
@@ -293,6 +266,16 @@ def _normalise_bools(cls: type, argv: list[str]) -> list[str]:
                 out[i] = f"--{name}={_TRUTH[val.lower()]}"
         elif tok.startswith("--") and tok[2:] in bools and i + 1 < len(out) and out[i + 1].lower() in _TRUTH:
             out[i + 1] = _TRUTH[out[i + 1].lower()]
+    return out
+
+
+def _renamed_flags(argv: list[str], known: set[str]) -> list[str]:
+    """`--model_name_or_path X` as `--model X`: TRL's names of rlhfkit's fields (trl_options.ALIASES)."""
+    out = []
+    for a in argv:
+        name, eq, value = a[2:].partition("=")
+        new = trl_options.ALIASES.get(name) if a.startswith("--") else None
+        out.append(f"--{new}{eq}{value}" if new in known else a)
     return out
 
 
@@ -355,6 +338,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
     loose = _unchecked(cls)
     default = from_dict(loose, read_yaml_mapping(path), path) if path is not None else loose()
     known = {f.name for f in dataclasses.fields(cls) if f.init}
+    argv = _renamed_flags(argv, known)
     flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
     unknown = sorted({f for f in flags if f not in known and f != "help"})
     if unknown:
