@@ -256,3 +256,34 @@ def test_a_configured_proxy_forwards_the_client_address(db_url):
     assert login(proxy, forwarded="198.51.100.1").status_code == 429
     assert login(proxy, PASSWORD, forwarded="198.51.100.2").status_code == 200  # another client behind it
     db.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# failed logins: per account and client, then a slowdown, never a lockout
+
+
+def test_guessing_from_one_address_does_not_lock_the_owner_out(db_url):
+    db, app = guard_app(db_url, per_account="3/minute;50/hour")
+    attacker = TestClient(app, client=("203.0.113.9", 5000))
+    for _ in range(3):
+        assert login(attacker).status_code == 401
+    assert login(attacker, PASSWORD).status_code == 429
+    owner = TestClient(app, client=("192.0.2.44", 5000))
+    assert login(owner, PASSWORD).status_code == 200
+    db.dispose()
+
+
+def test_guessing_from_many_addresses_slows_the_account_down(db_url):
+    import time
+
+    db, app = guard_app(db_url, per_account="3/minute", per_account_global="5/minute", slow_delay=0.6)
+    for i in range(5):  # five addresses, one failure each: no per-address limit is reached
+        assert login(TestClient(app, client=(f"203.0.113.{i}", 5000))).status_code == 401
+    owner = TestClient(app, client=("192.0.2.44", 5000))
+    t0 = time.perf_counter()
+    assert login(owner, PASSWORD).status_code == 200  # slowed, not refused
+    assert time.perf_counter() - t0 >= 0.6
+    t0 = time.perf_counter()
+    assert login(owner, PASSWORD, user="ALICE2".lower()).status_code == 401  # other accounts: no delay
+    assert time.perf_counter() - t0 < 0.5
+    db.dispose()

@@ -382,10 +382,11 @@ def login_checker(app: FastAPI, db: Database):
     async def check_login(request: Request, username: str, password: str) -> User | None:
         guard: LoginGuard = app.state.login_guard
         account = svc.username_key(username)[:64] if not text_problem(username) else "?"
-        guard.before_attempt(client_host(request), account)
+        ip = client_host(request)
+        await guard.admit(ip, account)
         user = await guard.run(_lookup_and_verify, db, username, password)
         if user is None:
-            guard.failed(account)
+            guard.failed(account, ip)
         return user
     return check_login
 
@@ -448,9 +449,10 @@ def _api_routes(app, db, templates, rng, secure, auth):
         # in the guard's pool, before any transaction, so no write lock waits on them.
         guard: LoginGuard = app.state.login_guard
         account = svc.username_key(user.username)[:64]
-        guard.before_attempt(client_host(request), account)
+        ip = client_host(request)
+        await guard.admit(ip, account)
         if not await guard.run(verify_password, user.password_hash, body.old_password):
-            guard.failed(account)
+            guard.failed(account, ip)
             raise AuthError(403, "the current password is wrong")
         await run_in_threadpool(svc.check_password_policy, body.new_password, user.username)
         new_hash = await guard.run(hash_password, body.new_password)

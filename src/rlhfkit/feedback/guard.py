@@ -5,9 +5,13 @@ Login abuse (issue 13): each Argon2id check costs 64 MiB and tens of millisecond
 design (RFC 9106), so an anonymous flood of logins used to drive the server to gigabytes and
 annotators' requests to seconds. Three layers stop that:
 
-* rate limits per client IP (every attempt) and per account (failed attempts, a short and a
-  long window, so a guesser is slowed first and then shut out for the hour), kept by the
-  `limits` library's moving-window limiter rather than a hand-written counter;
+* rate limits per client IP (every attempt) and per account *and* client IP (failed attempts, a
+  short and a long window, so a guesser is slowed first and then shut out for the hour), kept by
+  the `limits` library's moving-window limiter rather than a hand-written counter. Counting
+  failures per account alone let anyone lock a named account out for an hour with 50 wrong
+  guesses; now a guesser only locks out their own address. Failures summed over all addresses
+  (a distributed guesser) slow every attempt on the account by `slow_delay` seconds instead,
+  the owner's included, but never refuse it;
 * at most `max_concurrent` password checks at once (default: half the cores), in a dedicated thread pool, so the
   server's request threads stay free for annotators; more than `max_waiting` queued checks
   are refused at once with 503 and Retry-After;
@@ -54,12 +58,15 @@ class LoginGuard:
     """Rate limits and the bounded password-check pool shared by the login routes."""
 
     def __init__(self, per_ip: str = "60/minute;600/hour", per_account: str = "10/minute;50/hour",
-                 max_concurrent: int | None = None, max_waiting: int = 16):
+                 max_concurrent: int | None = None, max_waiting: int = 16,
+                 per_account_global: str = "100/hour", slow_delay: float = 2.0):
         # at most half the cores hash passwords, so annotators' requests always find a free one
         max_concurrent = max_concurrent or max(1, (os.cpu_count() or 2) // 2)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self.per_ip: list[RateLimitItem] = parse_many(per_ip) if per_ip else []
         self.per_account: list[RateLimitItem] = parse_many(per_account) if per_account else []
+        self.per_account_global: list[RateLimitItem] = parse_many(per_account_global) if per_account_global else []
+        self.slow_delay = slow_delay
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrent,
                                                           thread_name_prefix="password-check")
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
@@ -78,20 +85,33 @@ class LoginGuard:
         reset, _ = self.limiter.get_window_stats(limit, *keys)
         return int(reset - time.time()) + 1
 
-    def before_attempt(self, ip: str, account: str) -> None:
-        """Count an attempt from `ip`; refuse when the IP or the account is over its limit."""
+    def before_attempt(self, ip: str, account: str) -> float:
+        """Count an attempt from `ip`; refuse when the IP, or the account from this IP, is over
+        its limit. Returns the delay (seconds) to wait before checking the password: nonzero
+        while the account's failures from all addresses are over `per_account_global`."""
         for limit in self.per_ip:  # every attempt counts, refused ones too
             if not self.limiter.hit(limit, "ip", ip):
                 raise TooManyAttempts("too many login attempts from this address; try again later",
                                       self._retry_after(limit, "ip", ip))
         for limit in self.per_account:
-            if not self.limiter.test(limit, "account", account):
-                raise TooManyAttempts("too many failed logins for this account; try again later",
-                                      self._retry_after(limit, "account", account))
+            if not self.limiter.test(limit, "account", account, ip):
+                raise TooManyAttempts("too many failed logins for this account from this address; try again later",
+                                      self._retry_after(limit, "account", account, ip))
+        if any(not self.limiter.test(limit, "account-all", account) for limit in self.per_account_global):
+            return self.slow_delay
+        return 0.0
 
-    def failed(self, account: str) -> None:
+    async def admit(self, ip: str, account: str) -> None:
+        """`before_attempt`, then its delay, spent without holding a thread."""
+        delay = self.before_attempt(ip, account)
+        if delay:
+            await asyncio.sleep(delay)
+
+    def failed(self, account: str, ip: str) -> None:
         for limit in self.per_account:
-            self.limiter.hit(limit, "account", account)
+            self.limiter.hit(limit, "account", account, ip)
+        for limit in self.per_account_global:
+            self.limiter.hit(limit, "account-all", account)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a password check in the bounded pool without holding a request thread."""
