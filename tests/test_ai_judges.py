@@ -446,6 +446,7 @@ def test_label_with_a_general_constitution_asks_the_http_judge_each_principle(tm
         questions = {s["body"]["messages"][0]["content"].split("\n")[1] for s in srv.seen}
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and all(r["annotator_id"] == "http:stub" for r in rows)
+    assert all(len(r["rationale"]) == 2 and "Answer:" in r["rationale"][0] for r in rows)
     from rlhfkit.judges.constitution import load_constitution
 
     asked = {p.comparison for p in load_constitution(constitution)}

@@ -109,3 +109,36 @@ def test_a_judge_a_constitution_does_not_use_is_named(tmp_path, capsys):
         main(Config(input=str(_input(tmp_path)), output=str(tmp_path / "o.jsonl"), constitution=str(mixed),
                     judge=f"http:stub?base_url={srv.url}"))
     assert "--judge http:stub answers principles honest; kind use the judges they name" in capsys.readouterr().out
+
+
+def test_chain_of_thought_text_is_kept_as_the_rationale(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with StubServer() as srv:
+        main(Config(input=str(_input(tmp_path)), output=str(out), chain_of_thought=True,
+                    judge=f"http:stub?base_url={srv.url}"))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3
+    first = next(r for r in rows if r["chosen"] == "what a lovely kind day")
+    # one text per order: the pair as given (a shown as Response A), then swapped
+    assert first["rationale"] == ["Response A scores 2, response B scores -1.\nAnswer: A",
+                                  "Response A scores -1, response B scores 2.\nAnswer: B"]
+    with pytest.raises(RlhfkitError, match="cannot reason in text"):
+        main(Config(input=str(_input(tmp_path)), output=str(out), chain_of_thought=True, judge="afinn"))
+
+
+def test_the_local_judge_keeps_its_reasoning(tmp_path):
+    from _data_tokenizers import bundled_tokenizer
+    from rlhfkit.judges.llm import LLMJudge
+    from rlhfkit.models.factory import tiny_llama
+
+    tok = bundled_tokenizer()
+    if tok is None:
+        pytest.skip("bundled tokenizer missing")
+    model = tiny_llama(len(tok), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       max_position_embeddings=256, seed=0, tokenizer=tok)
+    judge = LLMJudge("tiny", chat="false", cot_tokens=4, _model=model, _tokenizer=tok)
+    [v] = judge.compare_with_question(["The day"], ["is kind"], ["is awful"], "Which?", chain_of_thought=True)
+    from rlhfkit.judges.llm import COT_PREFIX, PAIRWISE_TEMPLATE
+
+    ctx = PAIRWISE_TEMPLATE.format(prompt="The day", response_a="is kind", response_b="is awful", question="Which?")
+    assert len(v.rationale) == 2 and v.rationale[0] == judge.generate_raw([ctx + COT_PREFIX], 4)[0]

@@ -201,8 +201,8 @@ def constitution_labeller(principles: Sequence[Principle], judge=None, seed: int
                           "confidence": v.confidence, "principle": p.name}
                 if v.consistent is not None:
                     out[i]["order_consistent"] = v.consistent
-                if v.reason:
-                    out[i]["reasoning"] = v.reason
+                if v.rationale:
+                    out[i]["rationale"] = v.rationale
         return out
 
     return label

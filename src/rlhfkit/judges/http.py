@@ -44,6 +44,7 @@ from rlhfkit.judges.judge import (
     INCONSISTENT,
     Preference,
     aligned,
+    attach_rationales,
     combine_orders,
     new_stats,
     rubric_compare,
@@ -253,8 +254,8 @@ class HTTPJudge:
         def parse(data: dict) -> float:
             choice = self._choice(data)
             text = choice["message"]["content"]
-            if cot:  # the reasoning may weigh both responses: its last verdict counts
-                return read_verdict(text, self.allow_tie, last=True)
+            if cot:  # the reasoning may weigh both responses: its last verdict counts; the text is kept
+                return read_verdict(text, self.allow_tie, last=True), text
             lp = self._top_logprobs(choice, ("A", "B")) if self.logprobs else None
             if lp is not None:
                 m = max(lp)
@@ -282,8 +283,14 @@ class HTTPJudge:
         if self.both_orders:
             bodies += self._pair_bodies(prompts, b, a, question, chain_of_thought)
         got = self._run(bodies, parse)
-        return combine_orders(got[:n], got[n:] if self.both_orders else None, self.both_orders, self.tie_margin, self.stats,
-                              "no readable answer after retries", self.inconsistent)
+        texts = [g[1] if g is not None else "" for g in got] if chain_of_thought else None
+        if chain_of_thought:
+            got = [g[0] if g is not None else None for g in got]
+        out = combine_orders(got[:n], got[n:] if self.both_orders else None, self.both_orders, self.tie_margin,
+                             self.stats, "no readable answer after retries", self.inconsistent)
+        if texts is not None:
+            attach_rationales(out, texts[:n], texts[n:] if self.both_orders else None)
+        return out
 
     def compare(self, prompts, a, b) -> list[Preference]:
         return rubric_compare(self, prompts, a, b)

@@ -32,6 +32,9 @@ class Preference:
     ``p_a``: the judge's probability that a is better (None when abstained).
     ``confidence``: |2 p_a - 1| in [0, 1]; 0 for ties and abstentions.
     ``consistent``: for judges that ask both orders, whether the two orders agreed (else None).
+    ``reason``: why it abstained or tied where that was not the judge's own verdict.
+    ``rationale``: the judge's own text where it reasoned (chain of thought), one entry per order
+    asked: [a shown first, b shown first] ("" where that order gave no text).
     """
 
     label: float | None
@@ -39,6 +42,7 @@ class Preference:
     confidence: float = 0.0
     consistent: bool | None = None
     reason: str = ""
+    rationale: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def abstained(self) -> bool:
@@ -111,6 +115,12 @@ def combine_orders(p_ab: Sequence[float | None], p_ba: Sequence[float | None] | 
     pairs = stats["order_pairs"]
     stats["order_agreement"] = stats["order_consistent"] / pairs if pairs else float("nan")
     return out
+
+
+def attach_rationales(verdicts: list[Preference], first: Sequence[str], second: Sequence[str] | None) -> None:
+    """Keep the judge's reasoning text with each verdict (see Preference.rationale)."""
+    for i, v in enumerate(verdicts):
+        v.rationale = [first[i] or ""] + ([second[i] or ""] if second is not None else [])
 
 
 def rubric_compare(judge, prompts, a, b) -> list[Preference]:

@@ -44,6 +44,7 @@ from rlhfkit.judges.judge import (
     INCONSISTENT,
     Preference,
     aligned,
+    attach_rationales,
     combine_orders,
     new_stats,
     rubric_compare,
@@ -191,8 +192,9 @@ class LLMJudge:
 
     # -- pairwise -----------------------------------------------------------------------------
 
-    def _p_first(self, prompts, first, second, question, chain_of_thought=False) -> list[float | None]:
-        """P(the response shown first is better) for each pair, from the answer log-probs."""
+    def _p_first(self, prompts, first, second, question, chain_of_thought=False) -> tuple[list[float | None], list[str]]:
+        """P(the response shown first is better) for each pair, from the answer log-probs, and the
+        reasoning written before it (chain of thought; else empty strings)."""
         ctx = [self._wrap(self.pairwise_template.format(prompt=p or "", response_a=x, response_b=y, question=question))
                for p, x, y in zip(prompts, first, second)]
         if chain_of_thought:
@@ -201,8 +203,11 @@ class LLMJudge:
             suffix = len(self.tok(COT_SUFFIX, add_special_tokens=False)["input_ids"])
             fits = [len(self._ids(c)) + self.cot_tokens + suffix + longest_answer <= self.max_length for c in ctx]
             self.stats["too_long"] += fits.count(False)
-            reasons = self.generate_raw([c for c, ok in zip(ctx, fits) if ok], self.cot_tokens)
-            ctx = [c + reasons.pop(0) + COT_SUFFIX if ok else None for c, ok in zip(ctx, fits)]
+            written = self.generate_raw([c for c, ok in zip(ctx, fits) if ok], self.cot_tokens)
+            reasons = [written.pop(0) if ok else "" for ok in fits]
+            ctx = [c + r + COT_SUFFIX if ok else None for c, r, ok in zip(ctx, reasons, fits)]
+        else:
+            reasons = [""] * len(ctx)
         out = []
         for lp in self.answer_logprobs(ctx, self.answers):
             if lp is None or not all(math.isfinite(x) for x in lp):
@@ -211,14 +216,17 @@ class LLMJudge:
             m = max(lp)
             ea, eb = math.exp(lp[0] - m), math.exp(lp[1] - m)
             out.append(ea / (ea + eb))
-        return out
+        return out, reasons
 
     def compare_with_question(self, prompts, a, b, question: str, chain_of_thought: bool = False) -> list[Preference]:
         prompts = aligned(prompts, a, b)
-        p1 = self._p_first(prompts, a, b, question, chain_of_thought)
-        p2 = self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders else None
-        return combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats,
-                              f"rubric longer than the judge's {self.max_length} positions", self.inconsistent)
+        p1, r1 = self._p_first(prompts, a, b, question, chain_of_thought)
+        p2, r2 = self._p_first(prompts, b, a, question, chain_of_thought) if self.both_orders else (None, None)
+        out = combine_orders(p1, p2, self.both_orders, self.tie_margin, self.stats,
+                             f"rubric longer than the judge's {self.max_length} positions", self.inconsistent)
+        if chain_of_thought:
+            attach_rationales(out, r1, r2)
+        return out
 
     def compare(self, prompts, a, b) -> list[Preference]:
         """mode=pairwise: the pairwise rubric in both orders; mode=pointwise: the higher expected score."""

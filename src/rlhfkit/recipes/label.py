@@ -24,7 +24,9 @@ Outputs (written atomically):
 RLAIF: ``--judge SPEC`` labels with any AI judge instead (``afinn``, ``textblob``, ``rm:PATH``,
 ``llm:PATH``, ``http:MODEL?base_url=...``; see :func:`rlhfkit.judges.load_judge`); the records
 have the same columns, ``annotator_id`` naming the judge, plus ``p_chosen`` (the judge's
-probability that chosen is better) and ``confidence``. A pair
+probability that chosen is better) and ``confidence``; with ``--chain_of_thought true`` the
+judge's reasoning is kept as ``rationale`` (one text per order asked: the pair as given, then
+swapped). A pair
 the judge abstains on (timeouts, unreadable answers, after the retries) is left out and counted.
 RL-CAI: ``--constitution FILE`` draws one principle per comparison (Bai et al. 2022, sec. 4.1)
 and asks that principle's comparison question of ``--judge``, or of its own labeller where the
@@ -57,7 +59,7 @@ import numpy as np
 
 from rlhfkit.config import require
 from rlhfkit.data.readers import load_records, source_of
-from rlhfkit.errors import DataError, RlhfkitError
+from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.judges import GoldPanel, SimulatedAnnotators
 from rlhfkit.runs import atomic_path
 
@@ -91,7 +93,7 @@ class Config:
     constitution: str = ""
     """RL-CAI: a constitution file (YAML or Markdown); one principle is drawn per comparison."""
     chain_of_thought: bool = False
-    """RL-CAI with an LLM or HTTP judge: let the judge reason before its verdict."""
+    """With an LLM or HTTP judge (RLAIF or RL-CAI): let the judge reason before its verdict; its text is kept as `rationale`."""
     seed: int = 0
     """Seed of annotator draws, label noise and pair choice."""
 
@@ -183,15 +185,23 @@ def choose_pairs(cfg: Config, items: list[dict]) -> tuple[list[tuple[int, int, i
     return which, identical
 
 
-def judge_labeller(judge):
-    """judge.compare -> label dicts (label None = abstained) with the judge's name as annotator_id."""
+def judge_labeller(judge, chain_of_thought: bool = False):
+    """judge.compare -> label dicts (label None = abstained) with the judge's name as annotator_id;
+    with chain of thought (LLM and HTTP judges) the judge reasons first and its text is kept."""
+    if chain_of_thought and not hasattr(judge, "compare_with_question"):
+        raise ConfigError(f"chain_of_thought: judge {judge.name!r} cannot reason in text; use an llm: or http: judge")
+
     def label(prompts, a, b):
         out = []
-        for v in judge.compare(prompts, a, b):
+        verdicts = (judge.compare_with_question(prompts, a, b, judge.question, chain_of_thought=True)
+                    if chain_of_thought else judge.compare(prompts, a, b))
+        for v in verdicts:
             row = {"label": v.label, "annotator_id": judge.name, "reliable": True, "p_a": v.p_a,
                    "confidence": v.confidence}
             if v.consistent is not None:
                 row["order_consistent"] = v.consistent
+            if v.rationale:
+                row["rationale"] = v.rationale
             out.append(row)
         return out
     return label
@@ -216,7 +226,7 @@ def label_pairs(cfg: Config, items: list[dict], labeller) -> tuple[list[dict], d
         row = {"prompt": items[n]["prompt"], "chosen": items[n]["responses"][first],
                "rejected": items[n]["responses"][second], "label": 1.0 if not tie else 0.5,
                "tie": bool(tie), "annotator_id": lab["annotator_id"], "reliable": lab["reliable"]}
-        for key in ("principle", "confidence", "order_consistent", "reasoning"):
+        for key in ("principle", "confidence", "order_consistent", "rationale"):
             if key in lab:
                 row[key] = lab[key]
         if lab.get("p_a") is not None:  # P(chosen better) as the judge saw it
@@ -270,7 +280,7 @@ def main(cfg: Config) -> dict:
             print(judge_use_note(principles, judge.name, cfg.constitution))
         labeller = constitution_labeller(principles, judge, seed=cfg.seed, chain_of_thought=cfg.chain_of_thought)
     elif judge is not None:
-        labeller = judge_labeller(judge)
+        labeller = judge_labeller(judge, cfg.chain_of_thought)
     else:
         annotators = SimulatedAnnotators(GoldPanel(), beta=cfg.beta, tie_margin=cfg.tie_margin,
                                          unreliable_frac=cfg.unreliable_frac, mode=cfg.unreliable_mode,
