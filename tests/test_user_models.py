@@ -40,7 +40,9 @@ def test_lora_reward_adapter_reloads_with_peft_and_as_rm_spec(arch, tmp_path, mo
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlhfkit.errors import ConfigError
     from rlhfkit.judges.specs import load_reward
+    from rlhfkit.models import load_policy
     from rlhfkit.models.reward import RewardScorer
     from rlhfkit.recipes import reward
 
@@ -59,6 +61,8 @@ def test_lora_reward_adapter_reloads_with_peft_and_as_rm_spec(arch, tmp_path, mo
                               lora_alpha=8, merge_lora=False, normalize=False, **FAST), printer=lambda m: None)
     adapter = tmp_path / "rm" / "final"
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    with pytest.raises(ConfigError, match="reward model's adapter"):  # not a policy
+        load_policy(str(adapter))
 
     # the recipe of docs/reward.md, step by step
     tok = AutoTokenizer.from_pretrained(adapter)
@@ -73,3 +77,76 @@ def test_lora_reward_adapter_reloads_with_peft_and_as_rm_spec(arch, tmp_path, mo
     np.testing.assert_allclose(ours, trained["scores"], rtol=1e-5, atol=1e-5)
     spec = load_reward(f"rm:{adapter}")
     np.testing.assert_allclose(spec.fn(PROMPTS, RESPONSES), trained["scores"], rtol=1e-5, atol=1e-5)
+
+
+def _reward_model_folder(arch, root) -> str:
+    """What `rlhfkit reward` leaves: the base as a sequence classifier (a score head, no LM head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = make_model_folder(arch, root / "base")
+    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    rm.save_pretrained(root / "rm")
+    AutoTokenizer.from_pretrained(base).save_pretrained(root / "rm")
+    return str(root / "rm")
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "gpt_neox", "phi3"])
+def test_a_reward_model_as_policy_is_refused_in_one_line(arch, tmp_path):
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.models import load_policy
+    from rlhfkit.recipes import sft
+
+    folder = _reward_model_folder(arch, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_policy(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and folder in msg and "lm_head.weight" in msg and "reward model" in msg
+    data = _write(tmp_path / "sft.jsonl", [{"prompt": "Hi", "completion": "there"}] * 4)
+    with pytest.raises(ConfigError, match="reward model"):
+        sft.main(sft.Config(model=folder, dataset=data, output_dir=str(tmp_path / "out"), max_steps=1,
+                            per_device_train_batch_size=2, **FAST))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_tied_embeddings_are_not_missing_weights(arch, tmp_path):
+    """A tied LM head is the input embedding, not a fresh weight: such folders load, the LM's and
+    even a tied reward model's (its head is the trained embedding)."""
+    from rlhfkit.models import load_policy
+
+    model = load_policy(make_model_folder(arch, tmp_path / "lm"))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rm_as_policy = load_policy(_reward_model_folder(arch, tmp_path / "x"))
+    assert rm_as_policy.get_output_embeddings().weight is rm_as_policy.get_input_embeddings().weight
+
+
+def _sft_adapter(arch, root) -> tuple[str, str]:
+    from rlhfkit.recipes import sft
+
+    base = make_model_folder(arch, root / "base")
+    data = _write(root / "sft.jsonl", [{"prompt": "How is the weather?", "completion": " It is warm."}] * 4)
+    sft.main(sft.Config(model=base, dataset=data, output_dir=str(root / "sft"), max_steps=2, per_device_train_batch_size=4,
+                        merge_lora=False, use_lora=True, lora_r=4, lora_alpha=8, **FAST))
+    return base, str(root / "sft" / "final")
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_an_adapter_folder_as_policy_loads_base_and_adapter(arch, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from rlhfkit.models import load_policy
+    from rlhfkit.recipes import sft
+
+    base, adapter = _sft_adapter(arch, tmp_path)
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    with torch.no_grad():
+        want = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()(ids).logits
+        got = load_policy(adapter, trainable=False)(ids).logits
+        plain = load_policy(base, trainable=False)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4  # the adapter was applied
+    data = _write(tmp_path / "more.jsonl", [{"prompt": "Say something kind.", "completion": " You are lovely."}] * 4)
+    for lora in (False, True):  # further training from the adapter, in full or with a fresh adapter
+        res = sft.main(sft.Config(model=adapter, dataset=data, output_dir=str(tmp_path / f"more-{lora}"), max_steps=1,
+                                  per_device_train_batch_size=4, **FAST, **(dict(use_lora=True, lora_r=4) if lora else {})))
+        assert res["steps"] == 1 and np.isfinite(res["loss"])

@@ -152,14 +152,28 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
                 disable_dropout: bool = False, attn_implementation: str = "",
                 gradient_checkpointing: bool = False) -> PreTrainedModel:
     """A causal LM from `path`; with `lora` (a ModelArgs with use_lora) LoRA adapters are added;
-    `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`)."""
+    `disable_dropout` zeroes every dropout (see :func:`rlhfkit.models.lora.disable_dropout`).
+
+    `path` may be a peft adapter folder: its base loads and the adapter is merged in (peft's
+    ``AutoPeftModelForCausalLM``, then ``merge_and_unload``), so the policy starts as base +
+    adapter, which a LoRA run's reference is too. A checkpoint that lacks weights of the causal
+    LM (a reward model's folder has no LM head) is refused rather than trained from random ones.
+    """
     resolved = resolve_path(path)
+    base = adapter_base(resolved)  # a peft adapter folder: its base, then the adapter merged in
+    if base and read_json(Path(resolved) / ADAPTER_CONFIG).get("task_type") == "SEQ_CLS":
+        raise ConfigError(f"cannot load a policy from {path!r}: it is a reward model's adapter (task_type SEQ_CLS in "
+                          f"{ADAPTER_CONFIG}); pass the causal LM it was trained from, or use it as --reward rm:{path}")
+    source = resolve_path(base) if base else resolved
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_dtype(dtype),
-                                                         **_attn_kwargs(attn_implementation))
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), output_loading_info=True,
+                                                               **_attn_kwargs(attn_implementation))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a causal LM from {path!r}: {_one_line(e)}") from e
+        raise ConfigError(f"cannot load a causal LM from {base or path!r}: {_one_line(e)}") from e
+    _refuse_fresh_weights(base or path, source, info)
+    if base:
+        model = load_adapter(model, resolved, base)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
@@ -272,9 +286,26 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, base: str) -> PreTr
         raise ConfigError(f"cannot load the peft adapter {folder} onto its base model {base!r}: {_one_line(e)}") from e
     grown = getattr(model, "_rlhfkit_grown_from", None)
     merged = peft_model.merge_and_unload()
+    merged.requires_grad_(True)  # peft froze the base; merged, it is a model like any from_pretrained
     if grown is not None:
         merged._rlhfkit_grown_from = grown
     return merged
+
+
+def _refuse_fresh_weights(name: str, folder: str, info: dict) -> None:
+    """ConfigError when transformers had to initialise weights the checkpoint lacks (tied weights,
+    such as a tied LM head, are not reported missing)."""
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return
+    archs = read_json(Path(folder) / "config.json").get("architectures") or []
+    rm = any("SequenceClassification" in a for a in archs) or any(
+        k.startswith(("score.", "classifier.")) for k in info.get("unexpected_keys") or [])
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    hint = (f"it looks like a reward model ({', '.join(archs) or 'a score head'}); pass the causal LM it was trained from"
+            if rm else "pass a causal LM checkpoint (AutoModelForCausalLM) with all its weights")
+    raise ConfigError(f"cannot load a policy from {name!r}: the checkpoint has no {shown}, so they would start "
+                      f"random; {hint}")
 
 
 def _attn_kwargs(attn_implementation: str) -> dict:
