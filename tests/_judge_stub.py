@@ -10,7 +10,8 @@
 ``plan`` (a list of "ok", "slow", "malformed", "401", "429", "500", "drop", "unreadable") scripts the next
 requests' failures; ``always`` {substring: failure} fails every request whose body holds it; ``seen`` records each request's body and Authorization header.
 ``style`` (a function of "A" or "B") rewrites the pairwise verdicts, e.g. ``lambda v: f"I prefer {v}."``;
-``headers`` adds response headers to the 429/500 failures (Retry-After "0" by default); ``error_body`` replaces their body.
+``headers`` adds response headers to the 429/500 failures (Retry-After "0" by default); ``error_body`` replaces
+the body of the 429/500/401 failures.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class StubServer:
                 if step == "slow":
                     time.sleep(stub.slow_seconds)
                 if step == "401":
-                    self.send(401, b'{"error": "invalid api key"}')
+                    self.send(401, stub.error_body if stub.error_body != b'{"error": "try later"}'
+                              else b'{"error": "invalid api key"}')
                     return
                 if step in ("429", "500"):
                     self.send(int(step), stub.error_body, stub.headers)

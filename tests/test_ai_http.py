@@ -226,3 +226,39 @@ def test_label_with_a_failing_endpoint_leaves_out_and_counts_the_abstentions(tmp
     assert stats["judge"]["failed"] == 2 and stats["judge"]["malformed"] == 6  # 2 orders x 3 attempts
     out = capsys.readouterr().out
     assert "1 abstained" in out and "malformed 6" in out
+
+
+def test_retry_after_as_an_http_date_is_honoured():
+    import datetime
+    import email.utils
+    import time
+
+    from rlhfkit.judges.http import retry_after
+
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+    with StubServer() as srv:
+        srv.headers = {"Retry-After": email.utils.format_datetime(soon, usegmt=True)}
+        srv.plan = ["429"]
+        j = judge(srv.url, both_orders=False, backoff=0.001)
+        t0 = time.monotonic()
+        [v] = j.compare([""], A[:1], B[:1])
+        waited = time.monotonic() - t0
+    assert v.label == 1.0 and j.stats["rate_limited"] == 1
+    assert 0.9 < waited < 3.5  # the date has whole seconds: between 1 and 2 s from now
+    assert retry_after("3") == 3.0 and retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after("soon") == 0.0 and retry_after(None) == 0.0
+
+
+def test_an_error_body_that_echoes_the_key_is_redacted(monkeypatch):
+    from rlhfkit.errors import ConfigError
+
+    monkeypatch.setenv("STUB_KEY", "sk-live-0123456789")
+    with StubServer() as srv:
+        srv.always = {"stub-model": "401"}
+        srv.error_body = (b'{"error": "invalid key sk-live-0123456789", '
+                          b'"echo": "Authorization: Bearer sk-live-0123456789; proxy Bearer abc.def"}')
+        with pytest.raises(ConfigError) as e:
+            judge(srv.url, api_key_env="STUB_KEY").compare([""], A[:1], B[:1])
+    msg = str(e.value)
+    assert "sk-live" not in msg and "abc.def" not in msg
+    assert "invalid key ***" in msg and "Bearer ***" in msg

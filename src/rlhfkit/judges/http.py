@@ -3,11 +3,13 @@
     http:MODEL?base_url=http://127.0.0.1:8000/v1&api_key_env=OPENAI_API_KEY&concurrency=8
 
 * The API key is read from the environment variable ``api_key_env`` (never from the spec, so
-  it is not written to configs or logs); no key is sent when the variable is unset.
+  it is not written to configs or logs); no key is sent when the variable is unset. A server's
+  error text is shown with the key and any ``Bearer`` token replaced by ``***``.
 * At most ``concurrency`` requests are in flight (httpx's async client, one semaphore).
 * Each request has a ``timeout`` (seconds). Timeouts, dropped connections, HTTP 429 and 5xx and
   malformed JSON are retried up to ``max_retries`` times with exponential backoff and jitter
-  (``backoff * 2**attempt`` seconds; a 429's Retry-After is honoured when longer), then the item
+  (``backoff * 2**attempt`` seconds; a Retry-After header, in seconds or as an HTTP-date, is
+  honoured when longer, up to 60 s), then the item
   is recorded as abstaining. An answer that cannot be read is retried only when sampling is
   stochastic (``temperature > 0``): at temperature 0 the same request gets the same answer, so a
   retry would pay for it twice and abstain anyway. Each cause is counted in ``stats`` -- never a
@@ -28,6 +30,8 @@ order). A text that calls the two equal is a tie (``allow_tie=false``: unreadabl
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import json
 import math
@@ -60,6 +64,36 @@ from rlhfkit.judges.verdicts import Unreadable, read_verdict
 COT_INSTRUCTION = ("\nThink step by step about the question first, then end with a last line "
                    "'Answer: A' or 'Answer: B'.")
 _NUMBER = re.compile(r"^\W*(\d+(?:\.\d+)?)\W*$")
+
+
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """`text` with each secret (an API key; ignored when shorter than 4 characters) and any
+    ``Bearer <token>`` replaced by ``***``: a server's error body may echo the key it refused."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _BEARER.sub(r"\1***", text)
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds a Retry-After header asks for: delay-seconds or an HTTP-date (RFC 9110 sec. 10.2.3);
+    0 when absent, unreadable or past."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 class VerdictCache:
@@ -162,16 +196,12 @@ class HTTPJudge:
                     self.stats["connection_errors"] += 1
                     r = None
             if r is not None:
-                if r.status_code == 429:
-                    self.stats["rate_limited"] += 1
-                    try:
-                        wait = max(wait, float(r.headers.get("retry-after", 0)))
-                    except ValueError:
-                        pass
-                elif r.status_code >= 500 or r.status_code in (408, 409, 425):  # transient
-                    self.stats["server_errors"] += 1
+                if r.status_code == 429 or r.status_code >= 500 or r.status_code in (408, 409, 425):  # transient
+                    self.stats["rate_limited" if r.status_code == 429 else "server_errors"] += 1
+                    wait = max(wait, retry_after(r.headers.get("retry-after")))
                 elif r.status_code >= 400:  # the request itself is wrong: retrying will not help
-                    raise ConfigError(f"http judge: {self.base_url} answered {r.status_code}: {r.text[:200]}")
+                    raise ConfigError(redact(f"http judge: {self.base_url} answered {r.status_code}: {r.text[:200]}",
+                                             os.environ.get(self.api_key_env)))
                 else:
                     try:
                         data = r.json()

@@ -52,13 +52,15 @@ class _HTTPBackend:
         if not token:
             raise ConfigError(f"feedback source: set {token_env} to an admin API token of the service "
                               f"(rlhfkit serve create-user ... --role admin, then POST /api/login)")
-        self.url = url.rstrip("/")
+        self.url, self.token = url.rstrip("/"), token
         self.client = httpx.Client(timeout=60.0, headers={"Authorization": f"Bearer {token}"})
 
     def _call(self, method: str, path: str, **kw):
+        from rlhfkit.judges.http import redact
+
         r = self.client.request(method, self.url + path, **kw)
         if r.status_code >= 400:
-            raise ConfigError(f"feedback service {method} {path}: {r.status_code} {r.text[:200]}")
+            raise ConfigError(redact(f"feedback service {method} {path}: {r.status_code} {r.text[:200]}", self.token))
         return r
 
     def create(self, name: str, overlap: int, instructions: str, records: list[dict]) -> int:
