@@ -33,7 +33,7 @@ def test_demo_quick_smoke(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "Over-optimisation" in page and "Win rates against the SFT reference" in page
     for name in ("sft", "ppo", "dpo", "bon"):
-        assert (out / "eval" / name / "eval.json").is_file()
+        assert (out / "eval" / name / "results.json").is_file()
     printed = capsys.readouterr().out
     assert "Win rate against the SFT policy" in printed and str(out / "report.html") in printed
 
@@ -52,7 +52,7 @@ def test_run_folders_record_provenance_and_reruns_are_identical(tmp_path):
                           reward_steps=2, policy_steps=2, batch_size=4, num_eval_prompts=6, n_boot=20,
                           output_dir=str(tmp_path / run), seed=5)
         loop.main(cfg)
-        results.append(json.loads((tmp_path / run / "round-1" / "eval" / "eval.json").read_text()))
+        results.append(json.loads((tmp_path / run / "round-1" / "eval" / "results.json").read_text()))
         meta = json.loads((tmp_path / run / "meta.json").read_text())
         assert meta["seed"] == 5 and meta["rlhfkit"] and "git_commit" in meta and meta["libraries"]["torch"]
         assert yaml.safe_load((tmp_path / run / "config.yaml").read_text())["seed"] == 5

@@ -38,7 +38,8 @@ def test_eval_writes_results_and_reference_from_run_config(models, tmp_path):
     torch.set_num_threads(1)
     m = run_eval.main(_cfg(models, tmp_path, reward_model=str(models / "rm")))
     assert m["reference"] == str(models / "ref")
-    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())  # as every recipe (docs/api.md)
+    assert not (tmp_path / "ev" / "eval.json").exists()
     for key in ("gold", "gold_reference", "proxy", "kl", "win_rate", "lc_win_rate", "distinct_1", "distinct_2",
                 "self_bleu", "ead", "perplexity", "perplexity_reference"):
         assert key in saved, key
@@ -89,3 +90,34 @@ def test_config_errors(models, tmp_path):
     assert cfg.corpus == "" and cfg.judge == ["rm:somewhere"]
     with pytest.raises(ConfigError, match="reference"):
         run_eval.default_reference(str(tmp_path))
+
+
+@pytest.mark.parametrize("args, field", [(["--model", "x"], "prompts"), (["--prompts", "kindly"], "model"),
+                                         (["--model", "x", "--prompts", "kindly", "--n_boot", "many"], "n_boot")])
+def test_eval_refusals_are_one_line(tmp_path, args, field):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "eval", *args, "--output_dir", str(tmp_path / "e")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhfkit eval: ") and field in lines[0], out.stderr
+    assert not {"╭", "│", "+-"} & set(lines[0].split()), lines[0]
+
+
+def test_the_report_reads_evaluations_under_either_name(models, tmp_path):
+    from rlhfkit.eval.report import build_report
+
+    def ci(x):
+        return {"mean": x, "lo": x, "hi": x, "n": 4}
+
+    run_eval.write_results(tmp_path / "new", {"gold": ci(0.25), "gold_reference": ci(0.0), "win_rate": ci(0.5)}, [])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "eval.json").write_text(json.dumps({"gold": ci(0.75), "gold_reference": ci(0.0)}))
+    (tmp_path / "ppo").mkdir()  # a training run's results.json is not an evaluation
+    (tmp_path / "ppo" / "results.json").write_text(json.dumps({"loss": 3.0, "gold": ci(0.125), "steps": 2}))
+    found = sorted(p.parent.name for p in run_eval.find_results(tmp_path))
+    assert found == ["new", "old"]
+    page = build_report(tmp_path)
+    assert "0.25" in page and "0.75" in page and "0.125" not in page

@@ -4,7 +4,8 @@ The page answers one question: did alignment help the humans (gold panel) or onl
 reward model (proxy)? It gathers, from RUN_DIR and every folder below it:
 
     metrics.jsonl   training curves (matplotlib PNGs, base64-embedded)
-    eval.json       the metric table (gold, proxy, KL, win rates, diversity, perplexity)
+    results.json    `rlhfkit eval`'s metric table (gold, proxy, KL, win rates, diversity,
+                    perplexity); eval.json, its former name, too
     overopt.json    gold and proxy against sqrt(KL) with Gao et al. 2022 fits
     alarms.jsonl    reward-hacking alarms raised during training
     samples.jsonl   sample tables
@@ -26,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhfkit.eval.run_eval import find_results
 from rlhfkit.runs import atomic_write_text
 
 MAX_CURVES = 16
@@ -274,7 +276,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             parts.append(records_table(data["win_rates"], first + list(dict.fromkeys(rest))))
 
     evals = []
-    for p in sorted(_find(root, "eval.json"), key=lambda q: q.stat().st_mtime):  # the order they were made
+    for p in sorted(find_results(root), key=lambda q: q.stat().st_mtime):  # the order they were made
         try:
             evals.append((_rel(p, root), json.loads(p.read_text())))
         except json.JSONDecodeError as e:

@@ -12,7 +12,8 @@ model the policy was trained from, read from its run folder's config.yaml), then
 * held-out perplexity on the corpus's eval split, policy and reference (the alignment tax);
 * reward-model accuracy on preference data, when given.
 
-Writes `eval.json` and `samples.jsonl` into `output_dir`.
+Writes `results.json` (the metrics, as every recipe's final metrics) and `samples.jsonl` into
+`output_dir`; runs of earlier versions wrote `eval.json`, which the report still reads.
 
     rlhfkit eval --model runs/ppo/final --reward_model runs/rm/final --output_dir runs/eval/ppo
 """
@@ -72,7 +73,7 @@ class Config:
     seed: int = 0
     """Sampling seed (the reference uses seed + 1, so a policy equal to its reference ties on average)."""
     output_dir: str = "runs/eval"
-    """Folder for eval.json and samples.jsonl."""
+    """Folder for results.json and samples.jsonl."""
     name: str = ""
     """Label of this evaluation in reports (default: the model path)."""
     dtype: str = "float32"
@@ -287,13 +288,37 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer
     return out, rows
 
 
+RESULTS = "results.json"
+LEGACY_RESULTS = "eval.json"  # the name before results.json; still read
+
+
 def write_results(output_dir: str | Path, metrics: dict, rows: Sequence[dict]) -> Path:
-    """eval.json (without private keys) and samples.jsonl, atomically."""
+    """results.json (without private keys) and samples.jsonl, atomically."""
     out = Path(output_dir)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    atomic_write_json(out / "eval.json", public)
+    atomic_write_json(out / RESULTS, public)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return out / "eval.json"
+    return out / RESULTS
+
+
+def find_results(root: str | Path) -> list[Path]:
+    """The evaluations under `root`: every eval.json, and every results.json written by the evaluator
+    (its win rate and the reference's gold score are in no training run's results.json)."""
+    root = Path(root)
+    found = []
+    for p in [*root.rglob(LEGACY_RESULTS), *root.rglob(RESULTS)]:
+        # hidden folders (atomic-write temporaries) and checkpoints hold no results
+        if any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(root).parts[:-1]):
+            continue
+        if p.name == RESULTS:
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not (isinstance(data, dict) and "win_rate" in data and "gold_reference" in data):
+                continue
+        found.append(p)
+    return sorted(found)
 
 
 def main(cfg: Config) -> dict:
