@@ -262,3 +262,42 @@ def test_an_error_body_that_echoes_the_key_is_redacted(monkeypatch):
     msg = str(e.value)
     assert "sk-live" not in msg and "abc.def" not in msg
     assert "invalid key ***" in msg and "Bearer ***" in msg
+
+
+def test_cai_revise_writes_only_revised_records_and_prints_tokens_and_cost(tmp_path, capsys):
+    from rlhfkit.recipes.cai import Config, main
+
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"prompt": "hi", "completion": "you are awful"}) + "\n"
+                         + json.dumps({"prompt": "hey", "completion": "you are lovely"}) + "\n")
+    with StubServer() as srv:
+        stats = main(Config(model=f"http:stub?base_url={srv.url}&price_prompt=2&price_completion=10",
+                            constitution=str(_constitution(tmp_path)), responses=str(responses),
+                            output=str(tmp_path / "sft.jsonl")))
+        prompt_tokens = sum(len(s["body"]["messages"][0]["content"].split()) for s in srv.seen)
+    rows = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    # the stub's revision of a response without unkind words is the response itself: not an SFT record
+    assert [r["completion"] for r in rows] == ["you are kind"]
+    assert stats["records"] == 1 and stats["unrevised"] == 1 and stats["unchanged_revisions"] == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 responses revised -> " in out and "1 left out (no revision)" in out
+    # completions: the critiques "The response uses unkind words: awful." (6 words) and "No problems." (2),
+    # the revisions "you are kind" and "you are lovely" (3 each)
+    assert f"prompt_tokens {prompt_tokens}" in out and "completion_tokens 14" in out
+    assert f"cost {(prompt_tokens * 2 + 14 * 10) / 1e6:.6f}" in out
+
+
+def test_cai_revise_fails_when_nothing_was_revised(tmp_path):
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.recipes.cai import Config, main
+
+    (tmp_path / "p.txt").write_text("hi\nhello\n")
+    with StubServer() as srv:
+        srv.always = {"Revision request": "500"}
+        with pytest.raises(RlhfkitError) as e:
+            main(Config(model=f"http:stub?base_url={srv.url}&backoff=0.001&max_retries=1",
+                        constitution=str(_constitution(tmp_path)), prompts=str(tmp_path / "p.txt"),
+                        output=str(tmp_path / "sft.jsonl")))
+    assert "no response of 2 was revised" in str(e.value) and "\n" not in str(e.value)
+    assert "2 revisions failed" in str(e.value)
+    assert not (tmp_path / "sft.jsonl").exists()

@@ -12,8 +12,13 @@ revision) kept beside them; `rlhfkit sft --dataset OUTPUT` trains on them.
 
 The model is any judge spec that can generate (``llm:PATH`` or ``http:MODEL``). A critique or
 revision the model fails to produce (timeouts, empty answers, after the retries) leaves the
-response as it was; such steps are counted and printed, never hidden. Responses may be given
-instead of sampled (``--responses FILE`` with ``prompt`` and ``completion``/``response``).
+response as it was, and a revision identical to the response it revises changes nothing; such
+steps are counted and printed, never hidden. Only responses whose final revision differs from
+the initial response become SFT records: an unrevised one would teach
+the model its own first answer under the name of a revision. No revised response at all is an
+error (non-zero exit, no output file). The summary prints the tokens used and, where the model
+has a price (``price_prompt`` / ``price_completion`` of an ``http:`` model), the cost. Responses
+may be given instead of sampled (``--responses FILE`` with ``prompt`` and ``completion``/``response``).
 
 The bundled task's tiny policy cannot read or write critiques, so SL-CAI needs an
 instruction-following model; on the bundled task RL-CAI (`rlhfkit label --constitution`) uses
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhfkit.config import require
-from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 
 # Bai et al. 2022, sec. 3.1: the conversation, then the request, then the model's turn
 CRITIQUE_TEMPLATE = """Human: {prompt}
@@ -117,7 +122,7 @@ def revise(model, prompts: list[str], responses: list[str], principles, revision
     rng = np.random.default_rng(seed)
     current = list(responses)
     history: list[list[dict]] = [[] for _ in prompts]
-    counts = {"steps": 0, "failed_critiques": 0, "failed_revisions": 0}
+    counts = {"steps": 0, "failed_critiques": 0, "failed_revisions": 0, "unchanged_revisions": 0}
     for _ in range(revisions):
         drawn = [principles[k] for k in rng.integers(0, len(principles), size=len(prompts))]
         crit_prompts = [critique_template.format(prompt=p, response=r, critique_request=pr.critique)
@@ -129,9 +134,11 @@ def revise(model, prompts: list[str], responses: list[str], principles, revision
                                                 critique=critiques[i], revision_request=drawn[i].revision) for i in todo]
         revised = model.generate(rev_prompts, max_new_tokens) if todo else []
         for i, new in zip(todo, revised):
-            if not new:
+            if not new or not new.strip():
                 counts["failed_revisions"] += 1
                 continue
+            # the model gave the response back: recorded (its critique may say why), changes nothing
+            counts["unchanged_revisions"] += new.strip() == current[i].strip()
             history[i].append({"principle": drawn[i].name, "critique": critiques[i], "revision": new})
             current[i] = new
         counts["steps"] += len(prompts)
@@ -160,17 +167,31 @@ def main(cfg: Config) -> dict:
     history, counts = revise(model, prompts, initial, principles, cfg.revisions, cfg.max_new_tokens, cfg.seed,
                              _template(cfg.critique_template, CRITIQUE_TEMPLATE),
                              _template(cfg.revision_template, REVISION_TEMPLATE))
-    rows = [{"prompt": p, "completion": h[-1]["revision"] if h else r, "initial": r, "revisions": h}
-            for p, r, h in zip(prompts, initial, history)]
+    rows = [{"prompt": p, "completion": h[-1]["revision"], "initial": r, "revisions": h}
+            for p, r, h in zip(prompts, initial, history) if h and h[-1]["revision"].strip() != r.strip()]
+    failures = (f"{failed_samples} samples, {counts['failed_critiques']} critiques and {counts['failed_revisions']} "
+                f"revisions failed; {counts['unchanged_revisions']} revisions repeated the response")
+    if not rows:
+        raise RlhfkitError(f"cai-revise: no response of {len(prompts)} was revised ({failures}); nothing was written "
+                           f"to {cfg.output}: check the model {cfg.model!r} follows the revision requests")
     atomic_write_text(cfg.output, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-    changed = sum(x["completion"] != x["initial"] for x in rows)
-    stats = {"records": len(rows), "revised": changed, "failed_samples": failed_samples, **counts,
-             "model": getattr(model, "name", cfg.model), "output": cfg.output}
+    stats = {"records": len(rows), "revised": len(rows), "unrevised": len(prompts) - len(rows),
+             "failed_samples": failed_samples, **counts, "model": getattr(model, "name", cfg.model), "output": cfg.output}
     if hasattr(model, "stats"):
         stats["model_stats"] = {k: v for k, v in model.stats.items() if not isinstance(v, dict)}
-    failures = counts["failed_critiques"] + counts["failed_revisions"] + failed_samples
-    print(f"cai-revise: {len(rows)} prompts x {cfg.revisions} revision(s) -> {cfg.output}; {changed} responses changed"
-          + (f"; {failures} failed steps left the response as it was "
-             f"({failed_samples} samples, {counts['failed_critiques']} critiques, {counts['failed_revisions']} revisions)"
-             if failures else ""))
+    print(f"cai-revise: {len(rows)} of {len(prompts)} responses revised -> {cfg.output} ({cfg.revisions} revision "
+          f"step(s) each); {stats['unrevised']} left out (no revision); {failures}")
+    usage = usage_line(stats.get("model_stats", {}), getattr(model, "price_prompt", 0.0) or getattr(model, "price_completion", 0.0))
+    if usage:
+        print(f"cai-revise: {usage}")
     return stats
+
+
+def usage_line(model_stats: dict, priced: bool) -> str:
+    """Tokens used (and the cost, where the model has a price) from the model's counters."""
+    if "prompt_tokens" not in model_stats:
+        return ""
+    line = f"prompt_tokens {model_stats['prompt_tokens']}, completion_tokens {model_stats['completion_tokens']}"
+    if model_stats.get("cache_hits"):
+        line += f" ({model_stats['cache_hits']} answers from the cache, free)"
+    return line + (f", cost {model_stats.get('cost', 0.0):.6f}" if priced else "")
