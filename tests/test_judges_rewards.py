@@ -283,3 +283,57 @@ def test_judge_spec_with_the_bundled_lexicon_judge_and_eval_refuses_abstentions(
 
     with pytest.raises(RlhfkitError, match="judge 'half' abstained on 2 of 3"):
         PromptScorer(RewardSet([as_reward(half)]), None, {}).score(["p"] * 3, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "rloo", "ppo"])
+def test_reward_functions_get_every_trl_keyword(task, tmp_path, recipe):
+    """TRL's call: prompts, completions, completion_ids (the sampled ids, EOS included, no padding),
+    trainer_state (a transformers TrainerState), log_extra / log_metric, and the dataset's columns."""
+    import importlib
+
+    from transformers import TrainerState
+
+    mod = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+    tok = tiny_tokenizer()
+    steps = []
+
+    def uses_all(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, answer, level):
+        assert isinstance(trainer_state, TrainerState) and trainer_state.max_steps == 2
+        assert len(completion_ids) == len(completions) == len(answer) == len(level)
+        for ids, text in zip(completion_ids, completions):
+            assert all(isinstance(i, int) for i in ids) and tok.pad_token_id not in ids[:-1]
+            assert tok.decode(ids, skip_special_tokens=True) == text
+        steps.append(trainer_state.global_step)
+        log_extra("n_ids", [len(ids) for ids in completion_ids])
+        log_metric("ids_per_completion", float(np.mean([len(ids) for ids in completion_ids])))
+        return [float(len(ids)) for ids in completion_ids]
+
+    kw = dict(num_generations=2) if recipe != "ppo" else {}
+    mod.main(mod.Config(model=task["policy"], prompts=task["prompts"], output_dir=str(tmp_path), max_steps=2,
+                        prompts_per_step=2, max_completion_length=5, per_device_train_batch_size=4, report_to="jsonl",
+                        sample_every=1, **kw), reward_funcs=[uses_all])
+    assert steps == [0, 1]  # completed updates when the batch is scored
+    rows = read_metrics(tmp_path)
+    assert rows[0]["ids_per_completion"] == pytest.approx(rows[0]["rewards/uses_all/mean"])
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["n_ids"] == s["reward"] for s in samples)
+
+
+def test_none_is_not_applicable_as_in_trl():
+    """None = not applicable: nansum over the functions; a completion every function skips is
+    unscorable: flagged, and in a group it takes the group's mean of scorable completions (so it
+    moves neither the baseline nor itself)."""
+    def a(prompts, completions, **kw):
+        return [1.0, None, 3.0, None]
+
+    def b(prompts, completions, **kw):
+        return [10.0, 20.0, None, None]
+
+    out = RewardSet([as_reward(a), as_reward(b, weight=0.5)]).score(["p"] * 4, ["w", "x", "y", "z"])
+    assert out.total.tolist() == [6.0, 10.0, 3.0, 0.0]
+    assert out.unscorable.tolist() == [False, False, False, True]
+    assert out.total_for_groups(2).tolist() == [6.0, 10.0, 3.0, 3.0]
+    assert out.total_for_groups(4).tolist() == [6.0, 10.0, 3.0, pytest.approx(19 / 3)]
+    assert out.stats()["rewards/unscorable"] == 0.25
+    skip = RewardSet([as_reward(lambda prompts, completions, **kw: [None] * len(completions), "skip")])
+    assert skip.score(["p"] * 2, ["x", "y"]).total_for_groups(2).tolist() == [0.0, 0.0]

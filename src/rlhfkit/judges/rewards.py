@@ -4,17 +4,33 @@ A reward function has TRL's ``reward_funcs`` signature::
 
     def my_reward(prompts, completions, **kwargs) -> list[float | None]
 
-``prompts`` and ``completions`` are lists of N strings (or, for conversational prompts, N
-message lists and N ``[{"role": "assistant", "content": ...}]`` lists, as TRL passes them);
-every other column of the prompt dataset arrives as a keyword list of N values (e.g.
-``answer``). A function returns one float per completion, or None to abstain; it may be
-``async``. rlhfkit calls each function once per rollout batch (several async functions run
-concurrently), checks the result and stops the run, naming the function, when it raises,
-returns the wrong number of values, or returns NaN/inf -- before any update uses it.
+The keywords are TRL's (``GRPOTrainer._calculate_rewards``):
 
-The total reward of a completion is sum_i w_i r_i over the functions that did not abstain
-(an abstention contributes 0, as in TRL's nansum); each function is logged on its own under
-``rewards/<name>/mean``, ``/std`` and ``/abstained``.
+- ``prompts``, ``completions``: lists of N strings (or, for conversational prompts, N message
+  lists and N ``[{"role": "assistant", "content": ...}]`` lists);
+- ``completion_ids``: N lists of the sampled token ids (up to and including the first EOS, no
+  padding);
+- ``trainer_state``: a ``transformers.TrainerState``; ``global_step`` is the number of completed
+  updates, ``max_steps`` the run's;
+- ``log_extra(column, values)``: one value per completion, written as a column of this update's
+  samples (``samples.jsonl``);
+- ``log_metric(name, value)``: a scalar logged with this update's metrics (averaged when logged
+  several times);
+- every other column of the prompt dataset as a keyword list of N values (e.g. ``answer``).
+
+A function without ``**kwargs`` gets only the keywords it names. It returns one float per
+completion, or None where it does not apply; it may be ``async``. rlhfkit calls each function
+once per rollout batch (several async functions run concurrently), checks the result and stops
+the run, naming the function, when it raises, returns the wrong number of values, or returns
+NaN/inf -- before any update uses it.
+
+The total reward of a completion is sum_i w_i r_i over the functions that did not return None
+(TRL's nansum). A completion for which every function returned None is unscorable (a warning
+names it, as TRL's does): the group recipes (GRPO, RLOO) give it the mean total of its group's
+scorable completions, so it moves neither the group's baseline nor the policy (advantage 0);
+PPO scores it 0. Each function is logged on its own under ``rewards/<name>/mean``, ``/std``
+(over the values it returned) and ``/abstained`` (its share of None), and
+``rewards/unscorable`` is the share of unscorable completions.
 
 Built-in verifiers (by name in ``--reward``):
 
@@ -32,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import logging
 import math
 import re
 import threading
@@ -42,6 +59,9 @@ from typing import Any
 import numpy as np
 
 from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
+
+
+logger = logging.getLogger(__name__)
 
 
 class RewardFunctionError(RlhfkitError):
@@ -161,6 +181,18 @@ class Reward:
     weight: float = 1.0
     keyword_call: bool = True
     """Call as fn(prompts=..., completions=..., **columns) (TRL); False: fn(prompts, completions)."""
+    accepts: frozenset[str] | None = None
+    """The keywords a function without **kwargs names (it gets only those); None: all of them."""
+
+
+def _named_keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def takes_trl_signature(fn: Callable[..., Any]) -> bool:
@@ -180,7 +212,9 @@ def as_reward(fn: Any, name: str | None = None, weight: float = 1.0) -> Reward:
     if target is None:
         raise ConfigError(f"reward {fn!r} is neither callable nor has a score() method")
     nm = name or getattr(fn, "__name__", None) or type(fn).__name__
-    return Reward(name=nm, fn=target, weight=weight, keyword_call=takes_trl_signature(target))
+    keyword = takes_trl_signature(target)
+    return Reward(name=nm, fn=target, weight=weight, keyword_call=keyword,
+                  accepts=_named_keywords(target) if keyword else None)
 
 
 def _run_coroutines(coros: list[Any]) -> list[Any]:
@@ -233,9 +267,33 @@ class RewardScores:
     values: dict[str, list[float | None]]
     total: np.ndarray
     """(N,) float64: sum of weight x value over the rewards that did not abstain."""
+    extra: dict[str, list] = dataclasses.field(default_factory=dict)
+    """Columns reward functions gave to `log_extra`, one value per completion."""
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """Scalars reward functions gave to `log_metric`."""
+
+    @property
+    def unscorable(self) -> np.ndarray:
+        """(N,) bool: completions every reward abstained on."""
+        n = len(self.total)
+        return np.array([all(self.values[k][i] is None for k in self.names) for i in range(n)], dtype=bool)
+
+    def total_for_groups(self, group_size: int) -> np.ndarray:
+        """`total` with each unscorable completion given the mean total of its group's scorable ones
+        (rows prompt-major, `group_size` per prompt): it shifts no baseline and its own advantage is 0,
+        TRL's treatment (NaN reward, excluded from the group mean, advantage 0). A group with no
+        scorable completion keeps 0 everywhere."""
+        total, bad = self.total.copy(), self.unscorable
+        for start in range(0, len(total), group_size):
+            rows = slice(start, start + group_size)
+            good = ~bad[rows]
+            if good.any() and not good.all():
+                total[rows][~good] = total[rows][good].mean()
+        return total
 
     def stats(self) -> dict[str, float]:
-        """rewards/<name>/mean, /std (over non-abstained values) and /abstained (share)."""
+        """rewards/<name>/mean, /std (over non-abstained values), /abstained (share), rewards/unscorable
+        (share of completions no reward scored) and the `log_metric` scalars (their means)."""
         out: dict[str, float] = {}
         for name in self.names:
             vals = [v for v in self.values[name] if v is not None]
@@ -243,11 +301,28 @@ class RewardScores:
             out[f"rewards/{name}/mean"] = float(np.mean(vals)) if vals else float("nan")
             out[f"rewards/{name}/std"] = float(np.std(vals)) if vals else float("nan")
             out[f"rewards/{name}/abstained"] = 1.0 - len(vals) / n if n else 0.0
+        out["rewards/unscorable"] = float(self.unscorable.mean()) if len(self.total) else 0.0
+        out.update({k: float(np.mean(v)) for k, v in self.metrics.items() if v})
         return out
 
 
+def completion_id_lists(rollout: Any) -> list[list[int]]:
+    """TRL's `completion_ids`: each row's sampled ids under its response mask (EOS kept, no padding)."""
+    return [row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def add_extra_columns(rows: list[dict], extra: dict[str, list]) -> list[dict]:
+    """Sample rows (the first len(rows) completions of a batch) with the `log_extra` columns added."""
+    for i, row in enumerate(rows):
+        row.update({k: v[i] for k, v in extra.items() if i < len(v)})
+    return rows
+
+
 class RewardSet:
-    """Several weighted rewards scored together: ``score(prompts, completions, **columns)``."""
+    """Several weighted rewards scored together: ``score(prompts, completions, **columns)``.
+
+    ``last_extra`` holds the `log_extra` columns of the last scored batch (for its samples).
+    """
 
     def __init__(self, rewards: Sequence[Reward]):
         if not rewards:
@@ -259,27 +334,38 @@ class RewardSet:
                 name, k = f"{r.name}_{k}", k + 1
             names.add(name)
             self.rewards.append(dataclasses.replace(r, name=name))
+        self.last_extra: dict[str, list] = {}
 
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.rewards]
 
-    def _start(self, r: Reward, prompts: list, completions: list, columns: dict) -> Any:
+    def _start(self, r: Reward, prompts: list, completions: list, kwargs: dict) -> Any:
         try:
             if r.keyword_call:
-                return r.fn(prompts=prompts, completions=completions, **columns)
+                if r.accepts is not None:
+                    kwargs = {k: v for k, v in kwargs.items() if k in r.accepts}
+                return r.fn(prompts=prompts, completions=completions, **kwargs)
             return r.fn(prompts, completions)
         except RlhfkitError:
             raise
         except Exception as e:
             raise RewardFunctionError(f"reward '{r.name}' raised {type(e).__name__}: {e}") from e
 
-    def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]) -> RewardScores:
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
+              trainer_state: Any = None, **columns: Sequence[Any]) -> RewardScores:
+        """Score a batch; `completion_ids` and `trainer_state` are passed on as TRL passes them."""
         prompts, completions, n = list(prompts), list(completions), len(completions)
+        extra: dict[str, list] = {}
+        metrics: dict[str, list[float]] = {}
+        kwargs = {**columns, "completion_ids": None if completion_ids is None else [list(c) for c in completion_ids],
+                  "trainer_state": trainer_state,
+                  "log_extra": lambda column, values: extra.setdefault(column, []).extend(values),
+                  "log_metric": lambda name, value: metrics.setdefault(name, []).append(float(value))}
         results: dict[str, Any] = {}
         pending: dict[str, Any] = {}
         for r in self.rewards:
-            res = self._start(r, prompts, completions, columns)
+            res = self._start(r, prompts, completions, kwargs)
             (pending if inspect.isawaitable(res) else results)[r.name] = res
         if pending:
             for name, res in zip(pending, _run_coroutines(list(pending.values()))):
@@ -292,7 +378,14 @@ class RewardSet:
         total = np.zeros(n, dtype=np.float64)
         for r in self.rewards:
             total += r.weight * np.asarray([0.0 if v is None else v for v in values[r.name]])
-        return RewardScores(self.names, values, total)
+        scores = RewardScores(self.names, values, total, extra, metrics)
+        bad = np.flatnonzero(scores.unscorable)
+        if len(bad):
+            logger.warning("every reward returned None for %d of %d completions (first: prompt %r, completion %r); "
+                           "make sure at least one reward applies to each", len(bad), n, prompts[bad[0]],
+                           completions[bad[0]])
+        self.last_extra = extra
+        return scores
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]) -> np.ndarray:
         return self.score(prompts, completions, **columns).total

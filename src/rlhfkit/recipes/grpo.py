@@ -34,6 +34,7 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers import TrainerState
 
 from rlhfkit.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -46,6 +47,7 @@ from rlhfkit.advantages import (
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import monitor
+from rlhfkit.judges.rewards import add_extra_columns, completion_id_lists
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed, masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
@@ -142,7 +144,7 @@ def step_totals(acc, rmask: torch.Tensor, max_length: int) -> StepTotals:
 
 
 def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, acc, engine,
-            single_pass: bool):
+            single_pass: bool, trainer_state=None):
     """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages."""
     G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, acc.device
     # 2. rollout: G responses per prompt, prompt-major rows
@@ -152,8 +154,10 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     row_prompts, columns = rows_of(prompts, roll.prompt_index)
     completions = as_completions(row_prompts, roll.responses)
     # 3. score every reward; a failing reward stops the run here, before any update
-    scored = rewards.score(row_prompts, completions, **columns)
-    scores = torch.tensor(scored.total, dtype=torch.float32)
+    scored = rewards.score(row_prompts, completions, completion_ids=completion_id_lists(roll),
+                           trainer_state=trainer_state, **columns)
+    # a completion no reward applies to takes its group's mean: it shifts no baseline (TRL's NaN treatment)
+    scores = torch.tensor(scored.total_for_groups(G), dtype=torch.float32)
     eval_scores = eval_reward(row_prompts, completions, **columns) if eval_reward is not None else None
     # 4. old and reference log-probs with the training forward and layout (first ratio exactly 1); a single
     #    pass trains each row once before any step, so its old log-probs are filled in by that forward
@@ -171,6 +175,7 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     if cfg.kl_in_reward:
         shaped = shaped - beta * (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * rmask).sum(-1)
     adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](shaped, G, cfg.scale_rewards)
+    adv[torch.as_tensor(scored.unscorable, device=adv.device)] = 0.0  # no signal from an unscorable completion
     traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv)
     stats = scored.stats()
     stats.update(frac_reward_zero_std=zero_variance_share(scores, G),
@@ -288,7 +293,8 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         # 2.-5. rollout, rewards, old/reference log-probs, group advantages
         beta = kl_ctl.value
         roll, scores, eval_scores, traj, stats = collect(policy, ref_fwd, ref_ctx, tok, rewards, eval_reward, prompts,
-                                                         cfg, step, beta, running, acc, engine, single_pass)
+                                                         cfg, step, beta, running, acc, engine, single_pass,
+                                                         TrainerState(global_step=step, max_steps=n_updates))
         t_roll = time.perf_counter() - t0
         # 6. epochs x mini-batches of clipped policy steps
         train_stats = train_on_batch(policy, optimizer, scheduler, traj, cfg, step, acc, beta, single_pass)
@@ -308,7 +314,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
-            samples = monitor.sample_rows(roll, scores, eval_scores)
+            samples = add_extra_columns(monitor.sample_rows(roll, scores, eval_scores), rewards.last_extra)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0:

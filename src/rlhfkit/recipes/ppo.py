@@ -23,6 +23,7 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers import TrainerState
 
 from rlhfkit.advantages import (
     RunningMoments,
@@ -36,6 +37,7 @@ from rlhfkit.advantages import (
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import monitor
+from rlhfkit.judges.rewards import add_extra_columns, completion_id_lists
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
@@ -142,7 +144,7 @@ def ptx_batches(cfg: Config, tok):
 
 
 def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, prompts, cfg, step, kl_ctl, running, acc,
-            engine):
+            engine, trainer_state=None):
     """Steps 1-6 of an update: a scored rollout turned into a Trajectory of advantages and returns."""
     dev, bs = acc.device, cfg.per_device_train_batch_size
     # 2. rollout: one response per prompt
@@ -151,7 +153,8 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
                   seed=rollout_seed(cfg.seed, step, acc.process_index), max_prompt_length=cfg.max_prompt_length)
     # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
     completions = as_completions(prompts.prompts, roll.responses)
-    scored = rewards.score(prompts.prompts, completions, **prompts.columns)
+    scored = rewards.score(prompts.prompts, completions, completion_ids=completion_id_lists(roll),
+                           trainer_state=trainer_state, **prompts.columns)
     scores = torch.tensor(scored.total, dtype=torch.float32)
     eval_scores = eval_reward(prompts.prompts, completions, **prompts.columns) if eval_reward is not None else None
     # 4. old log-probs, reference log-probs and values: the training forward and layout, no gradients
@@ -314,7 +317,8 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
                                                      acc.num_processes, acc.process_index))
         # 2.-6. rollout, rewards, old/reference log-probs, values, KL-shaped rewards, GAE
         roll, scores, eval_scores, traj, stats = collect(policy, ref_fwd, ref_ctx, critic, tok, rewards, eval_reward,
-                                                         prompts, cfg, step, kl_ctl, running, acc, engine)
+                                                         prompts, cfg, step, kl_ctl, running, acc, engine,
+                                                         TrainerState(global_step=step, max_steps=n_updates))
         t_roll = time.perf_counter() - t0
         # 7. epochs x mini-batches of clipped policy and value steps
         train_stats = train_on_batch(policy, critic, (opt_p, opt_v), traj, cfg, step, acc, ptx_iter, schedulers)
@@ -331,7 +335,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and acc.is_main_process:
-            samples = monitor.sample_rows(roll, scores, eval_scores)
+            samples = add_extra_columns(monitor.sample_rows(roll, scores, eval_scores), rewards.last_extra)
             logger.log_text("samples", monitor.sample_table(samples), step + 1)
             monitor.write_samples(out, step + 1, samples)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
