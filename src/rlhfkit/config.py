@@ -36,9 +36,11 @@ def require(cond: bool, field: str, message: str) -> None:
 @dataclasses.dataclass
 class ModelArgs:
     model: str = ""
-    """Model to start from: a local folder saved with save_pretrained, a hub name, or 'kindly' for the bundled base."""
+    """Model to start from: a local folder saved with save_pretrained, a hub name, or 'kindly' for the bundled base (from Python also a loaded PreTrainedModel, trained in place as by TRL's trainers)."""
     tokenizer: str = ""
-    """Tokenizer to use (defaults to the model's own)."""
+    """Tokenizer to use (defaults to the model's own; from Python also a loaded tokenizer)."""
+    processing_class: tyro.conf.Suppress[Any] = None
+    """From Python: a loaded tokenizer, TRL's name for `tokenizer`."""
     dtype: str = "float32"
     """Weights dtype when loading: float32, bfloat16 or float16."""
     use_lora: bool = False
@@ -117,6 +119,8 @@ class TrainArgs:
     """Resume from the newest checkpoint in output_dir if one exists."""
     overwrite: bool = False
     """Replace an existing run in output_dir (without it, and without --resume true, an existing run folder is refused)."""
+    overwrite_output_dir: bool = False
+    """transformers' name for `overwrite`."""
     report_to: str = "jsonl,tensorboard"
     """Metric sinks (accelerate trackers), comma separated: jsonl, csv, tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow, all, or none."""
     progress: bool = True
@@ -128,6 +132,9 @@ class TrainArgs:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
     def _check_train_args(self) -> None:
+        self.overwrite = self.overwrite or self.overwrite_output_dir
+        if getattr(self, "processing_class", None) is not None:  # TRL's name, from Python
+            self.tokenizer, self.processing_class = self.processing_class, None
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")

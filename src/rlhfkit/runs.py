@@ -134,6 +134,11 @@ def _describe(value: Any) -> Any:
         return value
     if hasattr(value, "column_names") and hasattr(value, "num_rows"):
         return f"<datasets.Dataset: {value.num_rows} rows, columns {list(value.column_names)}>"
+    if hasattr(value, "save_pretrained"):  # a model or tokenizer given in Python
+        name = getattr(value, "name_or_path", "")
+        return f"<{type(value).__name__} given in Python{f' (from {name})' if name else ''}>"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _describe(dataclasses.asdict(value))
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         return f"<{len(value)} records given in Python>"
     if isinstance(value, list | tuple):
@@ -148,8 +153,10 @@ def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -
     out = Path(output_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        cfg = {k: _describe(v) for k, v in cfg.items()}  # a Dataset or a list of records given in Python
+        # field by field, not dataclasses.asdict: that deep-copies a model given in Python
+        cfg = ({f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config)
+               else dict(config))
+        cfg = {k: _describe(v) for k, v in cfg.items()}  # a Dataset, records or a model given in Python
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         meta = environment_info()
         meta.update(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,12 +130,17 @@ def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = 
     sequence classifiers pool the last token that is not the pad id, so with pad == EOS they
     would score the token before the final EOS while rlhfkit scores the EOS itself.
     """
-    resolved = resolve_path(path)
-    try:
-        with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {_one_line(e)}") from e
+    if isinstance(path, PreTrainedTokenizerBase):
+        tok = copy.deepcopy(path)  # given in Python: the caller's keeps its padding side and tokens
+    else:
+        if isinstance(path, torch.nn.Module):  # given in Python: its tokenizer is in its folder, as in TRL
+            path = _folder_of(path)
+        resolved = resolve_path(path)
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(resolved)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load a tokenizer from {path!r}: {_one_line(e)}") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(
@@ -158,7 +164,11 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
     ``AutoPeftModelForCausalLM``, then ``merge_and_unload``), so the policy starts as base +
     adapter, which a LoRA run's reference is too. A checkpoint that lacks weights of the causal
     LM (a reward model's folder has no LM head) is refused rather than trained from random ones.
+
+    `path` may also be a model loaded in Python (TRL's ``model=``): see :func:`_policy_object`.
     """
+    if isinstance(path, torch.nn.Module):
+        return _policy_object(path, lora, trainable, disable_dropout, gradient_checkpointing)
     resolved = resolve_path(path)
     base = adapter_base(resolved)  # a peft adapter folder: its base, then the adapter merged in
     if base and read_json(Path(resolved) / ADAPTER_CONFIG).get("task_type") == "SEQ_CLS":
@@ -196,8 +206,10 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
     A peft adapter folder (``adapter_config.json``, no weights) loads onto its base and is merged
     (see :func:`load_adapter`). With `tokenizer`, the embeddings grow to cover tokens it added
     (a distinct pad token) and `config.pad_token_id` is set from it, before any LoRA adapter is
-    attached.
+    attached. `path` may also be a model loaded in Python: see :func:`_classifier_object`.
     """
+    if isinstance(path, torch.nn.Module):
+        return _classifier_object(path, dtype, lora, num_labels, tokenizer, attn_implementation, gradient_checkpointing)
     resolved = resolve_path(path)
     base = adapter_base(resolved)
     try:
@@ -306,6 +318,61 @@ def _refuse_fresh_weights(name: str, folder: str, info: dict) -> None:
             if rm else "pass a causal LM checkpoint (AutoModelForCausalLM) with all its weights")
     raise ConfigError(f"cannot load a policy from {name!r}: the checkpoint has no {shown}, so they would start "
                       f"random; {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# models given in Python (TRL's trainers take `model=` a loaded PreTrainedModel)
+
+
+def _folder_of(model: torch.nn.Module) -> str:
+    """The folder (or hub name) a model given in Python was loaded from."""
+    name = getattr(getattr(model, "module", model), "name_or_path", "") or ""
+    if not name:
+        raise ConfigError(f"the {type(model).__name__} given as model was not loaded from a folder, so its tokenizer "
+                          "is unknown: pass the loaded tokenizer too (processing_class=... or tokenizer=...)")
+    return name
+
+
+def _policy_object(model: torch.nn.Module, lora: Any, trainable: bool, disable_dropout: bool,
+                   gradient_checkpointing: bool) -> PreTrainedModel:
+    """A policy given in Python: trained in place, as by TRL's trainers; a frozen one (a reference) is a
+    copy. Its dtype and attention kernel are its own."""
+    model = model if trainable else copy.deepcopy(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora is not None and getattr(lora, "use_lora", False):
+        from rlhfkit.models.lora import apply_lora
+
+        model = apply_lora(model, lora, task_type="CAUSAL_LM")
+    if disable_dropout:
+        from rlhfkit.models.lora import disable_dropout as _off
+
+        _off(model)
+    model.train(trainable)
+    return model
+
+
+def _classifier_object(model: torch.nn.Module, dtype: str, lora: Any, num_labels: int, tokenizer: Any,
+                       attn_implementation: str, gradient_checkpointing: bool) -> PreTrainedModel:
+    """A reward or value model from a model given in Python: itself when it is a sequence classifier
+    (trained in place, as by TRL's RewardTrainer), else a fresh head over a copy of its weights (PPO's
+    critic started from a policy object), through a temporary save_pretrained folder."""
+    model = getattr(model, "module", model)
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
+            model.save_pretrained(tmp)
+            model = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=_dtype(dtype), num_labels=num_labels,
+                                                                       **_attn_kwargs(attn_implementation))
+    if tokenizer is not None:
+        grow_embeddings(model, len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora is not None and getattr(lora, "use_lora", False):
+        from rlhfkit.models.lora import apply_lora
+
+        model = apply_lora(model, lora, task_type="SEQ_CLS")
+    return model
 
 
 def _attn_kwargs(attn_implementation: str) -> dict:
