@@ -25,9 +25,9 @@ def start_model(tmp_path_factory):
 
 
 def _cfg(start_model, out, **kw):
-    return loop.Config(model=str(start_model), rounds=1, algorithm="dpo", prompts_per_round=16, max_new_tokens=6,
-                       reward_steps=2, policy_steps=2, batch_size=4, num_eval_prompts=8, n_boot=20,
-                       output_dir=str(out), **kw)
+    fields = dict(model=str(start_model), rounds=1, algorithm="dpo", prompts_per_round=16, max_new_tokens=6,
+                  reward_steps=2, policy_steps=2, batch_size=4, num_eval_prompts=8, n_boot=20, output_dir=str(out))
+    return loop.Config(**{**fields, **kw})
 
 
 def test_loop_with_an_ai_judge_source(start_model, tmp_path):
@@ -171,3 +171,94 @@ def test_feedback_source_on_the_service_database(service, capsys):
     annotator.join(5)
     assert [x["label"] for x in labels] == [0.0, 1.0, 0.0, 1.0]
     assert src.rounds[0]["labelled"] == 4 and "4 of 4 pairs labelled" in capsys.readouterr().out
+
+
+def _annotated_loop(start_model, tmp_path, service, monkeypatch, limit, **kw):
+    url, tokens, _ = service
+    monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
+    annotator = ScriptedAnnotator(url, tokens["ann"], limit=limit)
+    annotator.start()
+    try:
+        return loop.main(_cfg(start_model, tmp_path / "loop", source=f"feedback:{url}", feedback_poll=0.1,
+                              feedback_deadline=2, **kw))
+    finally:
+        annotator.stop.set()
+        annotator.join(5)
+
+
+def test_loop_trains_on_the_few_labels_it_has_at_the_deadline(start_model, tmp_path, service, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    res = _annotated_loop(start_model, tmp_path, service, monkeypatch, limit=3)
+    # 3 labelled (a pair of identical or empty samples would be left out, counted)
+    assert 1 <= res["rounds"][1]["pairs"] <= 3 and res["rounds"][1]["unlabelled"] == 13
+    assert (tmp_path / "loop" / "round-1" / "dpo" / "final" / "config.json").is_file()
+    out = capsys.readouterr().out
+    assert "deadline of 2s reached with 3 of 16 pairs labelled" in out and "fewer than the batch size 4" in out
+
+
+def test_loop_with_no_labels_ends_the_round_without_a_model(start_model, tmp_path, service, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    res = _annotated_loop(start_model, tmp_path, service, monkeypatch, limit=0)
+    assert res["promoted"] == "round-0"
+    assert res["rounds"][1] == {"round": 1, "id": None, "pairs": 0, "unlabelled": 16, "promoted": False,
+                                "skipped": "no labelled pairs", "seconds": res["rounds"][1]["seconds"]}
+    assert not (tmp_path / "loop" / "round-1" / "dpo").exists()
+    assert json.loads((tmp_path / "loop" / "loop.json").read_text())["rounds"][1]["skipped"] == "no labelled pairs"
+    assert "no labelled pairs from feedback:" in capsys.readouterr().out
+
+
+def test_loop_json_is_written_after_every_round(start_model, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    real = loop.train_policy
+
+    def crash_in_round_2(start, round_file, *args):
+        if "round-2" in str(round_file):
+            raise RuntimeError("out of memory")
+        return real(start, round_file, *args)
+
+    monkeypatch.setattr(loop, "train_policy", crash_in_round_2)
+    with pytest.raises(RuntimeError):
+        loop.main(_cfg(start_model, tmp_path / "loop", source="judge:afinn", rounds=2))
+    done = json.loads((tmp_path / "loop" / "loop.json").read_text())
+    assert [r["round"] for r in done["rounds"]] == [0, 1] and done["rounds"][1]["id"] == "round-1"
+    assert not list((tmp_path / "loop").glob(".loop.json*"))  # no temporary file left
+
+
+def _visible_tasks(url, token):
+    import httpx
+
+    return [t["name"] for t in httpx.get(f"{url}/api/tasks", headers={"Authorization": f"Bearer {token}"}).json()]
+
+
+def test_the_rounds_task_is_closed_on_every_exit_path(service, capsys):
+    from rlhfkit.judges.sources import FeedbackServiceSource
+
+    url, tokens, db_url = service
+    annotator = ScriptedAnnotator(url, tokens["ann"])
+    annotator.start()
+    src = FeedbackServiceSource(db_url, deadline=30, poll=0.05)
+    src.compare(["p"] * 2, ["good 1", "bad 2"], ["bad 1", "good 2"])
+    annotator.stop.set()
+    annotator.join(5)
+    assert src.rounds[0]["labelled"] == 2 and _visible_tasks(url, tokens["ann"]) == []
+
+    def broken_export(tid, aggregate):
+        raise ConnectionError("database went away")
+
+    src = FeedbackServiceSource(db_url, deadline=0, poll=0.05)
+    src.backend.export = broken_export
+    with pytest.raises(ConnectionError):
+        src.compare(["p"], ["good"], ["bad"])
+    assert _visible_tasks(url, tokens["ann"]) == []  # the crashed round's task is closed too
+
+
+def test_over_http_a_service_without_a_close_endpoint_is_named(service, monkeypatch, capsys):
+    from rlhfkit.judges.sources import FeedbackServiceSource
+
+    url, tokens, _ = service
+    monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
+    src = FeedbackServiceSource(url, deadline=0, poll=0.05)
+    src.compare(["p"], ["good"], ["bad"])
+    out = capsys.readouterr().out
+    closed = not _visible_tasks(url, tokens["ann"])
+    assert closed or "stays open to annotators: the service at" in out

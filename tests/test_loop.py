@@ -91,4 +91,4 @@ def test_loop_ppo_one_round(start_model, tmp_path):
     entry = Registry(tmp_path / "loop" / "registry").get("round-1")
     assert entry["algorithm"] == "ppo" and entry["path"].endswith("ppo/final")
     assert (tmp_path / "loop" / "round-1" / "ppo" / "final" / "config.json").is_file()
-    assert len(res["rounds"]) == 2 and "proxy" in json.loads((tmp_path / "loop" / "round-1" / "eval" / "eval.json").read_text())
+    assert len(res["rounds"]) == 2 and "proxy" in json.loads((tmp_path / "loop" / "round-1" / "eval" / "results.json").read_text())

@@ -11,7 +11,11 @@ the judge abstained, or nobody labelled the pair before the deadline) and ``anno
   (``feedback:DB_URL``): each round's pairs become a pairwise task (``POST /api/admin/tasks``
   and ``.../items``), the source polls the task's labels until ``quota`` of the pairs are
   labelled or ``deadline`` seconds pass (then it goes on with what it has and says so), and
-  exports them (``GET .../export``). RLHF's collect -> train -> collect cycle, with people in it.
+  exports them (``GET .../export``). The task is then closed to annotators, on every exit path
+  (labels in, an error, Ctrl-C): through the database it is made not open to all; over HTTP
+  the source asks ``POST /api/admin/tasks/{id}/close`` and, where the service has no such
+  endpoint, says that the task stays open. RLHF's collect -> train -> collect cycle, with
+  people in it.
 """
 
 from __future__ import annotations
@@ -81,6 +85,18 @@ class _HTTPBackend:
                        params={"kind": "preferences", "aggregate": aggregate, "ties": "keep"})
         return [json.loads(line) for line in r.text.splitlines() if line.strip()]
 
+    def close(self, tid: int) -> str:
+        """Take the task away from annotators; '' when done, else why it could not be."""
+        r = self.client.post(f"{self.url}/api/admin/tasks/{tid}/close")
+        if r.status_code in (404, 405):
+            return (f"the service at {self.url} has no task-closing endpoint (POST /api/admin/tasks/{{id}}/close); "
+                    "close it there by hand")
+        if r.status_code >= 400:
+            from rlhfkit.judges.http import redact
+
+            return redact(f"closing it answered {r.status_code} {r.text[:200]}", self.token)
+        return ""
+
 
 class _DatabaseBackend:
     """The service's own functions on its database (people label through a server on that database)."""
@@ -114,6 +130,14 @@ class _DatabaseBackend:
         with self.db.read_session() as s:
             return export_records(s, s.get(Task, tid), "preferences", aggregate, ties="keep")[0]
 
+    def close(self, tid: int) -> str:
+        """Take the task away from annotators: not open to all, and no members (labels and export stay)."""
+        from rlhfkit.feedback.models import Task
+
+        with self.db.session() as s:
+            s.get(Task, tid).open_to_all = False
+        return ""
+
 
 class FeedbackServiceSource:
     """People labelling in the feedback service (see the module docstring).
@@ -144,18 +168,29 @@ class FeedbackServiceSource:
         tid = self.backend.create(name, self.overlap, self.instructions,
                                   [{"prompt": p, "responses": [x, y], "id": str(i)}
                                    for i, (p, x, y) in enumerate(zip(prompts, a, b))])
-        need = max(1, int(round(self.quota * n)))
-        start = time.monotonic()
-        while True:
-            done = sum(c >= self.overlap for c in self.backend.label_counts(tid).values())
-            if done >= need:
-                break
-            if time.monotonic() - start >= self.deadline:
-                self.printer(f"feedback: deadline of {self.deadline:g}s reached with {done} of {n} pairs labelled "
-                             f"(quota {need}); training on what there is")
-                break
-            time.sleep(self.poll)
-        return self._labels(prompts, a, b, self.backend.export(tid, self.aggregate), name, tid, done)
+        try:
+            need = max(1, int(round(self.quota * n)))
+            start = time.monotonic()
+            while True:
+                done = sum(c >= self.overlap for c in self.backend.label_counts(tid).values())
+                if done >= need:
+                    break
+                if time.monotonic() - start >= self.deadline:
+                    self.printer(f"feedback: deadline of {self.deadline:g}s reached with {done} of {n} pairs labelled "
+                                 f"(quota {need}); training on what there is")
+                    break
+                time.sleep(self.poll)
+            return self._labels(prompts, a, b, self.backend.export(tid, self.aggregate), name, tid, done)
+        finally:  # done, failed or interrupted: annotators must not label pairs nobody will read
+            self._close(tid, name)
+
+    def _close(self, tid: int, name: str) -> None:
+        try:
+            problem = self.backend.close(tid)
+        except Exception as e:  # noqa: BLE001 -- closing must not hide the error that ended the round
+            problem = f"closing it failed ({type(e).__name__}: {e})"
+        if problem:
+            self.printer(f"feedback: task {name!r} (id {tid}) stays open to annotators: {problem}")
 
     def _labels(self, prompts, a, b, records, name, tid, done) -> list[dict]:
         """Exported records -> one label per pair (the latest record of a pair wins; None if unlabelled)."""

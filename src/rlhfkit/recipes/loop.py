@@ -8,12 +8,14 @@ Harmless Assistant", sec. 4.5 "iterated online RLHF"):
      ``--source simulated`` annotators, ``judge:SPEC`` an AI judge (RLAIF), or
      ``feedback:URL`` (or ``feedback:DB_URL``) people labelling in the feedback service (the round's pairs are posted as
      a task; the round waits until ``feedback_quota`` of them are labelled or
-     ``feedback_deadline`` seconds pass, then trains on what it has and says so);
+     ``feedback_deadline`` seconds pass, then trains on what it has and says so, with batches
+     no larger than the pairs it got; with no labelled pair at all the round ends without a
+     new model and the next round starts from the same one);
   3. retrain the reward model on all preference data collected so far;
   4. update the policy: PPO against that reward model, or DPO on this round's pairs
      (on-policy iterative DPO, Xu et al. 2023; Xiong et al. 2024) with the current policy as reference;
   5. evaluate against the starting policy (gold panel win rate, KL, ...) and register the
-     model with its lineage. A round whose gold reward is below the promoted model's is kept
+     model with its lineage; ``loop.json`` is rewritten (atomically) after every round. A round whose gold reward is below the promoted model's is kept
      in the registry but not promoted, and the next round continues from the promoted model.
 
     rlhfkit loop --model runs/sft/final --rounds 3 --algorithm dpo --output_dir runs/loop
@@ -197,18 +199,35 @@ def write_judge_agreement(rdir: Path, records: list[dict]) -> None:
                                                 "b": "gold panel (noiseless preference)", **res})
 
 
-def train_reward(data_file: Path, cfg: Config, out: Path, seed: int) -> str:
+# below this many pairs a held-out split says nothing and starves training: the reward model
+# trains on all of them
+FEW_PAIRS = 20
+
+
+def fit_batch(rcfg: Any, n: int) -> Any:
+    """`rcfg` with its micro-batch no larger than the `n` examples it will train on (a round that
+    got few labels trains on what it has instead of stopping)."""
+    if n >= rcfg.per_device_train_batch_size:
+        return rcfg
+    print(f"loop: {n} training pairs, fewer than the batch size {rcfg.per_device_train_batch_size}: batches of {n}")
+    return dataclasses.replace(rcfg, per_device_train_batch_size=max(1, n))
+
+
+def train_reward(data_file: Path, cfg: Config, out: Path, seed: int, n_pairs: int) -> str:
     from rlhfkit.recipes import reward
 
     rcfg = _recipe_config(reward.Config, dict(learning_rate=cfg.reward_learning_rate, per_device_train_batch_size=cfg.batch_size,
-                                              report_to="jsonl", logging_steps=10, progress=cfg.progress, eval_fraction=0.1),
+                                              report_to="jsonl", logging_steps=10, progress=cfg.progress,
+                                              eval_fraction=0.1 if n_pairs >= FEW_PAIRS else 0.0),
                           cfg.reward_config,
                           dict(model=cfg.model, dataset=str(data_file), output_dir=str(out), max_steps=cfg.reward_steps, seed=seed))
+    held_out = max(1, round(rcfg.eval_fraction * n_pairs)) if rcfg.eval_fraction > 0 else 0
+    rcfg = fit_batch(rcfg, n_pairs - held_out)
     res = reward.main(rcfg, printer=lambda *a, **k: None)
     return res.get("model_path", str(out / "final"))
 
 
-def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int) -> str:
+def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int, n_pairs: int) -> str:
     common = dict(learning_rate=cfg.policy_learning_rate, per_device_train_batch_size=cfg.batch_size, report_to="jsonl",
                   logging_steps=5, progress=cfg.progress)
     forced = dict(model=start, output_dir=str(out), max_steps=cfg.policy_steps, seed=seed)
@@ -217,7 +236,7 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
 
         pcfg = _recipe_config(dpo.Config, dict(common, beta=cfg.dpo_beta, max_length=96), cfg.policy_config,
                               dict(forced, dataset=str(round_file), reference=start))
-        dpo.main(pcfg)
+        dpo.main(fit_batch(pcfg, n_pairs))
     else:
         from rlhfkit.recipes import ppo
 
@@ -274,6 +293,7 @@ def main(cfg: Config) -> dict:
     summary = [{"round": 0, "id": start_id, "gold": m0["gold"]["mean"], "win_rate": m0["win_rate"]["mean"],
                 "win_rate_lo": m0["win_rate"]["lo"], "win_rate_hi": m0["win_rate"]["hi"],
                 "kl": m0["kl"]["mean"], "promoted": True}]
+    write_progress(out, summary, reg)
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         rdir = out / f"round-{r}"
@@ -288,14 +308,21 @@ def main(cfg: Config) -> dict:
         print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
               f"identical and {counts['empty_skipped']} empty-response pairs skipped"
               + (f", {counts['unlabelled']} without a label" if counts["unlabelled"] else "") + f"), {len(all_records)} in all")
+        if not records and cfg.source.startswith("feedback:"):  # people may not come: no data, no model
+            print(f"loop round {r}: no labelled pairs from {cfg.source} before the deadline; the round ends "
+                  f"without a new model, the next one starts from {current_id}")
+            summary.append({"round": r, "id": None, "pairs": 0, "unlabelled": counts["unlabelled"], "promoted": False,
+                            "skipped": "no labelled pairs", "seconds": round(time.perf_counter() - t0, 1)})
+            write_progress(out, summary, reg)
+            continue
         if not records:
             from rlhfkit.errors import DataError
 
             raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
         if cfg.source.startswith("judge:"):
             write_judge_agreement(rdir, records)
-        rm_path = train_reward(all_file, cfg, rdir / "reward", seed)
-        policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed)
+        rm_path = train_reward(all_file, cfg, rdir / "reward", seed, len(all_records))
+        policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed, len(records))
         metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
         model_id = f"round-{r}"
         reg.register(policy_path, model_id, parent=current_id, round=r, metrics=metrics, seed=seed,
@@ -317,8 +344,16 @@ def main(cfg: Config) -> dict:
               f"{'' if promoted else ' (not promoted)'}")
         if promoted or cfg.continue_from == "latest":
             current_id, current_path = model_id, policy_path
+        write_progress(out, summary, reg)
+    result = write_progress(out, summary, reg)
+    result["report"] = str(write_report(out, title="rlhfkit loop"))
+    return result
+
+
+def write_progress(out: Path, summary: list[dict], reg: Any) -> dict:
+    """loop.json (every round so far) and summary.json (the rounds with a model), each written to a
+    temporary file and renamed, after every round: a crash later leaves the finished rounds on record."""
     result = {"rounds": summary, "promoted": reg.promoted()["id"], "registry": str(reg.root)}
     atomic_write_json(out / "loop.json", result)
-    atomic_write_json(out / "summary.json", {"win_rates": summary})
-    result["report"] = str(write_report(out, title="rlhfkit loop"))
+    atomic_write_json(out / "summary.json", {"win_rates": [x for x in summary if x.get("id")]})
     return result
