@@ -326,3 +326,106 @@ def test_load_prompts_from_every_source(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(DataError, match="no prompts found"):
         load_prompts(str(tmp_path / "empty.txt"))
+
+
+# ---------------------------------------------------------------- community layouts
+
+ALPACA = [{"instruction": "Say something kind.", "input": "", "output": "You are lovely."},
+          {"instruction": "Add the numbers.", "input": "1 and 2", "output": "3", "id": 7},
+          {"instruction": "Name a colour.", "output": "Blue."}]
+SHAREGPT = [{"id": "a", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                                          {"from": "gpt", "value": "Hello!"}]},
+            {"id": "b", "system": "Be brief.", "conversations": [{"from": "human", "value": "Weather?"},
+                                                                 {"from": "gpt", "value": "Warm."},
+                                                                 {"from": "human", "value": "Thanks"},
+                                                                 {"from": "gpt", "value": "Welcome."}]}]
+
+
+def test_alpaca_becomes_prompt_completion(tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", ["", *ALPACA])  # a blank first line: lines still count
+    records = load_records(path)
+    assert list(records) == [{"prompt": "Say something kind.", "completion": "You are lovely."},
+                             {"prompt": "Add the numbers.\n\n1 and 2", "completion": "3", "id": 7},
+                             {"prompt": "Name a colour.", "completion": "Blue."}]
+    assert records.lines == [2, 3, 4] and detect_dataset_format(records) == "prompt_completion"
+    assert [r["prompt"] for r in iter_records(path)] == [r["prompt"] for r in records]
+
+
+def test_sharegpt_becomes_messages(tmp_path):
+    records = load_records(write_jsonl(tmp_path / "sharegpt.jsonl", SHAREGPT))
+    assert records[0] == {"id": "a", "messages": [{"role": "system", "content": "Be kind."},
+                                                  {"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello!"}]}
+    assert [m["role"] for m in records[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert records[1]["messages"][0]["content"] == "Be brief." and "system" not in records[1]
+    assert detect_dataset_format(records) == "messages"
+    validate_sft(records)
+
+
+@pytest.mark.parametrize("bad, field, words", [
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from", "human, gpt, system, tool"),
+    ({"conversations": [{"from": "human"}]}, "conversations[0].value", "string"),
+    ({"conversations": "hi"}, "conversations", "list"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "input", "string"),
+    ({"instruction": "x", "output": ["y"]}, "output", "string"),
+])
+def test_community_layout_errors_name_file_line_and_field(tmp_path, bad, field, words):
+    path = write_jsonl(tmp_path / "d.jsonl", [ALPACA[0] if "instruction" in bad else SHAREGPT[0], bad])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line 2, field '{field}'") and words in msg and "\n" not in msg
+
+
+def test_wrong_columns_for_sft_name_file_line_and_expected_columns(tmp_path):
+    from rlhfkit.recipes.sft import load_sft_examples
+
+    from rl_helpers import tiny_tokenizer
+
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Hi?", "answer": "Yes"}])
+    with pytest.raises(DataError) as err:
+        load_sft_examples(str(path), tiny_tokenizer(), max_length=32)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line 1") and "answer, question" in msg
+    for expected in ("text", "prompt+completion", "messages", "instruction", "conversations"):
+        assert expected in msg
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [RECORDS["preference"]])
+    with pytest.raises(DataError, match=rf"{prefs}, line 1: .*SFT takes"):
+        load_sft_examples(str(prefs), tiny_tokenizer(), max_length=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_policy(tmp_path_factory):
+    from rl_helpers import save_tiny, tiny_policy, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return save_tiny(tmp_path_factory.mktemp("policy") / "p", tiny_policy(tok), tok)
+
+
+@pytest.mark.parametrize("layout", ["alpaca", "sharegpt"])
+def test_sft_and_grpo_read_community_layouts(tiny_chat_policy, tmp_path, layout):
+    from rlhfkit.recipes import grpo, sft
+
+    rows = ALPACA if layout == "alpaca" else SHAREGPT * 2
+    data = write_jsonl(tmp_path / f"{layout}.jsonl", rows)
+    res = sft.main(sft.Config(model=tiny_chat_policy, dataset=str(data), output_dir=str(tmp_path / "sft"), max_steps=1,
+                              per_device_train_batch_size=2, progress=False, report_to="jsonl", max_length=32))
+    assert res["steps"] == 1
+    # as prompts: Alpaca's prompt; ShareGPT conversations that end with the human's turn
+    prompts = rows if layout == "alpaca" else [{**r, "conversations": r["conversations"][:-1]} for r in SHAREGPT]
+    seen = []
+
+    def reward(prompts, completions, **kw):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    grpo.main(grpo.Config(model=tiny_chat_policy, prompts=str(write_jsonl(tmp_path / "p.jsonl", prompts)),
+                          output_dir=str(tmp_path / "grpo"), max_steps=1, prompts_per_step=2, num_generations=2,
+                          max_completion_length=3, per_device_train_batch_size=4, report_to="jsonl", progress=False),
+              reward_funcs=[reward])
+    if layout == "alpaca":
+        assert set(seen) <= {"Say something kind.", "Add the numbers.\n\n1 and 2", "Name a colour."}
+    else:
+        assert all(p[-1]["role"] == "user" and p[0]["role"] == "system" for p in seen)

@@ -4,6 +4,10 @@ Every reader returns a `Records` list: a plain `list[dict]` that also remembers 
 from (`source`) and the 1-based line of each record in that source (`lines`), so validators
 further down can name the exact line of a bad record. For JSONL that is the line in the file;
 for JSON arrays, parquet and `datasets` it is the 1-based row number.
+
+Two common community layouts are converted as they are read (docs/data.md, "Community layouts"):
+Alpaca (`instruction`, `input`, `output`) to `prompt` / `completion`, and ShareGPT
+(`conversations` of `{"from", "value"}` turns) to `messages`.
 """
 
 from __future__ import annotations
@@ -262,6 +266,93 @@ def eval_source(dataset: Any, eval_dataset: Any = "", eval_split: str = "") -> t
     return (dataset, found[0]) if found else (None, None)
 
 
+# ---------------------------------------------------------------- community layouts
+
+# ShareGPT speaker names (FastChat, LLaMA-Factory) -> chat roles; the role names themselves are accepted too
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
+                  "user": "user", "assistant": "assistant"}
+_OWN_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected")
+
+
+def _string(record: dict, name: str, source: str | None, line: int, optional: bool = False) -> str:
+    value = record.get(name)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"the Alpaca layout needs a string here, got {type(value).__name__}", source=source,
+                        line=line, field=name)
+    return value
+
+
+def from_alpaca(record: dict, source: str | None = None, line: int = 0) -> dict:
+    """Alpaca -> prompt/completion: prompt = instruction, followed by a blank line and the input when
+    the input is not blank; completion = output. Other columns are kept."""
+    instruction = _string(record, "instruction", source, line)
+    extra = _string(record, "input", source, line, optional=True)
+    output = _string(record, "output", source, line)
+    rest = {k: v for k, v in record.items() if k not in ("instruction", "input", "output")}
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return {"prompt": prompt, "completion": output, **rest}
+
+
+def from_sharegpt(record: dict, source: str | None = None, line: int = 0) -> dict:
+    """ShareGPT -> messages: each turn {"from", "value"} becomes {"role", "content"} with human ->
+    user, gpt -> assistant, system and tool unchanged; a `system` column becomes a first system
+    message. Other columns are kept."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError("ShareGPT 'conversations' must be a non-empty list of {\"from\", \"value\"} turns, "
+                        f"got {type(turns).__name__}", source=source, line=line, field="conversations")
+    messages = []
+    system = record.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for k, turn in enumerate(turns):
+        where = f"conversations[{k}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"expected a {{\"from\", \"value\"}} object, got {type(turn).__name__}", source=source,
+                            line=line, field=where)
+        speaker = turn.get("from", turn.get("role"))
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"unknown speaker {speaker!r}; expected one of human, gpt, system, tool (or user, "
+                            f"assistant)", source=source, line=line, field=f"{where}.from")
+        content = turn.get("value", turn.get("content"))
+        if not isinstance(content, str):
+            raise DataError(f"a turn's text must be a string, got {type(content).__name__}", source=source,
+                            line=line, field=f"{where}.value")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+    rest = {k: v for k, v in record.items() if k not in ("conversations", "system")}
+    return {**rest, "messages": messages}
+
+
+def community_layout(record: dict) -> str | None:
+    """'alpaca' or 'sharegpt' when `record` is in that layout (and has none of rlhfkit's own text
+    columns), else None."""
+    if any(record.get(k) is not None for k in _OWN_COLUMNS):
+        return None
+    if record.get("conversations") is not None:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return None
+
+
+_CONVERTERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt}
+
+
+def convert_record(record: dict, source: str | None = None, line: int = 0) -> dict:
+    layout = community_layout(record) if isinstance(record, dict) else None
+    return _CONVERTERS[layout](record, source, line) if layout else record
+
+
+def convert_layouts(records: Records) -> Records:
+    """`records` with Alpaca and ShareGPT records converted (provenance kept)."""
+    if not any(isinstance(r, dict) and community_layout(r) for r in records):
+        return records
+    return Records([convert_record(r, records.source, records.line_of(i)) for i, r in enumerate(records)],
+                   source=records.source, lines=[records.line_of(i) for i in range(len(records))])
+
+
 def check_required(records: Records, required: Iterable[str]) -> None:
     """Every record must have each `required` column, and not as null."""
     required = list(required)
@@ -278,10 +369,11 @@ def load_records(source: Any, split: str = "train", required: Iterable[str] | No
 
     `source` is a .jsonl / .json / .parquet file, a folder written by `save_to_disk` (a
     DatasetDict picks `split`), a folder holding `{split}.jsonl|.json|.parquet`, a Hugging Face
-    hub dataset name, a `datasets.Dataset` or a list of dicts. `required` lists columns every
-    record must have; a record without one raises DataError naming the file, line and field.
+    hub dataset name, a `datasets.Dataset` or a list of dicts. Alpaca and ShareGPT records are
+    converted (:func:`convert_record`). `required` lists columns every record must have; a record
+    without one raises DataError naming the file, line and field.
     """
-    records = read_source(source, split)
+    records = convert_layouts(read_source(source, split))
     if required:
         check_required(records, required)
     return records
@@ -303,6 +395,7 @@ def iter_records(source: str | os.PathLike, required: Iterable[str] | None = Non
                         source=str(path))
     required = list(required or ())
     for number, record in stream:
+        record = convert_record(record, str(path), number)
         for name in required:
             if record.get(name) is None:
                 raise DataError("missing required column", source=str(path), line=number, field=name)

@@ -14,6 +14,9 @@ Layouts (one record = one dict):
 - ``unpaired``           {"prompt": str | conv, "completion": str | conv, "label": bool}  (KTO)
 - ``prompt_only``        {"prompt": str | conv}   (prompts for PPO/GRPO/RLOO rollouts)
 
+Alpaca and ShareGPT records are converted to ``prompt_completion`` and ``messages`` when read
+(:mod:`rlhfkit.data.readers`).
+
 where conv is a conversation: a list of {"role": "system"|"user"|"assistant"|"tool", "content": str}.
 
 Validators take the records (and optionally the source name for messages) and
@@ -121,10 +124,36 @@ def detect_format(record: dict, source: str | None = None, line: int | None = No
         return "text"
     if "prompt" in keys:
         return "prompt_only"
-    raise DataError(f"cannot tell the data format from columns {sorted(record) or '(none)'}; expected one "
-                    f"of: text | prompt+completion | messages | prompt+chosen+rejected | "
-                    f"prompt+responses+ranking | prompt+completion+label | prompt (see docs/data.md)",
-                    source=source, line=line)
+    raise DataError(f"cannot tell the data format from columns {sorted(record) or '(none)'}; expected "
+                    f"one of: {' | '.join(LAYOUT_COLUMNS.values())}, or Alpaca instruction+output or ShareGPT "
+                    f"conversations (see docs/data.md)", source=source, line=line)
+
+
+# the columns of each layout, as error messages name them
+LAYOUT_COLUMNS = {"text": "text", "prompt_completion": "prompt+completion", "messages": "messages",
+                  "preference": "prompt+chosen+rejected", "ranking": "prompt+responses+ranking",
+                  "unpaired": "prompt+completion+label", "prompt_only": "prompt"}
+SFT_FORMATS = ("text", "prompt_completion", "messages")
+
+
+def require_layout(records: Sequence[dict], formats: Sequence[str], recipe: str, source: str | None = None) -> None:
+    """Every record in one of `formats`; the first that is not raises DataError naming the file, the
+    line, the columns it has and the columns `recipe` reads."""
+    src = source_of(records, source)
+    expected = " | ".join(LAYOUT_COLUMNS[f] for f in formats)
+    for i, record in enumerate(records):
+        line = line_of(records, i)
+        if not isinstance(record, dict):
+            raise DataError(f"expected an object, got {type(record).__name__}", source=src, line=line)
+        try:
+            fmt = detect_format(record, src, line)
+        except DataError:
+            fmt = None
+        if fmt not in formats:
+            found = f"a '{fmt}' record" if fmt else "its columns match no layout"
+            raise DataError(f"{found} (columns: {', '.join(sorted(record)) or 'none'}); {recipe} takes {expected}, "
+                            f"or Alpaca instruction+input+output or ShareGPT conversations (see docs/data.md)",
+                            source=src, line=line)
 
 
 def detect_dataset_format(records: Sequence[dict], source: str | None = None) -> str:

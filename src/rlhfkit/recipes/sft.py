@@ -78,6 +78,7 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     in `load_sft_examples.last_prompt_truncated` for the caller to report.
     """
     from rlhfkit.data import encode_prompt_completion, load_records, to_prompt_completion
+    from rlhfkit.data.schemas import SFT_FORMATS, require_layout
 
     if source == "kindly":
         from rlhfkit.tasks import kindly
@@ -89,6 +90,7 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
         from rlhfkit.errors import DataError
 
         raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
+    require_layout(records, SFT_FORMATS, "SFT")  # a wrong-column file fails naming its file and line
     examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
         prompt, completion = to_prompt_completion(rec, tokenizer)
