@@ -235,7 +235,7 @@ def test_retry_after_as_an_http_date_is_honoured():
 
     from rlhfkit.judges.http import retry_after
 
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2)
     with StubServer() as srv:
         srv.headers = {"Retry-After": email.utils.format_datetime(soon, usegmt=True)}
         srv.plan = ["429"]

@@ -92,8 +92,8 @@ def retry_after(value: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     if when.tzinfo is None:  # an HTTP-date is GMT
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 class VerdictCache:
