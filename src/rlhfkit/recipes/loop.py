@@ -308,17 +308,10 @@ def main(cfg: Config) -> dict:
         print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
               f"identical and {counts['empty_skipped']} empty-response pairs skipped"
               + (f", {counts['unlabelled']} without a label" if counts["unlabelled"] else "") + f"), {len(all_records)} in all")
-        if not records and cfg.source.startswith("feedback:"):  # people may not come: no data, no model
-            print(f"loop round {r}: no labelled pairs from {cfg.source} before the deadline; the round ends "
-                  f"without a new model, the next one starts from {current_id}")
-            summary.append({"round": r, "id": None, "pairs": 0, "unlabelled": counts["unlabelled"], "promoted": False,
-                            "skipped": "no labelled pairs", "seconds": round(time.perf_counter() - t0, 1)})
+        if not records:
+            summary.append(round_without_labels(cfg, r, counts, current_id, round_file, t0))
             write_progress(out, summary, reg)
             continue
-        if not records:
-            from rlhfkit.errors import DataError
-
-            raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
         if cfg.source.startswith("judge:"):
             write_judge_agreement(rdir, records)
         rm_path = train_reward(all_file, cfg, rdir / "reward", seed, len(all_records))
@@ -348,6 +341,19 @@ def main(cfg: Config) -> dict:
     result = write_progress(out, summary, reg)
     result["report"] = str(write_report(out, title="rlhfkit loop"))
     return result
+
+
+def round_without_labels(cfg: Config, r: int, counts: dict, current_id: str, round_file: Path, t0: float) -> dict:
+    """A round with no labelled pair: with people as the source it ends without a new model (they
+    may not have come before the deadline); from annotators or a judge it is an error."""
+    if not cfg.source.startswith("feedback:"):
+        from rlhfkit.errors import DataError
+
+        raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
+    print(f"loop round {r}: no labelled pairs from {cfg.source} before the deadline; the round ends "
+          f"without a new model, the next one starts from {current_id}")
+    return {"round": r, "id": None, "pairs": 0, "unlabelled": counts["unlabelled"], "promoted": False,
+            "skipped": "no labelled pairs", "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def write_progress(out: Path, summary: list[dict], reg: Any) -> dict:
