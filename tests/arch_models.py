@@ -91,8 +91,17 @@ def make_tokenizer(arch: str):
 
 
 def make_config(arch: str, vocab_size: int, tok, dropout: float = 0.0):
-    from transformers import (GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                              Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                   pad_token_id=tok.pad_token_id)

@@ -378,9 +378,8 @@ def test_community_layout_errors_name_file_line_and_field(tmp_path, bad, field, 
 
 
 def test_wrong_columns_for_sft_name_file_line_and_expected_columns(tmp_path):
-    from rlhfkit.recipes.sft import load_sft_examples
-
     from rl_helpers import tiny_tokenizer
+    from rlhfkit.recipes.sft import load_sft_examples
 
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Hi?", "answer": "Yes"}])
     with pytest.raises(DataError) as err:

@@ -60,7 +60,6 @@ import numpy as np
 
 from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import json
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,8 +290,7 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, base: str) -> PreTr
         if tok.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tok.pad_token_id
     try:
-        with quiet_transformers(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(embedding|vocab).*", category=UserWarning)
+        with quiet_transformers():
             peft_model = PeftModel.from_pretrained(model, str(folder))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load the peft adapter {folder} onto its base model {base!r}: {_one_line(e)}") from e
