@@ -17,7 +17,7 @@ from rlhfkit.judges.verdicts import Unreadable, read_verdict
     ('{"choice": "A"}', 1.0), ('{"winner": "b"}', 0.0), ('{"preferred": "Response B"}', 0.0),
     ('```json\n{"verdict": "A", "reason": "kinder"}\n```', 1.0),
     ("[[A]]", 1.0), ("After careful thought, my final verdict: [[B]]", 0.0),
-    ("Both are fine, but I prefer A.", 1.0),
+    ("Both are fine, but I prefer A.", 1.0), ("Answer A is blunt. I prefer B.", 0.0), ("The answer is B", 0.0),
     ("A and B are equal", 0.5), ("Tie", 0.5), ("[[C]]", 0.5),
 ])
 def test_common_verdict_forms_are_read(text, value):

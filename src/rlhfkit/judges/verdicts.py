@@ -34,8 +34,9 @@ _QUALIFIER = r"(?:response|answer|assistant|output|option|model)"
 # a letter; lowercase only where it cannot be the article "a" (checked in _positions)
 _LETTER = rf"(?P<q>{_QUALIFIER}\s*)?[(\[]?(?P<x>[ABab])[)\]]?(?![\w'])(?P<after>\s*\S?)"
 _LABELLED = [
-    re.compile(r"(?:final\s+)?(?:answer|verdict|choice|decision|winner|preference)\s*(?:is\s*)?[:=\-]?\s*" + _LETTER,
-               re.IGNORECASE),
+    # a separator is required: "Answer A is blunt" names a response, it does not choose one
+    re.compile(r"(?:final\s+)?(?:answer|verdict|choice|decision|winner|preference)(?:\s+is\b\s*[:=\-]?|\s*[:=\-])\s*"
+               + _LETTER, re.IGNORECASE),
     re.compile(r"(?:better|best|preferred|winning)\s+(?:response|answer|one|option|output)?\s*(?:is|:)\s*" + _LETTER,
                re.IGNORECASE),
     re.compile(r"\bI\s+(?:would\s+|will\s+)?(?:prefer|choose|pick|select)\s+" + _LETTER, re.IGNORECASE),
