@@ -150,3 +150,34 @@ def test_an_adapter_folder_as_policy_loads_base_and_adapter(arch, tmp_path):
         res = sft.main(sft.Config(model=adapter, dataset=data, output_dir=str(tmp_path / f"more-{lora}"), max_steps=1,
                                   per_device_train_batch_size=4, **FAST, **(dict(use_lora=True, lora_r=4) if lora else {})))
         assert res["steps"] == 1 and np.isfinite(res["loss"])
+
+
+@pytest.mark.parametrize("arch", ARCHS_MORE)
+def test_more_architectures_through_sft_reward_dpo_and_grpo(arch, tmp_path):
+    """Each added architecture once through the main recipes (the matrix of tests/test_arch_matrix.py
+    runs ARCHS only, with and without LoRA, to keep its time)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.recipes import dpo, grpo, reward, sft
+
+    base = make_model_folder(arch, tmp_path / "base", dropout=0.1)
+    convs = [[{"role": "user", "content": p["prompt"]}] for p in PREFS]
+    sft_data = _write(tmp_path / "sft.jsonl", [{"messages": c + [{"role": "assistant", "content": p["chosen"]}]}
+                                               for c, p in zip(convs, PREFS)])
+    res = sft.main(sft.Config(model=base, dataset=sft_data, output_dir=str(tmp_path / "sft"), max_steps=2,
+                              per_device_train_batch_size=4, use_lora=True, lora_r=4, **FAST))
+    assert res["steps"] == 2 and np.isfinite(res["loss"])
+    policy = tmp_path / "sft" / "final"
+    assert AutoModelForCausalLM.from_pretrained(policy).get_input_embeddings().weight.shape[0] >= len(
+        AutoTokenizer.from_pretrained(policy))
+    prefs = _write(tmp_path / "prefs.jsonl", PREFS)
+    reward.main(reward.Config(model=str(policy), dataset=prefs, output_dir=str(tmp_path / "rm"), max_steps=2,
+                              per_device_train_batch_size=4, eval_fraction=0.0, **FAST), printer=lambda m: None)
+    res = dpo.main(dpo.Config(model=str(policy), dataset=prefs, output_dir=str(tmp_path / "dpo"), max_steps=2,
+                              per_device_train_batch_size=4, ref_cache_dir=str(tmp_path / "cache"), **FAST))
+    assert res["steps"] == 2 and np.isfinite(res["loss"])
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": c} for c in convs[:4]])
+    grpo.main(grpo.Config(model=str(policy), reward=[f"rm:{tmp_path / 'rm' / 'final'}"], prompts=prompts,
+                          eval_prompts="", output_dir=str(tmp_path / "grpo"), max_steps=1, prompts_per_step=2,
+                          num_generations=2, max_completion_length=4, per_device_train_batch_size=2, report_to="jsonl"))
+    assert (tmp_path / "grpo" / "final").is_dir()
