@@ -337,3 +337,18 @@ def test_none_is_not_applicable_as_in_trl():
     assert out.stats()["rewards/unscorable"] == 0.25
     skip = RewardSet([as_reward(lambda prompts, completions, **kw: [None] * len(completions), "skip")])
     assert skip.score(["p"] * 2, ["x", "y"]).total_for_groups(2).tolist() == [0.0, 0.0]
+
+
+def test_best_of_n_and_rejection_sampling_pass_completion_ids(task, tmp_path):
+    from rlhfkit.recipes import best_of_n, rejection_sampling
+
+    rw = tmp_path / "ids.py"
+    rw.write_text("def n_ids(prompts, completions, completion_ids, answer):\n"
+                  "    return [float(len(ids)) for ids in completion_ids]\n")
+    res = best_of_n.main(best_of_n.Config(model=task["policy"], prompts=task["prompts"], reward=[f"py:{rw}:n_ids"], n=2,
+                                          kl_pool=2, max_new_tokens=3, gold=False, output_dir=str(tmp_path / "bon")))
+    assert 1.0 <= res["score_selected"] <= 3.0
+    rejection_sampling.main(rejection_sampling.Config(
+        model=task["policy"], prompts=task["prompts"], reward=[f"py:{rw}:n_ids"], rounds=1, k=2, prompts_per_round=4,
+        max_new_tokens=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "rs"), report_to="jsonl",
+        progress=False))

@@ -137,7 +137,7 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
     `prompts` is a PromptSet (conversations through the policy's chat template; extra columns go
     to the rewards) or a list of prompt strings; `judge` a RewardSet or a score(prompts, responses).
     """
-    from rlhfkit.judges.rewards import RewardSet, as_reward
+    from rlhfkit.judges.rewards import RewardSet, as_reward, completion_id_lists
     from rlhfkit.rollout import generate
     from rlhfkit.rollout.prompts import PromptSet, as_completions, render_prompt, rows_of
 
@@ -149,7 +149,8 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
                     seed=cfg.seed)
     responses = [roll.responses[i * k:(i + 1) * k] for i in range(len(prompts))]
     row_prompts, columns = rows_of(prompts, roll.prompt_index)
-    scores = rewards(row_prompts, as_completions(row_prompts, roll.responses), **columns).reshape(len(prompts), k)
+    scores = rewards(row_prompts, as_completions(row_prompts, roll.responses), completion_ids=completion_id_lists(roll),
+                     **columns).reshape(len(prompts), k)
     stats = {"truncated_prompts": roll.num_truncated_prompts,
              "unfinished_responses": int((~roll.ended_with_eos).sum()),
              "samples": len(roll.responses)}

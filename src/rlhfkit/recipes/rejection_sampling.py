@@ -122,6 +122,7 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
 
 @one_run_per_folder
 def main(cfg: Config) -> dict:
+    from rlhfkit.judges.rewards import completion_id_lists
     from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
     from rlhfkit.models import load_policy, load_tokenizer
     from rlhfkit.models.lora import disable_dropout
@@ -158,7 +159,8 @@ def main(cfg: Config) -> dict:
                         temperature=cfg.temperature, top_p=cfg.top_p, num_samples=cfg.k,
                         batch_size=cfg.generation_batch_size, seed=cfg.seed + r)
         row_prompts, columns = rows_of(batch, roll.prompt_index)
-        scores = judge(row_prompts, as_completions(row_prompts, roll.responses), **columns).reshape(len(batch), cfg.k)
+        scores = judge(row_prompts, as_completions(row_prompts, roll.responses), completion_ids=completion_id_lists(roll),
+                       **columns).reshape(len(batch), cfg.k)
         picks = select_top(scores, cfg.keep, cfg.min_score)
         if not picks:
             raise ValueError(f"round {r}: no sample reached min_score={cfg.min_score}; lower it")
