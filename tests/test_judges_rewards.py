@@ -352,3 +352,30 @@ def test_best_of_n_and_rejection_sampling_pass_completion_ids(task, tmp_path):
         model=task["policy"], prompts=task["prompts"], reward=[f"py:{rw}:n_ids"], rounds=1, k=2, prompts_per_round=4,
         max_new_tokens=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "rs"), report_to="jsonl",
         progress=False))
+
+
+def test_grpo_gives_an_unscorable_completion_no_advantage(task, tmp_path, monkeypatch):
+    """Rows are prompt-major (2 prompts x 2 samples); row 1 is unscorable. TRL leaves it out of its
+    group's baseline and zeroes its advantage; scored 0 instead it would push its group apart."""
+    from rlhfkit.recipes import grpo
+
+    seen = []
+    monkeypatch.setattr(grpo, "Trajectory", lambda *a: _record(seen, a))  # the advantages of the update
+
+    def some(prompts, completions, **kw):
+        return [None if i == 1 else float(i + 1) for i in range(len(completions))]
+
+    grpo.main(grpo.Config(model=task["policy"], prompts=task["prompts"], output_dir=str(tmp_path), max_steps=1,
+                          prompts_per_step=2, num_generations=2, max_completion_length=3, per_device_train_batch_size=4,
+                          report_to="jsonl", scale_rewards=False), reward_funcs=[some])
+    adv = seen[0].tolist()
+    assert adv[0] == 0.0 and adv[1] == 0.0  # group 0: one scorable completion, nothing to compare
+    assert adv[2] == pytest.approx(-0.5) and adv[3] == pytest.approx(0.5)
+    assert read_metrics(tmp_path)[0]["rewards/unscorable"] == 0.25
+
+
+def _record(seen, args):
+    from rlhfkit.rollout import Trajectory
+
+    seen.append(args[6].clone())
+    return Trajectory(*args)
