@@ -181,3 +181,22 @@ def test_more_architectures_through_sft_reward_dpo_and_grpo(arch, tmp_path):
                           eval_prompts="", output_dir=str(tmp_path / "grpo"), max_steps=1, prompts_per_step=2,
                           num_generations=2, max_completion_length=4, per_device_train_batch_size=2, report_to="jsonl"))
     assert (tmp_path / "grpo" / "final").is_dir()
+
+
+def test_ppo_critic_starts_from_a_reward_adapter(tmp_path):
+    """A LoRA reward model saved as an adapter seeds PPO's critic like a full one (same tokenizer)."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.reward import RewardScorer
+    from rlhfkit.models.value import load_value_model, value_model_source
+    from rlhfkit.recipes import reward
+
+    base = make_model_folder("llama", tmp_path / "base")
+    reward.main(reward.Config(model=base, dataset=_write(tmp_path / "p.jsonl", PREFS), output_dir=str(tmp_path / "rm"),
+                              max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0, use_lora=True, lora_r=4,
+                              merge_lora=False, **FAST), printer=lambda m: None)
+    adapter = str(tmp_path / "rm" / "final")
+    tok = load_tokenizer(base)
+    assert value_model_source("", base, [f"rm:{adapter}"], tok, log=lambda m: None) == adapter
+    critic = load_value_model(adapter, tok)
+    head = RewardScorer(adapter).members[0].model.score.weight
+    torch.testing.assert_close(critic.model.score.weight, head)

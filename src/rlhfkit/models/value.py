@@ -38,6 +38,7 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
     """Where the critic starts: `value_model` if given, else the first `rm:` reward when it shares
     the policy's tokenizer (its head already reads the task), else the policy."""
     from rlhfkit.models import load_tokenizer, resolve_path
+    from rlhfkit.models.io import adapter_base
 
     if value_model:
         return value_model
@@ -49,7 +50,7 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
         from rlhfkit.models.reward import member_paths
 
         rm = member_paths(rm)[0]
-    if not (rm / "config.json").is_file():
+    if not (rm / "config.json").is_file() and adapter_base(rm) is None:
         return policy
     if load_tokenizer(str(rm)).get_vocab() == tokenizer.get_vocab():
         return str(rm)
