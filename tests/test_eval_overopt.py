@@ -1,4 +1,4 @@
-"""Gao et al. 2022 fits, the best-of-N estimator and the reward-hacking alarm on synthetic data."""
+"""Gao et al. 2022 fits, the best-of-N estimator, the reward-hacking and collapse alarms on synthetic data."""
 
 from __future__ import annotations
 
@@ -152,3 +152,63 @@ def test_rl_sweep_and_replay_from_metrics(tmp_path):
     assert events and events[0]["step"] == 5
     assert len(O.read_alarms(tmp_path / "a.jsonl")) == len(events)
     assert O.rl_sweep_from_metrics([{"loss": 1.0}]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the collapse alarm: mode collapse (distinct-n falls) and capability loss (perplexity rises)
+
+
+def test_collapse_alarm_fires_on_diversity_collapse_once_and_logs(tmp_path):
+    from rlhfkit.eval.overopt import CollapseAlarm
+
+    alarm = CollapseAlarm(window=3, patience=2, log_path=tmp_path / "alarms.jsonl")
+    # baseline 0.40 (mean of the first 3); then windows of the last 3: 0.3867, 0.3467, 0.30 (0.75 of
+    # the baseline, below 0.8: streak 1), 0.24 (streak 2: fires), 0.20 (fired already: no second event)
+    series = [0.40, 0.42, 0.38, 0.36, 0.30, 0.24, 0.18, 0.18]
+    fired_at = [s for s, v in enumerate(series) if alarm.update(s, distinct_1=v)]
+    assert fired_at == [6]
+    (event,) = alarm.events
+    assert event["event"] == "diversity_collapse" and event["metric"] == "distinct_1"
+    assert event["baseline"] == pytest.approx(0.40, abs=1e-12)
+    assert event["value"] == pytest.approx((0.30 + 0.24 + 0.18) / 3, abs=1e-12)
+    assert event["ratio"] == pytest.approx(0.24 / 0.40, abs=1e-12) and event["step"] == 6
+    assert json.loads((tmp_path / "alarms.jsonl").read_text()) == event
+    assert not alarm.should_stop  # stop=False: it reports, the run goes on
+
+
+def test_collapse_alarm_fires_on_perplexity_blowup_against_the_first_measurement():
+    from rlhfkit.eval.overopt import CollapseAlarm
+
+    alarm = CollapseAlarm(window=10, patience=2, stop=True)
+    assert alarm.update(0, perplexity=100.0) == []          # the starting policy: the baseline
+    assert alarm.update(10, perplexity=149.0) == []         # 1.49x: within the budget
+    assert alarm.update(20, perplexity=160.0) == []         # 1.6x: streak 1
+    (event,) = alarm.update(30, perplexity=170.0)           # streak 2: fires
+    assert event["event"] == "perplexity_blowup" and event["ratio"] == pytest.approx(1.7, abs=1e-12)
+    assert alarm.should_stop
+
+
+def test_collapse_alarm_quiet_on_noise_around_a_steady_level():
+    from rlhfkit.eval.overopt import CollapseAlarm
+
+    rng = np.random.default_rng(0)
+    alarm = CollapseAlarm(window=5, patience=2)
+    for s in range(200):
+        alarm.update(s, distinct_1=0.4 + rng.normal(0, 0.03), distinct_2=0.85 + rng.normal(0, 0.03),
+                     perplexity=500 * (1 + rng.normal(0, 0.05)))
+    assert alarm.events == []
+
+
+def test_collapse_events_of_a_finished_policy():
+    from rlhfkit.eval.overopt import collapse_events, describe
+
+    sft = {"distinct_1": 0.41, "distinct_2": 0.89, "perplexity": 580.0}
+    # the collapsed demo policy's figures: every rule trips
+    collapsed = {"distinct_1": 0.19, "distinct_2": 0.57, "perplexity": {"mean": 1157.0}}
+    kinds = [(e["event"], e["metric"]) for e in collapse_events(collapsed, sft)]
+    assert kinds == [("diversity_collapse", "distinct_1"), ("diversity_collapse", "distinct_2"),
+                     ("perplexity_blowup", "perplexity")]
+    assert all(describe(e) for e in collapse_events(collapsed, sft))
+    # within 20% and 1.5x: healthy; a missing metric is not judged
+    assert collapse_events({"distinct_1": 0.33, "distinct_2": 0.72, "perplexity": 860.0}, sft) == []
+    assert collapse_events({"distinct_1": 0.1}, {"distinct_2": 0.9}) == []

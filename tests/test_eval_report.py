@@ -55,7 +55,7 @@ def test_report_escapes_model_output_and_is_self_contained(tmp_path):
 
 def test_report_sections(tmp_path):
     page = build_report(_make_run(tmp_path / "run"))
-    for heading in ("Evaluation", "Over-optimisation", "Reward-hacking alarms", "Training curves", "Samples"):
+    for heading in ("Evaluation", "Over-optimisation", "Reward-hacking and collapse alarms", "Training curves", "Samples"):
         assert heading in page
     assert "0.61" in page and "[0.55, 0.67]" in page
     assert "1 alarm(s)" in page

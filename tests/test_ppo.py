@@ -400,3 +400,33 @@ def test_offload_reference_gives_the_same_run(assets, tmp_path, recipe):
         runs.append(read_metrics(out)[0])
     for key in ("kl", "proxy_reward", "response_length"):
         assert runs[0][key] == runs[1][key], key
+
+
+def test_collapse_alarm_fires_in_a_run_that_destroys_the_policy(assets, tmp_path):
+    """A learning rate far too large wrecks the tiny policy within a few updates: held-out
+    perplexity blows up and the alarm says so (and stops the run when asked)."""
+    from rlhfkit.recipes import ppo
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("the cat sat on the mat\na kind word makes the day bright\nthe rain fell on the town\n")
+    out = tmp_path / "run"
+    ppo.main(ppo_cfg(assets, out, max_steps=8, hacking_window=3, stop_on_hacking=True, learning_rate=0.5,
+                     perplexity_data=str(text), perplexity_every=1))
+    rows = read_metrics(out)
+    events = [json.loads(x) for x in (out / "alarms.jsonl").read_text().splitlines()]
+    blowups = [e for e in events if e["event"] == "perplexity_blowup"]
+    assert blowups and blowups[0]["ratio"] > 1.5 and blowups[0]["stopped"] is True
+    assert rows[-1]["step"] == blowups[0]["step"] < 8  # stopped after the update that fired it
+    assert rows[-1]["collapse_alarm"] == 1.0 and rows[0]["heldout_perplexity"] > 0
+
+
+def test_collapse_alarm_quiet_in_a_gentle_run(assets, tmp_path):
+    from rlhfkit.recipes import ppo
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("the cat sat on the mat\na kind word makes the day bright\nthe rain fell on the town\n")
+    ppo.main(ppo_cfg(assets, tmp_path / "run", max_steps=6, hacking_window=3, learning_rate=1e-5,
+                     perplexity_data=str(text), perplexity_every=1))
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 6 and all("heldout_perplexity" in r for r in rows)
+    assert not (tmp_path / "run" / "alarms.jsonl").exists()

@@ -1,14 +1,16 @@
 """What an on-policy run logs each update: rollout statistics, per-reward curves, the share of
-groups without learning signal, sample tables, the reward-hacking alarm, and the final check
-against the starting policy with a held-out reward.
+groups without learning signal, sample tables, the reward-hacking and collapse alarms, and the
+final check against the starting policy with a held-out reward.
 
 The "eval reward" is any reward spec held out from training (the bundled task's gold panel by
 default, a held-out verifier, a second reward model); the hacking alarm watches the training
-reward rising while the eval reward falls.
+reward rising while the eval reward falls; the collapse alarm watches the rollouts' distinct-1/2
+falling and the held-out perplexity rising (mode collapse, capability loss).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhfkit.eval.metrics import diversity, perplexity
+from rlhfkit.eval.overopt import DIVERSITY_KEYS, CollapseAlarm, HackingAlarm, describe
 from rlhfkit.rollout.record import Rollout
 
 
@@ -58,6 +62,8 @@ def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Te
         "rollout_neg_logp": -masked_mean(logp, mask).item(),
     }
     out["proxy_reward"] = out["reward"]  # the name reports and the over-optimisation tools read
+    # the batch's diversity, which the collapse alarm watches (mode collapse shows here first)
+    out.update({k: v for k, v in diversity(rollout.responses).items() if k in DIVERSITY_KEYS})
     if eval_scores is not None:
         out["eval_reward"] = float(np.mean(eval_scores))
         out["gold_reward"] = out["eval_reward"]
@@ -109,35 +115,85 @@ def write_samples(output_dir: str | Path, step: int, rows: list[dict]) -> None:
             f.write(json.dumps({"step": step, **r}) + "\n")
 
 
-def make_hacking_alarm(cfg: Any, output_dir: str | Path, is_main: bool = True):
-    """The reward-hacking alarm of `rlhfkit.eval.overopt` for an on-policy run (None when off).
+@dataclasses.dataclass
+class Alarms:
+    """An on-policy run's alarms: reward hacking (proxy up, eval reward down) and collapse
+    (diversity down, held-out perplexity up); either may be off (None)."""
+
+    hacking: HackingAlarm | None
+    collapse: CollapseAlarm | None
+    perplexity_lines: list[str]
+    perplexity_every: int
+    measured: dict = dataclasses.field(default_factory=dict)  # taken at an update's start, fed with its metrics
+
+
+def perplexity_source(cfg: Any) -> str:
+    """The held-out text the collapse alarm measures perplexity on ('' = none)."""
+    if cfg.perplexity_data != "auto":
+        return cfg.perplexity_data
+    return "kindly" if str(cfg.prompts).partition(":")[0] == "kindly" else ""
+
+
+def make_hacking_alarm(cfg: Any, output_dir: str | Path, is_main: bool = True) -> Alarms:
+    """The alarms of `rlhfkit.eval.overopt` for an on-policy run (`hacking_window` 0 turns both off).
 
     Events go to `alarms.jsonl` in the run folder, where `rlhfkit report` shows them.
     """
+    from rlhfkit.eval.run_eval import load_corpus
+
     if cfg.hacking_window <= 0:
-        return None
-    from rlhfkit.eval.overopt import HackingAlarm
+        return Alarms(None, None, [], 0)
+    log = Path(output_dir) / "alarms.jsonl" if is_main else None
+    lines = load_corpus(perplexity_source(cfg), 64) if cfg.perplexity_every > 0 else []
+    return Alarms(HackingAlarm(window=cfg.hacking_window, stop=cfg.stop_on_hacking, log_path=log),
+                  CollapseAlarm(window=max(1, cfg.hacking_window // 2), stop=cfg.stop_on_hacking, log_path=log),
+                  lines, cfg.perplexity_every)
 
-    return HackingAlarm(window=cfg.hacking_window, stop=cfg.stop_on_hacking,
-                        log_path=Path(output_dir) / "alarms.jsonl" if is_main else None)
+
+@torch.no_grad()
+def measure_perplexity(alarms: Alarms, policy, tokenizer, step: int) -> None:
+    """Held-out perplexity of the policy at the start of every `perplexity_every`-th update (update
+    0 included: the starting policy's, the alarm's baseline), logged with that update's metrics as
+    `heldout_perplexity`: the collapse alarm's capability check."""
+    if not alarms.perplexity_lines or step % alarms.perplexity_every != 0:
+        return
+    from rlhfkit.rollout.forward import unwrap
+
+    model = unwrap(policy)
+    was_training = model.training
+    model.eval()
+    alarms.measured["heldout_perplexity"] = perplexity(model, tokenizer, alarms.perplexity_lines)["perplexity"]
+    model.train(was_training)
 
 
-def check_hacking(alarm, metrics: dict, step: int, accelerator) -> bool:
-    """Feed one update's training and eval reward to the alarm; True when the run should stop.
+def check_hacking(alarms: Alarms, metrics: dict, step: int, accelerator) -> bool:
+    """Feed one update's metrics to the alarms; True when the run should stop.
 
-    The alarm's slopes are added to `metrics`. Every process sees the same (process-averaged)
-    metrics, so all stop together.
+    The alarms' slopes and ratios are added to `metrics`. Every process sees the same
+    (process-averaged) metrics, so all stop together.
     """
-    if alarm is None or "eval_reward" not in metrics:
-        return False
-    event = alarm.update(step, metrics["reward"], metrics["eval_reward"])
-    metrics.update({f"hacking_{k}": v for k, v in alarm.last.items()})
-    if event is not None:
-        metrics["hacking_alarm"] = 1.0
-        accelerator.print(f"warning: reward hacking at update {step}: training reward slope "
-                          f"{event['proxy_slope']:+.4f} while eval reward slope {event['gold_slope']:+.4f} over the "
-                          f"last {alarm.window} updates" + (" - stopping" if alarm.should_stop else ""))
-    return alarm.should_stop
+    events = []
+    metrics.update(alarms.measured)
+    alarms.measured.clear()
+    if alarms.hacking is not None and "eval_reward" in metrics:
+        event = alarms.hacking.update(step, metrics["reward"], metrics["eval_reward"])
+        metrics.update({f"hacking_{k}": v for k, v in alarms.hacking.last.items()})
+        if event is not None:
+            metrics["hacking_alarm"] = 1.0
+            events.append(event)
+    if alarms.collapse is not None:
+        observed = {k: metrics[k] for k in DIVERSITY_KEYS if k in metrics}
+        if "heldout_perplexity" in metrics:
+            observed["perplexity"] = metrics["heldout_perplexity"]
+        new = alarms.collapse.update(step, **observed)
+        metrics.update({f"collapse_{k}": v for k, v in alarms.collapse.last.items()})
+        if new:
+            metrics["collapse_alarm"] = 1.0
+            events.extend(new)
+    stop = any(a is not None and a.should_stop for a in (alarms.hacking, alarms.collapse))
+    for event in events:
+        accelerator.print("warning: " + describe(event) + (" - stopping" if stop else ""))
+    return stop
 
 
 class _UnderContext(torch.nn.Module):

@@ -9,7 +9,11 @@ policy,
 
 Both are linear in (alpha, beta), so ordinary least squares fits them exactly. The proxy
 keeps rising with d while the gold turns over: that turn is reward hacking, and
-:class:`HackingAlarm` watches for it during training.
+:class:`HackingAlarm` watches for it during training. A policy can also win on the reward by
+collapsing onto a few phrasings (mode collapse) or by losing what it could do (capability
+degradation): :class:`CollapseAlarm` watches the diversity of the samples and the held-out
+perplexity during training, and :func:`collapse_events` checks a finished policy against its
+starting point with the same rules.
 
 Alarm API (usable from any training loop)::
 
@@ -241,6 +245,122 @@ class HackingAlarm:
         out = {f"alarm/{k}": v for k, v in self.last.items() if math.isfinite(v)}
         out["alarm/fired"] = len(self.events)
         return out
+
+
+# Diversity falls (distinct-n) and perplexity rises when a policy collapses; the thresholds are the
+# project's own budget for a healthy run: distinct-1 and distinct-2 within 20% of the starting
+# policy's, held-out perplexity at most 1.5 times the starting policy's.
+MAX_DIVERSITY_DROP = 0.2
+MAX_PERPLEXITY_RATIO = 1.5
+DIVERSITY_KEYS = ("distinct_1", "distinct_2")
+
+
+def _collapse_rule(key: str, value: float, baseline: float, max_diversity_drop: float,
+                   max_perplexity_ratio: float) -> dict | None:
+    """The event for one metric against its baseline, or None when it is within the budget."""
+    if not (math.isfinite(value) and math.isfinite(baseline)) or baseline <= 0:
+        return None
+    ratio = value / baseline
+    if key in DIVERSITY_KEYS and ratio < 1 - max_diversity_drop:
+        return {"event": "diversity_collapse", "metric": key, "value": value, "baseline": baseline, "ratio": ratio,
+                "limit": 1 - max_diversity_drop}
+    if key == "perplexity" and ratio > max_perplexity_ratio:
+        return {"event": "perplexity_blowup", "metric": key, "value": value, "baseline": baseline, "ratio": ratio,
+                "limit": max_perplexity_ratio}
+    return None
+
+
+def collapse_events(policy: dict, reference: dict, max_diversity_drop: float = MAX_DIVERSITY_DROP,
+                    max_perplexity_ratio: float = MAX_PERPLEXITY_RATIO) -> list[dict]:
+    """Mode collapse and capability loss of a finished policy: its distinct-1/2 and held-out
+    perplexity (plain numbers, or `rlhfkit eval`'s {"mean": ...} dicts) against the starting
+    policy's. One event per metric outside the budget; empty when the policy is healthy."""
+    def value(d: dict, key: str) -> float:
+        v = d.get(key)
+        v = v.get("mean") if isinstance(v, dict) else v
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+
+    events = []
+    for key in (*DIVERSITY_KEYS, "perplexity"):
+        event = _collapse_rule(key, value(policy, key), value(reference, key), max_diversity_drop, max_perplexity_ratio)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+class CollapseAlarm:
+    """Fires on mode collapse or capability degradation during training.
+
+    Diversity (distinct-1 and distinct-2 of every rollout batch, noisy from batch to batch) is
+    averaged over its last `window` observations and compared with the average of its first
+    `window` observations, the starting policy's. Held-out perplexity (measured on fixed text,
+    so without sampling noise) is compared as it comes with its first observation, which a
+    training loop takes before its first update. Diversity down by more
+    than `max_diversity_drop` (relative) or perplexity up by more than `max_perplexity_ratio`,
+    for `patience` consecutive observations, fires an event (appended to `log_path` as a JSON
+    line, once per metric) and, with `stop=True`, sets :attr:`should_stop`.
+    """
+
+    def __init__(self, window: int = 5, patience: int = 2, max_diversity_drop: float = MAX_DIVERSITY_DROP,
+                 max_perplexity_ratio: float = MAX_PERPLEXITY_RATIO, stop: bool = False,
+                 log_path: str | Path | None = None):
+        if window < 1 or patience < 1:
+            raise ValueError(f"CollapseAlarm window and patience must be >= 1, got {window} and {patience}")
+        self.window, self.patience, self.stop = window, patience, stop
+        self.max_diversity_drop, self.max_perplexity_ratio = max_diversity_drop, max_perplexity_ratio
+        self.log_path = Path(log_path) if log_path else None
+        self._first: dict[str, list[float]] = {}
+        self._recent: dict[str, deque] = {}
+        self._streak: dict[str, int] = {}
+        self.fired: set[str] = set()
+        self.events: list[dict] = []
+        self.should_stop = False
+        self.last: dict[str, float] = {}
+
+    def update(self, step: int, **values: float) -> list[dict]:
+        """Add this step's observations (any of distinct_1, distinct_2, perplexity); returns new events."""
+        new = []
+        for key, v in values.items():
+            if v is None or not math.isfinite(v):
+                continue
+            window = 1 if key == "perplexity" else self.window
+            first = self._first.setdefault(key, [])
+            recent = self._recent.setdefault(key, deque(maxlen=window))
+            recent.append(float(v))
+            if len(first) < window:
+                first.append(float(v))
+                continue
+            baseline, current = float(np.mean(first)), float(np.mean(recent))
+            self.last[f"{key}_ratio"] = current / baseline if baseline > 0 else math.nan
+            event = _collapse_rule(key, current, baseline, self.max_diversity_drop, self.max_perplexity_ratio)
+            self._streak[key] = self._streak.get(key, 0) + 1 if event else 0
+            if event is None or self._streak[key] < self.patience or key in self.fired:
+                continue
+            self.fired.add(key)
+            event.update(step=int(step), stopped=bool(self.stop))
+            new.append(event)
+        for event in new:
+            self.events.append(event)
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a") as f:  # append-only event log, one line per event
+                    f.write(json.dumps(event) + "\n")
+        if new and self.stop:
+            self.should_stop = True
+        return new
+
+
+def describe(event: dict) -> str:
+    """One line for a person: what an alarm event saw."""
+    if event["event"] == "reward_hacking":
+        return (f"reward hacking at update {event['step']}: training reward slope {event['proxy_slope']:+.4f} while "
+                f"the eval reward's is {event['gold_slope']:+.4f}")
+    where = f" at update {event['step']}" if "step" in event else ""
+    if event["event"] == "diversity_collapse":
+        return (f"diversity collapse{where}: {event['metric']} {event['value']:.3f} is {event['ratio']:.2f} of the "
+                f"starting policy's {event['baseline']:.3f} (limit {event['limit']:.2f})")
+    return (f"perplexity blow-up{where}: held-out perplexity {event['value']:.1f} is {event['ratio']:.2f}x the "
+            f"starting policy's {event['baseline']:.1f} (limit {event['limit']:.2f}x)")
 
 
 def read_alarms(path: str | Path) -> list[dict]:

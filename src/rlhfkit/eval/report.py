@@ -7,7 +7,7 @@ reward model (proxy)? It gathers, from RUN_DIR and every folder below it:
     results.json    `rlhfkit eval`'s metric table (gold, proxy, KL, win rates, diversity,
                     perplexity); eval.json, its former name, too
     overopt.json    gold and proxy against sqrt(KL) with Gao et al. 2022 fits
-    alarms.jsonl    reward-hacking alarms raised during training
+    alarms.jsonl    reward-hacking and collapse (diversity, perplexity) alarms
     samples.jsonl   sample tables
 
 No external asset is referenced (no scripts, fonts or stylesheets from the network), and
@@ -315,7 +315,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             parts.append(records_table(fits))
 
     alarms = [(p, _read_jsonl(p)) for p in _find(root, "alarms.jsonl")]
-    parts.append("<h2>Reward-hacking alarms</h2>")
+    parts.append("<h2>Reward-hacking and collapse alarms</h2>")
     if any(rows for _, rows in alarms):
         for p, rows in alarms:
             if rows:

@@ -287,6 +287,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     bar = tqdm(total=n_updates, initial=start, desc=cfg.advantage_estimator, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
+        monitor.measure_perplexity(alarm, policy, tok, step)  # every perplexity_every updates, from the start
         # 1. this update's prompts (a pure function of seed and step) and their extra columns
         prompts = prompt_set.select(prompts_for_step(len(prompt_set), step, cfg.prompts_per_step, cfg.seed,
                                                      acc.num_processes, acc.process_index))

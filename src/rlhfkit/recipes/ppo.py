@@ -312,6 +312,7 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     bar = tqdm(total=n_updates, initial=start, desc=NAME, disable=not (cfg.progress and acc.is_main_process))
     for step in range(start, n_updates):
         t0 = time.perf_counter()
+        monitor.measure_perplexity(alarm, policy, tok, step)  # every perplexity_every updates, from the start
         # 1. this update's prompts: a pure function of (seed, step), so resuming replays them
         prompts = prompt_set.select(prompts_for_step(len(prompt_set), step, cfg.prompts_per_step, cfg.seed,
                                                      acc.num_processes, acc.process_index))
