@@ -225,14 +225,14 @@ def test_the_served_app_ignores_x_forwarded_for_from_local_clients(db_url):
     import httpx
     import uvicorn
 
-    from rlhfkit.feedback.cli import _parser, build_app, server_config
+    from rlhfkit.feedback.cli import _parser, build_app, server_options
     from rlhfkit.feedback.testing import free_port
 
     db, _ = guard_app(db_url)
     args = _parser().parse_args(["run", "--db", db_url, "--port", str(free_port()), "--uncertainty-scorer", "none"])
     app = build_app(args)
     app.state.login_guard = LoginGuard(per_ip="3/minute", per_account="")
-    server = uvicorn.Server(server_config(args, app))
+    server = uvicorn.Server(uvicorn.Config(app, **server_options(args)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
@@ -287,3 +287,60 @@ def test_guessing_from_many_addresses_slows_the_account_down(db_url):
     assert login(owner, PASSWORD, user="ALICE2".lower()).status_code == 401  # other accounts: no delay
     assert time.perf_counter() - t0 < 0.5
     db.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# audit trail
+
+
+def browser_login(c, username, password):
+    import re
+
+    page = c.get("/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return c.post("/login", data={"username": username, "password": password, "csrf_token": csrf},
+                  follow_redirects=False)
+
+
+def audit_log(env):
+    return list(reversed(env["c"].get("/api/admin/audit?limit=1000", headers=H(env, "olga")).json()))
+
+
+def test_the_audit_log_records_tasks_imports_corrections_and_logins_with_the_client_address(env):
+    db, here = env["db"], ("198.51.100.23", 4000)
+    c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account=""), forwarded_allow_ips="10.0.0.2"),
+                   client=here)
+    r = c.post("/api/admin/tasks", headers=H(env, "adam"), json={"name": "new", "question_type": "pairwise"})
+    assert r.status_code == 201
+    task_id = r.json()["id"]
+    assert c.post(f"/api/admin/tasks/{task_id}/items", headers=H(env, "adam"),
+                  json=[{"prompt": "p", "responses": ["x", "y"]}]).status_code == 201
+    lab = label_one(env, "ann")
+    assert c.put(f"/api/labels/{lab['id']}", headers=H(env, "ann"), json={"value": {"choice": "right"}}).status_code == 200
+    assert c.post("/api/login", json={"username": "ann", "password": "not the password"}).status_code == 401
+    assert c.post("/api/login", json={"username": "nobody", "password": "not the password"}).status_code == 401
+    assert c.post("/api/login", json={"username": "ann", "password": PASSWORD}).status_code == 200
+    assert browser_login(c, "ben", "not the password").status_code == 401
+    assert browser_login(c, "ben", PASSWORD).status_code == 303
+    proxied = TestClient(c.app, client=("10.0.0.2", 4000))
+    assert proxied.post("/api/login", json={"username": "ben", "password": PASSWORD},
+                        headers={"X-Forwarded-For": "192.0.2.8"}).status_code == 200
+    got = [(e["actor"], e["action"], e["target"], e["detail"].get("via"), e["client"]) for e in audit_log(env)
+           if e["action"] in ("task.create", "task.import", "label.correct", "login.ok", "login.failed")
+           and e["client"] is not None]  # the fixture's own task and import came from no client
+    addr = here[0]
+    assert got == [
+        ("adam", "task.create", "new", None, addr), ("adam", "task.import", "new", None, addr),
+        ("ann", "label.correct", str(lab["id"]), None, addr),
+        ("ann", "login.failed", "ann", "api", addr), (None, "login.failed", "nobody", "api", addr),
+        ("ann", "login.ok", "ann", "api", addr), ("ben", "login.failed", "ben", "browser", addr),
+        ("ben", "login.ok", "ben", "browser", addr), ("ben", "login.ok", "ben", "api", "192.0.2.8")]
+    c.close()
+    proxied.close()
+
+
+def test_account_events_carry_the_client_address(env):
+    c = TestClient(env["c"].app, client=("198.51.100.5", 4000))
+    assert c.post("/api/admin/users/ben/disable", headers=H(env, "adam")).status_code == 200
+    event = audit_log(env)[-1]
+    assert (event["action"], event["client"]) == ("user.disable", "198.51.100.5")

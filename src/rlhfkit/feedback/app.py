@@ -40,7 +40,7 @@ from rlhfkit.errors import DataError
 from rlhfkit.feedback import accounts
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
-from rlhfkit.feedback.guard import BodyLimit, LoginGuard, SecurityHeaders, TooManyAttempts
+from rlhfkit.feedback.guard import BodyLimit, ClientAddress, LoginGuard, SecurityHeaders, TooManyAttempts
 from rlhfkit.feedback.models import (
     ApiToken,
     AuditEvent,
@@ -64,6 +64,7 @@ from rlhfkit.feedback.schemas import (
     TaskBody,
     TokenBody,
     UserBody,
+    name_problem,
     text_problem,
 )
 from rlhfkit.feedback.security import (
@@ -245,10 +246,11 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
                        larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
     # security headers outside Starlette's error middleware, so 500 pages carry them too
     build = app.build_middleware_stack
-    if forwarded_allow_ips:
-        app.build_middleware_stack = lambda: SecurityHeaders(ProxyHeadersMiddleware(build(), forwarded_allow_ips))
-    else:
-        app.build_middleware_stack = lambda: SecurityHeaders(build())
+
+    def stack():
+        inner = ClientAddress(build(), svc.CLIENT_ADDRESS)
+        return SecurityHeaders(ProxyHeadersMiddleware(inner, forwarded_allow_ips) if forwarded_allow_ips else inner)
+    app.build_middleware_stack = stack
     app.state.scorer = scorer
     app.state.rng = random.Random()
     app.state.rng_lock = threading.Lock()
@@ -367,27 +369,35 @@ def client_host(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def _lookup_and_verify(db: Database, username: str, password: str) -> User | None:
-    """The user when `password` is theirs, else None; always one Argon2 check (dummy hash for
-    unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
+def _lookup_and_verify(db: Database, username: str, password: str) -> tuple[User | None, bool]:
+    """(the account named, whether `password` is theirs); always one Argon2 check (dummy hash
+    for unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
     user = None
     if not text_problem(password):
         with db.read_session() as s:  # verify outside the write lock: Argon2 is slow
             user = svc.find_user(s, username)
     stored = user.password_hash if user is not None and user.active else None
-    return user if verify_password(stored, password) else None
+    return user, verify_password(stored, password)
+
+
+def _audit_login(db: Database, username: str, user: User | None, ok: bool, via: str) -> None:
+    """Record a login attempt, failed or not (the client address comes with every event)."""
+    with db.session() as s:
+        target = user.username if user is not None else ("?" if name_problem(username) else username)
+        svc.audit(s, user, "login.ok" if ok else "login.failed", target, via=via)
 
 
 def login_checker(app: FastAPI, db: Database):
-    async def check_login(request: Request, username: str, password: str) -> User | None:
+    async def check_login(request: Request, username: str, password: str, via: str) -> User | None:
         guard: LoginGuard = app.state.login_guard
         account = svc.username_key(username)[:64] if not text_problem(username) else "?"
         ip = client_host(request)
         await guard.admit(ip, account)
-        user = await guard.run(_lookup_and_verify, db, username, password)
-        if user is None:
+        user, ok = await guard.run(_lookup_and_verify, db, username, password)
+        if not ok:
             guard.failed(account, ip)
-        return user
+        await run_in_threadpool(_audit_login, db, username, user, ok, via)
+        return user if ok else None
     return check_login
 
 
@@ -396,7 +406,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
 
     @app.post("/api/login")
     async def api_login(body: LoginBody, request: Request):
-        user = await check_login(request, body.username, body.password)
+        user = await check_login(request, body.username, body.password, "api")
         if user is None:
             raise AuthError(401, "wrong username or password")
         token = await run_in_threadpool(_new_token, user.id, body.token_name)
@@ -662,7 +672,7 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
             rows = s.execute(select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.actor_id)
                              .order_by(AuditEvent.id.desc()).limit(limit))
             return [{"id": e.id, "at": e.at.isoformat() + "Z", "actor": name, "action": e.action, "target": e.target,
-                     "detail": e.detail} for e, name in rows]
+                     "detail": e.detail, "client": e.client} for e, name in rows]
 
     @app.post("/api/admin/tasks/{task_id}/members", status_code=201, dependencies=auth)
     def add_member(task_id: PathId, body: MemberBody, request: Request):
@@ -693,15 +703,16 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
     @app.post("/api/admin/tasks", status_code=201, dependencies=auth)
     def new_task(body: TaskBody, request: Request):
         with db.session() as s:
-            admin(request, s, write=True)
-            task = svc.create_task(s, **body.model_dump())
+            actor = admin(request, s, write=True)
+            task = svc.create_task(s, **body.model_dump(), actor=actor)
             return {"id": task.id, "name": task.name}
 
     @app.post("/api/admin/tasks/{task_id}/items", status_code=201, dependencies=auth)
     def add_items(task_id: PathId, records: list[Any], request: Request):
         with db.session() as s:
-            admin(request, s, write=True)
-            return {"imported": svc.import_records(s, _task(s, task_id), records, source="request body")}
+            actor = admin(request, s, write=True)
+            return {"imported": svc.import_records(s, _task(s, task_id), records, source="request body",
+                                                   actor=actor)}
 
     @app.get("/api/admin/tasks/{task_id}/labels", dependencies=auth)
     def all_labels(task_id: PathId, request: Request):
@@ -798,7 +809,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
         if not same(form.get("csrf_token"), request.cookies.get(PRELOGIN_COOKIE)):
             raise AuthError(403, "missing or wrong CSRF token; reload the login page")
         username, password = str(form.get("username", ""))[:64], str(form.get("password", ""))[:1024]
-        user = await check_login(request, username, password)  # Argon2 runs in its own bounded pool
+        user = await check_login(request, username, password, "browser")  # Argon2 in its own bounded pool
         return await run_in_threadpool(_login_done, request, user)
 
     def _login_done(request: Request, user: User | None):

@@ -193,14 +193,12 @@ def build_app(args):
                       secure_cookies=args.secure_cookies, forwarded_allow_ips=args.forwarded_allow_ips)
 
 
-def server_config(args, app):
+def server_options(args) -> dict:
     """uvicorn's settings for `serve run`. Proxy headers are the app's business (it trusts them
     only from --forwarded-allow-ips): uvicorn's own handling, on by default, trusts
     X-Forwarded-For from 127.0.0.1, so any local client could claim any address."""
-    import uvicorn
-
-    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                          timeout_keep_alive=args.keep_alive, proxy_headers=False)
+    return {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
+            "timeout_keep_alive": args.keep_alive, "proxy_headers": False}
 
 
 def _run(args) -> int:
@@ -208,7 +206,7 @@ def _run(args) -> int:
 
     app = build_app(args)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
-    uvicorn.Server(server_config(args, app)).run()
+    uvicorn.run(app, **server_options(args))
     return 0
 
 
@@ -248,7 +246,7 @@ def _get_or_create_task(s, args):
         task = svc.create_task(s, args.task, args.question_type, overlap=args.overlap, instructions=args.instructions,
                                rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
                                randomize_order=not args.no_randomize, selection=args.selection,
-                               gold_rate=args.gold_rate)
+                               gold_rate=args.gold_rate, via="cli")
     elif task.question_type != args.question_type:
         raise ValueError(f"task {args.task!r} exists with type {task.question_type}, not {args.question_type}")
     return task
@@ -261,7 +259,7 @@ def _import(args) -> int:
     db = _db(args)
     with db.session() as s:
         task = _get_or_create_task(s, args)
-        n = svc.import_records(s, task, records, source=args.file)
+        n = svc.import_records(s, task, records, source=args.file, via="cli")
     print(f"imported {n} items into task {args.task!r}")
     return 0
 
@@ -275,7 +273,7 @@ def _sample(args) -> int:
     db = _db(args)
     with db.session() as s:
         task = _get_or_create_task(s, args)
-        n = svc.import_records(s, task, records, source=args.prompts)
+        n = svc.import_records(s, task, records, source=args.prompts, via="cli")
     print(f"sampled and imported {n} items into task {args.task!r}")
     return 0
 

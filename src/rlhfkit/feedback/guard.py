@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from limits import RateLimitItem, parse_many
@@ -180,6 +181,22 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ClientAddress:
+    """Make the request's client address (after any trusted proxy rewrote it) what audit events
+    record, for the duration of the request (a context variable, copied into worker threads)."""
+
+    def __init__(self, app: ASGIApp, var: ContextVar[str | None]):
+        self.app, self.var = app, var
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        token = self.var.set(client[0] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.var.reset(token)
 
 
 class SecurityHeaders:

@@ -201,3 +201,5 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32), nullable=False)
     target: Mapped[str] = mapped_column(String(128), nullable=False, default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    # the request's client address (after the trusted-proxy rule); None from the CLI
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)

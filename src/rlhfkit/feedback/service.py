@@ -25,6 +25,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,6 +85,11 @@ RELEASE_BATCH = 64  # expired assignments given back per /next (the rest on the 
 PAIR_CHOICES = {"left": 0, "right": 1}
 
 
+# the client address of the request being served, set by the app's ClientAddress middleware and
+# stored with every audit event; None outside a request (the CLI)
+CLIENT_ADDRESS: ContextVar[str | None] = ContextVar("rlhfkit_client_address", default=None)
+
+
 class InvalidAnswer(ValueError):
     """A submitted answer does not fit the question; `field` names the offending part."""
 
@@ -132,7 +138,9 @@ def check_password_policy(password: str, username: str = "") -> None:
 
 
 def audit(s: Session, actor: User | None, action: str, target: str = "", **detail: Any) -> None:
-    s.add(AuditEvent(actor_id=actor.id if actor else None, action=action, target=target[:128], detail=detail))
+    client = CLIENT_ADDRESS.get()
+    s.add(AuditEvent(actor_id=actor.id if actor else None, action=action, target=target[:128], detail=detail,
+                     client=None if client is None else client[:64]))
 
 
 def create_user(s: Session, username: str, password: str, role: str = "annotator",
@@ -155,7 +163,8 @@ def create_user(s: Session, username: str, password: str, role: str = "annotator
 
 def create_task(s: Session, name: str, question_type: str, overlap: int = 1, instructions: str = "",
                 rubric: Sequence[str] | None = None, likert_points: int = 5, randomize_order: bool = True,
-                selection: str = "random", gold_rate: float = 0.1, open_to_all: bool = True) -> Task:
+                selection: str = "random", gold_rate: float = 0.1, open_to_all: bool = True,
+                actor: User | None = None, **audit_detail: Any) -> Task:
     if question_type not in QUESTION_TYPES:
         raise InvalidAnswer("question_type", f"must be one of {QUESTION_TYPES}")
     if selection not in SELECTIONS:
@@ -183,6 +192,7 @@ def create_task(s: Session, name: str, question_type: str, overlap: int = 1, ins
                 gold_rate=gold_rate, open_to_all=open_to_all)
     s.add(task)
     s.flush()
+    audit(s, actor, "task.create", name, question_type=question_type, open_to_all=open_to_all, **audit_detail)
     return task
 
 
@@ -253,11 +263,14 @@ def item_from_record(task: Task, rec: Any, source: str = "<records>", line: int 
     return item
 
 
-def import_records(s: Session, task: Task, records: Iterable[Any], source: str = "<records>") -> int:
+def import_records(s: Session, task: Task, records: Iterable[Any], source: str = "<records>",
+                   actor: User | None = None, **audit_detail: Any) -> int:
     """Add items from import records (all or nothing: any bad record raises DataError)."""
     items = [item_from_record(task, rec, source, i + 1) for i, rec in enumerate(records)]
     s.add_all(items)
     s.flush()
+    audit(s, actor, "task.import", task.name, items=len(items), gold=sum(it.is_gold for it in items),
+          source=source[-128:], **audit_detail)
     return len(items)
 
 
@@ -667,6 +680,7 @@ def correct_label(s: Session, label: Label, user: User, raw: Any) -> Label:
     value = canonical_answer(task, item.responses, raw, label.display_order)
     s.add(LabelVersion(label_id=label.id, version=label.version, value=label.value, created_at=utcnow()))
     label.value, label.version = value, label.version + 1
+    audit(s, user, "label.correct", str(label.id), version=label.version)
     s.flush()
     return label
 
