@@ -134,6 +134,7 @@ def _sft_adapter(arch, root) -> tuple[str, str]:
 def test_an_adapter_folder_as_policy_loads_base_and_adapter(arch, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
+    from rlhfkit.errors import ConfigError
     from rlhfkit.models import load_policy
     from rlhfkit.recipes import sft
 
@@ -150,6 +151,9 @@ def test_an_adapter_folder_as_policy_loads_base_and_adapter(arch, tmp_path):
         res = sft.main(sft.Config(model=adapter, dataset=data, output_dir=str(tmp_path / f"more-{lora}"), max_steps=1,
                                   per_device_train_batch_size=4, **FAST, **(dict(use_lora=True, lora_r=4) if lora else {})))
         assert res["steps"] == 1 and np.isfinite(res["loss"])
+    with pytest.raises(ConfigError, match="merge_lora"):  # a second adapter would not carry the first
+        sft.main(sft.Config(model=adapter, dataset=data, output_dir=str(tmp_path / "unmerged"), max_steps=1,
+                            per_device_train_batch_size=4, use_lora=True, merge_lora=False, **FAST))
 
 
 @pytest.mark.parametrize("arch", ARCHS_MORE)
