@@ -204,3 +204,13 @@ def test_ppo_critic_starts_from_a_reward_adapter(tmp_path):
     critic = load_value_model(adapter, tok)
     head = RewardScorer(adapter).members[0].model.score.weight
     torch.testing.assert_close(critic.model.score.weight, head)
+
+
+def test_an_adapter_saved_without_tokenizer_uses_its_base_tokenizer(tmp_path):
+    """peft's own save_pretrained writes no tokenizer: the base's is the adapter's."""
+    from rlhfkit.models import load_tokenizer
+
+    base, adapter = _sft_adapter("llama", tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (tmp_path / "sft" / "final" / name).unlink(missing_ok=True)
+    assert load_tokenizer(adapter).get_vocab() == load_tokenizer(base).get_vocab()

@@ -135,6 +135,8 @@ def load_tokenizer(path: str, padding_side: str = "right", distinct_pad: bool = 
         if isinstance(path, torch.nn.Module):  # given in Python: its tokenizer is in its folder, as in TRL
             path = _folder_of(path)
         resolved = resolve_path(path)
+        if adapter_base(resolved) and not (Path(resolved) / "tokenizer_config.json").is_file():
+            resolved = resolve_path(adapter_base(resolved))  # a peft adapter saved without one: its base's
         try:
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(resolved)
