@@ -304,8 +304,7 @@ class RewardScorer:
             model = load_reward_model(str(p), dtype=dtype, num_labels=_saved_num_labels(p))
             self.members.append(LastTokenReward(model).to(device).eval())
             self.stats.append(read_stats(p, model.config) if normalize else None)
-            has_tok = (p / "tokenizer_config.json").is_file() or base is None
-            self.tokenizers.append(load_tokenizer(str(p) if has_tok else base))
+            self.tokenizers.append(load_tokenizer(str(p)))  # an adapter without one: its base's
         self.truncated = 0
 
     @property
