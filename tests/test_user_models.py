@@ -159,7 +159,8 @@ def test_an_adapter_folder_as_policy_loads_base_and_adapter(arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS_MORE)
 def test_more_architectures_through_sft_reward_dpo_and_grpo(arch, tmp_path):
     """Each added architecture once through the main recipes (the matrix of tests/test_arch_matrix.py
-    runs ARCHS only, with and without LoRA, to keep its time)."""
+    runs ARCHS only, with and without LoRA, to keep its time); GRPO scores with the reward model
+    saved as a LoRA adapter (rm:ADAPTER)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.recipes import dpo, grpo, reward, sft
@@ -176,7 +177,8 @@ def test_more_architectures_through_sft_reward_dpo_and_grpo(arch, tmp_path):
         AutoTokenizer.from_pretrained(policy))
     prefs = _write(tmp_path / "prefs.jsonl", PREFS)
     reward.main(reward.Config(model=str(policy), dataset=prefs, output_dir=str(tmp_path / "rm"), max_steps=2,
-                              per_device_train_batch_size=4, eval_fraction=0.0, **FAST), printer=lambda m: None)
+                              per_device_train_batch_size=4, eval_fraction=0.0, use_lora=True, lora_r=4,
+                              merge_lora=False, **FAST), printer=lambda m: None)  # rm: an adapter, below
     res = dpo.main(dpo.Config(model=str(policy), dataset=prefs, output_dir=str(tmp_path / "dpo"), max_steps=2,
                               per_device_train_batch_size=4, ref_cache_dir=str(tmp_path / "cache"), **FAST))
     assert res["steps"] == 2 and np.isfinite(res["loss"])
