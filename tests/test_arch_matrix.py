@@ -6,7 +6,8 @@ sft, reward, dpo, ppo, grpo, best-of-n and eval for a step or two, with and with
 Checks: pad/EOS handled, no position past the model's table, every checkpoint reloads in
 plain transformers (reward models with rlhfkit's scores), the chat template is saved with
 models trained on conversations. The on-policy cells call `main(Config(...))` with only a few
-fields so they follow those recipes' public entry points.
+fields so they follow those recipes' public entry points. The architectures of ARCHS_MORE
+(Qwen3, Phi-3, OLMo2, GPT-NeoX) get the LoRA check here and lighter runs in test_user_models.py.
 """
 
 from __future__ import annotations
