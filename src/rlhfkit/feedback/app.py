@@ -614,7 +614,8 @@ def _admin_api_routes(app, db, templates, rng, secure, auth):
         with db.session() as s:
             actor = admin(request, s, write=True)
             may_manage(actor, body.role)
-            return user_row(svc.create_user(s, body.username, body.password, body.role, actor=actor))
+            return user_row(svc.create_user(s, body.username, body.password, body.role, actor=actor,
+                                            reveal_lookalike=True))  # only admins reach this route
 
     @app.get("/api/admin/users", dependencies=auth)
     def list_users(request: Request):

@@ -226,7 +226,7 @@ def _create_user(args) -> int:
     password = os.environ.get(args.password_env, "") if args.password_env else getpass.getpass("password: ")
     db = _db(args)
     with db.session() as s:
-        user = svc.create_user(s, args.username, password, args.role)
+        user = svc.create_user(s, args.username, password, args.role, reveal_lookalike=True)
         days = None if user.role == "owner" else accounts.MAX_TOKEN_DAYS
         token = create_api_token(s, user, "cli", days) if args.token else None
     print(f"created {args.role} {args.username!r}")

@@ -46,11 +46,15 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
-    __table_args__ = (UniqueConstraint("username_key", name="uq_users_username_key"),)
+    __table_args__ = (UniqueConstraint("username_key", name="uq_users_username_key"),
+                      UniqueConstraint("lookalike_key", name="uq_users_lookalike_key"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     # NFKC + case folding of the name: 'Admin' and full-width 'ａｄｍｉｎ' are one account
     username_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    # equal for names that look alike (Cyrillic 'а' and Latin 'a', 'ı' and 'i': names.py); NULL
+    # only for accounts that already looked like an older one when the column was added
+    lookalike_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="annotator")
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)

@@ -64,6 +64,7 @@ from rlhfkit.feedback.models import (
     User,
     utcnow,
 )
+from rlhfkit.feedback.names import lookalike_key
 from rlhfkit.feedback.schemas import (
     ANSWER,
     MAX_RESPONSES,
@@ -144,19 +145,33 @@ def audit(s: Session, actor: User | None, action: str, target: str = "", **detai
 
 
 def create_user(s: Session, username: str, password: str, role: str = "annotator",
-                actor: User | None = None) -> User:
+                actor: User | None = None, reveal_lookalike: bool = False) -> User:
+    """Add an account. A name that looks like an existing one (`names.lookalike_key`) is refused:
+    with `reveal_lookalike` (the caller is an admin) naming that account, else only as "not
+    available", so the refusal does not tell who has an account."""
     if role not in ROLES:
         raise InvalidAnswer("role", f"must be one of {ROLES}")
     if not isinstance(username, str) or not username or len(username) > 64 or name_problem(username) or \
             not username.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise InvalidAnswer("username", "1-64 letters, digits, '.', '-' or '_'")
-    if find_user(s, username) is not None:
+    same = find_user(s, username)
+    if same is not None and same.username == username:
         raise Conflict(f"user {username!r} already exists")
+    key = lookalike_key(username)
+    if len(key) > 255:
+        raise InvalidAnswer("username", "too long once normalised; choose a shorter name")
+    twin = same.username if same is not None else s.scalar(select(User.username).where(User.lookalike_key == key))
+    if twin is not None:
+        raise Conflict(f"user name {username!r} is not available: it looks like the existing account {twin!r}"
+                       if reveal_lookalike else f"user name {username!r} is not available; choose another")
     check_password_policy(password, username)
-    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password),
-                role=role)
+    user = User(username=username, username_key=username_key(username), lookalike_key=key,
+                password_hash=hash_password(password), role=role)
     s.add(user)
-    s.flush()
+    try:
+        s.flush()
+    except IntegrityError:  # a concurrent request created the same or a look-alike name
+        raise Conflict(f"user name {username!r} is not available; choose another") from None
     audit(s, actor, "user.create", username, role=role)
     return user
 
