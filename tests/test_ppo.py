@@ -359,8 +359,10 @@ def _printed_estimate(text: str) -> dict[str, float]:
 def test_ppo_prints_a_memory_estimate_matching_a_hand_count(assets, tmp_path, capsys):
     from rlhfkit.recipes import ppo
 
-    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, num_ppo_epochs=1, num_mini_batches=1, eval_reward="none"))
+    ppo.main(ppo_cfg(assets, tmp_path, max_steps=1, num_ppo_epochs=1, num_mini_batches=1, eval_reward="none",
+                     verbose=True))
     got = _printed_estimate(capsys.readouterr().out)
+    assert got == _printed_estimate((tmp_path / "memory.txt").read_text())
     tok = tiny_tokenizer()
     V, h, L, ffn, heads, d = len(tok), 32, 2, 64, 4, 8
     layer = 4 * h * h + 3 * h * ffn + 2 * h  # q, k, v, o; gate, up, down; two norms

@@ -125,6 +125,8 @@ class TrainArgs:
     """Metric sinks (accelerate trackers), comma separated: jsonl, csv, tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow, all, or none."""
     progress: bool = True
     """Show a progress bar."""
+    verbose: bool = False
+    """Print the full memory estimate table (one line otherwise; the table is always in output_dir/memory.txt)."""
 
     @property
     def mixed_precision(self) -> str:

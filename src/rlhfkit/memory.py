@@ -26,9 +26,11 @@ move it by tens of percent, so the estimate is a guide, and the refusal leaves 1
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.runs import atomic_write_text
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -91,6 +93,20 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return sum(dataclasses.astuple(self))
+
+    def summary(self, capacity: int | None = None, table_file: Path | None = None) -> str:
+        """One line: the total, the largest term, the free memory and where the full table is."""
+        rows = {f.name.replace("_", " "): getattr(self, f.name) for f in dataclasses.fields(self)}
+        largest = max(rows, key=rows.get)
+        free = f", {size(capacity).strip()} free" if capacity else ""
+        where = f"; table in {table_file}" if table_file else ""
+        return (f"memory estimate per device: {size(self.total).strip()} (largest: {largest} "
+                f"{size(rows[largest]).strip()}{free}){where} (--verbose true prints it)")
+
+    def breakdown(self) -> str:
+        """Every term on one line (for an error message)."""
+        return ", ".join(f"{f.name.replace('_', ' ')} {size(getattr(self, f.name)).strip()}"
+                         for f in dataclasses.fields(self))
 
     def table(self, capacity: int | None = None) -> str:
         rows = [(f.name.replace("_", " "), getattr(self, f.name)) for f in dataclasses.fields(self)]
@@ -174,14 +190,18 @@ def check_fits(est: MemoryEstimate, capacity: int | None, headroom: float = 0.9,
     tips = advice(est, **advice_kwargs)
     raise ConfigError(
         f"this run needs about {est.total / GiB:.1f} GiB per device and {capacity / GiB:.1f} GiB is free "
-        f"({est.table()}). To make it fit: " + "; ".join(tips)
+        f"({est.breakdown()}). To make it fit: " + "; ".join(tips)
     )
 
 
 def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0, rollout_len: int = 0,
            frozen_params: int = 0, shards: int = 1, printer=print, outputs: int | None = None,
-           frozen_bytes: int = 0, extra: MemoryEstimate | None = None) -> MemoryEstimate:
+           frozen_bytes: int = 0, extra: MemoryEstimate | None = None,
+           table_file: Path | None = None) -> MemoryEstimate:
     """Estimate for a loaded model and a recipe config; print it and refuse a run that cannot fit.
+
+    The full table goes to `table_file` (the run folder's memory.txt) and, with the config's
+    `verbose`, to the printer; otherwise one line does.
 
     Reads optional config fields by name (gradient_checkpointing, attn_implementation, optim,
     mixed_precision, use_lora), so it works with every recipe's config. `outputs` replaces the
@@ -207,7 +227,9 @@ def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0,
     if extra is not None:
         est = MemoryEstimate(*(a + b for a, b in zip(dataclasses.astuple(est), dataclasses.astuple(extra))))
     capacity = device_capacity()
-    printer(est.table(capacity))
+    if table_file is not None:
+        atomic_write_text(table_file, est.table(capacity) + "\n")
+    printer(est.table(capacity) if getattr(cfg, "verbose", False) else est.summary(capacity, table_file))
     check_fits(est, capacity, gradient_checkpointing=gc, optimizer=optim,
                use_lora=bool(getattr(cfg, "use_lora", False)), batch=batch, shards=shards)
     return est
@@ -218,7 +240,14 @@ def report_for_run(accelerator, model, cfg: Any, *, batch: int, seq_len: int, **
     from rlhfkit.sharding import is_sharded
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
-    return report(model, cfg, batch=batch, seq_len=seq_len, shards=shards, printer=accelerator.print, **kwargs)
+    return report(model, cfg, batch=batch, seq_len=seq_len, shards=shards, printer=accelerator.print,
+                  table_file=table_file(accelerator, cfg), **kwargs)
+
+
+def table_file(accelerator, cfg: Any) -> Path | None:
+    """The run folder's memory.txt, written by the main process."""
+    out = getattr(cfg, "output_dir", None)
+    return Path(out) / "memory.txt" if out and accelerator.is_main_process else None
 
 
 def modules_in(*objects: Any, depth: int = 8) -> list:
@@ -290,4 +319,5 @@ def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), criti
         extra = report(inner, cfg, batch=cfg.per_device_train_batch_size, seq_len=seq, shards=shards,
                        printer=lambda _: None, outputs=1)
     return report(policy, cfg, batch=cfg.per_device_train_batch_size, seq_len=seq, rollout_batch=rollout,
-                  rollout_len=seq, shards=shards, printer=accelerator.print, frozen_bytes=frozen_bytes, extra=extra)
+                  rollout_len=seq, shards=shards, printer=accelerator.print, frozen_bytes=frozen_bytes, extra=extra,
+                  table_file=table_file(accelerator, cfg))
