@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.cli import cli
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
-from rlhfkit.feedback.models import User
+from rlhfkit.feedback.models import ApiToken, User
 from rlhfkit.feedback.names import lookalike_key
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
 
@@ -89,12 +89,16 @@ def test_migration_0005_keys_existing_accounts_and_keeps_older_lookalikes(db_url
         for i, name in ((1, "adam"), (2, "\u0430dam"), (3, "ann")):
             conn.execute(text("INSERT INTO users (id, username, username_key, password_hash, role, active, created_at) "
                               "VALUES (:i, :n, :n, 'x', 'annotator', true, CURRENT_TIMESTAMP)"), {"i": i, "n": name})
+            conn.execute(text("INSERT INTO api_tokens (user_id, token_hash, name, revoked, created_at) "
+                              "VALUES (:i, :h, 'cli', false, CURRENT_TIMESTAMP)"), {"i": i, "h": f"h{i}"})
     db.dispose()
     upgrade(db_url)
     db = Database(db_url, pool_size=1)
     with db.session() as s:
         keys = dict(s.execute(select(User.username, User.lookalike_key)).all())
         assert keys == {"adam": lookalike_key("adam"), "\u0430dam": None, "ann": lookalike_key("ann")}
+        # rows referring to the users survive (a table rebuild on SQLite would cascade-delete them)
+        assert s.scalar(select(func.count()).select_from(ApiToken)) == 3
         with pytest.raises(svc.Conflict):
             svc.create_user(s, "\u0391dam", PASSWORD)
     db.dispose()

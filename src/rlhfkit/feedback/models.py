@@ -47,7 +47,7 @@ class Base(DeclarativeBase):
 class User(Base):
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("username_key", name="uq_users_username_key"),
-                      UniqueConstraint("lookalike_key", name="uq_users_lookalike_key"))
+                      Index("uq_users_lookalike_key", "lookalike_key", unique=True))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     # NFKC + case folding of the name: 'Admin' and full-width 'ａｄｍｉｎ' are one account

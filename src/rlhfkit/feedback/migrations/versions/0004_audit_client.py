@@ -16,8 +16,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("audit_events") as b:
-        b.add_column(sa.Column("client", sa.String(64), nullable=True))
+    op.add_column("audit_events", sa.Column("client", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:

@@ -21,9 +21,13 @@ branch_labels = None
 depends_on = None
 
 
+# A unique index rather than a constraint, and no batch mode: on SQLite, adding a constraint
+# rebuilds the table, and dropping the old `users` with foreign keys on would cascade to every
+# row that refers to a user (assignments, labels, tokens).
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("users") as b:
-        b.add_column(sa.Column("lookalike_key", sa.String(255), nullable=True))
+    op.add_column("users", sa.Column("lookalike_key", sa.String(255), nullable=True))
     conn = op.get_bind()
     taken: set[str] = set()
     for uid, name in conn.execute(sa.text("SELECT id, username FROM users ORDER BY id")).all():
@@ -32,11 +36,9 @@ def upgrade() -> None:
             continue
         taken.add(key)
         conn.execute(sa.text("UPDATE users SET lookalike_key = :k WHERE id = :i"), {"k": key, "i": uid})
-    with op.batch_alter_table("users") as b:
-        b.create_unique_constraint("uq_users_lookalike_key", ["lookalike_key"])
+    op.create_index("uq_users_lookalike_key", "users", ["lookalike_key"], unique=True)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("users") as b:
-        b.drop_constraint("uq_users_lookalike_key", type_="unique")
-        b.drop_column("lookalike_key")
+    op.drop_index("uq_users_lookalike_key", table_name="users")
+    op.drop_column("users", "lookalike_key")
