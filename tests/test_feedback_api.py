@@ -69,7 +69,7 @@ def test_migrations_match_models(db_url):
     from rlhfkit.feedback.models import Base
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0005"
+    assert current_revision(db_url) == "0006"
     db = Database(db_url, pool_size=1)
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

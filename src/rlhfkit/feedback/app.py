@@ -61,6 +61,7 @@ from rlhfkit.feedback.schemas import (
     PasswordBody,
     ReviewBody,
     RoleBody,
+    SkipBody,
     TaskBody,
     TokenBody,
     UserBody,
@@ -352,6 +353,7 @@ def label_payload(label: Label) -> dict:
     return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
             "display_order": label.display_order, "duration_ms": label.duration_ms,
             "created_at": label.created_at.isoformat() + "Z", "version": label.version,
+            "strength": label.strength, "comment": label.comment,
             "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
@@ -529,7 +531,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
                 task = visible_task(s, task_id, user, app.state.tasks)
                 try:
                     label, replay = svc.submit_label_autocommit(s, task, user, body.item_id, body.value,
-                                                                body.idempotency_key)
+                                                                body.idempotency_key, body.strength, body.comment)
                     return JSONResponse({**label_payload(label), "replayed": replay},
                                         status_code=200 if replay else 201)
                 except svc.NeedsTransaction:
@@ -539,10 +541,18 @@ def _api_routes(app, db, templates, rng, secure, auth):
             check_csrf(request, csrf)
             task = visible_task(s, task_id, user, app.state.tasks)
             label, replay = svc.submit_label(s, task, user, body.item_id, body.value, body.idempotency_key,
-                                             body.duration_ms)
+                                             body.duration_ms, body.strength, body.comment)
             s.commit()  # durable before we acknowledge
             out = label_payload(label)
         return JSONResponse({**out, "replayed": replay}, status_code=200 if replay else 201)
+
+    @app.post("/api/tasks/{task_id}/skip", dependencies=auth)
+    def skip(task_id: PathId, body: SkipBody, request: Request):
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            check_csrf(request, csrf)
+            svc.skip_item(s, visible_task(s, task_id, user, app.state.tasks), user, body.item_id)
+            return {"skipped": body.item_id}
 
     @app.get("/api/labels/mine", dependencies=auth)
     def my_labels(request: Request, task_id: QueryId = None):
@@ -571,7 +581,7 @@ def _api_routes(app, db, templates, rng, secure, auth):
             label = s.get(Label, label_id)
             if label is None:
                 raise LookupError(f"label {label_id} not found")
-            return label_payload(svc.correct_label(s, label, user, body.value))
+            return label_payload(svc.correct_label(s, label, user, body.value, body.strength, body.comment))
 
     @app.get("/api/labels/{label_id}/versions", dependencies=auth)
     def versions(label_id: PathId, request: Request):

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import qc
-from rlhfkit.feedback.models import Item, Label, Task, User
+from rlhfkit.feedback.models import STRENGTHS, Item, Label, Task, User
 
 KINDS = {
     "preferences": ("pairwise", "ranking", "edit"),
@@ -52,14 +52,31 @@ def is_accepted(label: Label) -> bool:
 
 
 def _rows(s: Session, task: Task, only_accepted: bool = False
-          ) -> tuple[list[qc.LabelRow], dict[int, qc.ItemRow], dict[int, Item]]:
+          ) -> tuple[list[qc.LabelRow], dict[int, qc.ItemRow], dict[int, Item], dict[int, dict]]:
+    """Labels (as QC rows), items, and each label row's strength and comment by `id()` of the row."""
     items = {it.id: it for it in s.scalars(select(Item).where(Item.task_id == task.id))}
-    labels = [qc.LabelRow(name, lab.item_id, lab.value, lab.display_order, lab.duration_ms)
-              for lab, name in s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
-                                         .where(Label.task_id == task.id).order_by(Label.id))
-              if not only_accepted or is_accepted(lab)]
+    labels, extras = [], {}
+    for lab, name in s.execute(select(Label, User.username).join(User, User.id == Label.user_id)
+                               .where(Label.task_id == task.id).order_by(Label.id)):
+        if not only_accepted or is_accepted(lab):
+            labels.append(qc.LabelRow(name, lab.item_id, lab.value, lab.display_order, lab.duration_ms))
+            extras[id(labels[-1])] = {"strength": lab.strength, "comment": lab.comment}
     item_rows = {i: qc.ItemRow(i, len(it.responses), it.is_gold, it.gold_value) for i, it in items.items()}
-    return labels, item_rows, items
+    return labels, item_rows, items, extras
+
+
+def _with_extras(records: list[dict], extra: dict, columns: tuple[str, ...]) -> list[dict]:
+    """Add a label's strength (with TRL's reward `margin`) and comment to its records."""
+    out = []
+    for r in records:
+        r = dict(r)
+        if "strength" in columns:
+            strength = extra["strength"] if "chosen" in r and r.get("tie") is None else None
+            r["strength"], r["margin"] = strength, STRENGTHS.get(strength, 0.0)
+        if "comment" in columns:
+            r["comment"] = extra["comment"]
+        out.append(r)
+    return out
 
 
 def task_qc(s: Session, task: Task, settings: qc.QCSettings | None = None) -> dict:
@@ -97,7 +114,7 @@ def export_records(s: Session, task: Task, kind: str = "preferences", aggregate:
         raise ValueError(f"unknown aggregate {aggregate!r}; choose from {AGGREGATES}")
     if aggregate != "none" and task.question_type not in qc.METRIC:
         raise ValueError(f"{task.question_type} labels are free text and cannot be aggregated; use aggregate=none")
-    labels, item_rows, items = _rows(s, task, only_accepted)
+    labels, item_rows, items, extras = _rows(s, task, only_accepted)
     if not include_gold:
         labels = [lab for lab in labels if not item_rows[lab.item_id].is_gold]
     if aggregate != "none":
@@ -107,17 +124,24 @@ def export_records(s: Session, task: Task, kind: str = "preferences", aggregate:
         values = [(i, v) for i, v in consensus.items()]
     else:
         values = [(lab.item_id, lab.value) for lab in labels]
+    # one label's strength and comment follow its records (one record per label, so not when
+    # aggregating); the columns appear when any exported label has one, in every record then
+    per_label = [extras[id(lab)] for lab in labels] if aggregate == "none" else []
+    columns = tuple(c for c in ("strength", "comment") if any(e[c] for e in per_label))
+    if kind != "preferences":
+        columns = tuple(c for c in columns if c != "strength")
     skipped: Counter = Counter()
     out: list[dict] = []
-    for item_id, value in values:
+    for n, (item_id, value) in enumerate(values):
         if value is None:
             skipped["undecided"] += 1
             continue
         if kind == "preferences" and ties == "keep" and value.get("choice") == "tie":
             r = items[item_id].responses
-            out.append({"prompt": items[item_id].prompt, "chosen": r[0], "rejected": r[1], "label": 0.5, "tie": True})
-            continue
-        out += CONVERTERS[kind](items[item_id], value, skipped)
+            records = [{"prompt": items[item_id].prompt, "chosen": r[0], "rejected": r[1], "label": 0.5, "tie": True}]
+        else:
+            records = CONVERTERS[kind](items[item_id], value, skipped)
+        out += _with_extras(records, per_label[n], columns) if columns else records
     return out, dict(skipped)
 
 

@@ -33,6 +33,9 @@ QUESTION_TYPES = ("pairwise", "ranking", "rating", "thumbs", "critique", "edit")
 # annotator: labels the tasks open to them
 ROLES = ("owner", "admin", "annotator")
 REVIEW_STATES = ("pending", "accepted", "rejected")
+# how much better the chosen response of a pairwise answer is, as the ranking UIs of Argilla
+# and Label Studio ask; exported with TRL's reward `margin` (Llama 2's scale, Touvron et al. 2023)
+STRENGTHS = {"slightly": 1 / 3, "clearly": 2 / 3, "much": 1.0}
 SELECTIONS = ("random", "uncertainty")
 
 
@@ -156,6 +159,8 @@ class Assignment(Base):
     completed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     # set when the assignment expired unanswered and its slot went back to the item
     released: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    # the annotator passed on the item (completed and released: it goes to someone else)
+    skipped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
 
 class Label(Base):
@@ -181,6 +186,9 @@ class Label(Base):
     reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     review_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # pairwise: how much better the chosen response is (a key of STRENGTHS); any type: a note
+    strength: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class LabelVersion(Base):

@@ -175,10 +175,16 @@ class LoginBody(_Strict):
     token_name: ShortName = "api"
 
 
+Strength = Literal["slightly", "clearly", "much"]
+Comment = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_clean_text)]
+
+
 class LabelBody(_Strict):
     item_id: DbId
     value: dict[str, Any]
     idempotency_key: IdempotencyKey
+    strength: Strength | None = None  # pairwise: how much better the chosen response is
+    comment: Comment | None = None
     # accepted for old clients and ignored: the server measures time from serve to submit
     duration_ms: Annotated[int, Field(strict=True, ge=0, le=86_400_000)] | None = None
 
@@ -212,6 +218,12 @@ class MemberBody(_Strict):
 
 class CorrectionBody(_Strict):
     value: dict[str, Any]
+    strength: Strength | None = None
+    comment: Comment | None = None
+
+
+class SkipBody(_Strict):
+    item_id: DbId
 
 
 class ReviewBody(_Strict):

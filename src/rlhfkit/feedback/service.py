@@ -54,6 +54,7 @@ from rlhfkit.feedback.models import (
     QUESTION_TYPES,
     ROLES,
     SELECTIONS,
+    STRENGTHS,
     Assignment,
     AuditEvent,
     Item,
@@ -612,8 +613,42 @@ def _submit_lookup(s: Session, task: Task, user: User, item_id: int,
     return item, assignment, None
 
 
+def label_extras(task: Task, value: dict, strength: str | None = None, comment: str | None = None) -> dict:
+    """The strength and comment stored with a label, checked: a strength belongs to a pairwise
+    answer that prefers one response; a comment of only invisible characters is no comment."""
+    if strength is not None:
+        if strength not in STRENGTHS:
+            raise InvalidAnswer("strength", f"must be one of {sorted(STRENGTHS)}")
+        if task.question_type != "pairwise" or value.get("choice") not in ("a", "b"):
+            raise InvalidAnswer("strength", "only a pairwise answer that prefers one response has a strength")
+    if comment is not None:
+        if not isinstance(comment, str) or len(comment) > 2000 or text_problem(comment):
+            raise InvalidAnswer("comment", text_problem(comment) if isinstance(comment, str) and text_problem(comment)
+                                else "at most 2000 characters of text")
+        comment = None if is_blank(comment) else comment
+    return {"strength": strength, "comment": comment}
+
+
+def skip_item(s: Session, task: Task, user: User, item_id: int) -> None:
+    """Pass on an item served to `user`: the assignment ends unanswered (skipped), its slot goes
+    back to the item for someone else, and the item is not served to `user` again."""
+    mine = and_(Assignment.item_id == item_id, Assignment.user_id == user.id, Assignment.task_id == task.id,
+                Assignment.completed.is_(False))
+    held = s.execute(update(Assignment).where(mine, Assignment.released.is_(False))
+                     .values(completed=True, released=True, skipped=True)
+                     .execution_options(synchronize_session=False)).rowcount
+    if held:
+        s.execute(update(Item).where(Item.id == item_id).values(slots_taken=Item.slots_taken - 1)
+                  .execution_options(synchronize_session=False))
+        return
+    if not s.execute(update(Assignment).where(mine).values(completed=True, skipped=True)
+                     .execution_options(synchronize_session=False)).rowcount:
+        raise Conflict(f"item {item_id} is not waiting for your answer; ask for the next item")
+
+
 def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key: str,
-                 duration_ms: int | None = None) -> tuple[Label, bool]:
+                 duration_ms: int | None = None, strength: str | None = None,
+                 comment: str | None = None) -> tuple[Label, bool]:
     """Store one answer exactly once. Returns (label, replayed).
 
     The stored duration is measured by the server from serve to submit; a client-supplied
@@ -626,12 +661,15 @@ def submit_label(s: Session, task: Task, user: User, item_id: int, raw: Any, key
     if existing is not None:
         return existing, True
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
+    extras = label_extras(task, value, strength, comment)
+    if assignment.skipped:
+        raise Conflict("you skipped this item; ask for the next item")
     if not assignment.completed:
         _complete(s, task, item, assignment)
     measured = int((utcnow() - assignment.served_at).total_seconds() * 1000)
     label = Label(item_id=item_id, user_id=user.id, task_id=task.id, idempotency_key=key, value=value,
                   display_order=list(assignment.display_order),
-                  duration_ms=measured)
+                  duration_ms=measured, **extras)
     s.add(label)
     try:
         s.flush()
@@ -684,7 +722,8 @@ def add_member(s: Session, task: Task, user: User, actor: User | None = None) ->
         audit(s, actor, "task.member.add", task.name, user=user.username)
 
 
-def correct_label(s: Session, label: Label, user: User, raw: Any) -> Label:
+def correct_label(s: Session, label: Label, user: User, raw: Any, strength: str | None = None,
+                  comment: str | None = None) -> Label:
     """Replace the value of `user`'s own label with a corrected answer (a new version; the old
     value is kept in label_versions). Only while it is not yet reviewed."""
     if label.user_id != user.id:
@@ -693,8 +732,10 @@ def correct_label(s: Session, label: Label, user: User, raw: Any) -> Label:
         raise Conflict(f"label {label.id} was already {label.review_status} by a reviewer; it can no longer change")
     task, item = s.get(Task, label.task_id), s.get(Item, label.item_id)
     value = canonical_answer(task, item.responses, raw, label.display_order)
+    extras = label_extras(task, value, strength, comment)
     s.add(LabelVersion(label_id=label.id, version=label.version, value=label.value, created_at=utcnow()))
     label.value, label.version = value, label.version + 1
+    label.strength, label.comment = extras["strength"], extras["comment"]
     audit(s, user, "label.correct", str(label.id), version=label.version)
     s.flush()
     return label
@@ -787,7 +828,7 @@ def _claim_statement():
 
 
 _LABEL_FIELDS = ("item_id", "user_id", "task_id", "idempotency_key", "value", "display_order", "duration_ms",
-                 "created_at", "version", "review_status")
+                 "created_at", "version", "review_status", "strength", "comment")
 
 
 @functools.cache
@@ -835,20 +876,21 @@ def next_assignment_autocommit(s: Session, task: Task, user: User,
 
 
 def submit_label_autocommit(s: Session, task: Task, user: User, item_id: int, raw: Any,
-                            key: str) -> tuple[Label, bool]:
+                            key: str, strength: str | None = None, comment: str | None = None) -> tuple[Label, bool]:
     """`submit_label` on PostgreSQL in autocommit: two statements for a new label (the lookup,
     then the assignment UPDATE and label INSERT as one statement), one for a replay."""
     item, assignment, existing = _submit_lookup(s, task, user, item_id, key)
     if existing is not None:
         return existing, True
     value = canonical_answer(task, item.responses, raw, assignment.display_order)
+    extras = label_extras(task, value, strength, comment)
     if assignment.completed or assignment.released:
-        raise NeedsTransaction("the assignment expired (its slot must be taken again)")
+        raise NeedsTransaction("the assignment expired or was skipped")
     now = utcnow()
     fields = {"item_id": item_id, "user_id": user.id, "task_id": task.id, "idempotency_key": key, "value": value,
               "display_order": list(assignment.display_order),
               "duration_ms": int((now - assignment.served_at).total_seconds() * 1000), "created_at": now,
-              "version": 1, "review_status": "pending"}
+              "version": 1, "review_status": "pending", **extras}
     try:
         params = {f"b_{k}": v for k, v in fields.items()}
         label_id = s.scalar(_label_insert_statement(), {**params, "b_assignment_id": assignment.id})
