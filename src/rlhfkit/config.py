@@ -156,8 +156,9 @@ def _resolve_hint(cls: type, name: str) -> Any:
 # string fields that hold a comma-separated list: YAML may give them as a list (TRL's report_to and
 # lora_target_modules are lists)
 COMMA_FIELDS = frozenset({"report_to", "lora_target_modules", "methods"})
-_BOOL_STRINGS = {"true": True, "yes": True, "y": True, "t": True, "on": True, "1": True,
-                 "false": False, "no": False, "n": False, "f": False, "off": False, "0": False}
+# HfArgumentParser's string_to_bool, any case
+_BOOL_STRINGS = {"true": True, "yes": True, "y": True, "t": True, "1": True,
+                 "false": False, "no": False, "n": False, "f": False, "0": False}
 
 
 def _from_string(value: str, hint: type, where: str) -> Any:
@@ -260,11 +261,11 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-_TRUTH = {"true": "True", "yes": "True", "1": "True", "false": "False", "no": "False", "0": "False"}
+_TRUTH = {k: str(v) for k, v in _BOOL_STRINGS.items()}
 
 
 def _normalise_bools(cls: type, argv: list[str]) -> list[str]:
-    """Accept `--flag true|yes|1|false|no|0` (any case) for boolean fields, as HfArgumentParser does."""
+    """Accept `--flag true|yes|y|t|1|false|no|n|f|0` (any case) for boolean fields, as HfArgumentParser does."""
     hints = typing.get_type_hints(cls)
     bools = {f.name for f in dataclasses.fields(cls) if hints.get(f.name) is bool}
     out = list(argv)
