@@ -89,3 +89,17 @@ def test_overwrite_output_dir_is_overwrite(folder, tmp_path):
         sft.main(sft.Config(**kw))
     assert sft.Config(**kw, overwrite_output_dir=True).overwrite is True
     assert sft.main(sft.Config(**kw, overwrite_output_dir=True))["steps"] == 1
+
+
+def test_eval_takes_model_objects(folder, tmp_path):
+    from rlhfkit.eval import run_eval
+
+    policy, reference = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    m = run_eval.main(run_eval.Config(model=policy, reference=reference, prompts="kindly", num_prompts=4,
+                                      max_new_tokens=4, n_boot=10, corpus="", output_dir=str(tmp_path / "ev")))
+    assert m["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # the same weights
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["model"] == saved["reference"] == f"<LlamaForCausalLM given in Python (from {folder})>"
+    # without a reference, the one of the run the model was loaded from is used, as for a folder
+    with pytest.raises(ConfigError, match="config field 'reference'"):
+        run_eval.main(run_eval.Config(model=policy, prompts="kindly", output_dir=str(tmp_path / "ev2")))

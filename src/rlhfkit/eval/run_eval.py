@@ -37,7 +37,7 @@ from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, 
 @dataclasses.dataclass
 class Config:
     model: str = ""
-    """Policy to evaluate: a saved model folder (or 'kindly' for the bundled base)."""
+    """Policy to evaluate: a saved model folder (or 'kindly' for the bundled base; from Python also a loaded model)."""
     reference: str = ""
     """Reference policy (default: the `model` field of the policy run's config.yaml, i.e. the model it started from)."""
     tokenizer: str = ""
@@ -113,12 +113,18 @@ def load_corpus(source: str, limit: int) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def default_reference(model: str) -> str:
-    """The model a policy was trained from: `model` in config.yaml beside or above its folder."""
+def default_reference(model: Any) -> str:
+    """The model a policy was trained from: `model` in config.yaml beside or above its folder (for a
+    model given in Python, the folder it was loaded from)."""
     import yaml
 
     from rlhfkit.errors import ConfigError
 
+    if not isinstance(model, str | Path):
+        model = getattr(model, "name_or_path", "") or ""
+        if not model:
+            raise ConfigError("config field 'reference': the model given in Python was not loaded from a folder; "
+                              "pass reference=...")
     here = Path(model)
     for folder in (here, here.parent):
         cfg = folder / "config.yaml"
@@ -353,10 +359,19 @@ def main(cfg: Config) -> dict:
         if scorer is None:
             raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")
         metrics["rm_accuracy"] = rm_accuracy(PromptScorer(scorer.rewards, None, {}), load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)
-    metrics.update(name=cfg.name or cfg.model, model=cfg.model, reference=ref_path, judge="+".join(cfg.judge))
+    metrics.update(name=cfg.name or _label(cfg.model), model=_label(cfg.model), reference=_label(ref_path),
+                   judge="+".join(cfg.judge))
     write_results(out, metrics, rows)
     _print_summary(metrics)
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def _label(model: Any) -> str:
+    """A model as results.json names it: its path, or what was given in Python."""
+    if isinstance(model, str | Path):
+        return str(model)
+    name = getattr(model, "name_or_path", "")
+    return f"<{type(model).__name__} given in Python{f' (from {name})' if name else ''}>"
 
 
 def _print_summary(m: dict) -> None:
