@@ -81,7 +81,7 @@ def _with_extras(records: list[dict], extra: dict, columns: tuple[str, ...]) -> 
 
 def task_qc(s: Session, task: Task, settings: qc.QCSettings | None = None) -> dict:
     """The QC report of a task (agreement, annotators, flags) plus aggregation coverage."""
-    labels, item_rows, _ = _rows(s, task)
+    labels, item_rows, _, _ = _rows(s, task)
     report = qc.task_report(task.question_type, labels, item_rows, settings)
     report["task"] = {"id": task.id, "name": task.name, "overlap": task.overlap}
     if task.question_type in qc.METRIC:

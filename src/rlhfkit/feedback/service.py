@@ -820,9 +820,9 @@ def _claim_statement():
     claimed = (update(Item).where(Item.id == locked, Item.slots_taken < _TASK.overlap)
                .values(slots_taken=Item.slots_taken + 1).returning(Item.id).cte("claimed"))
     added = (insert(Assignment).from_select(
-        ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released"],
+        ["item_id", "user_id", "task_id", "display_order", "served_at", "completed", "released", "skipped"],
         select(claimed.c.id, _USER.id, _TASK.id, bindparam("b_order", type_=JSON), bindparam("b_now", type_=DateTime),
-               false(), false()))
+               false(), false(), false()))
         .returning(Assignment.id, Assignment.item_id).cte("added"))
     return select(Item, added.c.id).join(added, added.c.item_id == Item.id)
 
