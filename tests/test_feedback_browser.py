@@ -12,7 +12,7 @@ from sqlalchemy import select
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
-from rlhfkit.feedback.models import Item, Label, Task
+from rlhfkit.feedback.models import Item, Label, Task, User
 from rlhfkit.feedback.security import use_test_hasher
 from rlhfkit.feedback.testing import ServerThread
 
@@ -184,7 +184,9 @@ def test_scoped_task_list_correction_and_review_queue(tmp_path):
             page.click("text=open-pairs")
             page.click("#review-link")
             page.wait_for_selector("section.review-item")
-            assert '"choice": "b"' in page.inner_text("section.review-item code")
+            # the pair side by side, the preferred one (B, "whatever", after the correction) marked
+            assert page.inner_text("section.review-item .response.chosen pre") == "whatever"
+            assert page.inner_text("section.review-item .answer") == "B is better"
             page.click("button.reject")
             page.wait_for_selector("#error")
             assert "reason" in page.inner_text("#error")
@@ -203,3 +205,81 @@ def test_scoped_task_list_correction_and_review_queue(tmp_path):
         lab = s.scalar(select(Label))
         assert lab.value == {"choice": "b"} and lab.version == 2 and lab.review_status == "rejected"
     db.dispose()
+
+
+def test_review_page_side_by_side_filters_and_bulk_accept(tmp_path):
+    """Annotators answer with a strength and a comment, or skip; the admin's review page shows
+    each pair side by side with the preferred response marked, filters by annotator, and
+    accepts a selection at once. A screenshot of the page goes to $RLHFKIT_REVIEW_SHOT."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
+    from playwright.sync_api import sync_playwright
+
+    url = f"sqlite:///{tmp_path}/review.db"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as s:
+        svc.create_user(s, "admin", PASSWORD, "admin")
+        svc.create_user(s, "ann", PASSWORD)
+        svc.create_user(s, "ben", PASSWORD)
+        task = svc.create_task(s, "kindness", "pairwise", gold_rate=0.0, randomize_order=False, overlap=2)
+        svc.import_records(s, task, [
+            {"prompt": "My cat died yesterday.", "responses": ["Cats die all the time.",
+                                                               "I'm so sorry. Losing a companion hurts."]},
+            {"prompt": "Can you help me with my essay?", "responses": ["Sure! What is it about?", "No."]},
+            {"prompt": "Is this question stupid?", "responses": ["There are no stupid questions.", "Yes."]}])
+    with ServerThread(create_app(db)) as srv, sync_playwright() as p:
+        base = srv.url
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.set_default_timeout(15000)
+            for who, picks in (("ann", ("right", "left", "left")), ("ben", ("skip", "right", "right"))):
+                login(page, base, who)
+                page.click("text=kindness")
+                for choice in picks:
+                    page.wait_for_selector("#answer")
+                    page.wait_for_load_state("load")
+                    if choice == "skip":
+                        page.click("#skip")
+                        continue
+                    page.check("input[name=strength][value=much]" if choice == "right" else
+                               "input[name=strength][value=slightly]")
+                    if who == "ann" and choice == "right":
+                        page.fill("#comment", "A is callous")
+                    page.click(f"#choose-{choice}")
+                page.click("text=Log out")
+                page.wait_for_load_state("domcontentloaded")
+
+            login(page, base, "admin")
+            page.goto(f"{base}/admin/tasks/{task.id}/review")
+            page.wait_for_selector("section.review-item")
+            assert len(page.query_selector_all("section.review-item")) == 5
+            first = page.query_selector("section.review-item")  # ann's first answer: B, much better
+            articles = first.query_selector_all(".response")
+            assert ["chosen" in a.get_attribute("class") for a in articles] == [False, True]
+            assert first.query_selector(".answer").inner_text() == "B is much better"
+            assert "A is callous" in first.inner_text()
+            boxes = page.query_selector_all(".response")
+            left, right = boxes[0].bounding_box(), boxes[1].bounding_box()
+            assert abs(left["y"] - right["y"]) < 2 and right["x"] > left["x"] + left["width"]  # side by side
+            page.screenshot(path=os.environ.get("RLHFKIT_REVIEW_SHOT", str(tmp_path / "review.png")), full_page=True)
+
+            page.select_option("#filter-annotator", "ben")
+            page.click("form.filters button")
+            page.wait_for_selector("#queue-count")
+            assert len(page.query_selector_all("section.review-item")) == 2
+            for box in page.query_selector_all("input[name=label_id]"):
+                box.check()
+            page.click("#accept-selected")
+            page.wait_for_selector("#notice")
+            assert page.inner_text("#notice") == "Accepted 2 label(s)."
+            assert page.query_selector("#queue-empty") is not None
+        finally:
+            browser.close()
+    with db.read_session() as s:
+        states = sorted((name, lab.review_status, lab.strength) for lab, name in
+                        s.execute(select(Label, User.username).join(User, User.id == Label.user_id)))
+    db.dispose()
+    assert states == [("ann", "pending", "much"), ("ann", "pending", "slightly"), ("ann", "pending", "slightly"),
+                      ("ben", "accepted", "much"), ("ben", "accepted", "much")]

@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path as FilePath
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import accounts
+from rlhfkit.feedback import review as rv
 from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import BodyLimit, ClientAddress, LoginGuard, SecurityHeaders, TooManyAttempts
@@ -84,6 +85,9 @@ LOGIN_TOKEN_DAYS = 30  # tokens from /api/login expire; long-lived ones are issu
 PathId = Annotated[int, Path(ge=1, le=INT_MAX)]
 QueryId = Annotated[int | None, Query(ge=1, le=INT_MAX)]
 PathName = Annotated[str, Path(min_length=1, max_length=64)]
+ReviewStatus = Annotated[str, Query(pattern="^(pending|accepted|rejected|all)$")]
+Annotator = Annotated[str, Query(max_length=64)]
+Page = Annotated[int, Query(ge=1, le=INT_MAX)]
 
 
 TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected: retry the request
@@ -801,6 +805,13 @@ def _form_answer(task: Task, form, k: int) -> dict:
     return {"position": int(pos) if pos.isdigit() else -1, "text": form.get("text")}
 
 
+def _form_extras(form) -> dict:
+    """The optional strength and comment of a submitted form (empty fields are none)."""
+    strength, comment = form.get("strength") or None, form.get("comment") or None
+    return {"strength": None if strength is None else str(strength)[:16],
+            "comment": None if comment is None else str(comment)}
+
+
 def _page_routes(app, db, templates, rng, secure, auth):
     def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context, status_code=status)
@@ -894,8 +905,12 @@ def _page_routes(app, db, templates, rng, secure, auth):
                 item = s.get(Item, item_id)
                 if item is None:
                     raise LookupError(f"item {item_id} not found")
-                raw = _form_answer(task, form, len(item.responses))
-                svc.submit_label(s, task, user, item_id, raw, str(form.get("idempotency_key", "")))
+                if form.get("action") == "skip":
+                    svc.skip_item(s, task, user, item_id)
+                else:
+                    raw = _form_answer(task, form, len(item.responses))
+                    svc.submit_label(s, task, user, item_id, raw, str(form.get("idempotency_key", "")),
+                                     **_form_extras(form))
                 s.commit()
             except (ValueError, svc.InvalidAnswer, svc.Conflict, LookupError) as e:
                 s.rollback()
@@ -964,7 +979,7 @@ def _page_routes(app, db, templates, rng, secure, auth):
             task = s.get(Task, label.task_id)
             try:
                 raw = _form_answer(task, form, len(label.display_order))
-                svc.correct_label(s, label, user, raw)
+                svc.correct_label(s, label, user, raw, **_form_extras(form))
                 s.commit()
             except (ValueError, svc.InvalidAnswer, svc.Conflict) as e:
                 s.rollback()
@@ -973,18 +988,49 @@ def _page_routes(app, db, templates, rng, secure, auth):
             return correction_page(label_id, request, error=error, status=422)
         return RedirectResponse("/labels", status_code=303)
 
+    @app.get("/admin/review", dependencies=auth)
+    def review_filter(task: Annotated[int, Query(ge=1, le=INT_MAX)], request: Request, annotator: Annotator = "",
+                      status: ReviewStatus = "pending"):
+        """The filter form's target: the queue of the chosen task (a GET form cannot pick a path)."""
+        return RedirectResponse(f"/admin/tasks/{task}/review?{urlencode({'annotator': annotator, 'status': status})}",
+                                status_code=303)
+
     @app.get("/admin/tasks/{task_id}/review", response_class=HTMLResponse, dependencies=auth)
-    def review_page(task_id: PathId, request: Request, error: str | None = None, status: int = 200):
+    def review_page(task_id: PathId, request: Request, annotator: Annotator = "", status: ReviewStatus = "pending",
+                    page: Page = 1):
+        return _review_page(task_id, request, annotator, status, page)
+
+    def _review_page(task_id: int, request: Request, annotator: str = "", status: str = "pending", page: int = 1,
+                     error: str | None = None, notice: str | None = None, code: int = 200):
         with db.read_session() as s:
             user, csrf = authenticate(request, s)
             require_admin(user)
             task = _task(s, task_id)
-            rows = s.execute(select(Label, User.username, Item).join(User, User.id == Label.user_id)
-                             .join(Item, Item.id == Label.item_id)
-                             .where(Label.task_id == task_id, Label.review_status == "pending")
-                             .order_by(Label.id).limit(200)).all()
-            return render(request, "review.html", status, user=user, csrf_token=csrf, task=task, rows=rows,
-                          error=error)
+            q = rv.queue(s, task, user, status, annotator, page)
+            tasks = list(s.scalars(select(Task).order_by(Task.id)))
+            return render(request, "review.html", code, user=user, csrf_token=csrf, task=task, queue=q, tasks=tasks,
+                          annotator=annotator, review_status=status, error=error, notice=notice)
+
+    @app.post("/admin/tasks/{task_id}/review/bulk", dependencies=auth)
+    async def review_bulk(task_id: PathId, request: Request):
+        form = await request.form()
+        return await run_in_threadpool(_review_bulk, task_id, request, form)
+
+    def _review_bulk(task_id: int, request: Request, form):
+        ids = [int(v) for v in form.getlist("label_id") if str(v).isdigit() and 1 <= int(v) <= INT_MAX]
+        with db.session() as s:
+            user, csrf = authenticate(request, s)
+            require_admin(user)
+            check_csrf(request, csrf, form.get("csrf_token"))
+            counts = rv.accept_many(s, _task(s, task_id), user, ids) if ids else None
+        notice = "Select labels to accept first." if counts is None else \
+            f"Accepted {counts['accepted']} label(s)" + (f"; left {counts['own']} of your own" if counts["own"] else "") \
+            + (f"; {counts['not_pending']} already decided" if counts["not_pending"] else "") + "."
+        status = str(form.get("status", "pending"))
+        page = str(form.get("page", "1"))
+        return _review_page(task_id, request, annotator=str(form.get("annotator", ""))[:64],
+                           status=status if status in ("pending", "accepted", "rejected", "all") else "pending",
+                           page=int(page) if page.isdigit() and int(page) <= INT_MAX else 1, notice=notice)
 
     @app.post("/admin/labels/{label_id}/review", dependencies=auth)
     async def review_submit(label_id: PathId, request: Request):
@@ -1011,5 +1057,5 @@ def _page_routes(app, db, templates, rng, secure, auth):
                 s.rollback()
                 error, status = str(e), 403 if isinstance(e, svc.Forbidden) else 422
         if error is not None:
-            return review_page(task_id, request, error=error, status=status)
+            return _review_page(task_id, request, error=error, code=status)
         return RedirectResponse(f"/admin/tasks/{task_id}/review", status_code=303)

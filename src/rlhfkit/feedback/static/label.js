@@ -56,6 +56,7 @@
     }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     var key = e.key.toLowerCase();
+    if (key === "s" && document.getElementById("skip")) { e.preventDefault(); submitWith("action", "skip"); return; }
     if (qtype === "pairwise") {
       var map = { "1": "left", "arrowleft": "left", "2": "right", "arrowright": "right", "t": "tie", "b": "both_bad" };
       if (map[key]) { e.preventDefault(); submitWith("choice", map[key]); }
