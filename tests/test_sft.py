@@ -363,18 +363,16 @@ def test_sample_applies_the_chat_template_to_conversational_prompts(tmp_path, mo
 
 
 def test_a_hub_name_without_network_or_cache_is_one_clear_error(monkeypatch):
-    import huggingface_hub
-
     from rlhfkit.errors import ConfigError
-    from rlhfkit.models import io
+    from rlhfkit.models import io, paths
 
     calls = []
 
-    def unreachable(self, repo_id, **kw):
+    def unreachable(repo_id):
         calls.append(repo_id)
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.setattr(paths, "_ask_hub", unreachable)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ConfigError, match="hub cannot be reached"):
         io.resolve_path("someorg/not-cached-model")

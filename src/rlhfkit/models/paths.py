@@ -75,7 +75,7 @@ def _check_hub_name(name: str) -> None:
     """
     if name in _HUB_OK:
         return
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     if "HF_HUB_ETAG_TIMEOUT" not in os.environ:
@@ -88,7 +88,7 @@ def _check_hub_name(name: str) -> None:
                               f"(HF_HUB_OFFLINE is set); pass a folder saved with save_pretrained")
     else:
         try:
-            HfApi().model_info(name, timeout=HUB_TIMEOUT)
+            _ask_hub(name)
         except RepositoryNotFoundError:
             if not cached:
                 raise ConfigError(f"model {name!r} is not a local folder and the Hugging Face hub has no model of "
@@ -103,3 +103,16 @@ def _check_hub_name(name: str) -> None:
             # the cached copy is used without asking the silent hub again for each file (minutes of retries)
             constants.HF_HUB_OFFLINE = True
     _HUB_OK.add(name)
+
+
+def _ask_hub(name: str) -> None:
+    """GET /api/models/NAME, one request of at most HUB_TIMEOUT seconds; hub errors as huggingface_hub
+    raises them. Not HfApi.model_info: its headers cost a second request (the agent registry, 3 s
+    more against a silent hub) on a process's first call."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    token = get_token()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    hf_raise_for_status(get_session().get(f"{constants.ENDPOINT}/api/models/{name}", headers=headers,
+                                          timeout=HUB_TIMEOUT))
