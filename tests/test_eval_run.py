@@ -94,16 +94,16 @@ def test_config_errors(models, tmp_path):
 
 @pytest.mark.parametrize("args, field", [(["--model", "x"], "prompts"), (["--prompts", "kindly"], "model"),
                                          (["--model", "x", "--prompts", "kindly", "--n_boot", "many"], "n_boot")])
-def test_eval_refusals_are_one_line(tmp_path, args, field):
-    import subprocess
-    import sys
+def test_eval_refusals_are_one_line(tmp_path, capsys, args, field):
+    from rlhfkit.cli import main as cli_main
 
-    out = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "eval", *args, "--output_dir", str(tmp_path / "e")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stdout == ""
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlhfkit eval: ") and field in lines[0], out.stderr
+    assert cli_main(["eval", *args, "--output_dir", str(tmp_path / "e")]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhfkit eval: ") and field in lines[0], out.err
     assert not {"╭", "│", "+-"} & set(lines[0].split()), lines[0]
+    assert not (tmp_path / "e").exists()
 
 
 def test_the_report_reads_evaluations_under_either_name(models, tmp_path):

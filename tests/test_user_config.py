@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import subprocess
-import sys
 
 import pytest
 
@@ -56,14 +54,17 @@ def test_a_yaml_without_required_fields_is_completed_by_flags(tmp_path, monkeypa
             parse_config(cls, ["--config", str(y)])
 
 
-def test_the_command_line_takes_a_trl_yaml_without_model(tmp_path):
+def test_the_command_line_takes_a_trl_yaml_without_model(tmp_path, monkeypatch, capsys):
+    from rlhfkit.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
     y = tmp_path / "grpo.yaml"
-    y.write_text("learning_rate: 1.0e-5\nnum_generations: 4\nbeta: 0.0\noutput_dir: runs/x\n")
-    out = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "grpo", "--config", str(y), "--model", "nowhere/x/y"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    y.write_text("learning_rate: 1.0e-5\nnum_generations: 4\nbeta: 0.0\nreward: gold\noutput_dir: runs/x\n")
+    assert cli_main(["grpo", "--config", str(y), "--model", "nowhere/x/y"]) == 2
+    err = capsys.readouterr().err
     # validation passed and the run started: the refusal is about the model folder, not a missing field
-    assert out.returncode == 2 and "nowhere/x/y" in out.stderr and "config field 'model'" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "nowhere/x/y" in err and "config field 'model'" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def _yaml(tmp_path, text: str):
