@@ -16,8 +16,10 @@ How the comparison is kept fair:
   TRL's defaults that would change the work (gradient checkpointing on, bf16 on) are turned
   off, so both run plain fp32 without recomputation;
 * what differs is how the work is done: rlhfkit packs each batch's sequences end to end
-  (padding-free, position ids restarting per sequence, checked equal to the padded forward)
-  so no pad token is computed, and its loop has less per-step bookkeeping;
+  into rows as wide as the batch's longest sequence (padding-free, position ids restarting per
+  sequence, checked equal to the padded forward) so no pad token is computed, steps AdamW with
+  torch's multi-tensor kernels (the same update to the bit), and its loop has less per-step
+  bookkeeping;
 * the timed span is the training loop only (TRL: on_train_begin to on_train_end callbacks;
   rlhfkit: the loop inside `train_one`), the best of several interleaved repeats.
 Tokens counted = real (non-pad) tokens processed, identical for both.

@@ -84,6 +84,10 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     from rlhfkit.precision import MasterWeightOptimizer, optimizer_class
 
     cls = optimizer_class(getattr(cfg, "optim", "adamw_torch"))
+    if cls is torch.optim.AdamW and not any(p.is_cuda for p in decay + no_decay):
+        # torch picks the per-tensor loop on CPU; the multi-tensor one gives bitwise the same
+        # update in about half the time (one kernel per op for all tensors, not one per tensor)
+        kwargs["foreach"] = True
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay):
         # pure bf16/fp16 weights: the optimiser on fp32 master copies (rlhfkit.precision)
         return MasterWeightOptimizer(groups, cls, **kwargs)

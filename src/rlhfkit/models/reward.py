@@ -96,14 +96,17 @@ class LastTokenReward(nn.Module):
     accelerate can wrap it and gradients still synchronise. The head is applied to the B
     pooled states only, not to every position.
 
-    With ``padding_free`` the real tokens of the batch are packed end to end into rows of at
-    most ``pack_tokens`` tokens, with position ids restarting at each sequence, and no pad
-    token is computed. transformers then builds a block-diagonal causal mask from the position
-    ids (models using its ``create_causal_mask``, e.g. Llama, Mistral, Qwen2); the rewards are
-    the padded ones to float precision, which :func:`padding_free_matches` checks on a batch.
+    With ``padding_free`` the real tokens of the batch are packed end to end into rows, with
+    position ids restarting at each sequence, and no pad token is computed. transformers then
+    builds a block-diagonal causal mask from the position ids (models using its
+    ``create_causal_mask``, e.g. Llama, Mistral, Qwen2); the rewards are the padded ones to
+    float precision, which :func:`padding_free_matches` checks on a batch. A packed row is as
+    wide as the batch's longest sequence (``pack_tokens`` 0) or ``pack_tokens`` when that is
+    wider: CPU attention does the whole masked row x row product, so one row holding every
+    sequence would cost more attention than the padding it saves.
     """
 
-    def __init__(self, model: nn.Module, padding_free: bool = False, pack_tokens: int = 512):
+    def __init__(self, model: nn.Module, padding_free: bool = False, pack_tokens: int = 0):
         super().__init__()
         self.model = model
         self.padding_free = padding_free
@@ -134,30 +137,41 @@ def _packed_last_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_
     lens = mask.sum(1).tolist()
     if min(lens) == 0:
         raise ValueError("a row of the batch has an all-zero attention mask (an empty sequence)")
-    groups, current, used = [], [], 0
-    for i, n in enumerate(lens):  # consecutive rows fill a packed row up to `budget` tokens
-        if current and used + n > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    groups.append(current)
+    groups = _first_fit_decreasing(lens, max(max(lens), budget))
     width = max(sum(lens[i] for i in g) for g in groups)
     dev = input_ids.device
     ids = torch.zeros((len(groups), width), dtype=input_ids.dtype, device=dev)
     pos = torch.zeros((len(groups), width), dtype=torch.long, device=dev)
-    ends = torch.zeros(len(lens), dtype=torch.long, device=dev)
+    ends = [0] * len(lens)
     for g, rows in enumerate(groups):
-        flat = input_ids[rows][mask[rows]]
-        row_pos = (torch.cumsum(mask[rows].long(), 1) - 1)[mask[rows]]
-        n = flat.shape[0]
-        ids[g, :n], pos[g, :n] = flat, row_pos
+        n = sum(lens[i] for i in rows)
+        ids[g, :n] = input_ids[rows][mask[rows]]
+        pos[g, :n] = torch.cat([torch.arange(lens[i], device=dev) for i in rows])
         # the tail restarts at position 0, so it is a separate (ignored) sequence in the mask
         pos[g, n:] = torch.arange(width - n, device=dev)
-        offsets = torch.cumsum(torch.tensor([lens[i] for i in rows], device=dev), 0) - 1
-        ends[rows] = g * width + offsets
+        at = g * width - 1
+        for i in rows:
+            at += lens[i]
+            ends[i] = at
     hidden = backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[ends]
+    return hidden.reshape(-1, hidden.shape[-1])[torch.tensor(ends, device=dev)]
+
+
+def _first_fit_decreasing(lens: list[int], width: int) -> list[list[int]]:
+    """Row indices grouped into packed rows of at most `width` tokens, longest first (each
+    row's indices in batch order)."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        for b in range(len(bins)):
+            if used[b] + lens[i] <= width:
+                bins[b].append(i)
+                used[b] += lens[i]
+                break
+        else:
+            bins.append([i])
+            used.append(lens[i])
+    return [sorted(b) for b in bins]
 
 
 @torch.no_grad()
