@@ -36,6 +36,18 @@ def test_demo_quick_smoke(tmp_path, capsys):
         assert (out / "eval" / name / "results.json").is_file()
     printed = capsys.readouterr().out
     assert "Win rate against the SFT policy" in printed and str(out / "report.html") in printed
+    # not a terminal: the table is printed whole, every header and figure unclipped
+    assert "…" not in printed
+    for header in ("win rate", "LC win", "gold vs SFT", "dist-1", "dist-2", "ppl"):
+        assert header in printed, header
+    for r in summary["win_rates"]:
+        assert str(r["win_rate_95ci"]) in printed and str(r["distinct_2"]) in printed
+    # the alarms (hacking replayed over PPO's metrics, collapse against SFT) are a list, written out
+    assert isinstance(summary["alarms"], list)
+    written = [json.loads(x) for x in (out / "alarms.jsonl").read_text().splitlines()]
+    assert written == summary["alarms"]
+    for event in written:
+        assert f"alarm {event['policy']}" in printed
 
 
 def test_run_folders_record_provenance_and_reruns_are_identical(tmp_path):

@@ -280,10 +280,13 @@ def reward_model_accuracy(cfg: Config, sft_path: str, rm_path: str, out: Path) -
 
 
 def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, str], out: Path,
-                 stages: Stages) -> dict[str, dict]:
+                 stages: Stages) -> tuple[dict[str, dict], list[dict]]:
+    """Every policy and best-of-N against the SFT policy; returns the metrics and the alarms
+    (reward hacking replayed over PPO's training metrics; diversity collapse and perplexity
+    blow-up of each policy against the SFT policy), also written to alarms.jsonl."""
     import torch
 
-    from rlhfkit.eval.overopt import bon_kl, replay_alarm, rl_sweep_from_metrics
+    from rlhfkit.eval.overopt import bon_kl, collapse_events, replay_alarm, rl_sweep_from_metrics
     from rlhfkit.eval.run_eval import evaluate, text_metrics, write_results
     from rlhfkit.judges import GoldPanel
     from rlhfkit.models import load_policy, load_tokenizer
@@ -324,16 +327,20 @@ def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, s
                 write_results(out / "eval" / "bon", m, rows)
                 results["bon"] = m
                 overopt["bon"] = sweep
+    alarms: list[dict] = []
     ppo_metrics = out / "ppo" / "metrics.jsonl"
     if ppo_metrics.is_file():
         rows = read_metrics(ppo_metrics)
         overopt["rl"] = rl_sweep_from_metrics(rows)
-        # the alarm as a training loop would have run it, replayed over PPO's logged gold and proxy
-        (out / "alarms.jsonl").unlink(missing_ok=True)
-        replay_alarm(rows, log_path=out / "alarms.jsonl")
+        # the hacking alarm as a training loop would have run it, replayed over PPO's logged gold and proxy
+        alarms += [{"policy": "ppo", **e} for e in replay_alarm(rows)]
+    for name, m in results.items():  # mode collapse and capability loss against the SFT policy
+        if name != "sft":
+            alarms += [{"policy": name, **e} for e in collapse_events(m, results["sft"])]
+    atomic_write_text(out / "alarms.jsonl", "".join(json.dumps(e) + "\n" for e in alarms))
     if overopt:
         atomic_write_json(out / "overopt.json", overopt)
-    return results
+    return results, alarms
 
 
 def win_rate_table(results: dict[str, dict]) -> list[dict]:
@@ -350,27 +357,36 @@ def win_rate_table(results: dict[str, dict]) -> list[dict]:
             row["gold_difference_95ci"] = f"[{gd['lo']:.4f}, {gd['hi']:.4f}]"
         if "proxy" in m:
             row["proxy"] = round(m["proxy"]["mean"], 4)
+        for key in ("distinct_1", "distinct_2"):  # diversity: the collapse alarm's first signal
+            if key in m:
+                row[key] = round(m[key], 3)
         if m.get("perplexity") is not None:
             row["perplexity"] = round(m["perplexity"], 2)
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict], report: Path, seconds: float) -> None:
+def print_table(rows: list[dict], report: Path, seconds: float, alarms: list[dict] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from rlhfkit.eval.overopt import describe
 
     table = Table(title="Win rate against the SFT policy (gold panel, ties half)")
     headers = {"method": "method", "win_rate": "win rate", "win_rate_95ci": "95% CI", "lc_win_rate": "LC win",
                "gold_difference": "gold vs SFT", "gold_difference_95ci": "95% CI", "proxy": "proxy", "kl": "KL",
-               "perplexity": "ppl"}
+               "distinct_1": "dist-1", "distinct_2": "dist-2", "perplexity": "ppl"}
     cols = [c for c in headers if any(c in r for r in rows)]
     for c in cols:
-        table.add_column(headers[c], justify="left" if c == "method" else "right", no_wrap=True)
+        table.add_column(headers[c], justify="left" if c == "method" else "right")
     for r in rows:
         table.add_row(*[str(r.get(c, "-")) for c in cols])
-    console = Console(width=max(Console().width, 100))
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe has no width: print the table whole, never clipped
+        console = Console(width=Console(width=10_000).measure(table).maximum)
     console.print(table)
+    for event in alarms:
+        console.print(f"[bold red]alarm[/] {event['policy']}: {describe(event)}")
     console.print(f"report: [bold]{report}[/]  ({seconds:.0f} s in all)")
 
 
@@ -416,15 +432,15 @@ def main(cfg: Config) -> dict:
         except ImportError as e:  # a recipe that is not installed is reported, not fatal
             skipped[name] = f"recipe not available: {e}"
             stages.skip(name.upper(), skipped[name])
-    results = evaluate_all(cfg, sft_path, rm_path, policies, out, stages)
+    results, alarms = evaluate_all(cfg, sft_path, rm_path, policies, out, stages)
     rows = win_rate_table(results)
     seconds = time.perf_counter() - t0
     summary = {"win_rates": rows, "stage_seconds": stages.times, "stage_cpu_seconds": stages.cpu,
                "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds() - c_start, 1), "skipped": skipped,
-               "comparisons": counts, "reward_model": rm_eval, "paths": {"base": base, "sft": sft_path, "reward_model": rm_path, **policies}}
+               "comparisons": counts, "reward_model": rm_eval, "alarms": alarms, "paths": {"base": base, "sft": sft_path, "reward_model": rm_path, **policies}}
     atomic_write_json(out / "summary.json", summary)
     with stages.stage("report"):
         report = write_report(out, title="rlhfkit demo: say it kindly")
     summary["report"] = str(report)
-    print_table(rows, report, time.perf_counter() - t0)
+    print_table(rows, report, time.perf_counter() - t0, alarms)
     return summary
