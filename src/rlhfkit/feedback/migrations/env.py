@@ -22,6 +22,12 @@ def run_online() -> None:
     engine = make_engine(config.get_main_option("sqlalchemy.url"), pool_size=1)
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Batch mode rebuilds a table (copy, DROP, rename): with foreign keys on, the DROP
+                # cascade-deletes every row that refers to it. SQLite ignores this pragma inside a
+                # transaction, so it goes straight to the driver (autocommit) before one begins;
+                # the engine, and with it this connection, is disposed afterwards.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
             context.configure(connection=connection, target_metadata=target_metadata,
                               render_as_batch=connection.dialect.name == "sqlite")
             with context.begin_transaction():
