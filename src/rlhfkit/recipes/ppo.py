@@ -54,6 +54,7 @@ from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.precision import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
+from rlhfkit.rollout.record import FirstForward
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
@@ -161,10 +162,22 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     ids, mask = (t.to(dev) for t in roll.sequences())
     r_len, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
     fast = fast_head_allowed(cfg.mixed_precision)  # one LM-head path for rollout, reference and training
-    old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
+    first = None
+    if first_step_reuses_rollout(cfg, acc, len(roll)):
+        # the forward the first optimiser step would repeat, in that step's row order (so its
+        # gradients are summed in the same order as without the reuse)
+        order = minibatches(len(roll), cfg.num_mini_batches, cfg.seed, step, 0)[0]
+        o = order.to(dev)
+        logp, ent = response_logprobs(policy, ids[o], mask[o], r_len, cfg.temperature, with_entropy=True,
+                                      entropy_grad=cfg.entropy_coef > 0, fast_head=fast)
+        first = FirstForward(order, logp, ent, critic(ids[o], mask[o], r_len))
+        back = torch.argsort(o)
+        old_logp, old_values = logp.detach()[back], first.values.detach()[back] * rmask
+    else:
+        old_logp = batched(lambda i, m: response_logprobs(unwrap(policy), i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
+        old_values = batched(lambda i, m: unwrap(critic)(i, m, r_len), ids, mask, bs) * rmask
     with ref_ctx():
         ref_logp = batched(lambda i, m: response_logprobs(ref_model, i, m, r_len, cfg.temperature, fast_head=fast)[0], ids, mask, bs)
-    old_values = batched(lambda i, m: unwrap(critic)(i, m, r_len), ids, mask, bs) * rmask
     check_finite("rollout log-probs / values", old_logp, ref_logp, old_values)
     # 5. rewards: the (normalised) score at the last token, -beta * KL at every token (Ziegler et al. eq. 2)
     shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
@@ -174,13 +187,21 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     adv, returns = gae(token_rewards, old_values, rmask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, rmask)
-    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv, old_values, returns)
+    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv, old_values, returns, first)
     stats = monitor.rollout_stats(roll, scores, kl, old_logp, eval_scores)
     stats.update(scored.stats())
     stats["value_explained_variance"] = explained_variance(old_values, returns, rmask)
     stats["num_truncated_prompts"] = roll.num_truncated_prompts
     stats["non_score_reward"] = (-kl_ctl.value * kl.sum(-1)).mean().item()
     return roll, scores, eval_scores, traj, stats
+
+
+def first_step_reuses_rollout(cfg, acc, rows: int) -> bool:
+    """Whether the first optimiser step's forward is the rollout's old log-prob forward: one
+    micro-batch holding every row, on one unsharded process (under DDP the training forward must
+    run through the wrapper, which synchronises gradients)."""
+    return (acc.num_processes == 1 and not is_sharded(acc) and cfg.num_mini_batches == 1
+            and cfg.per_device_train_batch_size >= rows and cfg.num_ppo_epochs >= 1)
 
 
 def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc, ptx_iter, schedulers=()) -> dict:
@@ -202,14 +223,19 @@ def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc,
                     ids, mask, rmask = traj.input_ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
                     # 7b. new log-probs (entropy: in the loss when it has a weight, else a first-epoch metric)
                     bonus = cfg.entropy_coef > 0
-                    logp, ent = response_logprobs(policy, ids, mask, traj.response_len, cfg.temperature,
-                                                  with_entropy=bonus or epoch == 0, entropy_grad=bonus,
-                                                  fast_head=fast_head_allowed(cfg.mixed_precision))
+                    first, traj.first_forward = traj.first_forward, None  # the rollout's forward, used once
+                    if first is not None and torch.equal(idx, first.index):
+                        logp, ent = first.logp, first.entropy
+                    else:
+                        first = None
+                        logp, ent = response_logprobs(policy, ids, mask, traj.response_len, cfg.temperature,
+                                                      with_entropy=bonus or epoch == 0, entropy_grad=bonus,
+                                                      fast_head=fast_head_allowed(cfg.mixed_precision))
                     # 7c. clipped surrogate (Schulman et al. 2017 eq. 7) and clipped value loss
                     pl, pm = ppo_policy_loss(logp, traj.old_logp[idx], traj.advantages[idx], rmask, cfg.cliprange,
                                              totals=totals)
                     el, em = entropy_bonus(ent, rmask, cfg.entropy_coef, totals) if ent is not None else (0.0, {})
-                    values = critic(ids, mask, traj.response_len)
+                    values = first.values if first is not None else critic(ids, mask, traj.response_len)
                     vl, vm = value_loss(values, traj.values[idx], traj.returns[idx], rmask,
                                         cfg.cliprange_value or None, totals)
                     loss = pl + el + cfg.vf_coef * vl

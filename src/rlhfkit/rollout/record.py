@@ -79,6 +79,8 @@ class Trajectory:
     advantages     (N,) or (N, R)  per response (GRPO/RLOO) or per token (PPO, GAE)
     values         (N, R)   float  critic's V(s_t) at rollout (PPO), else None
     returns        (N, R)   float  GAE returns, the critic's targets (PPO), else None
+    first_forward  the rollout's training forward kept with its autograd graph, when the first
+                   training micro-batch is the whole batch (:class:`FirstForward`), else None
     """
 
     input_ids: torch.Tensor
@@ -90,6 +92,7 @@ class Trajectory:
     advantages: torch.Tensor
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    first_forward: FirstForward | None = None
 
     @property
     def response_len(self) -> int:
@@ -97,6 +100,26 @@ class Trajectory:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+@dataclasses.dataclass
+class FirstForward:
+    """The old log-probs' forward, run with gradients so that the first optimiser step reuses it.
+
+    Before the first step the policy and critic are the ones the rollout was scored with, so
+    when that step's one micro-batch is the whole batch its forward would repeat this one to
+    the last bit; it is run on the rows in that micro-batch's order and used instead.
+
+    index   (N,)    long   the rows, in the order they were forwarded
+    logp    (N, R)  policy log-probs, with their graph
+    entropy (N, R)  per-token entropy (a graph only when the loss has an entropy bonus)
+    values  (N, R)  critic values, with their graph (not masked)
+    """
+
+    index: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    values: torch.Tensor | None
 
 
 def minibatches(n: int, num_mini_batches: int, seed: int, step: int, epoch: int) -> list[torch.Tensor]:
