@@ -252,13 +252,20 @@ def test_the_rounds_task_is_closed_on_every_exit_path(service, capsys):
     assert _visible_tasks(url, tokens["ann"]) == []  # the crashed round's task is closed too
 
 
-def test_over_http_a_service_without_a_close_endpoint_is_named(service, monkeypatch, capsys):
+def test_over_http_the_rounds_task_is_closed(service, monkeypatch, capsys):
+    import httpx
+
     from rlhfkit.judges.sources import FeedbackServiceSource
 
     url, tokens, _ = service
     monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
     src = FeedbackServiceSource(url, deadline=0, poll=0.05)
     src.compare(["p"], ["good"], ["bad"])
-    out = capsys.readouterr().out
-    closed = not _visible_tasks(url, tokens["ann"])
-    assert closed or "stays open to annotators: the service at" in out
+    assert _visible_tasks(url, tokens["ann"]) == []
+    assert "stays open" not in capsys.readouterr().out
+    # the close endpoint is for admins, and it is in the audit log
+    tid = src.rounds[0]["task_id"]
+    refused = httpx.post(f"{url}/api/admin/tasks/{tid}/close", headers={"Authorization": f"Bearer {tokens['ann']}"})
+    assert refused.status_code == 403
+    audit = httpx.get(f"{url}/api/admin/audit", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+    assert any(e["action"] == "task.close" for e in audit)

@@ -140,6 +140,13 @@ def admin_api_routes(app, db, templates, rng, secure, auth):
             svc.add_member(s, task_or_404(s, task_id), named_user(s, body.username), actor)
             return {"ok": True}
 
+    @app.post("/api/admin/tasks/{task_id}/close", dependencies=auth)
+    def close_task(task_id: PathId, request: Request):
+        with db.session() as s:
+            actor = admin(request, s, write=True)
+            svc.close_task(s, task_or_404(s, task_id), actor)
+            return {"ok": True, "id": task_id, "open_to_all": False}
+
     @app.get("/api/admin/tasks/{task_id}/review", dependencies=auth)
     def review_queue(task_id: PathId, request: Request,
                      status: Annotated[str, Query(pattern="^(pending|accepted|rejected)$")] = "pending"):

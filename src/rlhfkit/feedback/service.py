@@ -37,6 +37,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    delete,
     exists,
     false,
     func,
@@ -720,6 +721,14 @@ def add_member(s: Session, task: Task, user: User, actor: User | None = None) ->
     if s.scalar(select(TaskMember.id).where(TaskMember.task_id == task.id, TaskMember.user_id == user.id)) is None:
         s.add(TaskMember(task_id=task.id, user_id=user.id))
         audit(s, actor, "task.member.add", task.name, user=user.username)
+
+
+def close_task(s: Session, task: Task, actor: User | None = None) -> None:
+    """Take a task away from annotators: no longer open to all and without members, so /next
+    serves none of its items. Its labels, review and export stay; an admin can open it again."""
+    task.open_to_all = False
+    s.execute(delete(TaskMember).where(TaskMember.task_id == task.id))
+    audit(s, actor, "task.close", task.name)
 
 
 def correct_label(s: Session, label: Label, user: User, raw: Any, strength: str | None = None,

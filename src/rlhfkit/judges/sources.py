@@ -12,9 +12,9 @@ the judge abstained, or nobody labelled the pair before the deadline) and ``anno
   and ``.../items``), the source polls the task's labels until ``quota`` of the pairs are
   labelled or ``deadline`` seconds pass (then it goes on with what it has and says so), and
   exports them (``GET .../export``). The task is then closed to annotators, on every exit path
-  (labels in, an error, Ctrl-C): through the database it is made not open to all; over HTTP
-  the source asks ``POST /api/admin/tasks/{id}/close`` and, where the service has no such
-  endpoint, says that the task stays open. RLHF's collect -> train -> collect cycle, with
+  (labels in, an error, Ctrl-C): ``rlhfkit.feedback.service.close_task`` through the database,
+  ``POST /api/admin/tasks/{id}/close`` over HTTP (a service too old to have it is named, and
+  the task stays open there). RLHF's collect -> train -> collect cycle, with
   people in it.
 """
 
@@ -132,10 +132,11 @@ class _DatabaseBackend:
 
     def close(self, tid: int) -> str:
         """Take the task away from annotators: not open to all, and no members (labels and export stay)."""
+        from rlhfkit.feedback import service
         from rlhfkit.feedback.models import Task
 
         with self.db.session() as s:
-            s.get(Task, tid).open_to_all = False
+            service.close_task(s, s.get(Task, tid))
         return ""
 
 
