@@ -75,10 +75,22 @@ def row_ppo_grpo_speed(ppo: dict, grpo: dict) -> str:
             "wall-clock, equal work")
 
 
+def _alarm_counts(algo: dict) -> str:
+    """', alarms: perplexity blow-up in 2 of 3 seeds' from a benchmark's per-seed alarm events."""
+    seeds = algo.get("alarms_seeds")
+    if not seeds:
+        return ""
+    kinds = sorted({e["event"] for events in seeds for e in events})
+    said = [f"{k.replace('_', ' ')} in {sum(any(e['event'] == k for e in ev) for ev in seeds)} of {len(seeds)} seeds"
+            for k in kinds]
+    return " (alarms: " + ("; ".join(said) if said else "none") + ")"
+
+
 def row_ppo_quality(d: dict) -> str:
     algos = d["algorithms"]
-    return (f"PPO gold win rate {_spread(d, 'gold_win_rate')} vs SFT at KL {_spread(d, 'kl', 2)} nats; "
-            f"RLOO {_spread(algos['rloo'], 'gold_win_rate')}, GRPO {_spread(algos['grpo'], 'gold_win_rate')}")
+    return (f"PPO gold win rate {_spread(d, 'gold_win_rate')} vs SFT at KL {_spread(d, 'kl', 2)} nats"
+            f"{_alarm_counts(algos['ppo'])}; RLOO {_spread(algos['rloo'], 'gold_win_rate')}, "
+            f"GRPO {_spread(algos['grpo'], 'gold_win_rate')}")
 
 
 def row_dpo(speed: dict, quality: dict) -> str:

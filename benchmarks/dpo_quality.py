@@ -15,7 +15,8 @@ benchmarks/work/kindly_pipeline so the reward-model and best-of-N benchmarks can
    prompts where the policy's score beats the SFT's, ties half, with a bootstrap 95% interval.
    KL = mean over the policy's samples of sum_t log pi(y_t|.) - log pi_sft(y_t|.).
 
-Headline keys: `gold_win_rate` and `kl` of DPO (sigmoid); `variants` holds every loss.
+Headline keys: `gold_win_rate` and `kl` of DPO (sigmoid), each the mean over SEEDS with the
+per-seed values beside it (`*_seeds`); `variants` holds every loss.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from benchmarks.common import stamp
 
 WORK = Path(__file__).resolve().parent / "work" / "kindly_pipeline"
 TARGET = 0.65
+SEEDS = (0, 1, 2)  # each variant trains once per seed on the same pairs; figures are means with the spread
 
 # hyper-parameters per variant (beta as each paper uses it; SimPO's beta is a reward scale)
 VARIANTS = {
@@ -105,7 +107,7 @@ def pipeline(quick: bool) -> dict:
             "base": base_file.read_text() if base_file.is_file() else "unknown"}
 
 
-def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> dict:
+def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool, seed: int = 0) -> dict:
     from rlhfkit.recipes import dpo
 
     hp = dict(VARIANTS[loss])
@@ -113,7 +115,7 @@ def train_variant(loss: str, sft: str, prefs: str, out: Path, quick: bool) -> di
                      per_device_train_batch_size=4 if quick else 16,  # --quick labels a couple of dozen pairs
                      num_train_epochs=2.0 if not quick else 1.0, max_steps=2 if quick else -1, max_length=96,
                      lr_scheduler_type="linear", warmup_steps=0 if quick else 10, logging_steps=10, report_to="jsonl",
-                     progress=False, seed=0, ref_cache_dir=str(WORK / "ref_cache"), **hp)
+                     progress=False, seed=seed, ref_cache_dir=str(WORK / "ref_cache"), **hp)
     t0 = time.perf_counter()
     res = dpo.main(cfg)
     return {"train_seconds": round(time.perf_counter() - t0, 1), "steps": res["steps"],
@@ -142,6 +144,17 @@ def evaluate_policy(policy_path: str, sft_path: str, prompts: list[str], max_new
     return keep, m["_reference"]["rollout"]
 
 
+def over_seeds(runs: list[dict]) -> dict:
+    """A variant over its seeds: the first seed's record, the headline figures as the mean over
+    seeds and each seed's value beside it (`*_seeds`)."""
+    out = dict(runs[0])
+    for key in ("gold_win_rate", "kl", "gold", "distinct_1"):
+        values = [r[key] for r in runs]
+        out[key], out[f"{key}_seeds"] = float(sum(values) / len(values)), values
+    out["win_rate_ci_seeds"] = [r["win_rate_ci"] for r in runs]
+    return out
+
+
 def run(quick: bool = False) -> dict:
     from rlhfkit.tasks import kindly
 
@@ -152,15 +165,19 @@ def run(quick: bool = False) -> dict:
     out_root = pipeline_root(quick) / "dpo_quality"
     variants: dict[str, dict] = {}
     ref_rollout = None
+    seeds = SEEDS[:1] if quick else SEEDS
     for loss in VARIANTS:
-        info = train_variant(loss, pipe["sft"], pipe["prefs"], out_root / loss, quick)
-        ev, ref_rollout = evaluate_policy(info["model"], pipe["sft"], prompts, pipe["max_new_tokens"], ref_rollout)
-        variants[loss] = {**info, **ev}
-        print(f"dpo_quality[{loss}]: win rate {ev['gold_win_rate']:.3f} {ev['win_rate_ci']}, KL {ev['kl']:.2f}")
+        runs = []
+        for seed in seeds:
+            info = train_variant(loss, pipe["sft"], pipe["prefs"], out_root / f"{loss}-seed{seed}", quick, seed)
+            ev, ref_rollout = evaluate_policy(info["model"], pipe["sft"], prompts, pipe["max_new_tokens"], ref_rollout)
+            runs.append({**info, **ev})
+            print(f"dpo_quality[{loss}, seed {seed}]: win rate {ev['gold_win_rate']:.3f} {ev['win_rate_ci']}, KL {ev['kl']:.2f}")
+        variants[loss] = over_seeds(runs)
     dpo = variants["sigmoid"]
     return {
-        "gold_win_rate": dpo["gold_win_rate"],
-        "kl": dpo["kl"],
+        "gold_win_rate": dpo["gold_win_rate"], "gold_win_rate_seeds": dpo["gold_win_rate_seeds"],
+        "kl": dpo["kl"], "kl_seeds": dpo["kl_seeds"], "seeds": list(seeds),
         "gold_gain_split": dpo["gold_gain_split"],
         "target_gold_win_rate": TARGET,
         "meets_target": bool(dpo["gold_win_rate"] >= TARGET),

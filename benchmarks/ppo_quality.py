@@ -6,7 +6,8 @@
    per comparison, Bradley-Terry noise, ties); `rlhfkit reward` (Bradley-Terry) trains on
    them from policy_0's weights. The RM never sees the gold panel. Cached under
    benchmarks/work/ppo_quality/.
-3. PPO, GRPO and RLOO each train from policy_0 against that RM with a fixed seed.
+3. PPO, GRPO and RLOO each train from policy_0 against that RM, once per seed in SEEDS;
+   every figure is the mean over the seeds, with the per-seed values beside it (`*_seeds`).
 4. Held-out evaluation on the task's eval prompts (disjoint from the train prompts): the
    policy and policy_0 each sample one response per prompt (same seed, temperature 1);
    `gold_win_rate` = share of prompts where the panel scores the policy's response above
@@ -30,6 +31,7 @@ import numpy as np
 from benchmarks.common import WORK, locked, sft_policy, stamp
 
 SEED, K, MAX_NEW_TOKENS, RM_PAIRS = 0, 4, 24, 6000
+SEEDS = (0, 1, 2)  # each algorithm trains once per seed (same SFT policy and RM); figures are means with the spread
 OUT = WORK / "ppo_quality"
 
 # each algorithm's settings on top of the shared ones below; chosen once, then fixed (PPO's KL
@@ -120,14 +122,15 @@ def _finished(out: Path, cfg) -> tuple[dict | None, float]:
     return json.loads(done.read_text()), (done.stat().st_mtime - started) / 60
 
 
-def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
+def train(algo: str, policy: Path, rm: Path, quick: bool, seed: int = SEED) -> dict:
     import importlib
 
+    from rlhfkit.eval.overopt import read_alarms
     from rlhfkit.runs import read_metrics
 
     mod = importlib.import_module(f"rlhfkit.recipes.{algo}")
-    out = OUT / ("quick" if quick else "full") / algo
-    kw = {**SHARED, **ALGOS[algo]}
+    out = OUT / ("quick" if quick else "full") / f"{algo}-seed{seed}"
+    kw = {**SHARED, **ALGOS[algo], "seed": seed}
     if quick:
         kw.update(max_steps=4, num_eval_prompts=64)
     # overwrite: a run of other settings may hold the folder (a finished run of these is reused)
@@ -144,13 +147,28 @@ def train(algo: str, policy: Path, rm: Path, quick: bool) -> dict:
     gap = [{"step": r["step"], "proxy_reward": round(r["proxy_reward"], 4), "gold_reward": round(r["gold_reward"], 4),
             "kl": round(r["kl"], 3)} for r in rows[::every]]
     ev = res["eval"]
-    return {"gold_win_rate": ev["gold_win_rate"], "kl": ev["kl"], "gold_reward": ev["gold_reward"],
+    # what the run's alarms saw (reward hacking, diversity collapse, perplexity blow-up), reported as is
+    alarms = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()}
+              for e in read_alarms(out / "alarms.jsonl")]
+    return {"gold_win_rate": ev["gold_win_rate"], "alarms": alarms, "kl": ev["kl"], "gold_reward": ev["gold_reward"],
             "proxy_reward": ev["proxy_reward"], "minutes": round(minutes, 2),
             "gold_reward_sft": ev["gold_reward_reference"], "proxy_reward_sft": ev["proxy_reward_reference"],
             "response_length_words": ev["response_length_words"], "updates": res["updates"], "gold_proxy_gap": gap,
             "settings": {k: v for k, v in ALGOS[algo].items()},
             # the gold gain's parts: sentiment term and quality term (rlhfkit.eval.metrics.gold_gain_split)
             "gold_gain_split": {k: ev[k] for k in ev if k.startswith(("gold_gain", "q1_share"))}}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One algorithm's runs over the seeds: the first seed's full record, the headline figures as
+    their mean over seeds, and each figure's per-seed values (`*_seeds`) for the spread."""
+    out = dict(runs[0])
+    for key in ("gold_win_rate", "kl", "gold_reward", "proxy_reward", "minutes"):
+        values = [r[key] for r in runs]
+        out[key], out[f"{key}_seeds"] = float(np.mean(values)), values
+    out["gold_gain_split_seeds"] = [r["gold_gain_split"] for r in runs]
+    out["alarms_seeds"] = [r["alarms"] for r in runs]
+    return out
 
 
 def run(quick: bool = False) -> dict:
@@ -161,16 +179,18 @@ def run(quick: bool = False) -> dict:
     policy = sft_policy()
     rm = reward_model(policy, quick)
     rm_minutes = (time.perf_counter() - t0) / 60
-    table = {algo: train(algo, policy, rm, quick) for algo in ALGOS}
+    seeds = SEEDS[:1] if quick else SEEDS
+    table = {algo: over_seeds([train(algo, policy, rm, quick, seed) for seed in seeds]) for algo in ALGOS}
     ppo = table["ppo"]
     from rlhfkit.tasks import kindly
 
     return {
-        "gold_win_rate": ppo["gold_win_rate"], "kl": ppo["kl"], "gold_reward": ppo["gold_reward"],
+        "gold_win_rate": ppo["gold_win_rate"], "gold_win_rate_seeds": ppo["gold_win_rate_seeds"],
+        "kl": ppo["kl"], "kl_seeds": ppo["kl_seeds"], "seeds": list(seeds), "gold_reward": ppo["gold_reward"],
         "gold_gain_split": ppo["gold_gain_split"],
         "proxy_reward": ppo["proxy_reward"], "minutes": ppo["minutes"],
-        "targets": {"gold_win_rate": ">= 0.75", "kl": "<= 10 nats", "minutes": "<= 15"},
-        "meets_targets": bool(ppo["gold_win_rate"] >= 0.75 and ppo["kl"] <= 10 and ppo["minutes"] <= 15),
+        "targets": {"gold_win_rate": ">= 0.75 (mean over seeds)", "kl": "<= 10 nats (every seed)", "minutes": "<= 15"},
+        "meets_targets": bool(ppo["gold_win_rate"] >= 0.75 and max(ppo["kl_seeds"]) <= 10 and ppo["minutes"] <= 15),
         "algorithms": table,
         "num_eval_prompts": 64 if quick else len(kindly.prompts("eval")),
         "policy": str(policy), "reward_model": str(rm), "rm_and_sft_minutes": round(rm_minutes, 2),
