@@ -3,7 +3,8 @@
 Quality/time benchmark: keys `seconds` (total), `stage_seconds`, `win_rates` (gold panel win
 rate against the SFT policy per method, with 95% intervals), `within_budget` (<= 600 s, the
 issue's target on 2 CPU cores), `threads` (torch intra-op threads used) and `cpu_seconds`
-(user + system time, per stage too). Wall times taken on a machine shared with other jobs are
+(user + system time, per stage too), `alarms` (reward hacking, diversity collapse and perplexity
+blow-up against the SFT policy) and the load average before and after. Wall times taken on a machine shared with other jobs are
 upper bounds; CPU seconds / threads estimates the wall time on idle cores.
 `max_win_rate_half_width`: the widest win-rate interval's half-width (target <= 0.04; every
 eval prompt, two samples each, prompts resampled).
@@ -20,6 +21,9 @@ import torch
 def run(quick: bool = False) -> dict:
     from rlhfkit import demo
 
+    from benchmarks.common import load_average
+
+    before = load_average()
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="rlhfkit-demo-") as tmp:
@@ -36,4 +40,8 @@ def run(quick: bool = False) -> dict:
         "comparisons": summary["comparisons"],
         "skipped": summary["skipped"],
         "threads": threads,
+        "eval_samples": demo.Config().eval_samples,
+        "alarms": summary["alarms"],
+        "load_average": before,
+        "load_average_after": load_average(),
     }

@@ -1,4 +1,4 @@
-"""Every figure in the README's benchmark table is read from benchmarks/results/*.json."""
+"""Every figure in the README's benchmark table and docs/eval.md's demo paragraph is read from benchmarks/results/*.json."""
 
 import json
 
@@ -9,6 +9,12 @@ def test_readme_table_is_the_one_the_results_give():
     readme = _readme.README.read_text()
     assert _readme.START in readme and _readme.END in readme
     assert _readme.render(readme) == readme, "README.md's benchmark table is stale: run `python -m benchmarks readme`"
+
+
+def test_docs_demo_figures_are_the_ones_the_results_give():
+    text = _readme.DOCS_EVAL.read_text()
+    assert _readme.render_block(text, _readme.DOCS_EVAL, _readme.DEMO_START, _readme.DEMO_END,
+                                _readme.demo_paragraph) == text, "docs/eval.md's demo figures are stale: run `python -m benchmarks readme`"
 
 
 def test_table_changes_when_a_result_changes(tmp_path, monkeypatch):
