@@ -7,12 +7,15 @@ checkpoints written atomically, and the NaN guard.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
+import platform
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,31 @@ def make_accelerator(cfg: Any) -> Accelerator:
         cpu=multi_process_cpu(),
     )
     enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.sharding)
+    if acc.device.type == "cpu":
+        keep_freed_memory()
     set_seed(cfg.seed)
     return acc
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves blocks above 128 KiB with mmap and returns freed memory at the top of
+    the heap, so a training step on the CPU, which frees its activations and allocates the same
+    sizes again in the next step, page-faults every page back in: about a tenth of the process
+    time of a small model's PPO update went to those faults. Blocks up to `mmap_threshold` (32 MiB,
+    the most glibc allows on 64-bit) then come from the heap, and up to `trim_threshold` free bytes
+    stay there (the process keeps that much memory after training). Returns whether it applied
+    (Linux with glibc only; elsewhere nothing changes).
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def multi_process_cpu() -> bool:
