@@ -54,7 +54,6 @@ from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.precision import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
-from rlhfkit.rollout.record import FirstForward
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
@@ -63,6 +62,7 @@ from rlhfkit.rollout.prompts import (
     render_prompt,
     rollout_seed,
 )
+from rlhfkit.rollout.record import FirstForward
 from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
 from rlhfkit.training import (
