@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfkit.eval.metrics import diversity, perplexity
+from rlhfkit.eval.metrics import distinct_n, perplexity
 from rlhfkit.eval.overopt import DIVERSITY_KEYS, CollapseAlarm, HackingAlarm, describe
 from rlhfkit.rollout.record import Rollout
 
@@ -63,7 +63,7 @@ def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Te
     }
     out["proxy_reward"] = out["reward"]  # the name reports and the over-optimisation tools read
     # the batch's diversity, which the collapse alarm watches (mode collapse shows here first)
-    out.update({k: v for k, v in diversity(rollout.responses).items() if k in DIVERSITY_KEYS})
+    out.update(distinct_1=distinct_n(rollout.responses, 1), distinct_2=distinct_n(rollout.responses, 2))
     if eval_scores is not None:
         out["eval_reward"] = float(np.mean(eval_scores))
         out["gold_reward"] = out["eval_reward"]
