@@ -185,3 +185,17 @@ def test_cli_config_error_is_a_message_not_a_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_overwrite_removes_every_file_of_the_old_run(tmp_path):
+    """--overwrite true leaves nothing of the old run: stale alarms or samples would be read as the new run's."""
+    from rlhfkit.runs import RUN_OUTPUTS, claim_run_folder
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    for name in ("alarms.jsonl", "samples.jsonl", "final_metrics.json", "memory.txt", "results.json"):
+        (tmp_path / name).write_text("old\n")
+    (tmp_path / "value").mkdir()
+    (tmp_path / "notes.txt").write_text("the user's own file\n")
+    assert claim_run_folder(tmp_path, resume=False, overwrite=True) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert "alarms.jsonl" in RUN_OUTPUTS

@@ -170,6 +170,8 @@ def prepare_run_dir(output_dir: str | Path, config: Any, is_main: bool = True) -
 
 
 RUN_MARKERS = ("config.yaml", "meta.json", "metrics.jsonl", "checkpoints", "final")
+RUN_OUTPUTS = ("tb", "results.json", "final_metrics.json", "alarms.jsonl", "samples.jsonl", "memory.txt", "value",
+               "member_results.json")
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -198,7 +200,8 @@ def claim_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> b
         if not overwrite:
             raise ConfigError(f"config field 'output_dir': {path} already holds a run; pass --resume true to "
                               f"continue it or --overwrite true to replace it")
-        for name in RUN_MARKERS + ("tb", "results.json"):
+        # everything a run writes, so nothing of the old run (its alarms, samples, final metrics) survives
+        for name in RUN_MARKERS + RUN_OUTPUTS:
             target = path / name
             if target.is_dir():
                 shutil.rmtree(target)
