@@ -199,8 +199,9 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
 def first_step_reuses_rollout(cfg, acc, rows: int) -> bool:
     """Whether the first optimiser step's forward is the rollout's old log-prob forward: one
     micro-batch holding every row, on one unsharded process (under DDP the training forward must
-    run through the wrapper, which synchronises gradients)."""
-    return (acc.num_processes == 1 and not is_sharded(acc) and cfg.num_mini_batches == 1
+    run through the wrapper, which synchronises gradients), with dropout off (with it on, the
+    training forward draws its own masks, as in every PPO step, so its ratio is not exactly 1)."""
+    return (acc.num_processes == 1 and not is_sharded(acc) and cfg.num_mini_batches == 1 and cfg.disable_dropout
             and cfg.per_device_train_batch_size >= rows and cfg.num_ppo_epochs >= 1)
 
 
