@@ -19,9 +19,8 @@ import torch
 
 
 def run(quick: bool = False) -> dict:
-    from rlhfkit import demo
-
     from benchmarks.common import load_average
+    from rlhfkit import demo
 
     before = load_average()
     threads = min(2, os.cpu_count() or 1)
