@@ -116,8 +116,11 @@ def row_demo_loop(demo: dict, loop: dict) -> str:
     parts = ", ".join(f"{m.upper() if m in ('ppo', 'dpo') else m} {r['win_rate']:.3f} (KL {r['kl']:.1f})"
                       for m, r in rates.items() if m != "sft")
     last = loop["win_rate_per_round"][-1]
-    return (f"full demo in {demo['seconds']:.0f} s, every eval prompt x {demo.get('eval_samples', 2)} samples: {parts} vs SFT "
-            f"(SFT vs itself {rates['sft']['win_rate']:.3f}); {len(loop['win_rate_per_round']) - 1} rounds of iterative RLHF: "
+    load = f" at load average {demo['load_average'][0]:.1f} on 2 cores" if demo.get("load_average") else ""
+    alarms = (f"; alarms: {', '.join(sorted({e['policy'] + ' ' + e['event'].replace('_', ' ') for e in demo['alarms']}))}"
+              if demo.get("alarms") else "")
+    return (f"full demo in {demo['seconds']:.0f} s{load}, every eval prompt x {demo.get('eval_samples', 2)} samples: {parts} vs SFT "
+            f"(SFT vs itself {rates['sft']['win_rate']:.3f}){alarms}; {len(loop['win_rate_per_round']) - 1} rounds of iterative RLHF: "
             f"{last['win_rate']:.3f} vs SFT after round {last['round']}")
 
 
