@@ -128,18 +128,7 @@ def load_policy(path: str, dtype: str = "float32", lora: Any = None, trainable: 
     if base:
         _refuse_adapter_on_adapter(path, lora)
         model = load_adapter(model, resolved, base)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if lora is not None and getattr(lora, "use_lora", False):
-        from rlhfkit.models.lora import apply_lora
-
-        model = apply_lora(model, lora, task_type="CAUSAL_LM")
-    if disable_dropout:
-        from rlhfkit.models.lora import disable_dropout as _off
-
-        _off(model)
-    model.train(trainable)
-    return model
+    return _ready_for_training(model, lora, trainable, disable_dropout, gradient_checkpointing)
 
 
 def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_labels: int = 1,
@@ -275,6 +264,23 @@ def _refuse_fresh_weights(name: str, folder: str, info: dict) -> None:
 # models given in Python (TRL's trainers take `model=` a loaded PreTrainedModel)
 
 
+def _ready_for_training(model: PreTrainedModel, lora: Any, trainable: bool, disable_dropout: bool,
+                       gradient_checkpointing: bool) -> PreTrainedModel:
+    """What every policy gets after loading: gradient checkpointing, LoRA adapters, dropout off, train/eval mode."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora is not None and getattr(lora, "use_lora", False):
+        from rlhfkit.models.lora import apply_lora
+
+        model = apply_lora(model, lora, task_type="CAUSAL_LM")
+    if disable_dropout:
+        from rlhfkit.models.lora import disable_dropout as _off
+
+        _off(model)
+    model.train(trainable)
+    return model
+
+
 def _folder_of(model: torch.nn.Module) -> str:
     """The folder (or hub name) a model given in Python was loaded from."""
     name = getattr(getattr(model, "module", model), "name_or_path", "") or ""
@@ -289,18 +295,7 @@ def _policy_object(model: torch.nn.Module, lora: Any, trainable: bool, disable_d
     """A policy given in Python: trained in place, as by TRL's trainers; a frozen one (a reference) is a
     copy. Its dtype and attention kernel are its own."""
     model = model if trainable else copy.deepcopy(model)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if lora is not None and getattr(lora, "use_lora", False):
-        from rlhfkit.models.lora import apply_lora
-
-        model = apply_lora(model, lora, task_type="CAUSAL_LM")
-    if disable_dropout:
-        from rlhfkit.models.lora import disable_dropout as _off
-
-        _off(model)
-    model.train(trainable)
-    return model
+    return _ready_for_training(model, lora, trainable, disable_dropout, gradient_checkpointing)
 
 
 def _classifier_object(model: torch.nn.Module, dtype: str, lora: Any, num_labels: int, tokenizer: Any,
