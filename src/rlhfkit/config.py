@@ -56,7 +56,7 @@ class ModelArgs:
     attn_implementation: str = ""
     """Attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
     merge_lora: bool = True
-    """With use_lora, save the policy merged into full weights (True) or as a standard peft adapter folder (False); reward models are always saved merged."""
+    """With use_lora, save the model merged into full weights (True) or as a standard peft adapter folder (False; a reward model's adapter carries its score head and grown embedding, and loads as --reward rm:FOLDER)."""
     disable_dropout: bool = True
     """Turn off every dropout layer of the trained models (preference and RL recipes), as TRL does: with dropout on, the policy and its reference disagree at step 0 and the reward of one text varies between forwards. False keeps the model's own dropout."""
 
