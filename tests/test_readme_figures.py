@@ -17,6 +17,12 @@ def test_docs_demo_figures_are_the_ones_the_results_give():
                                 _readme.demo_paragraph) == text, "docs/eval.md's demo figures are stale: run `python -m benchmarks readme`"
 
 
+def test_docs_loop_figures_are_the_ones_the_results_give():
+    text = _readme.DOCS_EVAL.read_text()
+    assert _readme.render_block(text, _readme.DOCS_EVAL, _readme.LOOP_START, _readme.LOOP_END,
+                                _readme.loop_paragraph) == text, "docs/eval.md's loop figures are stale: run `python -m benchmarks readme`"
+
+
 def test_table_changes_when_a_result_changes(tmp_path, monkeypatch):
     """The check can fail: a changed figure in a results file changes the rendered table."""
     for src in _readme.RESULTS.glob("*.json"):
