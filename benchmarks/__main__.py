@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhfkit.runs import atomic_write_json, environment_info
+from rlhfkit.train.runs import atomic_write_json, environment_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -60,7 +60,7 @@ def matmul_params(model) -> int:
 def sft_tokens_per_second(model, tokenizer, n_rows: int) -> dict:
     from benchmarks.sft_speed import make_rows
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.train.accelerator import make_accelerator
 
     rows = make_rows(tokenizer, n_rows, SEQ_LEN)
     examples = [{"input_ids": r, "labels": list(r), "attention_mask": [1] * len(r)} for r in rows]

@@ -43,7 +43,7 @@ import torch
 
 from benchmarks.common import SPEED_TOKENIZER, load_average, paired_comparison, peer_available
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
-from rlhfkit.training import epoch_order
+from rlhfkit.train.batches import epoch_order
 
 N_PAIRS, BATCH, MAX_LEN, BETA, LR = 256, 8, 128, 0.1, 1e-4
 THREADS = 1  # the same for both; one thread per process is the steadiest choice on a shared 2-core machine

@@ -72,7 +72,7 @@ def warm_start(policy, tokenizer, steps: int = 120, batch: int = 32, lr: float =
     from pathlib import Path
 
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.train.accelerator import make_accelerator
 
     examples, _ = sft.load_sft_examples("kindly", tokenizer, max_length=64)
     with tempfile.TemporaryDirectory() as d:

@@ -11,7 +11,7 @@ gradient checkpointing.
 
 Sizes searched: Llama shapes with hidden 1024 .. 8192 (layers and FFN scaled as in the Llama
 family). The result is the largest size whose step ran without CUDA out-of-memory, with its
-peak allocated memory and the rlhfkit.memory estimate beside it.
+peak allocated memory and the rlhfkit.train.memory estimate beside it.
 
 On a machine without CUDA it prints one line and exits 0 (nothing measured, no file written).
 """
@@ -44,7 +44,7 @@ def one_step(cfg, algo: str, lora: bool, checkpointing: bool, device) -> int:
     """Run one step; return the peak allocated bytes (raises torch.cuda.OutOfMemoryError)."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhfkit.precision import enable_gradient_checkpointing
+    from rlhfkit.train.savers import enable_gradient_checkpointing
     from rlhfkit.rollout import static
 
     torch.cuda.reset_peak_memory_stats(device)
@@ -66,7 +66,7 @@ def one_step(cfg, algo: str, lora: bool, checkpointing: bool, device) -> int:
     for m in frozen:
         m.requires_grad_(False)
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    from rlhfkit.precision import MasterWeightOptimizer
+    from rlhfkit.train.optim import MasterWeightOptimizer
 
     opt = MasterWeightOptimizer(params, torch.optim.AdamW, lr=1e-6)
     prompts = torch.randint(3, cfg.vocab_size, (ROWS, PROMPT), device=device)
@@ -108,7 +108,7 @@ def run(quick: bool = False) -> dict | None:
                         gc.collect()
                         torch.cuda.empty_cache()
                         break
-                    from rlhfkit.memory import llama_param_count
+                    from rlhfkit.train.memory import llama_param_count
 
                     largest = {"shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "ffn"), shape)),
                                "parameters": llama_param_count(cfg), "peak_gib": round(peak / 2**30, 2)}
@@ -119,5 +119,5 @@ def run(quick: bool = False) -> dict | None:
         "device_memory_gib": round(total / 2**30, 1),
         "results": results,
         "workload": {"rows": ROWS, "prompt_tokens": PROMPT, "response_tokens": RESPONSE, "dtype": "bfloat16",
-                     "optimizer": "AdamW with fp32 master weights (rlhfkit.precision.MasterWeightOptimizer)"},
+                     "optimizer": "AdamW with fp32 master weights (rlhfkit.train.optim.MasterWeightOptimizer)"},
     }

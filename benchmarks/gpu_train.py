@@ -84,7 +84,7 @@ def _sync() -> None:
 
 def sft_ours(cfg, tokenizer, data) -> dict:
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.train.accelerator import make_accelerator
 
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as d:
@@ -143,7 +143,7 @@ def save_policy(cfg, tokenizer, root: Path, warm_steps: int = 0, warm_lr: float 
 
 def dpo_ours(model_dir: str, data: str) -> dict:
     from rlhfkit.recipes import dpo
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     with tempfile.TemporaryDirectory() as d:
         c = dpo.Config(model=model_dir, dataset=data, output_dir=d, ref_cache_dir=str(Path(d) / "cache"), loss="sigmoid",
@@ -187,7 +187,7 @@ def dpo_trl(model_dir: str, tokenizer, pairs) -> dict:
 
 def grpo_ours(policy: str, rm: str, prompts: str, steps: int) -> dict:
     from rlhfkit.recipes import grpo
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     with tempfile.TemporaryDirectory() as d:
         c = grpo.Config(model=policy, reward_model=rm, prompts=prompts, eval_prompts="", output_dir=d, max_steps=steps,
@@ -270,7 +270,7 @@ def measure(cfg, peak: float, quick: bool = False, repeats: int = 3, sizes: dict
     from rlhfkit.models import load_tokenizer
     from rlhfkit.rollout.prompts import prompts_for_step
     from rlhfkit.tasks import kindly
-    from rlhfkit.training import epoch_order
+    from rlhfkit.train.batches import epoch_order
 
     sizes = {"sft_rows": 64 if quick else 256, "dpo_pairs": 64 if quick else 256, "grpo_steps": 2 if quick else 5,
              **(sizes or {})}

@@ -76,7 +76,7 @@ def side_ours(root: Path, steps: int) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     grpo.main(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     rows = read_metrics(out)
     # the policy loss: TRL logs the same quantity (PPO loss/policy_avg; GRPO loss, = policy loss + beta KL)

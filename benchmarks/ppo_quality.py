@@ -59,7 +59,7 @@ def preference_data(policy: Path, n_pairs: int) -> Path:
     from rlhfkit.judges.annotators import SimulatedAnnotators
     from rlhfkit.models import load_policy, load_tokenizer
     from rlhfkit.rollout import generate
-    from rlhfkit.runs import atomic_path
+    from rlhfkit.train.runs import atomic_path
     from rlhfkit.tasks import kindly
 
     path = OUT / f"prefs-{n_pairs}-{stamp(policy)}.jsonl"
@@ -126,7 +126,7 @@ def train(algo: str, policy: Path, rm: Path, quick: bool, seed: int = SEED) -> d
     import importlib
 
     from rlhfkit.eval.overopt import read_alarms
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     mod = importlib.import_module(f"rlhfkit.recipes.{algo}")
     out = OUT / ("quick" if quick else "full") / f"{algo}-seed{seed}"

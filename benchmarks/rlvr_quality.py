@@ -103,7 +103,7 @@ def evaluate(model_path: Path, n: int = 0) -> dict:
 
 def train_ours(algo: str, policy0: Path, steps: int, seed: int = SEED) -> tuple[Path, dict]:
     from rlhfkit.recipes import grpo, rloo
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     module = {"grpo": grpo, "rloo": rloo}[algo]
     out = OUT / f"{algo}-s{seed}-{int(time.time())}"

@@ -99,7 +99,7 @@ def _samples(policy: Path | None, split: str, n_prompts: int | None, k: int) -> 
             roll = generate(model, tok, prompts, MAX_NEW_TOKENS, temperature=1.0, num_samples=k,
                             batch_size=256, seed=SEED + (split == "eval"))
         out = [{"prompt": p, "responses": roll.responses[i * k:(i + 1) * k]} for i, p in enumerate(prompts)]
-        from rlhfkit.runs import atomic_write_json
+        from rlhfkit.train.runs import atomic_write_json
 
         atomic_write_json(cache, out)
         return out
@@ -148,7 +148,7 @@ def _label(groups: list[dict], seed: int, pairing: str) -> tuple[list[dict], dic
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    from rlhfkit.runs import atomic_path
+    from rlhfkit.train.runs import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

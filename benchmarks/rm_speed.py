@@ -85,7 +85,7 @@ def _run_trl(root: Path, tok, units) -> dict:
     from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from rlhfkit.training import epoch_order
+    from rlhfkit.train.batches import epoch_order
 
     order = epoch_order(len(units), SEED, 0)  # the order rlhfkit's loop draws the examples in
     ds = Dataset.from_list([{"chosen_ids": units[i]["rows"][0], "rejected_ids": units[i]["rows"][1]} for i in order])
@@ -114,7 +114,7 @@ def _run_trl(root: Path, tok, units) -> dict:
 
 def _padding_fraction(units) -> float:
     """Share of a padded batch's positions that are padding, over the epoch's batches."""
-    from rlhfkit.training import epoch_order
+    from rlhfkit.train.batches import epoch_order
 
     order, padded, real = epoch_order(len(units), SEED, 0), 0, 0
     for i in range(0, len(order) - BATCH + 1, BATCH):

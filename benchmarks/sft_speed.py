@@ -44,7 +44,7 @@ def fresh_model(tokenizer):
 
 def run_ours(tokenizer, rows) -> dict:
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.train.accelerator import make_accelerator
 
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as d:
@@ -84,7 +84,7 @@ def run_trl(tokenizer, rows) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from rlhfkit.training import epoch_order
+    from rlhfkit.train.batches import epoch_order
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(SPEED_TOKENIZER)

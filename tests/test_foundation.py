@@ -23,14 +23,15 @@ from rlhfkit.models import (
     tiny_reward_model,
 )
 from rlhfkit.recipes import sft
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
     atomic_write_json,
     prepare_run_dir,
     read_metrics,
 )
-from rlhfkit.training import epoch_order, iterate_batches, lr_lambda
+from rlhfkit.train.batches import epoch_order, iterate_batches
+from rlhfkit.train.optim import lr_lambda
 
 
 def test_yaml_then_cli_override(tmp_path):
@@ -189,7 +190,7 @@ def test_cli_config_error_is_a_message_not_a_traceback(tmp_path):
 
 def test_overwrite_removes_every_file_of_the_old_run(tmp_path):
     """--overwrite true leaves nothing of the old run: stale alarms or samples would be read as the new run's."""
-    from rlhfkit.runs import RUN_OUTPUTS, claim_run_folder
+    from rlhfkit.train.runs import RUN_OUTPUTS, claim_run_folder
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     for name in ("alarms.jsonl", "samples.jsonl", "final_metrics.json", "memory.txt", "results.json"):

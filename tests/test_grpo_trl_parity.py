@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from rlhfkit.models import load_tokenizer
 from rlhfkit.recipes import grpo
 from rlhfkit.rollout.prompts import prompts_for_step, rollout_seed
-from rlhfkit.runs import read_metrics
+from rlhfkit.train.runs import read_metrics
 from rlhfkit.tasks import arith
 
 pytest.importorskip("trl")

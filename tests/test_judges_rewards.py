@@ -20,7 +20,7 @@ from rlhfkit.judges.rewards import (
     regex_reward,
 )
 from rlhfkit.judges.specs import load_reward, load_rewards
-from rlhfkit.runs import read_metrics
+from rlhfkit.train.runs import read_metrics
 
 
 def test_math_exact_match_boxed_last_number_and_normalisation():

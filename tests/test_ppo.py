@@ -9,7 +9,7 @@ import torch
 
 from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
 from rlhfkit.errors import ConfigError, NonFiniteError
-from rlhfkit.runs import read_metrics
+from rlhfkit.train.runs import read_metrics
 
 PROMPTS = ["the cat sat", "a kind word", "the rain fell", "she smiled and", "bad news travels",
            "the old grey", "good news lasts", "he thanked her"]
@@ -83,7 +83,7 @@ def test_nan_reward_stops_step_with_weights_unchanged(assets, tmp_path):
     with pytest.raises(NonFiniteError, match="NaN or infinite.*weights are unchanged"):
         ppo.main(cfg, reward_fn=NaNReward(bad_call=2))
     # step 1 was checkpointed; the failing step 2 applied nothing
-    from rlhfkit.training import latest_checkpoint
+    from rlhfkit.train.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "step-1"

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import rlhfkit.rollout as rollout
 from rl_helpers import save_tiny, tiny_policy, tiny_tokenizer
-from rlhfkit.runs import read_metrics
+from rlhfkit.train.runs import read_metrics
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -1,7 +1,7 @@
 """FSDP2 through accelerate config files: 2 CPU processes (gloo) give the weights of 1 process.
 
 The launches use the shipped configs/accelerate/fsdp2_1gpu.yaml with --num_processes 2, so
-the file a GPU user launches with is the one under test (rlhfkit.sharding switches the CPU
+the file a GPU user launches with is the one under test (rlhfkit.train.sharding switches the CPU
 process group to FSDP2; accelerate alone would fall back to DDP there).
 """
 
@@ -126,7 +126,7 @@ import json, sys, types
 import torch
 from rlhfkit.models import load_policy, load_tokenizer
 from rlhfkit.rollout.generate import generate
-from rlhfkit.training import make_accelerator
+from rlhfkit.train.accelerator import make_accelerator
 
 model_dir, out_dir = sys.argv[1], sys.argv[2]
 acc = make_accelerator(types.SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0))

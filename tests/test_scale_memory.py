@@ -6,7 +6,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.memory import GiB, MemoryEstimate, ModelShape, check_fits, estimate, llama_param_count
+from rlhfkit.train.memory import GiB, MemoryEstimate, ModelShape, check_fits, estimate, llama_param_count
 from rlhfkit.models.factory import count_parameters
 
 CFG = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -10,13 +10,8 @@ import torch
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
-from rlhfkit.precision import (
-    MasterWeightOptimizer,
-    check_attn_implementation,
-    enable_gradient_checkpointing,
-    offloaded,
-    optimizer_class,
-)
+from rlhfkit.train.optim import MasterWeightOptimizer, optimizer_class
+from rlhfkit.train.savers import check_attn_implementation, enable_gradient_checkpointing, offloaded
 
 torch.set_num_threads(1)
 
@@ -256,7 +251,7 @@ def test_sft_with_bf16_weights_trains_with_fp32_masters_and_resumes(tmp_path):
 def test_optim_field_uses_transformers_names(tmp_path):
     from rlhfkit.config import load_yaml_config
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_optimizer
+    from rlhfkit.train.optim import make_optimizer
 
     model = torch.nn.Linear(3, 3)
     default = sft.Config(model="m")
@@ -276,7 +271,7 @@ def test_optim_field_uses_transformers_names(tmp_path):
 
 
 def test_offloaded_between_calls_moves_the_reward_models_for_each_score():
-    from rlhfkit.precision import OffloadedBetweenCalls
+    from rlhfkit.train.savers import OffloadedBetweenCalls
 
     calls = []
 

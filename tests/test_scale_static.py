@@ -118,7 +118,7 @@ def test_grpo_runs_on_the_static_engine(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
     from rlhfkit.recipes import grpo
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     tok = tiny_tokenizer()
     save_tiny(tmp_path / "policy", tiny_policy(tok), tok)

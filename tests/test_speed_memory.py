@@ -9,7 +9,7 @@ import pytest
 STEPS = textwrap.dedent("""
     import resource
     import torch
-    from rlhfkit.training import keep_freed_memory
+    from rlhfkit.train.accelerator import keep_freed_memory
     def step():  # a step's activations: four 8 MiB blocks, all freed at its end
         blocks = [torch.ones(2 << 20) for _ in range(4)]
         del blocks
@@ -37,9 +37,9 @@ def test_repeated_training_steps_reuse_freed_memory_without_page_faults():
 def test_make_accelerator_on_cpu_keeps_freed_memory(monkeypatch):
     from types import SimpleNamespace
 
-    from rlhfkit import training
+    from rlhfkit.train import accelerator
 
     calls = []
-    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append(1) or True)
-    training.make_accelerator(SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0))
+    monkeypatch.setattr(accelerator, "keep_freed_memory", lambda: calls.append(1) or True)
+    accelerator.make_accelerator(SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0))
     assert calls == [1]

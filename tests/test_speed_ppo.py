@@ -24,7 +24,7 @@ def _run(assets, out, monkeypatch, reuse: bool):
     from safetensors.torch import load_file
 
     from rlhfkit.recipes import ppo
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
 
     if not reuse:
         monkeypatch.setattr(ppo, "first_step_reuses_rollout", lambda *a: False)

@@ -6,7 +6,7 @@ import torch
 
 from rlhfkit.models import load_tokenizer, tiny_reward_model
 from rlhfkit.models import reward as MR
-from rlhfkit.training import make_optimizer
+from rlhfkit.train.optim import make_optimizer
 
 
 def _tok():

@@ -76,7 +76,7 @@ def test_unknown_fields_say_what_they_are(tmp_path, field, expected):
 
 
 def test_report_to_rejects_unknown_sinks(tmp_path):
-    from rlhfkit.runs import MetricsLogger
+    from rlhfkit.train.runs import MetricsLogger
 
     with pytest.raises(ConfigError, match="report_to"):
         MetricsLogger(tmp_path, "jsonl,nonsense")

@@ -49,7 +49,7 @@ def test_verbose_prints_the_table(folder, tmp_path, capsys):
 
 def test_a_refusal_is_one_line():
     from rlhfkit.errors import ConfigError
-    from rlhfkit.memory import GiB, MemoryEstimate, check_fits
+    from rlhfkit.train.memory import GiB, MemoryEstimate, check_fits
 
     big = MemoryEstimate(weights=40 * GiB, gradients=40 * GiB, optimizer=80 * GiB, activations=20 * GiB, kv_cache=0,
                          frozen_models=0)

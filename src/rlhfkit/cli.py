@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.cli(rest) or 0)
     from rlhfkit.config import parse_config
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.runs import (
+    from rlhfkit.train.runs import (
         claim_run_folder,
         discard_unfinished_run,
         has_saved_state,

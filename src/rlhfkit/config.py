@@ -143,7 +143,7 @@ class TrainArgs:
         require(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
                 f"must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
         require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
-        from rlhfkit.precision import optimizer_class
+        from rlhfkit.train.optim import optimizer_class
 
         optimizer_class(self.optim)  # an unknown name, or an 8-bit one without bitsandbytes, is a config error
         require(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 unless max_steps is set")

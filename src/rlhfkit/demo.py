@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     atomic_write_json,
     atomic_write_text,
     one_run_per_folder,
@@ -294,7 +294,7 @@ def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, s
     from rlhfkit.judges import GoldPanel
     from rlhfkit.models import load_policy, load_tokenizer
     from rlhfkit.models.reward import RewardScorer
-    from rlhfkit.runs import read_metrics
+    from rlhfkit.train.runs import read_metrics
     from rlhfkit.tasks import kindly
 
     judge, scorer = GoldPanel(), RewardScorer(rm_path)

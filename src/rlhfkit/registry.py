@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.runs import atomic_write_json, environment_info
+from rlhfkit.train.runs import atomic_write_json, environment_info
 
 DEFAULT_ROOT = "runs/registry"
 

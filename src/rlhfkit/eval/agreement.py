@@ -249,7 +249,7 @@ def _load_source(spec: str, other: dict | None, items: dict | None) -> tuple[dic
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.runs import atomic_write_json
+    from rlhfkit.train.runs import atomic_write_json
 
     items = read_labels(cfg.items) if cfg.items else None
     files = {s: _load_source(s, None, None)[0] for s in (cfg.a, cfg.b) if not _labels_others(s)}

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhfkit.eval.run_eval import find_results
-from rlhfkit.runs import atomic_write_text
+from rlhfkit.train.runs import atomic_write_text
 
 MAX_CURVES = 16
 MAX_SAMPLES = 12

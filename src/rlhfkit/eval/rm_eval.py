@@ -32,7 +32,7 @@ import numpy as np
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import sigmoid
-from rlhfkit.runs import atomic_path, atomic_write_json
+from rlhfkit.train.runs import atomic_path, atomic_write_json
 
 
 def comparison_pairs(comps: Any) -> list[dict]:

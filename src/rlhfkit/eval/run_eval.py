@@ -31,7 +31,7 @@ import tyro
 
 from rlhfkit.config import require
 from rlhfkit.eval import metrics as M
-from rlhfkit.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+from rlhfkit.train.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
 
 
 @dataclasses.dataclass

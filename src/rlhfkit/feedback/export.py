@@ -188,7 +188,7 @@ CONVERTERS = {"preferences": _prefs, "rankings": _rankings, "sft": _sft, "kto": 
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    from rlhfkit.runs import atomic_write_text
+    from rlhfkit.train.runs import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return Path(path)
@@ -198,7 +198,7 @@ def write_dataset(records: list[dict], path: str | Path) -> Path:
     """Save as a Hugging Face `datasets` folder (load with datasets.load_from_disk)."""
     import datasets
 
-    from rlhfkit.runs import atomic_path
+    from rlhfkit.train.runs import atomic_path
 
     with atomic_path(path) as tmp:
         datasets.Dataset.from_list(records).save_to_disk(str(tmp))

@@ -27,8 +27,8 @@ from transformers import (
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.paths import resolve_path
-from rlhfkit.precision import enable_gradient_checkpointing
-from rlhfkit.runs import atomic_path
+from rlhfkit.train.savers import enable_gradient_checkpointing
+from rlhfkit.train.runs import atomic_path
 
 
 @contextlib.contextmanager
@@ -339,7 +339,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save = getattr(to_save, "module", to_save)  # unwrap DDP if the caller did not
     if state_dict is not None:
-        from rlhfkit.sharding import unsharded_copy
+        from rlhfkit.train.sharding import unsharded_copy
 
         to_save, state_dict = unsharded_copy(to_save, state_dict), None
     kwargs = {}

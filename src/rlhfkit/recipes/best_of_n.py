@@ -35,7 +35,7 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import require
-from rlhfkit.runs import atomic_path, atomic_write_json, prepare_run_dir, seed_everything
+from rlhfkit.train.runs import atomic_path, atomic_write_json, prepare_run_dir, seed_everything
 
 
 @dataclasses.dataclass

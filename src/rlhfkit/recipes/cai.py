@@ -149,7 +149,7 @@ def main(cfg: Config) -> dict:
     from rlhfkit.data.prompts import load_prompts
     from rlhfkit.judges import load_judge
     from rlhfkit.judges.constitution import load_constitution
-    from rlhfkit.runs import atomic_write_text
+    from rlhfkit.train.runs import atomic_write_text
 
     principles = load_constitution(cfg.constitution)
     model = load_judge(cfg.model)

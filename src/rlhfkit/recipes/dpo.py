@@ -51,7 +51,7 @@ from rlhfkit.losses.preference import (
     loss_parameters,
     needs_reference,
 )
-from rlhfkit.memory import report_for_run
+from rlhfkit.train.memory import report_for_run
 from rlhfkit.models import (
     check_max_length,
     load_policy,
@@ -60,26 +60,19 @@ from rlhfkit.models import (
     save_model,
     weights_fingerprint,
 )
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
     atomic_write_json,
     one_run_per_folder,
     prepare_run_dir,
 )
-from rlhfkit.sharding import full_state_dict
-from rlhfkit.training import (
-    check_finite,
-    iterate_batches,
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    mean_across_processes,
-    micro_steps_per_epoch,
-    save_checkpoint,
-)
+from rlhfkit.train.sharding import full_state_dict
+from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
+from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
+from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.optim import make_optimizer, make_scheduler
+from rlhfkit.train.step import check_finite
 
 CACHE_FORMAT = 2  # bump when the meaning of cached reference log-probs changes
 

@@ -51,7 +51,7 @@ from rlhfkit.judges.rewards import add_extra_columns, completion_id_lists
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed, masked_mean
 from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
-from rlhfkit.memory import report_on_policy
+from rlhfkit.train.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -60,7 +60,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.models.lora import disable_dropout
-from rlhfkit.precision import OffloadedBetweenCalls, offloaded
+from rlhfkit.train.savers import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
@@ -71,19 +71,12 @@ from rlhfkit.rollout.prompts import (
     rollout_seed,
     rows_of,
 )
-from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen
-from rlhfkit.training import (
-    check_finite,
-    check_finite_grads,
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    mean_across_processes,
-    save_checkpoint,
-)
+from rlhfkit.train.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.train.sharding import full_state_dict, is_sharded, shard_frozen
+from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
+from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.optim import make_optimizer, make_scheduler
+from rlhfkit.train.step import check_finite, check_finite_grads
 
 # TRL's loss_type names -> rlhfkit's normalisers
 LOSS_TYPE_ALIASES = {"grpo": "sequence", "dapo": "token", "bnpo": "token"}

@@ -61,7 +61,7 @@ from rlhfkit.config import require
 from rlhfkit.data.readers import load_records, source_of
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.judges import GoldPanel, SimulatedAnnotators
-from rlhfkit.runs import atomic_path
+from rlhfkit.train.runs import atomic_path
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     atomic_write_json,
     atomic_write_text,
     one_run_per_folder,

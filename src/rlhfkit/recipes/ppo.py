@@ -41,7 +41,7 @@ from rlhfkit.judges.rewards import add_extra_columns, completion_id_lists
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.logprobs import fast_head_allowed
 from rlhfkit.losses.policy import StepTotals, entropy_bonus, ppo_policy_loss, ptx_loss, value_loss
-from rlhfkit.memory import report_on_policy
+from rlhfkit.train.memory import report_on_policy
 from rlhfkit.models import (
     load_policy,
     load_tokenizer,
@@ -52,7 +52,7 @@ from rlhfkit.models import (
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
-from rlhfkit.precision import OffloadedBetweenCalls, offloaded
+from rlhfkit.train.savers import OffloadedBetweenCalls, offloaded
 from rlhfkit.rollout import Trajectory, get_engine, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, response_logprobs, unwrap
 from rlhfkit.rollout.prompts import (
@@ -63,19 +63,12 @@ from rlhfkit.rollout.prompts import (
     rollout_seed,
 )
 from rlhfkit.rollout.record import FirstForward
-from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
-from rlhfkit.training import (
-    check_finite,
-    check_finite_grads,
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    mean_across_processes,
-    save_checkpoint,
-)
+from rlhfkit.train.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.train.sharding import full_state_dict, is_sharded, shard_frozen, shard_layers_of
+from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
+from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.optim import make_optimizer, make_scheduler
+from rlhfkit.train.step import check_finite, check_finite_grads
 
 NAME = "ppo"
 

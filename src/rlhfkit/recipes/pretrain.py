@@ -21,8 +21,8 @@ import torch
 from rlhfkit.config import TrainArgs, require
 from rlhfkit.models import count_parameters, load_tokenizer, save_model, tiny_llama
 from rlhfkit.recipes.sft import ignore_unknown, train_causal_lm
-from rlhfkit.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.training import make_accelerator
+from rlhfkit.train.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.train.accelerator import make_accelerator
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
     atomic_write_json,
@@ -129,7 +129,7 @@ def main(cfg: Config) -> dict:
     from rlhfkit.recipes.sft import train_causal_lm
     from rlhfkit.rollout import generate
     from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt, rows_of
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.train.accelerator import make_accelerator
 
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)

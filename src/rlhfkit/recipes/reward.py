@@ -32,7 +32,7 @@ from rlhfkit.data.comparisons import collate_units, load_comparisons, report_ski
 from rlhfkit.data.readers import eval_source
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
-from rlhfkit.memory import report_for_run
+from rlhfkit.train.memory import report_for_run
 from rlhfkit.models.reward import (
     LastTokenReward,
     attach_stats,
@@ -43,14 +43,14 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.runs import (
+from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
     atomic_write_json,
     one_run_per_folder,
     prepare_run_dir,
 )
-from rlhfkit.sharding import full_state_dict, is_sharded, shard_layers_of, unsharded_copy
+from rlhfkit.train.sharding import full_state_dict, is_sharded, shard_layers_of, unsharded_copy
 
 
 @dataclasses.dataclass
@@ -202,17 +202,11 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
 
     Resumable from out/checkpoints.
     """
-    from rlhfkit.training import (
-        check_finite,
-        iterate_batches,
-        latest_checkpoint,
-        load_checkpoint,
-        make_accelerator,
-        make_optimizer,
-        make_scheduler,
-        micro_steps_per_epoch,
-        save_checkpoint,
-    )
+    from rlhfkit.train.accelerator import make_accelerator
+    from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
+    from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+    from rlhfkit.train.optim import make_optimizer, make_scheduler
+    from rlhfkit.train.step import check_finite
 
     seed = cfg.seed + member
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
@@ -338,7 +332,7 @@ def main(cfg: Config, printer=print) -> dict:
     from accelerate import PartialState
 
     from rlhfkit.models import load_tokenizer
-    from rlhfkit.training import multi_process_cpu
+    from rlhfkit.train.accelerator import multi_process_cpu
 
     is_main = PartialState(cpu=multi_process_cpu()).is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rlhfkit.config import require
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.models import load_policy, load_tokenizer
-from rlhfkit.runs import atomic_path, seed_everything
+from rlhfkit.train.runs import atomic_path, seed_everything
 
 
 @dataclasses.dataclass

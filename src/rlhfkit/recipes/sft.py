@@ -24,21 +24,15 @@ from tqdm.auto import tqdm
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
-from rlhfkit.memory import report_for_run
+from rlhfkit.train.memory import report_for_run
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
-from rlhfkit.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
-from rlhfkit.sharding import full_state_dict
-from rlhfkit.training import (
-    check_finite,
-    iterate_batches,
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    micro_steps_per_epoch,
-    save_checkpoint,
-)
+from rlhfkit.train.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.train.sharding import full_state_dict
+from rlhfkit.train.accelerator import make_accelerator
+from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
+from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.train.optim import make_optimizer, make_scheduler
+from rlhfkit.train.step import check_finite
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.record import Rollout
-from rlhfkit.sharding import forward_is_collective
+from rlhfkit.train.sharding import forward_is_collective
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -130,7 +130,7 @@ def prompts_for_step(n_prompts: int, step: int, per_process: int, seed: int, num
                      process_index: int = 0) -> list[int]:
     """Indices of this process's prompts for update `step`: a pure function of (seed, step), so a
     resumed run replays exactly the prompts an uninterrupted run would have used."""
-    from rlhfkit.training import epoch_order
+    from rlhfkit.train.batches import epoch_order
 
     global_n = per_process * num_processes
     if n_prompts < global_n:

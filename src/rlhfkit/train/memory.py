@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.runs import atomic_write_text
+from rlhfkit.train.runs import atomic_write_text
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -237,7 +237,7 @@ def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0,
 
 def report_for_run(accelerator, model, cfg: Any, *, batch: int, seq_len: int, **kwargs) -> MemoryEstimate:
     """:func:`report` with the shard count and printer taken from the run's Accelerator."""
-    from rlhfkit.sharding import is_sharded
+    from rlhfkit.train.sharding import is_sharded
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
     return report(model, cfg, batch=batch, seq_len=seq_len, shards=shards, printer=accelerator.print,
@@ -301,7 +301,7 @@ def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), criti
     * a trained `critic` (PPO's value model): its weights, gradients, optimiser state and
       activations, with a one-output head instead of the vocabulary.
     """
-    from rlhfkit.sharding import is_sharded
+    from rlhfkit.train.sharding import is_sharded
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
     seq = cfg.max_prompt_length + cfg.max_completion_length
