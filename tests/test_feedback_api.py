@@ -67,9 +67,10 @@ def test_migrations_match_models(db_url):
 
     from rlhfkit.feedback.db import current_revision
     from rlhfkit.feedback.models import Base
+    from rlhfkit.serving import tables  # noqa: F401  (the served-traffic tables of migration 0007)
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0006"
+    assert current_revision(db_url) == "0007"
     db = Database(db_url, pool_size=1)
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
