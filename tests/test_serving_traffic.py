@@ -1,0 +1,182 @@
+"""The traffic log (every served response in the feedback database), retention, redaction, and
+feedback from real use: the HTTP API and the exports the reward, DPO and KTO recipes read."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from rlhfkit.serving.tables import ServedResponse, UseFeedback
+from rlhfkit.serving.traffic import TrafficLog, export_traffic, redact
+from rlhfkit.serving.use_feedback import export_feedback, mount_experiment_routes
+
+MESSAGES = [{"role": "user", "content": "The weather today"}]
+
+
+def serve(log: TrafficLog, arm: str = "sft", text: str = "is lovely and calm", endpoint: str = "chat",
+          user: str = "u1", n: int = 1) -> str:
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    log.record(response_id=rid, experiment="exp", arm=arm, model_version=f"{arm}-v1", user_key=user,
+               endpoint=endpoint, request=MESSAGES if endpoint == "chat" else "The weather today",
+               response=[text] + [f"{text} ({i})" for i in range(1, n)],
+               sampling={"temperature": 0.7, "top_p": 0.9, "max_tokens": 16, "seed": 3},
+               prompt_tokens=5, completion_tokens=4, latency_ms=12.5, ttft_ms=3.0)
+    return rid
+
+
+@pytest.fixture
+def env(db_url):
+    log = TrafficLog(db_url, retention_days=None)
+    app = FastAPI()
+    mount_experiment_routes(app, log.db, log)
+    with TestClient(app) as client:
+        yield {"log": log, "db": log.db, "client": client}
+    log.close()
+
+
+def test_every_field_of_a_served_response_is_logged(env):
+    log = env["log"]
+    rid = serve(log, n=2)
+    log.flush()
+    with env["db"].read_session() as s:
+        row = s.scalar(select(ServedResponse).where(ServedResponse.response_id == rid))
+    assert (row.experiment, row.arm, row.model_version, row.user_key, row.endpoint) == ("exp", "sft", "sft-v1", "u1", "chat")
+    assert row.request == MESSAGES and row.response == ["is lovely and calm", "is lovely and calm (1)"]
+    assert row.sampling == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 16, "seed": 3}
+    assert (row.prompt_tokens, row.completion_tokens, row.latency_ms, row.ttft_ms, row.status) == (5, 4, 12.5, 3.0, 200)
+    with pytest.raises(TypeError, match="unknown field"):
+        log.record(response_id="x", colour="blue")
+
+
+def test_feedback_of_every_kind_with_errors_in_openai_shape(env):
+    c, log = env["client"], env["log"]
+    a, b = serve(log), serve(log, text="is grey")
+    # no flush: the API writes out queued traffic when feedback names a response not yet stored
+    for body in ({"kind": "thumbs", "thumbs": "up"}, {"kind": "rating", "rating": 4},
+                 {"kind": "edit", "text": "is lovely, calm and warm"}, {"kind": "comment", "text": "nice"},
+                 {"kind": "pairwise", "other_response_id": b, "chosen": a}):
+        r = c.post("/v1/feedback", json={"response_id": a, **body})
+        assert r.status_code == 201, r.text
+        assert r.json()["kind"] == body["kind"]
+    listed = c.get(f"/v1/feedback/{b}").json()["data"]
+    assert [f["kind"] for f in listed] == ["pairwise"]
+    assert len(c.get(f"/v1/feedback/{a}").json()["data"]) == 5
+    bad = [({"kind": "thumbs"}, 400, "thumbs"), ({"kind": "rating", "rating": 6}, 422, None),
+           ({"kind": "edit", "text": "  "}, 400, "text"), ({"kind": "thumbs", "thumbs": "up", "choice": 1}, 400, "choice"),
+           ({"kind": "pairwise", "other_response_id": b, "chosen": "neither"}, 400, "chosen"),
+           ({"kind": "pairwise", "other_response_id": a, "chosen": a}, 400, "other_response_id"),
+           ({"kind": "pairwise", "other_response_id": "chatcmpl-none", "chosen": a}, 404, "other_response_id")]
+    for body, status, param in bad:
+        r = c.post("/v1/feedback", json={"response_id": a, **body})
+        assert r.status_code == status, (body, r.text)
+        if status != 422:
+            assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+    r = c.post("/v1/feedback", json={"response_id": "chatcmpl-unknown", "kind": "thumbs", "thumbs": "up"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_retried_post_with_an_idempotency_key_is_recorded_once(env):
+    c, log = env["client"], env["log"]
+    rid = serve(log)
+    body = {"response_id": rid, "kind": "thumbs", "thumbs": "down", "idempotency_key": "k1"}
+    first, again = c.post("/v1/feedback", json=body), c.post("/v1/feedback", json=body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    with env["db"].read_session() as s:
+        assert s.scalar(select(func.count()).select_from(UseFeedback)) == 1
+
+
+def test_exports_are_what_the_reward_dpo_and_kto_recipes_read(env):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data.preference import preference_texts
+    from rlhfkit.tasks.kindly import HERE
+
+    c, log = env["client"], env["log"]
+    a, b = serve(log, arm="sft", text="is bad"), serve(log, arm="ppo", text="is lovely")
+    plain = serve(log, arm="sft", text="is dull", endpoint="completions")
+    posts = [{"response_id": a, "kind": "pairwise", "other_response_id": b, "chosen": b},
+             {"response_id": a, "kind": "edit", "text": "is bright"},
+             {"response_id": a, "kind": "thumbs", "thumbs": "up"}, {"response_id": a, "kind": "thumbs", "thumbs": "down"},
+             {"response_id": b, "kind": "thumbs", "thumbs": "up"}, {"response_id": plain, "kind": "rating", "rating": 2}]
+    for body in posts:
+        assert c.post("/v1/feedback", json=body).status_code == 201
+    prefs = export_feedback(env["db"], "preferences", "exp")
+    assert [p["source"] for p in prefs] == ["pairwise", "edit"]
+    assert prefs[0]["prompt"] == MESSAGES and prefs[0]["chosen"] == [{"role": "assistant", "content": "is lovely"}]
+    assert (prefs[0]["chosen_arm"], prefs[0]["chosen_model_version"], prefs[0]["rejected_arm"]) == ("ppo", "ppo-v1", "sft")
+    assert prefs[1]["chosen"][0]["content"] == "is bright" and prefs[1]["rejected_model_version"] == "sft-v1"
+    kto = export_feedback(env["db"], "kto", "exp")
+    # the latest thumbs on a response wins: the user changed their mind on `a`
+    assert [(k["arm"], k["label"]) for k in kto] == [("sft", False), ("ppo", True)]
+    ratings = export_feedback(env["db"], "ratings", "exp")
+    assert ratings == [{"prompt": "The weather today", "completion": "is dull", "rating": 2, "experiment": "exp",
+                        "arm": "sft", "model_version": "sft-v1", "response_id": plain}]
+    assert export_feedback(env["db"], "sft", "exp")[0]["completion"][0]["content"] == "is bright"
+    tok = AutoTokenizer.from_pretrained(HERE / "tokenizer")
+    pairs, labels = preference_texts(prefs, unpaired=False, tokenizer=tok, log=lambda m: None)[:2]
+    assert len(pairs) == 2 and labels is None and pairs[0][1].strip().startswith("is lovely")
+    texts, labels = preference_texts(kto, unpaired=True, tokenizer=tok, log=lambda m: None)[:2]
+    assert labels == [False, True] and texts[1][1].strip().startswith("is lovely")
+
+
+def test_retention_deletes_old_traffic_and_its_feedback(env):
+    c, log, db = env["client"], env["log"], env["db"]
+    old, new = serve(log), serve(log)
+    log.flush()
+    for rid in (old, new):
+        assert c.post("/v1/feedback", json={"response_id": rid, "kind": "thumbs", "thumbs": "up"}).status_code == 201
+    with db.session() as s:
+        s.execute(update(ServedResponse).where(ServedResponse.response_id == old)
+                  .values(created_at=dt.datetime(2020, 1, 1)))
+    assert log.purge(30) == 1
+    with db.read_session() as s:
+        assert s.scalars(select(ServedResponse.response_id)).all() == [new]
+        assert s.scalars(select(UseFeedback.response_id)).all() == [new]
+
+
+def test_the_writer_thread_purges_by_the_retention_setting(db_url):
+    with TrafficLog(db_url) as log:
+        serve(log)
+        log.flush()
+        with log.db.session() as s:
+            s.execute(update(ServedResponse).values(created_at=dt.datetime(2020, 1, 1)))
+    with TrafficLog(db_url, retention_days=7) as log:
+        serve(log)
+        log.flush()
+        with log.db.read_session() as s:
+            assert s.scalar(select(func.count()).select_from(ServedResponse)) == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("write to jane.doe+ab@mail.example.co.uk today", "write to [EMAIL] today"),
+    ("call (415) 555-2671 or 415.555.2671", "call [PHONE] or [PHONE]"),
+    ("abroad: +44 20 7946 0958, or 0049 30 1234567.", "abroad: [PHONE], or [PHONE]."),
+    ("US +1-202-555-0143", "US [PHONE]"),
+    ("on 2026-12-07 at 12:30, 320,000 people; pi is 3.14159265", "on 2026-12-07 at 12:30, 320,000 people; pi is 3.14159265"),
+    ("order 1234567890123456789 shipped", "order 1234567890123456789 shipped"),
+    ("id chatcmpl-1ee191c9c7a54bff84ffb0168796d4a9", "id chatcmpl-1ee191c9c7a54bff84ffb0168796d4a9"),
+])
+def test_redaction_of_addresses_and_phone_numbers(text, expected):
+    assert redact(text) == expected
+
+
+def test_exports_are_redacted_unless_asked(env):
+    log = env["log"]
+    rid = serve(log, text="mail me at a.b@example.org or ring +1 202 555 0143")
+    assert env["client"].post("/v1/feedback", json={"response_id": rid, "kind": "comment",
+                                                    "text": "I am (415) 555-2671"}).status_code == 201
+    (comment,) = export_feedback(env["db"], "comments", "exp")
+    assert comment["comment"] == "I am [PHONE]" and comment["completion"] == [
+        {"role": "assistant", "content": "mail me at [EMAIL] or ring [PHONE]"}] and comment["response_id"] == rid
+    assert "415" in export_feedback(env["db"], "comments", "exp", redacted=False)[0]["comment"]
+    log.flush()
+    (row,) = list(export_traffic(env["db"], "exp"))
+    assert row["response"] == ["mail me at [EMAIL] or ring [PHONE]"] and row["arm"] == "sft"
+    (raw,) = list(export_traffic(env["db"], "exp", redacted=False))
+    assert "a.b@example.org" in raw["response"][0]
