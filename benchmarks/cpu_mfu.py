@@ -76,7 +76,7 @@ def sft_tokens_per_second(model, tokenizer, n_rows: int) -> dict:
 
 def run(quick: bool = False) -> dict:
     from rlhfkit.models import load_policy, load_tokenizer, tiny_llama
-    from rlhfkit.models.factory import count_parameters
+    from rlhfkit.train.memory import count_parameters
 
     load_before = os.getloadavg()
     tokenizer = load_tokenizer(SPEED_TOKENIZER)

@@ -74,7 +74,7 @@ def warm_start(policy, tokenizer, steps: int = 120, batch: int = 32, lr: float =
     from rlhfkit.recipes import sft
     from rlhfkit.train.accelerator import make_accelerator
 
-    examples, _ = sft.load_sft_examples("kindly", tokenizer, max_length=64)
+    examples = sft.load_sft_examples("kindly", tokenizer, max_length=64).examples
     with tempfile.TemporaryDirectory() as d:
         cfg = sft.Config(model="unused", output_dir=d, per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=lr, logging_steps=10**9, report_to="none", progress=False, seed=seed)

@@ -71,7 +71,7 @@ def test_sft_smoke_writes_hf_checkpoint_and_metrics(tiny_setup):
 def test_completion_only_loss_ignores_prompt_tokens(tiny_setup):
     _, model, data = tiny_setup
     tok = load_tokenizer(str(model))
-    examples, _ = sft.load_sft_examples(str(data), tok, 32)
+    examples = sft.load_sft_examples(str(data), tok, 32).examples
     ex = examples[0]
     prompt_len = len(tok(" ".join(SENTENCES[0].split()[:3]), add_special_tokens=False)["input_ids"])
     # bos + prompt are masked; every completion token and the closing EOS are supervised
@@ -192,7 +192,7 @@ def test_packed_batch_gives_the_unpacked_loss(tmp_path, arch):
     tok = load_tokenizer(path)
     model = load_policy(path).eval()
     records = [{"prompt": " ".join(s.split()[:3]), "completion": " " + " ".join(s.split()[3:])} for s in SENTENCES[:6]]
-    examples, _ = sft.load_sft_examples(records, tok, 32)
+    examples = sft.load_sft_examples(records, tok, 32).examples
     padded = PadCollator(tok.pad_token_id)(examples)
     packed = PadCollator(tok.pad_token_id)(pack_sequences(examples, 64, tok.eos_token_id))
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] < len(examples)
@@ -220,8 +220,8 @@ def test_overlong_prompt_is_cut_from_the_left_and_counted_never_nan(tmp_path, ti
     tok = load_tokenizer(str(model))
     long_prompt = " ".join(["word"] * 80)
     records = [{"prompt": long_prompt, "completion": " the end"}] * 4
-    examples, n_trunc = sft.load_sft_examples(records, tok, 16)
-    assert n_trunc == 4 and sft.load_sft_examples.last_prompt_truncated == 4
+    examples, n_trunc, n_prompt_cut = sft.load_sft_examples(records, tok, 16)
+    assert n_trunc == 4 and n_prompt_cut == 4
     for ex in examples:
         assert len(ex["input_ids"]) <= 16
         assert sum(t != -100 for t in ex["labels"]) >= 1  # the response keeps its start

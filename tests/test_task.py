@@ -139,7 +139,7 @@ def test_unknown_words_are_never_a_training_target():
     assert any(unk in b["input_ids"] for b in blocks)
     for b in blocks:
         assert [-100 if t == unk else t for t in b["input_ids"]] == b["labels"]
-    examples, _ = load_sft_examples("kindly", tok, max_length=64, split="eval")
+    examples = load_sft_examples("kindly", tok, max_length=64, split="eval").examples
     assert any(unk in ex["input_ids"] for ex in examples)
     assert all(unk not in ex["labels"] for ex in examples)
 

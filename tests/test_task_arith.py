@@ -108,7 +108,8 @@ def test_tokenizer_round_trip_is_character_level():
 
 
 def test_base_checkpoint_is_small_and_loads():
-    from rlhfkit.models import count_parameters, load_policy
+    from rlhfkit.models import load_policy
+    from rlhfkit.train.memory import count_parameters
 
     path = arith.base_model_path()
     assert (path / "model.safetensors").stat().st_size < 5 * 2**20

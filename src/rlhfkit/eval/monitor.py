@@ -11,7 +11,6 @@ falling and the held-out perplexity rising (mode collapse, capability loss).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ def load_eval_reward(cfg: Any, device: Any = "cpu"):
 def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Tensor, logp: torch.Tensor,
                   eval_scores: np.ndarray | None) -> dict[str, float]:
     """Per-update metrics of a rollout batch (before training on it). `reward` is the training total."""
-    from rlhfkit.logprobs import masked_mean
+    from rlhfkit.masked import masked_mean
 
     mask = rollout.response_mask.to(kl_per_token.device)
     out = {
@@ -69,50 +68,6 @@ def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Te
         out["gold_reward"] = out["eval_reward"]
         out["gold_proxy_gap"] = out["reward"] - out["eval_reward"]
     return out
-
-
-def average_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
-    """Averages of per-mini-batch metrics over an update; *_min / *_max keep the extremes."""
-    if not metrics:
-        return {}
-    out: dict[str, float] = {}
-    for key in metrics[0]:
-        vals = [float(m[key]) for m in metrics if key in m]
-        out[key] = min(vals) if key.endswith("_min") else max(vals) if key.endswith("_max") else sum(vals) / len(vals)
-    return out
-
-
-def update_summary(metrics: list[dict[str, Any]], stopped: bool) -> dict[str, float]:
-    """One update's metrics from its optimiser steps: averages (extremes for *_min / *_max), the
-    first step's importance ratio (1 up to rounding when old and new log-probs agree), the step
-    count and whether the approx-KL early stop cut the epochs short."""
-    out = average_metrics(metrics)
-    out.update(first_ratio_mean=metrics[0]["ratio_mean"], first_ratio_min=metrics[0]["ratio_min"],
-               first_ratio_max=metrics[0]["ratio_max"], optimizer_steps=len(metrics), early_stopped=float(stopped))
-    return out
-
-
-def sample_rows(rollout: Rollout, scores: torch.Tensor, eval_scores: np.ndarray | None, n: int = 8) -> list[dict]:
-    return [{"prompt": rollout.prompts[i], "response": rollout.responses[i], "reward": scores[i].item(),
-             "eval_reward": None if eval_scores is None else float(eval_scores[i])} for i in range(min(n, len(rollout)))]
-
-
-def sample_table(rows: list[dict]) -> str:
-    """A markdown table of sample rows (TensorBoard renders it)."""
-    out = ["| prompt | response | reward | eval reward |", "|---|---|---|---|"]
-    for r in rows:
-        g = "" if r["eval_reward"] is None else f"{r['eval_reward']:.3f}"
-        cells = [str(r["prompt"]).replace("|", "\\|").replace("\n", " "), r["response"].replace("|", "\\|")
-                 .replace("\n", " ")]
-        out.append(f"| {cells[0]} | {cells[1]} | {r['reward']:.3f} | {g} |")
-    return "\n".join(out)
-
-
-def write_samples(output_dir: str | Path, step: int, rows: list[dict]) -> None:
-    """Append sample rows of this update to samples.jsonl."""
-    with open(Path(output_dir) / "samples.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({"step": step, **r}) + "\n")
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.run_eval import find_results
 from rlhfkit.train.runs import atomic_write_text
 
@@ -258,14 +259,25 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
     """Return the report HTML for `run_dir` (read-only; see :func:`write_report`)."""
     root = Path(run_dir)
     if not root.is_dir():
-        from rlhfkit.errors import ConfigError
-
         raise ConfigError(f"report: run folder {root} does not exist")
     title = title or f"rlhfkit report: {root.resolve().name}"
     parts = [f"<h1>{esc(title)}</h1>",
              f'<p class="note">Run folder <code>{esc(root.resolve())}</code>, generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}. '
              "Gold = the held-out human panel; proxy = the learned reward model. Intervals are 95% bootstrap intervals.</p>"]
+    parts += _summary_section(root)
+    parts += _evaluation_section(root)
+    parts += _agreement_section(root)
+    parts += _overopt_section(root)
+    parts += _alarm_section(root)
+    parts += _curves_section(root)
+    parts += _samples_section(root)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
+
+def _summary_section(root: Path) -> list[str]:
+    """Win rates of a comparison run (summary.json)."""
+    parts: list[str] = []
     summary = root / "summary.json"
     if summary.is_file():
         data = json.loads(summary.read_text())
@@ -274,7 +286,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             rest = [c for r in data["win_rates"] for c in r if c not in first]
             parts.append("<h2>Win rates against the SFT reference</h2>")
             parts.append(records_table(data["win_rates"], first + list(dict.fromkeys(rest))))
+    return parts
 
+
+def _evaluation_section(root: Path) -> list[str]:
+    """Every eval results.json, oldest first, and the split of gold gains."""
+    parts: list[str] = []
     evals = []
     for p in sorted(find_results(root), key=lambda q: q.stat().st_mtime):  # the order they were made
         try:
@@ -292,7 +309,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
                          "or more). Per prompt the gain over the reference splits exactly into a sentiment term "
                          "(mean q &times; change in c) and a quality term (mean c+1 &times; change in q).</p>")
             parts.append(records_table(splits))
+    return parts
 
+
+def _agreement_section(root: Path) -> list[str]:
+    """Agreement of AI-judge labels with the reference labels."""
+    parts: list[str] = []
     agreements = [(p, json.loads(p.read_text())) for p in _find(root, "agreement.json")]
     if agreements:  # labels came from a judge: how far they stand from the reference (rlhfkit agreement)
         parts.append("<h2>Label agreement (AI judge against the reference)</h2>")
@@ -303,7 +325,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             if isinstance(d.get("confusion"), dict):
                 parts.append(f"<h3>Confusion ({esc(_rel(p, root))}): rows a, columns b</h3>")
                 parts.append(records_table([{"a": r, **row} for r, row in d["confusion"].items()]))
+    return parts
 
+
+def _overopt_section(root: Path) -> list[str]:
+    """Gold against proxy reward with the Gao et al. fits."""
+    parts: list[str] = []
     for p in _find(root, "overopt.json"):
         img, fits = overopt_figure(json.loads(p.read_text()))
         if img:
@@ -313,7 +340,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
                          "RL d(&alpha; - &beta; log d), d = sqrt(KL). Proxy rising while gold falls is reward hacking.</p>")
             parts.append(img)
             parts.append(records_table(fits))
+    return parts
 
+
+def _alarm_section(root: Path) -> list[str]:
+    """The reward-hacking and collapse alarms."""
+    parts: list[str] = []
     alarms = [(p, _read_jsonl(p)) for p in _find(root, "alarms.jsonl")]
     parts.append("<h2>Reward-hacking and collapse alarms</h2>")
     if any(rows for _, rows in alarms):
@@ -323,7 +355,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
                 parts.append(records_table(rows))
     else:
         parts.append('<p class="note">None raised.</p>')
+    return parts
 
+
+def _curves_section(root: Path) -> list[str]:
+    """Training curves of every metrics.jsonl."""
+    parts: list[str] = []
     metric_files = _find(root, "metrics.jsonl")
     if metric_files:
         parts.append("<h2>Training curves</h2>")
@@ -332,7 +369,12 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
         img = curves_figure(rows, _rel(p, root)) if rows else None
         if img:
             parts.append(f"<h3>{esc(_rel(p, root))}</h3>{img}")
+    return parts
 
+
+def _samples_section(root: Path) -> list[str]:
+    """Sample responses of every samples.jsonl."""
+    parts: list[str] = []
     sample_files = _find(root, "samples.jsonl")
     if sample_files:
         parts.append("<h2>Samples</h2>")
@@ -341,9 +383,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
         if rows:
             parts.append(f"<h3>{esc(_rel(p, root))}</h3>")
             parts.append(records_table(rows, text_columns=("prompt", "response", "reference")))
-
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return parts
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None, title: str | None = None) -> Path:

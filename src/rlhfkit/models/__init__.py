@@ -1,7 +1,6 @@
 """Load, build and save policy, reference, reward and value models (HF formats, LoRA via peft)."""
 
 from rlhfkit.models.factory import (
-    count_parameters,
     tiny_llama,
     tiny_llama_config,
     tiny_reward_model,
@@ -22,7 +21,6 @@ from rlhfkit.models.lora import apply_lora, disable_dropout, is_lora, reference_
 __all__ = [
     "apply_lora",
     "check_max_length",
-    "count_parameters",
     "disable_dropout",
     "is_lora",
     "load_policy",

@@ -51,14 +51,3 @@ def tiny_reward_model(vocab_size: int, hidden_size: int = 128, num_layers: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForSequenceClassification(cfg)
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total

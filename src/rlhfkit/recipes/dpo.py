@@ -6,8 +6,10 @@
 
 `--loss` picks a function from :data:`rlhfkit.losses.preference.PREFERENCE_LOSSES` (sigmoid,
 ipo, hinge, cdpo, robust, simpo, orpo, kto). Data: `prompt`/`chosen`/`rejected` pairs (text
-or conversations), `prompt`/`responses`/`ranking` rankings (expanded to every ordered pair),
-or `prompt`/`completion`/`label` for KTO.
+or conversations; a `label` below 0.5 means rejected won, ties are left out and counted),
+`prompt`/`responses`/`ranking` rankings (possibly partial, expanded to every ordered pair),
+mixed as the reward recipe takes them (:mod:`rlhfkit.data.preference`), or
+`prompt`/`completion`/`label` for KTO.
 
 A step: chosen and rejected rows of a micro-batch go through ONE forward
 (:func:`rlhfkit.logprobs.response_logprobs`; data from :mod:`rlhfkit.data.preference`).
@@ -19,14 +21,13 @@ of chosen and rejected, their margin and accuracy, on training and held-out pair
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -35,15 +36,12 @@ from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.preference import (
     PreferenceData,
     ResponseBatch,
-    collate_preferences,
     collate_responses,
     example_rows,
     load_preferences,
-    pair_units,
 )
 from rlhfkit.data.readers import eval_source
 from rlhfkit.logprobs import fast_head_allowed, response_logprobs
-from rlhfkit.logprobs import preference_reference_logps as compute_reference_logps
 from rlhfkit.losses.preference import (
     PREFERENCE_LOSSES,
     UNPAIRED_LOSSES,
@@ -51,7 +49,6 @@ from rlhfkit.losses.preference import (
     loss_parameters,
     needs_reference,
 )
-from rlhfkit.train.memory import report_for_run
 from rlhfkit.models import (
     check_max_length,
     load_policy,
@@ -60,6 +57,11 @@ from rlhfkit.models import (
     save_model,
     weights_fingerprint,
 )
+from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
+from rlhfkit.train.batches import micro_steps_per_epoch, optimizer_steps, total_optimizer_steps
+from rlhfkit.train.checkpoints import save_checkpoint
+from rlhfkit.train.memory import report_for_run
+from rlhfkit.train.optim import prepare_training
 from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
@@ -68,11 +70,7 @@ from rlhfkit.train.runs import (
     prepare_run_dir,
 )
 from rlhfkit.train.sharding import full_state_dict
-from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
-from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
-from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhfkit.train.optim import make_optimizer, make_scheduler
-from rlhfkit.train.step import check_finite
+from rlhfkit.train.step import accumulate, backward, optimizer_step, share
 
 CACHE_FORMAT = 2  # bump when the meaning of cached reference log-probs changes
 
@@ -137,13 +135,44 @@ def load_encoded(source, split: str, loss: str, tokenizer, max_length: int, limi
 
 def response_logps(model, batch: ResponseBatch, fast_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log pi(response | prompt) per row and the response lengths."""
-    lp, _ = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_width,
-                              batch.response_mask, fast_head=fast_head)
+    lp, _ = response_logprobs(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              response_width=batch.response_width, response_mask=batch.response_mask,
+                              fast_head=fast_head)
     return lp.sum(-1), batch.response_mask.sum(-1).to(lp.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # reference log-probs: precomputed and cached, or on the fly
+
+
+@torch.no_grad()
+def compute_reference_logps(ref_model, data: PreferenceData, batch_size: int, pad_id: int, device, kl: bool,
+                            progress: bool = False, fast_head: bool = True) -> torch.Tensor:
+    """Summed reference log-probs of every example, (n, 2) float64: pairs -> [chosen, rejected];
+    unpaired -> [completion, mismatched KL completion (with `kl`)].
+
+    `ref_model` runs in eval mode, under `reference_context` (adapters disabled on a LoRA policy).
+    """
+    out = torch.zeros(len(data.rows), 2, dtype=torch.float64)
+    with reference_context(ref_model) as ref:
+        was_training = ref.training
+        ref.eval()
+        for start in tqdm(range(0, len(data.rows), batch_size), desc="reference log-probs", disable=not progress):
+            index = list(range(start, min(start + batch_size, len(data.rows))))
+            rows = example_rows(data, index)
+            if not data.paired and kl:
+                rows = rows + example_rows(data, index, kl=True)
+            b = collate_responses(rows, pad_id, device)
+            lp, _ = response_logprobs(ref, input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                      response_width=b.response_width, response_mask=b.response_mask,
+                                      fast_head=fast_head)
+            lp = lp.sum(-1).double().cpu()
+            if data.paired or kl:
+                out[index, 0], out[index, 1] = lp[:len(index)], lp[len(index):]
+            else:
+                out[index, 0] = lp
+        ref.train(was_training)
+    return out
 
 
 def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: int, device: Any, kl: bool,
@@ -177,9 +206,8 @@ def batch_loss(cfg: Config, model, ref_model, enc: PreferenceData, index: list[i
     """Loss, metrics, non-pad tokens of micro-batch `index`; `reduce` (cross-process sum): KTO's z_0 over all."""
     use_ref = needs_reference(cfg.loss)
     kl = cfg.kto_kl and not enc.paired
-    # pairs: the preference batch the reward recipe uses too (chosen rows, then rejected rows)
-    batch = (collate_preferences(pair_units(enc, index), pad_id, device).rows if enc.paired
-             else collate_responses(example_rows(enc, index), pad_id, device))
+    # pairs: chosen rows, then rejected rows (the pair layout of the reward recipe's batches)
+    batch = collate_responses(example_rows(enc, index), pad_id, device)
     fast = fast_head_allowed(cfg.mixed_precision)
     logps, lengths = response_logps(model, batch, fast)
     tokens = int(batch.attention_mask.sum())
@@ -256,10 +284,31 @@ def _reference(cfg: Config, policy):
     return load_policy(cfg.reference or cfg.model, cfg.dtype, trainable=False, disable_dropout=cfg.disable_dropout).requires_grad_(False)
 
 
+class Reference(NamedTuple):
+    """The reference side of the loss: a model, or tables of its log-probs computed once."""
+
+    model: Any
+    train_table: torch.Tensor | None
+    eval_table: torch.Tensor | None
+
+
+def _reference_tables(cfg: Config, policy, train: PreferenceData, held_out: PreferenceData | None,
+                      pad_id: int, accelerator) -> Reference:
+    if not needs_reference(cfg.loss):
+        return Reference(None, None, None)
+    ref_model, kl = _reference(cfg, policy), cfg.kto_kl and not train.paired
+    ref_model.to(accelerator.device)
+    if not cfg.precompute_ref:
+        return Reference(ref_model, None, None)
+    tables = [None if enc is None else cached_reference_logps(ref_model, enc, cfg, pad_id, accelerator.device, kl,
+                                                              accelerator.is_main_process) for enc in (train, held_out)]
+    # every reference value is in the tables now; free the copy (with LoRA it is the policy itself)
+    return Reference(ref_model if cfg.use_lora else None, *tables)
+
+
 @one_run_per_folder
 def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
-    device = accelerator.device
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     pad_id = tokenizer.pad_token_id
@@ -268,84 +317,23 @@ def main(cfg: Config) -> dict:
     kind = "pairs" if train.paired else f"unpaired examples ({sum(train.labels)} desirable)"
     accelerator.print(f"dpo[{cfg.loss}]: {len(train.rows)} training {kind}"
                       + (f", {len(held_out.rows)} held out" if held_out else ""))
-
     policy = load_policy(cfg.model, cfg.dtype, lora=cfg, disable_dropout=cfg.disable_dropout,
                          attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
     check_max_length(policy, cfg.max_length)
     report_for_run(accelerator, policy, cfg, batch=2 * cfg.per_device_train_batch_size, seq_len=cfg.max_length)
-    ref_model = _reference(cfg, policy) if needs_reference(cfg.loss) else None
-    kl = cfg.kto_kl and not train.paired
-    ref_train = ref_eval = None
-    if ref_model is not None:
-        ref_model.to(device)
-        if cfg.precompute_ref:
-            ref_train = cached_reference_logps(ref_model, train, cfg, pad_id, device, kl, accelerator.is_main_process)
-            if held_out is not None:
-                ref_eval = cached_reference_logps(ref_model, held_out, cfg, pad_id, device, kl, accelerator.is_main_process)
-            if not cfg.use_lora:
-                ref_model = None  # every reference value is in the tables now; free the copy
-
-    nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    reduce = (lambda t: accelerator.reduce(t, "sum")) if nproc > 1 else None  # KTO's z_0 over all processes
-    per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_train_batch_size, nproc)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
-    optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)  # stepped by hand once per optimiser step
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    if ref_model is not None and cfg.use_lora:
-        ref_model = policy
-    accelerator.register_for_checkpointing(scheduler)
-    step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        accelerator.print(f"dpo: resumed from {ckpt} at step {step}")
-
+    ref = _reference_tables(cfg, policy, train, held_out, pad_id, accelerator)
+    total_steps = total_optimizer_steps(len(train.rows), cfg, accelerator.num_processes)
+    policy, optimizer, scheduler, step = prepare_training(accelerator, policy, cfg, total_steps, out, "dpo")
+    if ref.model is not None and cfg.use_lora:
+        ref = ref._replace(model=policy)  # the prepared policy, run with its adapter disabled
     logger = MetricsLogger(out, cfg.report_to, enabled=accelerator.is_main_process)
-    bar = tqdm(total=total_steps, initial=step, desc=f"dpo[{cfg.loss}]", disable=not (cfg.progress and accelerator.is_main_process))
-    policy.train()
-    t0, tokens, window = time.perf_counter(), 0, []
-    metrics: dict[str, float] = {}
-    for micro, local, _ in iterate_batches(len(train.rows), cfg.per_device_train_batch_size, cfg.seed, step * accum,
-                                           total_steps * accum, nproc, rank):
-        sync = (micro + 1) % accum == 0
-        with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(policy):
-            loss, m, ntok = batch_loss(cfg, policy, ref_model, train, local, ref_train, pad_id, device, reduce)
-            check_finite("loss", loss)
-            accelerator.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
-        tokens += ntok * nproc
-        window.append({"loss": loss.detach(), **m})
-        if not sync:
-            continue
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        if grad_norm is not None:
-            check_finite("gradient norm", grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            # metrics are read (one device sync) only when logged
-            metrics = {k: float(torch.stack([w[k] for w in window]).nanmean()) for k in window[-1]}
-            if nproc > 1:  # every process logs the mean over all of them (NaN if one saw no such example)
-                metrics = dict(zip(metrics, mean_across_processes(accelerator, list(metrics.values()))))
-            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0),
-                           epoch=micro / max(per_epoch, 1))
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            logger.log(metrics, step)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
-        window = []
-        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and held_out is not None:
-            logger.log(evaluate(cfg, policy, ref_model, held_out, ref_eval, pad_id, device), step)
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            save_checkpoint(accelerator, out, step)
-    bar.close()
+    t0 = time.perf_counter()
+    metrics, step, tokens = train_loop(cfg, accelerator, policy, ref, train, held_out, optimizer, scheduler, step,
+                                       total_steps, out, pad_id, logger)
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0, tokens=tokens,
                  train_examples=len(train.rows), truncated=train.truncated, skipped=train.skipped)
     if held_out is not None:
-        final.update(evaluate(cfg, policy, ref_model, held_out, ref_eval, pad_id, device))
+        final.update(evaluate(cfg, policy, ref.model, held_out, ref.eval_table, pad_id, accelerator.device))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
     accelerator.wait_for_everyone()
@@ -356,3 +344,44 @@ def main(cfg: Config) -> dict:
         atomic_write_json(out / "results.json", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def train_loop(cfg: Config, accelerator, policy, ref: Reference, train: PreferenceData, held_out, optimizer, scheduler,
+               step: int, total_steps: int, out: Path, pad_id: int, logger) -> tuple[dict, int, int]:
+    """Optimiser steps from `step` to `total_steps`; returns (last logged metrics, step, tokens seen)."""
+    nproc, device = accelerator.num_processes, accelerator.device
+    reduce = (lambda t: accelerator.reduce(t, "sum")) if nproc > 1 else None  # KTO's z_0 over all processes
+    per_epoch = micro_steps_per_epoch(len(train.rows), cfg.per_device_train_batch_size, nproc)
+    bar = tqdm(total=total_steps, initial=step, desc=f"dpo[{cfg.loss}]", disable=not (cfg.progress and accelerator.is_main_process))
+    policy.train()
+    t0, tokens, metrics = time.perf_counter(), 0, {}
+    for batches in optimizer_steps(len(train.rows), cfg, step, total_steps, nproc, accelerator.process_index):
+        step_rows = sum(len(g) for _, _, g in batches) / nproc  # examples in the step, per process
+        window = []
+        for j, (_, local, _) in enumerate(batches):
+            with accumulate(accelerator, [policy], last=j == len(batches) - 1):
+                loss, m, ntok = batch_loss(cfg, policy, ref.model, train, local, ref.train_table, pad_id, device, reduce)
+                # the loss is the micro-batch's mean: weighted by its share of the step (train.step)
+                backward(accelerator, loss * share(len(local), step_rows), "loss")
+            tokens += ntok * nproc
+            window.append({"loss": loss.detach(), **m})
+        grad_norm = optimizer_step(accelerator, [policy], [optimizer], [scheduler], cfg.max_grad_norm)
+        step += 1
+        bar.update(1)
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            # metrics are read (one device sync) only when logged
+            metrics = {k: float(torch.stack([w[k] for w in window]).nanmean()) for k in window[-1]}
+            if nproc > 1:  # every process logs the mean over all of them (NaN if one saw no such example)
+                metrics = dict(zip(metrics, mean_across_processes(accelerator, list(metrics.values()))))
+            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0),
+                           epoch=batches[-1][0] / max(per_epoch, 1))
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            logger.log(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and held_out is not None:
+            logger.log(evaluate(cfg, policy, ref.model, held_out, ref.eval_table, pad_id, device), step)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+            save_checkpoint(accelerator, out, step)
+    bar.close()
+    return metrics, step, tokens

@@ -4,7 +4,7 @@ Each round r = 1..R (Ouyang et al. 2022 sec. 3; Bai et al. 2022 "Training a Help
 Harmless Assistant", sec. 4.5 "iterated online RLHF"):
 
   1. sample two responses per prompt from the current policy (fresh prompts each round);
-  2. collect preferences through one :class:`rlhfkit.feedback_sources.PreferenceSource`:
+  2. collect preferences through one :class:`rlhfkit.judges.sources.PreferenceSource`:
      ``--source simulated`` annotators, ``judge:SPEC`` an AI judge (RLAIF), or
      ``feedback:URL`` (or ``feedback:DB_URL``) people labelling in the feedback service (the round's pairs are posted as
      a task; the round waits until ``feedback_quota`` of them are labelled or
@@ -29,7 +29,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import yaml
+from transformers.utils import logging as hf_logging
+
 from rlhfkit.config import from_dict, require
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.eval.agreement import binary_agreement
+from rlhfkit.eval.report import write_report
+from rlhfkit.eval.run_eval import evaluate, write_results
+from rlhfkit.judges import GoldPanel, load_judge
+from rlhfkit.judges.sources import (
+    SOURCES,
+    AIJudgeSource,
+    FeedbackServiceSource,
+    to_preference_records,
+)
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.models.registry import Registry, RegistryError
+from rlhfkit.models.reward import RewardScorer
+from rlhfkit.recipes import dpo, ppo, reward
+from rlhfkit.rollout import generate
+from rlhfkit.tasks import kindly
 from rlhfkit.train.runs import (
     atomic_write_json,
     atomic_write_text,
@@ -118,9 +140,7 @@ class Config:
 
 def _recipe_config(cls: type, defaults: dict, yaml_path: str, forced: dict) -> Any:
     """defaults < the user's YAML < forced (the paths and step counts the loop controls)."""
-    import yaml
 
-    from rlhfkit.errors import ConfigError
 
     extra = {}
     if yaml_path:
@@ -137,20 +157,16 @@ def make_source(cfg: Config, seed: int, cache: dict | None = None):
     cache = {} if cache is None else cache
     if cfg.source.startswith("judge:"):
         if "judge" not in cache:
-            from rlhfkit.judges import load_judge
-            from rlhfkit.judges.sources import AIJudgeSource
 
             cache["judge"] = AIJudgeSource(load_judge(cfg.source[len("judge:"):]))
         return cache["judge"]
     if cfg.source.startswith("feedback:"):
         if "feedback" not in cache:
-            from rlhfkit.judges.sources import FeedbackServiceSource
 
             cache["feedback"] = FeedbackServiceSource(cfg.source[len("feedback:"):], quota=cfg.feedback_quota,
                                                       deadline=cfg.feedback_deadline, poll=cfg.feedback_poll,
                                                       overlap=cfg.feedback_overlap, task_prefix="loop")
         return cache["feedback"]
-    from rlhfkit.feedback_sources import SOURCES
 
     return SOURCES[cfg.source](beta=cfg.annotator_beta, tie_margin=cfg.annotator_tie_margin,
                                unreliable_frac=cfg.unreliable_frac, seed=seed)
@@ -158,7 +174,6 @@ def make_source(cfg: Config, seed: int, cache: dict | None = None):
 
 def round_prompts(all_prompts: list[str], cfg: Config, r: int) -> list[str]:
     """Disjoint slices of a seeded permutation, wrapping around when the prompts run out."""
-    import numpy as np
 
     order = np.random.default_rng(cfg.seed).permutation(len(all_prompts))
     start = (r - 1) * cfg.prompts_per_round
@@ -167,9 +182,6 @@ def round_prompts(all_prompts: list[str], cfg: Config, r: int) -> list[str]:
 
 def collect_round(policy_path: str, prompts: list[str], source, cfg: Config, seed: int, r: int) -> tuple[list[dict], dict]:
     """Two samples per prompt from the policy, labelled by `source`."""
-    from rlhfkit.feedback_sources import to_preference_records
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.rollout import generate
 
     tok = load_tokenizer(policy_path)
     policy = load_policy(policy_path, trainable=False).eval()
@@ -186,8 +198,6 @@ def collect_round(policy_path: str, prompts: list[str], source, cfg: Config, see
 
 def write_judge_agreement(rdir: Path, records: list[dict]) -> None:
     """The AI labels of a round against the gold panel's preference (shown by `rlhfkit report`)."""
-    from rlhfkit.eval.agreement import binary_agreement
-    from rlhfkit.judges import GoldPanel
 
     panel = GoldPanel()
     decided = [x for x in records if not x["tie"]]
@@ -214,7 +224,6 @@ def fit_batch(rcfg: Any, n: int) -> Any:
 
 
 def train_reward(data_file: Path, cfg: Config, out: Path, seed: int, n_pairs: int) -> str:
-    from rlhfkit.recipes import reward
 
     rcfg = _recipe_config(reward.Config, dict(learning_rate=cfg.reward_learning_rate, per_device_train_batch_size=cfg.batch_size,
                                               report_to="jsonl", logging_steps=10, progress=cfg.progress,
@@ -232,13 +241,11 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
                   logging_steps=5, progress=cfg.progress)
     forced = dict(model=start, output_dir=str(out), max_steps=cfg.policy_steps, seed=seed)
     if cfg.algorithm == "dpo":
-        from rlhfkit.recipes import dpo
 
         pcfg = _recipe_config(dpo.Config, dict(common, beta=cfg.dpo_beta, max_length=96), cfg.policy_config,
                               dict(forced, dataset=str(round_file), reference=start))
         dpo.main(fit_batch(pcfg, n_pairs))
     else:
-        from rlhfkit.recipes import ppo
 
         pcfg = _recipe_config(ppo.Config, dict(common, kl_coef=cfg.ppo_kl_coef, max_completion_length=cfg.max_new_tokens,
                                                num_eval_prompts=0, eval_prompts=""),
@@ -247,107 +254,117 @@ def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: P
     return str(out / "final")
 
 
+class RoundEvaluator:
+    """Evaluates each round's policy against the starting one on the held-out prompts, the
+    reference's responses sampled once and reused."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.panel = cfg, GoldPanel()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.reference = load_policy(cfg.model, trainable=False).eval()
+        self.prompts = kindly.prompts("eval")[: cfg.num_eval_prompts]
+        self.reference_rollout = None
+
+    def __call__(self, path: str, rm: str | None, folder: Path) -> dict:
+        cfg = self.cfg
+        policy = self.reference if path == cfg.model else load_policy(path, trainable=False).eval()
+        scorer = RewardScorer(rm) if rm else None
+        with torch.no_grad():
+            m, rows = evaluate(policy, self.reference, self.tokenizer, self.prompts, self.panel, scorer,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                               n_boot=cfg.n_boot, reference_rollout=self.reference_rollout)
+        self.reference_rollout = m["_reference"]["rollout"]
+        write_results(folder, m, rows)
+        return {k: v for k, v in m.items() if not k.startswith("_")}
+
+
+def summary_row(r: int, model_id: str, metrics: dict, **extra) -> dict:
+    return {"round": r, "id": model_id, "gold": metrics["gold"]["mean"], "win_rate": metrics["win_rate"]["mean"],
+            "win_rate_lo": metrics["win_rate"]["lo"], "win_rate_hi": metrics["win_rate"]["hi"],
+            "kl": metrics["kl"]["mean"], **extra}
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop stands between rounds."""
+
+    current_id: str
+    current_path: str
+    records: list[dict]
+    """Every labelled pair so far (the reward model trains on all of them)."""
+    sources: dict
+    """Label sources kept across rounds (a judge loads once)."""
+
+
 @one_run_per_folder
 def main(cfg: Config) -> dict:
     """Run the rounds; returns {"rounds": [...], "promoted": id} (also written to loop.json)."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from rlhfkit.eval.report import write_report
-    from rlhfkit.eval.run_eval import evaluate, write_results
-    from rlhfkit.judges import GoldPanel
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.reward import RewardScorer
-    from rlhfkit.registry import Registry, RegistryError
-    from rlhfkit.tasks import kindly
-
     hf_logging.disable_progress_bar()
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
     reg = Registry(cfg.registry or out / "registry")
-    panel = GoldPanel()
-    tok = load_tokenizer(cfg.model)
-    reference = load_policy(cfg.model, trainable=False).eval()
-    eval_prompts = kindly.prompts("eval")[: cfg.num_eval_prompts]
-    train_prompts = kindly.prompts("train")
-    ref_cache: dict = {}
-    sources: dict = {}
-
-    def evaluate_model(path: str, rm: str | None, folder: Path) -> dict:
-        policy = reference if path == cfg.model else load_policy(path, trainable=False).eval()
-        scorer = RewardScorer(rm) if rm else None
-        with torch.no_grad():
-            m, rows = evaluate(policy, reference, tok, eval_prompts, panel, scorer, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed, n_boot=cfg.n_boot,
-                               reference_rollout=ref_cache.get("rollout"))
-        ref_cache["rollout"] = m["_reference"]["rollout"]
-        write_results(folder, m, rows)
-        return {k: v for k, v in m.items() if not k.startswith("_")}
-
-    start_id = "round-0"
+    evaluate_model = RoundEvaluator(cfg)
     m0 = evaluate_model(cfg.model, None, out / "round-0")
-    reg.register(cfg.model, start_id, round=0, metrics=m0, seed=cfg.seed, extra={"algorithm": "start"})
-    reg.promote(start_id, reason="starting policy")
-    current_id, current_path = start_id, cfg.model
-    all_records: list[dict] = []
-    summary = [{"round": 0, "id": start_id, "gold": m0["gold"]["mean"], "win_rate": m0["win_rate"]["mean"],
-                "win_rate_lo": m0["win_rate"]["lo"], "win_rate_hi": m0["win_rate"]["hi"],
-                "kl": m0["kl"]["mean"], "promoted": True}]
+    reg.register(cfg.model, "round-0", round=0, metrics=m0, seed=cfg.seed, extra={"algorithm": "start"})
+    reg.promote("round-0", reason="starting policy")
+    state = LoopState("round-0", cfg.model, [], {})
+    summary = [summary_row(0, "round-0", m0, promoted=True)]
     write_progress(out, summary, reg)
+    train_prompts = kindly.prompts("train")
     for r in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        rdir = out / f"round-{r}"
-        rdir.mkdir(parents=True, exist_ok=True)
-        seed = cfg.seed + r
-        records, counts = collect_round(current_path, round_prompts(train_prompts, cfg, r),
-                                        make_source(cfg, seed, sources), cfg, seed, r)
-        all_records += records
-        round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
-        atomic_write_text(round_file, "".join(json.dumps(x) + "\n" for x in records))
-        atomic_write_text(all_file, "".join(json.dumps(x) + "\n" for x in all_records))
-        print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
-              f"identical and {counts['empty_skipped']} empty-response pairs skipped"
-              + (f", {counts['unlabelled']} without a label" if counts["unlabelled"] else "") + f"), {len(all_records)} in all")
-        if not records:
-            summary.append(round_without_labels(cfg, r, counts, current_id, round_file, t0))
-            write_progress(out, summary, reg)
-            continue
-        if cfg.source.startswith("judge:"):
-            write_judge_agreement(rdir, records)
-        rm_path = train_reward(all_file, cfg, rdir / "reward", seed, len(all_records))
-        policy_path = train_policy(current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed, len(records))
-        metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
-        model_id = f"round-{r}"
-        reg.register(policy_path, model_id, parent=current_id, round=r, metrics=metrics, seed=seed,
-                     config=dataclasses.asdict(cfg), data_files=[round_file, all_file],
-                     extra={"algorithm": cfg.algorithm, "reward_model": rm_path})
-        try:
-            reg.promote(model_id, reason=f"round {r}")
-            promoted = True
-        except RegistryError as e:
-            print(f"loop round {r}: not promoted: {e}")
-            promoted = False
-        summary.append({"round": r, "id": model_id, "gold": metrics["gold"]["mean"], "win_rate": metrics["win_rate"]["mean"],
-                        "win_rate_lo": metrics["win_rate"]["lo"], "win_rate_hi": metrics["win_rate"]["hi"],
-                        "kl": metrics["kl"]["mean"], "pairs": counts["kept"], "unlabelled": counts["unlabelled"],
-                        "promoted": promoted,
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f} "
-              f"[{metrics['win_rate']['lo']:.3f}, {metrics['win_rate']['hi']:.3f}], KL {metrics['kl']['mean']:.2f}"
-              f"{'' if promoted else ' (not promoted)'}")
-        if promoted or cfg.continue_from == "latest":
-            current_id, current_path = model_id, policy_path
+        summary.append(run_round(cfg, r, state, train_prompts, evaluate_model, reg, out))
         write_progress(out, summary, reg)
     result = write_progress(out, summary, reg)
     result["report"] = str(write_report(out, title="rlhfkit loop"))
     return result
 
 
+def run_round(cfg: Config, r: int, state: LoopState, train_prompts, evaluate_model: RoundEvaluator, reg,
+              out: Path) -> dict:
+    """Label, train a reward model and a policy, evaluate, register and (if it holds) promote."""
+    t0 = time.perf_counter()
+    rdir = out / f"round-{r}"
+    rdir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seed + r
+    records, counts = collect_round(state.current_path, round_prompts(train_prompts, cfg, r),
+                                    make_source(cfg, seed, state.sources), cfg, seed, r)
+    state.records += records
+    round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
+    atomic_write_text(round_file, "".join(json.dumps(x) + "\n" for x in records))
+    atomic_write_text(all_file, "".join(json.dumps(x) + "\n" for x in state.records))
+    print(f"loop round {r}: {counts['kept']} labelled pairs ({counts['ties_skipped']} ties, {counts['identical_skipped']} "
+          f"identical and {counts['empty_skipped']} empty-response pairs skipped"
+          + (f", {counts['unlabelled']} without a label" if counts["unlabelled"] else "") + f"), {len(state.records)} in all")
+    if not records:
+        return round_without_labels(cfg, r, counts, state.current_id, round_file, t0)
+    if cfg.source.startswith("judge:"):
+        write_judge_agreement(rdir, records)
+    rm_path = train_reward(all_file, cfg, rdir / "reward", seed, len(state.records))
+    policy_path = train_policy(state.current_path, round_file, rm_path, cfg, rdir / cfg.algorithm, seed, len(records))
+    metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
+    model_id = f"round-{r}"
+    reg.register(policy_path, model_id, parent=state.current_id, round=r, metrics=metrics, seed=seed,
+                 config=dataclasses.asdict(cfg), data_files=[round_file, all_file],
+                 extra={"algorithm": cfg.algorithm, "reward_model": rm_path})
+    try:
+        reg.promote(model_id, reason=f"round {r}")
+        promoted = True
+    except RegistryError as e:
+        print(f"loop round {r}: not promoted: {e}")
+        promoted = False
+    print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f} "
+          f"[{metrics['win_rate']['lo']:.3f}, {metrics['win_rate']['hi']:.3f}], KL {metrics['kl']['mean']:.2f}"
+          f"{'' if promoted else ' (not promoted)'}")
+    if promoted or cfg.continue_from == "latest":
+        state.current_id, state.current_path = model_id, policy_path
+    return summary_row(r, model_id, metrics, pairs=counts["kept"], unlabelled=counts["unlabelled"], promoted=promoted,
+                       seconds=round(time.perf_counter() - t0, 1))
+
+
 def round_without_labels(cfg: Config, r: int, counts: dict, current_id: str, round_file: Path, t0: float) -> dict:
     """A round with no labelled pair: with people as the source it ends without a new model (they
     may not have come before the deadline); from annotators or a judge it is an error."""
     if not cfg.source.startswith("feedback:"):
-        from rlhfkit.errors import DataError
 
         raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
     print(f"loop round {r}: no labelled pairs from {cfg.source} before the deadline; the round ends "

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import TrainArgs, require
-from rlhfkit.models import count_parameters, load_tokenizer, save_model, tiny_llama
+from rlhfkit.models import load_tokenizer, save_model, tiny_llama
+from rlhfkit.train.memory import count_parameters
 from rlhfkit.recipes.sft import ignore_unknown, train_causal_lm
 from rlhfkit.train.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.train.accelerator import make_accelerator

@@ -2,8 +2,9 @@
 
 Data: TRL-style preference records (`prompt`/`chosen`/`rejected`, plain text or conversations,
 optional `margin`, optional `label` = P(chosen preferred) with 0.5 a tie, or `tie: true`,
-optional `annotator_id`), ranking records (`prompt`/`responses`/`ranking`, best first), a mix
-of both, or labels straight from the feedback database (`--from_feedback DB_URL`).
+optional `annotator_id`), ranking records (`prompt`/`responses`/`ranking`, best first, possibly
+partial), a mix of both, or labels straight from the feedback database (`--from_feedback DB_URL`),
+read as DPO reads them (:mod:`rlhfkit.data.preference`; the rules: :mod:`rlhfkit.data.schemas`).
 
 Chosen and rejected rows go through one forward pass; the K responses of a ranking too, and
 all C(K, 2) comparisons are formed from those K rewards. After training, the reward mean and
@@ -16,7 +17,6 @@ standard deviation over the training responses are saved with the model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -28,11 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
-from rlhfkit.data.comparisons import collate_units, load_comparisons, report_skips, tokenize_units
-from rlhfkit.data.readers import eval_source
-from rlhfkit.errors import ConfigError
+from rlhfkit.data.preference import (
+    EncodedComparison,
+    collate_comparisons,
+    encode_comparisons,
+    read_comparisons,
+    read_source,
+    strict_pairs,
+)
+from rlhfkit.data.readers import Records, eval_source
+from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
-from rlhfkit.train.memory import report_for_run
 from rlhfkit.models.reward import (
     LastTokenReward,
     attach_stats,
@@ -43,6 +49,11 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
+from rlhfkit.train.accelerator import make_accelerator
+from rlhfkit.train.batches import optimizer_steps, total_optimizer_steps
+from rlhfkit.train.checkpoints import save_checkpoint
+from rlhfkit.train.memory import report_for_run
+from rlhfkit.train.optim import prepare_training
 from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
@@ -51,6 +62,7 @@ from rlhfkit.train.runs import (
     prepare_run_dir,
 )
 from rlhfkit.train.sharding import full_state_dict, is_sharded, shard_layers_of, unsharded_copy
+from rlhfkit.train.step import accumulate, backward, optimizer_step, share
 
 
 @dataclasses.dataclass
@@ -155,25 +167,30 @@ def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch
 
 
 @torch.no_grad()
-def evaluate(module: torch.nn.Module, units: list[dict], cfg: Config, pad_id: int, device: Any) -> dict[str, float]:
-    """Held-out loss and accuracy (pairs: reward gap sign vs label, ties excluded; rankings: pair order)."""
+def evaluate(module: torch.nn.Module, comps: list[EncodedComparison], cfg: Config, pad_id: int,
+             device: Any) -> dict[str, float]:
+    """Held-out loss and accuracy: :func:`rlhfkit.losses.reward.preference_accuracy` over the decisive
+    pairs (labelled ties left out) and, for rankings, over their C(K, 2) pairs, pooled over batches."""
     was = module.training
     module.eval()
-    units = units[: cfg.max_eval_examples]
+    comps = comps[: cfg.max_eval_examples]
     totals: Counter = Counter()
     bs = cfg.per_device_train_batch_size * 2
-    for i in range(0, len(units), bs):
-        chunk = units[i:i + bs]
-        loss, m = batch_loss(module, collate_units(chunk, pad_id), cfg, device=device)
+    for i in range(0, len(comps), bs):
+        chunk = comps[i:i + bs]
+        loss, m = batch_loss(module, collate_comparisons(chunk, pad_id), cfg, device=device)
         totals["loss"] += float(loss) * len(chunk)
-        decisive = sum(1 for u in chunk if u["kind"] == "pair" and u["label"] != 0.5)
-        ranks = sum(1 for u in chunk if u["kind"] == "rank")
-        totals["acc"] += m.get("accuracy", 0.0) * decisive
-        totals["n_acc"] += decisive
-        totals["racc"] += m.get("ranking_accuracy", 0.0) * ranks
-        totals["n_racc"] += ranks
+        # a batch's accuracy is over its verdicts; weighting by their count pools them exactly
+        decisive = sum(1 for c in chunk if not c.ranked and c.label != 0.5)
+        rank_pairs = sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in chunk if c.ranked)
+        if decisive:
+            totals["acc"] += m["accuracy"] * decisive
+            totals["n_acc"] += decisive
+        if rank_pairs:
+            totals["racc"] += m["ranking_accuracy"] * rank_pairs
+            totals["n_racc"] += rank_pairs
     module.train(was)
-    out = {"eval_loss": totals["loss"] / max(len(units), 1), "eval_examples": len(units)}
+    out = {"eval_loss": totals["loss"] / max(len(comps), 1), "eval_examples": len(comps)}
     if totals["n_acc"]:
         out["eval_accuracy"] = totals["acc"] / totals["n_acc"]
     if totals["n_racc"]:
@@ -202,80 +219,20 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
 
     Resumable from out/checkpoints.
     """
-    from rlhfkit.train.accelerator import make_accelerator
-    from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
-    from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-    from rlhfkit.train.optim import make_optimizer, make_scheduler
-    from rlhfkit.train.step import check_finite
-
     seed = cfg.seed + member
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
     acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
-    module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
-    unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
-    report_for_run(acc, unwrap_hf(module.model), cfg, batch=2 * cfg.per_device_train_batch_size,
-                   seq_len=cfg.max_length, outputs=heads)
-    if cfg.padding_free:
-        probe = collate_units(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
-        module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
-        if not module.padding_free:
-            printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
-                    "training with padding instead")
+    module = _member_module(cfg, heads, seed, tokenizer, train, acc, printer)
     boot = None
     if heads > 1 and cfg.bootstrap_heads:
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
-    nproc, accum = acc.num_processes, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total)
+    total = total_optimizer_steps(len(train), cfg, acc.num_processes)
     shard_layers_of(module, unwrap_hf(module.model))
-    module, optimizer = acc.prepare(module, optimizer)
-    sharded = is_sharded(acc)
-    acc.register_for_checkpointing(scheduler)
-    step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        step = load_checkpoint(acc, ckpt)["step"]
-        printer(f"reward: member {member} resumed from {ckpt} at step {step}")
+    module, optimizer, scheduler, step = prepare_training(acc, module, cfg, total, out, f"reward: member {member}")
     logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
-    bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and acc.is_main_process))
-    t0, tokens, window, metrics = time.perf_counter(), 0, [], {}
-    module.train()
-    for micro, local, _ in iterate_batches(len(train), cfg.per_device_train_batch_size, seed, step * accum,
-                                           total * accum, nproc, acc.process_index):
-        batch = collate_units([train[i] for i in local], tokenizer.pad_token_id)
-        sync = (micro + 1) % accum == 0
-        with contextlib.nullcontext() if sync or nproc == 1 else acc.no_sync(module):
-            loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
-            check_finite("reward-model loss", loss)
-            acc.backward(loss)  # accelerate divides by gradient_accumulation_steps itself
-        tokens += int(batch.rows.attention_mask.sum()) * nproc
-        window.append(m)
-        if not sync:
-            continue
-        grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        if grad_norm is not None:
-            check_finite("gradient norm", grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-        metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0))
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        window = []
-        if step % cfg.logging_steps == 0 or step == total:
-            logger.log(metrics, step)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        # a sharded model all-gathers in every forward: every process evaluates (the same units) then
-        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and (acc.is_main_process or sharded):
-            logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, tokenizer.pad_token_id, acc.device), step)
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            save_checkpoint(acc, out, step, {"member": member})
-    bar.close()
+    t0 = time.perf_counter()
+    metrics, step = _train_member(cfg, member, acc, module, optimizer, scheduler, step, total, train, eval_units,
+                                  boot, tokenizer.pad_token_id, out, logger)
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
     module = acc.unwrap_model(module)
     if eval_units:
@@ -292,15 +249,68 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     return module, final
 
 
-def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train: list[dict], cfg: Config) -> dict | None:
+def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[dict], acc, printer) -> LastTokenReward:
+    """The reward model to train, padding-free when its architecture honours packed position ids."""
+    module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
+    unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
+    report_for_run(acc, unwrap_hf(module.model), cfg, batch=2 * cfg.per_device_train_batch_size,
+                   seq_len=cfg.max_length, outputs=heads)
+    if cfg.padding_free:
+        probe = collate_comparisons(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
+        module.padding_free = padding_free_matches(module, probe.rows.input_ids, probe.rows.attention_mask)
+        if not module.padding_free:
+            printer(f"reward: {type(unwrap_hf(module.model)).__name__} does not honour packed position ids; "
+                    "training with padding instead")
+    return module
+
+
+def _train_member(cfg: Config, member: int, acc, module, optimizer, scheduler, step: int, total: int,
+                  train: list[dict], eval_units: list[dict], boot, pad_id: int, out: Path, logger) -> tuple[dict, int]:
+    """Optimiser steps from `step` to `total`; returns (the last step's metrics, step)."""
+    nproc, sharded = acc.num_processes, is_sharded(acc)
+    bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and acc.is_main_process))
+    t0, tokens, metrics = time.perf_counter(), 0, {}
+    module.train()
+    for batches in optimizer_steps(len(train), cfg, step, total, nproc, acc.process_index, seed=cfg.seed + member):
+        step_units = sum(len(g) for _, _, g in batches) / nproc  # comparisons in the step, per process
+        window = []
+        for j, (_, local, _) in enumerate(batches):
+            batch = collate_comparisons([train[i] for i in local], pad_id)
+            with accumulate(acc, [module], last=j == len(batches) - 1):
+                loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
+                # the loss is the micro-batch's mean: weighted by its share of the step (train.step)
+                backward(acc, loss * share(len(local), step_units), "reward-model loss")
+            tokens += int(batch.rows.attention_mask.sum()) * nproc
+            window.append(m)
+        grad_norm = optimizer_step(acc, [module], [optimizer], [scheduler], cfg.max_grad_norm)
+        step += 1
+        bar.update(1)
+        metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+        metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / (time.perf_counter() - t0))
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        if step % cfg.logging_steps == 0 or step == total:
+            logger.log(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        # a sharded model all-gathers in every forward: every process evaluates (the same units) then
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and (acc.is_main_process or sharded):
+            logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, pad_id, acc.device), step)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+            save_checkpoint(acc, out, step, {"member": member})
+    bar.close()
+    return metrics, step
+
+
+def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train: list[EncodedComparison],
+                      cfg: Config) -> dict | None:
     """Save in HF format with the normalisation statistics of the training responses."""
     from rlhfkit.models import save_model
 
     extra, stats = {}, None
     if cfg.normalize:
         seqs, seen = [], set()
-        for u in train:
-            for row in u["rows"]:
+        for c in train:
+            for row in c.sequences:
                 key = tuple(row)
                 if key not in seen and len(seqs) < cfg.norm_examples:
                     seen.add(key)
@@ -318,12 +328,60 @@ def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train
 # main
 
 
-def _split(units: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def read_records(source: Any, split: str, from_feedback: str = "") -> Records:
+    """Comparison records of a file, folder or dataset name, or (`--from_feedback DB_URL`) the
+    feedback database's preference export, ties kept with label 0.5."""
+    if from_feedback:
+        # optional dependency: the feedback service needs the [serve] extra (sqlalchemy)
+        from rlhfkit.feedback.export import load_preferences
+
+        return Records(load_preferences(from_feedback), source=f"feedback database {from_feedback}")
+    return read_source(source, split)
+
+
+def load_comparisons(cfg: Config, records: Records, tokenizer: Any,
+                     printer=print) -> tuple[list[EncodedComparison], Counter, Counter]:
+    """Records -> encoded comparisons (the preference path of :mod:`rlhfkit.data.preference`).
+
+    Returns (comparisons, counts: truncated rows, ties left out by the strict Bradley-Terry
+    loss, comparisons identical after truncation; records skipped by reason).
+    """
+    comps = read_comparisons(records, tokenizer, on_bad=cfg.on_bad_record, log=printer)
+    if not comps:
+        raise DataError("no usable preference or ranking records", source=records.source)
+    skipped = Counter(comps.report.reasons)
+    counts: Counter = Counter()
+    if cfg.loss == "bradley_terry":  # strict preferences: a label < 0.5 swaps the pair, ties are left out
+        comps, ties = strict_pairs(comps)
+        if ties:
+            counts["ties_skipped"] = ties
+    encoded, encoding = encode_comparisons(comps, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    counts["truncated_rows"] = encoding.truncated_rows
+    if encoding.identical:
+        counts["identical_after_truncation"] = encoding.identical
+    return encoded, counts, skipped
+
+
+def load_data(cfg: Config, tokenizer: Any, printer=print) -> tuple[list, list, Counter, Counter]:
+    """(training comparisons, held-out comparisons, counts, records skipped by reason); the held-out
+    ones are `eval_dataset` / the dataset's eval split, else `eval_fraction` of the training data."""
+    train, counts, skipped = load_comparisons(cfg, read_records(cfg.dataset, cfg.dataset_split, cfg.from_feedback),
+                                              tokenizer, printer)
+    eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
+    if eval_from is not None and not cfg.from_feedback:
+        held_out, ecounts, _ = load_comparisons(cfg, read_records(eval_from, eval_split), tokenizer, printer)
+        counts.update({f"eval_{k}": v for k, v in ecounts.items()})
+    else:
+        train, held_out = _split(train, cfg.eval_fraction, cfg.seed)
+    return train, held_out, counts, skipped
+
+
+def _split(comps: list, fraction: float, seed: int) -> tuple[list, list]:
     if fraction <= 0:
-        return units, []
-    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    n_eval = max(1, int(round(fraction * len(units))))
-    return [units[i] for i in order[n_eval:]], [units[i] for i in order[:n_eval]]
+        return comps, []
+    order = torch.randperm(len(comps), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    n_eval = max(1, int(round(fraction * len(comps))))
+    return [comps[i] for i in order[n_eval:]], [comps[i] for i in order[:n_eval]]
 
 
 @one_run_per_folder
@@ -337,27 +395,16 @@ def main(cfg: Config, printer=print) -> dict:
     is_main = PartialState(cpu=multi_process_cpu()).is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, distinct_pad=True)
-    comps = load_comparisons(cfg.dataset, cfg.dataset_split, cfg.on_bad_record, tokenizer, cfg.from_feedback)
-    report_skips(comps, "training", printer)
-    units, counts = tokenize_units(comps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
-    eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
-    if eval_from is not None and not cfg.from_feedback:
-        ecomps = load_comparisons(eval_from, eval_split, cfg.on_bad_record, tokenizer)
-        report_skips(ecomps, "held-out", printer)
-        eval_units, ecounts = tokenize_units(ecomps, tokenizer, cfg.max_length, cfg.loss, cfg.max_prompt_length)
-        counts.update({f"eval_{k}": v for k, v in ecounts.items()})
-        train = units
-    else:
-        train, eval_units = _split(units, cfg.eval_fraction, cfg.seed)
+    train, eval_units, counts, skipped = load_data(cfg, tokenizer, printer)
     for what, n in sorted(counts.items()):
         printer(f"reward: {n} {what.replace('_', ' ')} (max_length={cfg.max_length}, loss={cfg.loss})")
     if len(train) < cfg.per_device_train_batch_size:
         raise ConfigError(f"config field 'per_device_train_batch_size': {cfg.per_device_train_batch_size} is more than the "
                           f"{len(train)} training comparisons")
     printer(f"reward: {len(train)} training and {len(eval_units)} held-out comparisons "
-            f"({sum(u['kind'] == 'rank' for u in train)} rankings)")
+            f"({sum(c.ranked for c in train)} rankings)")
     n_models = cfg.ensemble_size if cfg.ensemble_mode == "models" else 1
-    results: dict[str, Any] = {"members": [], "counts": dict(counts), "skipped": dict(comps.skipped)}
+    results: dict[str, Any] = {"members": [], "counts": dict(counts), "skipped": dict(skipped)}
     names = []
     for m in range(n_models):
         name = f"member-{m}"

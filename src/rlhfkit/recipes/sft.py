@@ -10,29 +10,29 @@ Prompt tokens are masked out of the loss; `--packing` concatenates examples into
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
+from rlhfkit.data import PadCollator
 from rlhfkit.data.readers import eval_source
 from rlhfkit.losses.sft import sft_loss
-from rlhfkit.train.memory import report_for_run
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
+from rlhfkit.train.accelerator import make_accelerator
+from rlhfkit.train.batches import micro_steps_per_epoch, optimizer_steps, total_optimizer_steps
+from rlhfkit.train.checkpoints import save_checkpoint
+from rlhfkit.train.memory import report_for_run
+from rlhfkit.train.optim import prepare_training
 from rlhfkit.train.runs import MetricsLogger, atomic_write_json, one_run_per_folder, prepare_run_dir
 from rlhfkit.train.sharding import full_state_dict
-from rlhfkit.train.accelerator import make_accelerator
-from rlhfkit.train.batches import iterate_batches, micro_steps_per_epoch
-from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhfkit.train.optim import make_optimizer, make_scheduler
-from rlhfkit.train.step import check_finite
+from rlhfkit.train.step import accumulate, backward, optimizer_step
 
 
 @dataclasses.dataclass
@@ -61,15 +61,22 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
 # data
 
 
+class SFTExamples(NamedTuple):
+    examples: list[dict]
+    truncated: int
+    """Examples longer than max_length (truncated)."""
+    prompt_truncated: int
+    """Of those, examples whose prompt was cut (from the left)."""
+
+
 def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
-                      completion_only: bool = True, max_prompt_length: int = 0) -> tuple[list[dict], int]:
-    """Tokenise SFT records into prompt-masked examples; returns (examples, n_truncated).
+                      completion_only: bool = True, max_prompt_length: int = 0) -> SFTExamples:
+    """Tokenise SFT records into prompt-masked examples, with truncation counts.
 
     `source` is a path/name, a `datasets.Dataset` or a list of records. Truncation follows the
     one rule of :mod:`rlhfkit.data.collate` (docs/data.md): a prompt keeps its end, a response
     its start, and an over-long prompt is cut to leave room for the response, so every
-    example keeps at least one supervised token. Examples whose prompt was cut are counted
-    in `load_sft_examples.last_prompt_truncated` for the caller to report.
+    example keeps at least one supervised token.
     """
     from rlhfkit.data import encode_prompt_completion, load_records, to_prompt_completion
     from rlhfkit.data.schemas import SFT_FORMATS, require_layout
@@ -97,8 +104,7 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
             ex["labels"] = list(ex["input_ids"])
         ex["labels"] = ignore_unknown(ex["labels"], getattr(tokenizer, "unk_token_id", None))
         examples.append(ex)
-    load_sft_examples.last_prompt_truncated = prompt_cut
-    return examples, truncated
+    return SFTExamples(examples, truncated, prompt_cut)
 
 
 def ignore_unknown(labels: list[int], unk_id: int | None) -> list[int]:
@@ -149,71 +155,35 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
     Shared by `sft` and `pretrain`. `on_step(step, metrics)` is called after every optimiser
     step (for callbacks; raising from it stops the run, e.g. to simulate a crash in tests).
     """
-    from rlhfkit.data import PadCollator
-
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
-    nproc, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
-    total_opt_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_train_epochs * per_epoch) // accum)
-    optimizer = make_optimizer(model, cfg)
-    # the scheduler is stepped by hand once per optimiser step: accelerate's wrapper would
-    # step it once per process, which changes the schedule with the process count.
-    scheduler = make_scheduler(optimizer, cfg, total_opt_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    step = 0
-    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
-    if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+    nproc, rank = accelerator.num_processes, accelerator.process_index
+    total_steps = total_optimizer_steps(len(train), cfg, nproc)
+    model, optimizer, scheduler, step = prepare_training(accelerator, model, cfg, total_steps, output_dir, "sft")
     targets = [count_targets(ex) for ex in train]
     logger = MetricsLogger(output_dir, cfg.report_to, enabled=accelerator.is_main_process)
-    bar = tqdm(total=total_opt_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
-    t0, tokens_seen, step_items, window_loss = time.perf_counter(), 0, 0, []
-    metrics: dict[str, float] = {}
-    batches = iterate_batches(len(train), cfg.per_device_train_batch_size, cfg.seed, step * accum,
-                              total_opt_steps * accum, nproc, rank)
-    for micro, local, _ in batches:
-        if micro % accum == 0:  # supervised tokens of the whole optimiser step, all processes
-            step_items = sum(targets[i] for _, _, g in iterate_batches(
-                len(train), cfg.per_device_train_batch_size, cfg.seed, micro, micro + accum, nproc, rank) for i in g)
-        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
-        sync = (micro + 1) % accum == 0
-        with contextlib.nullcontext() if sync or nproc == 1 else accelerator.no_sync(model):
-            # use_cache=False: no KV cache is needed in training, and with packed rows (no
-            # attention mask, restarted position_ids) it is what keeps attention per document
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            logits = model(**inputs, use_cache=False).logits
-            # one convention for every recipe: backward(loss), and accelerate divides by the
-            # accumulation steps. The sum is normalised by the whole step's token count (all
-            # micro-batches and processes); the factors nproc (DDP averages over processes) and
-            # accum (accelerate's division) make the step's gradient that of one big batch.
-            loss, m = sft_loss(logits, batch["labels"], num_items=step_items / (nproc * accum))
-            check_finite("loss", loss)
-            accelerator.backward(loss)
-        # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
-        real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0
-        tokens_seen += int(real.sum()) * nproc
-        window_loss.append((m["nll_sum"].item(), m["tokens"].item()))
-        if not sync:
-            continue
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        if grad_norm is not None:
-            check_finite("gradient norm", grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    t0, tokens_seen, metrics = time.perf_counter(), 0, {}
+    per_epoch = micro_steps_per_epoch(len(train), cfg.per_device_train_batch_size, nproc)
+    for batches in optimizer_steps(len(train), cfg, step, total_steps, nproc, rank):
+        # the step's supervised tokens over all processes (from the global indices, no communication)
+        step_items = sum(targets[i] for _, _, g in batches for i in g)
+        nll, ntok, real = 0.0, 0, 0
+        for j, (_, local, _) in enumerate(batches):
+            batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in local]).items()}
+            with accumulate(accelerator, [model], last=j == len(batches) - 1):
+                m = sft_micro_batch(model, batch, step_items / nproc, accelerator)
+            nll, ntok = nll + m["nll_sum"].item(), ntok + m["tokens"].item()
+            # packed rows carry no attention_mask (see rlhfkit.data.packing): count their real tokens
+            real += int((batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] >= 0).sum())
+        grad_norm = optimizer_step(accelerator, [model], [optimizer], [scheduler], cfg.max_grad_norm)
+        step, tokens_seen = step + 1, tokens_seen + real * nproc
         bar.update(1)
-        nll, ntok = map(sum, zip(*window_loss))
         metrics = {"loss": nll / max(ntok, 1), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0), "epoch": micro / max(per_epoch, 1)}
+                   "tokens_per_s": tokens_seen / (time.perf_counter() - t0), "epoch": batches[-1][0] / max(per_epoch, 1)}
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        window_loss = []
-        if step % cfg.logging_steps == 0 or step == total_opt_steps:
+            metrics["grad_norm"] = grad_norm
+        if step % cfg.logging_steps == 0 or step == total_steps:
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_examples:
@@ -222,8 +192,27 @@ def train_causal_lm(cfg: Any, model, tokenizer, train: list[dict], eval_examples
             save_checkpoint(accelerator, output_dir, step)
         if on_step is not None:
             on_step(step, metrics)
+    return finish_causal_lm(cfg, model, tokenizer, eval_examples, accelerator, output_dir, logger, bar,
+                            dict(metrics, steps=step, seconds=time.perf_counter() - t0), collate)
+
+
+def sft_micro_batch(model, batch: dict, step_tokens: float, accelerator) -> dict:
+    """Forward and backward of one micro-batch; its summed token loss is divided by the optimiser
+    step's supervised tokens per process (rlhfkit.train.step's convention)."""
+    # use_cache=False: no KV cache is needed in training, and with packed rows (no attention
+    # mask, restarted position_ids) it is what keeps attention per document
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    loss, m = sft_loss(logits, batch["labels"], num_items=step_tokens)
+    backward(accelerator, loss, "loss")
+    return m
+
+
+def finish_causal_lm(cfg, model, tokenizer, eval_examples, accelerator, output_dir: Path, logger, bar, final: dict,
+                     collate) -> dict:
+    """Held-out evaluation, then the final model and results.json."""
     bar.close()
-    final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
+    step = final["steps"]
     if eval_examples:
         final.update(evaluate_lm(model, eval_examples, collate, cfg.per_device_train_batch_size * 2, accelerator))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
@@ -247,7 +236,7 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
     check_max_length(model, cfg.max_length)
     report_for_run(accelerator, model, cfg, batch=cfg.per_device_train_batch_size, seq_len=cfg.max_length)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)  # only once the model loaded
-    train, n_trunc = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss,
+    train, n_trunc, cut = load_sft_examples(cfg.dataset, tokenizer, cfg.max_length, cfg.dataset_split, cfg.completion_only_loss,
                                        cfg.max_prompt_length)
     if isinstance(cfg.dataset, str) and cfg.dataset == "kindly" and not cfg.eval_dataset:
         eval_from, eval_split = "kindly", "eval"
@@ -255,11 +244,10 @@ def main(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dic
         eval_from, eval_split = eval_source(cfg.dataset, cfg.eval_dataset, cfg.eval_split)
     eval_examples: list[dict] = []
     if eval_from is not None:
-        eval_examples, _ = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss,
-                                             cfg.max_prompt_length)
+        eval_examples = load_sft_examples(eval_from, tokenizer, cfg.max_length, eval_split, cfg.completion_only_loss,
+                                             cfg.max_prompt_length).examples
         eval_examples = eval_examples[: cfg.max_eval_examples]
     if n_trunc:
-        cut = load_sft_examples.last_prompt_truncated
         accelerator.print(f"sft: {n_trunc} of {len(train)} training examples were longer than max_length={cfg.max_length} "
                           f"and were truncated ({cut} of them had their prompt cut from the left; responses keep their start)")
     if cfg.packing:

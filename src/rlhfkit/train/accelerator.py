@@ -30,7 +30,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
     """
     reset_accelerate_state()
     acc = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=1,  # rlhfkit.train.step accumulates (its docstring says why)
         mixed_precision=cfg.mixed_precision,
         cpu=multi_process_cpu(),
     )

@@ -48,3 +48,25 @@ def iterate_batches(n: int, batch_size: int, seed: int, start_step: int, total_s
 
 def micro_steps_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
     return n // (batch_size * num_processes)
+
+
+def total_optimizer_steps(n: int, cfg, num_processes: int) -> int:
+    """`cfg.max_steps`, or the optimiser steps of `cfg.num_train_epochs` epochs over `n` examples."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = micro_steps_per_epoch(n, cfg.per_device_train_batch_size, num_processes)
+    return max(1, int(cfg.num_train_epochs * per_epoch) // cfg.gradient_accumulation_steps)
+
+
+def optimizer_steps(n: int, cfg, start_step: int, total_steps: int, num_processes: int = 1,
+                    process_index: int = 0, seed: int | None = None) -> Iterator[list[tuple[int, list[int], list[int]]]]:
+    """The micro-batches of each optimiser step from `start_step` on: lists of
+    `cfg.gradient_accumulation_steps` (micro_step, local_indices, global_indices)."""
+    accum = cfg.gradient_accumulation_steps
+    step: list[tuple[int, list[int], list[int]]] = []
+    for item in iterate_batches(n, cfg.per_device_train_batch_size, cfg.seed if seed is None else seed,
+                                start_step * accum, total_steps * accum, num_processes, process_index):
+        step.append(item)
+        if len(step) == accum:
+            yield step
+            step = []

@@ -29,11 +29,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlhfkit.errors import ConfigError
 from rlhfkit.train.runs import atomic_write_text
 
 GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 @dataclasses.dataclass
@@ -194,6 +196,17 @@ def check_fits(est: MemoryEstimate, capacity: int | None, headroom: float = 0.9,
     )
 
 
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
 def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0, rollout_len: int = 0,
            frozen_params: int = 0, shards: int = 1, printer=print, outputs: int | None = None,
            frozen_bytes: int = 0, extra: MemoryEstimate | None = None,
@@ -208,8 +221,6 @@ def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0,
     vocabulary in the logits term (1 for a reward or value head); `frozen_bytes` adds frozen
     models counted at their own dtype; `extra` adds a second trained model (PPO's critic).
     """
-    from rlhfkit.models.factory import count_parameters
-
     params = count_parameters(model)
     trainable = count_parameters(model, trainable_only=True)
     weight_dtype = str(next(model.parameters()).dtype).replace("torch.", "")

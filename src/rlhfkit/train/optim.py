@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint
 
 # transformers TrainingArguments' `optim` names (adamw: rlhfkit's former name for adamw_torch)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -141,3 +142,23 @@ def optimizer_class(name: str, field: str = "optim"):
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+
+
+def prepare_training(accelerator, model: torch.nn.Module, cfg: Any, total_steps: int, output_dir,
+                     who: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
+    """Optimiser and schedule for `model`, prepared by accelerate, resumed from the newest
+    checkpoint under `output_dir` when `cfg.resume`; returns (model, optimizer, scheduler, step).
+
+    The scheduler is stepped by hand once per optimiser step (rlhfkit.train.step): accelerate's
+    wrapper would step it once per process, which changes the schedule with the process count.
+    """
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    step = 0
+    ckpt = latest_checkpoint(output_dir) if getattr(cfg, "resume", False) else None
+    if ckpt is not None:
+        step = load_checkpoint(accelerator, ckpt)["step"]
+        accelerator.print(f"{who}: resumed from {ckpt} at step {step}")
+    return model, optimizer, scheduler, step
