@@ -67,10 +67,11 @@ PACED_THINK_S = (2.0, 5.0)
 
 
 def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
-    from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.db import Database, upgrade
     from rlhfkit.feedback.models import User
     from rlhfkit.feedback.security import create_api_token, hash_password
+    from rlhfkit.feedback.service.items import import_records
+    from rlhfkit.feedback.service.tasks import create_task
 
     upgrade(url)
     db = Database(url, pool_size=2)
@@ -81,8 +82,8 @@ def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
         s.add_all(users)
         s.flush()
         tokens = [create_api_token(s, u, "load") for u in users]
-        task = svc.create_task(s, "load", "pairwise", overlap=OVERLAP, gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": f"prompt {i}", "responses": [f"kind answer {i}", f"curt answer {i}"]}
+        task = create_task(s, "load", "pairwise", overlap=OVERLAP, gold_rate=0.0)
+        import_records(s, task, [{"prompt": f"prompt {i}", "responses": [f"kind answer {i}", f"curt answer {i}"]}
                                      for i in range(items)])
         task_id = task.id
     db.dispose()

@@ -506,21 +506,25 @@ def test_llm_chain_of_thought_reads_the_answer_after_its_own_reasoning(tiny_lm_d
 
 def test_agreement_with_simulated_annotators_and_a_feedback_database(tmp_path):
     from rlhfkit.eval.agreement import Config, main
-    from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.db import Database, upgrade
     from rlhfkit.feedback.security import use_test_hasher
+    from rlhfkit.feedback.service.accounts import create_user
+    from rlhfkit.feedback.service.assign import next_assignment
+    from rlhfkit.feedback.service.items import import_records
+    from rlhfkit.feedback.service.labels import submit_label
+    from rlhfkit.feedback.service.tasks import create_task
 
     use_test_hasher()
     url = f"sqlite:///{tmp_path}/fb.db"
     upgrade(url)
     db = Database(url, pool_size=2)
     with db.session() as s:
-        user = svc.create_user(s, "ann", "correct horse battery")
-        task = svc.create_task(s, "pairs", "pairwise", gold_rate=0.0, randomize_order=False)
-        svc.import_records(s, task, [{"prompt": f"Q{i}:", "responses": [p, n]} for i, (p, n) in enumerate(zip(POS, NEG))])
+        user = create_user(s, "ann", "correct horse battery")
+        task = create_task(s, "pairs", "pairwise", gold_rate=0.0, randomize_order=False)
+        import_records(s, task, [{"prompt": f"Q{i}:", "responses": [p, n]} for i, (p, n) in enumerate(zip(POS, NEG))])
         for k in range(2):
-            item, _ = svc.next_assignment(s, task, user)
-            svc.submit_label(s, task, user, item.id, {"choice": "left" if k == 0 else "right"}, f"key-{k}-abcdef")
+            item, _ = next_assignment(s, task, user)
+            submit_label(s, task, user, item.id, {"choice": "left" if k == 0 else "right"}, f"key-{k}-abcdef")
     db.dispose()
     res = main(Config(a=f"feedback:{url}", b="judge:afinn"))
     assert res["pairs"] == 2 and res["agreement"] == 0.5  # the person chose the unkind response once

@@ -55,10 +55,10 @@ def test_loop_rejects_unknown_sources(start_model, tmp_path):
 
 @pytest.fixture
 def service(tmp_path):
-    from rlhfkit.feedback import service as svc
     from rlhfkit.feedback.app import create_app
     from rlhfkit.feedback.db import Database, upgrade
     from rlhfkit.feedback.security import create_api_token, use_test_hasher
+    from rlhfkit.feedback.service.accounts import create_user
     from rlhfkit.feedback.testing import ServerThread
 
     use_test_hasher()
@@ -66,8 +66,8 @@ def service(tmp_path):
     upgrade(url)
     db = Database(url, pool_size=4)
     with db.session() as s:
-        admin = svc.create_user(s, "boss", "correct horse battery", "admin")
-        ann = svc.create_user(s, "ann", "correct horse battery")
+        admin = create_user(s, "boss", "correct horse battery", "admin")
+        ann = create_user(s, "ann", "correct horse battery")
         tokens = {"admin": create_api_token(s, admin), "ann": create_api_token(s, ann)}
     with ServerThread(create_app(db)) as server:
         yield server.url, tokens, url

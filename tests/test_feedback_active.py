@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from rlhfkit.feedback import active
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.security import use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.assign import next_assignment
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.labels import submit_label
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
@@ -62,11 +66,11 @@ def test_uncertainty_selection_in_service(tmp_path):
     db = Database(url)
     scorer = Members({"sure+": [3, 3.1, 2.9], "sure-": [-3, -3, -3], "hmm1": [1, -1, 0.5], "hmm2": [-1, 1, 0]})
     with db.session() as s:
-        user = svc.create_user(s, "ann", "correct horse battery")
-        task = svc.create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5 +
-                           [{"prompt": "q", "responses": ["hmm1", "hmm2"]}] + [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5)
-        item, _ = svc.next_assignment(s, task, user, random.Random(0), scorer)
+        user = create_user(s, "ann", "correct horse battery")
+        task = create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
+        import_records(s, task, [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5 +
+                       [{"prompt": "q", "responses": ["hmm1", "hmm2"]}] + [{"prompt": "p", "responses": ["sure+", "sure-"]}] * 5)
+        item, _ = next_assignment(s, task, user, random.Random(0), scorer)
         assert item.prompt == "q"
     db.dispose()
 
@@ -87,14 +91,14 @@ def test_hashed_ensemble_learns_and_online_scorer(tmp_path):
     db = Database(url)
     online = OnlineScorer(min_pairs=4, members=2)
     with db.session() as s:
-        user = svc.create_user(s, "ann", "correct horse battery")
-        task = svc.create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": "p", "responses": [k, r]} for k, r in zip(kind * 2, rude * 2)])
+        user = create_user(s, "ann", "correct horse battery")
+        task = create_task(s, "al", "pairwise", selection="uncertainty", gold_rate=0.0)
+        import_records(s, task, [{"prompt": "p", "responses": [k, r]} for k, r in zip(kind * 2, rude * 2)])
         assert online.for_task(s, task) is None  # too few labels yet: served at random
         for n in range(5):
-            item, a = svc.next_assignment(s, task, user, random.Random(n), online)
-            svc.submit_label(s, task, user, item.id, {"choice": "left" if a.display_order[0] == 0 else "right"},
-                             f"key-{n}-xxxxx")
+            item, a = next_assignment(s, task, user, random.Random(n), online)
+            submit_label(s, task, user, item.id, {"choice": "left" if a.display_order[0] == 0 else "right"},
+                         f"key-{n}-xxxxx")
         model = online.for_task(s, task)
         assert model is not None and online.for_task(s, task) is model  # cached until labels grow
     db.dispose()

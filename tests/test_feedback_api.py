@@ -9,11 +9,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
-from rlhfkit.feedback.models import Label
+from rlhfkit.feedback.models import QUESTION_TYPES, Label, Task
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import DEFAULT_RUBRIC, create_task
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
@@ -29,13 +31,13 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        admin = svc.create_user(s, "boss", PASSWORD, "owner")
-        alice = svc.create_user(s, "alice", PASSWORD)
-        bob = svc.create_user(s, "bob", PASSWORD)
+        admin = create_user(s, "boss", PASSWORD, "owner")
+        alice = create_user(s, "alice", PASSWORD)
+        bob = create_user(s, "bob", PASSWORD)
         tokens = {u.username: create_api_token(s, u) for u in (admin, alice, bob)}
-        task = svc.create_task(s, "pairs", "pairwise", overlap=2, gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": f"p{i}", "responses": [f"good {i}", f"bad {i}"]} for i in range(3)])
-        svc.import_records(s, task, [{"prompt": XSS_PROMPT, "responses": [XSS_RESPONSE, "plain"]}])
+        task = create_task(s, "pairs", "pairwise", overlap=2, gold_rate=0.0)
+        import_records(s, task, [{"prompt": f"p{i}", "responses": [f"good {i}", f"bad {i}"]} for i in range(3)])
+        import_records(s, task, [{"prompt": XSS_PROMPT, "responses": [XSS_RESPONSE, "plain"]}])
         task_id = task.id
     app = create_app(db)
     client = TestClient(app)
@@ -126,7 +128,7 @@ def test_overlap_and_no_repeats(env):
     assert label_all(env, "alice") == 4
     assert label_all(env, "bob") == 4
     with env["db"].session() as s:
-        svc.create_user(s, "carol", PASSWORD)
+        create_user(s, "carol", PASSWORD)
         from rlhfkit.feedback.models import User
 
         env["tokens"]["carol"] = create_api_token(s, s.scalar(select(User).where(User.username == "carol")))
@@ -273,15 +275,15 @@ def test_every_question_type_page_renders_and_accepts_its_form(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        svc.create_user(s, "ann", PASSWORD)
+        create_user(s, "ann", PASSWORD)
         ids = {}
-        for qt in svc.QUESTION_TYPES:
-            task = svc.create_task(s, qt, qt, gold_rate=0.0)
+        for qt in QUESTION_TYPES:
+            task = create_task(s, qt, qt, gold_rate=0.0)
             n = 2 if qt in ("pairwise", "ranking") else 1
-            svc.import_records(s, task, [{"prompt": f"{qt} <b>prompt</b>", "responses": [f"r{i} <i>x</i>" for i in range(n)]}])
+            import_records(s, task, [{"prompt": f"{qt} <b>prompt</b>", "responses": [f"r{i} <i>x</i>" for i in range(n)]}])
             ids[qt] = task.id
     forms = {"pairwise": {"choice": "tie"}, "ranking": {"ranking": "1,0"},
-             "rating": {f"r0_{d}": "4" for d in svc.DEFAULT_RUBRIC}, "thumbs": {"t0": "up"},
+             "rating": {f"r0_{d}": "4" for d in DEFAULT_RUBRIC}, "thumbs": {"t0": "up"},
              "critique": {"text": "could be warmer"}, "edit": {"position": "0", "text": "a kinder reply"}}
     with TestClient(create_app(db)) as c:
         _login(c, "ann")
@@ -296,11 +298,11 @@ def test_every_question_type_page_renders_and_accepts_its_form(tmp_path):
             assert ok.status_code == 303, (qt, ok.text[:300])
             assert "Nothing left to label" in c.get(f"/tasks/{ids[qt]}").text
     with db.session() as s:
-        labels = {s.get(svc.Task, lab.task_id).question_type: lab for lab in s.scalars(select(Label))}
+        labels = {s.get(Task, lab.task_id).question_type: lab for lab in s.scalars(select(Label))}
         values = {qt: lab.value for qt, lab in labels.items()}
     # "1,0" = the response shown second is best: stored as original indices via the display order
     order = labels["ranking"].display_order
     assert values["ranking"] == {"ranking": [order[1], order[0]]}
-    assert values["rating"] == {"ratings": [{d: 4 for d in svc.DEFAULT_RUBRIC}]}
+    assert values["rating"] == {"ratings": [{d: 4 for d in DEFAULT_RUBRIC}]}
     assert values["thumbs"] == {"thumbs": [True]} and values["edit"] == {"response": 0, "text": "a kinder reply"}
     db.dispose()

@@ -12,10 +12,21 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select, update
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
-from rlhfkit.feedback.models import Assignment, Label, Task, User
+from rlhfkit.feedback.models import Assignment, Label, Task, User, utcnow
 from rlhfkit.feedback.security import use_test_hasher
+from rlhfkit.feedback.service import assign
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.assign import (
+    ASSIGNMENT_TIMEOUT,
+    candidate_ids,
+    candidate_query,
+    next_assignment,
+)
+from rlhfkit.feedback.service.errors import Conflict
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.labels import submit_label
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
@@ -25,9 +36,9 @@ def setup(db_url, n_users, n_items, overlap):
     upgrade(db_url)
     db = Database(db_url, pool_size=n_users + 2)
     with db.session() as s:
-        users = [svc.create_user(s, f"u{i}", PASSWORD).id for i in range(n_users)]
-        task = svc.create_task(s, "t", "pairwise", overlap=overlap, gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(n_items)])
+        users = [create_user(s, f"u{i}", PASSWORD).id for i in range(n_users)]
+        task = create_task(s, "t", "pairwise", overlap=overlap, gold_rate=0.0)
+        import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(n_items)])
         return db, users, task.id
 
 
@@ -35,13 +46,13 @@ def label_until_done(db, user_id, task_id, errors):
     try:
         while True:
             with db.session() as s:
-                got = svc.next_assignment(s, s.get(Task, task_id), s.get(User, user_id))
+                got = next_assignment(s, s.get(Task, task_id), s.get(User, user_id))
                 if got is None:
                     return
                 item_id = got[0].id
             with db.session() as s:
-                svc.submit_label(s, s.get(Task, task_id), s.get(User, user_id), item_id, {"choice": "left"},
-                                 uuid.uuid4().hex)
+                submit_label(s, s.get(Task, task_id), s.get(User, user_id), item_id, {"choice": "left"},
+                             uuid.uuid4().hex)
     except Exception as e:  # reported by the test
         errors.append(repr(e))
 
@@ -76,7 +87,7 @@ def test_claims_that_wait_on_locks_do_not_deadlock(db_url, overlap, monkeypatch)
     into that round at once, 16 annotators deadlocked on PostgreSQL in every trial while
     transactions kept the locks of items they had found full; now only an item with a free
     slot is locked, and its holder takes that slot and commits."""
-    monkeypatch.setattr(svc, "CLAIM_ROUNDS", 1)
+    monkeypatch.setattr(assign, "CLAIM_ROUNDS", 1)
     n_users, n_items = 16, 60
     db, users, task_id = setup(db_url, n_users, n_items, overlap)
     errors = run_concurrently(label_until_done, [(db, u, task_id) for u in users])
@@ -90,16 +101,16 @@ def test_claims_that_wait_on_locks_do_not_deadlock(db_url, overlap, monkeypatch)
 def test_expired_and_reassigned_submit_is_refused(db_url):
     db, (alice, bob), task_id = setup(db_url, 2, 1, overlap=1)
     with db.session() as s:
-        item_id = svc.next_assignment(s, s.get(Task, task_id), s.get(User, alice))[0].id
+        item_id = next_assignment(s, s.get(Task, task_id), s.get(User, alice))[0].id
     with db.session() as s:  # alice walked away: her assignment expires
-        s.execute(update(Assignment).values(served_at=svc.utcnow() - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
+        s.execute(update(Assignment).values(served_at=utcnow() - ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
     with db.session() as s:
-        got = svc.next_assignment(s, s.get(Task, task_id), s.get(User, bob))
+        got = next_assignment(s, s.get(Task, task_id), s.get(User, bob))
         assert got is not None and got[0].id == item_id
-    with db.session() as s, pytest.raises(svc.Conflict, match="expired"):
-        svc.submit_label(s, s.get(Task, task_id), s.get(User, alice), item_id, {"choice": "left"}, uuid.uuid4().hex)
+    with db.session() as s, pytest.raises(Conflict, match="expired"):
+        submit_label(s, s.get(Task, task_id), s.get(User, alice), item_id, {"choice": "left"}, uuid.uuid4().hex)
     with db.session() as s:
-        svc.submit_label(s, s.get(Task, task_id), s.get(User, bob), item_id, {"choice": "right"}, uuid.uuid4().hex)
+        submit_label(s, s.get(Task, task_id), s.get(User, bob), item_id, {"choice": "right"}, uuid.uuid4().hex)
     with db.read_session() as s:
         assert list(s.scalars(select(Label.user_id))) == [bob]
     db.dispose()
@@ -108,12 +119,12 @@ def test_expired_and_reassigned_submit_is_refused(db_url):
 def test_expired_but_not_reassigned_submit_is_accepted(db_url):
     db, (alice, _), task_id = setup(db_url, 2, 1, overlap=1)
     with db.session() as s:
-        item_id = svc.next_assignment(s, s.get(Task, task_id), s.get(User, alice))[0].id
+        item_id = next_assignment(s, s.get(Task, task_id), s.get(User, alice))[0].id
     with db.session() as s:
-        s.execute(update(Assignment).values(served_at=svc.utcnow() - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
+        s.execute(update(Assignment).values(served_at=utcnow() - ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
     with db.session() as s:
-        label, _ = svc.submit_label(s, s.get(Task, task_id), s.get(User, alice), item_id, {"choice": "left"},
-                                    uuid.uuid4().hex)
+        label, _ = submit_label(s, s.get(Task, task_id), s.get(User, alice), item_id, {"choice": "left"},
+                                uuid.uuid4().hex)
         assert label.user_id == alice
     db.dispose()
 
@@ -126,8 +137,8 @@ def test_migration_0003_counts_the_slots_of_existing_assignments(db_url):
 
     upgrade(db_url, "0002")
     db = Database(db_url, pool_size=2)
-    now = svc.utcnow()
-    old = now - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(minutes=1)
+    now = utcnow()
+    old = now - ASSIGNMENT_TIMEOUT - dt.timedelta(minutes=1)
     with db.engine.begin() as conn:
         for uid in (1, 2, 3):  # explicit ids: nothing below inserts users, tasks or items
             conn.execute(text("INSERT INTO users (id, username, username_key, password_hash, role, active, created_at) "
@@ -151,12 +162,12 @@ def test_migration_0003_counts_the_slots_of_existing_assignments(db_url):
         assert dict(s.execute(select(Item.id, Item.slots_taken)).all()) == {1: 1, 2: 1, 3: 0}
         assert dict(s.execute(select(Assignment.item_id, Assignment.released)).all()) == {1: False, 2: False, 3: True}
     with db.session() as s:
-        got = svc.next_assignment(s, s.get(Task, 1), s.get(User, 3))
+        got = next_assignment(s, s.get(Task, 1), s.get(User, 3))
         assert got is not None and got[0].id == 3
     with db.session() as s:
-        assert svc.next_assignment(s, s.get(Task, 1), s.get(User, 2)) is not None  # its own open item 2
-    with db.session() as s, pytest.raises(svc.Conflict, match="expired"):
-        svc.submit_label(s, s.get(Task, 1), s.get(User, 1), 3, {"choice": "left"}, uuid.uuid4().hex)
+        assert next_assignment(s, s.get(Task, 1), s.get(User, 2)) is not None  # its own open item 2
+    with db.session() as s, pytest.raises(Conflict, match="expired"):
+        submit_label(s, s.get(Task, 1), s.get(User, 1), 3, {"choice": "left"}, uuid.uuid4().hex)
     db.dispose()
 
 
@@ -168,15 +179,15 @@ def test_serving_query_walks_the_slot_index(tmp_path):
     served = []
     for _ in range(20):
         with db.session() as s:
-            served.append(svc.next_assignment(s, s.get(Task, task_id), s.get(User, u0))[0].id)
+            served.append(next_assignment(s, s.get(Task, task_id), s.get(User, u0))[0].id)
         with db.session() as s:
-            svc.submit_label(s, s.get(Task, task_id), s.get(User, u0), served[-1], {"choice": "left"}, uuid.uuid4().hex)
+            submit_label(s, s.get(Task, task_id), s.get(User, u0), served[-1], {"choice": "left"}, uuid.uuid4().hex)
     with db.read_session() as s:
         task = s.get(Task, task_id)
         # items u0 started come first for u1 (overlap completes before new items open), none for u0
-        assert sorted(svc.candidate_ids(s, task, s.get(User, u1), gold=False, limit=20)) == sorted(served)
-        assert not set(svc.candidate_ids(s, task, s.get(User, u0), gold=False, limit=300)) & set(served)
-        stmt = svc.candidate_query(task, s.get(User, u1), gold=False, limit=8).compile(
+        assert sorted(candidate_ids(s, task, s.get(User, u1), gold=False, limit=20)) == sorted(served)
+        assert not set(candidate_ids(s, task, s.get(User, u0), gold=False, limit=300)) & set(served)
+        stmt = candidate_query(task, s.get(User, u1), gold=False, limit=8).compile(
             s.get_bind(), compile_kwargs={"literal_binds": True})
         plan = " | ".join(row[-1] for row in s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {stmt}"))
     db.dispose()
@@ -237,7 +248,7 @@ def test_expired_and_reassigned_submit_is_refused_through_the_api(db_url):
     item_id = client.get(f"/api/tasks/{task_id}/next", headers=a).json()["item_id"]
     assert client.get(f"/api/tasks/{task_id}/next", headers=b).status_code == 204  # overlap 1: taken
     with db.session() as s:  # alice walked away: her assignment expires
-        s.execute(update(Assignment).values(served_at=svc.utcnow() - svc.ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
+        s.execute(update(Assignment).values(served_at=utcnow() - ASSIGNMENT_TIMEOUT - dt.timedelta(seconds=1)))
     assert client.get(f"/api/tasks/{task_id}/next", headers=b).json()["item_id"] == item_id
     late = {"item_id": item_id, "value": {"choice": "left"}, "idempotency_key": uuid.uuid4().hex}
     r = client.post(f"/api/tasks/{task_id}/labels", headers=a, json=late)

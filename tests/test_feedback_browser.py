@@ -9,11 +9,13 @@ import os
 import pytest
 from sqlalchemy import select
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Item, Label, Task, User
 from rlhfkit.feedback.security import use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import add_member, create_task
 from rlhfkit.feedback.testing import ServerThread
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
@@ -37,13 +39,13 @@ def server(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        svc.create_user(s, "admin", PASSWORD, "admin")
-        svc.create_user(s, "ann", PASSWORD)
-        pairs = svc.create_task(s, "pairs", "pairwise", gold_rate=0.0)
-        svc.import_records(s, pairs, [{"prompt": XSS_PROMPT, "responses": [XSS_RESPONSE, "hello friend"]},
-                                      {"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
-        ranks = svc.create_task(s, "ranks", "ranking", gold_rate=0.0)
-        svc.import_records(s, ranks, [{"prompt": "Describe tea", "responses": ["lovely", "fine", "awful"]}])
+        create_user(s, "admin", PASSWORD, "admin")
+        create_user(s, "ann", PASSWORD)
+        pairs = create_task(s, "pairs", "pairwise", gold_rate=0.0)
+        import_records(s, pairs, [{"prompt": XSS_PROMPT, "responses": [XSS_RESPONSE, "hello friend"]},
+                                  {"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
+        ranks = create_task(s, "ranks", "ranking", gold_rate=0.0)
+        import_records(s, ranks, [{"prompt": "Describe tea", "responses": ["lovely", "fine", "awful"]}])
     with ServerThread(create_app(db)) as srv:
         yield srv, db
     db.dispose()
@@ -147,13 +149,13 @@ def test_scoped_task_list_correction_and_review_queue(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        svc.create_user(s, "admin", PASSWORD, "admin")
-        ann = svc.create_user(s, "ann", PASSWORD)
-        open_task = svc.create_task(s, "open-pairs", "pairwise", gold_rate=0.0, randomize_order=False)
-        svc.import_records(s, open_task, [{"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
-        members = svc.create_task(s, "team-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
-        svc.add_member(s, members, ann)
-        svc.create_task(s, "secret-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
+        create_user(s, "admin", PASSWORD, "admin")
+        ann = create_user(s, "ann", PASSWORD)
+        open_task = create_task(s, "open-pairs", "pairwise", gold_rate=0.0, randomize_order=False)
+        import_records(s, open_task, [{"prompt": "Say thanks", "responses": ["thanks a lot", "whatever"]}])
+        members = create_task(s, "team-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
+        add_member(s, members, ann)
+        create_task(s, "secret-pairs", "pairwise", gold_rate=0.0, open_to_all=False)
     with ServerThread(create_app(db)) as srv, sync_playwright() as p:
         base = srv.url
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -219,11 +221,11 @@ def test_review_page_side_by_side_filters_and_bulk_accept(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        svc.create_user(s, "admin", PASSWORD, "admin")
-        svc.create_user(s, "ann", PASSWORD)
-        svc.create_user(s, "ben", PASSWORD)
-        task = svc.create_task(s, "kindness", "pairwise", gold_rate=0.0, randomize_order=False, overlap=2)
-        svc.import_records(s, task, [
+        create_user(s, "admin", PASSWORD, "admin")
+        create_user(s, "ann", PASSWORD)
+        create_user(s, "ben", PASSWORD)
+        task = create_task(s, "kindness", "pairwise", gold_rate=0.0, randomize_order=False, overlap=2)
+        import_records(s, task, [
             {"prompt": "My cat died yesterday.", "responses": ["Cats die all the time.",
                                                                "I'm so sorry. Losing a companion hurts."]},
             {"prompt": "Can you help me with my essay?", "responses": ["Sure! What is it about?", "No."]},

@@ -8,9 +8,16 @@ import pytest
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import export as ex
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database, upgrade
+from rlhfkit.feedback.models import QUESTION_TYPES
 from rlhfkit.feedback.security import use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.answers import canonical_answer
+from rlhfkit.feedback.service.assign import next_assignment
+from rlhfkit.feedback.service.errors import InvalidAnswer
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.labels import submit_label
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()  # accounts are created per test; real Argon2 costs ~1 s each here
 
@@ -21,11 +28,11 @@ def answer(s, task, user, display_answer):
     """Serve the next item to `user` and answer it; `display_answer(item, order)` builds the answer."""
     import random
 
-    got = svc.next_assignment(s, task, user, random.Random(7))
+    got = next_assignment(s, task, user, random.Random(7))
     assert got is not None
     item, a = got
     raw = display_answer(item, a.display_order)
-    label, replayed = svc.submit_label(s, task, user, item.id, raw, f"key-{user.id}-{item.id}-xxxx")
+    label, replayed = submit_label(s, task, user, item.id, raw, f"key-{user.id}-{item.id}-xxxx")
     assert not replayed
     return item, a.display_order, label
 
@@ -34,15 +41,15 @@ def test_all_question_types_and_exports(db_url, tmp_path):
     upgrade(db_url)
     db = Database(db_url, pool_size=2)
     with db.session() as s:
-        u1 = svc.create_user(s, "ann1", PASSWORD)
-        u2 = svc.create_user(s, "ann2", PASSWORD)
-        t = {qt: svc.create_task(s, qt, qt, overlap=2, gold_rate=0.0) for qt in svc.QUESTION_TYPES}
-        svc.import_records(s, t["pairwise"], [{"prompt": "P", "responses": ["nice", "mean"]}])
-        svc.import_records(s, t["ranking"], [{"prompt": "R", "responses": ["x0", "x1", "x2"]}])
-        svc.import_records(s, t["rating"], [{"prompt": "L", "responses": ["r0", "r1"]}])
-        svc.import_records(s, t["thumbs"], [{"prompt": "T", "response": "t0"}])
-        svc.import_records(s, t["critique"], [{"prompt": "C", "responses": ["c0"]}])
-        svc.import_records(s, t["edit"], [{"prompt": "E", "responses": ["e0 bad", "e1 bad"]}])
+        u1 = create_user(s, "ann1", PASSWORD)
+        u2 = create_user(s, "ann2", PASSWORD)
+        t = {qt: create_task(s, qt, qt, overlap=2, gold_rate=0.0) for qt in QUESTION_TYPES}
+        import_records(s, t["pairwise"], [{"prompt": "P", "responses": ["nice", "mean"]}])
+        import_records(s, t["ranking"], [{"prompt": "R", "responses": ["x0", "x1", "x2"]}])
+        import_records(s, t["rating"], [{"prompt": "L", "responses": ["r0", "r1"]}])
+        import_records(s, t["thumbs"], [{"prompt": "T", "response": "t0"}])
+        import_records(s, t["critique"], [{"prompt": "C", "responses": ["c0"]}])
+        import_records(s, t["edit"], [{"prompt": "E", "responses": ["e0 bad", "e1 bad"]}])
 
         # pairwise: both prefer "nice" (original index 0), whatever side it was shown on
         for u in (u1, u2):
@@ -83,10 +90,10 @@ def test_all_question_types_and_exports(db_url, tmp_path):
         with pytest.raises(ValueError, match="cannot be aggregated"):
             ex.export_records(s, t["edit"], "sft", "majority")
         # invalid answers name the field
-        with pytest.raises(svc.InvalidAnswer, match="value.ratings"):
-            svc.canonical_answer(t["rating"], ["a"], {"ratings": [{"helpful": 9, "harmless": 1, "honest": 1}]}, [0])
-        with pytest.raises(svc.InvalidAnswer, match="value.ranking"):
-            svc.canonical_answer(t["ranking"], ["a", "b"], {"ranking": [0, 0]}, [0, 1])
+        with pytest.raises(InvalidAnswer, match="value.ratings"):
+            canonical_answer(t["rating"], ["a"], {"ratings": [{"helpful": 9, "harmless": 1, "honest": 1}]}, [0])
+        with pytest.raises(InvalidAnswer, match="value.ranking"):
+            canonical_answer(t["ranking"], ["a", "b"], {"ranking": [0, 0]}, [0, 1])
 
     # load_preferences for `rlhfkit reward --from-feedback`: pairwise + ranking pairs + edits
     recs = ex.load_preferences(db_url)
@@ -110,19 +117,19 @@ def test_gold_items_honeypots(tmp_path):
     import random
 
     with db.session() as s:
-        u = svc.create_user(s, "ann", PASSWORD)
-        task = svc.create_task(s, "g", "pairwise", overlap=1, gold_rate=1.0)
-        svc.import_records(s, task, [{"prompt": "gold", "responses": ["good", "bad"], "gold": {"choice": "a"}},
-                                     {"prompt": "real", "responses": ["x", "y"]}])
-        item, a = svc.next_assignment(s, task, u, random.Random(0))
+        u = create_user(s, "ann", PASSWORD)
+        task = create_task(s, "g", "pairwise", overlap=1, gold_rate=1.0)
+        import_records(s, task, [{"prompt": "gold", "responses": ["good", "bad"], "gold": {"choice": "a"}},
+                                 {"prompt": "real", "responses": ["x", "y"]}])
+        item, a = next_assignment(s, task, u, random.Random(0))
         assert item.is_gold  # gold_rate=1 serves the honeypot first
-        svc.submit_label(s, task, u, item.id, {"choice": "left" if a.display_order[0] == 1 else "right"}, "k" * 10)
-        item2, _ = svc.next_assignment(s, task, u, random.Random(0))
+        submit_label(s, task, u, item.id, {"choice": "left" if a.display_order[0] == 1 else "right"}, "k" * 10)
+        item2, _ = next_assignment(s, task, u, random.Random(0))
         assert not item2.is_gold
         rep = ex.task_qc(s, task)
         assert rep["annotators"][0]["gold_answered"] == 1 and rep["annotators"][0]["gold_correct"] == 0
         # gold items stay out of exports unless asked for
-        svc.submit_label(s, task, u, item2.id, {"choice": "tie"}, "j" * 10)
+        submit_label(s, task, u, item2.id, {"choice": "tie"}, "j" * 10)
         assert ex.export_records(s, task, "preferences") == ([], {"tie": 1})
         # ties kept for the tie-aware reward losses: label 0.5, tie=true, responses in item order
         kept, skipped = ex.export_records(s, task, "preferences", ties="keep")
@@ -131,8 +138,8 @@ def test_gold_items_honeypots(tmp_path):
             ex.export_records(s, task, "preferences", ties="half")
         assert len(ex.export_records(s, task, "preferences", include_gold=True)[0]) == 1
         with pytest.raises(DataError, match="field 'gold'"):
-            svc.import_records(s, task, [{"prompt": "p", "responses": ["a", "b"], "gold": {"choice": "left-ish"}}],
-                               source="f.jsonl")
+            import_records(s, task, [{"prompt": "p", "responses": ["a", "b"], "gold": {"choice": "left-ish"}}],
+                           source="f.jsonl")
     db.dispose()
 
 
@@ -162,8 +169,8 @@ def test_cli_round_trip(tmp_path, monkeypatch, capsys):
         task = s.scalar(select(Task))
         user = s.scalar(select(User))
         for n in range(3):
-            item, a = svc.next_assignment(s, task, user, random.Random(n))
-            svc.submit_label(s, task, user, item.id, {"choice": "left"}, f"key-{n}-xxxx")
+            item, a = next_assignment(s, task, user, random.Random(n))
+            submit_label(s, task, user, item.id, {"choice": "left"}, f"key-{n}-xxxx")
     database.dispose()
     out = tmp_path / "prefs.jsonl"
     assert cli(["export", "--db", db, "--task", "t", "--out", str(out)]) == 0
@@ -194,8 +201,8 @@ def test_sample_items_from_policy_with_rollout(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        task = svc.create_task(s, "sampled", "ranking")
-        assert svc.import_records(s, task, recs) == 2
+        task = create_task(s, "sampled", "ranking")
+        assert import_records(s, task, recs) == 2
     db.dispose()
 
 
@@ -211,15 +218,15 @@ def test_reward_recipe_trains_from_the_feedback_database(tmp_path):
     upgrade(url)
     db = Database(url)
     with db.session() as s:
-        user = svc.create_user(s, "ann", PASSWORD)
-        task = svc.create_task(s, "kind", "pairwise", gold_rate=0.0)
+        user = create_user(s, "ann", PASSWORD)
+        task = create_task(s, "kind", "pairwise", gold_rate=0.0)
         good, bad = ["lovely", "great", "kind", "nice"] * 4, ["awful", "cruel", "sad", "bad"] * 4
-        svc.import_records(s, task, [{"prompt": "The day was", "responses": [f" {g} and fine", f" {b} and fine"]}
-                                     for g, b in zip(good, bad)])
+        import_records(s, task, [{"prompt": "The day was", "responses": [f" {g} and fine", f" {b} and fine"]}
+                                 for g, b in zip(good, bad)])
         for n in range(len(good)):
-            item, a = svc.next_assignment(s, task, user, random.Random(n))
-            svc.submit_label(s, task, user, item.id, {"choice": "left" if a.display_order[0] == 0 else "right"},
-                             f"key-{n}-xxxx")
+            item, a = next_assignment(s, task, user, random.Random(n))
+            submit_label(s, task, user, item.id, {"choice": "left" if a.display_order[0] == 0 else "right"},
+                         f"key-{n}-xxxx")
     db.dispose()
     tok = load_tokenizer("kindly:tokenizer")
     base = tmp_path / "base"

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.export import kinds_for
@@ -20,6 +19,9 @@ from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.models import Item, Label, Task, User
 from rlhfkit.feedback.schemas import json_text_problem, name_problem, text_problem
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()
@@ -54,14 +56,14 @@ def env(request, tmp_path_factory):
     db = Database(url, pool_size=4)
     tasks = {}
     with db.session() as s:
-        admin = svc.create_user(s, "boss", PASSWORD, "admin")
-        ann = svc.create_user(s, "ann", PASSWORD)
+        admin = create_user(s, "boss", PASSWORD, "admin")
+        ann = create_user(s, "ann", PASSWORD)
         tokens = {"boss": create_api_token(s, admin), "ann": create_api_token(s, ann)}
         for qt in QTYPES:
-            task = svc.create_task(s, f"t-{qt}", qt, gold_rate=0.0, overlap=100)
+            task = create_task(s, f"t-{qt}", qt, gold_rate=0.0, overlap=100)
             k = 2 if qt == "pairwise" else 3
-            svc.import_records(s, task, [{"prompt": f"p{i}", "responses": [f"r{j}" for j in range(k)]}
-                                         for i in range(40)])
+            import_records(s, task, [{"prompt": f"p{i}", "responses": [f"r{j}" for j in range(k)]}
+                                     for i in range(40)])
             tasks[qt] = task.id
     # no rate limits here: the fuzzer logs in far more often than a person would
     client = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="")),

@@ -11,11 +11,13 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
@@ -27,11 +29,11 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        users = {n: svc.create_user(s, n, PASSWORD, r) for n, r in
+        users = {n: create_user(s, n, PASSWORD, r) for n, r in
                  (("olga", "owner"), ("adam", "admin"), ("ann", "annotator"), ("ben", "annotator"))}
         tokens = {n: create_api_token(s, u) for n, u in users.items()}
-        task = svc.create_task(s, "open", "pairwise", gold_rate=0.0, overlap=2)
-        svc.import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(3)])
+        task = create_task(s, "open", "pairwise", gold_rate=0.0, overlap=2)
+        import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(3)])
         task_id = task.id
     c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="")))
     yield {"db": db, "c": c, "tokens": tokens, "task": task_id}
@@ -108,7 +110,7 @@ def test_wrong_old_passwords_are_rate_limited_like_logins(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        token = create_api_token(s, svc.create_user(s, "ann", PASSWORD))
+        token = create_api_token(s, create_user(s, "ann", PASSWORD))
     c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="3/minute")))
     env = {"c": c, "tokens": {"ann": token}}
     for _ in range(3):
@@ -194,7 +196,7 @@ def guard_app(db_url, **kw):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        svc.create_user(s, "alice", PASSWORD)
+        create_user(s, "alice", PASSWORD)
     guard = LoginGuard(per_ip=kw.pop("per_ip", ""), per_account=kw.pop("per_account", ""),
                        **{k: kw.pop(k) for k in list(kw) if k.startswith("per_account") or k == "slow_delay"})
     return db, create_app(db, login_guard=guard, **kw)

@@ -15,11 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Item, Label, Task, User
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()
 
@@ -34,13 +36,13 @@ def env(db_url):
     db = Database(db_url, pool_size=4)
     tasks = {}
     with db.session() as s:
-        admin = svc.create_user(s, "boss", PASSWORD, "admin")
-        ann = svc.create_user(s, "ann", PASSWORD)
+        admin = create_user(s, "boss", PASSWORD, "admin")
+        ann = create_user(s, "ann", PASSWORD)
         tokens = {"boss": create_api_token(s, admin), "ann": create_api_token(s, ann)}
         for qt in ("pairwise", "ranking", "rating", "thumbs", "critique", "edit"):
-            task = svc.create_task(s, f"t-{qt}", qt, gold_rate=0.0, randomize_order=False)
-            svc.import_records(s, task, [{"prompt": f"p{i}", "responses": ["one", "two", "three"][:2 if qt == "pairwise" else 3]}
-                                         for i in range(3)])
+            task = create_task(s, f"t-{qt}", qt, gold_rate=0.0, randomize_order=False)
+            import_records(s, task, [{"prompt": f"p{i}", "responses": ["one", "two", "three"][:2 if qt == "pairwise" else 3]}
+                                     for i in range(3)])
             tasks[qt] = task.id
     client = TestClient(create_app(db), raise_server_exceptions=False)
     yield {"db": db, "c": client, "tokens": tokens, "tasks": tasks}

@@ -19,11 +19,13 @@ from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
 from rlhfkit.feedback import security
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 from rlhfkit.feedback.testing import ServerThread
 
 use_test_hasher()
@@ -67,7 +69,7 @@ def costly_hasher():
 
 def make_users(db, *names, role="annotator"):
     with db.session() as s:
-        return {n: create_api_token(s, svc.create_user(s, n, PASSWORD, role)) for n in names}
+        return {n: create_api_token(s, create_user(s, n, PASSWORD, role)) for n in names}
 
 
 def test_wrong_passwords_are_rate_limited_per_account_and_per_ip(db):
@@ -116,8 +118,8 @@ def test_unknown_users_cost_as_much_as_known_ones(db, costly_hasher):
 def test_login_flood_keeps_annotators_fast_and_memory_bounded(db, costly_hasher):
     tokens = make_users(db, "ann")
     with db.session() as s:
-        task = svc.create_task(s, "t", "pairwise", overlap=1, gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(200)])
+        task = create_task(s, "t", "pairwise", overlap=1, gold_rate=0.0)
+        import_records(s, task, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(200)])
         task_id = task.id
     guard = LoginGuard(per_ip="", per_account="", max_concurrent=1, max_waiting=8)  # flood all the way in
 

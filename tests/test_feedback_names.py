@@ -8,7 +8,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.cli import cli
 from rlhfkit.feedback.db import Database, upgrade
@@ -16,6 +15,8 @@ from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.models import ApiToken, User
 from rlhfkit.feedback.names import lookalike_key
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.errors import Conflict
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
@@ -38,9 +39,9 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        token = create_api_token(s, svc.create_user(s, "olga", PASSWORD, "owner"))
+        token = create_api_token(s, create_user(s, "olga", PASSWORD, "owner"))
         for name in EXISTING:
-            svc.create_user(s, name, PASSWORD)
+            create_user(s, name, PASSWORD)
     c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="")))
     yield c, {"Authorization": f"Bearer {token}"}, db
     c.close()
@@ -60,8 +61,8 @@ def test_a_lookalike_of_an_existing_name_is_refused_naming_it_to_admins(env, nam
 
 def test_other_callers_only_learn_the_name_is_not_available(env):
     _, _, db = env
-    with db.session() as s, pytest.raises(svc.Conflict) as e:
-        svc.create_user(s, "\u0430dam", PASSWORD)
+    with db.session() as s, pytest.raises(Conflict) as e:
+        create_user(s, "\u0430dam", PASSWORD)
     assert str(e.value) == "user name '\u0430dam' is not available; choose another"
 
 
@@ -99,6 +100,6 @@ def test_migration_0005_keys_existing_accounts_and_keeps_older_lookalikes(db_url
         assert keys == {"adam": lookalike_key("adam"), "\u0430dam": None, "ann": lookalike_key("ann")}
         # rows referring to the users survive (a table rebuild on SQLite would cascade-delete them)
         assert s.scalar(select(func.count()).select_from(ApiToken)) == 3
-        with pytest.raises(svc.Conflict):
-            svc.create_user(s, "\u0391dam", PASSWORD)
+        with pytest.raises(Conflict):
+            create_user(s, "\u0391dam", PASSWORD)
     db.dispose()

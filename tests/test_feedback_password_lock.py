@@ -11,11 +11,13 @@ import uuid
 import httpx
 
 from rlhfkit.feedback import security
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 from rlhfkit.feedback.testing import ServerThread
 
 use_test_hasher()
@@ -42,10 +44,10 @@ def test_a_slow_old_password_check_does_not_block_submits(tmp_path, monkeypatch)
     upgrade(url)
     db = Database(url, pool_size=8)
     with db.session() as s:
-        guesser = create_api_token(s, svc.create_user(s, "mallory", PASSWORD))
-        worker = create_api_token(s, svc.create_user(s, "ann", PASSWORD))
-        task = svc.create_task(s, "t", "pairwise", gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": "p", "responses": ["a", "b"]}])
+        guesser = create_api_token(s, create_user(s, "mallory", PASSWORD))
+        worker = create_api_token(s, create_user(s, "ann", PASSWORD))
+        task = create_task(s, "t", "pairwise", gold_rate=0.0)
+        import_records(s, task, [{"prompt": "p", "responses": ["a", "b"]}])
         task_id = task.id
     monkeypatch.setattr(security, "_hasher", SlowHasher(security._hasher))
     app = create_app(db, login_guard=LoginGuard(per_ip="", per_account=""))

@@ -11,11 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import Task
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service import assign, fastpath
+from rlhfkit.feedback.service.accounts import create_user, find_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.labels import submit_lookup_statement
+from rlhfkit.feedback.service.tasks import add_member, create_task
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
@@ -60,10 +64,10 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        user = svc.create_user(s, "alice", PASSWORD)
+        user = create_user(s, "alice", PASSWORD)
         token = create_api_token(s, user)
-        task = svc.create_task(s, "pairs", "pairwise", overlap=2, gold_rate=0.0)
-        svc.import_records(s, task, [{"prompt": f"p{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(5)])
+        task = create_task(s, "pairs", "pairwise", overlap=2, gold_rate=0.0)
+        import_records(s, task, [{"prompt": f"p{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(5)])
         task_id = task.id
     client = TestClient(create_app(db))
     yield db, client, {"Authorization": f"Bearer {token}"}, task_id
@@ -111,7 +115,7 @@ def test_hot_routes_issue_a_fixed_number_of_statements(env):
     from rlhfkit.feedback.models import Assignment, Item, Label
 
     with db.read_session() as s:
-        user_id = svc.find_user(s, "alice").id
+        user_id = find_user(s, "alice").id
         assert {i.task_id for i in s.scalars(select(Item))} == {task_id}
         assignments = {a.item_id: a for a in s.scalars(select(Assignment))}
         labels = {lab.item_id: lab for lab in s.scalars(select(Label))}
@@ -131,7 +135,8 @@ def test_statements_built_once_take_only_prefixed_parameters():
     required one is named b_*, so none can be taken for a column of an UPDATE or INSERT."""
     from sqlalchemy.dialects import postgresql
 
-    built = [svc._fast_state_statement, svc._claim_statement, svc._label_insert_statement, svc._submit_lookup_statement]
+    built = [fastpath.state_statement, fastpath.claim_statement, fastpath.label_insert_statement,
+             submit_lookup_statement]
     for make in built:
         binds = make().compile(dialect=postgresql.psycopg.dialect()).binds.values()
         required = {b.key for b in binds if b.required}
@@ -143,12 +148,12 @@ def test_cached_task_settings_still_hide_closed_tasks(env):
     on every request."""
     db, client, headers, _ = env
     with db.session() as s:
-        closed = svc.create_task(s, "closed", "pairwise", gold_rate=0.0, open_to_all=False)
-        svc.import_records(s, closed, [{"prompt": "p", "responses": ["a", "b"]}])
+        closed = create_task(s, "closed", "pairwise", gold_rate=0.0, open_to_all=False)
+        import_records(s, closed, [{"prompt": "p", "responses": ["a", "b"]}])
         closed_id = closed.id
     assert client.get(f"/api/tasks/{closed_id}/next", headers=headers).status_code == 404
     with db.session() as s:
-        svc.add_member(s, s.get(Task, closed_id), svc.find_user(s, "alice"))
+        add_member(s, s.get(Task, closed_id), find_user(s, "alice"))
     assert client.get(f"/api/tasks/{closed_id}/next", headers=headers).status_code == 200
     assert client.get("/api/tasks/999999/next", headers=headers).status_code == 404
 
@@ -185,8 +190,8 @@ def test_a_deadlock_victim_is_a_503_to_retry(env, monkeypatch):
     def victim(*args, **kwargs):
         raise sa_exc.OperationalError("UPDATE items ...", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
 
-    monkeypatch.setattr(svc, "next_assignment", victim)
-    monkeypatch.setattr(svc, "next_assignment_autocommit", victim)
+    monkeypatch.setattr(assign, "next_assignment", victim)
+    monkeypatch.setattr(fastpath, "next_assignment", victim)
     r = client.get(f"/api/tasks/{task_id}/next", headers=headers)
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert "retry" in r.json()["detail"]

@@ -11,11 +11,13 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 
 use_test_hasher()
 PASSWORD = "correct horse battery"
@@ -26,12 +28,12 @@ def env(db_url):
     upgrade(db_url)
     db = Database(db_url, pool_size=4)
     with db.session() as s:
-        users = {n: svc.create_user(s, n, PASSWORD, r) for n, r in
+        users = {n: create_user(s, n, PASSWORD, r) for n, r in
                  (("olga", "owner"), ("adam", "admin"), ("ann", "annotator"), ("ben", "annotator"))}
         tokens = {n: create_api_token(s, u) for n, u in users.items()}
-        task = svc.create_task(s, "pairs", "pairwise", gold_rate=0.0, overlap=2, randomize_order=False)
-        svc.import_records(s, task, [{"prompt": f"prompt {i}", "responses": [f"left {i}", f"right {i}"]}
-                                     for i in range(4)])
+        task = create_task(s, "pairs", "pairwise", gold_rate=0.0, overlap=2, randomize_order=False)
+        import_records(s, task, [{"prompt": f"prompt {i}", "responses": [f"left {i}", f"right {i}"]}
+                                 for i in range(4)])
         task_id = task.id
     c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="")))
     yield {"db": db, "c": c, "tokens": tokens, "task": task_id}

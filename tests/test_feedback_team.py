@@ -11,12 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.guard import LoginGuard
-from rlhfkit.feedback.models import ApiToken, Label, LabelVersion
+from rlhfkit.feedback.models import ApiToken, Label, LabelVersion, utcnow
 from rlhfkit.feedback.security import create_api_token, use_test_hasher
+from rlhfkit.feedback.service.accounts import create_user
+from rlhfkit.feedback.service.items import import_records
+from rlhfkit.feedback.service.tasks import create_task
 from rlhfkit.feedback.testing import postgres_unavailable_reason, temp_postgres_database
 
 use_test_hasher()
@@ -36,13 +38,13 @@ def env(request, tmp_path):
     upgrade(url)
     db = Database(url, pool_size=4)
     with db.session() as s:
-        users = {n: svc.create_user(s, n, PASSWORD, r) for n, r in
+        users = {n: create_user(s, n, PASSWORD, r) for n, r in
                  (("olga", "owner"), ("adam", "admin"), ("ann", "annotator"), ("ben", "annotator"))}
         tokens = {n: create_api_token(s, u) for n, u in users.items()}
-        open_task = svc.create_task(s, "open", "pairwise", gold_rate=0.0, overlap=2)
-        closed = svc.create_task(s, "closed", "pairwise", gold_rate=0.0, open_to_all=False)
+        open_task = create_task(s, "open", "pairwise", gold_rate=0.0, overlap=2)
+        closed = create_task(s, "closed", "pairwise", gold_rate=0.0, open_to_all=False)
         for t in (open_task, closed):
-            svc.import_records(s, t, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(3)])
+            import_records(s, t, [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(3)])
         ids = {"open": open_task.id, "closed": closed.id}
     c = TestClient(create_app(db, login_guard=LoginGuard(per_ip="", per_account="")))
     yield {"db": db, "c": c, "tokens": tokens, "tasks": ids}
@@ -115,7 +117,7 @@ def test_tokens_expire_are_listed_and_revoked(env):
     assert "token" not in listed[-1] and not any("hash" in k for k in listed[-1])
     with env["db"].session() as s:  # a day later
         s.execute(update(ApiToken).where(ApiToken.id == listed[-1]["id"])
-                  .values(expires_at=svc.utcnow() - dt.timedelta(seconds=1)))
+                  .values(expires_at=utcnow() - dt.timedelta(seconds=1)))
     assert c.get("/api/me", headers=script).status_code == 401
     r = c.post("/api/tokens", headers=H(env, "ann"), json={"name": "other"})
     other = {"Authorization": f"Bearer {r.json()['token']}"}
@@ -209,7 +211,7 @@ def test_durations_are_measured_by_the_server(env):
     with env["db"].session() as s:  # served 42 s ago
         from rlhfkit.feedback.models import Assignment
 
-        s.execute(update(Assignment).values(served_at=svc.utcnow() - dt.timedelta(seconds=42)))
+        s.execute(update(Assignment).values(served_at=utcnow() - dt.timedelta(seconds=42)))
     r = c.post(f"/api/tasks/{t}/labels", headers=H(env, "ann"),
                json={"item_id": item["item_id"], "value": {"choice": "left"}, "idempotency_key": uuid.uuid4().hex,
                      "duration_ms": 1})

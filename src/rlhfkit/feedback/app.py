@@ -9,9 +9,10 @@ scripts, so prompt and response text (untrusted) can never run.
 
 Each write commits before the response is sent: an acknowledged label is on disk.
 
-The routers are `api` (annotators' JSON API), `admin_api` (/api/admin) and `pages` (HTML);
-`web` holds what they share (authentication, CSRF, the task cache, payloads). This module
-builds the app: middleware, error handlers and the routers.
+The layers: the routers `api` (annotators' JSON API), `admin_api` (/api/admin) and `pages`
+(HTML) authenticate, call the service and shape the reply; `web` holds what they share
+(authentication, CSRF, the task cache, payloads); `service` holds every operation and every
+SQL statement. This module composes the app: state, middleware, error handlers, routers.
 """
 
 from __future__ import annotations
@@ -19,19 +20,16 @@ from __future__ import annotations
 import random
 import threading
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.errors import DataError
-from rlhfkit.feedback import service as svc
-from rlhfkit.feedback.admin_api import admin_api_routes
-from rlhfkit.feedback.api import api_routes
+from rlhfkit.feedback import admin_api, api, pages
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import (
     BodyLimit,
@@ -40,14 +38,75 @@ from rlhfkit.feedback.guard import (
     SecurityHeaders,
     TooManyAttempts,
 )
-from rlhfkit.feedback.pages import page_routes
-from rlhfkit.feedback.web import (
-    HERE,
-    TRANSIENT_SQLSTATES,
-    AuthError,
-    TaskCache,
-    principal_dependency,
-)
+from rlhfkit.feedback.service.audit import CLIENT_ADDRESS
+from rlhfkit.feedback.service.errors import Conflict, Forbidden, InvalidAnswer
+from rlhfkit.feedback.web import HERE, TRANSIENT_SQLSTATES, AuthError, TaskCache, db_of
+
+
+async def _validation(request: Request, exc: RequestValidationError):
+    # never echo the submitted values back (a 2 MB password, a secret in the wrong field)
+    errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    return JSONResponse({"detail": f"field '{first['field']}': {first['message']}", "field": first["field"],
+                         "errors": errors[:20]}, status_code=422)
+
+
+async def _too_many(request: Request, exc: TooManyAttempts):
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _db_data(request: Request, exc: sa_exc.DataError):
+    # a safety net: the typed request models should have refused the value already
+    return JSONResponse({"detail": "a value does not fit the database (out of range or not storable text)"},
+                        status_code=422)
+
+
+async def _db_gone(request: Request, exc: sa_exc.DBAPIError):
+    # the database dropped a pooled connection (restarted, or the connection was killed):
+    # SQLAlchemy has invalidated the pool, so a retry gets a fresh connection
+    if exc.connection_invalidated:
+        return JSONResponse({"detail": "the database connection was lost; retry"}, status_code=503,
+                            headers={"Retry-After": "1"})
+    # PostgreSQL broke a deadlock or a serialization conflict by aborting this transaction:
+    # nothing was written, and the same request succeeds when sent again
+    if getattr(exc.orig, "sqlstate", None) in TRANSIENT_SQLSTATES:
+        return JSONResponse({"detail": "a concurrent request conflicted with this one; retry"},
+                            status_code=503, headers={"Retry-After": "1"})
+    raise exc
+
+
+async def _auth(request: Request, exc: AuthError):
+    if exc.status == 401 and not request.url.path.startswith("/api") and request.method == "GET":
+        return RedirectResponse("/login", status_code=303)
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+async def _invalid(request: Request, exc: InvalidAnswer):
+    return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
+
+
+async def _data(request: Request, exc: DataError):
+    return JSONResponse({"detail": str(exc), "field": exc.field, "line": exc.line}, status_code=422)
+
+
+def _status(code: int):
+    async def handler(request: Request, exc: Exception):
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+    return handler
+
+
+async def _missing(request: Request, exc: LookupError):
+    return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
+
+
+ERROR_HANDLERS = ((RequestValidationError, _validation), (TooManyAttempts, _too_many), (sa_exc.DataError, _db_data),
+                  (sa_exc.DBAPIError, _db_gone), (AuthError, _auth), (InvalidAnswer, _invalid), (DataError, _data),
+                  (Forbidden, _status(403)), (Conflict, _status(409)), (LookupError, _missing))
+
+
+def healthz(request: Request):
+    db_of(request).ping()
+    return {"ok": True, "backend": db_of(request).backend}
 
 
 def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
@@ -64,98 +123,26 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
     `login_guard` holds the login rate limits and the bound on concurrent password checks;
     request bodies are limited to `body_limit` bytes (`import_limit` for item imports).
     """
-    db = Database(db) if isinstance(db, str) else db
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.db = db
-    app.state.tasks = TaskCache()
-    app.state.login_guard = login_guard or LoginGuard()
+    state = app.state
+    state.db = Database(db) if isinstance(db, str) else db
+    state.tasks, state.scorer, state.secure_cookies = TaskCache(), scorer, secure_cookies
+    state.login_guard = login_guard or LoginGuard()
+    state.rng, state.rng_lock = random.Random(), threading.Lock()
+    state.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
     app.add_middleware(BodyLimit, limit=body_limit,
                        larger=((lambda p: p.startswith("/api/admin/tasks/") and p.endswith("/items"), import_limit),))
     # security headers outside Starlette's error middleware, so 500 pages carry them too
     build = app.build_middleware_stack
 
     def stack():
-        inner = ClientAddress(build(), svc.CLIENT_ADDRESS)
+        inner = ClientAddress(build(), CLIENT_ADDRESS)
         return SecurityHeaders(ProxyHeadersMiddleware(inner, forwarded_allow_ips) if forwarded_allow_ips else inner)
     app.build_middleware_stack = stack
-    app.state.scorer = scorer
-    app.state.rng = random.Random()
-    app.state.rng_lock = threading.Lock()
-    templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-
-    def rng() -> random.Random:
-        with app.state.rng_lock:
-            return random.Random(app.state.rng.getrandbits(64))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        # never echo the submitted values back (a 2 MB password, a secret in the wrong field)
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
-        return JSONResponse({"detail": f"field '{first['field']}': {first['message']}", "field": first["field"],
-                             "errors": errors[:20]}, status_code=422)
-
-    @app.exception_handler(TooManyAttempts)
-    async def _too_many(request: Request, exc: TooManyAttempts):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status,
-                            headers={"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(sa_exc.DataError)
-    async def _db_data(request: Request, exc: sa_exc.DataError):
-        # a safety net: the typed request models should have refused the value already
-        return JSONResponse({"detail": "a value does not fit the database (out of range or not storable text)"},
-                            status_code=422)
-
-    @app.exception_handler(sa_exc.DBAPIError)
-    async def _db_gone(request: Request, exc: sa_exc.DBAPIError):
-        # the database dropped a pooled connection (restarted, or the connection was killed):
-        # SQLAlchemy has invalidated the pool, so a retry gets a fresh connection
-        if exc.connection_invalidated:
-            return JSONResponse({"detail": "the database connection was lost; retry"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        # PostgreSQL broke a deadlock or a serialization conflict by aborting this transaction:
-        # nothing was written, and the same request succeeds when sent again
-        if getattr(exc.orig, "sqlstate", None) in TRANSIENT_SQLSTATES:
-            return JSONResponse({"detail": "a concurrent request conflicted with this one; retry"},
-                                status_code=503, headers={"Retry-After": "1"})
-        raise exc
-
-    @app.exception_handler(AuthError)
-    async def _auth(request: Request, exc: AuthError):
-        if exc.status == 401 and not request.url.path.startswith("/api") and request.method == "GET":
-            return RedirectResponse("/login", status_code=303)
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(svc.InvalidAnswer)
-    async def _invalid(request: Request, exc: svc.InvalidAnswer):
-        return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
-
-    @app.exception_handler(DataError)
-    async def _data(request: Request, exc: DataError):
-        return JSONResponse({"detail": str(exc), "field": exc.field, "line": exc.line}, status_code=422)
-
-    @app.exception_handler(svc.Forbidden)
-    async def _forbidden(request: Request, exc: svc.Forbidden):
-        return JSONResponse({"detail": str(exc)}, status_code=403)
-
-    @app.exception_handler(svc.Conflict)
-    async def _conflict(request: Request, exc: svc.Conflict):
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(LookupError)
-    async def _missing(request: Request, exc: LookupError):
-        return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
-
-    @app.get("/healthz")
-    def healthz():
-        with db.read_session() as s:
-            s.execute(select(1))
-        return {"ok": True, "backend": db.backend}
-
-    ctx = {"app": app, "db": db, "templates": templates, "rng": rng, "secure": secure_cookies,
-           "auth": [Depends(principal_dependency(db))]}
-    api_routes(**ctx)
-    admin_api_routes(**ctx)
-    page_routes(**ctx)
+    for exc_type, handler in ERROR_HANDLERS:
+        app.add_exception_handler(exc_type, handler)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    for module in (api, admin_api, pages):
+        app.include_router(module.router)
     return app

@@ -27,10 +27,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rlhfkit.errors import RlhfkitError
+import uvicorn
 
-SUBCOMMANDS = ("run", "serve", "init-db", "create-user", "import", "sample", "export", "qc", "list-users", "set-role",
-               "disable-user", "enable-user", "create-token", "list-tokens", "revoke-token")
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.feedback import export as ex
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.db import Database, current_revision, upgrade
+from rlhfkit.feedback.models import utcnow
+from rlhfkit.feedback.online import OnlineScorer
+from rlhfkit.feedback.sampling import sample_records
+from rlhfkit.feedback.schemas import name_problem
+from rlhfkit.feedback.security import create_api_token
+from rlhfkit.feedback.service import accounts, items, tasks
+from rlhfkit.feedback.service.audit import audit
+from rlhfkit.feedback.service.errors import Conflict
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,97 +70,102 @@ def _positive_float(text: str) -> float:
     return value
 
 
+ROLE_CHOICES = ["annotator", "admin", "owner"]
+USERNAME = ("--username", {"required": True})
+TASK_OPTIONS = (
+    ("--task", {"required": True, "help": "task name (created if missing)"}),
+    ("--type", {"dest": "question_type", "default": "pairwise",
+                "help": "pairwise, ranking, rating, thumbs, critique or edit"}),
+    ("--overlap", {"type": int, "default": 1, "help": "annotators per item"}),
+    ("--selection", {"default": "random", "choices": ["random", "uncertainty"]}),
+    ("--gold-rate", {"type": float, "default": 0.1}),
+    ("--instructions", {"default": ""}),
+    ("--rubric", {"default": "helpful,harmless,honest", "help": "comma-separated rating dimensions"}),
+    ("--no-randomize", {"action": "store_true", "help": "always show responses in file order"}),
+)
+RUN_OPTIONS = (
+    ("--host", {"default": "127.0.0.1"}),
+    ("--port", {"type": int, "default": 8000}),
+    ("--secure-cookies", {"action": "store_true", "help": "mark cookies Secure (behind HTTPS)"}),
+    ("--uncertainty-scorer", {"choices": ["none", "hashed"], "default": "hashed",
+                              "help": "scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
+                                      "the task's labels ('hashed'), or none (random)"}),
+    ("--log-level", {"default": "warning"}),
+    ("--pool-size", {"type": _positive_int, "default": max(4, 2 * (os.cpu_count() or 2)),
+                     "help": "database connections, and so requests doing database work at once (default: twice "
+                             "the cores, at least 4; more concurrent transactions than that only contend for CPU "
+                             "and locks)"}),
+    ("--keep-alive", {"type": _positive_int, "default": 75, "metavar": "SECONDS",
+                      "help": "how long an idle connection stays open (default 75 s, as nginx's keepalive_timeout): "
+                              "annotators read for seconds between submits, and with uvicorn's default of 5 s "
+                              "most submits would open a new connection"}),
+    ("--forwarded-allow-ips", {"default": None, "metavar": "IPS",
+                               "help": "comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+                                       "header is trusted for the client address ('*' for any peer). Default: none, "
+                                       "the peer's own address is the client's"}),
+)
+EXPORT_OPTIONS = (
+    ("--task", {"required": True}),
+    ("--kind", {"default": "preferences", "help": "preferences, rankings, sft, kto, ratings, critiques"}),
+    ("--aggregate", {"default": "none", "help": "none, majority, weighted or bt"}),
+    ("--include-gold", {"action": "store_true"}),
+    ("--ties", {"default": "skip", "choices": ("skip", "keep"),
+                "help": "pairwise ties: skip and count them, or keep them with label 0.5 and tie=true"}),
+    ("--out", {"required": True}),
+    ("--hf", {"action": "store_true", "help": "write a datasets.save_to_disk folder instead of JSONL"}),
+    ("--force", {"action": "store_true", "help": "overwrite --out if it exists"}),
+    ("--status", {"default": "all", "choices": ("all", "accepted"),
+                  "help": "all labels, or only those a reviewer accepted"}),
+)
+# every subcommand: (help, its options beyond --db); the team administration commands write
+# each change to the audit log (actor "cli")
+COMMANDS: dict[str, tuple[str, tuple]] = {
+    "run": ("start the web app", RUN_OPTIONS),
+    "serve": ("start the web app", RUN_OPTIONS),
+    "init-db": ("create or upgrade the database schema", ()),
+    "create-user": ("add an account", (
+        USERNAME,
+        ("--role", {"default": "annotator", "choices": ROLE_CHOICES,
+                    "help": "owner: everything; admin: tasks, annotators, review, export; annotator: labels"}),
+        ("--password-env", {"help": "read the password from this environment variable (else prompt)"}),
+        ("--token", {"action": "store_true", "help": "also create and print an API token"}))),
+    "import": ("import prompts + responses from JSONL", TASK_OPTIONS + (
+        ("file", {"help": "JSONL: {prompt, responses: [...]} (or response / chosen+rejected), "
+                          "optional id, gold (an answer in file order), meta"}),)),
+    "sample": ("sample responses from a policy and import them", TASK_OPTIONS + (
+        ("--policy", {"required": True, "help": "model folder or 'kindly'"}),
+        ("--prompts", {"required": True, "help": "text file, one prompt a line, or JSONL with 'prompt'"}),
+        ("--num-samples", {"type": int, "default": 2}),
+        ("--max-new-tokens", {"type": int, "default": 32}),
+        ("--temperature", {"type": float, "default": 1.0}),
+        ("--seed", {"type": int, "default": 0}))),
+    "export": ("export labels as TRL-format JSONL or a datasets folder", EXPORT_OPTIONS),
+    "qc": ("print the task's quality-control report as JSON", (("--task", {"required": True}),)),
+    "list-users": ("list accounts: id, username, role, active", ()),
+    "set-role": ("change an account's role", (USERNAME, ("--role", {"required": True, "choices": ROLE_CHOICES}))),
+    "disable-user": ("disable an account: it can no longer log in or use its tokens; its labels stay", (USERNAME,)),
+    "enable-user": ("enable a disabled account again", (USERNAME,)),
+    "create-token": ("issue an API token for an account and print it (shown once)", (
+        USERNAME,
+        ("--name", {"default": "cli", "help": "a label for the token (up to 64 characters)"}),
+        ("--expires-days", {"type": _positive_float, "default": None,
+                            "help": "days until it expires (default: never for owners, else the maximum, 365)"}))),
+    "list-tokens": ("list an account's API tokens: id, name, created, expires, state", (USERNAME,)),
+    "revoke-token": ("revoke an API token by id (see list-tokens)",
+                     (("--id", {"dest": "token_id", "required": True, "type": _positive_int}),)),
+}
+SUBCOMMANDS = tuple(COMMANDS)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhfkit serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
+    for name, (help_, options) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--db", default=os.environ.get("RLHFKIT_DB", "sqlite:///feedback.db"),
                         help="database URL or SQLite file (env RLHFKIT_DB)")
-        return sp
-
-    for name in ("run", "serve"):
-        sp = add(name, "start the web app")
-        sp.add_argument("--host", default="127.0.0.1")
-        sp.add_argument("--port", type=int, default=8000)
-        sp.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind HTTPS)")
-        sp.add_argument("--uncertainty-scorer", choices=["none", "hashed"], default="hashed",
-                        help="scorer for tasks with selection=uncertainty: a bag-of-words ensemble refit on "
-                             "the task's labels ('hashed'), or none (random)")
-        sp.add_argument("--log-level", default="warning")
-        sp.add_argument("--pool-size", type=_positive_int, default=max(4, 2 * (os.cpu_count() or 2)),
-                        help="database connections, and so requests doing database work at once (default: twice "
-                             "the cores, at least 4; more concurrent transactions than that only contend for CPU "
-                             "and locks)")
-        sp.add_argument("--keep-alive", type=_positive_int, default=75, metavar="SECONDS",
-                        help="how long an idle connection stays open (default 75 s, as nginx's keepalive_timeout): "
-                             "annotators read for seconds between submits, and with uvicorn's default of 5 s "
-                             "most submits would open a new connection")
-        sp.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
-                        help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
-                             "header is trusted for the client address ('*' for any peer). Default: none, "
-                             "the peer's own address is the client's")
-    add("init-db", "create or upgrade the database schema")
-    sp = add("create-user", "add an account")
-    sp.add_argument("--username", required=True)
-    sp.add_argument("--role", default="annotator", choices=["annotator", "admin", "owner"],
-                    help="owner: everything; admin: tasks, annotators, review, export; annotator: labels")
-    sp.add_argument("--password-env", help="read the password from this environment variable (else prompt)")
-    sp.add_argument("--token", action="store_true", help="also create and print an API token")
-    for name, help_ in (("import", "import prompts + responses from JSONL"),
-                        ("sample", "sample responses from a policy and import them")):
-        sp = add(name, help_)
-        sp.add_argument("--task", required=True, help="task name (created if missing)")
-        sp.add_argument("--type", dest="question_type", default="pairwise",
-                        help="pairwise, ranking, rating, thumbs, critique or edit")
-        sp.add_argument("--overlap", type=int, default=1, help="annotators per item")
-        sp.add_argument("--selection", default="random", choices=["random", "uncertainty"])
-        sp.add_argument("--gold-rate", type=float, default=0.1)
-        sp.add_argument("--instructions", default="")
-        sp.add_argument("--rubric", default="helpful,harmless,honest", help="comma-separated rating dimensions")
-        sp.add_argument("--no-randomize", action="store_true", help="always show responses in file order")
-        if name == "import":
-            sp.add_argument("file", help="JSONL: {prompt, responses: [...]} (or response / chosen+rejected), "
-                                         "optional id, gold (an answer in file order), meta")
-        else:
-            sp.add_argument("--policy", required=True, help="model folder or 'kindly'")
-            sp.add_argument("--prompts", required=True, help="text file, one prompt a line, or JSONL with 'prompt'")
-            sp.add_argument("--num-samples", type=int, default=2)
-            sp.add_argument("--max-new-tokens", type=int, default=32)
-            sp.add_argument("--temperature", type=float, default=1.0)
-            sp.add_argument("--seed", type=int, default=0)
-    sp = add("export", "export labels as TRL-format JSONL or a datasets folder")
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--kind", default="preferences", help="preferences, rankings, sft, kto, ratings, critiques")
-    sp.add_argument("--aggregate", default="none", help="none, majority, weighted or bt")
-    sp.add_argument("--include-gold", action="store_true")
-    sp.add_argument("--ties", default="skip", choices=("skip", "keep"),
-                    help="pairwise ties: skip and count them, or keep them with label 0.5 and tie=true")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--hf", action="store_true", help="write a datasets.save_to_disk folder instead of JSONL")
-    sp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    sp.add_argument("--status", default="all", choices=("all", "accepted"),
-                    help="all labels, or only those a reviewer accepted")
-    sp = add("qc", "print the task's quality-control report as JSON")
-    sp.add_argument("--task", required=True)
-    # team administration (each change is written to the audit log, actor "cli")
-    add("list-users", "list accounts: id, username, role, active")
-    sp = add("set-role", "change an account's role")
-    sp.add_argument("--username", required=True)
-    sp.add_argument("--role", required=True, choices=["annotator", "admin", "owner"])
-    for name, help_ in (("disable-user", "disable an account: it can no longer log in or use its tokens; its labels "
-                                         "stay"), ("enable-user", "enable a disabled account again")):
-        sp = add(name, help_)
-        sp.add_argument("--username", required=True)
-    sp = add("create-token", "issue an API token for an account and print it (shown once)")
-    sp.add_argument("--username", required=True)
-    sp.add_argument("--name", default="cli", help="a label for the token (up to 64 characters)")
-    sp.add_argument("--expires-days", type=_positive_float, default=None, help="days until it expires (default: never for owners, else the maximum, 365)")
-    sp = add("list-tokens", "list an account's API tokens: id, name, created, expires, state")
-    sp.add_argument("--username", required=True)
-    sp = add("revoke-token", "revoke an API token by id (see list-tokens)")
-    sp.add_argument("--id", dest="token_id", required=True, type=_positive_int)
+        for flag, kwargs in options:
+            sp.add_argument(flag, **kwargs)
     return p
 
 
@@ -159,8 +174,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
-    from rlhfkit.feedback.service import Conflict
-
     try:
         return HANDLERS[args.command](args)
     except RlhfkitError as e:
@@ -171,24 +184,15 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _db(args):
-    from rlhfkit.feedback.db import Database, upgrade
-
+def _db(args) -> Database:
     upgrade(args.db)
     return Database(args.db, pool_size=2)
 
 
 def build_app(args):
     """The app `serve run` serves, from its parsed arguments (after applying migrations)."""
-    from rlhfkit.feedback.app import create_app
-    from rlhfkit.feedback.db import Database, upgrade
-
     upgrade(args.db)
-    scorer = None
-    if args.uncertainty_scorer == "hashed":
-        from rlhfkit.feedback.online import OnlineScorer
-
-        scorer = OnlineScorer()
+    scorer = OnlineScorer() if args.uncertainty_scorer == "hashed" else None
     return create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer,
                       secure_cookies=args.secure_cookies, forwarded_allow_ips=args.forwarded_allow_ips)
 
@@ -202,8 +206,6 @@ def server_options(args) -> dict:
 
 
 def _run(args) -> int:
-    import uvicorn
-
     app = build_app(args)
     print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
     uvicorn.run(app, **server_options(args))
@@ -211,22 +213,16 @@ def _run(args) -> int:
 
 
 def _init_db(args) -> int:
-    from rlhfkit.feedback.db import current_revision, upgrade
-
     upgrade(args.db)
     print(f"database ready at revision {current_revision(args.db)}")
     return 0
 
 
 def _create_user(args) -> int:
-    from rlhfkit.feedback import accounts
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.security import create_api_token
-
     password = os.environ.get(args.password_env, "") if args.password_env else getpass.getpass("password: ")
     db = _db(args)
     with db.session() as s:
-        user = svc.create_user(s, args.username, password, args.role, reveal_lookalike=True)
+        user = accounts.create_user(s, args.username, password, args.role, reveal_lookalike=True)
         days = None if user.role == "owner" else accounts.MAX_TOKEN_DAYS
         token = create_api_token(s, user, "cli", days) if args.token else None
     print(f"created {args.role} {args.username!r}")
@@ -236,160 +232,115 @@ def _create_user(args) -> int:
 
 
 def _get_or_create_task(s, args):
-    from sqlalchemy import select
-
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.models import Task
-
-    task = s.scalar(select(Task).where(Task.name == args.task))
+    task = tasks.task_by_name(s, args.task)
     if task is None:
-        task = svc.create_task(s, args.task, args.question_type, overlap=args.overlap, instructions=args.instructions,
-                               rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
-                               randomize_order=not args.no_randomize, selection=args.selection,
-                               gold_rate=args.gold_rate, via="cli")
+        task = tasks.create_task(s, args.task, args.question_type, overlap=args.overlap,
+                                 instructions=args.instructions,
+                                 rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
+                                 randomize_order=not args.no_randomize, selection=args.selection,
+                                 gold_rate=args.gold_rate, via="cli")
     elif task.question_type != args.question_type:
         raise ValueError(f"task {args.task!r} exists with type {task.question_type}, not {args.question_type}")
     return task
 
 
 def _import(args) -> int:
-    from rlhfkit.feedback import service as svc
-
-    records = svc.read_jsonl(args.file)
+    records = items.read_jsonl(args.file)
     db = _db(args)
     with db.session() as s:
         task = _get_or_create_task(s, args)
-        n = svc.import_records(s, task, records, source=args.file, via="cli")
+        n = items.import_records(s, task, records, source=args.file, via="cli")
     print(f"imported {n} items into task {args.task!r}")
     return 0
 
 
 def _sample(args) -> int:
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.sampling import sample_records
-
     records = sample_records(args.policy, args.prompts, args.num_samples, args.max_new_tokens,
                              args.temperature, args.seed)
     db = _db(args)
     with db.session() as s:
         task = _get_or_create_task(s, args)
-        n = svc.import_records(s, task, records, source=args.prompts, via="cli")
+        n = items.import_records(s, task, records, source=args.prompts, via="cli")
     print(f"sampled and imported {n} items into task {args.task!r}")
     return 0
 
 
+def _named_task(s, name: str):
+    task = tasks.task_by_name(s, name)
+    if task is None:
+        raise LookupError(f"no task named {name!r}")
+    return task
+
+
 def _export(args) -> int:
-    from sqlalchemy import select
-
-    from rlhfkit.feedback import export as ex
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.models import Task
-
     if os.path.exists(args.out) and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it")
     db = _db(args)
     with db.session() as s:
-        task = s.scalar(select(Task).where(Task.name == args.task))
-        if task is None:
-            raise LookupError(f"no task named {args.task!r}")
+        task = _named_task(s, args.task)
         records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties,
                                              only_accepted=args.status == "accepted")
-        svc.audit(s, None, "task.export", task.name, kind=args.kind, status=args.status, records=len(records), via="cli")
+        audit(s, None, "task.export", task.name, kind=args.kind, status=args.status, records=len(records), via="cli")
     (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
     print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
     return 0
 
 
 def _qc(args) -> int:
-    from sqlalchemy import select
-
-    from rlhfkit.feedback import export as ex
-    from rlhfkit.feedback.models import Task
-
     db = _db(args)
     with db.session() as s:
-        task = s.scalar(select(Task).where(Task.name == args.task))
-        if task is None:
-            raise LookupError(f"no task named {args.task!r}")
-        print(json.dumps(ex.task_qc(s, task), indent=2))
+        print(json.dumps(ex.task_qc(s, _named_task(s, args.task)), indent=2))
     return 0
 
 
-def _named_user(s, username: str):
-    from rlhfkit.feedback import service as svc
-
-    user = svc.find_user(s, username)
-    if user is None:
-        raise LookupError(f"user {username!r} not found")
-    return user
-
-
 def _list_users(args) -> int:
-    from sqlalchemy import select
-
-    from rlhfkit.feedback.models import User
-
     db = _db(args)
     with db.read_session() as s:
-        for u in s.scalars(select(User).order_by(User.id)):
+        for u in accounts.all_users(s):
             print(f"{u.id}\t{u.username}\t{u.role}\t{'active' if u.active else 'disabled'}")
     return 0
 
 
 def _set_role(args) -> int:
-    from rlhfkit.feedback import accounts
-
     db = _db(args)
     with db.session() as s:
-        old = accounts.set_role(s, _named_user(s, args.username), args.role, via="cli")
+        old = accounts.set_role(s, accounts.named_user(s, args.username), args.role, via="cli")
     print(f"{args.username}: role {old} -> {args.role}")
     return 0
 
 
 def _set_active(args) -> int:
-    from rlhfkit.feedback import accounts
-
     active = args.command == "enable-user"
     db = _db(args)
     with db.session() as s:
-        accounts.set_active(s, _named_user(s, args.username), active, via="cli")
+        accounts.set_active(s, accounts.named_user(s, args.username), active, via="cli")
     print(f"{args.username}: {'enabled (log in again: old tokens and sessions stay revoked)' if active else 'disabled (labels kept; tokens revoked, sessions ended)'}")
     return 0
 
 
 def _create_token(args) -> int:
-    from rlhfkit.feedback import accounts
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.schemas import name_problem
-    from rlhfkit.feedback.security import create_api_token
-
     if len(args.name) > 64 or name_problem(args.name):
         raise ValueError(f"--name: {name_problem(args.name) or 'at most 64 characters'}")
     db = _db(args)
     with db.session() as s:
-        user = _named_user(s, args.username)
+        user = accounts.named_user(s, args.username)
         if not user.active:
             raise ValueError(f"user {args.username!r} is disabled; enable-user first")
         days = args.expires_days
         if days is None and user.role != "owner":  # the default: the longest a non-owner's token lives
             days = accounts.MAX_TOKEN_DAYS
         days = accounts.token_days(user, days)
-        svc.audit(s, None, "token.issue", user.username, name=args.name, expires_days=days, via="cli")
-        secret = create_api_token(s, user, args.name, days)
+        secret = accounts.issue_token(s, user, args.name, days, expires_days=days, via="cli")
     print(secret)  # alone on stdout, so scripts can capture it; shown once
     return 0
 
 
 def _list_tokens(args) -> int:
-    from sqlalchemy import select
-
-    from rlhfkit.feedback.models import ApiToken, utcnow
-
     db = _db(args)
     with db.read_session() as s:
-        user = _named_user(s, args.username)
+        user = accounts.named_user(s, args.username)
         now = utcnow()
-        for t in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)):
+        for t in accounts.tokens_of(s, user):
             state = "revoked" if t.revoked else "expired" if t.expires_at is not None and t.expires_at <= now \
                 else "active"
             expires = "never" if t.expires_at is None else t.expires_at.isoformat(timespec="seconds") + "Z"
@@ -398,18 +349,9 @@ def _list_tokens(args) -> int:
 
 
 def _revoke_token(args) -> int:
-    from rlhfkit.feedback import service as svc
-    from rlhfkit.feedback.models import ApiToken
-
     db = _db(args)
     with db.session() as s:
-        tok = s.get(ApiToken, args.token_id)
-        if tok is None:
-            raise LookupError(f"token {args.token_id} not found")
-        already = tok.revoked
-        tok.revoked = True
-        if not already:
-            svc.audit(s, None, "token.revoke", tok.user.username, token_id=tok.id, name=tok.name, via="cli")
+        tok, already = accounts.revoke_token(s, args.token_id, via="cli")
         owner = tok.user.username
     print(f"token {args.token_id} of {owner}: {'already revoked' if already else 'revoked'}")
     return 0

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -164,6 +164,11 @@ class Database:
         """`lookup_session` without the ORM: a Core connection for one read statement."""
         with self.lookup_engine.connect() as conn:
             yield conn
+
+    def ping(self) -> None:
+        """One trivial query: raises when the database cannot be reached (the health check)."""
+        with self.read_session() as s:
+            s.execute(select(1))
 
     def dispose(self) -> None:
         self.engine.dispose()

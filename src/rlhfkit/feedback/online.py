@@ -11,7 +11,9 @@ import threading
 
 from sqlalchemy import func, select
 
+from rlhfkit.feedback import export as ex
 from rlhfkit.feedback.active import HashedEnsemble
+from rlhfkit.feedback.models import Label
 
 
 class OnlineScorer:
@@ -23,9 +25,6 @@ class OnlineScorer:
     def for_task(self, s, task) -> HashedEnsemble | None:
         """The ensemble for `task`, read through the caller's session `s` (no second connection,
         which SQLite's single writer would make wait on the caller)."""
-        from rlhfkit.feedback import export as ex
-        from rlhfkit.feedback.models import Label
-
         with self._lock:
             n = s.scalar(select(func.count()).select_from(Label).where(Label.task_id == task.id)) or 0
             seen, model = self._fits.get(task.id, (0, None))

@@ -118,7 +118,7 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
-# answers, one model per question type (display positions; see service.py for the stored form)
+# answers, one model per question type (display positions; see service/answers.py for the stored form)
 
 
 class PairwiseAnswer(_Strict):

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from rlhfkit.feedback.models import ApiToken, LoginSession, User, utcnow
@@ -25,8 +25,6 @@ def use_test_hasher() -> None:
     ~0.1-1 s of CPU by design, and tests create many accounts. Hashes stay verifiable either way
     (the parameters are stored in each hash)."""
     global _hasher
-    from argon2 import profiles
-
     _hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
 
 

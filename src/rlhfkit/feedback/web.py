@@ -1,9 +1,13 @@
 """Request plumbing shared by the routers: authentication (Bearer tokens and browser sessions),
-CSRF, roles, the task cache, client addresses, the login check, and JSON payloads."""
+CSRF, roles, the task cache, client addresses, the login check, and JSON payloads.
+
+The app keeps what requests share in `app.state` (set by `app.create_app`): `db`, `tasks` (the
+TaskCache), `login_guard`, `scorer`, `templates`, `secure_cookies` and the random source.
+"""
 
 from __future__ import annotations
 
-import functools
+import random
 import re
 import threading
 import uuid
@@ -12,36 +16,17 @@ from pathlib import Path as FilePath
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import FastAPI, Path, Query, Request
-from sqlalchemy import Connection, String, bindparam, select
-from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.orm import Session, make_transient_to_detached
+from fastapi import Depends, Path, Query, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from rlhfkit.feedback import service as svc
 from rlhfkit.feedback.db import Database
-from rlhfkit.feedback.guard import (
-    LoginGuard,
-)
-from rlhfkit.feedback.models import (
-    ApiToken,
-    Item,
-    Label,
-    LoginSession,
-    Task,
-    User,
-    utcnow,
-)
-from rlhfkit.feedback.schemas import (
-    INT_MAX,
-    name_problem,
-    text_problem,
-)
-from rlhfkit.feedback.security import (
-    digest,
-    same,
-    verify_password,
-)
+from rlhfkit.feedback.guard import LoginGuard
+from rlhfkit.feedback.models import Item, Label, Task, User, utcnow
+from rlhfkit.feedback.schemas import INT_MAX, name_problem, text_problem
+from rlhfkit.feedback.security import digest, same, verify_password
+from rlhfkit.feedback.service import accounts, tasks
+from rlhfkit.feedback.service.audit import audit
 
 HERE = FilePath(__file__).resolve().parent
 SESSION_COOKIE = "rlhfkit_session"
@@ -64,50 +49,36 @@ class AuthError(Exception):
         self.status = status
 
 
+def db_of(request: Request) -> Database:
+    return request.app.state.db
+
+
+def rng_of(request: Request) -> random.Random:
+    """A random source of its own for this request (drawn from the app's, under its lock)."""
+    state = request.app.state
+    with state.rng_lock:
+        return random.Random(state.rng.getrandbits(64))
+
+
 # --------------------------------------------------------------------------------------------
 # authentication
 
 
-@functools.cache
-def _principal_statements():
-    """The token and the browser-session lookups, each one SELECT of plain columns (the
-    credential's checks and the user's columns), built once with a bound digest: loading them
-    as ORM entities cost more Python than the database round trip itself."""
-    user_columns = [attr.columns[0].label(f"u_{attr.key}") for attr in sa_inspect(User).column_attrs]
-    digest_param = bindparam("b_digest", type_=String)
-    by_token = (select(ApiToken.revoked, ApiToken.expires_at, *user_columns)
-                .join_from(ApiToken, User, User.id == ApiToken.user_id).where(ApiToken.token_hash == digest_param))
-    by_session = (select(LoginSession.expires_at, LoginSession.csrf_token, *user_columns)
-                  .join_from(LoginSession, User, User.id == LoginSession.user_id)
-                  .where(LoginSession.session_hash == digest_param))
-    return by_token, by_session
-
-
-def _user_of(row) -> User:
-    """A detached User (in no session, as if loaded and the session closed) from a row of
-    `_principal_statements`; sessions take it with `merge(load=False)`, without a query."""
-    m = row._mapping
-    user = User(**{attr.key: m[f"u_{attr.key}"] for attr in sa_inspect(User).column_attrs})
-    make_transient_to_detached(user)
-    return user
-
-
-def lookup_principal(request: Request, conn: Session | Connection) -> tuple[User, str | None]:
+def lookup_principal(request: Request, conn) -> tuple[User, str | None]:
     """(user, csrf token or None for Bearer auth) from the request's credentials, one statement
-    on `conn`; the user is detached. Raises AuthError(401) when anonymous."""
-    by_token, by_session = _principal_statements()
+    on `conn` (a session or a Core connection); the user is detached. Raises AuthError(401)
+    when anonymous."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        row = conn.execute(by_token, {"b_digest": digest(header[7:].strip())}).first()
-        if row is None or row.revoked or not row.u_active or \
-                (row.expires_at is not None and row.expires_at <= utcnow()):
+        found = accounts.token_principal(conn, digest(header[7:].strip()))
+        if found is None or found[1] or not found[0].active or (found[2] is not None and found[2] <= utcnow()):
             raise AuthError(401, "invalid, expired or revoked API token")
-        return _user_of(row), None
+        return found[0], None
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        row = conn.execute(by_session, {"b_digest": digest(cookie)}).first()
-        if row is not None and row.expires_at > utcnow() and row.u_active:
-            return _user_of(row), row.csrf_token
+        found = accounts.session_principal(conn, digest(cookie))
+        if found is not None and found[2] > utcnow() and found[0].active:
+            return found[0], found[1]
     raise AuthError(401, "authentication required: log in or send 'Authorization: Bearer <token>'")
 
 
@@ -121,14 +92,16 @@ def authenticate(request: Request, s: Session) -> tuple[User, str | None]:
     request, not three).
     """
     known = getattr(request.state, "principal", None) or lookup_principal(request, s)
-    return s.merge(known[0], load=False), known[1]
+    return accounts.attach(s, known[0]), known[1]
 
 
-def principal_dependency(db: Database):
-    def principal(request: Request) -> None:
-        with db.lookup_connection() as conn:  # one row, without an ORM session
-            request.state.principal = lookup_principal(request, conn)
-    return principal
+def principal(request: Request) -> None:
+    """The route dependency that authenticates every request of a protected route."""
+    with db_of(request).lookup_connection() as conn:  # one row, without an ORM session
+        request.state.principal = lookup_principal(request, conn)
+
+
+AUTH = [Depends(principal)]  # `dependencies=AUTH` on every route but login, /healthz and /static
 
 
 def check_csrf(request: Request, csrf: str | None, form_token: str | None = None) -> None:
@@ -139,14 +112,15 @@ def check_csrf(request: Request, csrf: str | None, form_token: str | None = None
 
 
 def require_admin(user: User) -> None:
-    if not svc.is_admin(user):
+    if not accounts.is_admin(user):
         raise AuthError(403, "admin role required")
 
 
-def visible_task(s: Session, task_id: int, user: User, tasks: TaskCache | None = None) -> Task:
-    """The task, or 404 when it does not exist or the user is not a member (no existence leak)."""
-    task = tasks.get(s, task_id) if tasks is not None else s.get(Task, task_id)
-    if task is None or not svc.can_see_task(s, task, user):
+def visible_task(request: Request, s: Session, task_id: int, user: User) -> Task:
+    """The task (settings from the app's cache), or 404 when it does not exist or the user is
+    not a member (no existence leak)."""
+    task = request.app.state.tasks.get(s, task_id)
+    if task is None or not tasks.can_see_task(s, task, user):
         raise LookupError(f"task {task_id} does not exist")
     return task
 
@@ -171,11 +145,9 @@ class TaskCache:
             if task is not None:
                 self._tasks.move_to_end(task_id)
                 return task
-        row = s.execute(select(*Task.__table__.columns).where(Task.id == task_id)).first()
-        if row is None:
+        task = tasks.task_settings(s, task_id)
+        if task is None:
             return None
-        task = Task(**row._mapping)
-        make_transient_to_detached(task)
         with self._lock:
             self._tasks[task_id] = task
             while len(self._tasks) > self.size:
@@ -188,29 +160,6 @@ class TaskCache:
                 self._tasks.clear()
             else:
                 self._tasks.pop(task_id, None)
-
-
-
-def task_or_404(s: Session, task_id: int) -> Task:
-    task = s.get(Task, task_id)
-    if task is None:
-        raise LookupError(f"task {task_id} does not exist")
-    return task
-
-
-def item_payload(task: Task, item: Item, order: list[int]) -> dict:
-    return {"task_id": task.id, "item_id": item.id, "question_type": task.question_type, "prompt": item.prompt,
-            "responses": [item.responses[i] for i in order], "rubric": task.rubric,
-            "likert_points": task.likert_points, "instructions": task.instructions,
-            "idempotency_key": uuid.uuid4().hex}
-
-
-def label_payload(label: Label) -> dict:
-    return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
-            "display_order": label.display_order, "duration_ms": label.duration_ms,
-            "created_at": label.created_at.isoformat() + "Z", "version": label.version,
-            "strength": label.strength, "comment": label.comment,
-            "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
 def credential_digests(request: Request) -> tuple[str | None, str | None]:
@@ -227,13 +176,17 @@ def client_host(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
+# --------------------------------------------------------------------------------------------
+# password checks
+
+
 def _lookup_and_verify(db: Database, username: str, password: str) -> tuple[User | None, bool]:
     """(the account named, whether `password` is theirs); always one Argon2 check (dummy hash
     for unknown, disabled or unstorable names, so timing does not reveal which accounts exist)."""
     user = None
     if not text_problem(password):
         with db.read_session() as s:  # verify outside the write lock: Argon2 is slow
-            user = svc.find_user(s, username)
+            user = accounts.find_user(s, username)
     stored = user.password_hash if user is not None and user.active else None
     return user, verify_password(stored, password)
 
@@ -242,21 +195,54 @@ def _audit_login(db: Database, username: str, user: User | None, ok: bool, via: 
     """Record a login attempt, failed or not (the client address comes with every event)."""
     with db.session() as s:
         target = user.username if user is not None else ("?" if name_problem(username) else username)
-        svc.audit(s, user, "login.ok" if ok else "login.failed", target, via=via)
+        audit(s, user, "login.ok" if ok else "login.failed", target, via=via)
 
 
-def login_checker(app: FastAPI, db: Database):
-    async def check_login(request: Request, username: str, password: str, via: str) -> User | None:
-        guard: LoginGuard = app.state.login_guard
-        account = svc.username_key(username)[:64] if not text_problem(username) else "?"
-        ip = client_host(request)
-        await guard.admit(ip, account)
-        user, ok = await guard.run(_lookup_and_verify, db, username, password)
-        if not ok:
-            guard.failed(account, ip)
-        await run_in_threadpool(_audit_login, db, username, user, ok, via)
-        return user if ok else None
-    return check_login
+async def check_login(request: Request, username: str, password: str, via: str) -> User | None:
+    """The account if `password` is theirs, else None; rate-limited by the app's LoginGuard
+    (per address and per account), the Argon2 check in its bounded pool, and audited."""
+    guard: LoginGuard = request.app.state.login_guard
+    db = db_of(request)
+    account = accounts.username_key(username)[:64] if not text_problem(username) else "?"
+    ip = client_host(request)
+    await guard.admit(ip, account)
+    user, ok = await guard.run(_lookup_and_verify, db, username, password)
+    if not ok:
+        guard.failed(account, ip)
+    await run_in_threadpool(_audit_login, db, username, user, ok, via)
+    return user if ok else None
+
+
+async def check_own_password(request: Request, user: User, password: str) -> bool:
+    """Whether `password` is `user`'s: the same limits as a login (a wrong one counts as a
+    failed login of the account), the Argon2 check in the guard's pool."""
+    guard: LoginGuard = request.app.state.login_guard
+    account = accounts.username_key(user.username)[:64]
+    ip = client_host(request)
+    await guard.admit(ip, account)
+    if await guard.run(verify_password, user.password_hash, password):
+        return True
+    guard.failed(account, ip)
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# payloads
+
+
+def item_payload(task: Task, item: Item, order: list[int]) -> dict:
+    return {"task_id": task.id, "item_id": item.id, "question_type": task.question_type, "prompt": item.prompt,
+            "responses": [item.responses[i] for i in order], "rubric": task.rubric,
+            "likert_points": task.likert_points, "instructions": task.instructions,
+            "idempotency_key": uuid.uuid4().hex}
+
+
+def label_payload(label: Label) -> dict:
+    return {"id": label.id, "item_id": label.item_id, "task_id": label.task_id, "value": label.value,
+            "display_order": label.display_order, "duration_ms": label.duration_ms,
+            "created_at": label.created_at.isoformat() + "Z", "version": label.version,
+            "strength": label.strength, "comment": label.comment,
+            "review": {"status": label.review_status, "reason": label.review_reason}}
 
 
 def content_disposition(filename: str) -> str:

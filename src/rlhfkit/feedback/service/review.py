@@ -1,6 +1,6 @@
-"""The review queue: which labels a reviewer sees (filters, pages), how each answer is shown
-next to the responses it is about, and bulk decisions. Reads and writes go through the
-caller's session; the routes live in app.py."""
+"""Review: accepting and rejecting labels, the review queue (which labels a reviewer sees,
+with filters and pages; how each answer is shown next to the responses it is about) and bulk
+decisions."""
 
 from __future__ import annotations
 
@@ -10,11 +10,39 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from rlhfkit.feedback.models import REVIEW_STATES, Item, Label, Task, User
-from rlhfkit.feedback.service import Conflict, Forbidden, find_user, review_label
+from rlhfkit.feedback.models import REVIEW_STATES, Item, Label, Task, User, utcnow
+from rlhfkit.feedback.schemas import is_blank
+from rlhfkit.feedback.service.accounts import find_user
+from rlhfkit.feedback.service.audit import audit
+from rlhfkit.feedback.service.errors import Conflict, Forbidden, InvalidAnswer
 
 PER_PAGE = 20
 STRENGTH_WORDS = {"slightly": "slightly better", "clearly": "clearly better", "much": "much better"}
+
+
+def review_label(s: Session, label: Label, reviewer: User, decision: str, reason: str = "") -> Label:
+    """Accept or reject a label; a rejection needs a reason the annotator can read."""
+    if decision not in ("accepted", "rejected"):
+        raise InvalidAnswer("decision", "must be 'accepted' or 'rejected'")
+    if label.user_id == reviewer.id:  # a second pair of eyes, or the review means nothing
+        raise Forbidden("you cannot review your own label; another admin must review it")
+    if decision == "rejected" and is_blank(reason):
+        raise InvalidAnswer("reason", "say why the label is rejected (visible text, not only spaces or "
+                                      "invisible characters)")
+    reason = "" if is_blank(reason) else reason
+    label.review_status, label.reviewed_by, label.reviewed_at = decision, reviewer.id, utcnow()
+    label.review_reason = reason or None
+    audit(s, reviewer, f"label.{decision[:-2]}", str(label.id), reason=reason)
+    s.flush()
+    return label
+
+
+def labels_with_annotators(s: Session, task_id: int, status: str | None = None) -> list[tuple[Label, str]]:
+    """The task's labels (only those in review `status`, when given), each with its annotator's name."""
+    q = select(Label, User.username).join(User, User.id == Label.user_id).where(Label.task_id == task_id)
+    if status is not None:
+        q = q.where(Label.review_status == status)
+    return list(s.execute(q.order_by(Label.id)).tuples())
 
 
 @dataclass
