@@ -4,10 +4,12 @@ feedback from real use: the HTTP API and the exports the reward, DPO and KTO rec
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
@@ -180,3 +182,88 @@ def test_exports_are_redacted_unless_asked(env):
     assert row["response"] == ["mail me at [EMAIL] or ring [PHONE]"] and row["arm"] == "sft"
     (raw,) = list(export_traffic(env["db"], "exp", redacted=False))
     assert "a.b@example.org" in raw["response"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# a server with an experiment: assignment, the log of every request, cookies, streams
+
+
+def fake_server() -> FastAPI:
+    """An OpenAI-shaped app that answers with the model it was asked for (the arm)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await request.json()
+        if req["model"] not in ("a", "b", "plain"):
+            return JSONResponse({"error": {"message": f"no model {req['model']}", "type": "invalid_request_error",
+                                           "param": "model", "code": "model_not_found"}}, 404)
+        rid, text = f"chatcmpl-{uuid.uuid4().hex}", f"answer from {req['model']}"
+        if req.get("stream"):
+            def events():
+                for piece in (text[:6], text[6:]):
+                    yield "data: " + json.dumps({"id": rid, "model": req["model"], "choices": [
+                        {"index": 0, "delta": {"content": piece}, "finish_reason": None}]}) + "\n\n"
+                yield "data: " + json.dumps({"id": rid, "choices": [], "usage": {"prompt_tokens": 7,
+                                                                                   "completion_tokens": 3}}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"id": rid, "object": "chat.completion", "model": req["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+
+    return app
+
+
+def test_a_served_experiment_assigns_logs_and_keeps_users_on_their_arm(db_url, tmp_path):
+    from rlhfkit.serving.live import install
+
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text("name: kindly-ab\nassign_by: [user, 'header:X-User', 'cookie:uid']\n"
+                        "arms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n")
+    app = fake_server()
+    live = install(app, db_url, str(exp_file))
+    body = {"model": "kindly-ab", "messages": MESSAGES, "temperature": 0.5, "seed": 1}
+    with TestClient(app) as c:
+        arms = {}
+        for u in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            r = c.post("/v1/chat/completions", json={**body, "user": u})
+            assert r.status_code == 200
+            arms[u] = r.json()["model"]
+            again = c.post("/v1/chat/completions", json={**body, "user": u})
+            assert again.json()["model"] == arms[u]  # the same user stays on the same arm
+        assert set(arms.values()) == {"a", "b"}
+        assert arms == {u: live.experiment.assign(u).name for u in arms}
+        # no user field or header: a new visitor gets a cookie and keeps their arm with it
+        fresh = TestClient(app)
+        first = fresh.post("/v1/chat/completions", json=body)
+        assert "uid=" in first.headers["set-cookie"]
+        assert all(fresh.post("/v1/chat/completions", json=body).json()["model"] == first.json()["model"] for _ in range(3))
+        assert "set-cookie" not in fresh.post("/v1/chat/completions", json=body).headers
+        by_header = c.post("/v1/chat/completions", json=body, headers={"X-User": "alice"}).json()["model"]
+        assert by_header == arms["alice"]
+        streamed = c.post("/v1/chat/completions", json={**body, "user": "alice", "stream": True})
+        assert "answer" in streamed.text
+        assert c.post("/v1/chat/completions", json={**body, "model": "nope"}).status_code == 404
+        plain = c.post("/v1/chat/completions", json={**body, "model": "plain"}).json()
+        rid = plain["id"]
+        # feedback on a logged response through the mounted API
+        assert c.post("/v1/feedback", json={"response_id": rid, "kind": "thumbs", "thumbs": "up"}).status_code == 201
+    live.log.flush()
+    with live.log.db.read_session() as s:
+        rows = s.scalars(select(ServedResponse).order_by(ServedResponse.id)).all()
+    assert len(rows) == 12 + 5 + 1 + 1 + 1 + 1
+    alice = [r for r in rows if r.user_key == live.experiment.user_key("alice")]
+    assert len(alice) == 4 and {r.arm for r in alice} == {arms["alice"]}
+    assert {r.model_version for r in alice} == {live.experiment.arm(arms["alice"]).model}
+    first_row = alice[0]
+    assert (first_row.experiment, first_row.endpoint, first_row.request, first_row.status) == ("kindly-ab", "chat", MESSAGES, 200)
+    assert first_row.sampling == {"temperature": 0.5, "seed": 1} and first_row.response == [f"answer from {arms['alice']}"]
+    assert (first_row.prompt_tokens, first_row.completion_tokens) == (7, 3) and first_row.latency_ms > 0
+    stream_row = alice[-1]
+    assert stream_row.response == [f"answer from {arms['alice']}"] and stream_row.sampling["stream"] is True
+    assert stream_row.ttft_ms is not None and stream_row.completion_tokens == 3
+    err = next(r for r in rows if r.status == 404)
+    assert err.experiment is None and err.error == "no model nope" and err.response == []
+    assert next(r for r in rows if r.response_id == rid).experiment is None
+    live.log.close()
