@@ -22,7 +22,9 @@ import tyro
 import yaml
 
 from rlhfkit import trl_options
+from rlhfkit.advantages import KL_ESTIMATORS
 from rlhfkit.errors import ConfigError  # re-exported: config users import it here
+from rlhfkit.train.optim import optimizer_class
 
 T = TypeVar("T")
 
@@ -143,7 +145,6 @@ class TrainArgs:
         require(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
                 f"must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
         require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
-        from rlhfkit.train.optim import optimizer_class
 
         optimizer_class(self.optim)  # an unknown name, or an 8-bit one without bitsandbytes, is a config error
         require(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 unless max_steps is set")
@@ -434,7 +435,6 @@ class OnPolicyArgs:
 
     def _check_on_policy_args(self) -> None:
         """Checks; the rewards themselves are checked when loaded (a Python run may pass functions)."""
-        from rlhfkit.advantages import KL_ESTIMATORS
 
         if self.reward_model:
             self.reward = [*self.reward, "gold" if self.reward_model == "gold" else f"rm:{self.reward_model}"]

@@ -20,6 +20,11 @@ import torch
 
 from rlhfkit.eval.metrics import distinct_n, perplexity
 from rlhfkit.eval.overopt import DIVERSITY_KEYS, CollapseAlarm, HackingAlarm, describe
+from rlhfkit.eval.run_eval import PromptScorer, evaluate, load_corpus
+from rlhfkit.judges.specs import load_rewards
+from rlhfkit.masked import masked_mean
+from rlhfkit.rollout.forward import unwrap
+from rlhfkit.rollout.prompts import default_eval_source, load_prompt_set, render_prompt
 from rlhfkit.rollout.record import Rollout
 
 
@@ -41,7 +46,6 @@ def load_eval_reward(cfg: Any, device: Any = "cpu"):
     spec = eval_reward_spec(cfg)
     if spec is None:
         return None
-    from rlhfkit.judges.specs import load_rewards
 
     return load_rewards([spec], device=device, batch_size=cfg.generation_batch_size)
 
@@ -49,7 +53,6 @@ def load_eval_reward(cfg: Any, device: Any = "cpu"):
 def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_token: torch.Tensor, logp: torch.Tensor,
                   eval_scores: np.ndarray | None) -> dict[str, float]:
     """Per-update metrics of a rollout batch (before training on it). `reward` is the training total."""
-    from rlhfkit.masked import masked_mean
 
     mask = rollout.response_mask.to(kl_per_token.device)
     out = {
@@ -94,7 +97,6 @@ def make_hacking_alarm(cfg: Any, output_dir: str | Path, is_main: bool = True) -
 
     Events go to `alarms.jsonl` in the run folder, where `rlhfkit report` shows them.
     """
-    from rlhfkit.eval.run_eval import load_corpus
 
     if cfg.hacking_window <= 0:
         return Alarms(None, None, [], 0)
@@ -112,7 +114,6 @@ def measure_perplexity(alarms: Alarms, policy, tokenizer, step: int) -> None:
     `heldout_perplexity`: the collapse alarm's capability check."""
     if not alarms.perplexity_lines or step % alarms.perplexity_every != 0:
         return
-    from rlhfkit.rollout.forward import unwrap
 
     model = unwrap(policy)
     was_training = model.training
@@ -170,9 +171,6 @@ def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[A
     """Held-out check of a finished run through the one evaluator (`rlhfkit.eval.run_eval.evaluate`):
     win rate of the policy over the reference by the eval reward (ties half), both rewards for both
     models, and the mean summed per-response KL(policy || reference), flattened to means."""
-    from rlhfkit.eval.run_eval import PromptScorer, evaluate
-    from rlhfkit.rollout.forward import unwrap
-    from rlhfkit.rollout.prompts import render_prompt
 
     prompts = list(prompts)
     ref = _UnderContext(unwrap(reference), ref_ctx) if ref_ctx is not None else unwrap(reference)
@@ -197,18 +195,17 @@ def evaluate_against_reference(policy, reference, tokenizer, prompts: Sequence[A
     return out
 
 
-def final_check(name: str, cfg: Any, acc, policy, reference, tokenizer, eval_reward, train_reward,
+def final_check(name: str, cfg: Any, accelerator, policy, reference, tokenizer, eval_reward, train_reward,
                 ref_ctx: Callable[[], Any] | None, sharded: bool) -> dict[str, float] | None:
     """The end-of-run held-out check of an on-policy recipe (None without an eval reward or prompts):
     :func:`evaluate_against_reference` on `cfg.eval_prompts` ("auto": the eval split of the training
     prompts), printed. A sharded policy's forwards are collectives, so every process then runs it."""
-    from rlhfkit.rollout.prompts import default_eval_source, load_prompt_set
 
     source = default_eval_source(cfg.prompts) if cfg.eval_prompts == "auto" else cfg.eval_prompts
-    if eval_reward is None or not source or not (acc.is_main_process or sharded):
+    if eval_reward is None or not source or not (accelerator.is_main_process or sharded):
         return None
     held_out = load_prompt_set(source, "eval", limit=cfg.num_eval_prompts)
     out = evaluate_against_reference(policy, reference, tokenizer, held_out.prompts, held_out.columns, eval_reward,
                                      train_reward, cfg, ref_ctx)
-    acc.print(f"{name}: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    accelerator.print(f"{name}: held-out evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out

@@ -27,7 +27,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhfkit.errors import ConfigError
+import numpy as np
+
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.eval.overopt import FITS
 from rlhfkit.eval.run_eval import find_results
 from rlhfkit.train.runs import atomic_write_text
 
@@ -157,9 +160,7 @@ def overopt_figure(data: dict) -> tuple[str | None, list[dict]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    from rlhfkit.eval.overopt import FITS
 
     series = [(name, rows) for name, rows in data.items() if name in FITS and isinstance(rows, list) and len(rows) >= 2]
     if not series:
@@ -400,7 +401,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="HTML file to write (default RUN_DIR/report.html)")
     parser.add_argument("--title", default=None, help="page title")
     args = parser.parse_args(argv)
-    from rlhfkit.errors import RlhfkitError
 
     try:
         path = write_report(args.run_dir, args.output, args.title)

@@ -27,11 +27,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 import tyro
+import yaml
 
 from rlhfkit.config import require
+from rlhfkit.data import load_records
+from rlhfkit.data.preference import read_comparisons
+from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.eval import metrics as M
-from rlhfkit.train.runs import atomic_write_json, atomic_write_text, prepare_run_dir, seed_everything
+from rlhfkit.judges.panel import GoldPanel
+from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
+from rlhfkit.losses.reward import preference_verdicts
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rollout import generate
+from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt
+from rlhfkit.tasks import kindly
+from rlhfkit.train.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    prepare_run_dir,
+    seed_everything,
+)
 
 
 @dataclasses.dataclass
@@ -86,7 +103,6 @@ class Config:
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.n_boot >= 0, "n_boot", "must be >= 0")
         require(self.num_prompts >= 0, "num_prompts", "must be >= 0")
-        from rlhfkit.judges.specs import is_bundled_kindly, rewards_or_default
 
         require(bool(self.prompts), "prompts", "pass --prompts FILE (JSONL/JSON/parquet with 'prompt' or 'messages', "
                 "or a .txt file), or --prompts kindly for the bundled task's eval prompts")
@@ -105,7 +121,6 @@ def load_corpus(source: str, limit: int) -> list[str]:
     if not source:
         return []
     if source == "kindly":
-        from rlhfkit.tasks import kindly
 
         lines = kindly.corpus_lines("eval")
     else:
@@ -116,9 +131,7 @@ def load_corpus(source: str, limit: int) -> list[str]:
 def default_reference(model: Any) -> str:
     """The model a policy was trained from: `model` in config.yaml beside or above its folder (for a
     model given in Python, the folder it was loaded from)."""
-    import yaml
 
-    from rlhfkit.errors import ConfigError
 
     if not isinstance(model, str | Path):
         model = getattr(model, "name_or_path", "") or ""
@@ -138,7 +151,6 @@ def default_reference(model: Any) -> str:
 
 def make_judge(spec: str):
     """A judge (score(prompts, responses) -> array) from one reward spec."""
-    from rlhfkit.judges.specs import load_rewards
 
     return PromptScorer(load_rewards([spec]), None, {})
 
@@ -154,8 +166,6 @@ class PromptScorer:
         self.rewards, self.raw, self.columns = rewards, raw_prompts, columns
 
     def score(self, prompts, responses):
-        from rlhfkit.errors import RlhfkitError
-        from rlhfkit.rollout.prompts import as_completions
 
         raw = list(prompts) if self.raw is None else self.raw
         if len(raw) != len(responses):
@@ -174,24 +184,23 @@ class PromptScorer:
 
 
 def rm_accuracy(scorer, records: Sequence[dict], source: str = "preference data", n_boot: int = 1000) -> dict:
-    """Share of pairs where the reward model scores `chosen` above `rejected` (ties half)."""
-    from rlhfkit.errors import DataError
-
-    prompts, chosen, rejected = [], [], []
+    """Reward-model accuracy on plain-text pairs (:func:`rlhfkit.losses.reward.preference_accuracy`:
+    pairs labelled as ties left out, equal rewards wrong), with a bootstrap interval over the
+    decisive pairs (``wins`` = ordered right, ``losses`` = wrong)."""
     for i, rec in enumerate(records, 1):
         for f in ("chosen", "rejected"):
             if not isinstance(rec.get(f), str):
                 raise DataError("expected a string (plain-text preference data)", source=source, line=i, field=f)
-        prompts.append(rec.get("prompt") or "")
-        chosen.append(rec["chosen"])
-        rejected.append(rec["rejected"])
-    labels = M.preference_labels(scorer.score(prompts, chosen), scorer.score(prompts, rejected))
-    return M.win_rate(labels, n_boot=n_boot)
+    pairs = read_comparisons(records, None, source)
+    prompts = [p.prompt for p in pairs]
+    delta = (np.asarray(scorer.score(prompts, [p.responses[0] for p in pairs]), dtype=np.float64)
+             - np.asarray(scorer.score(prompts, [p.responses[1] for p in pairs]), dtype=np.float64))
+    correct, decisive = preference_verdicts(torch.from_numpy(delta), torch.tensor([p.label for p in pairs]))
+    return M.win_rate(correct[decisive].double().numpy(), n_boot=n_boot)
 
 
 def gold_panel_of(judge):
     """The gold panel behind `judge` (the panel itself, or a scorer whose rewards include `gold`), else None."""
-    from rlhfkit.judges.panel import GoldPanel
 
     if isinstance(judge, GoldPanel):
         return judge
@@ -266,7 +275,6 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer
     Pass `reference_rollout` / `reference_perplexity` (from an earlier call's
     ``metrics["_reference"]``) to evaluate several policies against one set of reference samples.
     """
-    from rlhfkit.rollout import generate
 
     pol = generate(policy, tokenizer, list(prompts), max_new_tokens, temperature=temperature, top_p=top_p,
                    batch_size=batch_size, seed=seed)
@@ -275,8 +283,10 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], judge, scorer
     out, rows = text_metrics(prompts, pol.responses, ref.responses, judge, scorer, tokenizer, tie_margin, n_boot, seed,
                              clusters)
     pad = tokenizer.pad_token_id
-    lp = M.response_logprobs(policy, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
-    lr = M.response_logprobs(reference, pol.query_ids, pol.response_ids, pol.response_mask, pad, batch_size, temperature)
+    lp = M.query_response_logprobs(policy, pol.query_ids, pol.response_ids, pol.response_mask, pad_token_id=pad,
+                                   batch_size=batch_size, temperature=temperature)
+    lr = M.query_response_logprobs(reference, pol.query_ids, pol.response_ids, pol.response_mask, pad_token_id=pad,
+                                   batch_size=batch_size, temperature=temperature)
     kl = M.kl_from_logprobs(lp, lr, pol.response_mask)
     out["kl"] = M.bootstrap_ci(kl["per_response"], n_boot=n_boot, seed=seed, clusters=clusters)
     out["ended_with_eos"] = float(pol.ended_with_eos.float().mean())
@@ -328,11 +338,7 @@ def find_results(root: str | Path) -> list[Path]:
 
 
 def main(cfg: Config) -> dict:
-    import torch
 
-    from rlhfkit.judges.specs import load_rewards
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.rollout.prompts import load_prompt_set, render_prompt
 
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
@@ -353,8 +359,6 @@ def main(cfg: Config) -> dict:
                                  load_corpus(cfg.corpus, cfg.max_perplexity_lines), cfg.max_new_tokens,
                                  cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, cfg.n_boot, cfg.tie_margin)
     if cfg.preference_data:
-        from rlhfkit.data import load_records
-        from rlhfkit.errors import ConfigError
 
         if scorer is None:
             raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -24,11 +25,15 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.models.lora import apply_lora
+from rlhfkit.models.lora import disable_dropout as _off
 from rlhfkit.models.paths import resolve_path
-from rlhfkit.train.savers import enable_gradient_checkpointing
 from rlhfkit.train.runs import atomic_path
+from rlhfkit.train.savers import enable_gradient_checkpointing
+from rlhfkit.train.sharding import unsharded_copy
 
 
 @contextlib.contextmanager
@@ -36,7 +41,6 @@ def quiet_transformers() -> Iterator[None]:
     """Silence what a user cannot act on while loading/saving: transformers' per-tensor progress
     bars ("Loading weights", "Writing model shards") and its load report, which lists the fresh
     score head of every new reward model as MISSING (that head is meant to be new)."""
-    from transformers.utils import logging as hf_logging
 
     bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
@@ -168,7 +172,6 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-        from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
@@ -270,11 +273,9 @@ def _ready_for_training(model: PreTrainedModel, lora: Any, trainable: bool, disa
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-        from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
     if disable_dropout:
-        from rlhfkit.models.lora import disable_dropout as _off
 
         _off(model)
     model.train(trainable)
@@ -315,7 +316,6 @@ def _classifier_object(model: torch.nn.Module, dtype: str, lora: Any, num_labels
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-        from rlhfkit.models.lora import apply_lora
 
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
@@ -339,7 +339,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save = getattr(to_save, "module", to_save)  # unwrap DDP if the caller did not
     if state_dict is not None:
-        from rlhfkit.train.sharding import unsharded_copy
 
         to_save, state_dict = unsharded_copy(to_save, state_dict), None
     kwargs = {}
@@ -363,7 +362,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 
 def weights_fingerprint(model: Any) -> str:
     """sha256 over a model's weights (LoRA adapter tensors excluded: a reference runs without them)."""
-    import hashlib
 
     h = hashlib.sha256()
     inner = getattr(model, "module", model)

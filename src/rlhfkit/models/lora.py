@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from rlhfkit.errors import ConfigError
 
 
@@ -59,7 +61,6 @@ def disable_dropout(model: Any) -> int:
     modules that keep their rate as a float (`self.attention_dropout` in Llama, Qwen2, Mistral)
     are zeroed too; the saved config is left as the user wrote it.
     """
-    import torch
 
     count = 0
     for module in getattr(model, "modules", lambda: [])():

@@ -12,16 +12,15 @@ import os
 from pathlib import Path
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.tasks import kindly
 
 
 def resolve_path(name: str) -> str:
     """Map the bundled task's short names to files shipped in the package; pass others through."""
     if name in ("kindly", "kindly:base"):
-        from rlhfkit.tasks import kindly
 
         return str(kindly.base_model_path())
     if name == "kindly:tokenizer":
-        from rlhfkit.tasks import kindly
 
         return str(kindly.tokenizer_path())
     if Path(name).expanduser().exists():

@@ -29,11 +29,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from rlhfkit.data import encode_prompt_completion
 from rlhfkit.data.collate import pad_right  # noqa: F401  (re-exported)
 from rlhfkit.errors import ConfigError
 from rlhfkit.logprobs import position_ids_from_mask
+from rlhfkit.models.io import (
+    adapter_base,
+    load_reward_model,
+    load_tokenizer,
+    max_positions,
+    resolve_path,
+)
 
 STATS_FILE = "reward_stats.json"
 ENSEMBLE_FILE = "ensemble.json"
@@ -52,7 +61,6 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str,
     separately (the boundary matches how a policy generated the response), the prompt cut
     from the left, the response from the right; nothing is dropped.
     """
-    from rlhfkit.data import encode_prompt_completion
 
     enc = encode_prompt_completion(tokenizer, prompt or "", response, max_length)
     return list(enc.input_ids), bool(enc.truncated)
@@ -117,7 +125,6 @@ class LastTokenReward(nn.Module):
         backbone = getattr(hf, hf.base_model_prefix)
         if self.padding_free:
             # a packed row never runs past the model's learned positions (GPT-2's wpe table)
-            from rlhfkit.models.io import max_positions
 
             budget = min(self.pack_tokens, max_positions(hf) or self.pack_tokens)
             pooled = _packed_last_hidden(backbone, input_ids, attention_mask, budget)
@@ -304,7 +311,6 @@ class RewardScorer:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 64,
                  max_length: int | None = 512, normalize: bool = True, conservative_k: float = 0.0,
                  dtype: str = "float32"):
-        from rlhfkit.models.io import adapter_base, load_reward_model, load_tokenizer, resolve_path
 
         root = Path(resolve_path(str(path)))
         self.paths = member_paths(root)
@@ -371,7 +377,6 @@ def _saved_num_labels(path: Path) -> int:
 
 
 def _adapter_num_labels(path: Path) -> int:
-    from safetensors import safe_open
 
     weights = path / "adapter_model.safetensors"
     if weights.is_file():

@@ -8,11 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfkit.rollout.forward import positions
+from rlhfkit.logprobs import position_ids_from_mask
+from rlhfkit.models import load_reward_model, load_tokenizer, resolve_path
+from rlhfkit.models.io import adapter_base
+from rlhfkit.models.reward import _head, member_paths, unwrap_hf
 
 
 class TokenValues(nn.Module):
-    """forward(input_ids, attention_mask, response_len) -> (B, R) per-token values.
+    """forward(input_ids, attention_mask, response_width) -> (B, R) per-token values.
 
     Wraps a one-output sequence-classification model; the head is applied to the hidden state
     *before* each response token, i.e. V(s_t) for the state that emits token t. A wrapper
@@ -23,22 +26,19 @@ class TokenValues(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-        from rlhfkit.models.reward import _head, unwrap_hf
+    def forward(self, input_ids, attention_mask, response_width: int) -> torch.Tensor:
 
         hf = unwrap_hf(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=positions(attention_mask), use_cache=False).last_hidden_state
-        hidden = hidden[:, -response_len - 1:-1]
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = hidden[:, -response_width - 1:-1]
         return _head(hf)(hidden).squeeze(-1).float()
 
 
 def value_model_source(value_model: str, policy: str, rewards: list[str], tokenizer: Any, log=print) -> str:
     """Where the critic starts: `value_model` if given, else the first `rm:` reward when it shares
     the policy's tokenizer (its head already reads the task), else the policy."""
-    from rlhfkit.models import load_tokenizer, resolve_path
-    from rlhfkit.models.io import adapter_base
 
     if value_model:
         return value_model
@@ -47,7 +47,6 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
         return policy
     rm = Path(resolve_path(rm_specs[0]))
     if (rm / "ensemble.json").is_file():
-        from rlhfkit.models.reward import member_paths
 
         rm = member_paths(rm)[0]
     if not (rm / "config.json").is_file() and adapter_base(rm) is None:
@@ -61,7 +60,6 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
 def load_value_model(source: str, tokenizer: Any, dtype: str = "float32", **kwargs: Any) -> TokenValues:
     """The critic from a folder (a reward model or the policy: a fresh one-output head); `kwargs` go to
     load_reward_model (attn_implementation, gradient_checkpointing)."""
-    from rlhfkit.models import load_reward_model
 
     critic = load_reward_model(source, dtype, **kwargs)
     critic.config.pad_token_id = tokenizer.pad_token_id

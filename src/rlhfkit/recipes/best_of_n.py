@@ -35,6 +35,19 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import require
+from rlhfkit.judges import GoldPanel
+from rlhfkit.judges.rewards import RewardSet, as_reward, completion_id_lists
+from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.models.lora import disable_dropout
+from rlhfkit.rollout import generate
+from rlhfkit.rollout.prompts import (
+    PromptSet,
+    as_completions,
+    load_prompt_set,
+    render_prompt,
+    rows_of,
+)
 from rlhfkit.train.runs import atomic_path, atomic_write_json, prepare_run_dir, seed_everything
 
 
@@ -78,7 +91,6 @@ class Config:
     def __post_init__(self) -> None:
         require(self.n >= 1, "n", "must be >= 1")
         require(self.kl_pool == 0 or self.kl_pool >= self.n, "kl_pool", f"must be 0 or >= n ({self.n})")
-        from rlhfkit.judges.specs import rewards_or_default
 
         self.reward = rewards_or_default(self.reward + ([self.judge] if self.judge else []), self.prompts)
         self.judge = ""
@@ -137,9 +149,6 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
     `prompts` is a PromptSet (conversations through the policy's chat template; extra columns go
     to the rewards) or a list of prompt strings; `judge` a RewardSet or a score(prompts, responses).
     """
-    from rlhfkit.judges.rewards import RewardSet, as_reward, completion_id_lists
-    from rlhfkit.rollout import generate
-    from rlhfkit.rollout.prompts import PromptSet, as_completions, render_prompt, rows_of
 
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(list(prompts), {})
@@ -158,10 +167,6 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.lora import disable_dropout
-    from rlhfkit.rollout.prompts import load_prompt_set
 
     seed_everything(cfg.seed)
     out = prepare_run_dir(cfg.output_dir, cfg)
@@ -192,7 +197,6 @@ def main(cfg: Config) -> dict:
     }
     gold_sel = gold_first = None
     if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
-        from rlhfkit.judges import GoldPanel
 
         panel = GoldPanel()
         gold_sel = panel.score(prompts, chosen)

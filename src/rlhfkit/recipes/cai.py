@@ -34,7 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from rlhfkit.config import require
+from rlhfkit.data.prompts import load_prompts
+from rlhfkit.data.readers import load_records
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.judges import load_judge
+from rlhfkit.judges.constitution import load_constitution
+from rlhfkit.train.runs import atomic_write_text
 
 # Bai et al. 2022, sec. 3.1: the conversation, then the request, then the model's turn
 CRITIQUE_TEMPLATE = """Human: {prompt}
@@ -101,7 +106,6 @@ def _template(path: str, default: str) -> str:
 
 
 def read_responses(path: str, limit: int) -> tuple[list[str], list[str]]:
-    from rlhfkit.data.readers import load_records
 
     records = load_records(path, required=["prompt"])
     prompts, responses = [], []
@@ -146,10 +150,6 @@ def revise(model, prompts: list[str], responses: list[str], principles, revision
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.data.prompts import load_prompts
-    from rlhfkit.judges import load_judge
-    from rlhfkit.judges.constitution import load_constitution
-    from rlhfkit.train.runs import atomic_write_text
 
     principles = load_constitution(cfg.constitution)
     model = load_judge(cfg.model)

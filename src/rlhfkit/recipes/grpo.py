@@ -113,14 +113,14 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
         require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
 
 
-def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, acc, engine,
+def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, accelerator, engine,
             single_pass: bool, trainer_state=None):
     """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages."""
-    G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, acc.device
+    G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, accelerator.device
     # 2. rollout: G responses per prompt, prompt-major rows
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
-                  seed=rollout_seed(cfg.seed, step, acc.process_index), max_prompt_length=cfg.max_prompt_length)
+                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length)
     row_prompts, columns = rows_of(prompts, roll.prompt_index)
     completions = as_completions(row_prompts, roll.responses)
     # 3. score every reward; a failing reward stops the run here, before any update
@@ -156,17 +156,17 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     return roll, scores, eval_scores, traj, stats
 
 
-def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, acc, beta, single_pass) -> dict:
+def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, accelerator, beta, single_pass) -> dict:
     """Step 6: num_ppo_epochs x num_mini_batches optimiser steps on the policy; averaged metrics."""
     metrics, stopped = [], False
     kl_in_loss = 0.0 if cfg.kl_in_reward else beta
     for epoch in range(cfg.num_ppo_epochs):
         for mb in minibatches(len(traj), cfg.num_mini_batches, cfg.seed, step, epoch):
-            num_tokens, num_sequences = step_total(acc, traj.response_mask[mb].sum(), len(mb))
+            num_tokens, num_sequences = step_total(accelerator, traj.response_mask[mb].sum(), len(mb))
             totals = StepTotals(num_tokens, num_sequences, cfg.max_completion_length)
             micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
             for j, idx in enumerate(micro):
-                with accumulate(acc, [policy], last=j == len(micro) - 1):
+                with accumulate(accelerator, [policy], last=j == len(micro) - 1):
                     logp, entropy = response_logprobs(policy, input_ids=traj.input_ids[idx],
                                                       attention_mask=traj.attention_mask[idx],
                                                       response_width=traj.response_width, temperature=cfg.temperature,
@@ -178,11 +178,11 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
                                         traj.advantages[idx], traj.response_mask[idx], cfg.epsilon, kl_in_loss,
                                         cfg.loss_type, cfg.epsilon_high or None, cfg.max_completion_length,
                                         cfg.importance_sampling_level, totals)
-                    backward(acc, loss, "GRPO loss")
+                    backward(accelerator, loss, "GRPO loss")
                 if entropy is not None:
                     m["entropy"] = masked_mean(entropy, traj.response_mask[idx])
                 mb_metrics.append(m)
-            grad_norm = optimizer_step(acc, [policy], [optimizer], [scheduler], cfg.max_grad_norm, "GRPO gradient")
+            grad_norm = optimizer_step(accelerator, [policy], [optimizer], [scheduler], cfg.max_grad_norm, "GRPO gradient")
             sm = onpolicy.average_metrics(mb_metrics)
             sm["policy_loss"] = sum(float(x["policy_loss"]) for x in mb_metrics)  # the step's loss
             if grad_norm is not None:
@@ -206,14 +206,14 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     `reward_funcs`: Python reward functions (TRL signature) scored after the `--reward` specs.
     """
     run = onpolicy.start_run("grpo", cfg, reward_funcs if reward_funcs is not None else reward_fn)
-    acc, tok = run.accelerator, run.tokenizer
-    report_on_policy(acc, run.policy, cfg, frozen=(run.reference, run.rewards, run.eval_reward))
-    run.n_updates = onpolicy.count_updates(cfg, len(run.prompts), acc.num_processes)
+    accelerator, tok = run.accelerator, run.tokenizer
+    report_on_policy(accelerator, run.policy, cfg, frozen=(run.reference, run.rewards, run.eval_reward))
+    run.n_updates = onpolicy.count_updates(cfg, len(run.prompts), accelerator.num_processes)
     optimizer = make_optimizer(run.policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, run.n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
-    run.policy, optimizer = acc.prepare(run.policy, optimizer)
-    acc.register_for_checkpointing(scheduler)
-    run.sharded = is_sharded(acc)  # the policy is sharded, and a separate reference (after_prepare)
+    run.policy, optimizer = accelerator.prepare(run.policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    run.sharded = is_sharded(accelerator)  # the policy is sharded, and a separate reference (after_prepare)
     onpolicy.after_prepare(run, cfg)
     kl_ctl, running = make_kl_controller(cfg.beta, cfg.target_kl or None, cfg.kl_horizon), RunningMoments()
     start = onpolicy.resume(run, cfg, kl_ctl, running)
@@ -230,11 +230,11 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         beta = kl_ctl.value
         roll, scores, eval_scores, traj, stats = collect(run.policy, run.reference_forward(), run.reference_context, tok,
                                                          run.rewards, run.eval_reward, prompts, cfg, step, beta, running,
-                                                         acc, run.engine, single_pass,
+                                                         accelerator, run.engine, single_pass,
                                                          TrainerState(global_step=step, max_steps=run.n_updates))
         t_roll = time.perf_counter() - t0
         # 6. epochs x mini-batches of clipped policy steps
-        train_stats = train_on_batch(run.policy, optimizer, scheduler, traj, cfg, step, acc, beta, single_pass)
+        train_stats = train_on_batch(run.policy, optimizer, scheduler, traj, cfg, step, accelerator, beta, single_pass)
         # 7. metrics (per reward, groups without signal, KL), the KL controller, alarm, samples, checkpoint
         kl = kl_estimate(traj.old_logp, traj.ref_logp, "k1") * traj.response_mask
         stats.update(monitor.rollout_stats(roll, scores, kl, traj.old_logp, eval_scores))

@@ -60,7 +60,8 @@ import numpy as np
 from rlhfkit.config import require
 from rlhfkit.data.readers import load_records, source_of
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
-from rlhfkit.judges import GoldPanel, SimulatedAnnotators
+from rlhfkit.judges import GoldPanel, SimulatedAnnotators, load_judge
+from rlhfkit.judges.constitution import constitution_labeller, load_constitution
 from rlhfkit.train.runs import atomic_path
 
 
@@ -233,7 +234,6 @@ def label_pairs(cfg: Config, items: list[dict], labeller) -> tuple[list[dict], d
             row["p_chosen"] = lab["p_a"] if first == i else 1.0 - lab["p_a"]
         rows.append(row)
     # how often the labels agree with the panel's mean (the noiseless gold) where it is not even
-    from rlhfkit.judges import GoldPanel
 
     panel = GoldPanel()
     gold_a = panel.score(prompts, [items[n]["texts"][i] for n, i, _ in which])
@@ -269,11 +269,9 @@ def main(cfg: Config) -> dict:
     items = read_items(cfg)
     judge = annotators = None
     if cfg.judge or cfg.constitution:
-        from rlhfkit.judges import load_judge
 
         judge = load_judge(cfg.judge) if cfg.judge else None
     if cfg.constitution:
-        from rlhfkit.judges.constitution import constitution_labeller, load_constitution
 
         principles = load_constitution(cfg.constitution)
         if judge is not None:

@@ -135,9 +135,9 @@ def progress_bar(run: Run, cfg, start: int, desc: str):
 
 def update_prompts(run: Run, cfg, step: int):
     """This update's prompts: a pure function of (seed, step), so resuming replays them."""
-    acc = run.accelerator
+    accelerator = run.accelerator
     return run.prompts.select(prompts_for_step(len(run.prompts), step, cfg.prompts_per_step, cfg.seed,
-                                               acc.num_processes, acc.process_index))
+                                               accelerator.num_processes, accelerator.process_index))
 
 
 @dataclasses.dataclass
@@ -159,52 +159,52 @@ class Update:
 def log_update(run: Run, cfg, update: Update, kl_ctl, running, bar, extra: Callable[[float], dict] | None = None) -> tuple[dict, bool]:
     """Metrics averaged over processes, the adaptive KL controller (Ziegler et al. 2019, sec. 2.2),
     the alarms, samples and checkpoint of one update; returns (metrics, whether to stop the run)."""
-    acc, done = run.accelerator, update.step + 1
+    accelerator, done = run.accelerator, update.step + 1
     keys = sorted(update.metrics)
-    last = dict(zip(keys, mean_across_processes(acc, [float(update.metrics[k]) for k in keys])))
-    kl_ctl.update(last["kl"], len(update.rollout) * acc.num_processes)
+    last = dict(zip(keys, mean_across_processes(accelerator, [float(update.metrics[k]) for k in keys])))
+    kl_ctl.update(last["kl"], len(update.rollout) * accelerator.num_processes)
     last.update(**(extra(kl_ctl.value) if extra else {}), kl_coef=kl_ctl.value,
                 rollout_seconds=update.rollout_seconds, step_seconds=time.perf_counter() - update.started)
-    stop = monitor.check_hacking(run.alarm, last, done, acc)  # printed; ends the run after this update
+    stop = monitor.check_hacking(run.alarm, last, done, accelerator)  # printed; ends the run after this update
     if done % cfg.logging_steps == 0 or done == run.n_updates or stop:
         run.logger.log(last, done)
     bar.update(1)
     bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
-    if cfg.sample_every and done % cfg.sample_every == 0 and acc.is_main_process:
+    if cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
         samples = add_extra_columns(sample_rows(update.rollout, update.scores, update.eval_scores), run.rewards.last_extra)
         run.logger.log_text("samples", sample_table(samples), done)
         write_samples(run.out, done, samples)
     if cfg.save_steps and done % cfg.save_steps == 0:
-        save_checkpoint(acc, run.out, done, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
+        save_checkpoint(accelerator, run.out, done, {"kl_ctl": kl_ctl.state_dict(), "running_moments": running.state_dict()})
     return last, stop
 
 
 def finish(run: Run, cfg, last: dict, truncated: int, extra_models: dict[str, Any] = ()) -> dict:
     """Save the policy (and `extra_models`: folder name -> (model, state-dict key prefix)), run the
     held-out check and write final_metrics.json; returns {"updates", "last"[, "eval"]}."""
-    acc = run.accelerator
+    accelerator = run.accelerator
     if truncated:
-        acc.print(f"{run.name}: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
+        accelerator.print(f"{run.name}: {truncated} prompt(s) were longer than max_prompt_length={cfg.max_prompt_length} "
                   "tokens and were left-truncated")
     run.logger.close()
     result = {"updates": run.n_updates, "last": last}
     # all processes: a sharded model is gathered onto the main process
-    states = {"final": full_state_dict(acc, run.policy)}
-    states.update({folder: full_state_dict(acc, model) for folder, (model, _) in dict(extra_models).items()})
-    if acc.is_main_process:
+    states = {"final": full_state_dict(accelerator, run.policy)}
+    states.update({folder: full_state_dict(accelerator, model) for folder, (model, _) in dict(extra_models).items()})
+    if accelerator.is_main_process:
         save_model(unwrap(run.policy), run.tokenizer, run.out / "final", state_dict=states["final"])
         for folder, (model, prefix) in dict(extra_models).items():
             state = states[folder]
             inner = unwrap(model).model if prefix else unwrap(model)
             save_model(inner, run.tokenizer, run.out / folder,
                        state_dict=None if state is None else {k.removeprefix(prefix): v for k, v in state.items()})
-    held_out = monitor.final_check(run.name, cfg, acc, run.policy, run.reference_forward(), run.tokenizer,
+    held_out = monitor.final_check(run.name, cfg, accelerator, run.policy, run.reference_forward(), run.tokenizer,
                                    run.eval_reward, run.rewards, run.reference_context, run.sharded)
     if held_out is not None:
         result["eval"] = held_out
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         atomic_write_json(run.out / "final_metrics.json", result)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return result
 
 

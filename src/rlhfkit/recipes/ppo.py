@@ -32,6 +32,8 @@ from rlhfkit.advantages import (
     shape_rewards,
 )
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
+from rlhfkit.data import load_records
+from rlhfkit.data.collate import PadCollator, tokenize_prompt_completion
 from rlhfkit.eval import monitor
 from rlhfkit.judges.rewards import completion_id_lists
 from rlhfkit.logprobs import fast_head_allowed, response_logprobs
@@ -49,6 +51,7 @@ from rlhfkit.rollout.prompts import (
     rollout_seed,
 )
 from rlhfkit.rollout.record import FirstForward
+from rlhfkit.tasks import kindly
 from rlhfkit.train.memory import report_on_policy
 from rlhfkit.train.optim import make_optimizer, make_scheduler
 from rlhfkit.train.runs import one_run_per_folder
@@ -105,14 +108,11 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
 
 def ptx_batches(cfg: Config, tok):
     """An endless stream of SFT micro-batches for PPO-ptx."""
-    from rlhfkit.data.collate import PadCollator, tokenize_prompt_completion
 
     if not cfg.ptx_data:
-        from rlhfkit.tasks import kindly
 
         records = kindly.sft_records("train")
     else:
-        from rlhfkit.data import load_records
 
         records = load_records(cfg.ptx_data, required=["prompt", "completion"])
     collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_train_batch_size
@@ -122,14 +122,14 @@ def ptx_batches(cfg: Config, tok):
             yield collate([tokenize_prompt_completion(tok, r["prompt"], r["completion"], 128) for r in records[i:i + bs]])
 
 
-def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, prompts, cfg, step, kl_ctl, running, acc,
+def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, prompts, cfg, step, kl_ctl, running, accelerator,
             engine, trainer_state=None):
     """Steps 1-6 of an update: a scored rollout turned into a Trajectory of advantages and returns."""
-    dev, bs = acc.device, cfg.per_device_train_batch_size
+    dev, bs = accelerator.device, cfg.per_device_train_batch_size
     # 2. rollout: one response per prompt
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
-                  seed=rollout_seed(cfg.seed, step, acc.process_index), max_prompt_length=cfg.max_prompt_length)
+                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length)
     # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
     completions = as_completions(prompts.prompts, roll.responses)
     scored = rewards.score(prompts.prompts, completions, completion_ids=completion_id_lists(roll),
@@ -141,7 +141,7 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     response_width, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
     fast = fast_head_allowed(cfg.mixed_precision)  # one LM-head path for rollout, reference and training
     first = None
-    if first_step_reuses_rollout(cfg, acc, len(roll)):
+    if first_step_reuses_rollout(cfg, accelerator, len(roll)):
         # the forward the first optimiser step would repeat, in that step's row order (so its
         # gradients are summed in the same order as without the reuse)
         order = minibatches(len(roll), cfg.num_mini_batches, cfg.seed, step, 0)[0]
@@ -177,31 +177,31 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     return roll, scores, eval_scores, traj, stats
 
 
-def first_step_reuses_rollout(cfg, acc, rows: int) -> bool:
+def first_step_reuses_rollout(cfg, accelerator, rows: int) -> bool:
     """Whether the first optimiser step's forward is the rollout's old log-prob forward: one
     micro-batch holding every row, on one unsharded process (under DDP the training forward must
     run through the wrapper, which synchronises gradients), with dropout off (with it on, the
     training forward draws its own masks, as in every PPO step, so its ratio is not exactly 1)."""
-    return (acc.num_processes == 1 and not is_sharded(acc) and cfg.num_mini_batches == 1 and cfg.disable_dropout
+    return (accelerator.num_processes == 1 and not is_sharded(accelerator) and cfg.num_mini_batches == 1 and cfg.disable_dropout
             and cfg.per_device_train_batch_size >= rows and cfg.num_ppo_epochs >= 1)
 
 
-def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, acc, ptx_iter, schedulers=()) -> dict:
+def train_on_batch(policy, critic, optimizers, traj: Trajectory, cfg, step, accelerator, ptx_iter, schedulers=()) -> dict:
     """Step 7: num_ppo_epochs x num_mini_batches optimiser steps on policy and critic; averaged metrics."""
     metrics, stopped = [], False
     for epoch in range(cfg.num_ppo_epochs):
         # 7a. shuffle the rollout batch and split it into mini-batches: one optimiser step each
         for mb in minibatches(len(traj), cfg.num_mini_batches, cfg.seed, step, epoch):
-            num_tokens, num_sequences = step_total(acc, traj.response_mask[mb].sum(), len(mb))
+            num_tokens, num_sequences = step_total(accelerator, traj.response_mask[mb].sum(), len(mb))
             totals = StepTotals(num_tokens, num_sequences, cfg.max_completion_length)
             micro, mb_metrics = micro_batches(mb, cfg.per_device_train_batch_size), []
             for j, idx in enumerate(micro):
-                with accumulate(acc, (policy, critic), last=j == len(micro) - 1):
-                    loss, m = micro_batch_loss(policy, critic, traj, idx, mb, totals, cfg, epoch, ptx_iter, acc.device)
-                    backward(acc, loss, "PPO loss")
+                with accumulate(accelerator, (policy, critic), last=j == len(micro) - 1):
+                    loss, m = micro_batch_loss(policy, critic, traj, idx, mb, totals, cfg, epoch, ptx_iter, accelerator.device)
+                    backward(accelerator, loss, "PPO loss")
                 mb_metrics.append(m)
             # 7e. clip the gradient norm (a non-finite gradient shows in the norm), then step
-            grad_norm = optimizer_step(acc, (policy, critic), optimizers, schedulers, cfg.max_grad_norm, "PPO gradient")
+            grad_norm = optimizer_step(accelerator, (policy, critic), optimizers, schedulers, cfg.max_grad_norm, "PPO gradient")
             sm = onpolicy.average_metrics(mb_metrics)
             for key in ("policy_loss", "value_loss", "loss"):  # the step's losses are sums over micro-batches
                 sm[key] = sum(float(m[key]) for m in mb_metrics)
@@ -256,26 +256,26 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
     after the `--reward` specs.
     """
     run = onpolicy.start_run(NAME, cfg, reward_funcs if reward_funcs is not None else reward_fn)
-    acc, tok = run.accelerator, run.tokenizer
-    critic = load_value_model(value_model_source(cfg.value_model, cfg.model, cfg.reward, tok, acc.print), tok,
+    accelerator, tok = run.accelerator, run.tokenizer
+    critic = load_value_model(value_model_source(cfg.value_model, cfg.model, cfg.reward, tok, accelerator.print), tok,
                               cfg.dtype, attn_implementation=cfg.attn_implementation,
                               gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         disable_dropout(critic)
-    report_on_policy(acc, run.policy, cfg, frozen=(run.reference, run.rewards, run.eval_reward), critic=critic)
-    run.n_updates = onpolicy.count_updates(cfg, len(run.prompts), acc.num_processes)
+    report_on_policy(accelerator, run.policy, cfg, frozen=(run.reference, run.rewards, run.eval_reward), critic=critic)
+    run.n_updates = onpolicy.count_updates(cfg, len(run.prompts), accelerator.num_processes)
     policy_optimizer, value_optimizer = make_optimizer(run.policy, cfg), make_optimizer(critic, cfg)
     schedulers = [make_scheduler(o, cfg, run.n_updates * cfg.num_ppo_epochs * cfg.num_mini_batches)
                   for o in (policy_optimizer, value_optimizer)]
-    run.sharded = is_sharded(acc)  # policy and critic sharded, and a separate reference (after_prepare)
+    run.sharded = is_sharded(accelerator)  # policy and critic sharded, and a separate reference (after_prepare)
     if run.sharded:  # accelerate's FSDP2 prepares one model (with its optimiser) per call
         shard_layers_of(critic, unwrap_hf(critic.model))
         (run.policy, policy_optimizer), (critic, value_optimizer) = (
-            acc.prepare(run.policy, policy_optimizer), acc.prepare(critic, value_optimizer))
+            accelerator.prepare(run.policy, policy_optimizer), accelerator.prepare(critic, value_optimizer))
     else:
-        run.policy, critic, policy_optimizer, value_optimizer = acc.prepare(run.policy, critic, policy_optimizer,
+        run.policy, critic, policy_optimizer, value_optimizer = accelerator.prepare(run.policy, critic, policy_optimizer,
                                                                            value_optimizer)
-    acc.register_for_checkpointing(*schedulers)
+    accelerator.register_for_checkpointing(*schedulers)
     onpolicy.after_prepare(run, cfg)
     kl_ctl, running = make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon), RunningMoments()
     start = onpolicy.resume(run, cfg, kl_ctl, running)
@@ -290,11 +290,11 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         # 2.-6. rollout, rewards, old/reference log-probs, values, KL-shaped rewards, GAE
         roll, scores, eval_scores, traj, stats = collect(run.policy, run.reference_forward(), run.reference_context,
                                                          critic, tok, run.rewards, run.eval_reward, prompts, cfg, step,
-                                                         kl_ctl, running, acc, run.engine,
+                                                         kl_ctl, running, accelerator, run.engine,
                                                          TrainerState(global_step=step, max_steps=run.n_updates))
         t_roll = time.perf_counter() - t0
         # 7. epochs x mini-batches of clipped policy and value steps
-        train_stats = train_on_batch(run.policy, critic, (policy_optimizer, value_optimizer), traj, cfg, step, acc,
+        train_stats = train_on_batch(run.policy, critic, (policy_optimizer, value_optimizer), traj, cfg, step, accelerator,
                                      ptx_iter, schedulers)
         # 8. metrics, the adaptive KL controller, alarm, samples, checkpoint
         truncated += roll.num_truncated_prompts

@@ -14,16 +14,19 @@ printed so a person can check they are English.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config import TrainArgs, require
+from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_tokenizer, save_model, tiny_llama
-from rlhfkit.train.memory import count_parameters
 from rlhfkit.recipes.sft import ignore_unknown, train_causal_lm
-from rlhfkit.train.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
+from rlhfkit.tasks import kindly
 from rlhfkit.train.accelerator import make_accelerator
+from rlhfkit.train.memory import count_parameters
+from rlhfkit.train.runs import atomic_write_json, one_run_per_folder, prepare_run_dir
 
 
 @dataclasses.dataclass
@@ -57,12 +60,10 @@ class Config(TrainArgs):
 
 def read_lines(corpus: str, split: str) -> list[str]:
     if corpus == "kindly":
-        from rlhfkit.tasks import kindly
 
         return list(kindly.corpus_lines(split))
     path = Path(corpus)
     if not path.is_file():
-        from rlhfkit.errors import ConfigError
 
         raise ConfigError(f"config field 'corpus': {corpus} is not a file")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -131,6 +132,5 @@ def main(cfg: Config) -> dict:
 
 
 def _json(obj) -> str:
-    import json
 
     return json.dumps(obj, indent=2, default=float)

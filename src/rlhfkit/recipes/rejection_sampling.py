@@ -28,6 +28,15 @@ import numpy as np
 import tyro
 
 from rlhfkit.config import ModelArgs, TrainArgs, require
+from rlhfkit.judges import GoldPanel
+from rlhfkit.judges.rewards import completion_id_lists
+from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.models.lora import disable_dropout
+from rlhfkit.recipes.sft import train_causal_lm
+from rlhfkit.rollout import generate
+from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt, rows_of
+from rlhfkit.train.accelerator import make_accelerator
 from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
@@ -74,7 +83,6 @@ class Config(ModelArgs, TrainArgs):
         require(self.k >= 1, "k", "must be >= 1")
         require(1 <= self.keep <= self.k, "keep", f"must be between 1 and k ({self.k})")
         require(self.prompts_per_round >= 1, "prompts_per_round", "must be >= 1")
-        from rlhfkit.judges.specs import rewards_or_default
 
         self.reward = rewards_or_default(self.reward + ([self.judge] if self.judge else []), self.prompts)
         self.judge = ""
@@ -122,14 +130,6 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
 
 @one_run_per_folder
 def main(cfg: Config) -> dict:
-    from rlhfkit.judges.rewards import completion_id_lists
-    from rlhfkit.judges.specs import is_bundled_kindly, load_rewards
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.lora import disable_dropout
-    from rlhfkit.recipes.sft import train_causal_lm
-    from rlhfkit.rollout import generate
-    from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt, rows_of
-    from rlhfkit.train.accelerator import make_accelerator
 
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
@@ -138,7 +138,6 @@ def main(cfg: Config) -> dict:
     judge = load_rewards(cfg.reward, cfg.reward_weights, accelerator.device, cfg.generation_batch_size)
     panel = None
     if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
-        from rlhfkit.judges import GoldPanel
 
         panel = GoldPanel()
     logger = MetricsLogger(out, cfg.report_to, enabled=accelerator.is_main_process)

@@ -221,39 +221,39 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     """
     seed = cfg.seed + member
     heads = cfg.ensemble_size if cfg.ensemble_mode == "heads" else 1
-    acc = make_accelerator(dataclasses.replace(cfg, seed=seed))
-    module = _member_module(cfg, heads, seed, tokenizer, train, acc, printer)
+    accelerator = make_accelerator(dataclasses.replace(cfg, seed=seed))
+    module = _member_module(cfg, heads, seed, tokenizer, train, accelerator, printer)
     boot = None
     if heads > 1 and cfg.bootstrap_heads:
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
-    total = total_optimizer_steps(len(train), cfg, acc.num_processes)
+    total = total_optimizer_steps(len(train), cfg, accelerator.num_processes)
     shard_layers_of(module, unwrap_hf(module.model))
-    module, optimizer, scheduler, step = prepare_training(acc, module, cfg, total, out, f"reward: member {member}")
-    logger = MetricsLogger(out, cfg.report_to, enabled=acc.is_main_process)
+    module, optimizer, scheduler, step = prepare_training(accelerator, module, cfg, total, out, f"reward: member {member}")
+    logger = MetricsLogger(out, cfg.report_to, enabled=accelerator.is_main_process)
     t0 = time.perf_counter()
-    metrics, step = _train_member(cfg, member, acc, module, optimizer, scheduler, step, total, train, eval_units,
+    metrics, step = _train_member(cfg, member, accelerator, module, optimizer, scheduler, step, total, train, eval_units,
                                   boot, tokenizer.pad_token_id, out, logger)
     final = dict(metrics, steps=step, seconds=time.perf_counter() - t0)
-    module = acc.unwrap_model(module)
+    module = accelerator.unwrap_model(module)
     if eval_units:
-        final.update(evaluate(module, eval_units, cfg, tokenizer.pad_token_id, acc.device))
+        final.update(evaluate(module, eval_units, cfg, tokenizer.pad_token_id, accelerator.device))
         logger.log({k: v for k, v in final.items() if k.startswith("eval_")}, step)
     logger.close()
-    state = full_state_dict(acc, module)  # all processes: gathers a sharded model onto the main one
-    if acc.is_main_process:  # one writer; the others wait so every process returns a saved model
+    state = full_state_dict(accelerator, module)  # all processes: gathers a sharded model onto the main one
+    if accelerator.is_main_process:  # one writer; the others wait so every process returns a saved model
         whole = module if state is None else LastTokenReward(
             unsharded_copy(module.model, {k.removeprefix("model."): v for k, v in state.items()}), module.padding_free)
         final["stats"] = save_reward_model(whole, tokenizer, out / "final", train, cfg)
         atomic_write_json(out / "member_results.json", final)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return module, final
 
 
-def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[dict], acc, printer) -> LastTokenReward:
+def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[dict], accelerator, printer) -> LastTokenReward:
     """The reward model to train, padding-free when its architecture honours packed position ids."""
     module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
-    report_for_run(acc, unwrap_hf(module.model), cfg, batch=2 * cfg.per_device_train_batch_size,
+    report_for_run(accelerator, unwrap_hf(module.model), cfg, batch=2 * cfg.per_device_train_batch_size,
                    seq_len=cfg.max_length, outputs=heads)
     if cfg.padding_free:
         probe = collate_comparisons(train[: cfg.per_device_train_batch_size], tokenizer.pad_token_id)
@@ -264,25 +264,25 @@ def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[di
     return module
 
 
-def _train_member(cfg: Config, member: int, acc, module, optimizer, scheduler, step: int, total: int,
+def _train_member(cfg: Config, member: int, accelerator, module, optimizer, scheduler, step: int, total: int,
                   train: list[dict], eval_units: list[dict], boot, pad_id: int, out: Path, logger) -> tuple[dict, int]:
     """Optimiser steps from `step` to `total`; returns (the last step's metrics, step)."""
-    nproc, sharded = acc.num_processes, is_sharded(acc)
-    bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and acc.is_main_process))
+    nproc, sharded = accelerator.num_processes, is_sharded(accelerator)
+    bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and accelerator.is_main_process))
     t0, tokens, metrics = time.perf_counter(), 0, {}
     module.train()
-    for batches in optimizer_steps(len(train), cfg, step, total, nproc, acc.process_index, seed=cfg.seed + member):
+    for batches in optimizer_steps(len(train), cfg, step, total, nproc, accelerator.process_index, seed=cfg.seed + member):
         step_units = sum(len(g) for _, _, g in batches) / nproc  # comparisons in the step, per process
         window = []
         for j, (_, local, _) in enumerate(batches):
             batch = collate_comparisons([train[i] for i in local], pad_id)
-            with accumulate(acc, [module], last=j == len(batches) - 1):
-                loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], acc.device)
+            with accumulate(accelerator, [module], last=j == len(batches) - 1):
+                loss, m = batch_loss(module, batch, cfg, None if boot is None else boot[local], accelerator.device)
                 # the loss is the micro-batch's mean: weighted by its share of the step (train.step)
-                backward(acc, loss * share(len(local), step_units), "reward-model loss")
+                backward(accelerator, loss * share(len(local), step_units), "reward-model loss")
             tokens += int(batch.rows.attention_mask.sum()) * nproc
             window.append(m)
-        grad_norm = optimizer_step(acc, [module], [optimizer], [scheduler], cfg.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, [module], [optimizer], [scheduler], cfg.max_grad_norm)
         step += 1
         bar.update(1)
         metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
@@ -293,10 +293,10 @@ def _train_member(cfg: Config, member: int, acc, module, optimizer, scheduler, s
             logger.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         # a sharded model all-gathers in every forward: every process evaluates (the same units) then
-        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and (acc.is_main_process or sharded):
-            logger.log(evaluate(acc.unwrap_model(module), eval_units, cfg, pad_id, acc.device), step)
+        if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and eval_units and (accelerator.is_main_process or sharded):
+            logger.log(evaluate(accelerator.unwrap_model(module), eval_units, cfg, pad_id, accelerator.device), step)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            save_checkpoint(acc, out, step, {"member": member})
+            save_checkpoint(accelerator, out, step, {"member": member})
     bar.close()
     return metrics, step
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from rlhfkit.config import require
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rollout import generate
 from rlhfkit.train.runs import atomic_path, seed_everything
 
 
@@ -59,7 +60,6 @@ class Config:
 
 @torch.no_grad()
 def main(cfg: Config) -> list[dict]:
-    from rlhfkit.rollout import generate
 
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")

@@ -21,10 +21,19 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
-from rlhfkit.data import PadCollator
+from rlhfkit.data import (
+    PadCollator,
+    encode_prompt_completion,
+    load_records,
+    pack_sequences,
+    to_prompt_completion,
+)
 from rlhfkit.data.readers import eval_source
+from rlhfkit.data.schemas import SFT_FORMATS, require_layout
+from rlhfkit.errors import DataError
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
+from rlhfkit.tasks import kindly
 from rlhfkit.train.accelerator import make_accelerator
 from rlhfkit.train.batches import micro_steps_per_epoch, optimizer_steps, total_optimizer_steps
 from rlhfkit.train.checkpoints import save_checkpoint
@@ -78,17 +87,13 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     its start, and an over-long prompt is cut to leave room for the response, so every
     example keeps at least one supervised token.
     """
-    from rlhfkit.data import encode_prompt_completion, load_records, to_prompt_completion
-    from rlhfkit.data.schemas import SFT_FORMATS, require_layout
 
     if source == "kindly":
-        from rlhfkit.tasks import kindly
 
         records = kindly.sft_records(split)
     else:
         records = load_records(source, split=split)
     if not records:
-        from rlhfkit.errors import DataError
 
         raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
     require_layout(records, SFT_FORMATS, "SFT")  # a wrong-column file fails naming its file and line
@@ -117,7 +122,6 @@ def ignore_unknown(labels: list[int], unk_id: int | None) -> list[int]:
 
 
 def pack_examples(examples: list[dict], max_length: int, eos_id: int) -> list[dict]:
-    from rlhfkit.data import pack_sequences
 
     return pack_sequences(examples, max_length, eos_id)
 

@@ -29,16 +29,16 @@ def make_accelerator(cfg: Any) -> Accelerator:
     `cpu=True` makes it join them with the gloo backend (DistributedType.MULTI_CPU).
     """
     reset_accelerate_state()
-    acc = Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=1,  # rlhfkit.train.step accumulates (its docstring says why)
         mixed_precision=cfg.mixed_precision,
         cpu=multi_process_cpu(),
     )
-    enable_fsdp_on_cpu(acc)  # an FSDP config launched on CPU shards for real (rlhfkit.train.sharding)
-    if acc.device.type == "cpu":
+    enable_fsdp_on_cpu(accelerator)  # an FSDP config launched on CPU shards for real (rlhfkit.train.sharding)
+    if accelerator.device.type == "cpu":
         keep_freed_memory()
     set_seed(cfg.seed)
-    return acc
+    return accelerator
 
 
 # glibc mallopt parameters (malloc.h)

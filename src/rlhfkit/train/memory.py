@@ -33,6 +33,7 @@ import torch
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.train.runs import atomic_write_text
+from rlhfkit.train.sharding import is_sharded
 
 GiB = 1024**3
 DTYPE_BYTES = {"float64": 8, "float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -156,7 +157,6 @@ def estimate(shape: ModelShape, *, trainable_params: int | None = None, weight_d
 
 def device_capacity() -> int | None:
     """Free bytes on the current CUDA device, or None without one (CPU runs are not refused)."""
-    import torch
 
     if not torch.cuda.is_available():
         return None
@@ -248,7 +248,6 @@ def report(model, cfg: Any, *, batch: int, seq_len: int, rollout_batch: int = 0,
 
 def report_for_run(accelerator, model, cfg: Any, *, batch: int, seq_len: int, **kwargs) -> MemoryEstimate:
     """:func:`report` with the shard count and printer taken from the run's Accelerator."""
-    from rlhfkit.train.sharding import is_sharded
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
     return report(model, cfg, batch=batch, seq_len=seq_len, shards=shards, printer=accelerator.print,
@@ -264,7 +263,6 @@ def table_file(accelerator, cfg: Any) -> Path | None:
 def modules_in(*objects: Any, depth: int = 8) -> list:
     """The distinct torch modules held by `objects` (reward sets, scorers, wrappers), searched through
     attributes, lists and dicts up to `depth` levels; a module found is not searched inside."""
-    import torch
 
     found, seen = [], set()
 
@@ -312,7 +310,6 @@ def report_on_policy(accelerator, policy, cfg: Any, *, frozen: tuple = (), criti
     * a trained `critic` (PPO's value model): its weights, gradients, optimiser state and
       activations, with a one-output head instead of the vocabulary.
     """
-    from rlhfkit.train.sharding import is_sharded
 
     shards = accelerator.num_processes if is_sharded(accelerator) else 1
     seq = cfg.max_prompt_length + cfg.max_completion_length

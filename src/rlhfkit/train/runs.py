@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import functools
 import importlib.metadata
@@ -32,9 +33,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
 from rlhfkit import __version__
+from rlhfkit.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # atomic writes: nothing half-written is ever left under the final name
@@ -91,8 +96,6 @@ def _json_default(o: Any) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for a reproducible run."""
-    import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -192,7 +195,6 @@ def claim_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> b
     An existing run is refused unless `resume` (continue it) or `overwrite` (its run files are
     removed first), so metrics of several runs never end up mixed in one metrics.jsonl.
     """
-    from rlhfkit.errors import ConfigError
 
     path = Path(output_dir)
     existed = path.exists()
@@ -267,7 +269,6 @@ def one_run_per_folder(main: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _jsonl_tracker_cls():
-    from accelerate.tracking import GeneralTracker
 
     class JSONLTracker(GeneralTracker):
         """accelerate tracker appending one JSON object per logged step to metrics.jsonl."""
@@ -300,9 +301,7 @@ def _jsonl_tracker_cls():
 
 
 def _csv_tracker_cls():
-    import csv
 
-    from accelerate.tracking import GeneralTracker
 
     class CSVTracker(GeneralTracker):
         """accelerate tracker writing metrics.csv in long form (step, name, value), so metrics that
@@ -344,7 +343,6 @@ SINKS = ("jsonl", "csv", "tensorboard", "wandb", "mlflow")
 
 def make_trackers(output_dir: str | Path, report_to: str) -> list:
     """accelerate trackers for `report_to` (comma separated names, `all`, or `none`), not yet started."""
-    from rlhfkit.errors import ConfigError
 
     names = [s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"]
     if "all" in names:
@@ -361,16 +359,13 @@ def make_trackers(output_dir: str | Path, report_to: str) -> list:
         elif name == "csv":
             trackers.append(_csv_tracker_cls()("metrics", out))
         elif name == "tensorboard":
-            from accelerate.tracking import TensorBoardTracker
 
             trackers.append(TensorBoardTracker("tb", out))
         elif name == "wandb":
-            from accelerate.tracking import WandBTracker
 
             os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
             trackers.append(WandBTracker(out.name, dir=str(out)))
         else:
-            from accelerate.tracking import MLflowTracker
 
             trackers.append(MLflowTracker(experiment_name="rlhfkit", logging_dir=str(out / "mlruns"), run_name=out.name))
     return trackers

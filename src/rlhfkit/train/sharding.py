@@ -18,7 +18,12 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from rlhfkit.errors import ConfigError
 
 
 def fsdp_requested() -> bool:
@@ -35,14 +40,11 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> bool:
     """
     if accelerator.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
         return False
-    from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
     if plugin.fsdp_version != 2:
-        from rlhfkit.errors import ConfigError
 
         raise ConfigError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs CUDA)")
-    from accelerate.state import PartialState
 
     # AcceleratorState re-reads distributed_type from PartialState's shared dict each time one
     # is constructed (accelerate does so inside prepare), so both must say FSDP
@@ -69,7 +71,6 @@ def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     with an optimiser, so its per-model step (one unit per decoder layer) is called directly."""
     if not (is_sharded(accelerator) and accelerator.is_fsdp2):
         return model
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     name = type(model).__name__
     model.requires_grad_(False)
@@ -107,7 +108,6 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     if accelerator.is_fsdp2:
         # accelerate asks for broadcast_from_rank0, which on a gloo group hands back DTensors
         # instead of whole tensors; plain full_state_dict + cpu_offload gathers onto rank 0.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return accelerator.get_state_dict(model)
