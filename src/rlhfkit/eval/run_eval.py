@@ -121,7 +121,6 @@ def load_corpus(source: str, limit: int) -> list[str]:
     if not source:
         return []
     if source == "kindly":
-
         lines = kindly.corpus_lines("eval")
     else:
         lines = [x for x in Path(source).read_text().splitlines() if x.strip()]
@@ -166,7 +165,6 @@ class PromptScorer:
         self.rewards, self.raw, self.columns = rewards, raw_prompts, columns
 
     def score(self, prompts, responses):
-
         raw = list(prompts) if self.raw is None else self.raw
         if len(raw) != len(responses):
             raise ValueError(f"{len(responses)} responses for {len(raw)} prompts")
@@ -359,7 +357,6 @@ def main(cfg: Config) -> dict:
                                  load_corpus(cfg.corpus, cfg.max_perplexity_lines), cfg.max_new_tokens,
                                  cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, cfg.n_boot, cfg.tie_margin)
     if cfg.preference_data:
-
         if scorer is None:
             raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")
         metrics["rm_accuracy"] = rm_accuracy(PromptScorer(scorer.rewards, None, {}), load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)

@@ -172,7 +172,6 @@ def load_reward_model(path: str, dtype: str = "float32", lora: Any = None, num_l
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
 
@@ -273,10 +272,8 @@ def _ready_for_training(model: PreTrainedModel, lora: Any, trainable: bool, disa
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
     if disable_dropout:
-
         _off(model)
     model.train(trainable)
     return model
@@ -316,7 +313,6 @@ def _classifier_object(model: torch.nn.Module, dtype: str, lora: Any, num_labels
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and getattr(lora, "use_lora", False):
-
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
 
@@ -339,7 +335,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save = getattr(to_save, "module", to_save)  # unwrap DDP if the caller did not
     if state_dict is not None:
-
         to_save, state_dict = unsharded_copy(to_save, state_dict), None
     kwargs = {}
     if hasattr(to_save, "peft_config"):

@@ -18,10 +18,8 @@ from rlhfkit.tasks import kindly
 def resolve_path(name: str) -> str:
     """Map the bundled task's short names to files shipped in the package; pass others through."""
     if name in ("kindly", "kindly:base"):
-
         return str(kindly.base_model_path())
     if name == "kindly:tokenizer":
-
         return str(kindly.tokenizer_path())
     if Path(name).expanduser().exists():
         return name

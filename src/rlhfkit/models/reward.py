@@ -311,7 +311,6 @@ class RewardScorer:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 64,
                  max_length: int | None = 512, normalize: bool = True, conservative_k: float = 0.0,
                  dtype: str = "float32"):
-
         root = Path(resolve_path(str(path)))
         self.paths = member_paths(root)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
@@ -377,7 +376,6 @@ def _saved_num_labels(path: Path) -> int:
 
 
 def _adapter_num_labels(path: Path) -> int:
-
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:

@@ -27,7 +27,6 @@ class TokenValues(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, response_width: int) -> torch.Tensor:
-
         hf = unwrap_hf(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -47,7 +46,6 @@ def value_model_source(value_model: str, policy: str, rewards: list[str], tokeni
         return policy
     rm = Path(resolve_path(rm_specs[0]))
     if (rm / "ensemble.json").is_file():
-
         rm = member_paths(rm)[0]
     if not (rm / "config.json").is_file() and adapter_base(rm) is None:
         return policy

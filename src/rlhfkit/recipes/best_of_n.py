@@ -167,7 +167,6 @@ def sample_and_score(policy, tokenizer, prompts, judge, k: int, cfg) -> tuple[li
 
 
 def main(cfg: Config) -> dict:
-
     seed_everything(cfg.seed)
     out = prepare_run_dir(cfg.output_dir, cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, padding_side="left")
@@ -197,7 +196,6 @@ def main(cfg: Config) -> dict:
     }
     gold_sel = gold_first = None
     if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
-
         panel = GoldPanel()
         gold_sel = panel.score(prompts, chosen)
         gold_first = panel.score(prompts, [r[0] for r in responses])

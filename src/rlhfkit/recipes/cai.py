@@ -106,7 +106,6 @@ def _template(path: str, default: str) -> str:
 
 
 def read_responses(path: str, limit: int) -> tuple[list[str], list[str]]:
-
     records = load_records(path, required=["prompt"])
     prompts, responses = [], []
     for i, rec in enumerate(records):
@@ -150,7 +149,6 @@ def revise(model, prompts: list[str], responses: list[str], principles, revision
 
 
 def main(cfg: Config) -> dict:
-
     principles = load_constitution(cfg.constitution)
     model = load_judge(cfg.model)
     if not hasattr(model, "generate"):

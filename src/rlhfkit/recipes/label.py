@@ -269,10 +269,8 @@ def main(cfg: Config) -> dict:
     items = read_items(cfg)
     judge = annotators = None
     if cfg.judge or cfg.constitution:
-
         judge = load_judge(cfg.judge) if cfg.judge else None
     if cfg.constitution:
-
         principles = load_constitution(cfg.constitution)
         if judge is not None:
             print(judge_use_note(principles, judge.name, cfg.constitution))

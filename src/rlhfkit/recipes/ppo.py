@@ -110,10 +110,8 @@ def ptx_batches(cfg: Config, tok):
     """An endless stream of SFT micro-batches for PPO-ptx."""
 
     if not cfg.ptx_data:
-
         records = kindly.sft_records("train")
     else:
-
         records = load_records(cfg.ptx_data, required=["prompt", "completion"])
     collate, bs = PadCollator(tok.pad_token_id), cfg.per_device_train_batch_size
     g = torch.Generator().manual_seed(cfg.seed)

@@ -60,11 +60,9 @@ class Config(TrainArgs):
 
 def read_lines(corpus: str, split: str) -> list[str]:
     if corpus == "kindly":
-
         return list(kindly.corpus_lines(split))
     path = Path(corpus)
     if not path.is_file():
-
         raise ConfigError(f"config field 'corpus': {corpus} is not a file")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     cut = max(1, len(lines) * 98 // 100)
@@ -132,5 +130,4 @@ def main(cfg: Config) -> dict:
 
 
 def _json(obj) -> str:
-
     return json.dumps(obj, indent=2, default=float)

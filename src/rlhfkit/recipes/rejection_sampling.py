@@ -130,7 +130,6 @@ def examples_from_rollout(roll, picks: list[tuple[int, int]], k: int, pad_id: in
 
 @one_run_per_folder
 def main(cfg: Config) -> dict:
-
     accelerator = make_accelerator(cfg)
     out = prepare_run_dir(cfg.output_dir, cfg, accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -138,7 +137,6 @@ def main(cfg: Config) -> dict:
     judge = load_rewards(cfg.reward, cfg.reward_weights, accelerator.device, cfg.generation_batch_size)
     panel = None
     if cfg.gold and "gold" not in cfg.reward and is_bundled_kindly(cfg.prompts):
-
         panel = GoldPanel()
     logger = MetricsLogger(out, cfg.report_to, enabled=accelerator.is_main_process)
     current = cfg.model

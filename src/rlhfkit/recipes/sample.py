@@ -60,7 +60,6 @@ class Config:
 
 @torch.no_grad()
 def main(cfg: Config) -> list[dict]:
-
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     model = load_policy(cfg.model, cfg.dtype, trainable=False)

@@ -89,12 +89,10 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     """
 
     if source == "kindly":
-
         records = kindly.sft_records(split)
     else:
         records = load_records(source, split=split)
     if not records:
-
         raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
     require_layout(records, SFT_FORMATS, "SFT")  # a wrong-column file fails naming its file and line
     examples, truncated, prompt_cut = [], 0, 0
@@ -122,7 +120,6 @@ def ignore_unknown(labels: list[int], unk_id: int | None) -> list[int]:
 
 
 def pack_examples(examples: list[dict], max_length: int, eos_id: int) -> list[dict]:
-
     return pack_sequences(examples, max_length, eos_id)
 
 

@@ -17,7 +17,10 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.chat import apply_chat_template
+from rlhfkit.data.readers import Records, load_records
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.train.batches import epoch_order
 
 _TEXT_COLUMNS = ("prompt", "messages", "completion")
 
@@ -86,22 +89,23 @@ def load_prompt_set(source: Any, split: str = "train", limit: int = 0) -> Prompt
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"prompt file {source} does not exist")
-        records = [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        numbered = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        records = Records([{"prompt": line} for _, line in numbered], source=source, lines=[i for i, _ in numbered])
     if records is None:
-        from rlhfkit.data.readers import load_records
-
         records = load_records(source, split=split)
     if limit > 0:
         records = records[:limit]
     if not records:
         raise DataError("no prompts found", source=name)
-    prompts = [_prompt_of(r, name, i) for i, r in enumerate(records, 1)]
+    # errors cite the record's line in its file (blank lines are skipped, so not its index)
+    line = records.line_of if isinstance(records, Records) else (lambda index: index + 1)
+    prompts = [_prompt_of(r, name, line(i)) for i, r in enumerate(records)]
     keys = [k for k in records[0] if k not in _TEXT_COLUMNS]
-    for i, r in enumerate(records, 1):
+    for i, r in enumerate(records):
         missing = [k for k in keys if k not in r]
         if missing:
             raise DataError(f"column '{missing[0]}' is missing here but present in the first record", source=name,
-                            line=i, field=missing[0])
+                            line=line(i), field=missing[0])
     return PromptSet(prompts, {k: [r[k] for r in records] for k in keys}, name)
 
 
@@ -115,8 +119,6 @@ def render_prompt(tokenizer: Any, prompt: Any) -> str:
     """The text the policy continues: a conversation through the policy tokenizer's chat template
     with the generation prompt (as SFT and DPO render prompts), plain text as is."""
     if isinstance(prompt, list):
-        from rlhfkit.data.chat import apply_chat_template
-
         return apply_chat_template(tokenizer, prompt, add_generation_prompt=True)
     return prompt
 
@@ -130,7 +132,6 @@ def prompts_for_step(n_prompts: int, step: int, per_process: int, seed: int, num
                      process_index: int = 0) -> list[int]:
     """Indices of this process's prompts for update `step`: a pure function of (seed, step), so a
     resumed run replays exactly the prompts an uninterrupted run would have used."""
-    from rlhfkit.train.batches import epoch_order
 
     global_n = per_process * num_processes
     if n_prompts < global_n:

@@ -269,7 +269,6 @@ def one_run_per_folder(main: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _jsonl_tracker_cls():
-
     class JSONLTracker(GeneralTracker):
         """accelerate tracker appending one JSON object per logged step to metrics.jsonl."""
 
@@ -359,14 +358,11 @@ def make_trackers(output_dir: str | Path, report_to: str) -> list:
         elif name == "csv":
             trackers.append(_csv_tracker_cls()("metrics", out))
         elif name == "tensorboard":
-
             trackers.append(TensorBoardTracker("tb", out))
         elif name == "wandb":
-
             os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
             trackers.append(WandBTracker(out.name, dir=str(out)))
         else:
-
             trackers.append(MLflowTracker(experiment_name="rlhfkit", logging_dir=str(out / "mlruns"), run_name=out.name))
     return trackers
 

@@ -43,7 +43,6 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> bool:
 
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
     if plugin.fsdp_version != 2:
-
         raise ConfigError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs CUDA)")
 
     # AcceleratorState re-reads distributed_type from PartialState's shared dict each time one
