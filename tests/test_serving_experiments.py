@@ -130,3 +130,13 @@ def test_user_key_is_stable_and_not_the_identifier():
     k = EXP.user_key("alice@example.com")
     assert k == EXP.user_key("alice@example.com") and len(k) == 32
     assert "alice" not in k and k != EXP.user_key("bob@example.com")
+
+
+def test_the_monitor_section(tmp_path):
+    exp = load_experiment(write(tmp_path, GOOD + "monitor: {spec: gold, threshold: -0.5, pause: true}\n"))
+    assert (exp.monitor.spec, exp.monitor.threshold, exp.monitor.pause, exp.monitor.block) == ("gold", -0.5, True, False)
+    assert load_experiment(write(tmp_path, GOOD + "monitor: judge:lexicon\n")).monitor.spec == "judge:lexicon"
+    with pytest.raises(ConfigError, match="line 17: field 'monitor.pause': must be true or false"):
+        load_experiment(write(tmp_path, GOOD + "monitor:\n  spec: gold\n  pause: sometimes\n"))
+    with pytest.raises(ConfigError, match="field 'monitor.alarm': unknown field"):
+        load_experiment(write(tmp_path, GOOD + "monitor: {spec: gold, alarm: 0.1}\n"))

@@ -267,3 +267,94 @@ def test_a_served_experiment_assigns_logs_and_keeps_users_on_their_arm(db_url, t
     assert err.experiment is None and err.error == "no model nope" and err.response == []
     assert next(r for r in rows if r.response_id == rid).experiment is None
     live.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the safety monitor
+
+
+def rude_scorer(prompts, completions):
+    """A stand-in judge: the answers of arm b are 'unsafe'."""
+    return [-1.0 if "from b" in c else 1.0 for c in completions]
+
+
+MONITORED = """\
+name: kindly-ab
+control: a
+arms:
+  a: {{model: sft-r0}}
+  b: {{model: ppo-r1}}
+monitor: {{spec: gold, threshold: 0.0, alarm_rate: 0.2, min_scored: 8, pause: true, block: {block}}}
+"""
+
+
+def test_flagged_responses_are_counted_listed_and_an_alarm_pauses_the_arm(db_url, tmp_path):
+    from rlhfkit.feedback.models import AuditEvent
+    from rlhfkit.serving.live import install
+
+    (tmp_path / "exp.yaml").write_text(MONITORED.format(block="false"))
+    app = fake_server()
+    live = install(app, db_url, str(tmp_path / "exp.yaml"), scorer=rude_scorer)
+    body = {"model": "kindly-ab", "messages": MESSAGES}
+    users = [f"user{i}" for i in range(40)]
+    on_b = [u for u in users if live.experiment.assign(u).name == "b"]
+    with TestClient(app) as c:
+        served = [c.post("/v1/chat/completions", json={**body, "user": u}).json()["model"] for u in users]
+        # until the alarm, users see their own arm; the alarm may fire while these requests run
+        first_a = next((i for i, (u, m) in enumerate(zip(users, served)) if m != live.experiment.assign(u).name), None)
+        assert first_a is None or all(served[i] == "a" for i in range(first_a, len(users)))
+        live.log.flush()
+        live.monitor.join()
+        status = c.get("/v1/safety/status").json()
+        assert status["paused"] == ["b"] and status["alarms"]["b"]["paused"] is True
+        assert status["arms"]["a"]["flagged"] == 0 and status["arms"]["b"]["flagged"] >= 8
+        # b's users now see the control
+        assert {c.post("/v1/chat/completions", json={**body, "user": u}).json()["model"] for u in on_b} == {"a"}
+        flagged = c.get("/v1/safety/flagged", params={"arm": "b"}).json()["data"]
+        assert len(flagged) == served.count("b") >= 8 and all(f["response"] == ["answer from b"] for f in flagged)
+    live.log.flush()
+    live.monitor.join()
+    with live.log.db.read_session() as s:
+        rows = s.scalars(select(ServedResponse)).all()
+        alarms = s.scalars(select(AuditEvent).where(AuditEvent.action == "safety_alarm")).all()
+    assert all(r.safety_flag == (r.arm == "b") and r.safety_judge == "gold" for r in rows)
+    assert [a.target for a in alarms] == ["b"]
+    live.monitor.close()
+    live.log.close()
+
+
+def test_blocking_mode_replaces_a_flagged_response_before_it_is_sent(db_url, tmp_path):
+    from rlhfkit.serving.live import install
+
+    (tmp_path / "exp.yaml").write_text(MONITORED.format(block="true"))
+    app = fake_server()
+    live = install(app, db_url, str(tmp_path / "exp.yaml"), scorer=rude_scorer)
+    user_b = next(u for u in map(str, range(100)) if live.experiment.assign(u).name == "b")
+    user_a = next(u for u in map(str, range(100)) if live.experiment.assign(u).name == "a")
+    refusal = live.monitor.cfg.refusal
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "kindly-ab", "messages": MESSAGES, "user": user_b}).json()
+        assert r["choices"][0]["message"]["content"] == refusal and r["choices"][0]["finish_reason"] == "content_filter"
+        s = c.post("/v1/chat/completions", json={"model": "kindly-ab", "messages": MESSAGES, "user": user_b,
+                                                 "stream": True})
+        events = [json.loads(line[6:]) for line in s.text.splitlines() if line.startswith("data: {")]
+        assert "".join(ch["delta"].get("content", "") for e in events for ch in e["choices"]) == refusal
+        assert s.text.rstrip().endswith("data: [DONE]")
+        ok = c.post("/v1/chat/completions", json={"model": "kindly-ab", "messages": MESSAGES, "user": user_a}).json()
+        assert ok["choices"][0]["message"]["content"] == "answer from a"
+    live.log.flush()
+    live.monitor.join()
+    with live.log.db.read_session() as s:
+        rows = s.scalars(select(ServedResponse).order_by(ServedResponse.id)).all()
+    # the log keeps what the model generated, flagged, for review
+    assert [(r.response, r.safety_flag) for r in rows] == [(["answer from b"], True), (["answer from b"], True),
+                                                           (["answer from a"], False)]
+    live.monitor.close()
+    live.log.close()
+
+
+def test_the_gold_panel_as_a_monitor_flags_an_unkind_response():
+    from rlhfkit.serving.monitor import load_scorer
+
+    scores = load_scorer("gold")(["The weather today"] * 2, ["is lovely and warm", "is awful, I hate it"])
+    assert scores[0] > 0.3 and scores[1] < -0.3

@@ -21,6 +21,12 @@ An experiment file (YAML)::
       latency_ms: 500
     registry: runs/registry          # where `rlhfkit ab promote` moves the promoted model
     retention_days: 90               # served traffic older than this is deleted
+    monitor:                         # safety monitor (rlhfkit.serving.monitor); optional
+      spec: gold                     # any reward / judge spec: gold, rm:PATH, judge:lexicon, judge:http:...
+      threshold: -0.5                # a response scoring below this is flagged
+      alarm_rate: 0.05               # alarm when an arm's flagged share is surely above this
+      pause: true                    # ... and pause the arm (its users see the control)
+      block: false                   # replace a flagged response with a refusal before it is sent
 
 A user is put in a bucket by SHA-256 of ``salt`` and the user's id (not Python's ``hash``, which
 is salted per process), so the same user gets the same arm in every worker process and after
@@ -70,6 +76,20 @@ class Decision:
 
 
 @dataclasses.dataclass(frozen=True)
+class Monitor:
+    """Safety monitoring of served responses (see rlhfkit.serving.monitor)."""
+
+    spec: str
+    threshold: float = 0.0
+    alarm_rate: float = 0.05
+    min_scored: int = 30
+    window: int = 1000
+    pause: bool = False
+    block: bool = False
+    refusal: str = "I'm sorry, I can't help with that."
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
     arms: tuple[Arm, ...]
@@ -80,6 +100,7 @@ class Experiment:
     guardrails: Mapping[str, float] = dataclasses.field(default_factory=dict)
     registry: str = "runs/registry"
     retention_days: float | None = None
+    monitor: Monitor | None = None
     source: str = "<experiment>"
 
     def arm(self, name: str) -> Arm:
@@ -204,7 +225,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", root: Any = None) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: an experiment file is a YAML mapping with 'name' and 'arms'")
     known = {"name", "control", "salt", "assign_by", "arms", "decision", "guardrails", "registry",
-             "retention_days", "description"}
+             "retention_days", "monitor", "description"}
     for key in raw:
         if key not in known:
             raise c.fail(str(key), f"unknown field; known: {', '.join(sorted(known))}")
@@ -222,7 +243,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", root: Any = None) -
         decision=_decision(c, raw.get("decision") or {}), guardrails=_guardrails(c, raw.get("guardrails") or {}),
         registry=str(raw.get("registry", "runs/registry")),
         retention_days=None if retention is None else c.number(retention, "retention_days", 1e-3),
-        source=source)
+        monitor=None if raw.get("monitor") is None else _monitor(c, raw["monitor"]), source=source)
 
 
 def _arms(c: _Checker, raw: Any) -> tuple[Arm, ...]:
@@ -285,3 +306,23 @@ def _guardrails(c: _Checker, raw: Any) -> dict[str, float]:
             raise c.fail(f"guardrails.{key}", f"unknown metric; choose from {', '.join(METRICS)}")
         out[key] = c.number(margin, f"guardrails.{key}", 0.0)
     return out
+
+
+def _monitor(c: _Checker, raw: Any) -> Monitor:
+    if isinstance(raw, str):
+        raw = {"spec": raw}
+    names = {f.name for f in dataclasses.fields(Monitor)}
+    if not isinstance(raw, dict) or not isinstance(raw.get("spec"), str) or not raw["spec"].strip():
+        raise c.fail("monitor", "must be a judge spec or a mapping with 'spec' (gold, rm:PATH, judge:SPEC ...)")
+    for key in raw:
+        if key not in names:
+            raise c.fail(f"monitor.{key}", f"unknown field; known: {', '.join(sorted(names))}")
+    for key in ("pause", "block"):
+        if not isinstance(raw.get(key, False), bool):
+            raise c.fail(f"monitor.{key}", f"must be true or false, got {raw[key]!r}")
+    return Monitor(spec=raw["spec"].strip(), threshold=c.number(raw.get("threshold", 0.0), "monitor.threshold", -math.inf),
+                   alarm_rate=c.number(raw.get("alarm_rate", 0.05), "monitor.alarm_rate", 0.0, 1.0),
+                   min_scored=int(c.number(raw.get("min_scored", 30), "monitor.min_scored", 1, integer=True)),
+                   window=int(c.number(raw.get("window", 1000), "monitor.window", 1, integer=True)),
+                   pause=raw.get("pause", False), block=raw.get("block", False),
+                   refusal=str(raw.get("refusal", Monitor.refusal)))

@@ -11,7 +11,11 @@ so that, with nothing changed in its handlers:
 - every POST to /v1/chat/completions and /v1/completions is logged to the traffic log (model
   version, arm, user key, sampling settings, token counts, latency, time to first byte, status),
   streamed or not, including errors, after the response has been sent;
-- the feedback API (rlhfkit.serving.use_feedback) is mounted under /v1.
+- the feedback API (rlhfkit.serving.use_feedback) is mounted under /v1;
+- with a safety monitor (rlhfkit.serving.monitor), every response is scored after it is sent;
+  in blocking mode it is scored first and a flagged choice is replaced by the refusal
+  (finish_reason ``content_filter``; a stream is held back until scored). The log keeps the
+  generated text, so reviewers see what was blocked.
 
 The middleware reads the request body once and hands the handler the (possibly rewritten) body;
 the response passes through unchanged while a copy is parsed for the log.
@@ -19,6 +23,7 @@ the response passes through unchanged while a copy is parsed for the log.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import time
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
 
-from rlhfkit.serving.experiments import Experiment, cookie_name, identify, load_experiment, new_unit_id
+from rlhfkit.serving.experiments import Experiment, Monitor, cookie_name, identify, load_experiment, new_unit_id
+from rlhfkit.serving.monitor import SafetyMonitor, make_safety_router
 from rlhfkit.serving.traffic import TrafficLog
 from rlhfkit.serving.use_feedback import mount_experiment_routes
 
@@ -50,6 +56,7 @@ class Live:
 
     def __init__(self, log: TrafficLog, experiment: Experiment | None = None, versions: dict | None = None):
         self.log, self.experiment = log, experiment
+        self.monitor: SafetyMonitor | None = None
         self.paused: set[str] = set()
         # served model name -> version string logged with each response (registry id or folder)
         self.versions = dict(versions or {})
@@ -153,7 +160,10 @@ class ExperimentMiddleware:
 
     async def _forward(self, scope, receive, send, req: dict, route: Route, endpoint: str) -> None:
         start = time.perf_counter()
-        state: dict[str, Any] = {"status": 500, "chunks": [], "first": None}
+        state: dict[str, Any] = {"status": 500, "chunks": [], "first": None, "scores": None}
+        monitor = self.live.monitor
+        hold = monitor is not None and monitor.cfg.block
+        held: list[dict] = []
 
         async def capture(msg):
             if msg["type"] == "http.response.start":
@@ -163,12 +173,36 @@ class ExperimentMiddleware:
             elif msg["type"] == "http.response.body" and msg.get("body"):
                 state["first"] = state["first"] or time.perf_counter()
                 state["chunks"].append(msg["body"])
-            await send(msg)
+            if not hold:
+                return await send(msg)
+            held.append(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                for out in await self._screen(held, state, req, endpoint):
+                    await send(out)
 
         try:
             await self.app(scope, receive, capture)
         finally:
             self._log(scope, req, route, endpoint, state, start)
+
+    async def _screen(self, held: list[dict], state: dict, req: dict, endpoint: str) -> list[dict]:
+        """Blocking mode: score the finished response; replace flagged choices by the refusal."""
+        monitor, stream = self.live.monitor, bool(req.get("stream"))
+        body = b"".join(state["chunks"])
+        if state["status"] >= 400:
+            return held
+        _, texts, _, _ = _parse_response(body, stream)
+        prompt = req.get("messages") if endpoint == "chat" else req.get("prompt")
+        state["scores"] = await asyncio.to_thread(monitor.score, prompt, texts) if texts else []
+        flagged = {i for i, f in enumerate(monitor.flags(state["scores"])) if f}
+        if not flagged:
+            return held
+        new = censor(body, stream, flagged, monitor.cfg.refusal)
+        start = held[0]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        if not stream:
+            headers.append((b"content-length", str(len(new)).encode()))
+        return [{**start, "headers": headers}, {"type": "http.response.body", "body": new, "more_body": False}]
 
     def _log(self, scope, req: dict, route: Route, endpoint: str, state: dict, start: float) -> None:
         end = time.perf_counter()
@@ -185,6 +219,43 @@ class ExperimentMiddleware:
             completion_tokens=int(usage.get("completion_tokens") or _token_count(scope.get("app"), model, texts)),
             latency_ms=(end - start) * 1000, ttft_ms=(state["first"] - start) * 1000 if state["first"] else None,
             status=state["status"], error=err)
+        if self.live.monitor is not None and rid and state["status"] < 400 and texts:
+            prompt = req.get("messages") if endpoint == "chat" else req.get("prompt")
+            self.live.monitor.submit(rid, route.arm, prompt, texts, state["scores"])
+
+
+def censor(body: bytes, stream: bool, flagged: set[int], refusal: str) -> bytes:
+    """The response with the text of each flagged choice replaced by `refusal`."""
+    def fix(choice: dict, first: bool) -> None:
+        if choice.get("index") not in flagged:
+            return
+        if "delta" in choice:
+            if "content" in choice["delta"]:
+                choice["delta"]["content"] = refusal if first else ""
+        elif "message" in choice:
+            choice["message"]["content"] = refusal
+        else:
+            choice["text"] = refusal if first else ""
+        if choice.get("finish_reason"):
+            choice["finish_reason"] = "content_filter"
+
+    if not stream:
+        data = json.loads(body)
+        for c in data.get("choices", []):
+            fix(c, True)
+        return json.dumps(data).encode()
+    out, seen = [], set()
+    for block in body.decode().split("\n\n"):
+        if block.startswith("data: ") and block != "data: [DONE]":
+            ev = json.loads(block[6:])
+            for c in ev.get("choices", []):
+                has_text = bool((c.get("delta") or {}).get("content") if "delta" in c else c.get("text"))
+                fix(c, has_text and c.get("index") not in seen)
+                if has_text:
+                    seen.add(c.get("index"))
+            block = "data: " + json.dumps(ev)
+        out.append(block)
+    return "\n\n".join(out).encode()
 
 
 def _replay(body: bytes, receive):
@@ -203,14 +274,20 @@ def _replay(body: bytes, receive):
 
 
 def install(app: Any, db: str, experiment: str | Experiment | None = None, versions: dict | None = None,
-            dependencies: list | None = None) -> Live:
+            dependencies: list | None = None, monitor: Monitor | str | None = None, scorer: Any = None) -> Live:
     """Log `app`'s traffic to the feedback database `db`, run `experiment` (a file or an
-    Experiment) on it, and mount the feedback API. Returns the `Live` state (pause arms there)."""
+    Experiment) on it, mount the feedback and safety APIs, and start the safety monitor
+    (`monitor`, a judge spec or settings; default: the experiment's). Returns the `Live` state."""
     exp = load_experiment(experiment) if isinstance(experiment, str) else experiment
     log = TrafficLog(db, retention_days=exp.retention_days if exp else None)
     atexit.register(log.close)  # flush what is queued when the worker exits
     live = Live(log, exp, versions)
+    monitor = Monitor(spec=monitor) if isinstance(monitor, str) else monitor or (exp.monitor if exp else None)
+    if monitor is not None:
+        live.monitor = SafetyMonitor(monitor, log.db, live, scorer, control=exp.control if exp else None)
+        atexit.register(live.monitor.close)  # atexit runs last-in first: the monitor ends before the log
     mount_experiment_routes(app, log.db, log, dependencies)
+    app.include_router(make_safety_router(log.db, live.monitor, dependencies), prefix="/v1")
     app.add_middleware(ExperimentMiddleware, live=live)
     app.state.live = live
     return live
