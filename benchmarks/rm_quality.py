@@ -182,7 +182,7 @@ def _evaluate(model_path: str, pairs: list[dict], gold, plot: Path | None = None
 def run(quick: bool = False) -> dict:
     import torch
 
-    from rlhfkit.data.comparisons import parse_comparisons
+    from rlhfkit.data.preference import read_comparisons
     from rlhfkit.eval.rm_eval import comparison_pairs
     from rlhfkit.judges import GoldPanel
 
@@ -199,7 +199,7 @@ def run(quick: bool = False) -> dict:
     start = policy if policy is not None else _fresh_model(work)
     train_recs, train_skipped = _label(train_groups, SEED, "disjoint")
     eval_recs, eval_skipped = _label(eval_groups, SEED + 1, "all")
-    heldout = comparison_pairs(parse_comparisons(eval_recs))
+    heldout = comparison_pairs(read_comparisons(eval_recs))
     gold = GoldPanel()
     sizes = (300, 1000) if quick else LABEL_SIZES
     if len(train_recs) < sizes[-1]:

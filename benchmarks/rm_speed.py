@@ -53,16 +53,16 @@ def _pairs(n: int) -> list[dict]:
 
 
 def _setup(root: Path):
-    from rlhfkit.data.comparisons import parse_comparisons, tokenize_units
+    from rlhfkit.data.preference import encode_comparisons, read_comparisons
     from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
 
     tok = load_tokenizer(SPEED_TOKENIZER)
     model = tiny_reward_model(len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                               max_position_embeddings=256, seed=SEED, tokenizer=tok)
     save_model(model, tok, root / "init")
-    units, counts = tokenize_units(parse_comparisons(_pairs(N_PAIRS)), tok, 256, "bradley_terry")
-    assert len(units) == N_PAIRS and not counts.get("truncated_rows"), counts
-    return tok, units
+    comps, counts = encode_comparisons(read_comparisons(_pairs(N_PAIRS)), tok, 256)
+    assert len(comps) == N_PAIRS and not counts.truncated_rows, counts
+    return tok, comps
 
 
 def _run_ours(root: Path, tok, units, padding_free: bool = True) -> dict:
@@ -88,7 +88,7 @@ def _run_trl(root: Path, tok, units) -> dict:
     from rlhfkit.train.batches import epoch_order
 
     order = epoch_order(len(units), SEED, 0)  # the order rlhfkit's loop draws the examples in
-    ds = Dataset.from_list([{"chosen_ids": units[i]["rows"][0], "rejected_ids": units[i]["rows"][1]} for i in order])
+    ds = Dataset.from_list([{"chosen_ids": units[i].sequences[0], "rejected_ids": units[i].sequences[1]} for i in order])
     model = AutoModelForSequenceClassification.from_pretrained(root / "init", num_labels=1)
 
     class Clock(TrainerCallback):
@@ -118,7 +118,7 @@ def _padding_fraction(units) -> float:
 
     order, padded, real = epoch_order(len(units), SEED, 0), 0, 0
     for i in range(0, len(order) - BATCH + 1, BATCH):
-        rows = [r for j in order[i:i + BATCH] for r in units[j]["rows"]]
+        rows = [r for j in order[i:i + BATCH] for r in units[j].sequences]
         padded += len(rows) * max(len(r) for r in rows)
         real += sum(len(r) for r in rows)
     return 1 - real / padded
@@ -135,7 +135,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         tok, units = _setup(root)
-        tokens = sum(len(r) for u in units for r in u["rows"])
+        tokens = sum(len(r) for u in units for r in u.sequences)
         have_trl = peer_available("trl")
         ours, peer, padded = [], [], []
         load_before = load_average()

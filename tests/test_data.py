@@ -1,4 +1,4 @@
-"""Data layer: readers, format detection, validators, ranking expansion."""
+"""Data layer: readers, format detection, validators, comparisons (labels, ties, rankings)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from rlhfkit.data import (
     detect_format,
     iter_records,
     load_records,
-    rankings_to_pairs,
+    validate_comparisons,
     validate_preferences,
     validate_rankings,
     validate_records,
     validate_sft,
     validate_unpaired,
 )
+from rlhfkit.data.preference import Comparison, read_comparisons, strict_pairs
 from rlhfkit.errors import ConfigError
 
 
@@ -246,7 +247,7 @@ def test_implicit_prompt_conversations():
 
 def test_validate_rankings_rejects_bad_rankings():
     base = {"prompt": "Hi", "responses": ["a", "b", "c"]}
-    cases = [([0, 0, 1], "duplicate ranking index"), ([0, 1, 3], "out of range"), ([2, 0], "not a permutation"),
+    cases = [([0, 0, 1], "duplicate ranking index"), ([0, 1, 3], "out of range"), ([2], "at least 2"),
              ([0, 1, -1], "out of range"), ([True, 0, 2], "integer indices"), ("012", "integer indices")]
     for ranking, reason in cases:
         with pytest.raises(DataError, match=reason) as info:
@@ -255,6 +256,14 @@ def test_validate_rankings_rejects_bad_rankings():
         assert (info.value.line, info.value.field) == (2, "ranking")
     with pytest.raises(DataError, match="identical responses"):
         validate_rankings([{"prompt": "Hi", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}])
+    with pytest.raises(DataError, match=r"field 'responses': ranked responses mix text and conversation"):
+        validate_rankings([{"prompt": "Hi", "responses": ["a", [{"role": "assistant", "content": "b"}]],
+                            "ranking": [0, 1]}])
+    # partial: the ranked responses must differ and be valid; unranked ones are compared with nothing
+    assert validate_rankings([{**base, "ranking": [2, 0]}]) and validate_rankings(
+        [{"prompt": "Hi", "responses": ["a", "b", "a"], "ranking": [0, 1]}])
+    with pytest.raises(DataError, match=r"field 'responses\[2\]': empty text"):
+        validate_rankings([{"prompt": "Hi", "responses": ["a", "b", " "], "ranking": [0, 1]}])
     with pytest.raises(DataError, match="at least 2 responses"):
         validate_rankings([{"prompt": "Hi", "responses": ["a"], "ranking": [0]}])
     kept = validate_rankings([{**base, "ranking": [0, 0, 1]}, {**base, "ranking": [2, 1, 0]}],
@@ -262,20 +271,48 @@ def test_validate_rankings_rejects_bad_rankings():
     assert len(kept) == 1 and kept.report.reasons == {"duplicate ranking index": 1}
 
 
-def test_rankings_to_pairs_counts_and_orientation():
+def test_rankings_give_their_pairs_best_first():
     records = [{"prompt": "p0", "responses": ["r0", "r1", "r2", "r3"], "ranking": [2, 0, 3, 1],
                 "annotator_id": 7},
-               {"prompt": "p1", "responses": ["s0", "s1", "s2"], "ranking": [1, 2, 0]}]
-    pairs = rankings_to_pairs(validate_rankings(records))
-    assert len(pairs) == 6 + 3  # C(4,2) + C(3,2)
-    first = [p for p in pairs if p["group"] == 0]
-    expected = {(f"r{a}", f"r{b}") for a, b in combinations([2, 0, 3, 1], 2)}  # best first
-    assert {(p["chosen"], p["rejected"]) for p in first} == expected
-    assert ("r2", "r1") in expected and ("r1", "r2") not in expected
-    assert all(p["prompt"] == "p0" and p["annotator_id"] == 7 for p in first)
-    second = {(p["chosen"], p["rejected"], p["rank_gap"]) for p in pairs if p["group"] == 1}
-    assert second == {("s1", "s2", 1), ("s1", "s0", 2), ("s2", "s0", 1)}
-    assert validate_preferences(pairs) == pairs
+               {"prompt": "p1", "responses": ["s0", "s1", "s2", "s3"], "ranking": [1, 2, 0]}]  # s3 unranked
+    comps = read_comparisons(records)
+    assert [c.ranked for c in comps] == [True, True] and comps[0].responses == ("r2", "r0", "r3", "r1")
+    first = comps[0].pairs()
+    assert len(first) == 6  # C(4,2)
+    assert [p.responses for p in first] == [(f"r{a}", f"r{b}") for a, b in combinations([2, 0, 3, 1], 2)]
+    assert all(p.prompt == "p0" and p.label == 1.0 and not p.ranked for p in first)
+    assert [p.responses for p in comps[1].pairs()] == [("s1", "s2"), ("s1", "s0"), ("s2", "s0")]
+
+
+def test_labels_and_ties_one_rule():
+    records = [{"prompt": "p", "chosen": " a", "rejected": " b"},
+               {"prompt": "p", "chosen": " c", "rejected": " d", "label": 0},
+               {"prompt": "p", "chosen": " e", "rejected": " f", "label": 0.5},
+               {"prompt": "p", "chosen": " g", "rejected": " h", "tie": True, "margin": 2, "annotator_id": 3},
+               {"prompt": "p", "chosen": " i", "rejected": " j", "label": 0.25}]
+    comps = read_comparisons(records, source="prefs.jsonl")
+    assert [c.label for c in comps] == [1.0, 0.0, 0.5, 0.5, 0.25]
+    assert (comps[3].margin, comps[3].annotator, comps[3].line) == (2.0, "3", 4)
+    kept, ties = strict_pairs(comps)
+    assert ties == 2
+    assert [(c.responses, c.label) for c in kept] == [((" a", " b"), 1.0), ((" d", " c"), 1.0), ((" j", " i"), 0.75)]
+    for bad, field, reason in [({"label": 2}, "label", r"label must be a number in \[0, 1\].*got 2"),
+                               ({"label": "yes"}, "label", "label must be a number"),
+                               ({"tie": "yes"}, "tie", "tie must be true or false"),
+                               ({"tie": True, "label": 1}, "label", "contradicts")]:
+        with pytest.raises(DataError, match=reason) as info:
+            validate_comparisons([records[0], {**records[0], **bad}], source="prefs.jsonl")
+        assert (info.value.line, info.value.field) == (2, field)
+
+
+def test_comparisons_mix_pairs_and_rankings_and_refuse_other_layouts():
+    mixed = [RECORDS["preference"], RECORDS["ranking"]]
+    assert validate_comparisons(mixed) == mixed
+    assert isinstance(read_comparisons(mixed)[0], Comparison)
+    with pytest.raises(DataError, match=r"x\.jsonl, line 2: not a comparison record: a 'text' record"):
+        validate_comparisons([RECORDS["preference"], RECORDS["text"]], source="x.jsonl")
+    kept = validate_comparisons([RECORDS["preference"], RECORDS["text"], RECORDS["ranking"]], on_error="skip", log=None)
+    assert kept.lines == [1, 3] and kept.report.reasons == {"not a comparison record": 1}
 
 
 # ---------------------------------------------------------------- SFT and unpaired

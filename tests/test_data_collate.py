@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from _data_tokenizers import bundled_tokenizer, trained_tokenizer
 from rlhfkit.data import (
@@ -161,14 +162,17 @@ def test_pad_collator_right_and_left():
 
 def test_preference_rows_share_the_prompt_and_lay_out_for_one_forward(tokenizer):
     from rlhfkit.data.preference import (
+        collate_comparisons,
         collate_responses,
+        encode_comparisons,
         encode_preferences,
         example_rows,
         preference_texts,
+        read_comparisons,
     )
 
     records = [conv_record(), {"prompt": "The weather", "chosen": " is nice.", "rejected": " is bad."}]
-    texts, labels, _ = preference_texts(records, False, tokenizer)
+    texts, labels, _, _ = preference_texts(records, False, tokenizer)
     data = encode_preferences(texts, labels, tokenizer, 64)
     assert data.paired and len(data.rows) == 2
     for (prompt, chosen, rejected), (p_ids, c_ids, r_ids) in zip(texts, data.rows):
@@ -183,5 +187,11 @@ def test_preference_rows_share_the_prompt_and_lay_out_for_one_forward(tokenizer)
         assert batch.input_ids[row, P:P + len(resp)].tolist() == resp    # responses start there
         assert batch.response_mask[row].sum() == len(resp)
         assert batch.attention_mask[row].sum() == len(p_ids) + len(resp)
-    unpaired_texts, unpaired_labels, _ = preference_texts(records, True, tokenizer)
+    unpaired_texts, unpaired_labels, _, _ = preference_texts(records, True, tokenizer)
     assert unpaired_labels == [True, True, False, False] and len(unpaired_texts) == 4
+    # the reward recipe's batch of the same records: the same token rows in the same layout
+    encoded, _ = encode_comparisons(read_comparisons(records, tokenizer), tokenizer, 64)
+    assert [(c.prompt, *c.responses) for c in encoded] == data.rows
+    rm_batch = collate_comparisons(encoded, tokenizer.pad_token_id)
+    assert rm_batch.num_pairs == 2 and torch.equal(rm_batch.rows.input_ids, batch.input_ids)
+    assert torch.equal(rm_batch.rows.response_mask, batch.response_mask)

@@ -64,9 +64,11 @@ def test_rm_accuracy_hand_worked():
 
     recs = [{"prompt": "p", "chosen": "long answer", "rejected": "no"},
             {"prompt": "p", "chosen": "a", "rejected": "longer"},
-            {"prompt": "p", "chosen": "same", "rejected": "size"}]
+            {"prompt": "p", "chosen": "same", "rejected": "size"},           # equal rewards: wrong
+            {"prompt": "p", "chosen": "tiny", "rejected": "longest", "label": 0},  # rejected won: right
+            {"prompt": "p", "chosen": "x", "rejected": "yy", "tie": True}]  # labelled tie: left out
     acc = run_eval.rm_accuracy(LengthRM(), recs, n_boot=10)
-    assert acc["mean"] == pytest.approx(1.5 / 3)
+    assert acc["mean"] == pytest.approx(2 / 4) and acc["n"] == 4  # preference_accuracy's tie rule
     from rlhfkit.errors import DataError
 
     with pytest.raises(DataError, match="line 1.*chosen"):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from rlhfkit.advantages import kl_estimate, zero_variance_share
+from rlhfkit.data.preference import kto_mismatched_index
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.policy import StepTotals, grpo_loss, ppo_policy_loss, rloo_loss
-from rlhfkit.losses.preference import kto_kl_estimate, kto_mismatched_index
+from rlhfkit.losses.preference import kto_kl_estimate
 
 D = torch.float64
 

@@ -210,3 +210,43 @@ def test_registries_and_reexports():
     assert set(R.PAIR_LOSSES) == {"bradley_terry", "soft_label", "davidson"}
     assert set(R.RANKING_LOSSES) == {"instructgpt", "plackett_luce"}
     assert L.PAIR_LOSSES is R.PAIR_LOSSES and L.RANKING_LOSSES is R.RANKING_LOSSES
+
+
+# ------------------------------------------------------------------ THE reward-model accuracy
+
+
+def test_preference_accuracy_hand_values_with_ties():
+    delta = torch.tensor([2.0, 0.0, -1.0, -3.0, 0.5, -0.5], dtype=torch.float64)
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5, 0.25], dtype=torch.float64)
+    # right: 2 > 0 (label 1); -3 < 0 (label 0); -0.5 < 0 (label 0.25: rejected preferred)
+    # wrong: the reward tie 0.0 and -1 (label 1); left out: the labelled tie 0.5
+    acc, n = R.preference_accuracy(delta, labels)
+    assert int(n) == 5 and float(acc) == pytest.approx(3 / 5, rel=1e-12)
+    correct, decisive = R.preference_verdicts(delta, labels)
+    assert correct.tolist() == [True, False, False, True, True, True]  # the tie's verdict is not counted
+    assert decisive.tolist() == [True, True, True, True, False, True]
+    acc, n = R.preference_accuracy(torch.zeros(4))  # a constant reward model gets nothing right
+    assert float(acc) == 0.0 and int(n) == 4
+    acc, n = R.preference_accuracy(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5]))
+    assert math.isnan(float(acc)) and int(n) == 0  # nothing decisive: no score, not 0 or 1
+
+
+def test_preference_accuracy_counts_every_head_and_every_ranking_pair():
+    # two heads: head 0 right on both pairs, head 1 only on the second
+    delta = torch.tensor([[1.0, -1.0], [2.0, 2.0]])
+    acc, n = R.preference_accuracy(delta, torch.tensor([1.0, 1.0]))
+    assert int(n) == 4 and float(acc) == pytest.approx(3 / 4)
+    acc, n = R.preference_accuracy(delta, torch.tensor([1.0, 0.5]))
+    assert int(n) == 2 and float(acc) == pytest.approx(1 / 2)
+    # a ranking of 3 (best first) with rewards 3, 1, 1: pairs (0,1) right, (0,2) right, (1,2) a reward tie
+    _, m = R.instructgpt_ranking_loss(torch.tensor([[3.0, 1.0, 1.0]]))
+    close(m["accuracy"], 2 / 3)
+    # padded rankings: only real responses form pairs (K = 2 right; K = 3 with one inversion)
+    rewards = torch.tensor([[1.0, 0.0, 9.0], [0.0, 1.0, -1.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    _, m = R.plackett_luce_loss(rewards, mask)
+    close(m["accuracy"], 3 / 4)  # pairs: (1>0) right; (0<1) wrong, (0>-1) right, (1>-1) right
+    # the pair losses report the same number
+    _, m = R.soft_label_loss(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0]),
+                             labels=torch.tensor([1.0, 1.0, 0.5]))
+    close(m["accuracy"], 1 / 2)

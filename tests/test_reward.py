@@ -3,6 +3,7 @@ normalisation, the scorer and `rlhfkit eval-rm`. Tiny models (2 layers, hidden 3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit.data import comparisons as RC
+from rlhfkit.data import preference as DP
+from rlhfkit.data.readers import Records
 from rlhfkit.errors import DataError
 from rlhfkit.losses.reward import bradley_terry_loss, instructgpt_ranking_loss
 from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
@@ -126,21 +128,18 @@ def test_pairs_and_rankings_share_one_forward(tok):
     module = MR.LastTokenReward(model)
     calls = []
     module.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-    from rlhfkit.data import encode_prompt
-
-    enc = lambda p, r: MR.encode_prompt_response(tok, p, r)[0]  # noqa: E731
-    n = lambda p: len(encode_prompt(tok, p)[0])  # noqa: E731
-    units = [{"kind": "pair", "rows": [enc("a", " good"), enc("a", " bad")], "prompt_length": n("a"), "label": 1.0,
-              "margin": None},
-             {"kind": "rank", "rows": [enc("b", " x"), enc("b", " y"), enc("b", " z")], "prompt_length": n("b")},
-             {"kind": "pair", "rows": [enc("c", " nice"), enc("c", " mean")], "prompt_length": n("c"), "label": 1.0,
-              "margin": None}]
-    batch = RC.collate_units(units, tok.pad_token_id)
+    comps = DP.read_comparisons([{"prompt": "a", "chosen": " good", "rejected": " bad"},
+                                 {"prompt": "b", "responses": [" kind", " good", " sad"], "ranking": [1, 0, 2]},
+                                 {"prompt": "c", "chosen": " nice", "rejected": " mean"}])
+    encoded, _ = DP.encode_comparisons(comps, tok, 256)
+    assert [c.ranked for c in encoded] == [False, True, False]
+    assert encoded[1].sequences[0] == MR.encode_prompt_response(tok, "b", " good")[0]  # best first
+    batch = DP.collate_comparisons(encoded, tok.pad_token_id)
     cfg = small_cfg(dataset="x")
     loss, _ = RR.batch_loss(module, batch, cfg)
     assert calls == [7]  # 2 pairs x 2 rows + 3 ranked responses, one forward
     with torch.no_grad():  # the same loss from rewards computed one sequence at a time
-        r = [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, 0] for u in units for s in u["rows"]]
+        r = [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, 0] for c in encoded for s in c.sequences]
     pair = bradley_terry_loss(torch.stack([r[0], r[5]]), torch.stack([r[1], r[6]]))[0]
     rank = instructgpt_ranking_loss(torch.stack(r[2:5]).unsqueeze(0))[0]
     assert loss.item() == pytest.approx((pair * 2 / 3 + rank / 3).item(), rel=1e-5)
@@ -150,31 +149,35 @@ def test_pairs_and_rankings_share_one_forward(tok):
 
 
 @pytest.mark.parametrize("record,field,reason", [
-    ({"prompt": "p", "chosen": " a"}, "rejected", "missing chosen/rejected"),
+    ({"prompt": "p", "chosen": " a"}, "rejected", "missing column"),
     ({"prompt": "p", "chosen": " a", "rejected": " a"}, "rejected", "chosen identical to rejected"),
-    ({"prompt": "p", "chosen": "  ", "rejected": " b"}, "chosen", "empty response"),
+    ({"prompt": "p", "chosen": "  ", "rejected": " b"}, "chosen", "empty text"),
     ({"prompt": "p", "responses": [" a", " b"], "ranking": [0, 0]}, "ranking", "duplicate ranking index"),
     ({"prompt": "p", "responses": [" a", " b"], "ranking": [0, 2]}, "ranking", "ranking index out of range"),
-    ({"prompt": "p", "chosen": " a", "rejected": " b", "label": 2}, "label", "bad label"),
+    ({"prompt": "p", "chosen": " a", "rejected": " b", "label": 2}, "label", "label must be a number in [0, 1]"),
 ])
-def test_bad_records_error_with_line_and_field_or_counted_skip(record, field, reason):
+def test_bad_records_error_with_line_and_field_or_counted_skip(tok, record, field, reason):
     good = {"prompt": "p", "chosen": " a", "rejected": " b"}
+    cfg = small_cfg(dataset="x")
     with pytest.raises(DataError) as err:
-        RC.parse_comparisons([good, record], source="prefs.jsonl")
+        RR.load_comparisons(cfg, Records([good, record], source="prefs.jsonl"), tok)
     assert err.value.line == 2 and err.value.field == field and "prefs.jsonl, line 2" in str(err.value)
-    comps = RC.parse_comparisons([good, record, good], source="prefs.jsonl", on_bad="skip")
-    assert len(comps) == 2 and comps.skipped == {reason: 1}
+    printed = []
+    comps, _, skipped = RR.load_comparisons(dataclasses.replace(cfg, on_bad_record="skip"),
+                                            Records([good, record, good], source="prefs.jsonl"), tok, printed.append)
+    assert len(comps) == 2 and skipped == {reason: 1}
+    assert "kept 2 of 3" in printed[0] and "prefs.jsonl, line 2" in printed[0]
 
 
 def test_ties_and_flipped_labels_under_each_loss(tok):
-    comps = RC.parse_comparisons([{"prompt": "p", "chosen": " a", "rejected": " b", "label": 0.5},
-                                  {"prompt": "p", "chosen": " c", "rejected": " d", "label": 0},
-                                  {"prompt": "p", "chosen": " e", "rejected": " f", "tie": True}])
-    units, counts = RC.tokenize_units(comps, tok, 64, "bradley_terry")
-    assert counts["ties_skipped"] == 2 and len(units) == 1
-    assert units[0]["label"] == 1.0 and units[0]["rows"][0] == MR.encode_prompt_response(tok, "p", " d")[0]
-    units, counts = RC.tokenize_units(comps, tok, 64, "davidson")
-    assert [u["label"] for u in units] == [0.5, 0.0, 0.5] and counts["ties_skipped"] == 0
+    records = Records([{"prompt": "p", "chosen": " a", "rejected": " b", "label": 0.5},
+                       {"prompt": "p", "chosen": " c", "rejected": " d", "label": 0},
+                       {"prompt": "p", "chosen": " warm", "rejected": " cold", "tie": True}], source="t.jsonl")
+    comps, counts, _ = RR.load_comparisons(small_cfg(dataset="x", max_length=64), records, tok)
+    assert counts["ties_skipped"] == 2 and len(comps) == 1
+    assert comps[0].label == 1.0 and comps[0].sequences[0] == MR.encode_prompt_response(tok, "p", " d")[0]
+    comps, counts, _ = RR.load_comparisons(small_cfg(dataset="x", max_length=64, loss="davidson"), records, tok)
+    assert [c.label for c in comps] == [0.5, 0.0, 0.5] and counts["ties_skipped"] == 0
 
 
 # ------------------------------------------------------------------ the recipe
@@ -189,17 +192,10 @@ def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, 
     cfg_json = json.loads((final / "config.json").read_text())
     assert cfg_json["rlhfkit_reward_mean"] == stats["mean"] and cfg_json["rlhfkit_reward_std"] == stats["std"]
     # scoring the reference responses again through text must give mean 0, std 1
-    comps = RC.load_comparisons(prefs, tokenizer=tok)
-    units, _ = RC.tokenize_units(comps, tok, 256, "bradley_terry")
-    train, _ = RR._split(units, 0.1, 0)
-    texts = {}
-    for p in comps.pairs:
-        for r in (p["chosen"], p["rejected"]):
-            texts[tuple(MR.encode_prompt_response(tok, p["prompt"], r)[0])] = (p["prompt"], r)
-    for k in comps.rankings:
-        for r in k["responses"]:
-            texts[tuple(MR.encode_prompt_response(tok, k["prompt"], r)[0])] = (k["prompt"], r)
-    ref = {tuple(row) for u in train for row in u["rows"]}
+    comps = DP.read_comparisons(DP.read_source(prefs), tok)
+    train, _, _, _ = RR.load_data(small_cfg(dataset=prefs), tok)
+    texts = {tuple(MR.encode_prompt_response(tok, c.prompt, r)[0]): (c.prompt, r) for c in comps for r in c.responses}
+    ref = {tuple(row) for c in train for row in c.sequences}
     assert stats["count"] == len(ref)
     prompts, responses = zip(*(texts[k] for k in ref))
     scorer = MR.RewardScorer(final)
@@ -332,10 +328,10 @@ def test_from_feedback_reads_the_export(monkeypatch, base, tmp_path):
 # ------------------------------------------------------------------ evaluation
 
 
-def test_ece_and_strict_accuracy_hand_values():
-    from rlhfkit.eval.rm_eval import expected_calibration_error, strict_accuracy
+def test_ece_and_accuracy_hand_values():
+    from rlhfkit.eval.rm_eval import accuracy, expected_calibration_error
 
-    acc, n = strict_accuracy(np.array([1.0, 0.0, -2.0, 3.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.0, 0.5]))
+    acc, n = accuracy(np.array([1.0, 0.0, -2.0, 3.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.0, 0.5]))
     assert (acc, n) == (0.5, 4)  # the reward tie (0.0) counts wrong; the labelled tie is left out
     # p = 0.8 four times with 3 of 4 preferred, both orientations: |0.8-0.75| in each half
     ece, table = expected_calibration_error(np.full(4, 0.8), np.array([1.0, 1.0, 1.0, 0.0]), bins=10)

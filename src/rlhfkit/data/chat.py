@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhfkit.data.schemas import preference_parts
 from rlhfkit.errors import DataError
 
 # Jinja form of the fallback, usable as `tokenizer.chat_template` when saving a model.
@@ -127,8 +128,6 @@ def to_text_pair(record: dict, tokenizer: Any = None) -> tuple[str, str, str]:
     The prompt text is rendered once, so it is identical for chosen and rejected; an
     implicit prompt (no prompt column) is split off first.
     """
-    from rlhfkit.data.schemas import preference_parts
-
     prompt, chosen, rejected = preference_parts(record)
     prompt_text, (chosen_text, rejected_text) = conversation_split(tokenizer, prompt, [chosen, rejected])
     return prompt_text, chosen_text, rejected_text

@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.chat import to_prompt_text
+from rlhfkit.data.readers import load_records
 from rlhfkit.errors import DataError
+from rlhfkit.tasks import kindly
 
 KINDLY_SPLITS = {"kindly:train": "train", "kindly:eval": "eval"}
 
@@ -24,15 +27,10 @@ def load_prompts(source: str, split: str = "train", tokenizer: Any = None, limit
     raises DataError naming the file, line and field; so does a source without prompts.
     """
     if source == "kindly" or source in KINDLY_SPLITS:
-        from rlhfkit.tasks import kindly
-
         prompts = list(kindly.prompts(KINDLY_SPLITS.get(source, split)))
     elif str(source).endswith(".txt"):
         prompts = [line for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        from rlhfkit.data.chat import to_prompt_text
-        from rlhfkit.data.readers import load_records
-
         prompts = []
         for i, record in enumerate(load_records(source, split=split), 1):
             if record.get("prompt") is None and isinstance(record.get("messages"), list):

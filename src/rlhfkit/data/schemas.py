@@ -6,7 +6,7 @@ Layouts (one record = one dict):
 - ``prompt_completion``  {"prompt": str | conv, "completion": str | conv}
 - ``messages``           {"messages": conv}   (the last message is the assistant turn to learn)
 - ``preference``         {"prompt"?: str | conv, "chosen": str | conv, "rejected": str | conv,
-                          "margin"?: float, "annotator_id"?: any}
+                          "label"?: float, "tie"?: bool, "margin"?: float, "annotator_id"?: any}
                          without "prompt", the shared beginning of chosen and rejected is the
                          prompt (TRL's implicit-prompt form)
 - ``ranking``            {"prompt": str | conv, "responses": [str | conv, ...], "ranking": [int, ...]}
@@ -18,6 +18,19 @@ Alpaca and ShareGPT records are converted to ``prompt_completion`` and ``message
 (:mod:`rlhfkit.data.readers`).
 
 where conv is a conversation: a list of {"role": "system"|"user"|"assistant"|"tool", "content": str}.
+
+Comparisons (the preference and ranking layouts; one file may mix them) follow one rule for
+every recipe that reads them (reward models, DPO and its relatives, `rlhfkit eval-rm`):
+
+- a pair's ``label`` is P(chosen preferred): 1 (the default) chosen won, 0 rejected won, 0.5 a
+  tie; ``tie: true`` is the same as ``label: 0.5``. Losses that take strict preferences
+  (Bradley-Terry, DPO) read a label below 0.5 as "rejected won" (the pair is swapped) and
+  skip and count ties; the tie-aware reward losses learn from every label.
+- a ranking may be **partial**: ``ranking`` lists at least 2 distinct indices, best first, and
+  responses it leaves out take part in no comparison (they are neither better nor worse than
+  the ranked ones). A ranking has no ties: a repeated index is an error; write tied responses
+  as a pair with ``tie: true``. The ranked responses must differ; a ranking gives its C(K, 2)
+  pairs (InstructGPT, Ouyang et al. 2022, sec. 3.5).
 
 Validators take the records (and optionally the source name for messages) and
 ``on_error="raise"`` (stop at the first bad record with a DataError naming file, line and
@@ -292,6 +305,22 @@ def _check_margin(record: dict, source: str | None, line: int) -> None:
         raise _fail("margin is not a finite number", source, line, "margin", f"got {margin!r}")
 
 
+def _check_label(record: dict, source: str | None, line: int) -> None:
+    tie = record.get("tie")
+    if tie is not None and not isinstance(tie, bool):
+        raise _fail("tie must be true or false", source, line, "tie", f"got {tie!r}")
+    label = record.get("label")
+    if label is None:
+        return
+    if isinstance(label, bool):
+        return
+    if not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:  # also refuses NaN
+        raise _fail("label must be a number in [0, 1]", source, line, "label",
+                    f"P(chosen preferred): 1 chosen won, 0 rejected won, 0.5 a tie; got {label!r}")
+    if tie and label != 0.5:
+        raise _fail("tie: true contradicts the label", source, line, "label", f"a tie has label 0.5, got {label!r}")
+
+
 def _check_prompt(record: dict, source: str | None, line: int) -> None:
     if record.get("prompt") is None:
         raise _fail("missing column", source, line, "prompt")
@@ -328,6 +357,7 @@ def _preference_check(record: dict, source: str | None, line: int) -> dict:
     else:
         split_implicit_prompt(chosen, rejected, source, line)
     _check_margin(record, source, line)
+    _check_label(record, source, line)
     return record
 
 
@@ -346,13 +376,17 @@ def _ranking_check(record: dict, source: str | None, line: int) -> dict:
         raise _fail("ranking index out of range", source, line, "ranking", f"{bad} not in 0..{k - 1}")
     dupes = sorted(i for i, n in Counter(ranking).items() if n > 1)
     if dupes:
-        raise _fail("duplicate ranking index", source, line, "ranking", f"{dupes} appear more than once")
-    if len(ranking) != k:
-        raise _fail("ranking is not a permutation of the responses", source, line, "ranking",
-                    f"{len(ranking)} indices for {k} responses; list every response index once, best first")
+        raise _fail("duplicate ranking index", source, line, "ranking",
+                    f"{dupes} appear more than once; a ranking has no ties (write tied responses as a pair "
+                    f"with tie: true)")
+    if len(ranking) < 2:
+        raise _fail("ranking must list at least 2 responses", source, line, "ranking",
+                    f"got {ranking!r}; best first (unlisted responses take part in no comparison)")
+    if len({isinstance(responses[i], str) for i in ranking}) > 1:  # one rendering rule for the whole ranking
+        raise _fail("ranked responses mix text and conversation", source, line, "responses")
     seen: dict[str, int] = {}
-    for idx, response in enumerate(responses):
-        key = repr(response)
+    for idx in ranking:  # unranked responses are compared with nothing, so only ranked ones must differ
+        key = repr(responses[idx])
         if key in seen:
             raise _fail("identical responses", source, line, f"responses[{idx}]",
                         f"same as responses[{seen[key]}]")
@@ -394,8 +428,30 @@ def validate_preferences(records: Sequence[dict], source: str | None = None, on_
 
 def validate_rankings(records: Sequence[dict], source: str | None = None, on_error: str = "raise",
                       log: Callable[[str], Any] | None = _stderr) -> Records:
-    """K-way rankings: K >= 2 distinct non-empty responses; ranking a permutation of 0..K-1, best first."""
+    """K-way rankings: valid responses; ranking >= 2 distinct indices, best first, naming distinct
+    responses (a partial ranking leaves the others out: module docstring)."""
     return _run("validate_rankings", records, source, on_error, _ranking_check, log)
+
+
+COMPARISON_FORMATS = ("preference", "ranking")
+
+
+def _comparison_check(record: dict, source: str | None, line: int) -> dict:
+    fmt = detect_format(record, source, line)
+    if fmt == "preference":
+        return _preference_check(record, source, line)
+    if fmt == "ranking":
+        return _ranking_check(record, source, line)
+    raise _fail("not a comparison record", source, line, None,
+                f"a '{fmt}' record (columns: {', '.join(sorted(record))}); preference data takes "
+                f"{LAYOUT_COLUMNS['preference']} | {LAYOUT_COLUMNS['ranking']}")
+
+
+def validate_comparisons(records: Sequence[dict], source: str | None = None, on_error: str = "raise",
+                         log: Callable[[str], Any] | None = _stderr) -> Records:
+    """Pairs and rankings, mixed in one file as the reward and DPO recipes both read them; each
+    record checked by :func:`validate_preferences`' or :func:`validate_rankings`' rules."""
+    return _run("validate_comparisons", records, source, on_error, _comparison_check, log)
 
 
 def validate_unpaired(records: Sequence[dict], source: str | None = None, on_error: str = "raise",
@@ -433,27 +489,3 @@ def validate_records(records: Sequence[dict], fmt: str | None = None, source: st
     if fmt not in VALIDATORS:
         raise ConfigError(f"unknown data format {fmt!r}; expected one of {list(VALIDATORS)}")
     return VALIDATORS[fmt](records, source=source, on_error=on_error, log=log)
-
-
-# ---------------------------------------------------------------- rankings -> pairs
-
-def rankings_to_pairs(records: Sequence[dict]) -> Records:
-    """Expand each K-way ranking into all C(K, 2) (chosen, rejected) pairs.
-
-    The ranking is best first, so for ranking positions i < j the response at position i is
-    chosen over the one at j (InstructGPT, Ouyang et al. 2022, sec. 3.5: all C(K,2)
-    comparisons of a ranking). Each pair keeps the prompt, `annotator_id` and `margin` if
-    present, and adds `group` (index of the source ranking) and `rank_gap` (j - i).
-    Validate with `validate_rankings` first: indices are trusted here.
-    """
-    pairs, lines = [], []
-    for g, record in enumerate(records):
-        order = record["ranking"]
-        responses = record["responses"]
-        extra = {k: record[k] for k in ("annotator_id", "margin") if record.get(k) is not None}
-        for i in range(len(order)):
-            for j in range(i + 1, len(order)):
-                pairs.append({"prompt": record["prompt"], "chosen": responses[order[i]],
-                              "rejected": responses[order[j]], "group": g, "rank_gap": j - i, **extra})
-                lines.append(line_of(records, g))
-    return Records(pairs, source=source_of(records), lines=lines)

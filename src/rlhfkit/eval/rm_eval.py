@@ -1,8 +1,9 @@
 """`rlhfkit eval-rm MODEL DATA`: how good is a reward model, measured honestly.
 
-* ``accuracy``: share of decisively labelled pairs whose preferred response gets the strictly
-  higher reward; equal rewards count as wrong (RewardBench's rule, Lambert et al. 2024).
-  Pairs labelled as ties are left out of it and counted. Rankings contribute all C(K, 2) pairs.
+* ``accuracy``: :func:`rlhfkit.losses.reward.preference_accuracy`, the share of decisively
+  labelled pairs whose preferred response gets the strictly higher reward; equal rewards count
+  as wrong (RewardBench's rule, Lambert et al. 2024). Pairs labelled as ties are left out of it
+  and counted. Rankings contribute all C(K, 2) pairs.
 * ``gold_accuracy`` (``--gold``): agreement with the bundled task's gold panel on pairs the
   panel separates clearly (|gold gap| >= ``--gold_gap``), the labels themselves ignored.
 * ``ece``: expected calibration error (Naeini et al. 2015) of p = sigmoid(r_a - r_b) against the
@@ -20,7 +21,6 @@ the scale on which the Bradley-Terry probabilities are defined.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from collections import defaultdict
@@ -29,40 +29,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.reward import sigmoid
+from rlhfkit.data.preference import Comparison, read_comparisons, read_source
+from rlhfkit.errors import DataError, RlhfkitError
+from rlhfkit.judges import GoldPanel
+from rlhfkit.losses.reward import preference_accuracy
+from rlhfkit.models.reward import RewardScorer, sigmoid
 from rlhfkit.train.runs import atomic_path, atomic_write_json
 
 
-def comparison_pairs(comps: Any) -> list[dict]:
-    """Pairs (prompt, a, b, label = P(a preferred), annotator) from parsed comparisons; rankings expand to C(K, 2)."""
-    pairs = [{"prompt": p["prompt"], "a": p["chosen"], "b": p["rejected"], "label": p["label"],
-              "annotator": p.get("annotator")} for p in comps.pairs]
-    for k in comps.rankings:
-        for i, j in itertools.combinations(range(len(k["responses"])), 2):
-            pairs.append({"prompt": k["prompt"], "a": k["responses"][i], "b": k["responses"][j], "label": 1.0,
-                          "annotator": None})
-    return pairs
+def comparison_pairs(comps: Sequence[Comparison]) -> list[Comparison]:
+    """Every comparison as pairs (responses = (a, b), label = P(a preferred)); rankings give C(K, 2)."""
+    return [p for c in comps for p in c.pairs()]
 
 
-def score_pairs(score_fn, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(score_fn, pairs: Sequence[Comparison]) -> tuple[np.ndarray, np.ndarray]:
     """Scores of each pair's two responses, scoring every distinct (prompt, response) once."""
-    keys = list(dict.fromkeys((p["prompt"], r) for p in pairs for r in (p["a"], p["b"])))
+    keys = list(dict.fromkeys((p.prompt, r) for p in pairs for r in p.responses))
     index = {k: i for i, k in enumerate(keys)}
     scores = np.asarray(score_fn([k[0] for k in keys], [k[1] for k in keys]), dtype=np.float64)
-    ra = np.array([scores[index[(p["prompt"], p["a"])]] for p in pairs])
-    rb = np.array([scores[index[(p["prompt"], p["b"])]] for p in pairs])
+    ra = np.array([scores[index[(p.prompt, p.responses[0])]] for p in pairs])
+    rb = np.array([scores[index[(p.prompt, p.responses[1])]] for p in pairs])
     return ra, rb
 
 
-def strict_accuracy(delta: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """RewardBench accuracy over decisive labels: correct only if the preferred side scores strictly higher."""
-    decisive = labels != 0.5
-    if not decisive.any():
-        return float("nan"), 0
-    signed = np.where(labels[decisive] > 0.5, delta[decisive], -delta[decisive])
-    return float((signed > 0).mean()), int(decisive.sum())
+def accuracy(delta: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """:func:`rlhfkit.losses.reward.preference_accuracy` on arrays: (accuracy, decisive pairs)."""
+    acc, n = preference_accuracy(torch.as_tensor(delta, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64))
+    return float(acc), int(n)
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
@@ -116,19 +111,19 @@ def annotator_agreement(delta: np.ndarray, labels: np.ndarray, annotators: Seque
             groups[str(a)].append(i)
     out = {}
     for a, idx in sorted(groups.items()):
-        acc, n = strict_accuracy(delta[idx], labels[idx])
+        acc, n = accuracy(delta[idx], labels[idx])
         out[a] = {"n": n, "agreement": acc}
     return out
 
 
-def evaluate_pairs(score_fn, pairs: list[dict], gold: Any = None, gold_gap: float = 0.1, bins: int = 10,
+def evaluate_pairs(score_fn, pairs: Sequence[Comparison], gold: Any = None, gold_gap: float = 0.1, bins: int = 10,
                    plot: str | Path | None = None) -> dict[str, Any]:
     """All metrics of the module docstring for `pairs`, scored by `score_fn(prompts, responses)`."""
     if not pairs:
         raise RlhfkitError("no comparisons to evaluate")
     ra, rb = score_pairs(score_fn, pairs)
-    delta, labels = ra - rb, np.array([p["label"] for p in pairs], dtype=np.float64)
-    acc, n_dec = strict_accuracy(delta, labels)
+    delta, labels = ra - rb, np.array([p.label for p in pairs], dtype=np.float64)
+    acc, n_dec = accuracy(delta, labels)
     ece, table = expected_calibration_error(sigmoid(delta), labels, bins)
     out: dict[str, Any] = {"accuracy": acc, "num_pairs": len(pairs), "num_decisive": n_dec,
                            "num_labelled_ties": int((labels == 0.5).sum()), "num_reward_ties": int((delta == 0).sum()),
@@ -140,12 +135,12 @@ def evaluate_pairs(score_fn, pairs: list[dict], gold: Any = None, gold_gap: floa
         gold_labels = (gdelta[clear] > 0).astype(np.float64)
         out["gold_gap"] = gold_gap
         out["num_gold_clear"] = int(clear.sum())
-        out["gold_accuracy"] = strict_accuracy(delta[clear], gold_labels)[0] if clear.any() else float("nan")
+        out["gold_accuracy"] = accuracy(delta[clear], gold_labels)[0] if clear.any() else float("nan")
         decisive_clear = clear & (labels != 0.5)
         if decisive_clear.any():
             # how often the labels themselves agree with the panel: the ceiling a label-fitting RM is chasing
             out["label_gold_agreement"] = float(((labels[decisive_clear] > 0.5) == (gdelta[decisive_clear] > 0)).mean())
-    annotators = [p.get("annotator") for p in pairs]
+    annotators = [p.annotator for p in pairs]
     if any(a is not None for a in annotators):
         out["annotators"] = annotator_agreement(delta, labels, annotators)
     if plot:
@@ -178,22 +173,17 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from rlhfkit.data.comparisons import load_comparisons, report_skips
-    from rlhfkit.models.reward import RewardScorer
-
     scorer = RewardScorer(args.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length,
                           normalize=False)
-    comps = load_comparisons(args.data, "train", args.on_bad_record, scorer.tokenizers[0])
-    report_skips(comps, "evaluation", lambda m: print(m, file=sys.stderr))
-    gold = None
-    if args.gold:
-        from rlhfkit.judges import GoldPanel
-
-        gold = GoldPanel()
+    comps = read_comparisons(read_source(args.data, "train"), scorer.tokenizers[0], on_bad=args.on_bad_record,
+                             log=lambda m: print(m, file=sys.stderr))
+    if not comps:
+        raise DataError("no usable preference or ranking records", source=str(args.data))
+    gold = GoldPanel() if args.gold else None
     plot = args.plot or (str(Path(args.output).with_suffix("")) + "_reliability.png" if args.output else None)
     result = evaluate_pairs(lambda p, r: scorer.score_with_uncertainty(p, r)[0], comparison_pairs(comps), gold,
                             args.gold_gap, args.bins, plot)
-    result.update(model=str(args.model), data=str(args.data), skipped=dict(comps.skipped),
+    result.update(model=str(args.model), data=str(args.data), skipped=dict(comps.report.reasons),
                   truncated_rows=scorer.truncated)
     if scorer.truncated:
         print(f"eval-rm: {scorer.truncated} prompt+response texts were longer than {args.max_length} tokens and truncated",

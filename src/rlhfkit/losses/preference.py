@@ -24,7 +24,7 @@ branches on the variant.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -208,7 +208,7 @@ def kto_kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
 
     Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4.1:
     z_0 is estimated from *mismatched* pairs (x_i, y_j) whose completion y_j was written for a
-    different prompt (see :func:`kto_mismatched_index`), as the mean of
+    different prompt (see :func:`rlhfkit.data.preference.kto_mismatched_index`), as the mean of
     log pi(y_j|x_i) - log pi_ref(y_j|x_i), clamped at zero because a KL is non-negative, and
     detached so that it does not itself get optimised. Under several processes pass
     `all_reduce_sum` (e.g. ``lambda t: accelerator.reduce(t, "sum")``): the mean is taken over
@@ -220,24 +220,6 @@ def kto_kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
     if all_reduce_sum is not None:
         stats = all_reduce_sum(stats)
     return (stats[0] / stats[1].clamp(min=1)).clamp(min=0)
-
-
-def kto_mismatched_index(prompt_keys: Sequence[Any]) -> list[int]:
-    """For each row i, the row j whose completion pairs with prompt i in KTO's KL estimate.
-
-    j is the first row after i (cyclically) with a different prompt, so rows that share a
-    prompt (several completions of one prompt, rankings expanded to pairs) never give a
-    "mismatched" pair that is in fact matched. Raises ValueError when every row has the
-    same prompt (no mismatched pair exists).
-    """
-    n = len(prompt_keys)
-    out = []
-    for i in range(n):
-        j = next(((i + k) % n for k in range(1, n) if prompt_keys[(i + k) % n] != prompt_keys[i]), None)
-        if j is None:
-            raise ValueError("KTO's KL estimate needs completions of at least two different prompts in a batch")
-        out.append(j)
-    return out
 
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,

@@ -10,6 +10,9 @@ Two registries choose the variant by name (``Config.loss`` / ``Config.ranking_lo
 * :data:`PAIR_LOSSES` -- ``f(chosen, rejected, *, margin=None, labels=None, weights=None)``
 * :data:`RANKING_LOSSES` -- ``f(rewards, mask=None, *, weights=None)`` where ``rewards`` is
   ``(B, K)`` (or ``(B, K, H)``) with column 0 the best response, column K-1 the worst.
+
+Their ``accuracy`` metric, `rlhfkit eval-rm`, the evaluator's ``rm_accuracy`` and the reward
+recipe's held-out accuracy are all :func:`preference_accuracy`, with one tie rule.
 """
 
 from __future__ import annotations
@@ -30,18 +33,38 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return (w * values).sum() / w.sum().clamp(min=torch.finfo(values.dtype).tiny)
 
 
+def preference_verdicts(delta: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per comparison: (correct, decisive) boolean tensors shaped like `delta`, by the tie rule of
+    :func:`preference_accuracy`."""
+    delta = delta.detach()
+    if labels is None:
+        return delta > 0, torch.ones_like(delta, dtype=torch.bool)
+    y = torch.broadcast_to(_expand(labels.to(delta.dtype), delta), delta.shape)
+    signed = torch.where(y < 0.5, -delta, delta)  # labelled 0: `rejected` won, so right means delta < 0
+    return signed > 0, y != 0.5
+
+
+def preference_accuracy(delta: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE reward-model accuracy: the share of decisive comparisons whose preferred response gets
+    the strictly higher reward. Returns (accuracy, number of decisive verdicts).
+
+    `delta` = r(chosen) - r(rejected), shaped (B,) or (B, H) for H reward heads (every head's
+    verdict then counts once); `labels` (B,) = P(chosen preferred), None meaning all 1.
+    Tie rule (RewardBench's, Lambert et al. 2024, sec. 3): a comparison labelled 0.5 has no
+    preferred side and is left out; a reward tie (delta == 0) counts as wrong, so a constant
+    reward model scores 0, not 0.5. A label below 0.5 means the rejected side was preferred.
+    With no decisive comparison the accuracy is NaN (not a score of 0 or 1).
+    """
+    correct, decisive = preference_verdicts(delta, labels)
+    n = decisive.sum()
+    dtype = delta.dtype if delta.is_floating_point() else torch.float32
+    hits = (correct & decisive).sum().to(dtype)
+    return torch.where(n > 0, hits / n.clamp(min=1), torch.full_like(hits, float("nan"))), n
+
+
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor | None = None) -> Metrics:
-    delta = (chosen - rejected).detach()
-    decisive = torch.ones_like(delta, dtype=torch.bool)
-    if labels is not None:
-        labels = torch.broadcast_to(_expand(labels.to(delta.dtype), delta), delta.shape)
-        decisive = labels != 0.5
-        # a pair labelled 0 means `rejected` won: flip it so "correct" is always delta > 0
-        delta = torch.where(labels < 0.5, -delta, delta)
-    correct = (delta > 0).to(chosen.dtype)
-    n = decisive.sum().clamp(min=1)
     return {
-        "accuracy": (correct * decisive).sum() / n,
+        "accuracy": preference_accuracy(chosen - rejected, labels)[0],
         "reward_chosen": chosen.detach().mean(),
         "reward_rejected": rejected.detach().mean(),
         "reward_margin": (chosen - rejected).detach().mean(),
@@ -162,10 +185,9 @@ def _ranking_mask(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 
 
 def _ranking_accuracy(rewards: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`preference_accuracy` over the C(K, 2) pairs of each ranking (position i preferred to j > i)."""
     diff = rewards.detach().unsqueeze(2) - rewards.detach().unsqueeze(1)  # (B, K, K[, H])
-    pm = _expand(pair_mask, diff).to(diff.dtype)
-    pm = torch.broadcast_to(pm, diff.shape)
-    return ((diff > 0).to(diff.dtype) * pm).sum() / pm.sum().clamp(min=1)
+    return preference_accuracy(diff[pair_mask])[0]
 
 
 def instructgpt_ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -237,6 +259,8 @@ __all__ = [
     "davidson_tie_loss",
     "instructgpt_ranking_loss",
     "plackett_luce_loss",
+    "preference_accuracy",
+    "preference_verdicts",
     "reward_centering_penalty",
     "soft_label_loss",
 ]
