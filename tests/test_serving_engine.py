@@ -11,11 +11,19 @@ import threading
 
 import pytest
 import torch
-from rl_helpers import tiny_policy, tiny_tokenizer
 
+from rl_helpers import tiny_policy, tiny_tokenizer
 from rlhfkit.data.collate import encode_prompt
 from rlhfkit.rollout.generate import generate, sample_next_token
-from rlhfkit.serving.engine import Engine, Job, Sampling, choice_generator, find_stop, safe_end, sample_rows
+from rlhfkit.serving.engine import (
+    Engine,
+    Job,
+    Sampling,
+    choice_generator,
+    find_stop,
+    safe_end,
+    sample_rows,
+)
 
 PROMPTS = ["the cat sat", "a kind word makes the day", "she", "bad news travels fast but"]
 
