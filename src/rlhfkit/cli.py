@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loop": ("rlhfkit.recipes.loop", "Iterative RLHF: R rounds of sample, label, reward model, policy update"),
     "models": ("rlhfkit.registry", "Model registry: list, show, promote, rollback"),
     "serve": ("rlhfkit.feedback.cli", "Human-feedback collection service (web app + API)"),
+    "serve-policy": ("rlhfkit.serving.server", "OpenAI-compatible policy server (batched; registry models, folders, the bundled base)"),
     "ab": ("rlhfkit.serving.ab_cli", "A/B experiments on live traffic: report, promote, rollback, export feedback"),
 }
 
