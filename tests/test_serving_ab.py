@@ -241,3 +241,24 @@ def test_pairwise_picks_give_bradley_terry_win_rates(setup):
     db.dispose()
     assert r["arms"]["ppo"]["win_rate"]["mean"] == pytest.approx(0.75, rel=1e-6)
     assert r["arms"]["ppo"]["pairwise"] == 4 and r["arms"]["sft"]["win_rate"]["mean"] == 0.5
+
+
+def test_export_traffic_flagged_and_purge_commands(setup, capsys):
+    from rlhfkit.feedback import cli as feedback_cli
+
+    fill(setup["db"], 40, {"sft": 0.5, "ppo": 0.5}, {"sft": 0.0, "ppo": 1.0})
+    tmp = setup["tmp"]
+    assert cli(["export", setup["path"], "--db", setup["db"], "--kind", "kto", "--output", str(tmp / "kto.jsonl")]) == 0
+    kto = [json.loads(line) for line in (tmp / "kto.jsonl").read_text().splitlines()]
+    assert len(kto) == 80 and {k["arm"] for k in kto} == {"sft", "ppo"} and all(isinstance(k["label"], bool) for k in kto)
+    assert cli(["traffic", setup["path"], "--db", setup["db"], "--output", str(tmp / "traffic.jsonl")]) == 0
+    assert len((tmp / "traffic.jsonl").read_text().splitlines()) == 80
+    assert cli(["flagged", setup["path"], "--db", setup["db"], "--output", str(tmp / "flagged.jsonl")]) == 0
+    flagged = [json.loads(line) for line in (tmp / "flagged.jsonl").read_text().splitlines()]
+    assert len(flagged) == 40 and {f["meta"]["arm"] for f in flagged} == {"ppo"} and flagged[0]["prompt"] == "user: hi"
+    # the flagged responses go to the feedback app for review as they are
+    assert feedback_cli.cli(["import", "--db", setup["db"], "--task", "safety-review", "--type", "thumbs",
+                             str(tmp / "flagged.jsonl")]) == 0
+    assert "imported 40 items" in capsys.readouterr().out
+    assert cli(["purge", "--db", setup["db"], "--older_than_days", "1"]) == 0
+    assert "deleted 80 served responses" in capsys.readouterr().out

@@ -5,12 +5,15 @@
     rlhfkit ab rollback EXPERIMENT.yaml [--db URL] [--reason TEXT]
     rlhfkit ab export EXPERIMENT.yaml --kind preferences|kto|sft|ratings|comments --output FILE.jsonl
     rlhfkit ab traffic EXPERIMENT.yaml --output FILE.jsonl       (the request log, redacted)
+    rlhfkit ab flagged EXPERIMENT.yaml --output FILE.jsonl [--arm ARM]   (for review)
     rlhfkit ab purge --older_than_days N [--db URL]
 
 `promote` moves the registry's promoted model (the experiment's `registry` folder) to the arm
 the analysis promotes, and only then; `rollback` returns it to the model promoted before. Both
 record an audit event (action ab_promote / ab_rollback) in the feedback database and the
 registry's own history. Exports redact e-mail addresses and phone numbers unless --no_redact.
+`flagged` writes the responses the safety monitor flagged as items for the feedback app
+(``rlhfkit serve import --db URL --task safety-review --type thumbs FILE.jsonl``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from rlhfkit.feedback.db import DEFAULT_URL, Database, upgrade
 from rlhfkit.feedback.models import AuditEvent
 from rlhfkit.models.registry import Registry, RegistryError
 from rlhfkit.train.runs import atomic_write_text
-from rlhfkit.serving import ab, ab_report, traffic, use_feedback
+from rlhfkit.serving import ab, ab_report, monitor, traffic, use_feedback
 from rlhfkit.serving.experiments import Experiment, load_experiment
 
 
@@ -60,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="US", help="region for phone numbers written without a country code")
     p = add("traffic", "the experiment's request log as JSONL")
     p.add_argument("--output", required=True)
+    p.add_argument("--no_redact", action="store_true", help="keep e-mail addresses and phone numbers")
+    p.add_argument("--region", default="US", help="region for phone numbers written without a country code")
+    p = add("flagged", "responses the safety monitor flagged, as feedback-app items for review")
+    p.add_argument("--output", required=True)
+    p.add_argument("--arm", default=None)
+    p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--no_redact", action="store_true", help="keep e-mail addresses and phone numbers")
     p.add_argument("--region", default="US", help="region for phone numbers written without a country code")
     p = add("purge", "delete served traffic (and its feedback) older than a number of days", experiment=False)
@@ -155,6 +164,24 @@ def _traffic(exp: Experiment, db: Database, args) -> int:
     return 0
 
 
+def _flagged(exp: Experiment, db: Database, args) -> int:
+    rows = monitor.flagged_responses(db, exp.name, args.arm, args.limit)
+    clean = (lambda v: v) if args.no_redact else (lambda v: traffic.redact_value(v, args.region))  # noqa: E731
+    items = [{"id": r["response_id"], "prompt": clean(_prompt_text(r["request"])), "responses": clean(r["response"]),
+              "meta": {"arm": r["arm"], "model_version": r["model_version"], "safety_score": r["safety_score"],
+                       "safety_judge": r["safety_judge"], "experiment": exp.name}} for r in rows if r["response"]]
+    n = _write_jsonl(items, args.output)
+    print(f"wrote {n} flagged responses to {Path(args.output)}")
+    return 0
+
+
+def _prompt_text(request) -> str:
+    """A chat request's messages as text for a reviewer ('role: content' lines)."""
+    if isinstance(request, list):
+        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in request if isinstance(m, dict))
+    return str(request)
+
+
 def _purge(exp: Experiment | None, db: Database, args) -> int:
     n = traffic.purge(db, args.older_than_days)
     print(f"deleted {n} served responses older than {args.older_than_days} days")
@@ -162,4 +189,4 @@ def _purge(exp: Experiment | None, db: Database, args) -> int:
 
 
 ACTIONS = {"report": _report, "promote": _promote, "rollback": _rollback, "export": _export, "traffic": _traffic,
-           "purge": _purge}
+           "flagged": _flagged, "purge": _purge}
