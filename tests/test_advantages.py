@@ -13,7 +13,6 @@ from rlhfkit.advantages import (
     kl_estimate,
     leave_one_out_advantages,
     make_kl_controller,
-    masked_whiten,
     process_scores,
     shape_rewards,
 )
@@ -65,14 +64,6 @@ def test_gae_lambda1_gamma1_is_reward_to_go_minus_value():
     a, ret = gae(r, v, torch.ones(1, 3), 1.0, 1.0)
     torch.testing.assert_close(ret, torch.tensor([[6.0, 5.0, 3.0]], dtype=D))
     torch.testing.assert_close(a, ret - v)
-
-
-def test_masked_whiten():
-    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]], dtype=D)
-    m = torch.tensor([[1, 1, 1, 0]])
-    w = masked_whiten(x, m)
-    # mean 2, unbiased var 1 -> (-1, 0, 1), padding 0
-    torch.testing.assert_close(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]], dtype=D), rtol=1e-6, atol=1e-7)
 
 
 def test_kl_estimators_hand_worked_and_unbiasedness():

@@ -1,18 +1,20 @@
-"""Log-prob helpers and masked reductions against hand-worked values and naive loops (float64)."""
+"""Log-prob helpers, position ids and the response forward against hand-worked values and naive loops."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhfkit.logprobs import (
     entropy_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
+    position_ids_from_mask,
+    response_logprobs,
     sequence_logprobs,
     shifted_logprobs,
+    split_head,
     token_logprobs,
 )
 
@@ -69,23 +71,103 @@ def test_entropy_uniform_and_peaked():
     torch.testing.assert_close(entropy_from_logits(p.log().unsqueeze(0))[0], expected, **TOL)
 
 
-def test_masked_reductions_hand_worked():
-    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 100.0]], dtype=torch.float64)
-    m = torch.tensor([[1, 1, 0], [1, 1, 0]])
-    assert masked_mean(x, m).item() == 2.5
-    # unbiased variance of [1,2,3,4] = 5/3
-    assert abs(masked_var(x, m).item() - 5 / 3) < 1e-12
-    assert abs(masked_var(x, m, unbiased=False).item() - 1.25) < 1e-12
-    torch.testing.assert_close(masked_mean(x, m, dim=1), torch.tensor([1.5, 3.5], dtype=torch.float64), **TOL)
-    w = masked_whiten(x, m)
-    assert w[0, 2] == 0 and w[1, 2] == 0
-    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
-    expected = (vals - 2.5) / math.sqrt(5 / 3 + 1e-8)
-    torch.testing.assert_close(w[m.bool()], expected, **TOL)
+def test_position_ids_count_real_tokens_only():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]])
+    want = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 0, 1, 2, 2]])
+    assert torch.equal(position_ids_from_mask(mask), want)
+    assert torch.equal(position_ids_from_mask(mask.bool()), want)  # any mask dtype
 
 
-def test_masked_mean_of_empty_mask_is_zero_not_nan():
-    x = torch.ones(2, 3)
-    m = torch.zeros(2, 3)
-    assert masked_mean(x, m).item() == 0.0
-    assert masked_var(x, m).item() == 0.0
+# ---------------------------------------------------------------------------------------------
+# the response forward: a left-padded prompt + right-padded response batch against each row
+# run alone and unpadded, in float64
+
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":  # learned absolute positions: wrong position ids would show at once
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                                bos_token_id=1, eos_token_id=2))
+    else:  # rotary positions, grouped-query attention
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    return model.double().eval()
+
+
+PROMPTS = [[5, 6, 7], [8, 9], [10]]
+RESPONSES = [[11, 12], [13, 14, 15], [16]]
+
+
+def _batch():
+    """Prompts left-padded to 3 columns, responses right-padded to 3 (pad id 0)."""
+    rows, masks, rmask = [], [], []
+    for p, r in zip(PROMPTS, RESPONSES):
+        rows.append([0] * (3 - len(p)) + p + r + [0] * (3 - len(r)))
+        masks.append([0] * (3 - len(p)) + [1] * (len(p) + len(r)) + [0] * (3 - len(r)))
+        rmask.append([1] * len(r) + [0] * (3 - len(r)))
+    return torch.tensor(rows), torch.tensor(masks), torch.tensor(rmask)
+
+
+def _naive(model, temperature: float):
+    """log p and entropy of each response token from the row alone, unpadded, by log_softmax."""
+    lps, ents = [], []
+    with torch.no_grad():
+        for p, r in zip(PROMPTS, RESPONSES):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / temperature
+            logp = torch.log_softmax(logits, -1)
+            lps.append([float(logp[j, t]) for j, t in enumerate(r)])
+            ents.append([float(-(logp[j].exp() * logp[j]).sum()) for j in range(len(r))])
+    return lps, ents
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("fast_head", [False, True])
+def test_response_logprobs_match_each_row_alone(kind, fast_head):
+    model = _tiny(kind)
+    assert split_head(model) is not None  # so fast_head=True really takes the split path
+    ids, attn, rmask = _batch()
+    want_lp, want_ent = _naive(model, 0.7)
+    with torch.no_grad():
+        lp, ent = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3,
+                                    temperature=0.7, fast_head=fast_head, with_entropy=True)
+    assert lp.shape == ent.shape == (3, 3)
+    for i, r in enumerate(RESPONSES):
+        torch.testing.assert_close(lp[i, :len(r)], torch.tensor(want_lp[i], dtype=torch.float64), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ent[i, :len(r)], torch.tensor(want_ent[i], dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert torch.all(lp[rmask == 0] == 0)
+
+
+def test_response_mask_selects_tokens_and_defaults_to_the_attention_columns():
+    model = _tiny("llama")
+    ids, attn, rmask = _batch()
+    with torch.no_grad():
+        default, none = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3)
+        given, _ = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3, response_mask=rmask)
+        first_only = torch.zeros_like(rmask)
+        first_only[:, 0] = 1
+        first, _ = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3,
+                                     response_mask=first_only)
+    assert none is None  # no entropy unless asked
+    assert torch.equal(default, given)
+    assert torch.equal(first[:, 0], given[:, 0]) and torch.all(first[:, 1:] == 0)
+
+
+def test_entropy_carries_gradients_only_when_asked():
+    model = _tiny("gpt2")
+    ids, attn, _ = _batch()
+    for fast_head in (False, True):
+        lp, ent = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3,
+                                    fast_head=fast_head, with_entropy=True)
+        assert lp.requires_grad and not ent.requires_grad
+        _, ent = response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=3,
+                                   fast_head=fast_head, with_entropy=True, entropy_grad=True)
+        assert ent.requires_grad
+
+
+def test_response_logprobs_takes_keywords_and_needs_a_prompt_column():
+    model = _tiny("llama")
+    ids, attn, _ = _batch()
+    with pytest.raises(TypeError):
+        response_logprobs(model, ids, attn, 3)  # everything after the model is a keyword
+    with pytest.raises(ValueError, match="at least one prompt column"):
+        response_logprobs(model, input_ids=ids, attention_mask=attn, response_width=ids.shape[1])

@@ -4,7 +4,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_helpers import tiny_policy, tiny_tokenizer
 from rlhfkit.errors import ConfigError
+from rlhfkit.logprobs import response_logprobs
 from rlhfkit.rollout import encode_prompts, generate, top_p_filter
+from rlhfkit.rollout.forward import batched
 
 PROMPTS = ["the cat sat on the", "she smiled", "a kind word makes the day"]
 
@@ -84,6 +86,28 @@ def test_eos_stops_and_masks(tok, sharp_model):
         assert bool(r.ended_with_eos[i]) == (r.response_ids[i, n - 1].item() == first)
         if not r.ended_with_eos[i]:
             assert n == 8
+
+
+def test_rollout_scored_in_chunks_matches_each_row_alone(tok, sharp_model):
+    """The recipes' old log-probs: a rollout's (left-padded prompt, right-padded response) rows
+    through response_logprobs in chunks, no gradients, equal each row scored unpadded."""
+    first = naive_greedy(sharp_model, encode_prompts(tok, PROMPTS[:1])[0][0], 1, -1)[0]
+    roll = generate(sharp_model, tok, PROMPTS, 6, temperature=0.0, stop_token_ids=[first])
+    assert len(set(roll.response_lengths.tolist())) > 1 and len(set(roll.query_mask.sum(-1).tolist())) > 1
+    ids, mask = roll.sequences()
+    width = roll.response_ids.shape[1]
+    with torch.enable_grad():
+        lp = batched(lambda i, m: response_logprobs(sharp_model, input_ids=i, attention_mask=m,
+                                                    response_width=width)[0], ids, mask, 2)
+    assert lp.shape == roll.response_mask.shape and not lp.requires_grad
+    with torch.no_grad():
+        for row in range(len(roll)):
+            q = roll.query_ids[row][roll.query_mask[row].bool()].tolist()
+            r = roll.response_ids[row][roll.response_mask[row].bool()].tolist()
+            logp = torch.log_softmax(sharp_model(torch.tensor([q + r])).logits[0, len(q) - 1:-1].double(), -1)
+            want = torch.tensor([float(logp[j, t]) for j, t in enumerate(r)], dtype=torch.float64)
+            torch.testing.assert_close(lp[row, :len(r)].double(), want, rtol=1e-5, atol=1e-5)
+            assert torch.all(lp[row, len(r):] == 0)
 
 
 def test_seeded_sampling_reproducible_and_grouped(tok):

@@ -22,12 +22,12 @@ from collections.abc import Callable
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.logprobs import masked_var, masked_whiten
+from rlhfkit.masked import masked_var
 
 __all__ = [
     "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "RunningMoments", "explained_variance",
     "ADVANTAGE_ESTIMATORS", "gae", "group_advantages", "zero_variance_share", "kl_estimate", "leave_one_out_advantages", "make_kl_controller",
-    "masked_whiten", "shape_rewards", "process_scores", "last_token_index",
+    "shape_rewards", "process_scores", "last_token_index",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last token (the episode ends
     there), A_t = delta_t + gamma lambda A_{t+1}. Returns (advantages, returns = A + V),
-    zero on padding. Not whitened: see :func:`masked_whiten`.
+    zero on padding. Not whitened: see :func:`rlhfkit.masked.masked_whiten`.
     """
     m = mask.to(values.dtype)
     values, rewards = values * m, rewards * m

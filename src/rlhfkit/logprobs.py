@@ -1,11 +1,15 @@
-"""Token log-probabilities from logits, and masked reductions.
+"""Token log-probabilities from logits, position ids, and THE response log-prob forward.
 
 Conventions: `logits[:, t]` predicts token `t + 1`; helpers that take `input_ids` shift
-for you. Masks are 1 for tokens that count and 0 elsewhere (any dtype). Reductions over
-an all-zero mask return 0 rather than NaN.
+for you. Masks are 1 for tokens that count and 0 elsewhere (any dtype). The response width
+R (the last R columns of a prompt + response row) is called `response_width` everywhere.
+
+Imports nothing from rlhfkit, so every layer (losses, models, rollout, recipes, eval) can use it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,41 +47,6 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over positions where mask is 1 (0 where the mask is empty)."""
-    mask = mask.to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
-    return total / count.clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked entries (Bessel-corrected by default, as in the PPO literature)."""
-    mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
-    if unbiased:
-        if n.item() < 2:
-            return torch.zeros((), dtype=x.dtype, device=x.device)
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out positions are left at 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
-
-
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False,
                       temperature: float = 1.0) -> torch.Tensor:
     """Sum (or mean) of next-token log-probs per sequence over positions whose label != -100.
@@ -86,8 +55,9 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool 
     label t+1. Returns shape (B,).
     """
     lp = token_logprobs(logits[:, :-1], labels[:, 1:], temperature)
-    mask = labels[:, 1:] != IGNORE_INDEX
-    return masked_mean(lp, mask, dim=-1) if average else masked_sum(lp, mask, dim=-1)
+    mask = (labels[:, 1:] != IGNORE_INDEX).to(lp.dtype)
+    total = (lp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,17 +92,17 @@ def fast_head_allowed(mixed_precision: str = "no") -> bool:
     """Whether `response_logprobs(fast_head=True)` may be used: not under DDP (gradient hooks live in
     the wrapper's forward) nor mixed precision (accelerate's autocast lives in the wrapped forward).
     Policy and reference then take the same path, so their log-probs agree to the last bit at step 0."""
-    import os
-
     return mixed_precision == "no" and int(os.environ.get("WORLD_SIZE", "1")) == 1
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only (left padding does not shift them), as generation does."""
+    """Positions counting real tokens only, so left padding does not shift them: a left-padded
+    row is scored (and generated, and valued) at the positions it would have unpadded. The one
+    position-id rule of rlhfkit; left padding gets position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_width: int,
+def response_logprobs(model, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_width: int,
                       response_mask: torch.Tensor | None = None, temperature: float = 1.0,
                       fast_head: bool = False, with_entropy: bool = False,
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,6 +117,10 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions predicting response tokens go through the LM head; with `fast_head` (a model
     :func:`split_head` accepts) only the real ones, padding skipped (the entropy, if asked, is
     then 0 at padding). The entropy carries gradients only with `entropy_grad` (an entropy bonus).
+
+    Every caller (rollout old log-probs, reference, training, DPO, eval) goes through here with
+    the same `temperature` and `fast_head`, so at the first PPO step the importance ratio is 1
+    to the last bit. Arguments after `model` are keywords: a (width, mask) swap cannot pass silently.
     """
     R = int(response_width)
     P = input_ids.shape[1] - R
@@ -184,37 +158,3 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             ent = entropy_from_logits(logits)
     return lp, ent
-
-
-@torch.no_grad()
-def preference_reference_logps(ref_model, data, batch_size: int, pad_id: int, device, kl: bool,
-                               progress: bool = False, fast_head: bool = True) -> torch.Tensor:
-    """Summed reference log-probs of a :class:`rlhfkit.data.preference.PreferenceData`, (n, 2) float64:
-    pairs -> [chosen, rejected]; unpaired -> [completion, mismatched KL completion (with `kl`)].
-
-    `ref_model` runs in eval mode, under `reference_context` (adapters disabled on a LoRA policy).
-    """
-    from tqdm.auto import tqdm
-
-    from rlhfkit.data.preference import collate_responses, example_rows
-    from rlhfkit.models.lora import reference_context
-
-    out = torch.zeros(len(data.rows), 2, dtype=torch.float64)
-    with reference_context(ref_model) as ref:
-        was_training = ref.training
-        ref.eval()
-        for start in tqdm(range(0, len(data.rows), batch_size), desc="reference log-probs", disable=not progress):
-            index = list(range(start, min(start + batch_size, len(data.rows))))
-            rows = example_rows(data, index)
-            if not data.paired and kl:
-                rows = rows + example_rows(data, index, kl=True)
-            b = collate_responses(rows, pad_id, device)
-            lp, _ = response_logprobs(ref, b.input_ids, b.attention_mask, b.response_width, b.response_mask,
-                                      fast_head=fast_head)
-            lp = lp.sum(-1).double().cpu()
-            if data.paired or kl:
-                out[index, 0], out[index, 1] = lp[:len(index)], lp[len(index):]
-            else:
-                out[index, 0] = lp
-        ref.train(was_training)
-    return out

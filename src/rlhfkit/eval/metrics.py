@@ -16,6 +16,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+
+from rlhfkit.logprobs import response_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # bootstrap
@@ -306,18 +309,13 @@ def kl_from_logprobs(policy_logprobs, ref_logprobs, mask) -> dict:
     return {"kl": float(per.mean()), "per_response": per.numpy()}
 
 
-def response_logprobs(model, query_ids, response_ids, response_mask, pad_token_id: int, batch_size: int = 32,
-                      temperature: float = 1.0):
-    """Per-token log pi(response | query) for left-padded queries and right-padded responses.
-
-    The one response log-prob forward, :func:`rlhfkit.logprobs.response_logprobs`, in
-    batches; position ids follow the attention mask (as in generation). Returns (N, T_resp) float32,
+def query_response_logprobs(model, query_ids, response_ids, response_mask, *, pad_token_id: int,
+                            batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log pi(response | query) of a rollout's left-padded queries and right-padded
+    responses: :func:`rlhfkit.logprobs.response_logprobs` in batches of `batch_size` rows, no
+    gradients. Query tokens equal to `pad_token_id` are padding. Returns (N, R) float32 on the CPU,
     zero where `response_mask` is 0.
     """
-    import torch
-
-    from rlhfkit.logprobs import response_logprobs as shared_response_logprobs
-
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
@@ -326,7 +324,8 @@ def response_logprobs(model, query_ids, response_ids, response_mask, pad_token_i
             r = response_ids[s:s + batch_size].to(device)
             rm = response_mask[s:s + batch_size].to(device).long()
             attn = torch.cat([(q != pad_token_id).long(), rm], dim=1)
-            lp, _ = shared_response_logprobs(model, torch.cat([q, r], dim=1), attn, r.shape[1], rm, temperature)
+            lp, _ = response_logprobs(model, input_ids=torch.cat([q, r], dim=1), attention_mask=attn,
+                                      response_width=r.shape[1], response_mask=rm, temperature=temperature)
             out.append(lp.float().cpu())
     return torch.cat(out, dim=0)
 

@@ -24,8 +24,8 @@ import torch
 
 from rlhfkit.advantages import kl_estimate
 from rlhfkit.errors import ConfigError
-from rlhfkit.logprobs import masked_mean
 from rlhfkit.losses.sft import sft_loss
+from rlhfkit.masked import masked_mean
 
 Metrics = dict[str, torch.Tensor]
 

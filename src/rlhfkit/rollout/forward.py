@@ -1,8 +1,8 @@
-"""The forward passes of on-policy training over (prompt + response) rows.
+"""Helpers for the forwards of on-policy training over (prompt + response) rows.
 
-One rule keeps the importance ratio honest: the log-probs used as "old" (at rollout) and
-"new" (in training) come from the same function, :func:`response_logprobs`, with the same
-temperature scaling and the same padded layout, so on the first mini-batch the ratio is 1.
+The forward itself is :func:`rlhfkit.logprobs.response_logprobs` (and position ids
+:func:`rlhfkit.logprobs.position_ids_from_mask`); here is how the recipes run it over a rollout:
+in row chunks without gradients, and on the module inside DDP when no gradients are synced.
 """
 
 from __future__ import annotations
@@ -11,29 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from rlhfkit.logprobs import response_logprobs as shared_response_logprobs
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left-padded prompts: positions count real tokens only, exactly as during generation."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_len: int, temperature: float, with_entropy: bool = False,
-                      entropy_grad: bool = False, fast_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, R) of the last `response_len` tokens under softmax(logits / temperature).
-
-    The one response log-prob forward, :func:`rlhfkit.logprobs.response_logprobs`, in the
-    argument order of the on-policy recipes; positions where `attention_mask` is 0 get 0.
-    Returns (logprobs, entropy or None); the entropy carries gradients only with `entropy_grad`.
-    `fast_head` sends only real response tokens through the LM head (rlhfkit.logprobs.fast_head_allowed
-    says when); a recipe passes the same value to every forward so that rollout, reference and
-    training log-probs take one path and agree to the last bit at the first step.
-    """
-    return shared_response_logprobs(model, input_ids, attention_mask, response_len, None, temperature,
-                                    with_entropy=with_entropy, entropy_grad=entropy_grad, fast_head=fast_head)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.logprobs import position_ids_from_mask
 from rlhfkit.rollout.record import Rollout
 from rlhfkit.train.sharding import forward_is_collective
 
@@ -141,7 +142,7 @@ def _decode(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature
         attn[i, p - len(ids):] = 1
     query, attn = query.to(device), attn.to(device)
     attn[:, p:] = 1  # every sampled position is visible; rows that finished are ignored anyway
-    positions = (attn[:, :p].cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(attn[:, :p])
     cache = cache_keyword(model)
     out = model(input_ids=query, attention_mask=attn[:, :p], position_ids=positions,
                 **{cache: DynamicCache()}, use_cache=True, logits_to_keep=1)

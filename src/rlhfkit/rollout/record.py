@@ -95,7 +95,7 @@ class Trajectory:
     first_forward: FirstForward | None = None
 
     @property
-    def response_len(self) -> int:
+    def response_width(self) -> int:
         return self.response_mask.shape[1]
 
     def __len__(self) -> int:

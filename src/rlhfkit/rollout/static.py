@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
+from rlhfkit.logprobs import position_ids_from_mask
 from rlhfkit.rollout.generate import sample_next_token
 
 
@@ -73,7 +74,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     cache = StaticCache(config=model.config, max_cache_len=total)
     attn = torch.ones((b, total), dtype=attention_mask.dtype, device=device)
     attn[:, :p] = attention_mask
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attn[:, :p], position_ids=positions,
                 cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1,
                 **{_cache_kwarg(model): cache})
