@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
 from rlhfkit.data.preference import (
     EncodedComparison,
+    PreferenceBatch,
     collate_comparisons,
     encode_comparisons,
     read_comparisons,
@@ -124,7 +125,7 @@ class Config(ModelArgs, TrainArgs, SplitArgs):
                 "cannot be combined with use_lora (LoRA already freezes the base weights)")
 
 
-def batch_loss(module: torch.nn.Module, batch: dict, cfg: Config, weights: torch.Tensor | None = None,
+def batch_loss(module: torch.nn.Module, batch: PreferenceBatch, cfg: Config, weights: torch.Tensor | None = None,
                device: Any = "cpu") -> tuple[torch.Tensor, dict[str, float]]:
     """One forward over every row of the batch, then the pair and ranking losses from its rewards."""
     rows = batch.rows.to(device)
@@ -213,8 +214,8 @@ def _load_model(cfg: Config, heads: int, seed: int, tokenizer: Any):
     return model
 
 
-def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict], tokenizer: Any,
-              out: Path, printer=print) -> tuple[Any, dict]:
+def train_one(cfg: Config, member: int, train: list[EncodedComparison], eval_units: list[EncodedComparison],
+              tokenizer: Any, out: Path, printer=print) -> tuple[Any, dict]:
     """Train one reward model, save it to out/final; returns (unwrapped module, final metrics).
 
     Resumable from out/checkpoints.
@@ -249,7 +250,8 @@ def train_one(cfg: Config, member: int, train: list[dict], eval_units: list[dict
     return module, final
 
 
-def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[dict], accelerator, printer) -> LastTokenReward:
+def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[EncodedComparison], accelerator,
+                   printer) -> LastTokenReward:
     """The reward model to train, padding-free when its architecture honours packed position ids."""
     module = LastTokenReward(_load_model(cfg, heads, seed, tokenizer))
     unwrap_hf(module.model).config.pad_token_id = tokenizer.pad_token_id
@@ -265,7 +267,8 @@ def _member_module(cfg: Config, heads: int, seed: int, tokenizer, train: list[di
 
 
 def _train_member(cfg: Config, member: int, accelerator, module, optimizer, scheduler, step: int, total: int,
-                  train: list[dict], eval_units: list[dict], boot, pad_id: int, out: Path, logger) -> tuple[dict, int]:
+                  train: list[EncodedComparison], eval_units: list[EncodedComparison], boot, pad_id: int, out: Path,
+                  logger) -> tuple[dict, int]:
     """Optimiser steps from `step` to `total`; returns (the last step's metrics, step)."""
     nproc, sharded = accelerator.num_processes, is_sharded(accelerator)
     bar = tqdm(total=total, initial=step, desc=f"reward[{member}]", disable=not (cfg.progress and accelerator.is_main_process))
