@@ -358,3 +358,31 @@ def test_the_gold_panel_as_a_monitor_flags_an_unkind_response():
 
     scores = load_scorer("gold")(["The weather today"] * 2, ["is lovely and warm", "is awful, I hate it"])
     assert scores[0] > 0.3 and scores[1] < -0.3
+
+
+def test_the_policy_server_runs_an_experiment_on_the_bundled_model(tmp_path):
+    """rlhfkit serve-policy --experiment: arms served by name, users assigned, every request logged
+    with the served model's version, feedback through the same server."""
+    from rlhfkit.serving.server import ServeConfig, create_app
+
+    (tmp_path / "exp.yaml").write_text("name: kindly-ab\narms:\n  a: {model: kindly}\n  b: {model: kindly}\n")
+    db = f"sqlite:///{tmp_path}/fb.db"
+    app = create_app(ServeConfig(experiment=str(tmp_path / "exp.yaml"), db=db, max_tokens=6, seed=0))
+    live = app.state.live
+    with TestClient(app) as c:
+        assert sorted(m["id"] for m in c.get("/v1/models").json()["data"]) == ["a", "b"]
+        users = ["ann", "ben", "cat", "dan"]
+        got = {u: c.post("/v1/chat/completions", json={"model": "kindly-ab", "user": u, "max_tokens": 6,
+                                                       "messages": MESSAGES}).json() for u in users}
+        assert {u: r["model"] for u, r in got.items()} == {u: live.experiment.assign(u).name for u in users}
+        rid = got["ann"]["id"]
+        assert c.post("/v1/feedback", json={"response_id": rid, "kind": "rating", "rating": 5}).status_code == 201
+    live.log.flush()
+    with live.log.db.read_session() as s:
+        rows = s.scalars(select(ServedResponse).order_by(ServedResponse.id)).all()
+    assert [r.arm for r in rows] == [live.experiment.assign(u).name for u in users]
+    row = rows[0]
+    assert row.response == [got["ann"]["choices"][0]["message"]["content"]]
+    assert row.completion_tokens == got["ann"]["usage"]["completion_tokens"] and row.sampling == {"max_tokens": 6}
+    assert row.model_version.endswith(got["ann"]["system_fingerprint"]) and "kindly" in row.model_version
+    live.log.close()

@@ -273,6 +273,14 @@ def _replay(body: bytes, receive):
     return replay
 
 
+def served_models(models: list[str], experiment: str | None) -> list[str]:
+    """`--model` values plus one ``ARM=MODEL`` per arm of `experiment` not already served by name."""
+    if not experiment:
+        return list(models)
+    named = {m.partition("=")[0] for m in models}
+    return list(models) + [f"{a.name}={a.model}" for a in load_experiment(experiment).arms if a.name not in named]
+
+
 def install(app: Any, db: str, experiment: str | Experiment | None = None, versions: dict | None = None,
             dependencies: list | None = None, monitor: Monitor | str | None = None, scorer: Any = None) -> Live:
     """Log `app`'s traffic to the feedback database `db`, run `experiment` (a file or an

@@ -2,6 +2,7 @@
 
     rlhfkit serve-policy --model kindly --port 8000
     rlhfkit serve-policy --model production --model sft=runs/sft/final --engine hf --workers 2
+    rlhfkit serve-policy --experiment ab.yaml --db postgresql://host/feedback --monitor gold   (A/B, docs/serving.md)
 
 `--model` takes a model folder, a model of the registry (its id, or `production` for the
 promoted one), the bundled task's base (`kindly`) or a hub name; `NAME=MODEL` serves it under
@@ -45,6 +46,7 @@ from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models.io import load_policy, load_tokenizer, max_positions
 from rlhfkit.models.paths import resolve_path
 from rlhfkit.models.registry import DEFAULT_ROOT, Registry
+from rlhfkit.serving import live
 from rlhfkit.serving import openai_schema as api
 from rlhfkit.serving.engine import Engine, Job, Sampling
 from rlhfkit.serving.openai_schema import ServingError
@@ -69,9 +71,12 @@ class ServeConfig:
     max_tokens: int = 256  # completion budget of a request that gives none (capped by the context)
     seed: int | None = None  # the engine's draws for requests without a seed
     log_level: str = "info"
+    experiment: str | None = None  # an experiment file: its arms are served, users assigned, traffic logged
+    db: str | None = None  # the feedback database of the traffic log (./feedback.db when only --experiment)
+    monitor: str | None = None  # a judge spec scoring served responses (serving/monitor.py)
 
     def check(self) -> None:
-        if not self.models:
+        if not self.models and not self.experiment:
             raise ConfigError("give at least one --model (a folder, a registry id or alias, or 'kindly')")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine {self.engine!r}: choose from {', '.join(ENGINES)}")
@@ -158,6 +163,7 @@ def load_model(spec: str, cfg: ServeConfig) -> ServedModel:
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI app serving `cfg.models` (loaded when the app starts, closed when it stops)."""
     cfg.check()
+    cfg.models = live.served_models(cfg.models, cfg.experiment)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -180,6 +186,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.state.config = cfg
     _add_error_handlers(app)
     _add_routes(app, cfg)
+    if cfg.experiment or cfg.db or cfg.monitor:  # arms, the traffic log, the feedback and safety APIs
+        live.install(app, cfg.db or "feedback.db", cfg.experiment, monitor=cfg.monitor)
     return app
 
 
@@ -431,8 +439,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
     defaults = ServeConfig()
     p = argparse.ArgumentParser(prog="rlhfkit serve-policy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, dest="models", metavar="[NAME=]MODEL",
+    p.add_argument("--model", action="append", default=[], dest="models", metavar="[NAME=]MODEL",
                    help="model folder, registry id, registry alias (production), 'kindly' or hub name; repeatable")
+    p.add_argument("--experiment", default=None, help="experiment file (YAML): serve its arms, assign users, log traffic")
+    p.add_argument("--db", default=None, help="feedback database for the traffic log (default ./feedback.db)")
+    p.add_argument("--monitor", default=None, help="judge spec (gold, rm:PATH, judge:SPEC) scoring served responses")
     p.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
     p.add_argument("--engine", choices=ENGINES, default=defaults.engine,
