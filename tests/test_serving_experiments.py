@@ -11,7 +11,14 @@ import pytest
 from scipy import stats
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.serving.experiments import Arm, Experiment, bucket, cookie_name, identify, load_experiment
+from rlhfkit.serving.experiments import (
+    Arm,
+    Experiment,
+    bucket,
+    cookie_name,
+    identify,
+    load_experiment,
+)
 
 GOOD = """\
 name: kindly-ab

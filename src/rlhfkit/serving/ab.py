@@ -21,14 +21,20 @@ users' arrival order, so the report can be read after every user without inflati
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 from sqlalchemy import select
 
 from rlhfkit.feedback.db import Database
-from rlhfkit.serving.abstats import SequentialResult, bradley_terry, mean_interval, quantile_interval, rate_interval, sequential_test
+from rlhfkit.serving.abstats import (
+    SequentialResult,
+    bradley_terry,
+    mean_interval,
+    quantile_interval,
+    rate_interval,
+    sequential_test,
+)
 from rlhfkit.serving.experiments import METRICS, Experiment
 from rlhfkit.serving.tables import ServedResponse, UseFeedback
 

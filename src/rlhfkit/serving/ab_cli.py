@@ -28,9 +28,9 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback.db import DEFAULT_URL, Database, upgrade
 from rlhfkit.feedback.models import AuditEvent
 from rlhfkit.models.registry import Registry, RegistryError
-from rlhfkit.train.runs import atomic_write_text
 from rlhfkit.serving import ab, ab_report, monitor, traffic, use_feedback
 from rlhfkit.serving.experiments import Experiment, load_experiment
+from rlhfkit.train.runs import atomic_write_text
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
 
-from rlhfkit.serving.experiments import Experiment, Monitor, cookie_name, identify, load_experiment, new_unit_id
+from rlhfkit.serving.experiments import (
+    Experiment,
+    Monitor,
+    cookie_name,
+    identify,
+    load_experiment,
+    new_unit_id,
+)
 from rlhfkit.serving.monitor import SafetyMonitor, make_safety_router
 from rlhfkit.serving.traffic import TrafficLog
 from rlhfkit.serving.use_feedback import mount_experiment_routes
