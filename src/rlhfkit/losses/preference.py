@@ -10,9 +10,10 @@ Notation shared by the docstrings: for a prompt x with chosen response y_w and r
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
 
 is the difference of log-ratios; the *implicit reward* of a response is
-beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, Eq. 5). Reward accuracy is the
-share of pairs whose chosen implicit reward is strictly above the rejected one (ties count
-as misses, so an untrained policy scores 0, not 0.5).
+beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, Eq. 5). Reward accuracy is
+:func:`rlhfkit.losses.reward.preference_accuracy` of the implicit rewards: the share of pairs
+whose chosen implicit reward is strictly above the rejected one (ties count as misses, so an
+untrained policy scores 0, not 0.5).
 
 Variants are chosen by name from :data:`PREFERENCE_LOSSES`. The paired losses differ in the
 arguments they need (SimPO and ORPO have no reference term, SimPO and ORPO need response
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.losses.reward import preference_accuracy
+
 Metrics = dict[str, torch.Tensor]
 
 
@@ -40,7 +43,7 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": margins.mean(),
-        "rewards/accuracy": (margins > 0).to(chosen_rewards.dtype).mean(),
+        "rewards/accuracy": preference_accuracy(margins)[0],
     }
 
 
