@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhfkit.data import preference as DP
-from rlhfkit.data.readers import Records
+from rlhfkit.data.readers import Records, load_records
 from rlhfkit.errors import DataError
 from rlhfkit.losses.reward import bradley_terry_loss, instructgpt_ranking_loss
 from rlhfkit.models import load_tokenizer, save_model, tiny_reward_model
@@ -192,7 +192,7 @@ def test_recipe_trains_saves_stats_and_scorer_normalises(base, prefs, tmp_path, 
     cfg_json = json.loads((final / "config.json").read_text())
     assert cfg_json["rlhfkit_reward_mean"] == stats["mean"] and cfg_json["rlhfkit_reward_std"] == stats["std"]
     # scoring the reference responses again through text must give mean 0, std 1
-    comps = DP.read_comparisons(DP.read_source(prefs), tok)
+    comps = DP.read_comparisons(load_records(prefs), tok)
     train, _, _, _ = RR.load_data(small_cfg(dataset=prefs), tok)
     texts = {tuple(MR.encode_prompt_response(tok, c.prompt, r)[0]): (c.prompt, r) for c in comps for r in c.responses}
     ref = {tuple(row) for c in train for row in c.sequences}

@@ -117,7 +117,7 @@ def read_comparisons(records: Sequence[dict], tokenizer: Any = None, source: str
     prints its summary line through `log`.
     """
     src = source_of(records, source)
-    checked = validate_comparisons(records, src, on_error="raise" if on_bad == "error" else "skip", log=log)
+    checked = validate_comparisons(records, src, on_error={"error": "raise"}.get(on_bad, on_bad), log=log)
     out = Records(source=src, lines=checked.lines)
     out.report = checked.report
     for i, record in enumerate(checked):
@@ -126,17 +126,6 @@ def read_comparisons(records: Sequence[dict], tokenizer: Any = None, source: str
         except DataError as e:
             raise _located(e, src, checked.line_of(i)) from None
     return out
-
-
-def read_source(source: Any, split: str = "train", limit: int | None = None,
-                log: Callable[[str], Any] = print) -> Records:
-    """Records of a file / folder / dataset name (:func:`rlhfkit.data.readers.load_records`), the
-    first `limit` of them when given (said through `log`)."""
-    records = load_records(source, split=split)
-    if limit is not None and len(records) > limit:
-        log(f"using the first {limit} of {len(records)} records of {records.source or 'data'} [{split}]")
-        records = records[:limit]
-    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +274,11 @@ def load_preferences(source: Any, split: str, unpaired: bool, tokenizer: Any, ma
                      max_prompt_length: int | None = None) -> PreferenceData:
     """Read, check, template and encode preference data for DPO-style losses, reporting
     truncation and skips."""
-    records = read_source(source, split, limit, log)
+    records = load_records(source, split=split)
     name = records.source or "data"
+    if limit is not None and len(records) > limit:
+        log(f"using the first {limit} of {len(records)} records of {name} [{split}]")
+        records = records[:limit]
     texts, labels, from_rankings, ties = preference_texts(records, unpaired, tokenizer, loss_name, log)
     data = encode_preferences(texts, labels, tokenizer, max_length, max_prompt_length)
     data.from_rankings, data.ties = from_rankings, ties

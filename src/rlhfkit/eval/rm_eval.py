@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfkit.data.preference import Comparison, read_comparisons, read_source
+from rlhfkit.data.preference import Comparison, read_comparisons
+from rlhfkit.data.readers import load_records
 from rlhfkit.errors import DataError, RlhfkitError
 from rlhfkit.judges import GoldPanel
 from rlhfkit.losses.reward import preference_accuracy
@@ -175,7 +176,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> dict:
     scorer = RewardScorer(args.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length,
                           normalize=False)
-    comps = read_comparisons(read_source(args.data, "train"), scorer.tokenizers[0], on_bad=args.on_bad_record,
+    comps = read_comparisons(load_records(args.data, split="train"), scorer.tokenizers[0], on_bad=args.on_bad_record,
                              log=lambda m: print(m, file=sys.stderr))
     if not comps:
         raise DataError("no usable preference or ranking records", source=str(args.data))

@@ -34,10 +34,9 @@ from rlhfkit.data.preference import (
     collate_comparisons,
     encode_comparisons,
     read_comparisons,
-    read_source,
     strict_pairs,
 )
-from rlhfkit.data.readers import Records, eval_source
+from rlhfkit.data.readers import Records, eval_source, load_records
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
 from rlhfkit.models.reward import (
@@ -339,7 +338,7 @@ def read_records(source: Any, split: str, from_feedback: str = "") -> Records:
         from rlhfkit.feedback.export import load_preferences
 
         return Records(load_preferences(from_feedback), source=f"feedback database {from_feedback}")
-    return read_source(source, split)
+    return load_records(source, split=split)
 
 
 def load_comparisons(cfg: Config, records: Records, tokenizer: Any,
