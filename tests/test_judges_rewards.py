@@ -64,23 +64,23 @@ def test_load_reward_specs(tmp_path, monkeypatch):
         load_rewards([])
 
 
-def test_judge_spec_is_loaded_lazily(monkeypatch):
-    import rlhfkit.judges as judges
+def test_judge_spec_goes_through_load_judge(monkeypatch):
+    import rlhfkit.judges.specs as specs
+    from rlhfkit.judges.panel import GoldPanel
+
+    texts = ["was a lovely day", "was awful"]
+    gold = load_rewards(["judge:gold"])  # the real load_judge: the gold panel as a judge
+    assert gold(["p", "q"], texts).tolist() == GoldPanel().score(["p", "q"], texts).tolist()
 
     class Echo:
         def score(self, prompts, responses):
             return [float(len(r)) for r in responses]
 
-    if hasattr(judges, "load_judge"):
-        monkeypatch.setattr(judges, "load_judge", lambda spec: Echo())
-    else:
-        monkeypatch.setattr(judges, "load_judge", lambda spec: Echo(), raising=False)
-    rs = load_rewards(["judge:anything"])
-    assert rs.names == ["judge"]
+    seen = []
+    monkeypatch.setattr(specs, "load_judge", lambda spec: seen.append(spec) or Echo())
+    rs = load_rewards(["judge:anything?k=v"])
+    assert rs.names == ["judge"] and seen == ["anything?k=v"]
     assert rs(["p", "q"], ["abc", "de"]).tolist() == [3.0, 2.0]
-    monkeypatch.delattr(judges, "load_judge")
-    with pytest.raises(ConfigError, match="not available"):
-        load_reward("judge:x")
 
 
 def test_reward_set_weights_abstentions_async_and_stats():

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhfkit.judges.base import RaterPanel, check_lengths
+from rlhfkit.judges.panel import GoldPanel
 
 MODES = ("random", "adversarial")
 
@@ -42,8 +43,6 @@ class SimulatedAnnotators:
                  unreliable_frac: float = 0.0, mode: str = "random", seed: int = 0,
                  n_annotators: int | None = None):
         if panel is None:
-            from rlhfkit.judges.panel import GoldPanel
-
             panel = GoldPanel()
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")

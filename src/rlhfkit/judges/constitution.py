@@ -15,8 +15,8 @@ one ``## name`` heading per principle with ``critique:``, ``revision:``, ``compa
 RL-CAI (Bai et al. 2022, sec. 4.1): for each comparison one principle is drawn at random and
 the feedback model is asked that principle's question. On the bundled task the tiny policy
 cannot read or write critiques, so the bundled constitution gives every principle its own
-labeller (``principle:NAME``, defined here): a scorer that measures that one principle and
-nothing else, independent of the gold panel.
+labeller (``principle:NAME``, rlhfkit.judges.principles): a scorer that measures that one
+principle and nothing else, independent of the gold panel.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.judge import ScoreJudge
+from rlhfkit.judges.load import load_judge
 
 
 @dataclasses.dataclass
@@ -53,8 +54,6 @@ def load_constitution(path: str | Path) -> list[Principle]:
     if path.suffix.lower() in (".md", ".markdown"):
         raw = _parse_markdown(text)
     else:
-        import yaml
-
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -101,79 +100,11 @@ def _parse_markdown(text: str) -> list[dict]:
     return out
 
 
-# -- principle-specific labellers of the bundled task --------------------------------------------
-
-_TOKEN = re.compile(r"[a-z']+")
-
-
-def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
-
-
-class KindJudge(ScoreJudge):
-    """'kind': TextBlob polarity of the continuation (a different word list from the gold panel's)."""
-
-    name = "principle:kind"
-
-    def __init__(self, tie_margin: float = 0.0):
-        super().__init__()
-        from rlhfkit.judges.lexicon import TextBlobJudge
-
-        self.inner, self.tie_margin, self.scale = TextBlobJudge(), float(tie_margin), 0.1
-
-    def _score(self, prompts, responses):
-        return self.inner._score(prompts, responses)
-
-
-class VariedJudge(ScoreJudge):
-    """'varied': share of distinct words in the response (1 = no word repeated; 0 for empty)."""
-
-    name = "principle:varied"
-    scale = 0.1
-
-    def _score(self, prompts, responses):
-        out = []
-        for r in responses:
-            t = _tokens(r)
-            out.append(len(set(t)) / len(t) if t else 0.0)
-        return out
-
-
-class CompleteJudge(ScoreJudge):
-    """'complete': words of real English (in AFINN's or TextBlob's word lists, or 3+ letters
-    with a vowel), times min(words, 3) / 3 so that empty or one-word answers lose."""
-
-    name = "principle:complete"
-    scale = 0.1
-
-    def _score(self, prompts, responses):
-        out = []
-        for r in responses:
-            t = _tokens(r)
-            if not t:
-                out.append(0.0)
-                continue
-            wordlike = sum(bool(re.search(r"[aeiouy]", w)) and (len(w) >= 2 or w in ("a", "i")) for w in t)
-            out.append(wordlike / len(t) * min(len(t), 3) / 3)
-        return out
-
-
-PRINCIPLE_JUDGES = {"kind": KindJudge, "varied": VariedJudge, "complete": CompleteJudge}
-
-
-def principle_judge(name: str, **opts):
-    if name not in PRINCIPLE_JUDGES:
-        raise ConfigError(f"unknown principle labeller {name!r}; available: {', '.join(PRINCIPLE_JUDGES)}")
-    return PRINCIPLE_JUDGES[name](**opts)
-
-
 # -- RL-CAI labelling ------------------------------------------------------------------------------
 
 def constitution_labeller(principles: Sequence[Principle], judge=None, seed: int = 0, chain_of_thought: bool = False):
     """labeller(prompts, a, b) -> label dicts: one principle drawn per comparison, asked of its own
     judge (``principle.judge``) or of ``judge`` with the principle's comparison question."""
-    from rlhfkit.judges.load import load_judge
-
     own = {p.name: load_judge(p.judge) for p in principles if p.judge}
     missing = [p.name for p in principles if not p.judge]
     if missing and judge is None:

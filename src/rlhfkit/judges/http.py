@@ -42,6 +42,8 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 
+from tqdm.auto import tqdm
+
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges.judge import (
     DEFAULT_TIE_MARGIN,
@@ -177,7 +179,7 @@ class HTTPJudge:
                     return value
                 except Unreadable:
                     pass
-        import httpx
+        import httpx  # the judges extra
 
         headers = {}
         if os.environ.get(self.api_key_env):
@@ -235,8 +237,7 @@ class HTTPJudge:
             self.stats["cost"] += (p * self.price_prompt + c * self.price_completion) / 1e6
 
     def _run(self, bodies: Sequence[dict], parse) -> list:
-        import httpx
-        from tqdm.auto import tqdm
+        import httpx  # the judges extra
 
         async def main():
             sem = asyncio.Semaphore(self.concurrency)

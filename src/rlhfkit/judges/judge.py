@@ -23,6 +23,10 @@ import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
+from rlhfkit.errors import RlhfkitError
+
 
 @dataclasses.dataclass
 class Preference:
@@ -273,10 +277,6 @@ class ArrayScores:
         self.name = judge.name
 
     def score(self, prompts, responses):
-        import numpy as np
-
-        from rlhfkit.errors import RlhfkitError
-
         out = self.judge.score(prompts, responses)
         missing = sum(x is None for x in out)
         if missing:

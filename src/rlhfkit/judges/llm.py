@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges.judge import (
@@ -49,6 +50,7 @@ from rlhfkit.judges.judge import (
     new_stats,
     rubric_compare,
 )
+from rlhfkit.models import load_policy, load_tokenizer
 
 PAIRWISE_TEMPLATE = """Compare two responses to the same prompt.
 {question}
@@ -116,8 +118,6 @@ class LLMJudge:
         if inconsistent not in INCONSISTENT:
             raise ConfigError(f"llm judge: inconsistent must be one of {', '.join(INCONSISTENT)}, got {inconsistent!r}")
         if _model is None:
-            from rlhfkit.models import load_policy, load_tokenizer
-
             try:
                 _tokenizer = load_tokenizer(model)
                 _model = load_policy(model, dtype=dtype, trainable=False)
@@ -170,8 +170,6 @@ class LLMJudge:
             out[i] = [0.0] * len(answers)
             jobs += [(i, k, ids, a) for k, a in enumerate(ans_ids)]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        from tqdm.auto import tqdm
-
         # disable=None: a bar on a terminal only, none in logs and tests
         for s in tqdm(range(0, len(jobs), self.batch_size), desc=f"{self.name} judging", unit="batch",
                       disable=None, leave=False):

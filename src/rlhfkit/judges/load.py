@@ -29,10 +29,16 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+import yaml
+
 from rlhfkit.errors import ConfigError
-
-JUDGE_KINDS = ("gold", "afinn", "textblob", "rm", "llm", "http", "ensemble", "principle")
-
+from rlhfkit.judges.http import HTTPJudge
+from rlhfkit.judges.judge import EnsembleJudge, PanelJudge
+from rlhfkit.judges.lexicon import AfinnJudge, TextBlobJudge
+from rlhfkit.judges.llm import LLMJudge
+from rlhfkit.judges.panel import GoldPanel
+from rlhfkit.judges.principles import principle_judge
+from rlhfkit.models.reward import RewardScorer
 
 # a member separator: "+" or "," followed by the start of a judge spec
 _MEMBER_START = re.compile(r"[+,](?=(?:gold|afinn|textblob)(?:[?+,]|$)|(?:rm|llm|http|principle):|[^+,?]+\.ya?ml(?:[+,]|$))")
@@ -59,8 +65,6 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'kind:arg?k=v&k=v' -> (kind, arg, options); a YAML file -> its mapping."""
     spec = spec.strip()
     if spec.endswith((".yaml", ".yml")):
-        import yaml
-
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"judge spec file {spec} does not exist")
@@ -82,60 +86,63 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
 def load_judge(spec: str):
     """Build the judge a spec names (see the module docstring); a clear error for a bad spec."""
     kind, arg, opts = parse_spec(spec)
+    build = JUDGE_BUILDERS.get(kind)
+    if build is None:
+        raise ConfigError(f"unknown judge {kind!r} in spec {spec!r}; available: {', '.join(JUDGE_KINDS)}")
     try:
-        judge = _build(kind, arg, opts, spec)
+        return build(arg, opts, spec)
     except TypeError as e:  # an option the judge does not take
         raise ConfigError(f"judge spec {spec!r}: {e}") from e
-    return judge
 
 
-def _build(kind: str, arg: str, opts: dict, spec: str):
-    if kind == "gold":
-        from rlhfkit.judges.judge import PanelJudge
-        from rlhfkit.judges.panel import GoldPanel
+# -- one builder per kind: (arg, options, the whole spec for messages) -> judge ----------------------
 
-        return PanelJudge(GoldPanel(), name="gold", **opts)
-    if kind == "afinn":
-        from rlhfkit.judges.lexicon import AfinnJudge
+def _gold(arg: str, opts: dict, spec: str):
+    return PanelJudge(GoldPanel(), name="gold", **opts)
 
-        return AfinnJudge(**opts)
-    if kind == "textblob":
-        from rlhfkit.judges.lexicon import TextBlobJudge
 
-        return TextBlobJudge(**opts)
-    if kind == "rm":
-        from rlhfkit.judges.judge import PanelJudge
-        from rlhfkit.models.reward import RewardScorer
+def _afinn(arg: str, opts: dict, spec: str):
+    return AfinnJudge(**opts)
 
-        if not arg:
-            raise ConfigError(f"judge spec {spec!r}: give the reward model folder, rm:PATH")
-        scale = opts.pop("scale", 1.0)
-        tie = opts.pop("tie_margin", 0.0)
-        return PanelJudge(RewardScorer(arg, **opts), name=f"rm:{arg}", scale=scale, tie_margin=tie)
-    if kind == "llm":
-        from rlhfkit.judges.llm import LLMJudge
 
-        if not arg:
-            raise ConfigError(f"judge spec {spec!r}: give a causal LM folder or name, llm:PATH")
-        return LLMJudge(arg, **opts)
-    if kind == "http":
-        from rlhfkit.judges.http import HTTPJudge
+def _textblob(arg: str, opts: dict, spec: str):
+    return TextBlobJudge(**opts)
 
-        if not arg:
-            raise ConfigError(f"judge spec {spec!r}: give the model name, http:MODEL?base_url=...")
-        return HTTPJudge(model=arg, **opts)
-    if kind == "ensemble":
-        from rlhfkit.judges.judge import EnsembleJudge
 
-        members = opts.pop("members", None)
-        if isinstance(members, str):
-            members = ensemble_members(members)
-        parts = list(members) if members else ensemble_members(arg)
-        if not parts:
-            raise ConfigError(f"judge spec {spec!r}: give members, ensemble:afinn+textblob")
-        return EnsembleJudge([load_judge(str(p)) for p in parts], **opts)
-    if kind == "principle":
-        from rlhfkit.judges.constitution import principle_judge
+def _reward_model(arg: str, opts: dict, spec: str):
+    if not arg:
+        raise ConfigError(f"judge spec {spec!r}: give the reward model folder, rm:PATH")
+    scale = opts.pop("scale", 1.0)
+    tie = opts.pop("tie_margin", 0.0)
+    return PanelJudge(RewardScorer(arg, **opts), name=f"rm:{arg}", scale=scale, tie_margin=tie)
 
-        return principle_judge(arg, **opts)
-    raise ConfigError(f"unknown judge {kind!r} in spec {spec!r}; available: {', '.join(JUDGE_KINDS)}")
+
+def _llm(arg: str, opts: dict, spec: str):
+    if not arg:
+        raise ConfigError(f"judge spec {spec!r}: give a causal LM folder or name, llm:PATH")
+    return LLMJudge(arg, **opts)
+
+
+def _http(arg: str, opts: dict, spec: str):
+    if not arg:
+        raise ConfigError(f"judge spec {spec!r}: give the model name, http:MODEL?base_url=...")
+    return HTTPJudge(model=arg, **opts)
+
+
+def _ensemble(arg: str, opts: dict, spec: str):
+    members = opts.pop("members", None)
+    if isinstance(members, str):
+        members = ensemble_members(members)
+    parts = list(members) if members else ensemble_members(arg)
+    if not parts:
+        raise ConfigError(f"judge spec {spec!r}: give members, ensemble:afinn+textblob")
+    return EnsembleJudge([load_judge(str(p)) for p in parts], **opts)
+
+
+def _principle(arg: str, opts: dict, spec: str):
+    return principle_judge(arg, **opts)
+
+
+JUDGE_BUILDERS = {"gold": _gold, "afinn": _afinn, "textblob": _textblob, "rm": _reward_model, "llm": _llm,
+                  "http": _http, "ensemble": _ensemble, "principle": _principle}
+JUDGE_KINDS = tuple(JUDGE_BUILDERS)

@@ -43,6 +43,7 @@ import numpy as np
 from vaderSentiment import vaderSentiment as vader
 
 from rlhfkit.judges.base import check_lengths
+from rlhfkit.tasks import kindly
 
 N_RATERS = 10
 REPEAT_ALLOWANCE = 0.25
@@ -82,8 +83,6 @@ def load_ratings() -> tuple[tuple[str, ...], np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def english_vocabulary() -> frozenset[str]:
     """Lower-cased words of the bundled corpus (both splits) plus VADER's lexicon entries."""
-    from rlhfkit.tasks import kindly
-
     vocab: set[str] = set(load_ratings()[0])
     for split in ("train", "eval"):
         for line in kindly.corpus_lines(split):

@@ -20,14 +20,18 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rlhfkit.data.chat import conversation_split
 from rlhfkit.errors import ConfigError
+from rlhfkit.judges.load import load_judge
+from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.rewards import BUILTIN_REWARDS, Reward, RewardSet, as_reward
+from rlhfkit.models.reward import RewardScorer
 
 
 def _is_conversation(x: Any) -> bool:
@@ -42,16 +46,12 @@ class RewardModelReward:
     """A saved reward model as a reward function; conversations rendered with the RM's own template."""
 
     def __init__(self, path: str, device: Any = "cpu", batch_size: int = 64):
-        from rlhfkit.models.reward import RewardScorer
-
         self.scorer = RewardScorer(path, device=device, batch_size=batch_size)
         self.tokenizer = self.scorer.tokenizers[0]
         self.__name__ = "rm"
 
     def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[list[str], list[str]]:
         """(prompt text, response text) pairs exactly as the reward model was trained on them."""
-        from rlhfkit.data.chat import conversation_split
-
         p_out, r_out = [], []
         for p, c in zip(prompts, completions):
             if _is_conversation(p):
@@ -105,29 +105,47 @@ def load_reward(spec: str, weight: float = 1.0, device: Any = "cpu", batch_size:
     """The Reward a spec string names (module docstring)."""
     spec = spec.strip()
     kind, sep, arg = spec.partition(":")
-    if spec == "gold":
-        from rlhfkit.judges import GoldPanel
-
-        return as_reward(JudgeReward(GoldPanel(), "gold"), "gold", weight)
-    if kind == "rm" and sep:
-        return as_reward(RewardModelReward(arg, device, batch_size), "rm", weight)
-    if kind == "py" and sep:
-        fn = _python_function(arg)
-        return as_reward(fn, getattr(fn, "__name__", arg.rpartition(":")[2]), weight)
-    if kind == "judge" and sep:
-        try:
-            from rlhfkit.judges import load_judge
-        except ImportError as e:
-            raise ConfigError(f"reward '{spec}': AI judges are not available in this installation "
-                              f"(rlhfkit.judges.load_judge: {e})") from e
-        return as_reward(JudgeReward(load_judge(arg), "judge"), "judge", weight)
-    if kind in BUILTIN_REWARDS:
-        fn = BUILTIN_REWARDS[kind](arg)
-        return as_reward(fn, kind, weight)
+    build = REWARD_BUILDERS.get(kind + sep)
+    if build is not None:
+        return build(arg, weight, device, batch_size)
     if Path(spec).is_dir():
         raise ConfigError(f"reward {spec!r}: a folder; write rm:{spec} for a reward model")
     raise ConfigError(f"reward {spec!r}: unknown; use rm:PATH, gold, py:module:fn, py:file.py:fn, judge:SPEC "
                       f"or a built-in ({', '.join(sorted(BUILTIN_REWARDS))})")
+
+
+# -- one builder per kind: (arg, weight, device, batch_size) -> Reward ------------------------------
+
+def _gold(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+    return as_reward(JudgeReward(GoldPanel(), "gold"), "gold", weight)
+
+
+def _reward_model(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+    return as_reward(RewardModelReward(arg, device, batch_size), "rm", weight)
+
+
+def _python(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+    fn = _python_function(arg)
+    return as_reward(fn, getattr(fn, "__name__", arg.rpartition(":")[2]), weight)
+
+
+def _judge(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+    return as_reward(JudgeReward(load_judge(arg), "judge"), "judge", weight)
+
+
+def _builtin(kind: str) -> Callable[..., Reward]:
+    def build(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+        return as_reward(BUILTIN_REWARDS[kind](arg), kind, weight)
+
+    return build
+
+
+# keyed by the spec's kind with its ':' where the kind takes an argument: 'gold' takes none;
+# 'rm:', 'py:' and 'judge:' need one; a built-in takes one or none ('math', 'length:20')
+REWARD_BUILDERS: dict[str, Callable[..., Reward]] = {
+    "gold": _gold, "rm:": _reward_model, "py:": _python, "judge:": _judge,
+    **{name + colon: _builtin(name) for name in BUILTIN_REWARDS for colon in ("", ":")},
+}
 
 
 def load_rewards(specs: Sequence[str], weights: Sequence[float] = (), device: Any = "cpu",
