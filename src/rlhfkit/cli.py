@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("rlhfkit.recipes.dpo", "DPO and relatives (IPO, hinge, robust, SimPO, KTO, ORPO)"),
     "best-of-n": ("rlhfkit.recipes.best_of_n", "Best-of-N sampling against a reward model or judge"),
     "rejection-sampling": ("rlhfkit.recipes.rejection_sampling", "Expert iteration: sample, keep the best, SFT, repeat"),
+    "red-team": ("rlhfkit.recipes.red_team", "Red teaming: a red model writes attacks; those that make the target fail are kept"),
     "eval": ("rlhfkit.eval.run_eval", "Evaluate a policy: gold/proxy reward, KL, win rate, diversity, perplexity"),
     "report": ("rlhfkit.eval.report", "Write a self-contained HTML report for a run folder"),
     "loop": ("rlhfkit.recipes.loop", "Iterative RLHF: R rounds of sample, label, reward model, policy update"),

@@ -37,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from rlhfkit.config import from_dict, require
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.eval.agreement import binary_agreement
+from rlhfkit.eval.attacks import read_attacks
 from rlhfkit.eval.report import write_report
 from rlhfkit.eval.run_eval import evaluate, write_results
 from rlhfkit.judges import GoldPanel, load_judge
@@ -89,6 +90,8 @@ class Config:
     """Share of unreliable simulated annotators."""
     prompts_per_round: int = 256
     """Training prompts sampled (two responses each) and labelled per round."""
+    attack_prompts: str = ""
+    """Adversarial training: a file of attack prompts (e.g. `rlhfkit red-team`'s successful_attacks.jsonl) added to every round's prompts."""
     max_new_tokens: int = 20
     """Response length for sampling, training and evaluation."""
     temperature: float = 1.0
@@ -302,6 +305,7 @@ def main(cfg: Config) -> dict:
     hf_logging.disable_progress_bar()
     out = prepare_run_dir(cfg.output_dir, cfg)
     seed_everything(cfg.seed)
+    attacks = read_attacks(cfg.attack_prompts) if cfg.attack_prompts else []  # a bad file stops the run at once
     reg = Registry(cfg.registry or out / "registry")
     evaluate_model = RoundEvaluator(cfg)
     m0 = evaluate_model(cfg.model, None, out / "round-0")
@@ -312,7 +316,7 @@ def main(cfg: Config) -> dict:
     write_progress(out, summary, reg)
     train_prompts = kindly.prompts("train")
     for r in range(1, cfg.rounds + 1):
-        summary.append(run_round(cfg, r, state, train_prompts, evaluate_model, reg, out))
+        summary.append(run_round(cfg, r, state, train_prompts, evaluate_model, reg, out, attacks))
         write_progress(out, summary, reg)
     result = write_progress(out, summary, reg)
     result["report"] = str(write_report(out, title="rlhfkit loop"))
@@ -320,13 +324,14 @@ def main(cfg: Config) -> dict:
 
 
 def run_round(cfg: Config, r: int, state: LoopState, train_prompts, evaluate_model: RoundEvaluator, reg,
-              out: Path) -> dict:
+              out: Path, attacks: list[str] = ()) -> dict:
     """Label, train a reward model and a policy, evaluate, register and (if it holds) promote."""
     t0 = time.perf_counter()
     rdir = out / f"round-{r}"
     rdir.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed + r
-    records, counts = collect_round(state.current_path, round_prompts(train_prompts, cfg, r),
+    # attacks that worked against an earlier policy join every round's prompts (adversarial training)
+    records, counts = collect_round(state.current_path, round_prompts(train_prompts, cfg, r) + list(attacks),
                                     make_source(cfg, seed, state.sources), cfg, seed, r)
     state.records += records
     round_file, all_file = rdir / "preferences.jsonl", rdir / "preferences_all.jsonl"
