@@ -124,7 +124,9 @@ def test_best_of_n_rejection_sampling_and_eval_apply_the_chat_template(chat, tmp
     from rlhfkit.recipes import best_of_n, rejection_sampling
 
     spy = Spy(rollout.generate)
-    monkeypatch.setattr(rollout, "generate", spy)
+    for module in (rollout, best_of_n, rejection_sampling, run_eval):  # each calls the name it imported
+        if hasattr(module, "generate"):
+            monkeypatch.setattr(module, "generate", spy)
     rw = chat["root"] / "rw.py"
     rw.write_text("def n(prompts, completions, answer, **kw):\n    return [float(len(a)) for a in answer]\n")
     best_of_n.main(best_of_n.Config(model=chat["model"], prompts=chat["prompts"], reward=[f"py:{rw}:n"], n=2,

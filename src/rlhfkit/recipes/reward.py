@@ -228,7 +228,8 @@ def train_one(cfg: Config, member: int, train: list[EncodedComparison], eval_uni
         boot = torch.poisson(torch.ones(len(train), heads), generator=torch.Generator().manual_seed(seed))
     total = total_optimizer_steps(len(train), cfg, accelerator.num_processes)
     shard_layers_of(module, unwrap_hf(module.model))
-    module, optimizer, scheduler, step = prepare_training(accelerator, module, cfg, total, out, f"reward: member {member}")
+    module, optimizer, scheduler, step = prepare_training(accelerator, module, cfg, total, out, f"reward: member {member}",
+                                                           printer)
     logger = MetricsLogger(out, cfg.report_to, enabled=accelerator.is_main_process)
     t0 = time.perf_counter()
     metrics, step = _train_member(cfg, member, accelerator, module, optimizer, scheduler, step, total, train, eval_units,

@@ -145,7 +145,7 @@ def optimizer_class(name: str, field: str = "optim"):
 
 
 def prepare_training(accelerator, model: torch.nn.Module, cfg: Any, total_steps: int, output_dir,
-                     who: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
+                     who: str, printer=None) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
     """Optimiser and schedule for `model`, prepared by accelerate, resumed from the newest
     checkpoint under `output_dir` when `cfg.resume`; returns (model, optimizer, scheduler, step).
 
@@ -160,5 +160,5 @@ def prepare_training(accelerator, model: torch.nn.Module, cfg: Any, total_steps:
     ckpt = latest_checkpoint(output_dir) if getattr(cfg, "resume", False) else None
     if ckpt is not None:
         step = load_checkpoint(accelerator, ckpt)["step"]
-        accelerator.print(f"{who}: resumed from {ckpt} at step {step}")
+        (printer or accelerator.print)(f"{who}: resumed from {ckpt} at step {step}")
     return model, optimizer, scheduler, step
