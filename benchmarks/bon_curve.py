@@ -36,8 +36,8 @@ NS = (1, 2, 4, 8, 16, 32)
 
 
 def reward_model(quick: bool, pipe: dict) -> str:
-    from rlhfkit import demo
     from rlhfkit.config import from_dict
+    from rlhfkit.recipes import demo
 
     root = pipeline_root(quick)
     path = root / "reward" / "final"

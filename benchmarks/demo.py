@@ -20,7 +20,7 @@ import torch
 
 def run(quick: bool = False) -> dict:
     from benchmarks.common import load_average
-    from rlhfkit import demo
+    from rlhfkit.recipes import demo
 
     before = load_average()
     threads = min(2, os.cpu_count() or 1)

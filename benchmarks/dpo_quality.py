@@ -83,8 +83,8 @@ def pipeline_root(quick: bool) -> Path:
 
 def pipeline(quick: bool) -> dict:
     """Base, SFT policy and labelled comparisons, built once and reused from WORK."""
-    from rlhfkit import demo
     from rlhfkit.config import from_dict
+    from rlhfkit.recipes import demo
 
     root = pipeline_root(quick)
     cfg = from_dict(demo.Config, dict(output_dir=str(root), quick=quick, seed=0,

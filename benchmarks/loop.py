@@ -17,8 +17,7 @@ import torch
 
 
 def run(quick: bool = False) -> dict:
-    from rlhfkit import demo
-    from rlhfkit.recipes import loop
+    from rlhfkit.recipes import demo, loop
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="rlhfkit-loop-") as tmp:

@@ -57,9 +57,9 @@ def sample_pairs(sft: str, n: int) -> tuple[list[str], list[str], list[str]]:
 
 def label_all(prompts, a, b) -> tuple[dict[str, list], dict]:
     """{labeller: [label or None per pair]} and the judges' counters."""
-    from rlhfkit.feedback_sources import SimulatedSource
     from rlhfkit.judges import load_judge
     from rlhfkit.judges.constitution import constitution_labeller, load_constitution
+    from rlhfkit.judges.sources import SimulatedSource
 
     labels: dict[str, list] = {}
     counters = {}

@@ -7,7 +7,7 @@ import json
 import torch
 import yaml
 
-from rlhfkit import demo
+from rlhfkit.recipes import demo
 
 
 def test_demo_quick_smoke(tmp_path, capsys):

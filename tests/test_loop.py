@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.feedback_sources import (
-    JudgeSource,
+from rlhfkit.judges.judge import PanelJudge
+from rlhfkit.judges.sources import (
+    AIJudgeSource,
     PreferenceSource,
     SimulatedSource,
     to_preference_records,
 )
+from rlhfkit.models.registry import Registry
 from rlhfkit.recipes import loop
-from rlhfkit.registry import Registry
 
 
 class LengthJudge:
@@ -27,7 +28,7 @@ class LengthJudge:
 
 def test_sources_share_one_interface():
     assert isinstance(SimulatedSource(seed=0), PreferenceSource)
-    src = JudgeSource(LengthJudge(), tie_margin=0.5)
+    src = AIJudgeSource(PanelJudge(LengthJudge(), name="judge", tie_margin=0.5))
     assert isinstance(src, PreferenceSource)
     labels = src.compare(["p", "p", "p"], ["long one", "x", "ab"], ["short", "xyz", "cd"])
     assert [x["label"] for x in labels] == [1.0, 0.0, 0.5]

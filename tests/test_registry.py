@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhfkit.registry import Registry, RegistryError, cli, fingerprint
+from rlhfkit.models.registry import Registry, RegistryError, cli, fingerprint
 
 
 def _reg(tmp_path):

@@ -15,7 +15,7 @@ from rlhfkit import __version__
 
 # name -> (module, one-line summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("rlhfkit.demo", "Run the whole loop on the bundled task and write a report"),
+    "demo": ("rlhfkit.recipes.demo", "Run the whole loop on the bundled task and write a report"),
     "pretrain": ("rlhfkit.recipes.pretrain", "Pretrain a small causal LM on a text corpus"),
     "sft": ("rlhfkit.recipes.sft", "Supervised fine-tuning on prompt/completion or messages data"),
     "sample": ("rlhfkit.recipes.sample", "Generate responses from a policy for a prompt file"),
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rlhfkit.eval.run_eval", "Evaluate a policy: gold/proxy reward, KL, win rate, diversity, perplexity"),
     "report": ("rlhfkit.eval.report", "Write a self-contained HTML report for a run folder"),
     "loop": ("rlhfkit.recipes.loop", "Iterative RLHF: R rounds of sample, label, reward model, policy update"),
-    "models": ("rlhfkit.registry", "Model registry: list, show, promote, rollback"),
+    "models": ("rlhfkit.models.registry", "Model registry: list, show, promote, rollback"),
     "serve": ("rlhfkit.feedback.cli", "Human-feedback collection service (web app + API)"),
     "serve-policy": ("rlhfkit.serving.server", "OpenAI-compatible policy server (batched; registry models, folders, the bundled base)"),
     "ab": ("rlhfkit.serving.ab_cli", "A/B experiments on live traffic: report, promote, rollback, export feedback"),

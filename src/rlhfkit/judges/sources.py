@@ -1,9 +1,11 @@
-"""Preference sources for `rlhfkit loop` beyond simulated annotators: AI judges and people.
+"""Every source of preference labels behind one interface, :class:`PreferenceSource`.
 
-Both follow :class:`rlhfkit.feedback_sources.PreferenceSource`: ``compare(prompts, a, b)`` returns
-one dict per pair with ``label`` (1.0 a better, 0.0 b better, 0.5 tie, or None: no label --
-the judge abstained, or nobody labelled the pair before the deadline) and ``annotator_id``.
+Iterative RLHF (`rlhfkit loop`) and the demo ask a source to compare response pairs:
+``compare(prompts, a, b)`` returns one dict per pair with ``label`` (1.0 a better, 0.0 b better,
+0.5 tie, or None: no label -- the judge abstained, or nobody labelled the pair before the
+deadline) and ``annotator_id``.
 
+* :class:`SimulatedSource` -- simulated human annotators over the gold panel.
 * :class:`AIJudgeSource` -- any judge from :func:`rlhfkit.judges.load_judge` (RLAIF).
 * :class:`FeedbackServiceSource` -- the human-feedback service, through its HTTP API as an
   admin client (``feedback:http://host:port``; the admin API token is read from the environment
@@ -12,20 +14,52 @@ the judge abstained, or nobody labelled the pair before the deadline) and ``anno
   and ``.../items``), the source polls the task's labels until ``quota`` of the pairs are
   labelled or ``deadline`` seconds pass (then it goes on with what it has and says so), and
   exports them (``GET .../export``). The task is then closed to annotators, on every exit path
-  (labels in, an error, Ctrl-C): ``rlhfkit.feedback.service.close_task`` through the database,
+  (labels in, an error, Ctrl-C): ``rlhfkit.feedback.service.tasks.close_task`` through the database,
   ``POST /api/admin/tasks/{id}/close`` over HTTP (a service too old to have it is named, and
   the task stays open there). RLHF's collect -> train -> collect cycle, with
   people in it.
+
+:func:`to_preference_records` turns labelled pairs into TRL preference records
+(`prompt`/`chosen`/`rejected`) for the reward-model and DPO recipes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.judges.annotators import SimulatedAnnotators
+from rlhfkit.judges.http import redact
+
+
+@runtime_checkable
+class PreferenceSource(Protocol):
+    """Anything that labels response pairs."""
+
+    name: str
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[dict]:
+        """One dict per pair with at least ``label`` (1.0 a better, 0.0 b better, 0.5 tie) and
+        ``annotator_id``; extra keys (reliability, scores) are kept in the records."""
+        ...
+
+
+class SimulatedSource:
+    """Simulated human annotators over the gold panel (Bradley-Terry noise, ties, unreliable raters)."""
+
+    def __init__(self, beta: float = 10.0, tie_margin: float = 0.02, unreliable_frac: float = 0.0,
+                 mode: str = "random", seed: int = 0, annotators=None):
+        self.annotators = annotators or SimulatedAnnotators(beta=beta, tie_margin=tie_margin,
+                                                            unreliable_frac=unreliable_frac, mode=mode, seed=seed)
+        self.name = "simulated"
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[dict]:
+        return self.annotators.compare(list(prompts), list(a), list(b))
 
 
 class AIJudgeSource:
@@ -48,9 +82,7 @@ class _HTTPBackend:
     """The service's admin API over HTTP (the admin token from an environment variable)."""
 
     def __init__(self, url: str, token_env: str):
-        import os
-
-        import httpx
+        import httpx  # the judges (or serve) extra
 
         token = os.environ.get(token_env, "")
         if not token:
@@ -60,8 +92,6 @@ class _HTTPBackend:
         self.client = httpx.Client(timeout=60.0, headers={"Authorization": f"Bearer {token}"})
 
     def _call(self, method: str, path: str, **kw):
-        from rlhfkit.judges.http import redact
-
         r = self.client.request(method, self.url + path, **kw)
         if r.status_code >= 400:
             raise ConfigError(redact(f"feedback service {method} {path}: {r.status_code} {r.text[:200]}", self.token))
@@ -92,14 +122,13 @@ class _HTTPBackend:
             return (f"the service at {self.url} has no task-closing endpoint (POST /api/admin/tasks/{{id}}/close); "
                     "close it there by hand")
         if r.status_code >= 400:
-            from rlhfkit.judges.http import redact
-
             return redact(f"closing it answered {r.status_code} {r.text[:200]}", self.token)
         return ""
 
 
 class _DatabaseBackend:
-    """The service's own functions on its database (people label through a server on that database)."""
+    """The service's own functions on its database (people label through a server on that database).
+    rlhfkit.feedback needs the serve extra (SQLAlchemy), so its modules are imported where used."""
 
     def __init__(self, db_url: str):
         from rlhfkit.feedback.db import Database
@@ -107,11 +136,11 @@ class _DatabaseBackend:
         self.db = Database(db_url, pool_size=1)
 
     def create(self, name: str, overlap: int, instructions: str, records: list[dict]) -> int:
-        from rlhfkit.feedback import service as svc
+        from rlhfkit.feedback.service import items, tasks
 
         with self.db.session() as s:
-            task = svc.create_task(s, name, "pairwise", overlap=overlap, instructions=instructions, gold_rate=0.0)
-            svc.import_records(s, task, records, source="loop round")
+            task = tasks.create_task(s, name, "pairwise", overlap=overlap, instructions=instructions, gold_rate=0.0)
+            items.import_records(s, task, records, source="loop round")
             return task.id
 
     def label_counts(self, tid: int) -> dict[int, int]:
@@ -132,11 +161,11 @@ class _DatabaseBackend:
 
     def close(self, tid: int) -> str:
         """Take the task away from annotators: not open to all, and no members (labels and export stay)."""
-        from rlhfkit.feedback import service
         from rlhfkit.feedback.models import Task
+        from rlhfkit.feedback.service import tasks
 
         with self.db.session() as s:
-            service.close_task(s, s.get(Task, tid))
+            tasks.close_task(s, s.get(Task, tid))
         return ""
 
 
@@ -210,3 +239,42 @@ class FeedbackServiceSource:
         self.rounds.append({"task": name, "task_id": tid, "pairs": len(prompts), "labelled": got, "complete": done})
         self.printer(f"feedback: task {name!r}: {got} of {len(prompts)} pairs labelled and exported")
         return out
+
+
+SOURCES = {"simulated": SimulatedSource}
+
+
+def to_preference_records(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], labels: Sequence[dict],
+                          keep_ties: bool = False, round: int | None = None) -> tuple[list[dict], dict]:
+    """Labelled pairs -> TRL preference records; returns (records, counts).
+
+    Ties are left out unless `keep_ties` (then written with ``tie: true`` and ``label: 0.5``,
+    chosen/rejected in input order); identical responses are never a comparison, and pairs
+    with an empty (whitespace-only) response are left out because preference data must not hold
+    empty responses (rlhfkit.data validates that). All are counted, so nothing is dropped silently.
+    """
+    if not len(prompts) == len(a) == len(b) == len(labels):
+        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(a)} a, {len(b)} b, {len(labels)} labels")
+    records = []
+    counts = {"pairs": len(labels), "ties_skipped": 0, "identical_skipped": 0, "empty_skipped": 0, "kept": 0}
+    for p, x, y, lab in zip(prompts, a, b, labels):
+        if not x.strip() or not y.strip():
+            counts["empty_skipped"] += 1
+            continue
+        if x == y:
+            counts["identical_skipped"] += 1
+            continue
+        label = float(lab["label"])
+        if label == 0.5 and not keep_ties:
+            counts["ties_skipped"] += 1
+            continue
+        chosen, rejected = (x, y) if label >= 0.5 else (y, x)
+        rec = {"prompt": p, "chosen": chosen, "rejected": rejected, "label": 1.0 if label != 0.5 else 0.5,
+               "tie": label == 0.5, "annotator_id": lab.get("annotator_id")}
+        if "reliable" in lab:
+            rec["reliable"] = bool(lab["reliable"])
+        if round is not None:
+            rec["round"] = round
+        records.append(rec)
+    counts["kept"] = len(records)
+    return records, counts

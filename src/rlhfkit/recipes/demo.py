@@ -15,19 +15,43 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 from rlhfkit.config import from_dict, require
+from rlhfkit.eval.metrics import preference_labels, win_rate
+from rlhfkit.eval.overopt import (
+    bon_kl,
+    bon_sweep,
+    collapse_events,
+    describe,
+    replay_alarm,
+    rl_sweep_from_metrics,
+)
+from rlhfkit.eval.report import write_report
+from rlhfkit.eval.run_eval import evaluate, rm_accuracy, text_metrics, write_results
+from rlhfkit.judges.panel import GoldPanel
+from rlhfkit.judges.sources import SimulatedSource, to_preference_records
+from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
+from rlhfkit.models.reward import RewardScorer
+from rlhfkit.recipes import dpo, ppo, pretrain, reward, sft
+from rlhfkit.rollout import generate
+from rlhfkit.tasks import kindly
 from rlhfkit.train.runs import (
     atomic_write_json,
     atomic_write_text,
     one_run_per_folder,
     prepare_run_dir,
+    read_metrics,
     seed_everything,
 )
 
@@ -111,8 +135,6 @@ class Config:
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and its finished children: unlike wall time it
     hardly changes when other jobs compete for the cores."""
-    import resource
-
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -121,8 +143,6 @@ class Stages:
     """A rich status line per stage, and a tick with the elapsed wall and CPU time when it ends."""
 
     def __init__(self, total: int):
-        from rich.console import Console
-
         self.console, self.total, self.i, self.times, self.cpu = Console(), total, 0, {}, {}
 
     @contextlib.contextmanager
@@ -152,28 +172,20 @@ def _quiet(**kw: Any) -> dict:
 def base_model(cfg: Config, out: Path) -> str:
     if cfg.base != "kindly":
         return cfg.base
-    from rlhfkit.tasks import kindly
-
     try:
         return str(kindly.base_model_path())
     except FileNotFoundError:
         if cfg.quick:  # a smoke test needs a model, not a good one
-            from rlhfkit.models import load_tokenizer, save_model, tiny_llama
-
             tok = load_tokenizer("kindly:tokenizer")
             save_model(tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                                   tokenizer=tok, seed=cfg.seed), tok, out / "base")
             return str(out / "base")
-        from rlhfkit.recipes import pretrain
-
         pcfg = from_dict(pretrain.Config, _quiet(output_dir=str(out / "pretrain"), max_steps=cfg.pretrain_steps, seed=cfg.seed))
         pretrain.main(pcfg)
         return str(out / "pretrain" / "final")
 
 
 def run_sft(cfg: Config, base: str, out: Path) -> str:
-    from rlhfkit.recipes import sft
-
     scfg = from_dict(sft.Config, _quiet(model=base, dataset="kindly", output_dir=str(out / "sft"), max_steps=cfg.sft_steps,
                                         per_device_train_batch_size=max(cfg.batch_size, 4) * 2, learning_rate=5e-4,
                                         lr_scheduler_type="cosine", warmup_steps=min(20, cfg.sft_steps // 5), logging_steps=10,
@@ -185,11 +197,6 @@ def run_sft(cfg: Config, base: str, out: Path) -> str:
 def collect_comparisons(cfg: Config, sft_path: str, out: Path, split: str = "train",
                         n_prompts: int | None = None) -> tuple[Path, dict]:
     """Two samples per prompt from the SFT policy, labelled by simulated annotators."""
-    from rlhfkit.feedback_sources import SimulatedSource, to_preference_records
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.rollout import generate
-    from rlhfkit.tasks import kindly
-
     tok = load_tokenizer(sft_path)
     policy = load_policy(sft_path, trainable=False).eval()
     prompts = kindly.prompts(split)
@@ -207,8 +214,6 @@ def collect_comparisons(cfg: Config, sft_path: str, out: Path, split: str = "tra
 
 
 def run_reward(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
-    from rlhfkit.recipes import reward
-
     rcfg = from_dict(reward.Config, _quiet(model=sft_path, dataset=str(prefs), output_dir=str(out / "reward"),
                                            max_steps=cfg.reward_steps, per_device_train_batch_size=cfg.batch_size,
                                            learning_rate=3e-4, logging_steps=10, eval_fraction=0.1, seed=cfg.seed))
@@ -216,8 +221,6 @@ def run_reward(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
 
 
 def run_ppo(cfg: Config, sft_path: str, rm_path: str, out: Path) -> str:
-    from rlhfkit.recipes import ppo
-
     pcfg = from_dict(ppo.Config, _quiet(model=sft_path, reward_model=rm_path, output_dir=str(out / "ppo"),
                                         max_steps=cfg.ppo_steps, kl_coef=cfg.ppo_kl_coef, learning_rate=cfg.ppo_learning_rate,
                                         entropy_coef=cfg.ppo_entropy_coef,
@@ -229,8 +232,6 @@ def run_ppo(cfg: Config, sft_path: str, rm_path: str, out: Path) -> str:
 
 
 def run_dpo(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
-    from rlhfkit.recipes import dpo
-
     dcfg = from_dict(dpo.Config, _quiet(model=sft_path, dataset=str(prefs), output_dir=str(out / "dpo"),
                                         max_steps=cfg.dpo_steps, beta=cfg.dpo_beta, learning_rate=cfg.dpo_learning_rate,
                                         per_device_train_batch_size=cfg.batch_size, logging_steps=5, max_length=96,
@@ -241,10 +242,6 @@ def run_dpo(cfg: Config, sft_path: str, prefs: Path, out: Path) -> str:
 
 def best_of_n(cfg: Config, sft_path: str, scorer, judge, prompts: list[str]) -> tuple[list[str], list[dict]]:
     """N SFT samples per prompt; the RM's favourite is the answer. Also the over-optimisation sweep."""
-    from rlhfkit.eval.overopt import bon_sweep
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.rollout import generate
-
     tok = load_tokenizer(sft_path)
     policy = load_policy(sft_path, trainable=False).eval()
     roll = generate(policy, tok, prompts, cfg.max_new_tokens, num_samples=cfg.bon_n, seed=cfg.seed + 7)
@@ -262,11 +259,6 @@ def best_of_n(cfg: Config, sft_path: str, scorer, judge, prompts: list[str]) -> 
 def reward_model_accuracy(cfg: Config, sft_path: str, rm_path: str, out: Path) -> dict:
     """RM accuracy on comparisons of held-out prompts: against the annotators' labels and
     against the noise-free panel order (what the RM should have learned)."""
-    from rlhfkit.eval.metrics import preference_labels, win_rate
-    from rlhfkit.eval.run_eval import rm_accuracy
-    from rlhfkit.judges import GoldPanel
-    from rlhfkit.models.reward import RewardScorer
-
     path, _ = collect_comparisons(cfg, sft_path, out, split="eval", n_prompts=cfg.eval_prompts)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     scorer, panel = RewardScorer(rm_path), GoldPanel()
@@ -287,16 +279,6 @@ def evaluate_all(cfg: Config, sft_path: str, rm_path: str, policies: dict[str, s
     """Every policy and best-of-N against the SFT policy; returns the metrics and the alarms
     (reward hacking replayed over PPO's training metrics; diversity collapse and perplexity
     blow-up of each policy against the SFT policy), also written to alarms.jsonl."""
-    import torch
-
-    from rlhfkit.eval.overopt import bon_kl, collapse_events, replay_alarm, rl_sweep_from_metrics
-    from rlhfkit.eval.run_eval import evaluate, text_metrics, write_results
-    from rlhfkit.judges import GoldPanel
-    from rlhfkit.models import load_policy, load_tokenizer
-    from rlhfkit.models.reward import RewardScorer
-    from rlhfkit.train.runs import read_metrics
-    from rlhfkit.tasks import kindly
-
     judge, scorer = GoldPanel(), RewardScorer(rm_path)
     tok = load_tokenizer(sft_path)
     reference = load_policy(sft_path, trainable=False).eval()
@@ -370,11 +352,6 @@ def win_rate_table(results: dict[str, dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict], report: Path, seconds: float, alarms: list[dict] = ()) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from rlhfkit.eval.overopt import describe
-
     table = Table(title="Win rate against the SFT policy (gold panel, ties half)")
     headers = {"method": "method", "win_rate": "win rate", "win_rate_95ci": "95% CI", "lc_win_rate": "LC win",
                "gold_difference": "gold vs SFT", "gold_difference_95ci": "95% CI", "proxy": "proxy", "kl": "KL",
@@ -396,11 +373,6 @@ def print_table(rows: list[dict], report: Path, seconds: float, alarms: list[dic
 @one_run_per_folder
 def main(cfg: Config) -> dict:
     """Run every stage; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from rlhfkit.eval.report import write_report
-
     hf_logging.disable_progress_bar()  # the stage display is the progress report
     t0, c_start = time.perf_counter(), cpu_seconds()
     out = prepare_run_dir(cfg.output_dir, cfg)
@@ -432,7 +404,7 @@ def main(cfg: Config) -> dict:
         try:
             with stages.stage(name.upper()):
                 policies[name] = fn(cfg, sft_path, *args, out)
-        except ImportError as e:  # a recipe that is not installed is reported, not fatal
+        except ImportError as e:  # an optional dependency a stage reaches for is reported, not fatal
             skipped[name] = f"recipe not available: {e}"
             stages.skip(name.upper(), skipped[name])
     results, alarms = evaluate_all(cfg, sft_path, rm_path, policies, out, stages)
