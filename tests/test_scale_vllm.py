@@ -32,6 +32,8 @@ def make_stub(tokenizer) -> types.ModuleType:
         max_tokens: int = 16
         stop_token_ids: list | None = None
         seed: int | None = None
+        top_k: int = -1
+        logprobs: int | None = None
 
     class StubModel:
         """vLLM's model object: takes (name, tensor) pairs in load_weights; `hf` is its copy."""
@@ -74,14 +76,16 @@ def make_stub(tokenizer) -> types.ModuleType:
             self.calls.append(len(prompts))
             model = self.llm_engine.model_executor.driver_worker.model_runner.model.hf
             stop = torch.tensor(sp.stop_token_ids)
-            q, _, toks, mask, ended = hf_engine._generate_chunk(
+            q, _, toks, mask, ended, lps = hf_engine._generate_chunk(
                 model, [p["prompt_token_ids"] for p in prompts], sp.max_tokens, 0.0, 1.0, stop,
-                tokenizer.pad_token_id, None)
+                tokenizer.pad_token_id, None, with_logprobs=True)
             outs = []
             for i in range(len(prompts)):
                 row = toks[i][mask[i].bool()].tolist()
                 finish = "stop" if bool(ended[i]) else "length"
-                sample = types.SimpleNamespace(token_ids=row, finish_reason=finish,
+                # vLLM's logprobs=0: per position, {sampled id: Logprob}
+                lp = [{t: types.SimpleNamespace(logprob=float(v))} for t, v in zip(row, lps[i][mask[i].bool()])]
+                sample = types.SimpleNamespace(token_ids=row, finish_reason=finish, logprobs=lp,
                                                stop_reason=row[-1] if finish == "stop" else None)
                 outs.append(types.SimpleNamespace(prompt_token_ids=prompts[i]["prompt_token_ids"],
                                                   outputs=[sample] * sp.n))
@@ -108,7 +112,8 @@ def test_rollout_matches_the_hf_engine_and_batches(setup):
     out = engine.generate(policy, tok, PROMPTS, max_new_tokens=7, temperature=0.0, num_samples=2, batch_size=4)
     ref = hf_engine.generate(policy, tok, PROMPTS, max_new_tokens=7, temperature=0.0, num_samples=2, batch_size=4)
     assert engine.llm.calls == [2, 2, 1]  # 4 rows in flight: 2 prompts x 2 samples per call
-    for field in ("query_ids", "query_mask", "response_ids", "response_mask", "ended_with_eos", "prompt_index"):
+    for field in ("query_ids", "query_mask", "response_ids", "response_mask", "ended_with_eos", "prompt_index",
+                  "sampler_logp"):
         assert torch.equal(getattr(out, field), getattr(ref, field)), field
     assert out.responses == ref.responses and out.prompts == ref.prompts
     # weights woken before the push, KV cache before generating, everything released after

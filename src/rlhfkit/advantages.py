@@ -12,6 +12,13 @@ Pure tensor functions; shapes are (B, T) over response tokens with a right-padde
   without the std division: Liu et al. 2025 ("Understanding R1-Zero-Like Training", Dr. GRPO).
 - Leave-one-out baseline: Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for
   free"), Ahmadian et al. 2024 ("Back to Basics", RLOO) eq. 4.
+- REINFORCE++-baseline: Hu et al. 2025 ("REINFORCE++: An Efficient RLHF Algorithm with
+  Robustness to Both Prompt and Reward Models", arXiv:2501.03262, sec. 3): the group mean as
+  baseline, then the batch's (global) std instead of each group's.
+- Overlong reward shaping: Yu et al. 2025 (DAPO, arXiv:2503.14476) eq. 13, soft overlong punishment.
+- Off-policy corrections: decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy
+  optimization", eq. 5) with the behaviour weight truncated (Yao et al. 2025, "Your efficient RL
+  framework secretly brings you off-policy RL training", TIS) or masked (MIS).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from rlhfkit.masked import masked_var
 __all__ = [
     "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "RunningMoments", "explained_variance",
     "ADVANTAGE_ESTIMATORS", "gae", "group_advantages", "zero_variance_share", "kl_estimate", "leave_one_out_advantages", "make_kl_controller",
-    "shape_rewards", "process_scores", "last_token_index",
+    "shape_rewards", "process_scores", "last_token_index", "reinforce_pp_baseline_advantages", "overlong_penalty",
+    "OFF_POLICY_CORRECTIONS", "off_policy_weights", "sampler_agreement",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +230,117 @@ def _rloo_estimator(rewards: torch.Tensor, group_size: int, scale_rewards: bool 
     return adv
 
 
+def reinforce_pp_baseline_advantages(scores: torch.Tensor, group_size: int, scale: bool = True,
+                                     eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, sec. 3): A_i = r_i - mean_g, then whitened over the batch,
+    (A - mean(A)) / sqrt(max(var(A), eps)) with the population variance of the whole batch.
+
+    The group mean removes each prompt's difficulty; one global std (not GRPO's per-group std)
+    keeps a prompt whose responses differ a little from being blown up to unit scale.
+    OpenRLHF normalises over response tokens (longer responses weigh more in the statistics);
+    here each response counts once. `scale=False` keeps the group-centred rewards.
+    """
+    g = _grouped(scores, group_size)
+    adv = (g - g.mean(-1, keepdim=True)).reshape(scores.shape)
+    if scale:
+        centred = adv - adv.mean()
+        adv = centred / centred.pow(2).mean().clamp(min=eps).sqrt()
+    return adv
+
+
+def _reinforce_pp_estimator(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
+    return reinforce_pp_baseline_advantages(rewards, group_size, scale=scale_rewards)
+
+
 # critic-free estimators of the group recipe: (rewards (N,), group size, scale_rewards) -> (N,)
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": _grpo_estimator,
     "rloo": _rloo_estimator,
+    "reinforce_pp": _reinforce_pp_estimator,  # REINFORCE++-baseline (Hu et al. 2025)
 }
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer_len: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to each response's reward.
+
+    With L_max = `max_length` and L_cache = `buffer_len`: 0 for |y| <= L_max - L_cache, then
+    ((L_max - L_cache) - |y|) / L_cache, falling linearly to -1 at |y| = L_max, and -1 beyond;
+    times `factor`. Responses cut at the limit are punished by degrees rather than all alike,
+    so a correct but long answer is not scored as a wrong one (sec. 3.4).
+    """
+    if buffer_len < 1 or buffer_len > max_length:
+        raise ConfigError(f"overlong buffer must be in [1, max_length={max_length}], got {buffer_len}")
+    n = lengths.to(torch.float64)
+    start = max_length - buffer_len
+    pen = ((start - n) / buffer_len).clamp(min=-1.0, max=0.0)
+    return (factor * pen).to(lengths.dtype if lengths.is_floating_point() else torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# off-policy corrections: the sampler's behaviour policy vs the proximal policy of the update
+
+
+def _log_weights(prox_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    m = mask.to(prox_logp.dtype)
+    log_w = (prox_logp - sampler_logp) * m  # 0 on padding: weight 1 there (masked out by the loss anyway)
+    if level == "token":
+        return log_w
+    if level == "sequence":
+        return log_w.sum(-1, keepdim=True)  # pi_prox(y) / pi_behav(y) of the whole response, (B, 1)
+    raise ConfigError(f"off-policy correction level must be token or sequence, got {level!r}")
+
+
+def _truncated(log_w: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # TIS (Yao et al. 2025): min(w, C); the clamp in log space also keeps exp() finite
+    return torch.exp(log_w.clamp(max=math.log(cap))), log_w > math.log(cap)
+
+
+def _masked(log_w: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # MIS: w where w <= C, else 0 (the token or response gives no gradient)
+    over = log_w > math.log(cap)
+    return torch.where(over, torch.zeros_like(log_w), torch.exp(log_w.clamp(max=math.log(cap)))), over
+
+
+OFF_POLICY_CORRECTIONS: dict[str, Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]] = {
+    "tis": _truncated,
+    "mis": _masked,
+}
+
+
+def off_policy_weights(prox_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       correction: str = "tis", level: str = "token", cap: float = 2.0
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Behaviour weights w = pi_prox(y) / pi_sampler(y), truncated ("tis") or masked ("mis") at `cap`.
+
+    `prox_logp`: the trainer's log-probs of the sampled tokens at the start of the update (the
+    proximal policy the clipped ratio is measured against); `sampler_logp`: the sampler's own
+    log-probs of the distribution it sampled from. `level` "token" gives (B, T) weights,
+    "sequence" one per response (B, 1) from the summed log-ratio. Returns (weights, no gradient;
+    metrics offpolicy/weight_mean and offpolicy/capped_frac, the share truncated or masked).
+    """
+    if correction not in OFF_POLICY_CORRECTIONS:
+        raise ConfigError(f"unknown off-policy correction {correction!r}; choose from {sorted(OFF_POLICY_CORRECTIONS)}")
+    if cap <= 0:
+        raise ConfigError(f"off-policy correction cap must be > 0, got {cap}")
+    with torch.no_grad():
+        log_w = _log_weights(prox_logp.detach(), sampler_logp.to(prox_logp.dtype), mask, level)
+        w, over = OFF_POLICY_CORRECTIONS[correction](log_w, cap)
+        rows = mask.bool() if level == "token" else mask.bool().any(-1, keepdim=True)
+        n = max(int(rows.sum()), 1)
+        metrics = {"offpolicy/weight_mean": float((w * rows).sum()) / n,
+                   "offpolicy/capped_frac": float((over & rows).sum()) / n}
+    return w, metrics
+
+
+def sampler_agreement(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the trainer's recomputed log-probs are from the sampler's own, over response tokens:
+    sampler/kl, the mean per-token k3 estimate of KL(sampler || trainer) (tokens are the sampler's
+    draws; Schulman 2020), and sampler/max_abs_diff, max |log p_sampler - log p_trainer|."""
+    m = mask.bool()
+    if not m.any():
+        return {"sampler/kl": 0.0, "sampler/max_abs_diff": 0.0}
+    s, t = sampler_logp.detach().double()[m], trainer_logp.detach().double()[m]
+    return {"sampler/kl": float(kl_estimate(s, t, "k3").mean()), "sampler/max_abs_diff": float((s - t).abs().max())}
 
 
 def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:

@@ -22,7 +22,7 @@ import tyro
 import yaml
 
 from rlhfkit import trl_options
-from rlhfkit.advantages import KL_ESTIMATORS
+from rlhfkit.advantages import KL_ESTIMATORS, OFF_POLICY_CORRECTIONS
 from rlhfkit.errors import ConfigError  # re-exported: config users import it here
 from rlhfkit.train.optim import optimizer_class
 
@@ -398,6 +398,14 @@ class OnPolicyArgs:
     """Sampling temperature; the same scaling is applied to training log-probs."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0 = all); the sampler records its log-probs under this truncated distribution."""
+    off_policy_correction: str = "none"
+    """Importance weights pi_trainer/pi_sampler on the policy-gradient term (decoupled PPO; Yao et al. 2025): none, tis (truncated at off_policy_cap) or mis (masked above it). docs/ppo.md."""
+    off_policy_level: str = "token"
+    """Off-policy weight per token, or per sequence (the product over the response's tokens)."""
+    off_policy_cap: float = 2.0
+    """C of the off-policy correction: weights above C are cut to C (tis) or set to 0 (mis)."""
     prompts_per_step: int = 16
     """Prompts sampled per update, per process."""
     generation_batch_size: int = 64
@@ -442,6 +450,11 @@ class OnPolicyArgs:
         require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
         require(self.temperature > 0, "temperature", "must be > 0 (training log-probs divide by it)")
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.top_k >= 0, "top_k", "must be >= 0 (0 = no top-k)")
+        require(self.off_policy_correction in ("none", *OFF_POLICY_CORRECTIONS), "off_policy_correction",
+                f"must be none or one of {sorted(OFF_POLICY_CORRECTIONS)}")
+        require(self.off_policy_level in ("token", "sequence"), "off_policy_level", "must be token or sequence")
+        require(self.off_policy_cap > 0, "off_policy_cap", "must be > 0")
         require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
         require(self.num_ppo_epochs >= 1, "num_ppo_epochs", "must be >= 1")

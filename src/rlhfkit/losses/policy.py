@@ -13,6 +13,13 @@ RLOO) have shape (B,) and are broadcast over the tokens of their response.
   tokens / (B * max_length), Liu et al. 2025).
 - RLOO: Ahmadian et al. 2024, eq. 4: REINFORCE on the whole response with a leave-one-out
   baseline; clipping keeps later epochs of the same batch on a leash.
+- CISPO: MiniMax 2025 ("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+  Attention", sec. 3.1, eq. 4-5): REINFORCE on every token weighted by the clipped importance
+  ratio, the weight a constant (stop-gradient), so no token's gradient is ever dropped.
+- Off-policy weights (`is_weights`, rlhfkit.advantages.OFF_POLICY_CORRECTIONS): the sampler's
+  behaviour policy differs from the proximal policy the ratio is measured against (decoupled
+  PPO, Hilton et al. 2021, eq. 5); each token's policy-gradient term is multiplied by the
+  constant pi_prox / pi_behaviour, truncated or masked (Yao et al. 2025, TIS).
 """
 
 from __future__ import annotations
@@ -121,40 +128,82 @@ IMPORTANCE_RATIOS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
 # losses
 
 
-def _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level: str = "token"):
-    """Per-token -min(r A, clip(r, 1-eps, 1+eps_high) A) and the ratio statistics."""
+def _ratio(logp, old_logp, advantages, mask, level: str):
+    """(ratio (B, T) or (B, 1), advantages (B, T)) for the importance-sampling level."""
     if level not in IMPORTANCE_RATIOS:
         raise ConfigError(f"unknown importance_sampling_level {level!r}; choose from {sorted(IMPORTANCE_RATIOS)}")
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
-    log_ratio = IMPORTANCE_RATIOS[level](logp, old_logp, mask)
-    ratio = torch.exp(log_ratio)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    return torch.exp(IMPORTANCE_RATIOS[level](logp, old_logp, mask)), advantages
+
+
+def _ratio_metrics(logp, old_logp, ratio, mask, clipped: torch.Tensor) -> Metrics:
     with torch.no_grad():
         m = mask.bool()
         token_log_ratio = logp - old_logp
         r = ratio.expand_as(logp)[m] if m.any() else torch.ones(1, dtype=ratio.dtype, device=ratio.device)
-        metrics = {
-            "clipfrac": masked_mean((clipped < unclipped).to(logp.dtype).expand_as(logp), mask),
+        return {
+            "clipfrac": masked_mean(clipped.to(logp.dtype).expand_as(logp), mask),
             # k3 estimate of KL(old || new) (Schulman 2020): >= 0 and low variance
             "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask),
             "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(),
         }
+
+
+def _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level: str = "token"):
+    """Per-token -min(r A, clip(r, 1-eps, 1+eps_high) A) and the ratio statistics (PPO eq. 7)."""
+    ratio, advantages = _ratio(logp, old_logp, advantages, mask, level)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    return per_token, _ratio_metrics(logp, old_logp, ratio, mask, clipped < unclipped)
+
+
+def _cispo(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level: str = "token"):
+    """CISPO (MiniMax-M1, eq. 4-5): per-token -sg(min(r, 1 + eps_high)) A log pi(y_t).
+
+    The clipped ratio is a constant weight, so every token keeps its REINFORCE gradient
+    A grad log pi (scaled down when r is large) instead of PPO's zero gradient outside the
+    clip, which drops exactly the rare tokens that open a reasoning path (sec. 3.1). As in the
+    paper's runs there is no lower bound (eps_low^IS is set large); `clip_eps_high` None uses
+    `clip_eps`. TRL's loss_type "cispo" instead caps r at epsilon_high itself (its default 5.0).
+    """
+    ratio, advantages = _ratio(logp, old_logp, advantages, mask, level)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    weight = ratio.clamp(max=1.0 + high).detach()
+    per_token = -weight * advantages * logp
+    return per_token, _ratio_metrics(logp, old_logp, ratio, mask, ratio > 1.0 + high)
+
+
+POLICY_OBJECTIVES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
+    "clip": _surrogate,  # PPO / GRPO clipped surrogate
+    "cispo": _cispo,     # MiniMax-M1: clipped IS weight, stop-gradient, on every token
+}
+
+
+def _objective(name: str, logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level, is_weights):
+    """The per-token objective `name`, each token's term times the off-policy weight (constant) if given."""
+    if name not in POLICY_OBJECTIVES:
+        raise ConfigError(f"unknown policy objective {name!r}; choose from {sorted(POLICY_OBJECTIVES)}")
+    per_token, metrics = POLICY_OBJECTIVES[name](logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level)
+    if is_weights is not None:  # decoupled PPO (Hilton et al. 2021, eq. 5): E_behav[pi_prox/pi_behav * L_clip]
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     return per_token, metrics
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, normalize: str = "token",
-                    totals: StepTotals | None = None) -> tuple[torch.Tensor, Metrics]:
+                    totals: StepTotals | None = None, is_weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, Metrics]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) over per-token advantages.
 
     `clip_eps_high` allows an asymmetric upper clip (DAPO's clip-higher); None = symmetric.
     `totals`: the optimiser step's totals (default: this batch is the whole step).
+    `is_weights` (B, T) or (B, 1): off-policy weights pi_prox / pi_sampler (constants), or None.
     """
-    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high)
+    per_token, metrics = _objective("clip", logp, old_logp, advantages, mask, clip_eps, clip_eps_high, "token",
+                                    is_weights)
     loss = _normaliser(normalize)(per_token, mask, totals or StepTotals.of(mask))
     return loss, {"policy_loss": loss.detach(), **metrics}
 
@@ -194,14 +243,16 @@ def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float) -> tuple[t
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, normalize: str = "sequence",
               clip_eps_high: float | None = None, max_length: int | None = None,
-              importance_sampling_level: str = "token", totals: StepTotals | None = None
-              ) -> tuple[torch.Tensor, Metrics]:
+              importance_sampling_level: str = "token", totals: StepTotals | None = None,
+              objective: str = "clip", is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """GRPO (Shao et al. 2024, eq. 3): clipped surrogate with the group advantage of each
     response on all its tokens, plus beta * k3(pi || pi_ref) per token (eq. 4) in the loss
     rather than in the reward. `normalize`: "sequence" (GRPO), "token" (DAPO), "dr_grpo",
-    "sequence_sum"; `importance_sampling_level`: "token", "sequence" (GSPO) or "sequence_sum"."""
-    per_token, metrics = _surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high,
-                                    importance_sampling_level)
+    "sequence_sum"; `importance_sampling_level`: "token", "sequence" (GSPO) or "sequence_sum";
+    `objective`: "clip" (PPO's surrogate) or "cispo" (MiniMax-M1); `is_weights` (B, T) or (B, 1):
+    off-policy weights on the policy-gradient term (not the KL term), or None."""
+    per_token, metrics = _objective(objective, logp, old_logp, advantages, mask, clip_eps, clip_eps_high,
+                                    importance_sampling_level, is_weights)
     if beta and ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, "k3")
         per_token = per_token + beta * kl

@@ -7,7 +7,15 @@ advantage comes from its group, by the estimator named in `advantage_estimator`
 
 - "grpo": (r - mean_group) / std_group (Shao et al. 2024, DeepSeekMath, eq. 3, sec. 4.1.2);
   `scale_rewards false` + `loss_type dr_grpo` is Dr. GRPO (Liu et al. 2025);
-- "rloo": r minus the mean of the other responses of the group (Ahmadian et al. 2024, eq. 4).
+- "rloo": r minus the mean of the other responses of the group (Ahmadian et al. 2024, eq. 4);
+- "reinforce_pp": REINFORCE++-baseline, r minus the group mean, whitened over the batch (Hu et al. 2025).
+
+DAPO's options (Yu et al. 2025): `epsilon_high` (clip-higher), `loss_type dapo` (token mean),
+`dynamic_sampling` (groups whose rewards do not vary are dropped and more prompts sampled;
+rlhfkit.recipes.group_sampling) and `overlong_buffer_len` (soft overlong punishment, eq. 13).
+`loss_type cispo` is MiniMax-M1's CISPO objective (clipped IS weight, stop-gradient, every token)
+with DAPO's token mean. `off_policy_correction` weights each token by the trainer's over the
+sampler's probability (truncated or masked), the clip measured against the proximal policy.
 
 The KL to the reference goes into the loss as beta * k3 per token (GRPO, eq. 4) or, with
 `kl_in_reward`, into the reward as -beta * summed per-token KL (RLOO, eq. 2). A group of one
@@ -39,20 +47,24 @@ from rlhfkit.advantages import (
     RunningMoments,
     kl_estimate,
     make_kl_controller,
+    overlong_penalty,
     process_scores,
+    sampler_agreement,
     zero_variance_share,
 )
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.rewards import completion_id_lists
 from rlhfkit.logprobs import fast_head_allowed, response_logprobs
-from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, StepTotals, grpo_loss
+from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, POLICY_OBJECTIVES, StepTotals, grpo_loss
 from rlhfkit.masked import masked_mean
 from rlhfkit.recipes import onpolicy
+from rlhfkit.recipes.group_sampling import Round, dynamic_sampling
 from rlhfkit.rollout import Trajectory, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
+    prompts_for_step,
     render_prompt,
     rollout_seed,
     rows_of,
@@ -64,7 +76,7 @@ from rlhfkit.train.sharding import is_sharded
 from rlhfkit.train.step import accumulate, backward, check_finite, optimizer_step, step_total
 
 # TRL's loss_type names -> rlhfkit's normalisers
-LOSS_TYPE_ALIASES = {"grpo": "sequence", "dapo": "token", "bnpo": "token"}
+LOSS_TYPE_ALIASES = {"grpo": "sequence", "dapo": "token", "bnpo": "token", "cispo": "token"}
 
 
 @dataclasses.dataclass
@@ -72,7 +84,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     num_generations: int = 4
     """Responses sampled per prompt (the group size G; at least 2)."""
     advantage_estimator: str = "grpo"
-    """Group baseline: grpo (group mean and std) or rloo (leave-one-out mean)."""
+    """Group baseline: grpo (group mean and std), rloo (leave-one-out mean) or reinforce_pp (REINFORCE++-baseline: group mean, batch std; Hu et al. 2025)."""
     beta: float = 0.04
     """KL coefficient: weight of the per-token k3 KL in the loss (or of the summed KL in the reward with kl_in_reward)."""
     kl_in_reward: bool = False
@@ -80,11 +92,21 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     epsilon: float = 0.2
     """Clip range of the importance ratio."""
     epsilon_high: float = 0.0
-    """Upper clip of the ratio when > 0 (DAPO's clip-higher); 0 = epsilon."""
+    """Upper clip of the ratio when > 0 (DAPO's clip-higher, e.g. 0.28 with epsilon 0.2; CISPO's weight cap 1 + epsilon_high); 0 = epsilon."""
     importance_sampling_level: str = "token"
     """Importance ratio: token (GRPO/PPO), sequence (GSPO: length-normalised) or sequence_sum (RLOO: whole response)."""
     loss_type: str = "sequence"
-    """Loss normalisation: sequence (= grpo), token (= dapo: all tokens of the step), dr_grpo, or sequence_sum (REINFORCE)."""
+    """Loss normalisation: sequence (= grpo), token (= dapo: all tokens of the step), dr_grpo, sequence_sum (REINFORCE), or cispo (objective cispo, token mean)."""
+    objective: str = "clip"
+    """Per-token objective: clip (PPO's clipped surrogate) or cispo (MiniMax-M1: sg(min(r, 1 + epsilon_high)) A log pi on every token)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards all agree (no gradient) and sample more prompts until the batch is full."""
+    dynamic_sampling_max_rounds: int = 3
+    """Extra sampling rounds per update at most; when reached, the batch is filled with dropped groups (counted in dynamic_sampling/filled_groups)."""
+    overlong_buffer_len: int = 0
+    """DAPO's soft overlong punishment: responses longer than max_completion_length minus this lose up to overlong_penalty_factor, linearly (0 = off)."""
+    overlong_penalty_factor: float = 1.0
+    """Reward lost by a response of max_completion_length tokens under the overlong punishment."""
     scale_rewards: bool = True
     """grpo: divide group-centred rewards by the group std (false for Dr. GRPO); rloo: whiten advantages over the batch."""
     engine: str = "hf"
@@ -99,6 +121,8 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     def __post_init__(self) -> None:
         self._check_train_args()
         self._check_on_policy_args()
+        if self.loss_type == "cispo":
+            self.objective = "cispo"
         self.loss_type = LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
         require(self.model != "", "model", "give the SFT policy to start from (a folder or 'kindly')")
         require(self.num_generations >= 2, "num_generations",
@@ -111,24 +135,52 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
                 f"must be one of {sorted(IMPORTANCE_RATIOS)}")
         require(self.beta >= 0 and self.epsilon > 0, "beta", "beta must be >= 0 and epsilon > 0")
         require(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        require(self.objective in POLICY_OBJECTIVES, "objective", f"must be one of {sorted(POLICY_OBJECTIVES)}")
+        require(self.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds", "must be >= 0")
+        require(0 <= self.overlong_buffer_len <= self.max_completion_length, "overlong_buffer_len",
+                "must be in [0, max_completion_length] (0 = off)")
+
+
+def sample_round(policy, tok, rewards, eval_reward, prompts, cfg, step, accelerator, engine, trainer_state=None,
+                 round_: int = 0) -> Round:
+    """Steps 2-3 for one set of prompts: G responses per prompt (prompt-major rows), scored by every
+    reward (a failing reward stops the run here, before any update). Round r > 0 of dynamic
+    sampling draws from its own seed."""
+    roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
+                  cfg.temperature, cfg.top_p, num_samples=cfg.num_generations, batch_size=cfg.generation_batch_size,
+                  seed=rollout_seed(cfg.seed + 7919 * round_, step, accelerator.process_index),
+                  max_prompt_length=cfg.max_prompt_length, top_k=cfg.top_k)
+    row_prompts, columns = rows_of(prompts, roll.prompt_index)
+    completions = as_completions(row_prompts, roll.responses)
+    scored = rewards.score(row_prompts, completions, completion_ids=completion_id_lists(roll),
+                           trainer_state=trainer_state, **columns)
+    eval_scores = eval_reward(row_prompts, completions, **columns) if eval_reward is not None else None
+    return Round(roll, row_prompts, columns, completions, scored, eval_scores)
+
+
+def extra_prompts(run, cfg, step: int, round_: int):
+    """Dynamic sampling's round `round_` of update `step`: prompts drawn as a pure function of
+    (seed, step, round), so a resumed run draws them again."""
+    a = run.accelerator
+    return run.prompts.select(prompts_for_step(len(run.prompts), step, cfg.prompts_per_step, cfg.seed + round_,
+                                               a.num_processes, a.process_index))
 
 
 def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg, step, beta, running, accelerator, engine,
-            single_pass: bool, trainer_state=None):
-    """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages."""
+            single_pass: bool, trainer_state=None, more_prompts=None):
+    """Steps 2-5 of an update: G responses per prompt, scored, with old/reference log-probs and advantages.
+    `more_prompts(r)`: the prompts of dynamic sampling's extra round r (None = no dynamic sampling)."""
     G, bs, dev = cfg.num_generations, cfg.per_device_train_batch_size, accelerator.device
-    # 2. rollout: G responses per prompt, prompt-major rows
-    roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
-                  cfg.temperature, cfg.top_p, num_samples=G, batch_size=cfg.generation_batch_size,
-                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length)
-    row_prompts, columns = rows_of(prompts, roll.prompt_index)
-    completions = as_completions(row_prompts, roll.responses)
-    # 3. score every reward; a failing reward stops the run here, before any update
-    scored = rewards.score(row_prompts, completions, completion_ids=completion_id_lists(roll),
-                           trainer_state=trainer_state, **columns)
+    # 2.-3. rollout and rewards; with dynamic sampling, groups without reward variance are replaced
+    batch, sampling_stats = sample_round(policy, tok, rewards, eval_reward, prompts, cfg, step, accelerator, engine,
+                                         trainer_state), {}
+    if more_prompts is not None:
+        batch, sampling_stats = dynamic_sampling(
+            batch, lambda r: sample_round(policy, tok, rewards, eval_reward, more_prompts(r), cfg, step, accelerator,
+                                          engine, trainer_state, r), G, cfg.dynamic_sampling_max_rounds, tok.pad_token_id)
+    roll, scored, eval_scores = batch.rollout, batch.scored, batch.eval_scores
     # a completion no reward applies to takes its group's mean: it shifts no baseline (TRL's NaN treatment)
     scores = torch.tensor(scored.total_for_groups(G), dtype=torch.float32)
-    eval_scores = eval_reward(row_prompts, completions, **columns) if eval_reward is not None else None
     # 4. old and reference log-probs with the training forward and layout (first ratio exactly 1); a single
     #    pass trains each row once before any step, so its old log-probs are filled in by that forward
     ids, mask = (t.to(dev) for t in roll.sequences())
@@ -144,12 +196,18 @@ def collect(policy, ref_model, ref_ctx, tok, rewards, eval_reward, prompts, cfg,
     # 5. rewards -> group advantages (the KL in the reward for RLOO)
     shaped = process_scores(scores, roll.ended_with_eos, cfg.missing_eos_penalty, cfg.score_norm, running,
                             cfg.score_clip or None).to(dev)
+    if cfg.overlong_buffer_len:  # DAPO eq. 13, on the reward the advantages are computed from
+        overlong = overlong_penalty(roll.response_lengths, cfg.max_completion_length, cfg.overlong_buffer_len,
+                                    cfg.overlong_penalty_factor).to(dev)
+        shaped = shaped + overlong
+        sampling_stats["overlong_penalty_mean"] = overlong.mean().item()
     if cfg.kl_in_reward:
         shaped = shaped - beta * (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * rmask).sum(-1)
     adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](shaped, G, cfg.scale_rewards)
     adv[torch.as_tensor(scored.unscorable, device=adv.device)] = 0.0  # no signal from an unscorable completion
-    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv)
-    stats = scored.stats()
+    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv,
+                      sampler_logp=None if roll.sampler_logp is None else roll.sampler_logp.to(dev))
+    stats = {**scored.stats(), **sampling_stats}
     stats.update(frac_reward_zero_std=zero_variance_share(scores, G),
                  group_reward_std=scores.reshape(-1, G).std(-1).mean().item(),
                  num_truncated_prompts=roll.num_truncated_prompts)
@@ -174,11 +232,13 @@ def train_on_batch(policy, optimizer, scheduler, traj: Trajectory, cfg, step, ac
                                                       fast_head=fast_head_allowed(cfg.mixed_precision))
                     if single_pass:
                         traj.old_logp[idx] = logp.detach()
+                    weights, wm = onpolicy.behaviour_weights(traj, idx, cfg)
                     loss, m = grpo_loss(logp, traj.old_logp[idx], traj.ref_logp[idx] if kl_in_loss else None,
                                         traj.advantages[idx], traj.response_mask[idx], cfg.epsilon, kl_in_loss,
                                         cfg.loss_type, cfg.epsilon_high or None, cfg.max_completion_length,
-                                        cfg.importance_sampling_level, totals)
+                                        cfg.importance_sampling_level, totals, cfg.objective, weights)
                     backward(accelerator, loss, "GRPO loss")
+                    m.update(wm)
                 if entropy is not None:
                     m["entropy"] = masked_mean(entropy, traj.response_mask[idx])
                 mb_metrics.append(m)
@@ -228,16 +288,20 @@ def main(cfg: Config, reward_funcs=None, reward_fn=None) -> dict:
         prompts = onpolicy.update_prompts(run, cfg, step)
         # 2.-5. rollout, rewards, old/reference log-probs, group advantages
         beta = kl_ctl.value
+        more_prompts = (lambda r, s=step: extra_prompts(run, cfg, s, r)) if cfg.dynamic_sampling else None
         roll, scores, eval_scores, traj, stats = collect(run.policy, run.reference_forward(), run.reference_context, tok,
                                                          run.rewards, run.eval_reward, prompts, cfg, step, beta, running,
                                                          accelerator, run.engine, single_pass,
-                                                         TrainerState(global_step=step, max_steps=run.n_updates))
+                                                         TrainerState(global_step=step, max_steps=run.n_updates),
+                                                         more_prompts)
         t_roll = time.perf_counter() - t0
         # 6. epochs x mini-batches of clipped policy steps
         train_stats = train_on_batch(run.policy, optimizer, scheduler, traj, cfg, step, accelerator, beta, single_pass)
         # 7. metrics (per reward, groups without signal, KL), the KL controller, alarm, samples, checkpoint
         kl = kl_estimate(traj.old_logp, traj.ref_logp, "k1") * traj.response_mask
         stats.update(monitor.rollout_stats(roll, scores, kl, traj.old_logp, eval_scores))
+        if traj.sampler_logp is not None:  # trainer-sampler agreement, measured in every run
+            stats.update(sampler_agreement(traj.old_logp, traj.sampler_logp, traj.response_mask))
         truncated += roll.num_truncated_prompts
         metrics = {**train_stats, **stats, "learning_rate": scheduler.get_last_lr()[0]}
         update = onpolicy.Update(step, metrics, roll, scores, eval_scores, t0, t_roll)

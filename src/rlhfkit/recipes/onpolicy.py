@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhfkit.advantages import off_policy_weights
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval import monitor
 from rlhfkit.judges.rewards import add_extra_columns
 from rlhfkit.judges.specs import load_rewards
 from rlhfkit.models import load_policy, load_tokenizer, reference_model, save_model
 from rlhfkit.models.lora import disable_dropout, reference_context
-from rlhfkit.rollout import Rollout, get_engine
+from rlhfkit.rollout import Rollout, Trajectory, get_engine
 from rlhfkit.rollout.forward import unwrap
 from rlhfkit.rollout.prompts import load_prompt_set, prompts_for_step
 from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
@@ -254,3 +255,14 @@ def write_samples(output_dir: str | Path, step: int, rows: list[dict]) -> None:
     with open(Path(output_dir) / "samples.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps({"step": step, **r}) + "\n")
+
+
+def behaviour_weights(traj: Trajectory, idx: torch.Tensor, cfg) -> tuple[torch.Tensor | None, dict]:
+    """The off-policy weights pi_prox / pi_sampler of rows `idx` and their metrics; (None, {}) when
+    the correction is off or the engine recorded no sampler log-probs. The proximal policy is the one
+    the rollout was scored with (old_logp); the clip is measured against it (decoupled PPO,
+    Hilton et al. 2021), the weight corrects for the sampler (rlhfkit.advantages.off_policy_weights)."""
+    if cfg.off_policy_correction == "none" or traj.sampler_logp is None:
+        return None, {}
+    return off_policy_weights(traj.old_logp[idx], traj.sampler_logp[idx], traj.response_mask[idx],
+                              cfg.off_policy_correction, cfg.off_policy_level, cfg.off_policy_cap)

@@ -29,6 +29,7 @@ from rlhfkit.advantages import (
     gae,
     make_kl_controller,
     process_scores,
+    sampler_agreement,
     shape_rewards,
 )
 from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
@@ -127,7 +128,8 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     # 2. rollout: one response per prompt
     roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
                   cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
-                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length)
+                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length,
+                  top_k=cfg.top_k)
     # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
     completions = as_completions(prompts.prompts, roll.responses)
     scored = rewards.score(prompts.prompts, completions, completion_ids=completion_id_lists(roll),
@@ -166,8 +168,11 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     adv, returns = gae(token_rewards, old_values, rmask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, rmask)
-    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv, old_values, returns, first)
+    sampler_logp = None if roll.sampler_logp is None else roll.sampler_logp.to(dev)
+    traj = Trajectory(ids, mask, rmask, old_logp, ref_logp, scores.to(dev), adv, old_values, returns, first, sampler_logp)
     stats = monitor.rollout_stats(roll, scores, kl, old_logp, eval_scores)
+    if sampler_logp is not None:  # trainer-sampler agreement, measured in every run
+        stats.update(sampler_agreement(old_logp, sampler_logp, rmask))
     stats.update(scored.stats())
     stats["value_explained_variance"] = explained_variance(old_values, returns, rmask)
     stats["num_truncated_prompts"] = roll.num_truncated_prompts
@@ -230,8 +235,10 @@ def micro_batch_loss(policy, critic, traj: Trajectory, idx, mb, totals: StepTota
                                       temperature=cfg.temperature, with_entropy=bonus or epoch == 0,
                                       entropy_grad=bonus, fast_head=fast_head_allowed(cfg.mixed_precision))
     # 7c. clipped surrogate (Schulman et al. 2017 eq. 7) and clipped value loss
+    weights, weight_metrics = onpolicy.behaviour_weights(traj, idx, cfg)  # off-policy correction (or none)
     policy_loss, metrics = ppo_policy_loss(logp, traj.old_logp[idx], traj.advantages[idx], rmask, cfg.cliprange,
-                                           totals=totals)
+                                           totals=totals, is_weights=weights)
+    metrics.update(weight_metrics)
     entropy_loss, entropy_metrics = (entropy_bonus(ent, rmask, cfg.entropy_coef, totals) if ent is not None
                                      else (0.0, {}))
     values = first.values if first is not None else critic(ids, mask, traj.response_width)

@@ -37,19 +37,40 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` largest logits of each row (ties at the k-th value kept); the rest get -inf. 0 = all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from `logits` (B, V); temperature 0 means greedy."""
+                      generator: torch.Generator | None = None, top_k: int = 0,
+                      return_logprob: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from `logits` (B, V); temperature 0 means greedy.
+
+    The distribution sampled from is softmax(logits / temperature) restricted to the top-k, then
+    to the top-p nucleus, renormalised (the order of transformers' and vLLM's samplers). With
+    `return_logprob`, also returns (B,) float32: log-prob of each picked token under exactly that
+    distribution (0 for greedy, a point mass) -- the behaviour log-prob off-policy corrections need.
+    """
     if temperature <= 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        return (tok, torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)) if return_logprob else tok
     logits = logits.float() / temperature
-    logits = top_p_filter(logits, top_p)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     # inverse-CDF sampling: one uniform per row instead of torch.multinomial's exponential
     # draw per vocabulary entry, which dominated a decoding step of a small model
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     # right=True picks the first index whose cdf exceeds u: never a token of zero probability
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    if not return_logprob:
+        return tok
+    # the trainer's formula (logit - logsumexp, rlhfkit.logprobs), over the kept tokens only
+    picked = logits.gather(-1, tok[:, None]).squeeze(-1)
+    return tok, picked - torch.logsumexp(logits, dim=-1)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None
@@ -120,19 +141,21 @@ def _all_finished(finished: torch.Tensor, lockstep: bool) -> bool:
 
 def _generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                     top_p: float, stop: torch.Tensor, pad_id: int, generator,
-                    lockstep: bool = False) -> tuple[torch.Tensor, ...]:
+                    lockstep: bool = False, top_k: int = 0, with_logprobs: bool = False) -> tuple[torch.Tensor, ...]:
     """Decode one batch of prompts. With `lockstep` (a sharded model, whose every forward is a
     collective) the loop runs until the rows of every process have ended; a process whose rows
     ended first feeds padding without sampling, so its tokens and its generator's draws are those
     of a run on its own. A sharded model samples under no_grad, not inference_mode: parameters
     all-gathered in inference mode would be inference tensors, which the next training forward's
-    all-gather may not write into."""
+    all-gather may not write into. Returns (query, query_mask, response_ids, response_mask,
+    ended_with_eos), and with `with_logprobs` the sampler's log-probs (B, R) float32 last."""
     with torch.no_grad() if lockstep else torch.inference_mode():
-        return _decode(model, prompt_ids, max_new_tokens, temperature, top_p, stop, pad_id, generator, lockstep)
+        out = _decode(model, prompt_ids, max_new_tokens, temperature, top_p, stop, pad_id, generator, lockstep, top_k)
+    return out if with_logprobs else out[:5]
 
 
 def _decode(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-            stop: torch.Tensor, pad_id: int, generator, lockstep: bool) -> tuple[torch.Tensor, ...]:
+            stop: torch.Tensor, pad_id: int, generator, lockstep: bool, top_k: int = 0) -> tuple[torch.Tensor, ...]:
     device = stop.device
     b, p = len(prompt_ids), max(len(x) for x in prompt_ids)
     query = torch.full((b, p), pad_id, dtype=torch.long)
@@ -148,14 +171,15 @@ def _decode(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature
                 **{cache: DynamicCache()}, use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1:] + 1
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos_at = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     width = max_new_tokens  # columns this process generated: up to the step its last row ended
     for t in range(max_new_tokens):
         if width == max_new_tokens:
-            tok = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator)
+            tok, lp = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator, top_k, return_logprob=True)
             tok = tok.masked_fill(finished, pad_id)
-            tokens[:, t] = tok
+            tokens[:, t], logps[:, t] = tok, lp.masked_fill(finished, 0.0)
             hit = torch.isin(tok, stop) & ~finished
             eos_at = torch.where(hit, torch.full_like(eos_at, t), eos_at)
             finished |= hit
@@ -172,7 +196,7 @@ def _decode(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature
     steps = torch.arange(tokens.shape[1], device=device)
     resp_mask = (steps[None, :] <= eos_at[:, None]).long()
     tokens = tokens.masked_fill(resp_mask == 0, pad_id)
-    return query, attn[:, :p], tokens, resp_mask, finished
+    return query, attn[:, :p], tokens, resp_mask, finished, logps[:, :width].masked_fill(resp_mask == 0, 0.0)
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
@@ -185,7 +209,8 @@ def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
-             max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None) -> Rollout:
+             max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None,
+             top_k: int = 0) -> Rollout:
     """Sample `num_samples` responses per prompt, `batch_size` rows per forward.
 
     Rows are ordered prompt-major (the samples of prompt i are rows i*K .. i*K+K-1), which is
@@ -198,8 +223,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, got {top_p} and {top_k}")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ConfigError("the tokenizer has no pad token; rlhfkit.models.load_tokenizer sets one")
@@ -229,7 +254,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
             chunk = rows[starts[c]:starts[c] + batch_size] if c < len(starts) else None
             prompt_ids = [ids[i] for i in chunk] if chunk else [ids[0] if ids else [pad_id]]
             result = _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, stop, pad_id, generator,
-                                     **({"lockstep": True} if lockstep else {}))
+                                     **({"lockstep": True} if lockstep else {}), top_k=top_k, with_logprobs=True)
             if chunk:
                 chunks.append(result)
     finally:
@@ -241,8 +266,10 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
     resp = torch.cat([_pad_to(c[2], r, pad_id, left=False) for c in chunks])
     rmask = torch.cat([_pad_to(c[3], r, 0, left=False) for c in chunks])
     ended = torch.cat([c[4] for c in chunks])
+    sampler_logp = torch.cat([_pad_to(c[5], r, 0, left=False) for c in chunks])
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(resp, rmask)],
                                    skip_special_tokens=True)
     return Rollout(prompts=[prompts[i] for i in rows], responses=texts, query_ids=query, query_mask=qmask,
                    response_ids=resp, response_mask=rmask, ended_with_eos=ended,
-                   prompt_index=torch.tensor(rows, dtype=torch.long), num_truncated_prompts=truncated)
+                   prompt_index=torch.tensor(rows, dtype=torch.long), num_truncated_prompts=truncated,
+                   sampler_logp=sampler_logp)

@@ -22,6 +22,10 @@ class Rollout:
     response_mask  (N, R) long  1 on sampled tokens up to and including the first EOS
     ended_with_eos (N,)   bool  True where the response stopped at an EOS token
     prompt_index   (N,)   long  index of each row's prompt in the list passed to the engine
+    sampler_logp   (N, R) float32  the sampler's own log-prob of each sampled token under the
+                                distribution it sampled from (after temperature, top-k, top-p;
+                                0 for greedy), 0 on padding; None from an engine that gives none
+    policy_version int   weights version (optimiser updates applied) the sampler used; -1 = unknown
     """
 
     prompts: list[str]
@@ -37,6 +41,10 @@ class Rollout:
     """(N,) index of each row's prompt in the list passed to `generate`."""
     num_truncated_prompts: int = 0
     """Prompts that were longer than `max_prompt_length` and lost their first tokens."""
+    sampler_logp: torch.Tensor | None = None
+    """(N, R) float32 behaviour log-probs of the sampled tokens (see the class docstring)."""
+    policy_version: int = -1
+    """Optimiser updates the sampling weights had seen (async rollouts); -1 = not tracked."""
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -61,7 +69,34 @@ class Rollout:
             response_ids=self.response_ids[idx], response_mask=self.response_mask[idx],
             ended_with_eos=self.ended_with_eos[idx], prompt_index=self.prompt_index[idx],
             num_truncated_prompts=self.num_truncated_prompts,
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[idx],
+            policy_version=self.policy_version,
         )
+
+
+def _pad(x: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Rows of several rollouts in order, prompts re-left-padded and responses re-right-padded to
+    the widest; `prompt_index` is kept as each part had it (index into that part's prompt list)."""
+    p = max(r.query_ids.shape[1] for r in rollouts)
+    w = max(r.response_ids.shape[1] for r in rollouts)
+    logps = [r.sampler_logp for r in rollouts]
+    return Rollout(
+        prompts=[x for r in rollouts for x in r.prompts], responses=[x for r in rollouts for x in r.responses],
+        query_ids=torch.cat([_pad(r.query_ids, p, pad_id, True) for r in rollouts]),
+        query_mask=torch.cat([_pad(r.query_mask, p, 0, True) for r in rollouts]),
+        response_ids=torch.cat([_pad(r.response_ids, w, pad_id, False) for r in rollouts]),
+        response_mask=torch.cat([_pad(r.response_mask, w, 0, False) for r in rollouts]),
+        ended_with_eos=torch.cat([r.ended_with_eos for r in rollouts]),
+        prompt_index=torch.cat([r.prompt_index for r in rollouts]),
+        num_truncated_prompts=sum(r.num_truncated_prompts for r in rollouts),
+        sampler_logp=None if any(x is None for x in logps) else torch.cat([_pad(x, w, 0.0, False) for x in logps]),
+        policy_version=min(r.policy_version for r in rollouts),
+    )
 
 
 
@@ -81,6 +116,7 @@ class Trajectory:
     returns        (N, R)   float  GAE returns, the critic's targets (PPO), else None
     first_forward  the rollout's training forward kept with its autograd graph, when the first
                    training micro-batch is the whole batch (:class:`FirstForward`), else None
+    sampler_logp   (N, R)   float  the sampler's log pi_behaviour(y_t) (`Rollout.sampler_logp`), or None
     """
 
     input_ids: torch.Tensor
@@ -93,6 +129,7 @@ class Trajectory:
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     first_forward: FirstForward | None = None
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def response_width(self) -> int:

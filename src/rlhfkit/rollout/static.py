@@ -9,8 +9,7 @@ called in place: no copy of the weights, so the engine always samples from the c
 
 Sampling is shared with the `hf` engine (`sample_next_token`: temperature, top-p, inverse-CDF
 draw from one uniform per row, stop at EOS), so for the same seed and the same logits both
-engines pick the same tokens. Log-probs are not returned: the ratio's old log-probs are
-recomputed by the training forward, as with every engine.
+engines pick the same tokens, and record the same sampler log-probs (`Rollout.sampler_logp`).
 """
 
 from __future__ import annotations
@@ -55,14 +54,14 @@ def _step_fn(model, compile: bool):
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | torch.Tensor = (),
              pad_token_id: int = 0, generator: torch.Generator | None = None,
-             compile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             compile: bool | None = None, top_k: int = 0, with_logprobs: bool = False) -> tuple[torch.Tensor, ...]:
     """Sample up to `max_new_tokens` per row from LEFT-padded prompts (B, P).
 
     Returns (response_ids (B, R), response_mask (B, R), ended_with_eos (B,)), laid out as the
     `hf` engine lays them out: right-padded with `pad_token_id`, the mask 1 up to and including
     the first stop token, R the number of steps actually taken (decoding stops once every row
     has stopped). `compile=None` compiles on CUDA only: on a CPU the compile time is never
-    repaid at the sizes rlhfkit trains there.
+    repaid at the sizes rlhfkit trains there. `with_logprobs` appends the sampler's log-probs (B, R).
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -82,12 +81,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     step_fn = _step_fn(model, compile)
     next_pos = positions[:, -1:] + 1
     tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos_at = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        tok = sample_next_token(logits, temperature, top_p, generator).masked_fill(finished, pad_token_id)
-        tokens[:, t] = tok
+        tok, lp = sample_next_token(logits, temperature, top_p, generator, top_k, return_logprob=True)
+        tok = tok.masked_fill(finished, pad_token_id)
+        tokens[:, t], logps[:, t] = tok, lp.masked_fill(finished, 0.0)
         hit = torch.isin(tok, stop) & ~finished
         eos_at = torch.where(hit, torch.full_like(eos_at, t), eos_at)
         finished |= hit
@@ -104,13 +105,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     idx = torch.arange(steps, device=device)
     resp_mask = (idx[None, :] <= eos_at[:, None]).long()
     tokens = tokens.masked_fill(resp_mask == 0, pad_token_id)
+    if with_logprobs:
+        return tokens, resp_mask, finished, logps[:, :steps].masked_fill(resp_mask == 0, 0.0)
     return tokens, resp_mask, finished
 
 
 def generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                   stop: torch.Tensor, pad_id: int, generator) -> tuple[torch.Tensor, ...]:
+                   stop: torch.Tensor, pad_id: int, generator, top_k: int = 0,
+                   with_logprobs: bool = False) -> tuple[torch.Tensor, ...]:
     """Drop-in for the `hf` engine's per-batch function (rollout.generate._generate_chunk):
-    returns (query, query_mask, response_ids, response_mask, ended_with_eos)."""
+    returns (query, query_mask, response_ids, response_mask, ended_with_eos[, sampler_logp])."""
     device = stop.device
     b, p = len(prompt_ids), max(len(x) for x in prompt_ids)
     query = torch.full((b, p), pad_id, dtype=torch.long)
@@ -119,14 +123,14 @@ def generate_chunk(model, prompt_ids: list[list[int]], max_new_tokens: int, temp
         query[i, p - len(ids):] = torch.tensor(ids, dtype=torch.long)
         qmask[i, p - len(ids):] = 1
     query, qmask = query.to(device), qmask.to(device)
-    tokens, resp_mask, finished = generate(model, query, qmask, max_new_tokens, temperature, top_p, stop, pad_id,
-                                           generator)
-    return query, qmask, tokens, resp_mask, finished
+    out = generate(model, query, qmask, max_new_tokens, temperature, top_p, stop, pad_id, generator, top_k=top_k,
+                   with_logprobs=with_logprobs)
+    return (query, qmask, *out)
 
 
 def generate_rollout(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
-                     max_prompt_length: int | None = None, stop_token_ids=None):
+                     max_prompt_length: int | None = None, stop_token_ids=None, top_k: int = 0):
     """The `static` engine with the rollout-engine signature of `rlhfkit.rollout.generate.generate`:
     the same validation, prompt encoding, row order and Rollout, the decoding done by
     :func:`generate_chunk`."""
@@ -139,6 +143,6 @@ def generate_rollout(model, tokenizer, prompts, max_new_tokens: int, temperature
     try:
         return hf.generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                            num_samples=num_samples, batch_size=batch_size, seed=seed,
-                           max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids)
+                           max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids, top_k=top_k)
     finally:
         hf._generate_chunk = original

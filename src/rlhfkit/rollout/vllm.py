@@ -10,10 +10,12 @@ of it. Each rollout:
 3. put vLLM to sleep (level 2: weights and KV cache released), giving the memory back to the
    training forward and backward.
 
-Sampling follows the `hf` engine: temperature (0 = greedy), top-p, stop at EOS and the stop ids.
-vLLM's own log-probs are never used: the ratio's old log-probs are recomputed by the training
-forward, so a numerical difference between vLLM's kernels and the trainer's cannot bias the
-update. The layout of the returned Rollout is the `hf` engine's.
+Sampling follows the `hf` engine: temperature (0 = greedy), top-k, top-p, stop at EOS and the stop
+ids. The ratio's old log-probs are recomputed by the training forward; vLLM's own log-prob of each
+sampled token (`logprobs_mode="processed_logprobs"`, vLLM >= 0.10.2: after temperature, top-k and
+top-p, the distribution it sampled from) is recorded as `Rollout.sampler_logp`, for the sampler
+agreement metrics and the optional off-policy correction. The layout of the returned Rollout is
+the `hf` engine's.
 
 The vLLM calls (`LLM`, `SamplingParams`, `sleep`, `wake_up`, `reset_prefix_cache`,
 `llm_engine.model_executor.driver_worker.model_runner.model.load_weights`) are the ones TRL's
@@ -66,7 +68,7 @@ class VLLMEngine:
         self.sleep_enabled = sleep
         self.llm = self.vllm.LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization,
                                  max_model_len=max_model_len, dtype=dtype, enable_sleep_mode=sleep, seed=seed,
-                                 distributed_executor_backend="external_launcher")
+                                 distributed_executor_backend="external_launcher", logprobs_mode="processed_logprobs")
         if sleep:
             self.llm.sleep(level=2)
         self.pushes = 0
@@ -96,7 +98,7 @@ class VLLMEngine:
 
     def generate(self, model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
-                 max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None):
+                 max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None, top_k: int = 0):
         """The rollout-engine call (the signature of rlhfkit.rollout.generate.generate)."""
         gen = importlib.import_module("rlhfkit.rollout.generate")
         if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
@@ -110,9 +112,11 @@ class VLLMEngine:
         if self.sleep_enabled:
             self.llm.wake_up(tags=["kv_cache"])
         params = self.vllm.SamplingParams(n=num_samples, temperature=max(temperature, 0.0), top_p=top_p,
-                                          max_tokens=max_new_tokens, stop_token_ids=stop, seed=seed)
+                                          top_k=top_k if top_k > 0 else -1, max_tokens=max_new_tokens,
+                                          stop_token_ids=stop, seed=seed, logprobs=0)
         per_call = max(1, batch_size // num_samples)  # prompts per call: at most batch_size rows in flight
         responses: list[list[int]] = []
+        logps: list[list[float]] = []
         ended: list[bool] = []
         try:
             for start in range(0, len(ids), per_call):
@@ -125,11 +129,24 @@ class VLLMEngine:
                         if stopped and isinstance(reason, int) and (not toks or toks[-1] != reason):
                             toks.append(reason)  # keep the stop token: the policy must learn to emit it
                         responses.append(toks[:max_new_tokens])
+                        logps.append(_sampled_logprobs(sample, toks[:max_new_tokens]))
                         ended.append(stopped)
         finally:
             if self.sleep_enabled:
                 self.llm.sleep(level=2)
-        return _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, truncated)
+        roll = _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, truncated)
+        roll.sampler_logp = torch.zeros(roll.response_ids.shape, dtype=torch.float32)
+        for k, row in enumerate(logps):
+            roll.sampler_logp[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        return roll
+
+
+def _sampled_logprobs(sample, toks: list[int]) -> list[float]:
+    """vLLM's log-prob of each sampled token (`logprobs=0` returns the sampled token's own); the stop
+    token appended from `stop_reason` has none from vLLM and gets 0 (vLLM never sampled it)."""
+    entries = list(getattr(sample, "logprobs", None) or [])
+    out = [float(d[t].logprob) if d is not None and t in d else 0.0 for d, t in zip(entries, toks)]
+    return out + [0.0] * (len(toks) - len(out))
 
 
 def _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, truncated):
@@ -159,7 +176,8 @@ _ENGINES: dict[int, VLLMEngine] = {}
 
 def generate_rollout(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
                      top_p: float = 1.0, num_samples: int = 1, batch_size: int = 64, seed: int | None = None,
-                     max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None):
+                     max_prompt_length: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                     top_k: int = 0):
     """The `vllm` engine with the rollout-engine signature: one colocated vLLM per policy, started
     on first use from the policy's checkpoint path, its weights refreshed on every call."""
     inner = getattr(model, "module", model)
@@ -172,4 +190,4 @@ def generate_rollout(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         _ENGINES[key] = VLLMEngine(path)
     return _ENGINES[key].generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                                   num_samples=num_samples, batch_size=batch_size, seed=seed,
-                                  max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids)
+                                  max_prompt_length=max_prompt_length, stop_token_ids=stop_token_ids, top_k=top_k)
