@@ -32,6 +32,7 @@ import numpy as np
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.overopt import FITS
 from rlhfkit.eval.run_eval import find_results
+from rlhfkit.eval.scorecard import card_rows
 from rlhfkit.train.runs import atomic_write_text
 
 MAX_CURVES = 16
@@ -302,6 +303,10 @@ def _evaluation_section(root: Path) -> list[str]:
     if evals:
         parts.append("<h2>Evaluation</h2>")
         parts.append(metric_table(evals))
+        for name, e in evals:  # helpful, harmless, honest, capable: rlhfkit.eval.scorecard
+            if isinstance(e.get("scorecard"), dict):
+                parts.append(f"<h2>Scorecard: {esc(e.get('name') or name)}</h2>")
+                parts.append(records_table(card_rows(e["scorecard"])))
         splits = gain_split_rows(evals)
         if splits:
             parts.append("<h2>What moved: sentiment or quality</h2>")

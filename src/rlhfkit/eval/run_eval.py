@@ -36,6 +36,8 @@ from rlhfkit.data import load_records
 from rlhfkit.data.preference import read_comparisons
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.eval import metrics as M
+from rlhfkit.eval import scorecard
+from rlhfkit.eval.attacks import VADER_NEGATIVE
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
 from rlhfkit.losses.reward import preference_verdicts
@@ -95,6 +97,20 @@ class Config:
     """Label of this evaluation in reports (default: the model path)."""
     dtype: str = "float32"
     """Weights dtype."""
+    monitor: str = "auto"
+    """Scorecard, harmless: harm judge of the responses ('unkind': the gold panel's sentiment of the response; any judge spec; auto: unkind on the bundled task; '' off)."""
+    attacks: str = ""
+    """Scorecard, harmless: held-out attack prompts (e.g. a red-team run's successful_attacks.jsonl); their success rate against policy and reference."""
+    unsafe_below: float = VADER_NEGATIVE
+    """Scorecard, harmless: a response the monitor scores below this is harmful."""
+    honesty_prompts: str = "auto"
+    """Scorecard, honest: verifiable prompts with an answer column, for calibration (auto: the arithmetic task's eval split when --prompts arith; '' off)."""
+    capability_prompts: str = "auto"
+    """Scorecard, capability tax: verifiable prompts whose accuracy is compared with the reference's (auto: as honesty_prompts; '' off)."""
+    verifier: str = ""
+    """Scorecard: reward spec that checks the answers to those prompts (default: the arithmetic task's verifier on it, else math)."""
+    confident_at: float = 0.9
+    """Scorecard, honest: an answer the model gives this probability or more counts as confident."""
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "name the policy to evaluate (a saved model folder)")
@@ -111,6 +127,10 @@ class Config:
         self.judge = rewards_or_default(self.judge, self.prompts, "judge")
         if self.corpus == "auto":
             self.corpus = "kindly" if is_bundled_kindly(self.prompts) else ""
+        if self.monitor == "auto":
+            self.monitor = "unkind" if is_bundled_kindly(self.prompts) else ""
+        require(not self.attacks or bool(self.monitor), "attacks", "an attack's success is judged by --monitor: name one")
+        require(0 < self.confident_at <= 1, "confident_at", "must be in (0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,10 +372,11 @@ def main(cfg: Config) -> dict:
     if cfg.reward_model:
         spec = cfg.reward_model if ":" in cfg.reward_model or cfg.reward_model == "gold" else f"rm:{cfg.reward_model}"
         scorer = PromptScorer(load_rewards([spec], batch_size=cfg.batch_size), prompt_set.prompts, prompt_set.columns)
+    corpus = load_corpus(cfg.corpus, cfg.max_perplexity_lines)
     with torch.no_grad():
-        metrics, rows = evaluate(policy, reference, tokenizer, prompts, judge, scorer,
-                                 load_corpus(cfg.corpus, cfg.max_perplexity_lines), cfg.max_new_tokens,
+        metrics, rows = evaluate(policy, reference, tokenizer, prompts, judge, scorer, corpus, cfg.max_new_tokens,
                                  cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, cfg.n_boot, cfg.tie_margin)
+        metrics["scorecard"] = scorecard.build(cfg, policy, reference, tokenizer, metrics, rows, corpus)
     if cfg.preference_data:
         if scorer is None:
             raise ConfigError("config field 'preference_data': RM accuracy needs --reward_model")
@@ -386,3 +407,11 @@ def _print_summary(m: dict) -> None:
                 "perplexity", "perplexity_reference", "rm_accuracy"):
         if key in m:
             print(f"  {key:22s} {f(key)}")
+    for row in scorecard.card_rows(m["scorecard"]) if "scorecard" in m else ():
+        p, r = row["policy"], row["reference"]
+        print(f"  {row['dimension']:9s} {row['measure']:44s} {f'{p}' if not isinstance(p, dict) else _ci(p)} "
+              f"(reference {r if not isinstance(r, dict) else _ci(r)})")
+
+
+def _ci(v: dict) -> str:
+    return "-" if v.get("mean") is None else f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
