@@ -9,6 +9,8 @@
     judge:SPEC                an AI judge from `rlhfkit.judges.load_judge(SPEC)`
     math | exact_match        built-in verifiers (see rlhfkit.judges.rewards)
     regex:PATTERN, length:MAX
+    metric:NAME[?column=COL]  a text metric against a reference column: rouge*, bleu, chrf, ter,
+                              distinct-N, perplexity (rlhfkit.judges.metric_rewards)
 
 Several specs with `--reward_weights` make a :class:`~rlhfkit.judges.rewards.RewardSet`
 (:func:`load_rewards`).
@@ -28,7 +30,8 @@ import numpy as np
 
 from rlhfkit.data.chat import conversation_split
 from rlhfkit.errors import ConfigError
-from rlhfkit.judges.load import load_judge
+from rlhfkit.judges.load import load_judge, parse_spec
+from rlhfkit.judges.metric_rewards import metric_reward
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.rewards import BUILTIN_REWARDS, Reward, RewardSet, as_reward
 from rlhfkit.models.reward import RewardScorer
@@ -110,7 +113,7 @@ def load_reward(spec: str, weight: float = 1.0, device: Any = "cpu", batch_size:
         return build(arg, weight, device, batch_size)
     if Path(spec).is_dir():
         raise ConfigError(f"reward {spec!r}: a folder; write rm:{spec} for a reward model")
-    raise ConfigError(f"reward {spec!r}: unknown; use rm:PATH, gold, py:module:fn, py:file.py:fn, judge:SPEC "
+    raise ConfigError(f"reward {spec!r}: unknown; use rm:PATH, gold, py:module:fn, py:file.py:fn, judge:SPEC, metric:NAME "
                       f"or a built-in ({', '.join(sorted(BUILTIN_REWARDS))})")
 
 
@@ -133,6 +136,12 @@ def _judge(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
     return as_reward(JudgeReward(load_judge(arg), "judge"), "judge", weight)
 
 
+def _metric(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
+    _, name, opts = parse_spec("metric:" + arg)  # 'NAME?column=COL' -> NAME, {column: COL}
+    fn = metric_reward(name, {k: str(v) for k, v in opts.items()}, device, batch_size)
+    return as_reward(fn, fn.__name__, weight)
+
+
 def _builtin(kind: str) -> Callable[..., Reward]:
     def build(arg: str, weight: float, device: Any, batch_size: int) -> Reward:
         return as_reward(BUILTIN_REWARDS[kind](arg), kind, weight)
@@ -143,7 +152,7 @@ def _builtin(kind: str) -> Callable[..., Reward]:
 # keyed by the spec's kind with its ':' where the kind takes an argument: 'gold' takes none;
 # 'rm:', 'py:' and 'judge:' need one; a built-in takes one or none ('math', 'length:20')
 REWARD_BUILDERS: dict[str, Callable[..., Reward]] = {
-    "gold": _gold, "rm:": _reward_model, "py:": _python, "judge:": _judge,
+    "gold": _gold, "rm:": _reward_model, "py:": _python, "judge:": _judge, "metric:": _metric,
     **{name + colon: _builtin(name) for name in BUILTIN_REWARDS for colon in ("", ":")},
 }
 
