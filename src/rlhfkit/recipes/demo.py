@@ -28,7 +28,7 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from rlhfkit.config import from_dict, require
-from rlhfkit.eval.metrics import preference_labels, win_rate
+from rlhfkit.eval.metrics import win_rate
 from rlhfkit.eval.overopt import (
     bon_kl,
     bon_sweep,
@@ -41,6 +41,7 @@ from rlhfkit.eval.report import write_report
 from rlhfkit.eval.run_eval import evaluate, rm_accuracy, text_metrics, write_results
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.sources import SimulatedSource, to_preference_records
+from rlhfkit.losses.reward import preference_verdicts
 from rlhfkit.models import load_policy, load_tokenizer, save_model, tiny_llama
 from rlhfkit.models.reward import RewardScorer
 from rlhfkit.recipes import dpo, ppo, pretrain, reward, sft
@@ -264,10 +265,12 @@ def reward_model_accuracy(cfg: Config, sft_path: str, rm_path: str, out: Path) -
     scorer, panel = RewardScorer(rm_path), GoldPanel()
     prompts = [r["prompt"] for r in records]
     chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
-    gold_order = preference_labels(panel.score(prompts, chosen), panel.score(prompts, rejected))
-    rm_order = preference_labels(scorer.score(prompts, chosen), scorer.score(prompts, rejected))
-    decided = gold_order != 0.5  # the panel has no order on exact gold ties
-    agree = np.where(rm_order[decided] == 0.5, 0.5, (rm_order[decided] == gold_order[decided]).astype(float))
+    gold_gap = np.asarray(panel.score(prompts, chosen), np.float64) - np.asarray(panel.score(prompts, rejected), np.float64)
+    rm_gap = np.asarray(scorer.score(prompts, chosen), np.float64) - np.asarray(scorer.score(prompts, rejected), np.float64)
+    decided = gold_gap != 0  # the panel has no order on exact gold ties
+    # preference_accuracy's rule against the panel's order: equal rewards count wrong
+    correct, _ = preference_verdicts(torch.from_numpy(rm_gap[decided]), torch.from_numpy((gold_gap[decided] > 0) * 1.0))
+    agree = correct.double().numpy()
     result = {"name": "reward model (held-out comparisons)", "rm_accuracy": rm_accuracy(scorer, records, str(path), cfg.n_boot),
               "gold_accuracy": win_rate(agree, n_boot=cfg.n_boot) if agree.size else {"mean": float("nan"), "n": 0}}
     atomic_write_json(out / "eval" / "reward_model" / "eval.json", result)
