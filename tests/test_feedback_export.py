@@ -8,6 +8,7 @@ import pytest
 
 from rlhfkit.errors import DataError
 from rlhfkit.feedback import export as ex
+from rlhfkit.feedback.cli_data import write_dataset
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import QUESTION_TYPES
 from rlhfkit.feedback.security import use_test_hasher
@@ -104,7 +105,7 @@ def test_all_question_types_and_exports(db_url, tmp_path):
     # HF datasets export
     import datasets
 
-    ex.write_dataset(recs, tmp_path / "ds")
+    write_dataset(recs, tmp_path / "ds")
     ds = datasets.load_from_disk(str(tmp_path / "ds"))
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 9
     db.dispose()

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from scipy import sparse
+from scipy.optimize import minimize
 
 EPS = 1e-9
 
@@ -82,8 +84,6 @@ def hashed_features(texts: Sequence[str], dim: int = 4096):
 
     Returns a scipy.sparse CSR matrix (float64): a response touches a few dozen buckets.
     """
-    from scipy import sparse
-
     rows, cols, vals = [], [], []
     for r, text in enumerate(texts):
         toks = _TOKEN.findall(text.lower())
@@ -120,8 +120,6 @@ class HashedEnsemble:
 
     def fit_features(self, diff, steps: int = 60) -> HashedEnsemble:
         """Fit on rows phi(chosen) - phi(rejected), one bootstrap resample per member."""
-        from scipy.optimize import minimize
-
         rng = np.random.default_rng(self.seed)
         n = diff.shape[0]
         for m in range(self.members):

@@ -197,7 +197,7 @@ def export(task_id: PathId, request: Request, kind: str = "preferences", aggrega
             raise HTTPException(422, str(e)) from e
         audit(s, actor, "task.export", task.name, kind=kind, aggregate=aggregate, status=status,
               records=len(records))
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    body = "".join(ex.json_line(r) for r in records)
     return Response(body, media_type="application/x-ndjson",
                     headers={"Content-Disposition": content_disposition(f"{task.name}-{kind}.jsonl"),
                              "X-Skipped": json.dumps(skipped)})

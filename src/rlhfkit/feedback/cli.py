@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import json
 import os
 import sys
@@ -32,14 +33,12 @@ import uvicorn
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback import export as ex
 from rlhfkit.feedback.app import create_app
-from rlhfkit.feedback.db import Database, current_revision, upgrade
+from rlhfkit.feedback.db import Database, current_revision, migrated, upgrade
 from rlhfkit.feedback.models import utcnow
 from rlhfkit.feedback.online import OnlineScorer
-from rlhfkit.feedback.sampling import sample_records
 from rlhfkit.feedback.schemas import name_problem
 from rlhfkit.feedback.security import create_api_token
 from rlhfkit.feedback.service import accounts, items, tasks
-from rlhfkit.feedback.service.audit import audit
 from rlhfkit.feedback.service.errors import Conflict
 
 
@@ -175,7 +174,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
     try:
-        return HANDLERS[args.command](args)
+        return _handler(args.command)(args)
     except RlhfkitError as e:
         print(f"rlhfkit serve {args.command}: {e}", file=sys.stderr)
         return 2
@@ -184,9 +183,28 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _db(args) -> Database:
-    upgrade(args.db)
-    return Database(args.db, pool_size=2)
+def _handler(command: str):
+    """The function running `command`. `sample` (a policy) and `export` (atomic writers of
+    rlhfkit.train.runs) load torch: they live in cli_data, imported by name only when one of
+    them runs (as rlhfkit.cli loads each command's module), so the server and the other
+    commands start without the training stack."""
+    if command in ("sample", "export"):
+        return getattr(importlib.import_module("rlhfkit.feedback.cli_data"), command)
+    return HANDLERS[command]
+
+
+def open_db(args) -> Database:
+    """The database of `--db`, migrated to the newest schema first."""
+    return migrated(args.db)
+
+
+def task_of(s, args):
+    """The task `import` and `sample` add items to, created from the arguments if missing."""
+    return tasks.get_or_create_task(s, args.task, args.question_type, overlap=args.overlap,
+                                    instructions=args.instructions,
+                                    rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
+                                    randomize_order=not args.no_randomize, selection=args.selection,
+                                    gold_rate=args.gold_rate, via="cli")
 
 
 def build_app(args):
@@ -220,7 +238,7 @@ def _init_db(args) -> int:
 
 def _create_user(args) -> int:
     password = os.environ.get(args.password_env, "") if args.password_env else getpass.getpass("password: ")
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
         user = accounts.create_user(s, args.username, password, args.role, reveal_lookalike=True)
         days = None if user.role == "owner" else accounts.MAX_TOKEN_DAYS
@@ -231,70 +249,32 @@ def _create_user(args) -> int:
     return 0
 
 
-def _get_or_create_task(s, args):
-    task = tasks.task_by_name(s, args.task)
-    if task is None:
-        task = tasks.create_task(s, args.task, args.question_type, overlap=args.overlap,
-                                 instructions=args.instructions,
-                                 rubric=[r.strip() for r in args.rubric.split(",") if r.strip()],
-                                 randomize_order=not args.no_randomize, selection=args.selection,
-                                 gold_rate=args.gold_rate, via="cli")
-    elif task.question_type != args.question_type:
-        raise ValueError(f"task {args.task!r} exists with type {task.question_type}, not {args.question_type}")
-    return task
-
-
 def _import(args) -> int:
     records = items.read_jsonl(args.file)
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
-        task = _get_or_create_task(s, args)
+        task = task_of(s, args)
         n = items.import_records(s, task, records, source=args.file, via="cli")
     print(f"imported {n} items into task {args.task!r}")
     return 0
 
 
-def _sample(args) -> int:
-    records = sample_records(args.policy, args.prompts, args.num_samples, args.max_new_tokens,
-                             args.temperature, args.seed)
-    db = _db(args)
-    with db.session() as s:
-        task = _get_or_create_task(s, args)
-        n = items.import_records(s, task, records, source=args.prompts, via="cli")
-    print(f"sampled and imported {n} items into task {args.task!r}")
-    return 0
-
-
-def _named_task(s, name: str):
+def named_task(s, name: str):
     task = tasks.task_by_name(s, name)
     if task is None:
         raise LookupError(f"no task named {name!r}")
     return task
 
 
-def _export(args) -> int:
-    if os.path.exists(args.out) and not args.force:
-        raise ValueError(f"{args.out} exists; pass --force to overwrite it")
-    db = _db(args)
-    with db.session() as s:
-        task = _named_task(s, args.task)
-        records, skipped = ex.export_records(s, task, args.kind, args.aggregate, args.include_gold, args.ties,
-                                             only_accepted=args.status == "accepted")
-        audit(s, None, "task.export", task.name, kind=args.kind, status=args.status, records=len(records), via="cli")
-    (ex.write_dataset if args.hf else ex.write_jsonl)(records, args.out)
-    print(f"wrote {len(records)} {args.kind} records to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
-    return 0
-
-
 def _qc(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
-        print(json.dumps(ex.task_qc(s, _named_task(s, args.task)), indent=2))
+        print(json.dumps(ex.task_qc(s, named_task(s, args.task)), indent=2))
     return 0
 
 
 def _list_users(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     with db.read_session() as s:
         for u in accounts.all_users(s):
             print(f"{u.id}\t{u.username}\t{u.role}\t{'active' if u.active else 'disabled'}")
@@ -302,7 +282,7 @@ def _list_users(args) -> int:
 
 
 def _set_role(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
         old = accounts.set_role(s, accounts.named_user(s, args.username), args.role, via="cli")
     print(f"{args.username}: role {old} -> {args.role}")
@@ -311,7 +291,7 @@ def _set_role(args) -> int:
 
 def _set_active(args) -> int:
     active = args.command == "enable-user"
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
         accounts.set_active(s, accounts.named_user(s, args.username), active, via="cli")
     print(f"{args.username}: {'enabled (log in again: old tokens and sessions stay revoked)' if active else 'disabled (labels kept; tokens revoked, sessions ended)'}")
@@ -321,7 +301,7 @@ def _set_active(args) -> int:
 def _create_token(args) -> int:
     if len(args.name) > 64 or name_problem(args.name):
         raise ValueError(f"--name: {name_problem(args.name) or 'at most 64 characters'}")
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
         user = accounts.named_user(s, args.username)
         if not user.active:
@@ -336,7 +316,7 @@ def _create_token(args) -> int:
 
 
 def _list_tokens(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     with db.read_session() as s:
         user = accounts.named_user(s, args.username)
         now = utcnow()
@@ -349,7 +329,7 @@ def _list_tokens(args) -> int:
 
 
 def _revoke_token(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     with db.session() as s:
         tok, already = accounts.revoke_token(s, args.token_id, via="cli")
         owner = tok.user.username
@@ -357,8 +337,7 @@ def _revoke_token(args) -> int:
     return 0
 
 
-HANDLERS = {"run": _run, "serve": _run, "init-db": _init_db, "create-user": _create_user, "import": _import,
-            "sample": _sample, "export": _export, "qc": _qc, "list-users": _list_users, "set-role": _set_role,
+HANDLERS = {"run": _run, "serve": _run, "init-db": _init_db, "create-user": _create_user, "import": _import, "qc": _qc, "list-users": _list_users, "set-role": _set_role,
             "disable-user": _set_active, "enable-user": _set_active, "create-token": _create_token,
             "list-tokens": _list_tokens, "revoke-token": _revoke_token}
 

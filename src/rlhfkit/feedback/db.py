@@ -14,6 +14,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,8 +82,6 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 def alembic_config(url: str):
-    from alembic.config import Config
-
     cfg = Config()
     cfg.set_main_option("script_location", str(PACKAGE_DIR / "migrations"))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
@@ -89,14 +90,16 @@ def alembic_config(url: str):
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Create or upgrade the schema by running the shipped Alembic migrations."""
-    from alembic import command
-
     command.upgrade(alembic_config(url), revision)
 
 
-def current_revision(url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+def migrated(url: str, pool_size: int = 2) -> Database:
+    """A Database for `url` once its schema is at the newest revision (what every CLI command opens)."""
+    upgrade(url)
+    return Database(url, pool_size=pool_size)
 
+
+def current_revision(url: str) -> str | None:
     engine = make_engine(url, pool_size=1)
     try:
         with engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""Export collected labels as rlhfkit/TRL records (JSONL or a `datasets` folder).
+"""Export collected labels as rlhfkit/TRL records (the admin API sends them as JSONL; `serve
+export` writes JSONL or a `datasets` folder, see cli_data).
 
 Kinds and the TRL columns they produce:
 
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rlhfkit.errors import DataError
 from rlhfkit.feedback import qc
+from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import STRENGTHS, Item, Label, Task, User
 
 KINDS = {
@@ -39,6 +41,11 @@ KINDS = {
     "critiques": ("critique",),
 }
 AGGREGATES = ("none", "majority", "weighted", "bt")
+
+
+def json_line(record: dict) -> str:
+    """One record as a JSONL line (UTF-8 text kept as is, not escaped)."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def kinds_for(question_type: str) -> list[str]:
@@ -187,24 +194,6 @@ CONVERTERS = {"preferences": _prefs, "rankings": _rankings, "sft": _sft, "kto": 
               "ratings": _ratings, "critiques": _critiques}
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    from rlhfkit.train.runs import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return Path(path)
-
-
-def write_dataset(records: list[dict], path: str | Path) -> Path:
-    """Save as a Hugging Face `datasets` folder (load with datasets.load_from_disk)."""
-    import datasets
-
-    from rlhfkit.train.runs import atomic_path
-
-    with atomic_path(path) as tmp:
-        datasets.Dataset.from_list(records).save_to_disk(str(tmp))
-    return Path(path)
-
-
 def load_preferences(db_url: str, task: str | int | None = None, aggregate: str = "none",
                      include_gold: bool = False, ties: str = "keep") -> list[dict[str, Any]]:
     """TRL preference records (prompt/chosen/rejected) straight from a feedback database.
@@ -214,9 +203,6 @@ def load_preferences(db_url: str, task: str | int | None = None, aggregate: str 
     decides (Bradley-Terry skips and counts them, soft_label and davidson learn from them).
     Used by `rlhfkit reward --from_feedback DB_URL`.
     """
-    from rlhfkit.errors import DataError
-    from rlhfkit.feedback.db import Database
-
     db = Database(db_url, pool_size=1)
     try:
         with db.session() as s:

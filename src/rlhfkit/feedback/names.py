@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import unicodedata
 
+from confusable_homoglyphs.confusables import confusables_data
+
 _DIRECTION_MARKS = str.maketrans("", "", "\u200e\u200f")
 
 
@@ -33,8 +35,6 @@ def _prototypes() -> dict[str, str]:
     ('m' -> 'rn') are listed under the prototype's first character. So: a single multi-character
     entry is a mapping; single characters that list each other form one class, represented by
     the member that lists the most (the prototype), ties broken by the smallest code point."""
-    from confusable_homoglyphs.confusables import confusables_data
-
     table = {k.translate(_DIRECTION_MARKS): [e["c"].translate(_DIRECTION_MARKS) for e in v]
              for k, v in confusables_data.items()}
     table = {k: v for k, v in table.items() if len(k) == 1}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from rlhfkit.data.prompts import load_prompts
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rollout import generate
+
 
 def records_from_policy(model, tokenizer, prompts: list[str], num_samples: int = 2, max_new_tokens: int = 32,
                         temperature: float = 1.0, seed: int = 0) -> list[dict]:
     """Sample `num_samples` responses per prompt; one import record per prompt."""
-    from rlhfkit.rollout import generate
-
     roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                     num_samples=num_samples, seed=seed)
     grouped: dict[int, list[str]] = {}
@@ -21,9 +23,6 @@ def records_from_policy(model, tokenizer, prompts: list[str], num_samples: int =
 
 def sample_records(policy: str, prompts_path: str, num_samples: int, max_new_tokens: int, temperature: float,
                    seed: int) -> list[dict]:
-    from rlhfkit.data.prompts import load_prompts
-    from rlhfkit.models import load_policy, load_tokenizer
-
     tokenizer = load_tokenizer(policy)
     model = load_policy(policy)
     return records_from_policy(model, tokenizer, load_prompts(prompts_path, tokenizer=tokenizer), num_samples, max_new_tokens,

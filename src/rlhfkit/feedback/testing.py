@@ -11,6 +11,8 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from sqlalchemy.engine import make_url
+
 PG_ADMIN_URL = os.environ.get("RLHFKIT_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -32,7 +34,6 @@ def postgres_unavailable_reason(admin_url: str = PG_ADMIN_URL) -> str | None:
 def temp_postgres_database(admin_url: str = PG_ADMIN_URL, prefix: str = "rlhfkit_fb") -> Iterator[str]:
     """Create a uniquely named database, yield its SQLAlchemy URL, drop it afterwards."""
     import psycopg
-    from sqlalchemy.engine import make_url
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:

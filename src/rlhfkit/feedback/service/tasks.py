@@ -57,6 +57,17 @@ def create_task(s: Session, name: str, question_type: str, overlap: int = 1, ins
     return task
 
 
+def get_or_create_task(s: Session, name: str, question_type: str, **settings: Any) -> Task:
+    """The task called `name`, created with `settings` if there is none; a task of that name
+    holding another question type is refused (its labels would not fit the new items)."""
+    task = task_by_name(s, name)
+    if task is None:
+        return create_task(s, name, question_type, **settings)
+    if task.question_type != question_type:
+        raise ValueError(f"task {name!r} exists with type {task.question_type}, not {question_type}")
+    return task
+
+
 def task_by_name(s: Session, name: str) -> Task | None:
     return s.scalar(select(Task).where(Task.name == name))
 
