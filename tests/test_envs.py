@@ -16,9 +16,9 @@ from rlhfkit.envs import (
     detect_format,
     make_factory,
     parse_tool_calls,
+    sandbox,
     tool_schema,
 )
-from rlhfkit.envs import sandbox
 from rlhfkit.errors import ConfigError
 
 

@@ -129,6 +129,15 @@ def get_parser(name: str):
     return PARSERS[name]
 
 
+def strip_tool_calls(text: str, fmt: str = "hermes") -> str:
+    """The turn's text without its tool calls (an assistant message's `content`; its calls go to `tool_calls`)."""
+    if fmt == "hermes":
+        return _HERMES.sub("", text).strip()
+    if fmt == "mistral":
+        return text.split("[TOOL_CALLS]", 1)[0].strip()
+    return "" if parse_llama3(text) else text
+
+
 def parse_tool_calls(text: str, fmt: str = "hermes") -> list[ToolCall]:
     """The tool calls in one assistant turn (empty: the turn is a final answer)."""
     return get_parser(fmt)(text)

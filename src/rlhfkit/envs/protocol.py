@@ -41,11 +41,13 @@ class Turn:
     """One assistant turn as the environment sees it."""
 
     text: str
-    """The turn's text, special tokens skipped."""
+    """The turn's text, special tokens skipped, tool-call blocks removed (the message's `content`)."""
     tool_calls: list[ToolCall]
     """Tool calls parsed from the raw text in the template's format (empty: a final answer)."""
     truncated: bool = False
     """The turn hit its token limit before its end-of-turn token (it is still passed to step)."""
+    raw: str = ""
+    """The whole turn as sampled (special tokens kept, end-of-turn token dropped)."""
 
     def as_message(self) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": self.text}

@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers.utils import get_json_schema
 
-from rlhfkit.errors import ConfigError
 from rlhfkit.envs.parsing import ToolCall
+from rlhfkit.errors import ConfigError
 
 # one pool for every synchronous tool call: a call that overruns its timeout keeps its thread
 # (Python cannot kill a thread), so tools that may hang should run in a subprocess (sandbox.py)
