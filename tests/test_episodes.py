@@ -77,7 +77,7 @@ class Script:
 
     def __call__(self, contexts, max_new):
         out = []
-        for ctx in contexts:
+        for _ in contexts:
             ids = char_ids(self.tok, self.turns[min(len(self.sampled), len(self.turns) - 1)])
             ids = (ids + [self.tok.eos_token_id] if self.end else ids)[:max_new]
             out.append((ids, [-0.5] * len(ids), self.end and len(ids) and ids[-1] == self.tok.eos_token_id))
