@@ -33,6 +33,7 @@ from rlhfkit.models.lora import disable_dropout, reference_context
 from rlhfkit.rollout import Rollout, Trajectory, get_engine
 from rlhfkit.rollout.forward import unwrap
 from rlhfkit.rollout.prompts import load_prompt_set, prompts_for_step
+from rlhfkit.rollout.workers import RolloutPool
 from rlhfkit.train.accelerator import make_accelerator, mean_across_processes
 from rlhfkit.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhfkit.train.runs import MetricsLogger, atomic_write_json, prepare_run_dir
@@ -266,3 +267,32 @@ def behaviour_weights(traj: Trajectory, idx: torch.Tensor, cfg) -> tuple[torch.T
         return None, {}
     return off_policy_weights(traj.old_logp[idx], traj.sampler_logp[idx], traj.response_mask[idx],
                               cfg.off_policy_correction, cfg.off_policy_level, cfg.off_policy_cap)
+
+
+def start_rollout_pool(run: Run, cfg, start: int, job_for: Callable[[int], Any]) -> RolloutPool | None:
+    """With `async_rollouts`: rollout workers holding the weights after `start` updates, already
+    generating updates start .. start + max_staleness (docs/scale.md); None otherwise."""
+    if not getattr(cfg, "async_rollouts", False):
+        return None
+    if run.accelerator.num_processes > 1 or run.sharded:
+        raise ConfigError("config field 'async_rollouts': rollout workers serve one training process; "
+                          "launch without accelerate's --num_processes > 1 or turn async_rollouts off")
+    pool = RolloutPool(unwrap(run.policy), run.tokenizer, cfg.engine, cfg.rollout_workers, cfg.max_staleness,
+                       cfg.rollout_timeout, cfg.rollout_threads, adapter_only=cfg.use_lora)
+    try:
+        pool.push_weights(start, run.policy)
+        for step in range(start, min(start + cfg.max_staleness + 1, run.n_updates)):
+            pool.submit(job_for(step))
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def advance_rollout_pool(pool: RolloutPool, run: Run, cfg, done: int, job_for: Callable[[int], Any]) -> None:
+    """After `done` updates: push the new weights (the adapter only with LoRA) and submit update
+    done + max_staleness, which the FIFO inbox makes run on them (or newer)."""
+    nxt = done + cfg.max_staleness
+    if nxt < run.n_updates:
+        pool.push_weights(done, run.policy)
+        pool.submit(job_for(nxt))
