@@ -19,7 +19,7 @@ REQUIRED = {
     "loop": ["--model", "kindly"], "dpo": ["--dataset", "p.jsonl"], "reward": ["--dataset", "p.jsonl"],
     "eval": ["--model", "kindly", "--prompts", "kindly"], "label": ["--input", "r.jsonl", "--output", "o.jsonl"],
     "cai-revise": ["--model", "llm:kindly", "--constitution", "c.txt", "--prompts", "p.txt", "--output", "o.jsonl"],
-    "agreement": ["--a", "x.jsonl", "--b", "y.jsonl"],
+    "agreement": ["--a", "x.jsonl", "--b", "y.jsonl"], "ilql": ["--model", "kindly", "--dataset", "r.jsonl"],
 }
 CONFIG_COMMANDS = [n for n, (m, _) in COMMANDS.items() if hasattr(importlib.import_module(m), "Config")
                    and not hasattr(importlib.import_module(m), "cli")]

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("rlhfkit.recipes.grpo", "GRPO: group-normalised advantages, no critic"),
     "rloo": ("rlhfkit.recipes.rloo", "RLOO: REINFORCE with a leave-one-out baseline"),
     "dpo": ("rlhfkit.recipes.dpo", "DPO and relatives (IPO, hinge, robust, SimPO, KTO, ORPO)"),
+    "ilql": ("rlhfkit.recipes.ilql", "ILQL: offline RL from logged responses with scalar rewards (value and Q heads)"),
     "best-of-n": ("rlhfkit.recipes.best_of_n", "Best-of-N sampling against a reward model or judge"),
     "rejection-sampling": ("rlhfkit.recipes.rejection_sampling", "Expert iteration: sample, keep the best, SFT, repeat"),
     "red-team": ("rlhfkit.recipes.red_team", "Red teaming: a red model writes attacks; those that make the target fail are kept"),
