@@ -58,6 +58,16 @@ def test_aa_false_positive_rate_under_peeking_every_50_users_is_at_most_alpha():
     assert naive > 0.15, naive
 
 
+def test_aa_false_positive_rate_looking_after_every_user_is_at_most_alpha():
+    """Continuous monitoring, the report's own use: early looks see a handful of users, whose
+    per-group variance is often 0; the test must not reject on them."""
+    rng = np.random.default_rng(4)
+    for p in (0.5, 0.9):
+        rate = np.mean([sequential_test(rng.binomial(1, p, 1000).astype(float), rng.integers(0, 2, 1000)).rejected
+                        for _ in range(300)])
+        assert rate <= 0.05, (p, rate)
+
+
 def test_power_on_a_clear_difference():
     rng = np.random.default_rng(1)
     hits = _peeking_rejections(rng, 0.5, 0.62, experiments=100)

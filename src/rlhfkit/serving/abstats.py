@@ -201,31 +201,37 @@ def _group_stats(x: np.ndarray, sel: np.ndarray, looks: np.ndarray) -> tuple[np.
 
 
 def sequential_test(values: Sequence[float], groups: Sequence[int], alpha: float = 0.05,
-                    mixture_sd: float = 0.2, every: int = 1, null: float = 0.0,
+                    mixture_sd: float = 0.2, every: int = 1, null: float = 0.0, burn_in: int = 10,
                     min_variance: float = 1e-6) -> SequentialResult:
     """Run the mSPRT over users in arrival order.
 
     ``groups[i]`` is 0 (control) or 1 (candidate): the test is on mean(candidate) - mean(control).
     With every group equal to 1 it is a one-sample test of mean - ``null`` (a win rate against
-    1/2). Looks are taken after every ``every`` users (and at the last one); a look needs two
-    users in each group compared.
+    1/2). Looks are taken after every ``every`` users (and at the last one), from the first with
+    ``burn_in`` users in each group compared.
+
+    The variance is estimated as it would be under the null hypothesis: the pooled variance of
+    both groups (one sample: the mean squared distance to ``null``). A per-group estimate from a
+    handful of users is often 0 (three thumbs up in a row), which makes Lambda explode; with it a
+    test looked at after every user rejected 14% of A/A experiments instead of at most 5%.
     """
     x, g = np.asarray(values, dtype=float), np.asarray(groups, dtype=int)
     one_sample = not np.any(g == 0)
     idx = np.arange(x.size)
     looks = np.unique(np.r_[idx[every - 1::every], x.size - 1]) if x.size else idx
-    stats_at = [_group_stats(x, g == grp, looks) for grp in ((1,) if one_sample else (0, 1))]
     if one_sample:
-        (n1, m1, v1), = stats_at
-        d, v, pooled = m1 - null, np.maximum(v1, min_variance) / np.maximum(n1, 1), np.maximum(v1, min_variance)
-        valid = n1 >= 2
+        n1, m1, _ = _group_stats(x, g == 1, looks)
+        _, second, _ = _group_stats((x - null) ** 2, g == 1, looks)
+        pooled = np.maximum(second * n1 / np.maximum(n1 - 1, 1), min_variance)
+        d, v = m1 - null, pooled / np.maximum(n1, 1)
+        valid = n1 >= max(burn_in, 2)
     else:
-        (n0, m0, v0), (n1, m1, v1) = stats_at
-        v0, v1 = np.maximum(np.nan_to_num(v0), min_variance), np.maximum(np.nan_to_num(v1), min_variance)
+        (n0, m0, _), (n1, m1, _) = (_group_stats(x, g == grp, looks) for grp in (0, 1))
+        _, _, pooled = _group_stats(x, np.isin(g, (0, 1)), looks)
+        pooled = np.maximum(np.nan_to_num(pooled), min_variance)
         d = m1 - m0 - null
-        v = v0 / np.maximum(n0, 1) + v1 / np.maximum(n1, 1)
-        pooled = (v0 + v1) / 2
-        valid = (n0 >= 2) & (n1 >= 2)
+        v = pooled / np.maximum(n0, 1) + pooled / np.maximum(n1, 1)
+        valid = (n0 >= max(burn_in, 2)) & (n1 >= max(burn_in, 2))
     tau2 = mixture_sd**2 * pooled
     lam = np.where(valid, msprt_lambda(d, v, tau2), 0.0)
     p = np.minimum(1.0, 1.0 / np.maximum.accumulate(np.maximum(lam, 1e-300)))
