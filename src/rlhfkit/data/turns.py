@@ -112,3 +112,13 @@ def assistant_ids(tokenizer: Any, history: list[dict], message: dict, tools: lis
     else:  # a template that rewrites earlier turns: the content as written
         text = message.get("content") or ""
     return encode_text(tokenizer, text) + ([eos_id] if eos_id is not None else [])
+
+
+def is_multi_turn(record: dict) -> bool:
+    """An SFT record to encode turn by turn: `messages` with tool calls, tool results or several assistant turns."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return False
+    assistant = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    return len(assistant) > 1 or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                     for m in messages)

@@ -30,6 +30,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.readers import eval_source
 from rlhfkit.data.schemas import SFT_FORMATS, require_layout
+from rlhfkit.data.turns import encode_conversation, is_multi_turn
 from rlhfkit.errors import DataError
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models import check_max_length, load_policy, load_tokenizer, save_model
@@ -97,6 +98,13 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
     require_layout(records, SFT_FORMATS, "SFT")  # a wrong-column file fails naming its file and line
     examples, truncated, prompt_cut = [], 0, 0
     for rec in records:
+        if is_multi_turn(rec):  # tool-call traces: the loss on every assistant turn (rlhfkit.data.turns)
+            enc = encode_conversation(tokenizer, rec["messages"], rec.get("tools"), max_length)
+            truncated += enc.pop("truncated")
+            enc["labels"] = ignore_unknown(list(enc["input_ids"]) if not completion_only else enc["labels"],
+                                           getattr(tokenizer, "unk_token_id", None))
+            examples.append(enc)
+            continue
         prompt, completion = to_prompt_completion(rec, tokenizer)
         enc = encode_prompt_completion(tokenizer, prompt, completion, max_length=max_length,
                                        max_prompt_length=max_prompt_length or None)
