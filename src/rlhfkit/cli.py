@@ -11,7 +11,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import torch.distributed as dist
+
 from rlhfkit import __version__
+from rlhfkit.config import parse_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.train.runs import (
+    claim_run_folder,
+    discard_unfinished_run,
+    has_saved_state,
+    run_folder_owned,
+)
 
 # name -> (module, one-line summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,8 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loop": ("rlhfkit.recipes.loop", "Iterative RLHF: R rounds of sample, label, reward model, policy update"),
     "models": ("rlhfkit.models.registry", "Model registry: list, show, promote, rollback"),
     "serve": ("rlhfkit.feedback.cli", "Human-feedback collection service (web app + API)"),
-    "serve-policy": ("rlhfkit.serving.server", "OpenAI-compatible policy server (batched; registry models, folders, the bundled base)"),
     "ab": ("rlhfkit.serving.ab_cli", "A/B experiments on live traffic: report, promote, rollback, export feedback"),
+    "serve-policy": ("rlhfkit.serving.server", "OpenAI-compatible policy server (batched; registry models, folders, the bundled base)"),
 }
 
 
@@ -64,14 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "cli"):
         return int(module.cli(rest) or 0)
-    from rlhfkit.config import parse_config
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.train.runs import (
-        claim_run_folder,
-        discard_unfinished_run,
-        has_saved_state,
-        run_folder_owned,
-    )
 
     out = existed = None
     try:
@@ -105,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _leave_process_group() -> None:
     """End a multi-process launch with every process leaving the group together: a process that exits
     while another still has gloo traffic with it can abort the other at interpreter exit."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 
+from rlhfkit.errors import ConfigError
+
 # TRL name -> rlhfkit field of the same meaning; applied where the config has that field
 ALIASES = {
     "model_name_or_path": "model", "sft_model_path": "model", "reward_model_path": "reward_model",
@@ -106,8 +108,6 @@ def renamed(data: dict, fields: set[str], source: str) -> dict:
     for old, new in ALIASES.items():
         if old in out and new in fields:
             if new in out:
-                from rlhfkit.errors import ConfigError
-
                 raise ConfigError(f"{source}: '{old}' is TRL's name for '{new}'; give one of them")
             out[new] = out.pop(old)
     return out

@@ -18,6 +18,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow.parquet as pq
+
 from rlhfkit.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -119,8 +122,6 @@ def read_json(path: str | os.PathLike) -> Records:
 # ---------------------------------------------------------------- parquet
 
 def read_parquet(path: str | os.PathLike) -> Records:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
@@ -130,7 +131,6 @@ def read_parquet(path: str | os.PathLike) -> Records:
 
 def iter_parquet(path: str | os.PathLike, batch_size: int = 1024) -> Iterator[tuple[int, dict]]:
     """Stream `(row_number, record)` from a parquet file, one row group batch at a time."""
-    import pyarrow.parquet as pq
 
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
@@ -147,7 +147,6 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 def read_saved_dataset(folder: str | os.PathLike, split: str = "train") -> Records:
     """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (then `split` picks one)."""
-    import datasets
 
     folder = Path(folder)
     try:
@@ -164,7 +163,6 @@ def read_saved_dataset(folder: str | os.PathLike, split: str = "train") -> Recor
 
 def read_hub_dataset(name: str, split: str = "train") -> Records:
     """`datasets.load_dataset(name, split=split)`; network or lookup failures become a DataError."""
-    import datasets
 
     try:
         loaded = datasets.load_dataset(name, split=split)

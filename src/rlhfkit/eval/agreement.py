@@ -35,6 +35,8 @@ from pathlib import Path
 
 from rlhfkit.config import require
 from rlhfkit.errors import DataError
+from rlhfkit.judges import SimulatedAnnotators, load_judge
+from rlhfkit.train.runs import atomic_write_json
 
 CLASSES = ("first", "tie", "second")
 
@@ -206,7 +208,6 @@ def binary_agreement(labels: Sequence[float | None], truth: Sequence[float]) -> 
 
 def simulated_labels(pairs: dict[tuple, dict], seed: int = 0) -> dict[tuple, dict]:
     """Simulated annotators (one panel rater per pair, Bradley-Terry noise, ties) on the pairs."""
-    from rlhfkit.judges import SimulatedAnnotators
 
     keys = list(pairs)
     got = SimulatedAnnotators(seed=seed).compare([_text(pairs[k]["prompt"]) for k in keys],
@@ -237,8 +238,6 @@ def feedback_labels(db_url: str) -> dict[tuple, dict]:
 def _load_source(spec: str, other: dict | None, items: dict | None) -> tuple[dict, dict]:
     pairs = items if items is not None else other
     if spec.startswith("judge:"):
-        from rlhfkit.judges import load_judge
-
         judge = load_judge(spec[len("judge:"):])
         return judge_labels(judge, pairs)
     if spec == "simulated":
@@ -249,8 +248,6 @@ def _load_source(spec: str, other: dict | None, items: dict | None) -> tuple[dic
 
 
 def main(cfg: Config) -> dict:
-    from rlhfkit.train.runs import atomic_write_json
-
     items = read_labels(cfg.items) if cfg.items else None
     files = {s: _load_source(s, None, None)[0] for s in (cfg.a, cfg.b) if not _labels_others(s)}
     first_file = next(iter(files.values()), None)

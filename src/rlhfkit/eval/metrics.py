@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from rlhfkit.logprobs import response_logprobs
+from rlhfkit.logprobs import response_logprobs, token_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # bootstrap
@@ -300,7 +300,6 @@ def kl_from_logprobs(policy_logprobs, ref_logprobs, mask) -> dict:
     sum_t [log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)] over response tokens, averaged over
     responses. Unbiased for KL(pi || pi_ref) when the responses are sampled from pi at the
     policy's own temperature. Returns ``{"kl", "per_response"}`` (a NumPy array)."""
-    import torch
 
     lp = torch.as_tensor(policy_logprobs, dtype=torch.float64)
     lr = torch.as_tensor(ref_logprobs, dtype=torch.float64)
@@ -338,9 +337,7 @@ def perplexity(model, tokenizer, lines: Sequence[str], batch_size: int = 16, max
     truncated and counted; lines with fewer than two tokens are skipped and counted.
     Returns ``{"perplexity", "nll", "tokens", "lines", "truncated", "skipped"}``.
     """
-    import torch
 
-    from rlhfkit.logprobs import token_logprobs
 
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id

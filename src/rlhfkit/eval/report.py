@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from rlhfkit.errors import ConfigError, RlhfkitError
@@ -103,8 +105,6 @@ def _find(root: Path, name: str) -> list[Path]:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -130,10 +130,8 @@ def _curve_keys(rows: list[dict]) -> list[str]:
 
 def curves_figure(rows: list[dict], title: str) -> str | None:
     """A grid of small plots, one per metric (most informative first), against the step."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     keys = _curve_keys(rows)
     if not keys:
@@ -157,10 +155,8 @@ def curves_figure(rows: list[dict], title: str) -> str | None:
 
 def overopt_figure(data: dict) -> tuple[str | None, list[dict]]:
     """Gold and proxy (relative to the initial policy) against sqrt(KL), with the fitted forms."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
 
     series = [(name, rows) for name, rows in data.items() if name in FITS and isinstance(rows, list) and len(rows) >= 2]

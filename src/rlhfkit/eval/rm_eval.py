@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -81,10 +83,8 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> 
 
 def reliability_plot(table: list[dict], path: str | Path, title: str = "") -> Path:
     """Observed preference rate against predicted sigmoid(delta r), one bar per bin (PNG)."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     rows = [r for r in table if r["count"]]

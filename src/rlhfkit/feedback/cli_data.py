@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import datasets
+
 from rlhfkit.feedback import export as ex
 from rlhfkit.feedback.cli import named_task, open_db, task_of
 from rlhfkit.feedback.sampling import sample_records
@@ -47,7 +49,6 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 
 def write_dataset(records: list[dict], path: str | Path) -> Path:
     """Save as a Hugging Face `datasets` folder (load with datasets.load_from_disk)."""
-    import datasets  # optional here: only --hf needs it
 
     with atomic_path(path) as tmp:
         datasets.Dataset.from_list(records).save_to_disk(str(tmp))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -217,7 +218,6 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, base: str) -> PreTr
     ``PeftModel.from_pretrained``. Merging gives a plain transformers model, so a recipe trains it
     in full or puts a fresh LoRA adapter on it, and a LoRA policy's reference is base + adapter.
     """
-    from peft import PeftModel
 
     folder = Path(folder)
     if (folder / "tokenizer_config.json").is_file():

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from rlhfkit.errors import ConfigError
 
@@ -18,7 +19,6 @@ def apply_lora(model: Any, args: Any, task_type: str = "CAUSAL_LM") -> Any:
     For sequence classification the score head stays fully trainable (peft's
     `modules_to_save`), since a fresh head cannot be learnt through a low-rank update.
     """
-    from peft import LoraConfig, get_peft_model
 
     if args.lora_r < 1:
         raise ConfigError("config field 'lora_r': must be >= 1")

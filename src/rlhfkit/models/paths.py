@@ -11,6 +11,10 @@ import difflib
 import os
 from pathlib import Path
 
+from huggingface_hub import constants, get_token, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import get_session, hf_raise_for_status
+
 from rlhfkit.errors import ConfigError
 from rlhfkit.tasks import kindly
 
@@ -72,8 +76,6 @@ def _check_hub_name(name: str) -> None:
     """
     if name in _HUB_OK:
         return
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     if "HF_HUB_ETAG_TIMEOUT" not in os.environ:
         constants.HF_HUB_ETAG_TIMEOUT = HUB_TIMEOUT
@@ -106,8 +108,6 @@ def _ask_hub(name: str) -> None:
     """GET /api/models/NAME, one request of at most HUB_TIMEOUT seconds; hub errors as huggingface_hub
     raises them. Not HfApi.model_info: its headers cost a second request (the agent registry, 3 s
     more against a silent hub) on a process's first call."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.utils import get_session, hf_raise_for_status
 
     token = get_token()
     headers = {"authorization": f"Bearer {token}"} if token else {}

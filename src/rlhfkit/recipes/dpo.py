@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
@@ -178,7 +179,6 @@ def compute_reference_logps(ref_model, data: PreferenceData, batch_size: int, pa
 def cached_reference_logps(ref_model, enc: PreferenceData, cfg: Config, pad_id: int, device: Any, kl: bool,
                            is_main: bool = True) -> torch.Tensor:
     """Load reference log-probs from the cache, computing and writing them (atomically) when missing."""
-    from safetensors.torch import load_file, save_file
 
     key_parts = {"format": CACHE_FORMAT, "model": weights_fingerprint(ref_model), "data": enc.fingerprint(),
                  "max_length": cfg.max_length, "kl_pairs": kl and not enc.paired, "dtype": cfg.dtype}

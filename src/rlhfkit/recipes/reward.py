@@ -18,6 +18,8 @@ standard deviation over the training responses are saved with the model.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ModelArgs, SplitArgs, TrainArgs, require
@@ -39,6 +42,13 @@ from rlhfkit.data.preference import (
 from rlhfkit.data.readers import Records, eval_source, load_records
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses.reward import PAIR_LOSSES, RANKING_LOSSES, reward_centering_penalty
+from rlhfkit.models import (
+    check_max_length,
+    disable_dropout,
+    load_reward_model,
+    load_tokenizer,
+    save_model,
+)
 from rlhfkit.models.reward import (
     LastTokenReward,
     attach_stats,
@@ -49,7 +59,7 @@ from rlhfkit.models.reward import (
     unwrap_hf,
     write_ensemble_manifest,
 )
-from rlhfkit.train.accelerator import make_accelerator
+from rlhfkit.train.accelerator import make_accelerator, multi_process_cpu
 from rlhfkit.train.batches import optimizer_steps, total_optimizer_steps
 from rlhfkit.train.checkpoints import save_checkpoint
 from rlhfkit.train.memory import report_for_run
@@ -199,8 +209,6 @@ def evaluate(module: torch.nn.Module, comps: list[EncodedComparison], cfg: Confi
 
 
 def _load_model(cfg: Config, heads: int, seed: int, tokenizer: Any):
-    from rlhfkit.models import check_max_length, disable_dropout, load_reward_model
-
     torch.manual_seed(seed)  # the fresh score head's initialisation differs per member
     model = load_reward_model(cfg.model, cfg.dtype, lora=cfg if cfg.use_lora else None, num_labels=heads,
                               tokenizer=tokenizer, attn_implementation=cfg.attn_implementation,
@@ -307,7 +315,6 @@ def _train_member(cfg: Config, member: int, accelerator, module, optimizer, sche
 def save_reward_model(module: LastTokenReward, tokenizer: Any, path: Path, train: list[EncodedComparison],
                       cfg: Config) -> dict | None:
     """Save in HF format with the normalisation statistics of the training responses."""
-    from rlhfkit.models import save_model
 
     extra, stats = {}, None
     if cfg.normalize:
@@ -390,10 +397,7 @@ def _split(comps: list, fraction: float, seed: int) -> tuple[list, list]:
 @one_run_per_folder
 def main(cfg: Config, printer=print) -> dict:
     """Train (an ensemble of) reward models; returns the final metrics, also written to results.json."""
-    from accelerate import PartialState
 
-    from rlhfkit.models import load_tokenizer
-    from rlhfkit.train.accelerator import multi_process_cpu
 
     is_main = PartialState(cpu=multi_process_cpu()).is_main_process
     out = prepare_run_dir(cfg.output_dir, cfg, is_main)
@@ -414,8 +418,6 @@ def main(cfg: Config, printer=print) -> dict:
         member_out = out if n_models == 1 else out / "members" / name
         done = member_out / "member_results.json"
         if n_models > 1 and cfg.resume and done.is_file() and (member_out / "final" / "config.json").is_file():
-            import json
-
             printer(f"reward: {name} already trained, kept")  # resuming an ensemble skips finished members
             final = json.loads(done.read_text())
         else:
@@ -438,7 +440,6 @@ def main(cfg: Config, printer=print) -> dict:
 
 def _assemble_ensemble(out: Path, names: list[str], cfg: Config) -> None:
     """final/ = ensemble.json + member-i folders (copied from members/member-i/final), atomically."""
-    import shutil
 
     with atomic_path(out / "final") as tmp:
         tmp.mkdir()

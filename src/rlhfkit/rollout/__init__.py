@@ -6,6 +6,7 @@ stop_token_ids=None) -> Rollout``; :data:`ENGINES` maps names to engines ("hf": 
 sampling loop in generate.py). Other engines register themselves in ENGINES under their name.
 """
 
+from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.generate import encode_prompts, generate, sample_next_token, top_p_filter
 from rlhfkit.rollout.record import Rollout, Trajectory, micro_batches, minibatches
 
@@ -21,7 +22,6 @@ ENGINES["vllm"] = _vllm.generate_rollout
 
 def get_engine(name: str):
     """The generation engine called `name`."""
-    from rlhfkit.errors import ConfigError
 
     if name not in ENGINES:
         raise ConfigError(f"config field 'engine': unknown generation engine {name!r}; choose from {sorted(ENGINES)}")

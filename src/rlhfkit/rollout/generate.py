@@ -12,11 +12,13 @@ the cache, and stops as soon as every row has produced an end-of-sequence token.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
+from rlhfkit.data.collate import encode_prompt
 from rlhfkit.errors import ConfigError
 from rlhfkit.logprobs import position_ids_from_mask
 from rlhfkit.rollout.record import Rollout
@@ -82,7 +84,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | N
     opening ones; sharing SFT's encoder keeps the policy's inputs in the distribution it was
     fine-tuned on.
     """
-    from rlhfkit.data.collate import encode_prompt
 
     out, truncated = [], 0
     for text in prompts:
@@ -110,7 +111,6 @@ def cache_keyword(model) -> str:
     """The keyword a model's forward takes its KV cache by: `cache` (transformers 5.x, which
     deprecates `past_key_values`) or `past_key_values` (older releases); read from the forward
     signature of the model under any peft / DDP wrapper, once per model class."""
-    import inspect
 
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner

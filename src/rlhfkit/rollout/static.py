@@ -14,6 +14,7 @@ engines pick the same tokens, and record the same sampler log-probs (`Rollout.sa
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -134,7 +135,6 @@ def generate_rollout(model, tokenizer, prompts, max_new_tokens: int, temperature
     """The `static` engine with the rollout-engine signature of `rlhfkit.rollout.generate.generate`:
     the same validation, prompt encoding, row order and Rollout, the decoding done by
     :func:`generate_chunk`."""
-    import importlib
 
     hf = importlib.import_module("rlhfkit.rollout.generate")
     original = hf._generate_chunk

@@ -31,6 +31,7 @@ from types import ModuleType
 import torch
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.rollout.record import Rollout
 
 
 def import_vllm() -> ModuleType:
@@ -150,8 +151,6 @@ def _sampled_logprobs(sample, toks: list[int]) -> list[float]:
 
 
 def _to_rollout(tokenizer, prompts, ids, responses, ended, num_samples, pad_id, truncated):
-    from rlhfkit.rollout.record import Rollout
-
     rows = [i for i in range(len(ids)) for _ in range(num_samples)]
     p = max(len(x) for x in ids)
     r = max(1, max(len(x) for x in responses))

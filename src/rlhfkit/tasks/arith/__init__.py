@@ -37,6 +37,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "eval")
 MAX_DIGITS = 2            # operands are 0 .. 10**MAX_DIGITS - 1, written with MAX_DIGITS digits
@@ -238,8 +241,6 @@ def accuracy(prompts: Sequence[str], completions: Sequence[str], answers: Sequen
 
 def build_tokenizer():
     """The character-level tokenizer (a `tokenizers` WordLevel model over single characters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
