@@ -191,3 +191,24 @@ def test_sft_encoding_of_a_tool_trace_matches_the_episode(tok, model):
     assert json.loads(CALL.split("\n")[1])["arguments"] == {"a": 2, "b": 3}
     short = encode_conversation(tok, messages, tools, max_length=10)
     assert short["truncated"] and len(short["input_ids"]) == 10
+
+
+def test_gae_skips_environment_tokens():
+    """PPO on episodes: GAE over a row with masked environment tokens in the middle equals GAE over
+    the policy's tokens alone (the critic's values and the rewards there count for nothing)."""
+    from rlhfkit.advantages import gae
+
+    torch.manual_seed(0)
+    D = torch.float64
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0]], dtype=D)
+    rewards, values = torch.randn(1, 11, dtype=D), torch.randn(1, 11, dtype=D)
+    keep = mask[0].bool()
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    want_adv, want_ret = gae(rewards[:, keep], values[:, keep], torch.ones(1, int(keep.sum()), dtype=D), 0.9, 0.8)
+    torch.testing.assert_close(adv[:, keep], want_adv, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ret[:, keep], want_ret, rtol=1e-12, atol=0)
+    assert (adv[:, ~keep] == 0).all() and (ret[:, ~keep] == 0).all()
+    # by hand, gamma = lambda = 1: A_t = sum of the policy's rewards from t on minus V_t
+    a1, _ = gae(torch.tensor([[0.0, 5.0, 0.0, 1.0]], dtype=D), torch.tensor([[0.5, 9.0, 2.0, 0.25]], dtype=D),
+                torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=D), 1.0, 1.0)
+    torch.testing.assert_close(a1, torch.tensor([[0.5, 0.0, 0.0, 0.75]], dtype=D))

@@ -175,6 +175,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last token (the episode ends
     there), A_t = delta_t + gamma lambda A_{t+1}. Returns (advantages, returns = A + V),
     zero on padding. Not whitened: see :func:`rlhfkit.masked.masked_whiten`.
+
+    Masked positions inside a row (a multi-turn episode's tool and environment tokens) are not
+    steps of the policy: t+1 is the next unmasked token, so the recursion runs over the policy's
+    tokens alone (as veRL's multi-turn GAE); for a contiguous mask this is the plain recursion.
     """
     m = mask.to(values.dtype)
     values, rewards = values * m, rewards * m
@@ -184,9 +188,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_value = torch.zeros_like(last)
     for t in reversed(range(t_len)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * m[:, t]
-        adv[:, t] = last
-        next_value = values[:, t]
+        step = m[:, t] > 0
+        last = torch.where(step, delta + gamma * lam * last, last)
+        adv[:, t] = last * m[:, t]
+        next_value = torch.where(step, values[:, t], next_value)
     return adv, (adv + values) * m
 
 

@@ -43,7 +43,7 @@ from rlhfkit.masked import masked_whiten
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
-from rlhfkit.recipes import onpolicy
+from rlhfkit.recipes import agentic, onpolicy
 from rlhfkit.rollout import Trajectory, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, unwrap
 from rlhfkit.rollout.prompts import (
@@ -63,7 +63,7 @@ NAME = "ppo"
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs, OnPolicyArgs):
+class Config(ModelArgs, TrainArgs, OnPolicyArgs, agentic.EpisodeArgs):
     kl_coef: float = 0.05
     """KL coefficient beta of the per-token penalty in the reward (initial value when target_kl is set)."""
     cliprange: float = 0.2
@@ -96,6 +96,7 @@ class Config(ModelArgs, TrainArgs, OnPolicyArgs):
     def __post_init__(self) -> None:
         self._check_train_args()
         self._check_on_policy_args()
+        self._check_episode_args()
         require(self.model != "", "model", "give the SFT policy to start from (a folder or 'kindly')")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         require(self.cliprange > 0, "cliprange", "must be > 0")
@@ -126,16 +127,21 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     """Steps 1-6 of an update: a scored rollout turned into a Trajectory of advantages and returns."""
     dev, bs = accelerator.device, cfg.per_device_train_batch_size
     # 2. rollout: one response per prompt
-    roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
-                  cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
-                  seed=rollout_seed(cfg.seed, step, accelerator.process_index), max_prompt_length=cfg.max_prompt_length,
-                  top_k=cfg.top_k)
-    # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
-    completions = as_completions(prompts.prompts, roll.responses)
-    scored = rewards.score(prompts.prompts, completions, completion_ids=completion_id_lists(roll),
-                           trainer_state=trainer_state, **prompts.columns)
+    if cfg.multi_turn:  # 2.-3. one episode per prompt with tools / an environment, scored (recipes/agentic.py)
+        episodes = agentic.sample_episodes(policy, tok, rewards, eval_reward, prompts, cfg, step, accelerator,
+                                           agentic.load_factory(cfg), trainer_state, num_samples=1)
+        roll, scored, eval_scores = episodes.rollout, episodes.scored, episodes.eval_scores
+    else:
+        roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,
+                      cfg.temperature, cfg.top_p, num_samples=1, batch_size=cfg.generation_batch_size,
+                      seed=rollout_seed(cfg.seed, step, accelerator.process_index),
+                      max_prompt_length=cfg.max_prompt_length, top_k=cfg.top_k)
+        # 3. run the rewards (reward model, functions, verifiers) and the held-out eval reward
+        completions = as_completions(prompts.prompts, roll.responses)
+        scored = rewards.score(prompts.prompts, completions, completion_ids=completion_id_lists(roll),
+                               trainer_state=trainer_state, **prompts.columns)
+        eval_scores = eval_reward(prompts.prompts, completions, **prompts.columns) if eval_reward is not None else None
     scores = torch.tensor(scored.total, dtype=torch.float32)
-    eval_scores = eval_reward(prompts.prompts, completions, **prompts.columns) if eval_reward is not None else None
     # 4. old log-probs, reference log-probs and values: the training forward and layout, no gradients
     ids, mask = (t.to(dev) for t in roll.sequences())
     response_width, rmask = roll.response_ids.shape[1], roll.response_mask.to(dev).float()
