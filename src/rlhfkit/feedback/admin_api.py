@@ -27,6 +27,7 @@ from rlhfkit.feedback.web import (
     db_of,
     label_payload,
     require_admin,
+    token_payload,
 )
 
 router = APIRouter(prefix="/api/admin", dependencies=AUTH)
@@ -94,9 +95,7 @@ def user_tokens(username: PathName, request: Request):
         actor = _admin(request, s)
         user = accounts.named_user(s, username)
         _may_manage(actor, user.role)
-        return [{"id": t.id, "name": t.name, "revoked": t.revoked, "created_at": t.created_at.isoformat() + "Z",
-                 "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
-                for t in accounts.tokens_of(s, user)]
+        return [token_payload(t) for t in accounts.tokens_of(s, user)]
 
 
 @router.post("/users/{username}/{action}")

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from rlhfkit.feedback.models import ApiToken
 from rlhfkit.feedback.schemas import (
     CorrectionBody,
     LabelBody,
@@ -32,15 +31,11 @@ from rlhfkit.feedback.web import (
     item_payload,
     label_payload,
     rng_of,
+    token_payload,
     visible_task,
 )
 
 router = APIRouter(prefix="/api")
-
-
-def _token_row(t: ApiToken) -> dict:
-    return {"id": t.id, "name": t.name, "created_at": t.created_at.isoformat() + "Z", "revoked": t.revoked,
-            "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
 
 
 @router.post("/login")
@@ -61,7 +56,7 @@ def _new_token(request: Request, user_id: int, name: str) -> str:
 def my_tokens(request: Request):
     with db_of(request).read_session() as s:
         user, _ = authenticate(request, s)
-        return [_token_row(t) for t in accounts.tokens_of(s, user)]
+        return [token_payload(t) for t in accounts.tokens_of(s, user)]
 
 
 @router.post("/tokens", status_code=201, dependencies=AUTH)
@@ -79,7 +74,7 @@ def revoke_token(token_id: PathId, request: Request):
         user, csrf = authenticate(request, s)
         check_csrf(request, csrf)
         tok, _ = accounts.revoke_token(s, token_id, actor=user)
-        return _token_row(tok)
+        return token_payload(tok)
 
 
 @router.post("/me/password", dependencies=AUTH)

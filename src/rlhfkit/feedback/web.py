@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.guard import LoginGuard
-from rlhfkit.feedback.models import Item, Label, Task, User, utcnow
+from rlhfkit.feedback.models import ApiToken, Item, Label, Task, User, utcnow
 from rlhfkit.feedback.schemas import INT_MAX, name_problem, text_problem
 from rlhfkit.feedback.security import digest, same, verify_password
 from rlhfkit.feedback.service import accounts, tasks
@@ -235,6 +235,12 @@ def item_payload(task: Task, item: Item, order: list[int]) -> dict:
             "responses": [item.responses[i] for i in order], "rubric": task.rubric,
             "likert_points": task.likert_points, "instructions": task.instructions,
             "idempotency_key": uuid.uuid4().hex}
+
+
+def token_payload(t: ApiToken) -> dict:
+    """An API token as listed to its owner or an admin (never its secret)."""
+    return {"id": t.id, "name": t.name, "created_at": t.created_at.isoformat() + "Z", "revoked": t.revoked,
+            "expires_at": None if t.expires_at is None else t.expires_at.isoformat() + "Z"}
 
 
 def label_payload(label: Label) -> dict:
