@@ -86,7 +86,7 @@ class TrafficLog:
         self.dropped = 0
         self._queue: queue.Queue[dict | None] = queue.Queue()
         self._idle = threading.Condition()
-        self._pending = 0
+        self._queued = self._done = 0  # rows put on the queue / written (or dropped), in queue order
         self._next_purge = 0.0
         self._thread = threading.Thread(target=self._run, name="traffic-log", daemon=True)
         self._thread.start()
@@ -105,18 +105,20 @@ class TrafficLog:
         row.setdefault("status", 200)
         row.setdefault("prompt_tokens", 0)
         row.setdefault("completion_tokens", 0)
-        with self._idle:
-            self._pending += 1
-        self._queue.put(row)
+        with self._idle:  # counted and queued together, so the counts follow the queue's order
+            self._queued += 1
+            self._queue.put(row)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued row is written (or dropped after a database error)."""
+        """Wait until every row queued before this call is written (or dropped after a database
+        error); rows queued meanwhile by other requests are not waited for."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._pending:
+            target = self._queued
+            while self._done < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"traffic log: {self._pending} rows still queued after {timeout} s")
+                    raise TimeoutError(f"traffic log: {target - self._done} rows still queued after {timeout} s")
                 self._idle.wait(left)
 
     def close(self) -> None:
@@ -149,7 +151,7 @@ class TrafficLog:
                     log.exception("traffic log: could not write %d rows; dropped", len(rows))
                     self.dropped += len(rows)
                 with self._idle:
-                    self._pending -= len(rows)
+                    self._done += len(rows)
                     self._idle.notify_all()
             if stop:
                 return
