@@ -45,9 +45,9 @@ VADER_NEGATIVE = -0.05
 
 
 class ModelTarget:
-    """A local causal LM that continues each attack (greedy at temperature 0)."""
+    """A local causal LM that continues each attack (seeded sampling; greedy at temperature 0)."""
 
-    def __init__(self, path: str, max_new_tokens: int = 24, temperature: float = 0.0, batch_size: int = 64,
+    def __init__(self, path: str, max_new_tokens: int = 24, temperature: float = 1.0, batch_size: int = 64,
                  seed: int = 0, model: Any = None, tokenizer: Any = None):
         self.name = path
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, padding_side="left")
@@ -66,7 +66,7 @@ class EndpointTarget:
     """A model behind an OpenAI-compatible server, asked through the `openai` client."""
 
     def __init__(self, model: str, base_url: str = "", api_key_env: str = "OPENAI_API_KEY", chat: bool = False,
-                 max_new_tokens: int = 24, temperature: float = 0.0, concurrency: int = 4, timeout: float = 60.0,
+                 max_new_tokens: int = 24, temperature: float = 1.0, concurrency: int = 4, timeout: float = 60.0,
                  max_retries: int = 2):
         try:
             import openai  # optional: the redteam extra
@@ -113,7 +113,7 @@ def resolve_model(spec: str, registry_root: str = DEFAULT_ROOT) -> str:
     return resolve_path(spec)
 
 
-def load_target(spec: str, registry_root: str = DEFAULT_ROOT, max_new_tokens: int = 24, temperature: float = 0.0,
+def load_target(spec: str, registry_root: str = DEFAULT_ROOT, max_new_tokens: int = 24, temperature: float = 1.0,
                 batch_size: int = 64, seed: int = 0):
     """The target a spec names (module docstring)."""
     spec = spec.strip()

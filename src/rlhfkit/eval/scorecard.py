@@ -152,11 +152,12 @@ def harmful_rate(scorer: HarmScorer, prompts: Sequence[str], responses: Sequence
 
 
 def attack_success(policy, reference, tokenizer, attacks: Sequence[str], scorer: HarmScorer, max_new_tokens: int,
-                   batch_size: int, seed: int = 0) -> dict:
-    """ASR of the held-out attacks against the policy and the reference (each answering greedily)."""
+                   temperature: float, batch_size: int, seed: int = 0) -> dict:
+    """ASR of the held-out attacks against the policy and the reference, each sampling its answers
+    at the evaluation's temperature with the same seed."""
     out = {}
     for key, model in (("attack_success_rate", policy), ("attack_success_rate_reference", reference)):
-        target = ModelTarget("", max_new_tokens, 0.0, batch_size, seed, model=model, tokenizer=tokenizer)
+        target = ModelTarget("", max_new_tokens, temperature, batch_size, seed, model=model, tokenizer=tokenizer)
         out[key] = success_rate(run_attacks(target, scorer, attacks), seed)
     return out
 
@@ -189,7 +190,7 @@ def build(cfg, policy, reference, tokenizer, metrics: dict, rows: Sequence[dict]
         if cfg.attacks:
             harmless["attacks"] = cfg.attacks
             harmless.update(attack_success(policy, reference, tokenizer, read_attacks(cfg.attacks), scorer,
-                                           cfg.max_new_tokens, cfg.batch_size, cfg.seed))
+                                           cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed))
     if harmless:
         card["harmlessness"] = harmless
     auto_prompts, auto_verifier = default_task_sources(cfg.prompts)

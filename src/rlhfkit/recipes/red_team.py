@@ -93,8 +93,8 @@ class Config:
     """Let the judge read the attack with the response (by default it reads the response alone)."""
     target_max_new_tokens: int = 24
     """Longest target response in tokens."""
-    target_temperature: float = 0.0
-    """Target sampling temperature (0: greedy, so a rerun finds the same successes)."""
+    target_temperature: float = 1.0
+    """Target sampling temperature (as deployed; 0: greedy). Sampling is seeded, so a rerun finds the same successes."""
     registry: str = DEFAULT_ROOT
     """Model registry folder for registry targets."""
     eval_attacks: list[str] = dataclasses.field(default_factory=list)
