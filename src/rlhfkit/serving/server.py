@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoConfig
 
 from rlhfkit.data.chat import apply_chat_template
 from rlhfkit.data.collate import encode_prompt
@@ -46,10 +47,12 @@ from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models.io import load_policy, load_tokenizer, max_positions
 from rlhfkit.models.paths import resolve_path
 from rlhfkit.models.registry import DEFAULT_ROOT, Registry
+from rlhfkit.rollout.vllm import import_vllm
 from rlhfkit.serving import live
 from rlhfkit.serving import openai_schema as api
 from rlhfkit.serving.engine import Engine, Job, Sampling
 from rlhfkit.serving.openai_schema import ServingError
+from rlhfkit.serving.vllm_engine import VLLMServingEngine
 
 ENGINES = ("hf", "static", "vllm")
 CONFIG_ENV = "RLHFKIT_SERVE_CONFIG"  # the config a worker process reads (uvicorn starts workers by import string)
@@ -139,10 +142,6 @@ def load_model(spec: str, cfg: ServeConfig) -> ServedModel:
     name, path, registry_id = resolve_model(spec, cfg.registry)
     tokenizer = load_tokenizer(path, padding_side="left")
     if cfg.engine == "vllm":
-        from transformers import AutoConfig
-
-        from rlhfkit.serving.vllm_engine import VLLMServingEngine
-
         engine = VLLMServingEngine(path, max_rows=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
                                    seed=cfg.seed or 0, name=name)
         context = max_positions(type("M", (), {"config": AutoConfig.from_pretrained(path)})())
@@ -474,8 +473,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
         for spec in cfg.models:  # fail here, in one line, rather than in every worker
             resolve_model(spec, cfg.registry)
         if cfg.engine == "vllm":
-            from rlhfkit.rollout.vllm import import_vllm
-
             import_vllm()
     except RlhfkitError as e:
         print(f"rlhfkit serve-policy: {e}", file=sys.stderr)
