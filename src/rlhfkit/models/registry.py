@@ -160,6 +160,16 @@ class Registry:
         self._save_state(state)
         return entry
 
+    def record(self, action: str, model_id: str, reason: str = "", evidence: dict | None = None) -> None:
+        """Add an event about `model_id` to the history without moving the promoted model (a canary
+        that grew, was held or was rolled back before promotion), with the evidence behind it."""
+        self.get(model_id)
+        state = self._state()
+        state["history"].append({"action": action, "id": model_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "forced": False, "reason": reason, "previous": state["current"],
+                                 "evidence": evidence or {}})
+        self._save_state(state)
+
     def rollback(self, reason: str = "") -> dict | None:
         """Return to the previously promoted model; returns its entry (None if the stack empties)."""
         state = self._state()

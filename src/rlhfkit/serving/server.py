@@ -48,7 +48,7 @@ from rlhfkit.models.io import load_policy, load_tokenizer, max_positions
 from rlhfkit.models.paths import resolve_path
 from rlhfkit.models.registry import DEFAULT_ROOT, Registry
 from rlhfkit.rollout.vllm import import_vllm
-from rlhfkit.serving import live
+from rlhfkit.serving import canary, live
 from rlhfkit.serving import openai_schema as api
 from rlhfkit.serving.engine import Engine, Job, Sampling
 from rlhfkit.serving.openai_schema import ServingError
@@ -174,9 +174,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             if served.name in app.state.models:
                 raise ConfigError(f"two --model values are served as {served.name!r}; name them with NAME=MODEL")
             app.state.models[served.name] = served
+        # a canary release rewrites the experiment file; arms it adds are loaded, then routed to
+        unfollow = canary.follow_experiment(app, cfg.experiment, lambda a: load_model(f"{a.name}={a.model}", cfg)) \
+            if cfg.experiment else None
         try:
             yield
         finally:
+            if unfollow is not None:
+                unfollow()
             for served in app.state.models.values():
                 served.engine.close()
 
