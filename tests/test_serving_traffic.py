@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import uuid
 
 import pytest
@@ -188,8 +189,9 @@ def test_exports_are_redacted_unless_asked(env):
 # a server with an experiment: assignment, the log of every request, cookies, streams
 
 
-def fake_server() -> FastAPI:
-    """An OpenAI-shaped app that answers with the model it was asked for (the arm)."""
+def fake_server(texts=None) -> FastAPI:
+    """An OpenAI-shaped app that answers with the model it was asked for (the arm); `texts`, an
+    iterator, gives the answers instead."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -198,7 +200,7 @@ def fake_server() -> FastAPI:
         if req["model"] not in ("a", "b", "plain"):
             return JSONResponse({"error": {"message": f"no model {req['model']}", "type": "invalid_request_error",
                                            "param": "model", "code": "model_not_found"}}, 404)
-        rid, text = f"chatcmpl-{uuid.uuid4().hex}", f"answer from {req['model']}"
+        rid, text = f"chatcmpl-{uuid.uuid4().hex}", next(texts) if texts else f"answer from {req['model']}"
         if req.get("stream"):
             def events():
                 for piece in (text[:6], text[6:]):
@@ -385,4 +387,69 @@ def test_the_policy_server_runs_an_experiment_on_the_bundled_model(tmp_path):
     assert row.response == [got["ann"]["choices"][0]["message"]["content"]]
     assert row.completion_tokens == got["ann"]["usage"]["completion_tokens"] and row.sampling == {"max_tokens": 6}
     assert row.model_version.endswith(got["ann"]["system_fingerprint"]) and "kindly" in row.model_version
+    live.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the chat page, in Chromium
+
+CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
+XSS = '<img src=x onerror="window.__xss = 1">kind words'
+
+
+@pytest.mark.browser
+def test_the_chat_page_sends_thumbs_edits_and_picks_from_the_keyboard(tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    from rlhfkit.feedback.testing import ServerThread
+    from rlhfkit.serving.live import install
+
+    (tmp_path / "exp.yaml").write_text("name: kindly-ab\narms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n")
+    app = fake_server(texts=iter([XSS, "second answer", "third answer"]))
+    live = install(app, f"sqlite:///{tmp_path}/fb.db", str(tmp_path / "exp.yaml"))
+    errors: list[str] = []
+    with ServerThread(app) as srv, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.set_default_timeout(15000)
+            page.goto(f"{srv.url}/chat")
+            # selectors only: the page's Content-Security-Policy forbids the eval behind wait_for_function
+            page.wait_for_selector('#model:text-is("(kindly-ab)")')
+            page.keyboard.type("The weather today")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".assistant.latest .text")
+            assert page.inner_text(".assistant.latest .text") == XSS  # shown as text, ran nothing
+            assert page.query_selector(".assistant.latest img") is None
+            page.keyboard.press("Escape")
+            page.keyboard.press("+")
+            page.wait_for_selector(".assistant.latest button.up.on")
+            page.keyboard.press("e")
+            page.keyboard.press("Control+a")
+            page.keyboard.type("warm and kind words")
+            page.keyboard.press("Control+Enter")
+            page.wait_for_selector('.assistant.latest .text:text-is("warm and kind words")')
+            page.keyboard.press("Escape")
+            page.keyboard.press("r")
+            page.wait_for_selector("#choose #cand-2")
+            assert page.inner_text("#cand-2") == "2. second answer"
+            page.keyboard.press("2")
+            page.wait_for_selector('.assistant.latest .text:text-is("second answer")')
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert errors == []
+    live.log.flush()
+    with live.log.db.read_session() as s:
+        feedback = s.scalars(select(UseFeedback).order_by(UseFeedback.id)).all()
+        served = s.scalars(select(ServedResponse).order_by(ServedResponse.id)).all()
+    assert [f.kind for f in feedback] == ["thumbs", "edit", "pairwise"]
+    assert feedback[0].value["up"] is True and feedback[1].value["text"] == "warm and kind words"
+    first, second = served
+    assert feedback[2].response_id == first.response_id and feedback[2].value["chosen"] == second.response_id
+    assert first.experiment == second.experiment == "kindly-ab" and first.arm == second.arm  # the cookie kept the arm
+    assert second.request == [{"role": "user", "content": "The weather today"}]
     live.log.close()

@@ -11,7 +11,8 @@ so that, with nothing changed in its handlers:
 - every POST to /v1/chat/completions and /v1/completions is logged to the traffic log (model
   version, arm, user key, sampling settings, token counts, latency, time to first byte, status),
   streamed or not, including errors, after the response has been sent;
-- the feedback API (rlhfkit.serving.use_feedback) is mounted under /v1;
+- the feedback API (rlhfkit.serving.use_feedback) is mounted under /v1, and a small chat page
+  at /chat (static/chat.html: thumbs, edit, regenerate and choose, all from the keyboard);
 - with a safety monitor (rlhfkit.serving.monitor), every response is scored after it is sent;
   in blocking mode it is scored first and a flagged choice is replaced by the refusal
   (finish_reason ``content_filter``; a stream is held back until scored). The log keeps the
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
+import hashlib
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from pathlib import Path
 from typing import Any
 
 from rlhfkit.serving.experiments import (
@@ -44,6 +48,7 @@ from rlhfkit.serving.monitor import SafetyMonitor, make_safety_router
 from rlhfkit.serving.traffic import TrafficLog
 from rlhfkit.serving.use_feedback import mount_experiment_routes
 
+CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "logprobs",
                    "top_logprobs", "stream")
@@ -280,6 +285,36 @@ def _replay(body: bytes, receive):
     return replay
 
 
+def _csp(page: str) -> str:
+    """A Content-Security-Policy allowing only the page's own inline script and style (by hash)
+    and requests to this server."""
+    def digest(tag: str) -> str:
+        body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def add_chat_page(app: Any, live: Live) -> None:
+    """GET /chat (the page) and GET /v1/chat/config (the model it talks to: the experiment's
+    name, or the first served model)."""
+    from fastapi.responses import HTMLResponse
+
+    page = CHAT_PAGE.read_text()
+    headers = {"Content-Security-Policy": _csp(page), "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+    @app.get("/chat", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(page, headers=headers)
+
+    @app.get("/v1/chat/config", include_in_schema=False)
+    async def chat_config():
+        if live.experiment is not None:
+            return {"model": live.experiment.name}
+        return {"model": next(iter(getattr(app.state, "models", {}) or {}), None)}
+
+
 def served_models(models: list[str], experiment: str | None) -> list[str]:
     """`--model` values plus one ``ARM=MODEL`` per arm of `experiment` not already served by name."""
     if not experiment:
@@ -303,6 +338,7 @@ def install(app: Any, db: str, experiment: str | Experiment | None = None, versi
         atexit.register(live.monitor.close)  # atexit runs last-in first: the monitor ends before the log
     mount_experiment_routes(app, log.db, log, dependencies)
     app.include_router(make_safety_router(log.db, live.monitor, dependencies), prefix="/v1")
+    add_chat_page(app, live)
     app.add_middleware(ExperimentMiddleware, live=live)
     app.state.live = live
     return live
