@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import get_json_schema
+
 from rlhfkit.tasks import arith
 
 HERE = Path(__file__).resolve().parent
@@ -144,8 +146,6 @@ def sft_records(split: str = "train") -> list[dict]:
 
 def tool_schema() -> dict:
     """The calculator's JSON schema (what transformers' get_json_schema makes of it)."""
-    from transformers.utils import get_json_schema
-
     return get_json_schema(calculator)
 
 
