@@ -46,7 +46,7 @@ from rlhfkit.data.collate import encode_prompt
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models.io import load_policy, load_tokenizer, max_positions
 from rlhfkit.models.paths import resolve_path
-from rlhfkit.models.registry import DEFAULT_ROOT, Registry
+from rlhfkit.models.registry import DEFAULT_ROOT, Registry, RegistryError
 from rlhfkit.rollout.vllm import import_vllm
 from rlhfkit.serving import canary, live
 from rlhfkit.serving import openai_schema as api
@@ -117,8 +117,11 @@ def resolve_model(spec: str, registry_root: str = DEFAULT_ROOT) -> tuple[str, st
         entry = reg.promoted()
         if entry is None:
             raise ConfigError(f"--model {spec!r}: no model is promoted in registry {registry_root}")
-    elif (Path(registry_root) / "models" / f"{target}.json").is_file():
-        entry = reg.get(target)
+    else:
+        try:
+            entry = reg.get(target)
+        except RegistryError:
+            entry = None  # not a registry id: a hub name, or a folder that does not exist (said below)
     if entry is not None:
         if entry.get("kind", "policy") != "policy":
             raise ConfigError(f"--model {spec!r}: registry model {entry['id']!r} is a {entry['kind']}, not a policy")
