@@ -15,7 +15,13 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import AuditEvent
 from rlhfkit.models.registry import Registry
-from rlhfkit.serving.canary import Canary, CanaryPlan, experiment_yaml, follow_experiment, run_canary
+from rlhfkit.serving.canary import (
+    Canary,
+    CanaryPlan,
+    experiment_yaml,
+    follow_experiment,
+    run_canary,
+)
 from rlhfkit.serving.experiments import load_experiment, parse_experiment
 from rlhfkit.serving.tables import ServedResponse, UseFeedback
 

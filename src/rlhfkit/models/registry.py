@@ -202,6 +202,30 @@ def _table(entries: list[dict], current: str | None, gold_key: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def lineage_text(reg: Registry, model_id: str) -> str:
+    """`model_id`, its parent, its parent's parent ...: each with its round, how it was trained, on
+    what data (files and, for rounds from live traffic, the feedback counts), its gold metric, and
+    the registry's history about it (promotions, canary steps and rollbacks with their reasons)."""
+    lines, seen = [], set()
+    history = reg.history()
+    while model_id and model_id not in seen:
+        seen.add(model_id)
+        e = reg.get(model_id)
+        gold = metric_value(e.get("metrics", {}), reg.gold_key)
+        lines.append(f"{e['id']}  round {e.get('round', '-')}  parent {e.get('parent') or '-'}  "
+                     f"algorithm {e.get('algorithm', '-')}  {reg.gold_key} {'-' if gold is None else f'{gold:.4g}'}")
+        td = e.get("training_data")
+        if td:
+            lines.append("    data: " + ", ".join(f"{k} {v}" for k, v in td.items()))
+        for path in e.get("data", {}):
+            lines.append(f"    file: {path}")
+        for h in history:
+            if h["id"] == model_id or (h["action"] == "rollback" and h.get("previous") == model_id):
+                lines.append(f"    {h['time']}  {h['action']}: {h.get('reason') or ''}".rstrip())
+        model_id = e.get("parent")
+    return "\n".join(lines)
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +234,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="all models; * marks the promoted one")
     p = sub.add_parser("show", help="one model's full entry (JSON)")
+    p.add_argument("id", nargs="?", help="model id (default: the promoted model)")
+    p = sub.add_parser("lineage", help="a model and its ancestors: round, data, parent and every decision about each")
     p.add_argument("id", nargs="?", help="model id (default: the promoted model)")
     p = sub.add_parser("promote", help="make a model the promoted one")
     p.add_argument("id")
@@ -242,6 +268,11 @@ def _run(reg: Registry, args: Any) -> int:
         if entry is None:
             raise RegistryError("no model is promoted; name one: rlhfkit models show ID")
         print(json.dumps(entry, indent=2, sort_keys=True))
+    elif args.action == "lineage":
+        entry = reg.get(args.id) if args.id else reg.promoted()
+        if entry is None:
+            raise RegistryError("no model is promoted; name one: rlhfkit models lineage ID")
+        print(lineage_text(reg, entry["id"]))
     elif args.action == "promote":
         reg.promote(args.id, force=args.force, reason=args.reason)
         print(f"promoted {args.id}")

@@ -50,7 +50,7 @@ from rlhfkit.judges.sources import (
 from rlhfkit.models import load_policy, load_tokenizer
 from rlhfkit.models.registry import Registry, RegistryError
 from rlhfkit.models.reward import RewardScorer
-from rlhfkit.recipes import dpo, ppo, reward
+from rlhfkit.recipes import dpo, grpo, online, ppo, reward, rloo
 from rlhfkit.rollout import generate
 from rlhfkit.tasks import kindly
 from rlhfkit.train.runs import (
@@ -61,7 +61,8 @@ from rlhfkit.train.runs import (
     seed_everything,
 )
 
-ALGORITHMS = ("dpo", "ppo")
+ALGORITHMS = ("dpo", "kto", "ppo", "grpo", "rloo")
+ON_POLICY = {"ppo": ppo, "grpo": grpo, "rloo": rloo}
 
 
 @dataclasses.dataclass
@@ -71,9 +72,39 @@ class Config:
     rounds: int = 3
     """Number of rounds R."""
     algorithm: str = "dpo"
-    """Policy update each round: dpo or ppo."""
+    """Policy update each round: dpo (any DPO-family loss, --dpo_loss), kto, or a reward-model update plus ppo, grpo or rloo."""
     source: str = "simulated"
-    """Preference source: 'simulated' annotators over the gold panel, 'judge:SPEC' (an AI judge, e.g. judge:afinn), or 'feedback:URL' (the feedback service at http(s)://URL, admin token in $RLHFKIT_FEEDBACK_TOKEN; or feedback:DB_URL, its database)."""
+    """Preference source: 'simulated' annotators over the gold panel, 'judge:SPEC' (an AI judge, e.g. judge:afinn), 'feedback:URL' (the feedback service at http(s)://URL, admin token in $RLHFKIT_FEEDBACK_TOKEN; or feedback:DB_URL, its database), or 'traffic:DB_URL' (feedback from real use of the served production model; docs/online.md)."""
+    dpo_loss: str = "sigmoid"
+    """dpo: the DPO-family loss (sigmoid, ipo, hinge, cdpo, robust, simpo, orpo)."""
+    traffic_min_feedback: int = 200
+    """traffic source: pieces of feedback on the production model a round waits for."""
+    traffic_deadline: float = 3600.0
+    """traffic source: seconds a round waits for them; then it trains on what there is."""
+    traffic_poll: float = 10.0
+    """traffic source: seconds between checks of the feedback log."""
+    traffic_window: int = 2
+    """traffic source: a round trains on the records of the last N rounds (older responses are too far off-policy)."""
+    traffic_decay: float = 0.5
+    """traffic source: a record one round older counts this much less (kept with probability decay**age)."""
+    rating_up: int = 4
+    """traffic source: a rating at least this is a desirable (thumbs-up) label."""
+    rating_down: int = 2
+    """traffic source: a rating at most this is an undesirable label."""
+    rating_margin: int = 2
+    """traffic source: two ratings of responses to one prompt at least this far apart make a pair."""
+    quality_min_labels: int = 8
+    """traffic source: labels a user needs before their agreement can flag or down-weight them."""
+    traffic_experiment: str = ""
+    """traffic source: the experiment file the server follows; each candidate is released as a canary in it (empty: promotion by the gold rule)."""
+    canary_shares: str = "0.05,0.1,0.25,0.5"
+    """Canary: the candidate's traffic shares, step by step."""
+    canary_users_per_step: int = 50
+    """Canary: new candidate users seen at a share before it grows."""
+    canary_poll: float = 30.0
+    """Canary: seconds between looks at the evidence."""
+    canary_max_looks: int = 120
+    """Canary: looks without a decision before the candidate is rolled back."""
     feedback_quota: float = 1.0
     """feedback source: share of a round's pairs that must be labelled before training."""
     feedback_deadline: float = 3600.0
@@ -133,8 +164,12 @@ class Config:
         require(bool(self.model), "model", "give the starting (SFT) policy folder")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
-        require(self.source == "simulated" or self.source.startswith(("judge:", "feedback:")), "source",
-                f"unknown source {self.source!r}; available: simulated, judge:SPEC, feedback:URL")
+        require(self.source == "simulated" or self.source.startswith(("judge:", "feedback:", online.PREFIX)), "source",
+                f"unknown source {self.source!r}; available: simulated, judge:SPEC, feedback:URL, traffic:DB_URL")
+        require(self.traffic_window >= 1 and 0.0 < self.traffic_decay <= 1.0, "traffic_window",
+                "traffic_window must be >= 1 and traffic_decay in (0, 1]")
+        require(not self.traffic_experiment or self.source.startswith(online.PREFIX), "traffic_experiment",
+                "canary releases need the traffic source (--source traffic:DB_URL)")
         require(0.0 < self.feedback_quota <= 1.0, "feedback_quota", "must be in (0, 1]")
         require(self.prompts_per_round >= 2, "prompts_per_round", "must be >= 2")
         require(self.continue_from in ("promoted", "latest"), "continue_from", "must be promoted or latest")
@@ -239,21 +274,25 @@ def train_reward(data_file: Path, cfg: Config, out: Path, seed: int, n_pairs: in
     return res.get("model_path", str(out / "final"))
 
 
-def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int, n_pairs: int) -> str:
+def train_policy(start: str, round_file: Path, rm_path: str, cfg: Config, out: Path, seed: int, n_pairs: int,
+                 prompts: str = "") -> str:
+    """DPO-family / KTO on `round_file` with `start` as reference, or PPO / GRPO / RLOO against the
+    reward model on fresh samples of `prompts` (default: the bundled task's)."""
     common = dict(learning_rate=cfg.policy_learning_rate, per_device_train_batch_size=cfg.batch_size, report_to="jsonl",
                   logging_steps=5, progress=cfg.progress)
     forced = dict(model=start, output_dir=str(out), max_steps=cfg.policy_steps, seed=seed)
-    if cfg.algorithm == "dpo":
-
-        pcfg = _recipe_config(dpo.Config, dict(common, beta=cfg.dpo_beta, max_length=96), cfg.policy_config,
+    if cfg.algorithm in ("dpo", "kto"):
+        loss = "kto" if cfg.algorithm == "kto" else cfg.dpo_loss
+        pcfg = _recipe_config(dpo.Config, dict(common, beta=cfg.dpo_beta, max_length=96, loss=loss), cfg.policy_config,
                               dict(forced, dataset=str(round_file), reference=start))
         dpo.main(fit_batch(pcfg, n_pairs))
     else:
-
-        pcfg = _recipe_config(ppo.Config, dict(common, kl_coef=cfg.ppo_kl_coef, max_completion_length=cfg.max_new_tokens,
-                                               num_eval_prompts=0, eval_prompts=""),
+        extra = dict(kl_coef=cfg.ppo_kl_coef) if cfg.algorithm == "ppo" else {}
+        recipe = ON_POLICY[cfg.algorithm]
+        pcfg = _recipe_config(recipe.Config, dict(common, max_completion_length=cfg.max_new_tokens, num_eval_prompts=0,
+                                                  eval_prompts="", **extra, **({"prompts": prompts} if prompts else {})),
                               cfg.policy_config, dict(forced, reward_model=rm_path))
-        ppo.main(pcfg)
+        recipe.main(pcfg)
     return str(out / "final")
 
 
@@ -326,6 +365,8 @@ def main(cfg: Config) -> dict:
 def run_round(cfg: Config, r: int, state: LoopState, train_prompts, evaluate_model: RoundEvaluator, reg,
               out: Path, attacks: list[str] = ()) -> dict:
     """Label, train a reward model and a policy, evaluate, register and (if it holds) promote."""
+    if cfg.source.startswith(online.PREFIX):
+        return run_traffic_round(cfg, r, state, evaluate_model, reg, out)
     t0 = time.perf_counter()
     rdir = out / f"round-{r}"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -351,12 +392,7 @@ def run_round(cfg: Config, r: int, state: LoopState, train_prompts, evaluate_mod
     reg.register(policy_path, model_id, parent=state.current_id, round=r, metrics=metrics, seed=seed,
                  config=dataclasses.asdict(cfg), data_files=[round_file, all_file],
                  extra={"algorithm": cfg.algorithm, "reward_model": rm_path})
-    try:
-        reg.promote(model_id, reason=f"round {r}")
-        promoted = True
-    except RegistryError as e:
-        print(f"loop round {r}: not promoted: {e}")
-        promoted = False
+    promoted = promote_by_gold(reg, model_id, r)
     print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f} "
           f"[{metrics['win_rate']['lo']:.3f}, {metrics['win_rate']['hi']:.3f}], KL {metrics['kl']['mean']:.2f}"
           f"{'' if promoted else ' (not promoted)'}")
@@ -366,10 +402,61 @@ def run_round(cfg: Config, r: int, state: LoopState, train_prompts, evaluate_mod
                        seconds=round(time.perf_counter() - t0, 1))
 
 
+def promote_by_gold(reg: Registry, model_id: str, r: int) -> bool:
+    """The registry's gold guard decides (a round worse than the promoted model is not promoted)."""
+    try:
+        reg.promote(model_id, reason=f"round {r}")
+        return True
+    except RegistryError as e:
+        print(f"loop round {r}: not promoted: {e}")
+        return False
+
+
+def run_traffic_round(cfg: Config, r: int, state: LoopState, evaluate_model: RoundEvaluator, reg: Registry,
+                      out: Path) -> dict:
+    """A round from real users' feedback (rlhfkit.recipes.online): wait for feedback on the
+    production model, judge the users, select the data, train, evaluate, register, release."""
+    t0, rdir, seed = time.perf_counter(), out / f"round-{r}", cfg.seed + r
+    rdir.mkdir(parents=True, exist_ok=True)
+    feed = state.sources.get("traffic") or state.sources.setdefault("traffic", online.TrafficFeed(cfg))
+    production = reg.promoted()["id"]
+    data = feed.collect(r, production, rdir, seed, state.sources.get("reward_model"))
+    if data.n_train == 0 or (cfg.algorithm in ON_POLICY and data.n_pairs < 2):
+        return round_without_labels(cfg, r, {"unlabelled": data.report["feedback"]}, production, data.train_file, t0)
+    rm_path = train_reward(data.pairs_file, cfg, rdir / "reward", seed, data.n_pairs) if data.n_pairs >= 2 else None
+    state.sources["reward_model"] = rm_path or state.sources.get("reward_model")
+    start = reg.get(production)["path"]
+    policy_path = train_policy(start, data.train_file, rm_path, cfg, rdir / cfg.algorithm, seed, data.n_train,
+                               prompts=str(data.prompts_file))
+    metrics = evaluate_model(policy_path, rm_path, rdir / "eval")
+    model_id = f"round-{r}"
+    kept = data.report["this_round"]
+    lineage = {"source": "traffic", "feedback": data.report["feedback"], "since": data.report["since"],
+               "until": data.report["until"], "records_kept": kept["kept"], "records_offered": kept["offered"],
+               "train_records": data.n_train, "reward_pairs": data.n_pairs, "window": cfg.traffic_window,
+               "flagged_users": data.report["users"]["flagged_users"]}
+    reg.register(policy_path, model_id, parent=production, round=r, metrics=metrics, seed=seed,
+                 config=dataclasses.asdict(cfg), data_files=[data.train_file, data.pairs_file],
+                 extra={"algorithm": cfg.algorithm, "reward_model": rm_path, "training_data": lineage})
+    if cfg.traffic_experiment:
+        release = online.release(cfg, reg, feed, model_id, production)
+        promoted = release["status"] == "promoted"
+    else:
+        release, promoted = None, promote_by_gold(reg, model_id, r)
+    print(f"loop round {r}: gold {metrics['gold']['mean']:.3f}, win rate vs start {metrics['win_rate']['mean']:.3f}, "
+          f"{'promoted' if promoted else 'not promoted'}" + (f" (canary {release['status']})" if release else ""))
+    state.current_id, state.current_path = reg.promoted()["id"], reg.promoted()["path"]
+    return summary_row(r, model_id, metrics, feedback=data.report["feedback"], kept=kept["kept"], offered=kept["offered"],
+                       flagged_users=lineage["flagged_users"], promoted=promoted,
+                       canary=[{"action": e["action"], "share": e["share"], "reason": e["reason"]}
+                               for e in release["events"]] if release else None,
+                       seconds=round(time.perf_counter() - t0, 1))
+
+
 def round_without_labels(cfg: Config, r: int, counts: dict, current_id: str, round_file: Path, t0: float) -> dict:
     """A round with no labelled pair: with people as the source it ends without a new model (they
     may not have come before the deadline); from annotators or a judge it is an error."""
-    if not cfg.source.startswith("feedback:"):
+    if not cfg.source.startswith(("feedback:", online.PREFIX)):
 
         raise DataError(f"round {r} collected no preference pairs from source {cfg.source!r}", source=str(round_file))
     print(f"loop round {r}: no labelled pairs from {cfg.source} before the deadline; the round ends "
