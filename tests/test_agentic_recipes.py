@@ -117,3 +117,16 @@ def test_episode_config_checks():
         grpo.Config(model="x", tool_format="xml")
     with pytest.raises(ConfigError, match="dynamic_sampling"):
         grpo.Config(model="x", tools=["python"], dynamic_sampling=True)
+
+
+def test_sample_writes_episodes(sft_policy, tmp_path):
+    from rlhfkit.recipes import sample
+
+    out = tmp_path / "episodes.jsonl"
+    rows = sample.main(sample.Config(model=sft_policy["policy"], prompts=sft_policy["prompts"], output=str(out),
+                                     num_samples=2, max_new_tokens=60, max_turn_tokens=30, max_turns=3, temperature=0.5,
+                                     environment=PingServer))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(rows) == 8
+    assert {"prompt", "messages", "transcript", "turns", "tool_calls", "env_reward"} <= set(lines[0])
+    assert sum(r["tool_calls"] for r in lines) > 0 and any(r["env_reward"] == 1.0 for r in lines)

@@ -31,7 +31,7 @@ from rlhfkit.judges.rewards import RewardScores, completion_id_lists
 from rlhfkit.recipes.group_sampling import Round
 from rlhfkit.rollout.episodes import EpisodeRollout, Limits, episode_stats, run_episodes, transcript
 from rlhfkit.rollout.forward import unwrap
-from rlhfkit.rollout.prompts import rollout_seed, rows_of
+from rlhfkit.rollout.prompts import load_prompt_set, rollout_seed, rows_of
 
 BUILTIN_TOOLS = {"python": sandbox.python}
 
@@ -118,7 +118,22 @@ def load_factory(cfg, environment: Any = None, tools: list | None = None):
 
 
 def limits_of(cfg) -> Limits:
-    return Limits(cfg.max_turns, cfg.max_turn_tokens or cfg.max_completion_length, cfg.max_completion_length)
+    total = getattr(cfg, "max_completion_length", None) or cfg.max_new_tokens  # `sample` calls it max_new_tokens
+    return Limits(cfg.max_turns, cfg.max_turn_tokens or total, total)
+
+
+def sample_rows(cfg, model, tokenizer) -> list[dict]:
+    """`rlhfkit sample` with --environment / --tools: num_samples episodes per prompt, one output line
+    each: the prompt, the episode's messages after it, its transcript, turns, tool calls and reward."""
+    prompts = load_prompt_set(cfg.prompts, "eval", cfg.max_prompts)
+    rows = [{"prompt": p, **{k: v[i] for k, v in prompts.columns.items()}} for i, p in enumerate(prompts.prompts)]
+    roll = run_episodes(model, tokenizer, rows, load_factory(cfg), cfg.num_samples, limits_of(cfg), cfg.temperature,
+                        cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                        tool_format=cfg.tool_format)
+    return [{"prompt": prompts.prompts[int(i)], "messages": m, "transcript": transcript(e), "turns": e.turns,
+             "tool_calls": e.tools_used.calls, "tool_errors": e.tools_used.errors, "truncated": e.truncated,
+             "env_reward": e.reward}
+            for i, m, e in zip(roll.prompt_index, roll.completions(), roll.episodes)]
 
 
 def with_environment_reward(scored: RewardScores, roll: EpisodeRollout) -> RewardScores:

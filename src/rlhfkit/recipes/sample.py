@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from rlhfkit.config import require
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.recipes.agentic import EpisodeArgs, sample_rows
 from rlhfkit.rollout import generate
 from rlhfkit.train.runs import atomic_path, seed_everything
 
 
 @dataclasses.dataclass
-class Config:
+class Config(EpisodeArgs):
     model: str = "kindly"
     """Policy to sample from (folder, hub name, or 'kindly' for the bundled base)."""
     prompts: str = "kindly"
@@ -53,6 +54,7 @@ class Config:
     """Weights dtype."""
 
     def __post_init__(self) -> None:
+        self._check_episode_args()
         require(self.num_samples >= 1, "num_samples", "must be >= 1")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -63,6 +65,9 @@ def main(cfg: Config) -> list[dict]:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     model = load_policy(cfg.model, cfg.dtype, trainable=False)
+    if cfg.multi_turn:  # episodes with tools / an environment: one line per episode (recipes/agentic.py)
+        rows = sample_rows(cfg, model, tokenizer)
+        return _write(cfg.output, rows)
     prompts = load_prompts(cfg.prompts, "eval", tokenizer)
     if cfg.max_prompts > 0:
         prompts = prompts[: cfg.max_prompts]
@@ -82,9 +87,13 @@ def main(cfg: Config) -> list[dict]:
                 rows.append({"prompt": p, "responses": responses})
     if truncated:
         print(f"note: {truncated} prompts were longer than max_prompt_length={cfg.max_prompt_length} tokens and kept their last tokens")
-    with atomic_path(cfg.output) as tmp:
+    return _write(cfg.output, rows)
+
+
+def _write(output: str, rows: list[dict]) -> list[dict]:
+    with atomic_path(output) as tmp:
         with open(tmp, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(rows)} lines to {cfg.output}")
+    print(f"wrote {len(rows)} lines to {output}")
     return rows
