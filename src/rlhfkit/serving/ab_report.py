@@ -12,6 +12,9 @@ import html
 import io
 import math
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 COLUMNS = (("thumbs_up", "thumbs up"), ("rating", "rating"), ("edit_rate", "edit rate"), ("win_rate", "win rate vs control"),
            ("safety_flag_rate", "safety flags"), ("error_rate", "errors"), ("latency_ms", "latency ms"),
            ("latency_p95_ms", "latency p95 ms"))
@@ -77,8 +80,6 @@ def render_text(r: dict) -> str:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -87,10 +88,7 @@ def _png(fig) -> str:
 
 def sequence_figure(r: dict) -> str | None:
     """Each candidate's effect on the decision metric with its confidence sequence, against users."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display needed
 
     comps = {a: c for a, c in r["comparisons"].items() if c["path"]["n"]}
     if not comps:
@@ -115,10 +113,7 @@ def sequence_figure(r: dict) -> str | None:
 
 def arms_figure(r: dict) -> str | None:
     """Per-arm metrics with their intervals, one small panel per metric that has data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display needed
 
     keys = [(k, label) for k, label in COLUMNS if any((a.get(k) or {}).get("mean") is not None for a in r["arms"].values())]
     if not keys:

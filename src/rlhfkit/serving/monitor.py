@@ -31,6 +31,8 @@ from sqlalchemy import select, update
 
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import AuditEvent
+from rlhfkit.judges.rewards import RewardSet
+from rlhfkit.judges.specs import load_reward
 from rlhfkit.serving.experiments import Monitor
 from rlhfkit.serving.tables import ServedResponse
 
@@ -40,9 +42,6 @@ RETRIES = 20  # a response the traffic log has not written yet is tried again wi
 
 def load_scorer(spec: str):
     """`fn(prompts, completions) -> scores` for a reward / judge spec (rlhfkit.judges)."""
-    from rlhfkit.judges.rewards import RewardSet
-    from rlhfkit.judges.specs import load_reward
-
     rewards = RewardSet([load_reward(spec)])
     return lambda prompts, completions: np.asarray(rewards(prompts, completions), dtype=float)
 
