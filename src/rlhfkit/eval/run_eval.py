@@ -35,8 +35,8 @@ from rlhfkit.config import require
 from rlhfkit.data import load_records
 from rlhfkit.data.preference import read_comparisons
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.eval import human, scorecard
 from rlhfkit.eval import metrics as M
-from rlhfkit.eval import scorecard
 from rlhfkit.eval.attacks import VADER_NEGATIVE
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
@@ -111,6 +111,22 @@ class Config:
     """Scorecard: reward spec that checks the answers to those prompts (default: the arithmetic task's verifier on it, else math)."""
     confident_at: float = 0.9
     """Scorecard, honest: an answer the model gives this probability or more counts as confident."""
+    human: str = ""
+    """Human evaluation: feedback:http(s)://HOST:PORT (admin token in $RLHFKIT_FEEDBACK_TOKEN) or feedback:DB_URL; the samples become a blind pairwise task there (docs/online.md)."""
+    human_quota: float = 1.0
+    """Human evaluation: share of the items that must have --human_overlap labels before the report."""
+    human_deadline: float = 3600.0
+    """Human evaluation: seconds to wait for the quota; then it reports what there is."""
+    human_poll: float = 5.0
+    """Human evaluation: seconds between checks of the labels."""
+    human_overlap: int = 3
+    """Human evaluation: annotators wanted per pair (agreement needs >= 2)."""
+    human_gold: int = 10
+    """Human evaluation: gold items (copies of the pairs the judge separates most clearly, with its answer)."""
+    human_gold_rate: float = 0.1
+    """Human evaluation: share of an annotator's queue that is gold."""
+    human_gold_margin: float = 0.2
+    """Human evaluation: judge score gap a gold pair needs."""
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model", "name the policy to evaluate (a saved model folder)")
@@ -383,6 +399,12 @@ def main(cfg: Config) -> dict:
         metrics["rm_accuracy"] = rm_accuracy(PromptScorer(scorer.rewards, None, {}), load_records(cfg.preference_data), cfg.preference_data, cfg.n_boot)
     metrics.update(name=cfg.name or _label(cfg.model), model=_label(cfg.model), reference=_label(ref_path),
                    judge="+".join(cfg.judge))
+    if cfg.human:
+        report, key = human.run_human_eval(rows, human.HumanSettings(
+            cfg.human, cfg.human_quota, cfg.human_deadline, cfg.human_poll, cfg.human_overlap, cfg.human_gold,
+            cfg.human_gold_rate, cfg.human_gold_margin), cfg.n_boot, cfg.seed)
+        metrics.update(human=report, human_win_rate=report["win_rate"])
+        atomic_write_text(out / "human_items.jsonl", "".join(json.dumps(k) + "\n" for k in key))
     write_results(out, metrics, rows)
     _print_summary(metrics)
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
@@ -403,14 +425,24 @@ def _print_summary(m: dict) -> None:
             return f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
         return f"{v:.3f}" if isinstance(v, float) else "-"
 
-    for key in ("gold", "gold_reference", "proxy", "kl", "win_rate", "lc_win_rate", "distinct_2", "self_bleu",
-                "perplexity", "perplexity_reference", "rm_accuracy"):
-        if key in m:
+    for key in ("gold", "gold_reference", "proxy", "kl", "win_rate", "lc_win_rate", "human_win_rate", "distinct_2",
+                "self_bleu", "perplexity", "perplexity_reference", "rm_accuracy"):
+        if key in m and not (key == "human_win_rate" and m[key]["mean"] is None):
             print(f"  {key:22s} {f(key)}")
+    if "human" in m:  # agreement of the people behind human_win_rate, in the same table
+        ag, h = m["human"]["agreement"], m["human"]
+        acc = [a["gold_accuracy"] for a in h["annotators"] if a["gold_accuracy"] is not None]
+        print(f"  {'human_agreement':22s} alpha {_opt(ag.get('krippendorff_alpha'))}, Fleiss kappa "
+              f"{_opt(ag.get('fleiss_kappa'))} over {ag.get('items_with_overlap', 0)} items; "
+              f"{len(h['annotators'])} annotators, gold accuracy {_opt(float(np.mean(acc)) if acc else None)}")
     for row in scorecard.card_rows(m["scorecard"]) if "scorecard" in m else ():
         p, r = row["policy"], row["reference"]
         print(f"  {row['dimension']:9s} {row['measure']:44s} {f'{p}' if not isinstance(p, dict) else _ci(p)} "
               f"(reference {r if not isinstance(r, dict) else _ci(r)})")
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ci(v: dict) -> str:
