@@ -106,6 +106,11 @@ def test_on_policy_recipes_train_multi_turn_episodes(sft_policy, tmp_path, recip
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in rows)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert any("[tool] pong" in s.get("transcript", "") for s in samples)
+    if recipe == "grpo":  # the HTML report shows the episode curves and transcripts
+        from rlhfkit.eval.report import _curve_keys, build_report
+
+        assert "[tool] pong" in build_report(tmp_path)
+        assert {"episodes/turns_mean", "episodes/tool_calls_mean", "episodes/truncated"} <= set(_curve_keys(rows))
 
 
 def test_episode_config_checks():

@@ -39,7 +39,7 @@ from rlhfkit.train.runs import atomic_write_text
 
 MAX_CURVES = 16
 MAX_SAMPLES = 12
-_PRIORITY = ("rewards/", "frac_reward_zero_std", "gold", "eval_reward", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
+_PRIORITY = ("rewards/", "frac_reward_zero_std", "episodes/turns", "episodes/tool", "episodes/truncated", "gold", "eval_reward", "win", "proxy", "reward", "kl", "loss", "accuracy", "acc", "entropy", "margin", "perplexity", "len")
 # eval.json keys shown as table columns, in order
 TABLE_COLUMNS = (
     ("gold", "gold reward"), ("proxy", "proxy (RM)"), ("kl", "KL to ref"), ("win_rate", "win rate vs ref"),
@@ -384,7 +384,7 @@ def _samples_section(root: Path) -> list[str]:
         rows = _read_jsonl(p)[:MAX_SAMPLES]
         if rows:
             parts.append(f"<h3>{esc(_rel(p, root))}</h3>")
-            parts.append(records_table(rows, text_columns=("prompt", "response", "reference")))
+            parts.append(records_table(rows, text_columns=("prompt", "response", "reference", "transcript")))
     return parts
 
 
