@@ -26,6 +26,7 @@ from rlhfkit.data.collate import encode_prompt
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_tokenizer
 from rlhfkit.models.registry import Registry
+from rlhfkit.rollout.generate import generate
 from rlhfkit.serving.server import ServeConfig, cli, create_app, resolve_model
 
 openai = pytest.importorskip("openai")
@@ -151,6 +152,29 @@ def test_concurrent_requests_are_generated_in_shared_batches(server, client):
     assert engine.stats["max_jobs_in_step"] == 6
     # one decoding step advances every request: steps <= the longest response, not the sum
     assert engine.stats["decode_steps"] - before["decode_steps"] <= 12 < tokens
+
+
+def test_a_client_that_disconnects_cancels_its_request(server, tiny_path):
+    app, url = server
+    engine = app.state.models["tiny"].engine
+    tok = load_tokenizer(tiny_path)
+    text = apply_chat_template(tok, HI, add_generation_prompt=True)
+    ref = generate(engine.model, tok, [text], 80, temperature=0.0)
+    assert int(ref.response_mask.sum()) == 80  # the precondition: greedy decoding uses the whole budget
+    before, seen = engine.stats["tokens"], False
+    body = {"model": "tiny", "messages": HI, "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                seen = True
+                break  # the first piece of text: hang up
+    assert seen
+    deadline = time.time() + 30
+    while engine.running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.running() == 0 and httpx.get(url + "/health").json()["models"]["tiny"]["running"] == 0
+    assert 0 < engine.stats["tokens"] - before < 80
 
 
 def test_errors_have_openais_shape_and_status(server, client):

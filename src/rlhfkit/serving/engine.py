@@ -261,6 +261,10 @@ class Batcher:
     def _busy(self) -> bool:
         raise NotImplementedError
 
+    def running(self) -> int:
+        """Rows (request choices) being generated now (/health)."""
+        raise NotImplementedError
+
     def _work(self) -> None:
         raise NotImplementedError
 
@@ -360,6 +364,9 @@ class Engine(Batcher):
 
     def _busy(self) -> bool:
         return any(r is not None for r in self.rows)
+
+    def running(self) -> int:
+        return sum(r is not None for r in list(self.rows))
 
     @torch.inference_mode()
     def _work(self) -> None:

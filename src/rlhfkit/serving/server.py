@@ -388,7 +388,7 @@ def _add_routes(app: FastAPI, cfg: ServeConfig) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", "pid": os.getpid(),
-                "models": {name: {"waiting": len(m.engine.waiting), **m.engine.stats} for name, m in app.state.models.items()}}
+                "models": {name: {"waiting": len(m.engine.waiting), "running": m.engine.running(), **m.engine.stats} for name, m in app.state.models.items()}}
 
     def model_card(m: ServedModel) -> dict:
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "rlhfkit", "root": m.path,

@@ -30,11 +30,14 @@ class VLLMServingEngine(Batcher):
         self.vllm = vllm_module or import_vllm()
         self.llm = self.vllm.LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization,
                                  max_model_len=max_model_len, dtype=dtype, seed=seed)
-        self.running: list[Job] = []
+        self.jobs: list[Job] = []  # the requests of the generate call in progress
         self.thread.start()
 
     def _busy(self) -> bool:
-        return bool(self.running)
+        return bool(self.jobs)
+
+    def running(self) -> int:
+        return sum(j.sampling.n for j in list(self.jobs))
 
     def _params(self, job: Job):
         s = job.sampling
@@ -43,14 +46,14 @@ class VLLMServingEngine(Batcher):
                                         logprobs=s.logprobs)
 
     def _work(self) -> None:
-        self.running = [j for j in self._take(self.max_rows) if not j.cancelled]
-        if not self.running:
+        self.jobs = [j for j in self._take(self.max_rows) if not j.cancelled]
+        if not self.jobs:
             return
         self.stats["prefills"] += 1
-        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(self.running))
-        prompts = [{"prompt_token_ids": j.prompt_ids} for j in self.running]
-        outputs = self.llm.generate(prompts, sampling_params=[self._params(j) for j in self.running], use_tqdm=False)
-        for job, out in zip(self.running, outputs):
+        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(self.jobs))
+        prompts = [{"prompt_token_ids": j.prompt_ids} for j in self.jobs]
+        outputs = self.llm.generate(prompts, sampling_params=[self._params(j) for j in self.jobs], use_tqdm=False)
+        for job, out in zip(self.jobs, outputs):
             for index, sample in enumerate(out.outputs):
                 entries = [_entry(tok, lp, job.sampling.logprobs) for tok, lp in
                            zip(sample.token_ids, sample.logprobs or [])] if job.sampling.logprobs is not None else []
@@ -59,12 +62,12 @@ class VLLMServingEngine(Batcher):
                 reason = "stop" if sample.finish_reason == "stop" else "length"
                 _emit(job, {"type": "finish", "index": index, "reason": reason,
                             "completion_tokens": len(sample.token_ids)})
-        self.running = []
+        self.jobs = []
 
     def _fail(self, message: str) -> None:
-        for job in self.running:
+        for job in self.jobs:
             _emit(job, {"type": "error", "message": message})
-        self.running = []
+        self.jobs = []
 
 
 def _entry(token_id: int, logprobs: dict, k: int) -> dict:
