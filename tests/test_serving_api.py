@@ -123,10 +123,10 @@ def test_completions_several_prompts_stop_and_echo(client):
     assert r.choices[0].text == r.choices[1].text  # greedy: both choices of a prompt agree
     assert all(len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) for c in r.choices)
     text = r.choices[2].text
-    if len(text) > 3:
-        cut = client.completions.create(model="tiny", prompt="a kind word", max_tokens=6, temperature=0.0,
-                                        stop=[text[2:4]])
-        assert cut.choices[0].text == text[:text.index(text[2:4])] and cut.choices[0].finish_reason == "stop"
+    assert len(text) > 3  # the precondition of the stop-string check
+    cut = client.completions.create(model="tiny", prompt="a kind word", max_tokens=6, temperature=0.0,
+                                    stop=[text[2:4]])
+    assert cut.choices[0].text == text[:text.index(text[2:4])] and cut.choices[0].finish_reason == "stop"
     echo = client.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0.0, echo=True)
     assert echo.choices[0].text == "the cat" + r.choices[0].text
 

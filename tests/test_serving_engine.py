@@ -104,6 +104,7 @@ def test_one_prefill_for_requests_that_arrive_together_each_with_its_settings(to
     try:
         jobs = [Collector() for _ in range(4)]
         stop_ref, _ = reference(tok, model, PROMPTS[2], 12, temperature=0.0)
+        assert len(stop_ref) > 6  # the precondition of the stop-string check
         stop = stop_ref[4:6]
         settings = [Sampling(max_tokens=12, temperature=0.0),                 # greedy
                     Sampling(max_tokens=3, temperature=0.0),                  # a short budget

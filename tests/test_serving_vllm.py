@@ -136,7 +136,7 @@ def test_chat_stream_and_stop_strings_through_vllm(served):
                                                  stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
-    if len(text) > 3:
-        cut = client.chat.completions.create(model="tiny", messages=HI, temperature=0.0, max_tokens=8, stop=text[2:4])
-        assert cut.choices[0].message.content == text[:text.index(text[2:4])]
-        assert app.state.models["tiny"].engine.llm.calls[-1][0]["stop"] == [text[2:4]]
+    assert len(text) > 3  # the precondition of the stop-string check
+    cut = client.chat.completions.create(model="tiny", messages=HI, temperature=0.0, max_tokens=8, stop=text[2:4])
+    assert cut.choices[0].message.content == text[:text.index(text[2:4])]
+    assert app.state.models["tiny"].engine.llm.calls[-1][0]["stop"] == [text[2:4]]
