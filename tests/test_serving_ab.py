@@ -68,6 +68,20 @@ def test_aa_false_positive_rate_looking_after_every_user_is_at_most_alpha():
         assert rate <= 0.05, (p, rate)
 
 
+def test_a_rare_event_not_yet_seen_does_not_give_a_zero_width_confidence_sequence():
+    """Safety flags at 0.5% in the candidate, none in the control: the first hundreds of users
+    show no flag at all. The bounded variance keeps the sequence honest: it covers the true
+    difference at every look, together, in at least 95% of experiments."""
+    rng = np.random.default_rng(5)
+    miss = 0
+    for _ in range(200):
+        g = rng.integers(0, 2, 2000)
+        x = rng.binomial(1, np.where(g == 1, 0.005, 0.0)).astype(float)
+        r = sequential_test(x, g, bounded=True)
+        miss += bool(np.any((r.low > 0.005) | (r.high < 0.005)))
+    assert miss / 200 <= 0.05, miss
+
+
 def test_power_on_a_clear_difference():
     rng = np.random.default_rng(1)
     hits = _peeking_rejections(rng, 0.5, 0.62, experiments=100)

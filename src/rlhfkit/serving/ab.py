@@ -199,7 +199,8 @@ def compare(exp: Experiment, units: dict, candidate: str, metric: str, alpha: fl
     if not rows:
         return None
     values, groups = zip(*rows)
-    return sequential_test(values, groups, alpha=alpha, mixture_sd=exp.decision.mixture_sd, every=every, null=null)
+    return sequential_test(values, groups, alpha=alpha, mixture_sd=exp.decision.mixture_sd, every=every, null=null,
+                           bounded=metric in RATES)
 
 
 def _summary(res: SequentialResult | None, points: int = 200) -> dict:

@@ -202,7 +202,7 @@ def _group_stats(x: np.ndarray, sel: np.ndarray, looks: np.ndarray) -> tuple[np.
 
 def sequential_test(values: Sequence[float], groups: Sequence[int], alpha: float = 0.05,
                     mixture_sd: float = 0.2, every: int = 1, null: float = 0.0, burn_in: int = 10,
-                    min_variance: float = 1e-6) -> SequentialResult:
+                    bounded: bool = False, min_variance: float = 1e-6) -> SequentialResult:
     """Run the mSPRT over users in arrival order.
 
     ``groups[i]`` is 0 (control) or 1 (candidate): the test is on mean(candidate) - mean(control).
@@ -214,6 +214,9 @@ def sequential_test(values: Sequence[float], groups: Sequence[int], alpha: float
     both groups (one sample: the mean squared distance to ``null``). A per-group estimate from a
     handful of users is often 0 (three thumbs up in a row), which makes Lambda explode; with it a
     test looked at after every user rejected 14% of A/A experiments instead of at most 5%.
+    With ``bounded`` (values in [0, 1]: rates) the variance is at least p(1 - p) at Agresti &
+    Coull's (1998) p = (sum + 1) / (n + 2): a rare event (safety flags) not yet seen otherwise
+    has variance 0, and a confidence sequence of width 0 that the running intersection keeps.
     """
     x, g = np.asarray(values, dtype=float), np.asarray(groups, dtype=int)
     one_sample = not np.any(g == 0)
@@ -227,8 +230,12 @@ def sequential_test(values: Sequence[float], groups: Sequence[int], alpha: float
         valid = n1 >= max(burn_in, 2)
     else:
         (n0, m0, _), (n1, m1, _) = (_group_stats(x, g == grp, looks) for grp in (0, 1))
-        _, _, pooled = _group_stats(x, np.isin(g, (0, 1)), looks)
-        pooled = np.maximum(np.nan_to_num(pooled), min_variance)
+        n_all, m_all, pooled = _group_stats(x, np.isin(g, (0, 1)), looks)
+        pooled = np.nan_to_num(pooled)
+        if bounded:
+            p_ac = (m_all * n_all + 1) / (n_all + 2)
+            pooled = np.maximum(pooled, p_ac * (1 - p_ac))
+        pooled = np.maximum(pooled, min_variance)
         d = m1 - m0 - null
         v = pooled / np.maximum(n0, 1) + pooled / np.maximum(n1, 1)
         valid = (n0 >= max(burn_in, 2)) & (n1 >= max(burn_in, 2))
