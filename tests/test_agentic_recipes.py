@@ -135,3 +135,16 @@ def test_sample_writes_episodes(sft_policy, tmp_path):
     assert len(lines) == len(rows) == 8
     assert {"prompt", "messages", "transcript", "turns", "tool_calls", "env_reward"} <= set(lines[0])
     assert sum(r["tool_calls"] for r in lines) > 0 and any(r["env_reward"] == 1.0 for r in lines)
+
+
+def test_the_environment_alone_may_give_the_reward(sft_policy, tmp_path):
+    from rlhfkit.recipes import grpo
+
+    cfg = grpo.Config(model=sft_policy["policy"], prompts=sft_policy["prompts"], eval_prompts="", output_dir=str(tmp_path),
+                      max_steps=1, prompts_per_step=2, num_generations=2, max_completion_length=60, max_turn_tokens=30,
+                      per_device_train_batch_size=4, report_to="jsonl", environment=PingServer, perplexity_data="")
+    assert cfg.reward == ["py:rlhfkit.recipes.agentic:reward_from_environment"]
+    grpo.main(cfg)
+    row = read_metrics(tmp_path)[0]
+    assert row["rewards/reward_from_environment/abstained"] == 1.0
+    assert row["reward"] == row["rewards/environment/mean"] > 0

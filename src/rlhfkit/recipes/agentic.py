@@ -34,6 +34,12 @@ from rlhfkit.rollout.forward import unwrap
 from rlhfkit.rollout.prompts import load_prompt_set, rollout_seed, rows_of
 
 BUILTIN_TOOLS = {"python": sandbox.python}
+ENVIRONMENT_ONLY = "py:rlhfkit.recipes.agentic:reward_from_environment"
+
+
+def reward_from_environment(prompts, completions, **kwargs) -> list[None]:
+    """Abstains on every episode: with `--environment` and no `--reward`, the environment's reward is the only one."""
+    return [None] * len(completions)
 
 
 @dataclasses.dataclass
@@ -61,6 +67,9 @@ class EpisodeArgs:
         require(self.tool_timeout > 0, "tool_timeout", "must be > 0 seconds")
         require(self.tool_format == "auto" or self.tool_format in PARSERS, "tool_format",
                 f"must be auto or one of {sorted(PARSERS)}")
+        if self.environment and not getattr(self, "reward", True) and not getattr(self, "reward_model", ""):
+            # the environment owns the reward (TRL's get_reward): the specs' place is held by one that abstains
+            self.reward = [ENVIRONMENT_ONLY]
         if self.multi_turn:
             require(not getattr(self, "dynamic_sampling", False), "dynamic_sampling",
                     "dynamic sampling is not supported with multi-turn episodes yet; turn one of them off")
