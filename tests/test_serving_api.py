@@ -233,6 +233,8 @@ def test_cli_help_and_bad_arguments(capsys):
     assert cli(["--model", "./missing-model-folder"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli(["--model", "kindly", "--workers", "0"]) == 2
+    assert cli(["--model", "kindly", "--engine", "vllm", "--workers", "2"]) == 2
+    assert "one worker" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Requests and responses of the OpenAI-compatible API (chat completions, completions, models).
+"""Requests, responses and errors of the OpenAI-compatible API (chat completions, completions, models).
 
 Field names, ranges and response shapes follow OpenAI's API reference
 (https://platform.openai.com/docs/api-reference/chat), so the official clients work unchanged.
@@ -10,9 +10,14 @@ logit bias), so a request is never silently answered with different settings tha
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_N = 128  # choices per request
 
@@ -183,3 +188,49 @@ def completion_logprobs(tokenizer, entries: list[dict], offset: int = 0) -> dict
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e["top"]} for e in entries],
             "text_offset": offsets}
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """'messages[0].role' from pydantic's error location; union branch tags ('str', 'list[str]') dropped."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in ("str", "int", "float", "bool", "list"):
+            out += ("." if out else "") + part
+        else:
+            break
+    return out or None
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers in OpenAI's shape: validation (400 naming the field), unknown
+    paths and methods, ServingError, and anything unexpected (500)."""
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param, msg = _param(err.get("loc", ())), str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            return JSONResponse(ServingError(400, "the request body is not valid JSON", None, "json_invalid").body(), 400)
+        if err.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            param = param or msg.split(" ", 1)[0]
+        else:
+            msg = f"{param}: {msg}" if param else msg
+        return JSONResponse(ServingError(400, msg, param, err.get("type")).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(ServingError(exc.status_code, message, None, code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        return JSONResponse(ServingError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)

@@ -35,10 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from transformers import AutoConfig
 
 from rlhfkit.data.chat import apply_chat_template
@@ -86,6 +84,8 @@ class ServeConfig:
         for name in ("workers", "max_batch", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine == "vllm" and self.workers > 1:  # each worker's vLLM would reserve most of the GPU
+            raise ConfigError("--engine vllm batches on the GPU itself: run one worker (--workers 1)")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
 
@@ -191,7 +191,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="rlhfkit policy server", lifespan=lifespan)
     app.state.models = {}
     app.state.config = cfg
-    _add_error_handlers(app)
+    api.add_error_handlers(app)
     _add_routes(app, cfg)
     if cfg.experiment or cfg.db or cfg.monitor:  # arms, the traffic log, the feedback and safety APIs
         live.install(app, cfg.db or "feedback.db", cfg.experiment, monitor=cfg.monitor)
@@ -204,50 +204,6 @@ def app_from_env() -> FastAPI:
     if not raw:
         raise ConfigError(f"{CONFIG_ENV} is not set; start the server with `rlhfkit serve-policy`")
     return create_app(ServeConfig(**json.loads(raw)))
-
-
-def _param(loc: Sequence[Any]) -> str | None:
-    """'messages[0].role' from pydantic's error location; union branch tags ('str', 'list[str]') dropped."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in ("str", "int", "float", "bool", "list"):
-            out += ("." if out else "") + part
-        else:
-            break
-    return out or None
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServingError)
-    async def serving_error(request: Request, exc: ServingError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        param, msg = _param(err.get("loc", ())), str(err.get("msg", "invalid value"))
-        if err.get("type") == "json_invalid":
-            return JSONResponse(ServingError(400, "the request body is not valid JSON", None, "json_invalid").body(), 400)
-        if err.get("type") == "extra_forbidden":
-            msg = f"Unrecognized request argument supplied: {param}"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-            param = param or msg.split(" ", 1)[0]
-        else:
-            msg = f"{param}: {msg}" if param else msg
-        return JSONResponse(ServingError(400, msg, param, err.get("type")).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(ServingError(exc.status_code, message, None, code).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        return JSONResponse(ServingError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
 
 
 def _served(app: FastAPI, name: str) -> ServedModel:
