@@ -53,6 +53,9 @@ EQUIVALENTS = {
     "logging_dir": ("output_dir", "--output_dir (metrics and TensorBoard events are written there)"),
     "model_init_kwargs": ("dtype", "--dtype and --attn_implementation"),
     "lora_task_type": ("use_lora", "--use_lora true (the task type follows the recipe)"),
+    "vllm_importance_sampling_correction": ("off_policy_correction", "--off_policy_correction tis (any engine)"),
+    "vllm_importance_sampling_mode": ("off_policy_level", "--off_policy_correction tis|mis --off_policy_level token|sequence"),
+    "vllm_importance_sampling_cap": ("off_policy_cap", "--off_policy_cap"),
 }
 
 # names of transformers/TRL options rlhfkit does not have
@@ -82,7 +85,7 @@ precompute_ref_batch_size prediction_loss_only project push_to_hub ref_adapter_n
 ref_model_mixup_alpha ref_model_sync_steps remove_unused_columns repetition_penalty
 restore_callback_states_from_checkpoint reward_clip_range router_aux_loss_coef rpo_alpha run_name
 sapo_temperature_neg sapo_temperature_pos save_on_each_node save_only_model save_total_limit shuffle_dataset
-skip_memory_metrics stop_token stop_token_id sync_ref_model tf32 tools top_entropy_quantile top_k
+skip_memory_metrics stop_token stop_token_id sync_ref_model tf32 tools top_entropy_quantile
 torch_compile torch_compile_backend torch_compile_mode torch_empty_cache_steps trackio_bucket_id
 trackio_space_id trackio_static_space_id train_sampling_strategy transformers_continuous_batching_config
 truncation_mode trust_remote_code use_adaptive_entropy use_bias_correction_kl use_bnb_nested_quant use_cache

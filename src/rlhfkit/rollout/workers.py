@@ -93,7 +93,8 @@ def _worker_main(rank: int, engine_name: str, model, tokenizer, inbox, outbox, t
                 if parent is not None and not parent.is_alive():
                     return  # the trainer is gone: nobody will read a rollout
                 continue
-            if msg[0] == "stop":
+            if msg[0] == "stop":  # a rollout nobody will read must not hold up the exit
+                outbox.cancel_join_thread()
                 return
             if msg[0] == "weights":
                 version = msg[1]
