@@ -12,7 +12,6 @@ import torch
 
 from rlhfkit.config import ConfigError, from_dict, load_yaml_config, parse_config
 from rlhfkit.models import (
-    count_parameters,
     is_lora,
     load_policy,
     load_tokenizer,
@@ -23,6 +22,9 @@ from rlhfkit.models import (
     tiny_reward_model,
 )
 from rlhfkit.recipes import sft
+from rlhfkit.train.batches import epoch_order, iterate_batches
+from rlhfkit.train.memory import count_parameters
+from rlhfkit.train.optim import lr_lambda
 from rlhfkit.train.runs import (
     MetricsLogger,
     atomic_path,
@@ -30,8 +32,6 @@ from rlhfkit.train.runs import (
     prepare_run_dir,
     read_metrics,
 )
-from rlhfkit.train.batches import epoch_order, iterate_batches
-from rlhfkit.train.optim import lr_lambda
 
 
 def test_yaml_then_cli_override(tmp_path):
