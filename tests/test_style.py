@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rlhfkit"
 MAX_FUNCTION_LINES = 80
@@ -71,7 +68,6 @@ def test_imports_sit_at_module_top_except_optional_dependencies():
     assert not inside, "imports inside functions (move them to the module top):\n" + "\n".join(inside)
 
 
-@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter is in the dev extras")
 def test_import_contracts_hold():
     root = SRC.parents[1]
     run = subprocess.run(["lint-imports", str(root / "pyproject.toml")], cwd=root, capture_output=True,
