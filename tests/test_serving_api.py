@@ -13,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 from rl_helpers import save_tiny, tiny_policy, tiny_tokenizer
 from rlhfkit.data.chat import apply_chat_template
@@ -222,6 +224,30 @@ def test_registry_names_and_aliases_resolve(tmp_path, tiny_path):
         resolve_model("production", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model("./no/such/folder", root)
+
+
+@pytest.mark.parametrize("storage", ["memory://", "redis://127.0.0.1:6379/15"])
+def test_rate_limits_per_user_and_shared_by_workers_through_redis(tiny_path, storage):
+    if storage.startswith("redis"):
+        redis = pytest.importorskip("redis")
+        try:
+            redis.Redis.from_url(storage, socket_timeout=2).ping()
+        except redis.RedisError as e:
+            pytest.skip(f"no Redis at {storage}: {e}")
+    cfg = ServeConfig(models=[f"tiny={tiny_path}"], rate_limit="3/minute", rate_limit_storage=storage, max_tokens=2)
+    user = f"user-{uuid.uuid4().hex}"
+    body = {"model": "tiny", "messages": HI, "user": user}
+    # two apps are two workers: with Redis they count one user's requests together
+    with TestClient(create_app(cfg)) as a, TestClient(create_app(cfg)) as b:
+        second = b if storage.startswith("redis") else a
+        assert [a.post("/v1/chat/completions", json=body).status_code,
+                second.post("/v1/chat/completions", json=body).status_code,
+                a.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "user": user}).status_code] == [200] * 3
+        over = second.post("/v1/chat/completions", json=body)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(over.headers["retry-after"]) <= 60 and user in over.json()["error"]["message"]
+        assert second.post("/v1/chat/completions", json={**body, "user": "someone-else-" + user}).status_code == 200
+    assert cli(["--model", "kindly", "--rate_limit", "lots"]) == 2
 
 
 def test_cli_help_and_bad_arguments(capsys):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from transformers import AutoConfig
 
@@ -50,6 +50,7 @@ from rlhfkit.serving import canary, live
 from rlhfkit.serving import openai_schema as api
 from rlhfkit.serving.engine import Engine, Job, Sampling
 from rlhfkit.serving.openai_schema import ServingError
+from rlhfkit.serving.rate_limit import RateLimit
 from rlhfkit.serving.vllm_engine import VLLMServingEngine
 
 ENGINES = ("hf", "static", "vllm")
@@ -72,6 +73,8 @@ class ServeConfig:
     max_tokens: int = 256  # completion budget of a request that gives none (capped by the context)
     seed: int | None = None  # the engine's draws for requests without a seed
     log_level: str = "info"
+    rate_limit: str | None = None  # per user, e.g. "60/minute;1000/hour" (serving/rate_limit.py)
+    rate_limit_storage: str = "memory://"  # redis://HOST:PORT/DB: counters shared by every worker
     experiment: str | None = None  # an experiment file: its arms are served, users assigned, traffic logged
     db: str | None = None  # the feedback database of the traffic log (./feedback.db when only --experiment)
     monitor: str | None = None  # a judge spec scoring served responses (serving/monitor.py)
@@ -358,8 +361,15 @@ def _add_routes(app: FastAPI, cfg: ServeConfig) -> None:
     async def model(model_id: str):
         return model_card(_served(app, model_id))
 
+    limit = RateLimit(cfg.rate_limit, cfg.rate_limit_storage) if cfg.rate_limit else None
+
+    def user_of(req, request: Request) -> str:
+        return req.user or (request.client.host if request.client else "unknown")
+
     @app.post("/v1/chat/completions")
-    async def chat(req: api.ChatCompletionRequest):
+    async def chat(req: api.ChatCompletionRequest, request: Request):
+        if limit is not None:
+            limit.check(user_of(req, request))
         served = _served(app, req.model)
         ids = _chat_prompt(served, req)
         sampling = _sampling(cfg, served, req, [len(ids)], "messages")
@@ -376,7 +386,9 @@ def _add_routes(app: FastAPI, cfg: ServeConfig) -> None:
         return {**base, "object": "chat.completion", "choices": choices, "usage": api.usage(len(ids), tokens)}
 
     @app.post("/v1/completions")
-    async def completions(req: api.CompletionRequest):
+    async def completions(req: api.CompletionRequest, request: Request):
+        if limit is not None:
+            limit.check(user_of(req, request))
         served = _served(app, req.model)
         ids, texts_in = _completion_prompts(served, req)
         sampling = _sampling(cfg, served, req, [len(x) for x in ids], "prompt")
@@ -424,6 +436,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
     p.add_argument("--max_tokens", "--max-tokens", type=int, default=defaults.max_tokens,
                    help="completion budget of requests that set none (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws of requests without a seed")
+    p.add_argument("--rate_limit", "--rate-limit", default=None,
+                   help="requests per user (the `user` field, else the client address), e.g. 60/minute;1000/hour")
+    p.add_argument("--rate_limit_storage", "--rate-limit-storage", default=defaults.rate_limit_storage,
+                   help="where limits are counted: memory:// (per worker) or redis://HOST:PORT/DB (shared)")
     p.add_argument("--log_level", "--log-level", default=defaults.log_level, help="uvicorn's log level")
     return ServeConfig(**vars(p.parse_args(argv)))
 
@@ -436,6 +452,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         cfg.check()
         for spec in cfg.models:  # fail here, in one line, rather than in every worker
             resolve_model(spec, cfg.registry)
+        if cfg.rate_limit:
+            RateLimit(cfg.rate_limit, cfg.rate_limit_storage)
         if cfg.engine == "vllm":
             import_vllm()
     except RlhfkitError as e:
