@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.rollout import get_engine
@@ -62,8 +63,6 @@ def weights_of(model: torch.nn.Module, adapter_only: bool) -> dict[str, torch.Te
     the trainer's next in-place step cannot reach a worker through shared memory."""
     model = getattr(model, "module", model)
     if adapter_only:
-        from peft import get_peft_model_state_dict
-
         state = get_peft_model_state_dict(model)
     else:
         state = model.state_dict()
@@ -72,8 +71,6 @@ def weights_of(model: torch.nn.Module, adapter_only: bool) -> dict[str, torch.Te
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], adapter_only: bool) -> None:
     if adapter_only:
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(model, state)
     else:
         model.load_state_dict(state)
