@@ -360,7 +360,7 @@ def test_grpo_gives_an_unscorable_completion_no_advantage(task, tmp_path, monkey
     from rlhfkit.recipes import grpo
 
     seen = []
-    monkeypatch.setattr(grpo, "Trajectory", lambda *a: _record(seen, a))  # the advantages of the update
+    monkeypatch.setattr(grpo, "Trajectory", lambda *a, **kw: _record(seen, a, kw))  # the advantages of the update
 
     def some(prompts, completions, **kw):
         return [None if i == 1 else float(i + 1) for i in range(len(completions))]
@@ -374,8 +374,8 @@ def test_grpo_gives_an_unscorable_completion_no_advantage(task, tmp_path, monkey
     assert read_metrics(tmp_path)[0]["rewards/unscorable"] == 0.25
 
 
-def _record(seen, args):
+def _record(seen, args, kwargs):
     from rlhfkit.rollout import Trajectory
 
     seen.append(args[6].clone())
-    return Trajectory(*args)
+    return Trajectory(*args, **kwargs)
