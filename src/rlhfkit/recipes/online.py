@@ -24,6 +24,7 @@ A round of the loop with a traffic source (see rlhfkit.recipes.loop) does:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from rlhfkit.serving.user_quality import QualityRules, assess_users
 from rlhfkit.train.runs import atomic_write_json, atomic_write_text
 
 PREFIX = "traffic:"
+SETTLE_S = 1.0  # feedback younger than this waits for the next read
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -80,7 +82,8 @@ class TrafficFeed:
         """Feedback since the last cut-off on `versions`, once there is enough or the deadline passed."""
         cfg, start = self.cfg, time.monotonic()
         while True:
-            until = utcnow()
+            # a row stamped just before now may still be committing: it belongs to the next round
+            until = utcnow() - dt.timedelta(seconds=SETTLE_S)
             events = load_feedback(self.db, self.since, until, versions)
             if len(events) >= cfg.traffic_min_feedback:
                 return events, until
