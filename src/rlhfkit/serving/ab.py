@@ -161,12 +161,10 @@ def _win_rates(exp: Experiment, units: dict, out: dict, alpha: float) -> None:
     """Bradley-Terry win probability of each arm against the control, from side-by-side picks."""
     names = exp.arm_names
     wins = np.zeros((len(names), len(names)))
-    seen = set()
     for u in units.values():
         for w, lo in u.picks:
             if w in names and lo in names:
                 wins[names.index(w), names.index(lo)] += 1
-                seen.add(id(u))
     for arm in names:
         out[arm]["pairwise"] = int(wins[names.index(arm)].sum() + wins[:, names.index(arm)].sum())
     if not wins.any():
@@ -175,6 +173,9 @@ def _win_rates(exp: Experiment, units: dict, out: dict, alpha: float) -> None:
         return
     bt = bradley_terry(wins, reference=names.index(exp.control))
     for i, arm in enumerate(names):
+        if not out[arm]["pairwise"]:  # never compared: no strength to report
+            out[arm]["win_rate"] = {"mean": None, "low": None, "high": None, "users": 0}
+            continue
         m, lo, hi = bt.win_interval(i, alpha)
         out[arm]["win_rate"] = {"mean": m, "low": lo, "high": hi, "strength": float(bt.theta[i]),
                                 "smoothed": bt.smoothed}
