@@ -33,10 +33,10 @@ from benchmarks.common import WORK, locked, peer_available, stamp
 SEED = 0
 OUT = WORK / "agentic_quality"
 REWARD = "py:rlhfkit.tasks.calc:reward_fn"
-N_EVAL = 200
+N_EVAL = 100
 SFT = dict(max_length=80, per_device_train_batch_size=16, learning_rate=3e-3, lr_scheduler_type="constant",
            warmup_steps=10, max_steps=400, seed=SEED)
-BUDGET = dict(max_steps=30, prompts_per_step=16, num_generations=8, learning_rate=5e-4, max_completion_length=48,
+BUDGET = dict(max_steps=12, prompts_per_step=16, num_generations=8, learning_rate=1e-3, max_completion_length=48,
               temperature=1.0, beta=0.0, max_turns=3, max_turn_tokens=24)
 SHARED = dict(reward=[REWARD], eval_reward="none", eval_prompts="", num_eval_prompts=0, per_device_train_batch_size=128,
               generation_batch_size=128, num_mini_batches=1, num_ppo_epochs=1, report_to="jsonl", sample_every=10,
