@@ -134,6 +134,32 @@ def row_feedback(load: dict, active: dict) -> str:
             f"uncertainty sampling needs {_pct(active['label_savings'])} fewer labels")
 
 
+def _ci(d: dict, digits: int = 3) -> str:
+    """mean [lo, hi] of a {"mean", "lo", "hi"} record."""
+    return f"{d['mean']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
+
+
+def row_serve_load(d: dict) -> str:
+    return (f"{d['clients']} concurrent clients: {d['throughput_ratio']:.2f}x the tokens/s of one-request-at-a-time "
+            f"generate on the same model ({d['tokens_per_s']:.0f} tokens/s), TTFT p95 {d['ttft_p95_ms']:.0f} ms, "
+            f"latency p95 {d['latency_p95_ms']:.0f} ms")
+
+
+def row_async_rl(d: dict) -> str:
+    acc = d["accuracy_async"]
+    return (f"arithmetic GRPO, equal updates: async/sync wall clock {d['speedup']:.2f}x at staleness 1 (target 1.3 not met); "
+            f"accuracy sync {d['accuracy_sync']:.3f}, staleness 1 {acc['async_s1']:.3f} ({acc['async_s1_tis']:.3f} with "
+            f"truncated IS), staleness 2 {acc['async_s2']:.3f} ({acc['async_s2_tis']:.3f}); staleness 0 bit-identical to "
+            f"sync: {str(d['staleness0_identical']).lower()}")
+
+
+def row_red_team(red: dict, ilql: dict) -> str:
+    return (f"attack success rate: SFT {_ci(red['asr_sft'])}, PPO {_ci(red['asr_ppo'])}, after one adversarial round "
+            f"{_ci(red['asr_after_adversarial'])} (target: half of PPO's, not met); ILQL gold win rate "
+            f"{ilql['gold_win_rate_ilql']:.3f} vs SFT beside DPO {ilql['gold_win_rate_dpo']:.3f} and KTO "
+            f"{ilql['gold_win_rate_kto']:.3f} on the same rated samples")
+
+
 # (label in the table, the results it reads, the function that writes the cell)
 ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`sft_speed`", ("sft_speed",), row_sft_speed),
@@ -148,6 +174,9 @@ ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`bon_curve`", ("bon_curve",), row_bon_curve),
     ("`demo` / `loop`", ("demo", "loop"), row_demo_loop),
     ("`feedback_load` / `active_learning`", ("feedback_load", "active_learning"), row_feedback),
+    ("`serve_load`", ("serve_load",), row_serve_load),
+    ("`async_rl`", ("async_rl",), row_async_rl),
+    ("`red_team` / `ilql_quality`", ("red_team", "ilql_quality"), row_red_team),
 ]
 
 
