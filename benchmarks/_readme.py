@@ -147,7 +147,8 @@ def row_serve_load(d: dict) -> str:
 
 def row_async_rl(d: dict) -> str:
     acc = d["accuracy_async"]
-    return (f"arithmetic GRPO, equal updates: async/sync wall clock {d['speedup']:.2f}x at staleness 1 (target 1.3 not met); "
+    return (f"arithmetic GRPO, equal updates: async/sync wall clock {d['speedup']:.2f}x at staleness 1 (target 1.3 "
+            f"{'met' if d['speedup'] >= 1.3 else 'not met'}); "
             f"accuracy sync {d['accuracy_sync']:.3f}, staleness 1 {acc['async_s1']:.3f} ({acc['async_s1_tis']:.3f} with "
             f"truncated IS), staleness 2 {acc['async_s2']:.3f} ({acc['async_s2_tis']:.3f}); staleness 0 bit-identical to "
             f"sync: {str(d['staleness0_identical']).lower()}")
@@ -155,7 +156,8 @@ def row_async_rl(d: dict) -> str:
 
 def row_red_team(red: dict, ilql: dict) -> str:
     return (f"attack success rate: SFT {_ci(red['asr_sft'])}, PPO {_ci(red['asr_ppo'])}, after one adversarial round "
-            f"{_ci(red['asr_after_adversarial'])} (target: half of PPO's, not met); ILQL gold win rate "
+            f"{_ci(red['asr_after_adversarial'])} (target: half of PPO's, "
+            f"{'met' if red['asr_after_adversarial']['mean'] <= red['asr_ppo']['mean'] / 2 else 'not met'}); ILQL gold win rate "
             f"{ilql['gold_win_rate_ilql']:.3f} vs SFT beside DPO {ilql['gold_win_rate_dpo']:.3f} and KTO "
             f"{ilql['gold_win_rate_kto']:.3f} on the same rated samples")
 
