@@ -11,8 +11,8 @@ user sends PROMPTS training-split task prompts over HTTP (/v1/completions, `user
 server assigns the arm); for each prompt they ask twice (regenerate), thumb both responses (up
 when their noisy score is above 0) and pick the one they score higher (regenerate and choose).
 10% of the users are bad: a third always thumbs down, a third answers at random, a third inverts
-their judgement (adversarial). Users visit in waves of WAVE concurrent clients, without pause,
-while `rlhfkit loop --source traffic:DB` runs in this process:
+their judgement (adversarial). Users visit in waves of WAVE concurrent clients, PAUSE_S
+seconds apart, while `rlhfkit loop --source traffic:DB` runs in this process:
 
 - rounds of DPO (sigmoid) on the pairs the rules make of the users' feedback (picks, and thumbs
   up against down on one prompt), the last 2 rounds' data, users judged and weighted;
@@ -49,6 +49,7 @@ from benchmarks.common import sft_policy
 
 USERS, WAVE, PROMPTS, MAX_TOKENS, NOISE = 150, 50, 4, 24, 0.3
 ROUNDS, BAD_ROUND = 4, 2
+PAUSE_S = 10.0  # between waves
 BAD = {"always_down": range(0, 5), "random": range(5, 10), "adversarial": range(10, 15)}  # user ids 0..14
 
 
@@ -193,6 +194,7 @@ def _run(tmp: Path, sft: Path, quick: bool, loop, Registry, injected: dict) -> d
     try:
         while worker.is_alive():
             asyncio.run(users.wave(f"http://127.0.0.1:{port}"))
+            time.sleep(PAUSE_S)  # the server, the users and the training share two cores
     finally:
         server.terminate()
         server.wait(timeout=60)
