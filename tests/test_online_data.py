@@ -142,3 +142,18 @@ def test_user_quality_flags_and_weights():
     rep2 = assess_users(ev, score=None, q=QualityRules())
     assert rep2["reference"] == "majority" and "adversarial" in rep2["users"]["inv"]["flags"]
     assert rep2["summary"]["by_flag"]["coordinated"] == 3
+
+
+def test_a_harsh_honest_user_is_not_always_down_and_an_uninformative_reference_weights_nobody():
+    """Raters differ in scale: a user with 30% thumbs up against a crowd's 60% is significantly
+    harsher over 200 labels, but not an always-down user; an RM at chance judges no one."""
+    rng = np.random.default_rng(1)
+    ev = []
+    for u in range(20):
+        p = 0.3 if u == 0 else 0.6
+        ev += [_ev(1000 * u + i, "thumbs", {"up": bool(rng.random() < p)}, f"t{u}-{i}", user=f"u{u}") for i in range(200)]
+    ev += [_ev(99_000 + i, "thumbs", {"up": False}, f"d{i}", user="down") for i in range(20)]
+    rep = assess_users(ev, score=lambda prompts, texts: list(rng.normal(size=len(texts))))
+    assert rep["users"]["u0"]["flags"] == [] and rep["users"]["down"]["flags"] == ["always_down"]
+    assert rep["median_agreement"] < 0.55
+    assert all(r["weight"] == 1.0 for k, r in rep["users"].items() if k != "down")

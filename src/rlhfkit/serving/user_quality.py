@@ -13,8 +13,10 @@ a verdict on one response (desirable or not), an edit or a pick a verdict on a p
 Flags (one-sided exact binomial tests at level ``alpha``, only for users with at least
 ``min_labels`` verdicts, so a few unlucky labels flag nobody):
 
-- ``always_down`` / ``always_up``: the user's share of desirable verdicts is below / above what
-  the other users' pooled share makes plausible (the "always thumbs down" user);
+- ``always_down`` / ``always_up``: the user's share of desirable verdicts is at most 5% / at least
+  95% and below / above what the other users' pooled share makes plausible (the "always thumbs
+  down" user; a test alone would flag honest users whose own scale is harsher or kinder than the
+  crowd's once they give many labels);
 - ``adversarial`` / ``random``: their agreement (with the RM where there is one, else with the
   majority) is below the median user's; ``adversarial`` when it is also below chance (1/2, the
   same test: they invert the labels), else ``random``; skipped while the reference agrees with the median user at most 55% of the time
@@ -27,7 +29,8 @@ The rule (`assess_users`): a flagged user's weight is 0 (excluded). Otherwise th
 their agreement's excess over chance relative to the median user's,
 ``clip((a - 1/2) / (a_median - 1/2), 0, 1)``, shrunk toward 1 by ``min_labels`` pseudo-labels
 (``(n w + m) / (n + m)``), so a user is down-weighted only as far as their record shows; users
-with nothing to judge keep weight 1.
+with nothing to judge, or judged by a reference that agrees with the median user at most 55% of
+the time, keep weight 1.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from scipy import stats
 from rlhfkit.serving.online_data import Feedback, Rules, binary_label, pair_sides
 
 FLAGS = ("always_down", "always_up", "adversarial", "random", "coordinated")
+INFORMATIVE = 0.55  # a reference the median user agrees with less often judges nobody
+CONSTANT = 0.05  # "always": at most this share of the other label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +181,7 @@ def assess_users(events: Sequence[Feedback], score: Callable | None = None, rule
     for u, p in per.items():
         flags = _label_flags(u, p, per, q)
         k, n = rates[u]
-        if median is not None and median > 0.55 and n >= q.min_labels and stats.binom.cdf(k, n, median) < q.alpha:
+        if median is not None and median > INFORMATIVE and n >= q.min_labels and stats.binom.cdf(k, n, median) < q.alpha:
             flags.append("adversarial" if stats.binom.cdf(k, n, 0.5) < q.alpha else "random")
         if u in coordinated:
             flags.append("coordinated")
@@ -201,15 +206,15 @@ def _label_flags(user: str, p: dict, per: dict, q: QualityRules) -> list[str]:
     if n < q.min_labels or others_n == 0:
         return []
     p0 = sum(x["good"] for u, x in per.items() if u != user) / others_n
-    if 0 < p0 and stats.binom.cdf(k, n, p0) < q.alpha:
+    if k <= CONSTANT * n and 0 < p0 and stats.binom.cdf(k, n, p0) < q.alpha:
         return ["always_down"]
-    if p0 < 1 and stats.binom.sf(k - 1, n, p0) < q.alpha:
+    if n - k <= CONSTANT * n and p0 < 1 and stats.binom.sf(k - 1, n, p0) < q.alpha:
         return ["always_up"]
     return []
 
 
 def _weight(k: int, n: int, median: float | None, m: int) -> float:
-    if n == 0 or median is None or median <= 0.5:
+    if n == 0 or median is None or median <= INFORMATIVE:
         return 1.0
     raw = float(np.clip((k / n - 0.5) / (median - 0.5), 0.0, 1.0))
     return (n * raw + m) / (n + m)
