@@ -4,7 +4,7 @@ the same tool, model, reward and budget.
 
 1. policy_0: the calc base (tasks/calc/base: the arith base, embedding grown to the chat tokens)
    after SFT on the task's 1,000 noisy tool-call traces (loss on the assistant turns only).
-   Cached under benchmarks/work/agentic_quality/ per base checkpoint.
+   Cached under benchmarks/work/agentic_quality/ per base checkpoint and SFT length.
 2. `accuracy`: GRPO from policy_0 with `--environment calc` (the calculator tool) and the
    exact-match verifier `py:rlhfkit.tasks.calc:reward_fn` on the final answer.
 3. `accuracy_no_tools`: the same GRPO, same budget, the same conversational prompts, no tool:
@@ -33,10 +33,10 @@ from benchmarks.common import WORK, locked, peer_available, stamp
 SEED = 0
 OUT = WORK / "agentic_quality"
 REWARD = "py:rlhfkit.tasks.calc:reward_fn"
-N_EVAL = 100
+N_EVAL = 200
 SFT = dict(max_length=80, per_device_train_batch_size=16, learning_rate=3e-3, lr_scheduler_type="constant",
-           warmup_steps=10, max_steps=400, seed=SEED)
-BUDGET = dict(max_steps=12, prompts_per_step=16, num_generations=8, learning_rate=1e-3, max_completion_length=48,
+           warmup_steps=10, max_steps=700, seed=SEED)
+BUDGET = dict(max_steps=20, prompts_per_step=16, num_generations=8, learning_rate=1e-3, max_completion_length=48,
               temperature=1.0, beta=0.0, max_turns=3, max_turn_tokens=24)
 SHARED = dict(reward=[REWARD], eval_reward="none", eval_prompts="", num_eval_prompts=0, per_device_train_batch_size=128,
               generation_batch_size=128, num_mini_batches=1, num_ppo_epochs=1, report_to="jsonl", sample_every=10,
@@ -69,7 +69,7 @@ def sft_policy(quick: bool = False) -> Path:
     from rlhfkit.tasks import calc
 
     base, data = calc.base_model_path(), data_dir()
-    out = OUT / f"sft-{stamp(base)}{'-quick' if quick else ''}"
+    out = OUT / f"sft-{stamp(base)}-{SFT['max_steps']}{'-quick' if quick else ''}"
     with locked("agentic_sft"):
         if not (out / "final" / "model.safetensors").is_file():
             cfg = sft.Config(model=str(base), dataset=str(data / "sft_train.jsonl"), eval_dataset=str(data / "sft_eval.jsonl"),
