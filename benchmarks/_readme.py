@@ -162,6 +162,16 @@ def row_red_team(red: dict, ilql: dict) -> str:
             f"{ilql['gold_win_rate_kto']:.3f} on the same rated samples")
 
 
+def row_agentic_quality(d: dict) -> str:
+    def acc(key: str) -> str:
+        lo, hi = d[f"{key}_ci"]
+        return f"{d[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    return (f"calculator task: GRPO with the tool {acc('accuracy')} vs SFT {acc('accuracy_sft')}, same budget without "
+            f"the tool {d['accuracy_no_tools']:.3f}, {d['peer_name']} with the tool {acc('peer_accuracy')}; "
+            f"{d['turns_mean']:.1f} turns and {d['tool_calls_mean']:.1f} tool calls an episode")
+
+
 # (label in the table, the results it reads, the function that writes the cell)
 ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`sft_speed`", ("sft_speed",), row_sft_speed),
@@ -179,6 +189,7 @@ ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`serve_load`", ("serve_load",), row_serve_load),
     ("`async_rl`", ("async_rl",), row_async_rl),
     ("`red_team` / `ilql_quality`", ("red_team", "ilql_quality"), row_red_team),
+    ("`agentic_quality`", ("agentic_quality",), row_agentic_quality),
 ]
 
 
