@@ -87,6 +87,8 @@ class Config:
     """traffic source: a round trains on the records of the last N rounds (older responses are too far off-policy)."""
     traffic_decay: float = 0.5
     """traffic source: a record one round older counts this much less (kept with probability decay**age)."""
+    traffic_max_records: int = 0
+    """traffic source: train on at most this many of the selected records, a seeded sample (0: all)."""
     rating_up: int = 4
     """traffic source: a rating at least this is a desirable (thumbs-up) label."""
     rating_down: int = 2

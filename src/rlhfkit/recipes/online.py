@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlhfkit.feedback.db import Database, upgrade
 from rlhfkit.feedback.models import utcnow
 from rlhfkit.models.registry import Registry
@@ -106,6 +108,7 @@ class TrafficFeed:
         weights = quality["weights"]
         train, by_round = select_records(self.history, r, cfg.traffic_window, cfg.traffic_decay, weights, seed)
         rm_train, rm_by_round = select_records(self.pairs, r, cfg.traffic_window, cfg.traffic_decay, weights, seed + 1)
+        train, rm_train = _cap(train, cfg.traffic_max_records, seed), _cap(rm_train, cfg.traffic_max_records, seed + 1)
         prompts = list({json.dumps(e.prompt, sort_keys=True): e.prompt for e in events}.values())
         report = {"round": r, "production": production, "since": self.since.isoformat() if self.since else None,
                   "until": until.isoformat(), "feedback": len(events), "format": fmt, "conversion": counts,
@@ -123,6 +126,15 @@ class TrafficFeed:
         return RoundData(_jsonl(rdir / f"traffic_{fmt}.jsonl", train), _jsonl(rdir / "traffic_pairs.jsonl", rm_train),
                          _jsonl(rdir / "prompts.jsonl", [{"prompt": p} for p in prompts]),
                          len(train), len(rm_train), report)
+
+
+def _cap(records: list[dict], limit: int, seed: int) -> list[dict]:
+    """At most `limit` records (0: all), a seeded uniform sample in their original order: a busy
+    service logs more feedback than a round's steps read, and the reference pass covers them all."""
+    if not limit or len(records) <= limit:
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), limit, replace=False))
+    return [records[i] for i in keep]
 
 
 def release(cfg: Any, reg: Registry, feed: TrafficFeed, candidate: str, production: str,
