@@ -175,7 +175,8 @@ def _run(tmp: Path, sft: Path, quick: bool, loop, Registry, injected: dict) -> d
     exp.write_text(EXPERIMENT)
     cfg = loop.Config(model=str(sft), rounds=ROUNDS, algorithm="dpo", dpo_loss="sigmoid", source=f"traffic:{db}",
                       traffic_min_feedback=200 if quick else 500, traffic_poll=2.0, traffic_deadline=600,
-                      traffic_window=2, traffic_decay=0.5, traffic_experiment=str(exp), canary_shares="0.2,0.5",
+                      traffic_window=2, traffic_decay=0.5, traffic_max_records=1000, traffic_experiment=str(exp),
+                      canary_shares="0.2,0.5",
                       canary_users_per_step=30, canary_poll=10.0, canary_max_looks=12 if quick else 24,
                       policy_learning_rate=1e-3, dpo_beta=0.1, policy_steps=8 if quick else 30, reward_steps=10 if quick else 30,
                       batch_size=16, max_new_tokens=MAX_TOKENS, num_eval_prompts=32 if quick else 128, n_boot=200,
