@@ -172,6 +172,22 @@ def row_agentic_quality(d: dict) -> str:
             f"{d['turns_mean']:.1f} turns and {d['tool_calls_mean']:.1f} tool calls an episode")
 
 
+def row_ab_test(d: dict) -> str:
+    live = d["live"]
+    return (f"simulated users on the live server, looking every {d['look_every_users']} users: A/A false-positive rate "
+            f"{d['aa_false_positive_rate']:.3f} over {d['aa_experiments']} experiments; SFT vs PPO decided "
+            f"'{live['decision']} {live['arm']}' (the gold panel prefers {d['gold_prefers']}), median "
+            f"{d['users_to_decision']:.0f} users to a decision")
+
+
+def row_online_rlhf(d: dict) -> str:
+    state = "" if d.get("complete", True) else "incomplete run: "
+    return (f"{state}{len(d['feedback_per_round'])} rounds from simulated users' feedback: gold win rate "
+            f"{d['gold_win_rate_final']:.3f} vs SFT (target 0.65 {'met' if d['gold_win_rate_final'] >= 0.65 else 'not met'}), "
+            f"{d['promotions']} promotions, {d['rollbacks']} rollbacks, worse candidate rolled back: "
+            f"{str(d['bad_candidate_rolled_back']).lower()}, {d['adversarial_users_flagged']:.0%} of bad users flagged")
+
+
 # (label in the table, the results it reads, the function that writes the cell)
 ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`sft_speed`", ("sft_speed",), row_sft_speed),
@@ -190,6 +206,8 @@ ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     ("`async_rl`", ("async_rl",), row_async_rl),
     ("`red_team` / `ilql_quality`", ("red_team", "ilql_quality"), row_red_team),
     ("`agentic_quality`", ("agentic_quality",), row_agentic_quality),
+    ("`ab_test`", ("ab_test",), row_ab_test),
+    ("`online_rlhf`", ("online_rlhf",), row_online_rlhf),
 ]
 
 
