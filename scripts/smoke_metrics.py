@@ -53,18 +53,20 @@ def run(out_json: str, root: str) -> None:
     G = [" on the mat", " makes the day", " on the town", " and thanked him", " fast", " town", " and lasts", " for the gift"]
     B = [" bad", " go", " no", " grim nothing at all", " x", " cold", " awful", " away"]
     def w(name, rows):
-        p = root / name; p.write_text("".join(json.dumps(r) + "\n" for r in rows)); return str(p)
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
     prompts = w("prompts.jsonl", [{"prompt": p} for p in P])
     sftd = w("sft.jsonl", [{"prompt": p, "completion": g} for p, g in zip(P, G)])
     prefs = w("prefs.jsonl", [{"prompt": p, "chosen": g, "rejected": b} for p, g, b in zip(P, G, B)])
     res = {}
     def run(name, modname, **kw):
         mod = importlib.import_module(f"rlhfkit.recipes.{modname}")
-        kw.setdefault("report_to", "jsonl"); kw.setdefault("progress", False); kw.setdefault("logging_steps", 1)
-        if modname in ("sft", "reward", "dpo"): kw.setdefault("max_length", 64)
-        cfg = mod.Config(output_dir=str(root / name), **kw)
-        r = (mod.main(cfg) if hasattr(mod, "main") else None)
-        rows = [json.loads(l) for l in open(root / name / "metrics.jsonl")]
+        kw = {"report_to": "jsonl", "progress": False, "logging_steps": 1, **kw}
+        if modname in ("sft", "reward", "dpo"):
+            kw.setdefault("max_length", 64)
+        mod.main(mod.Config(output_dir=str(root / name), **kw))
+        rows = [json.loads(line) for line in open(root / name / "metrics.jsonl")]
         res[name] = rows
         print(name, "ok", flush=True)
     for acc in (1, 2):
