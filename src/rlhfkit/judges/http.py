@@ -65,7 +65,21 @@ from rlhfkit.judges.verdicts import Unreadable, read_verdict
 
 COT_INSTRUCTION = ("\nThink step by step about the question first, then end with a last line "
                    "'Answer: A' or 'Answer: B'.")
-_NUMBER = re.compile(r"^\W*(\d+(?:\.\d+)?)\W*$")
+# a pointwise answer: "4", "4.5", "**4**", "Score: 4", "Rating: 4/5", "4 out of 5" (the forms chat models
+# write when asked for a number from 1 to 5); anything else, or a number outside the scale, is unreadable
+_NUMBER = re.compile(r"^\W*(?:(?:score|rating|grade)\s*[:=]?\s*)?(\d+(?:\.\d+)?)\s*(?:(?:/|out\s+of)\s*5)?\W*$",
+                     re.IGNORECASE)
+
+
+def parse_score(text: str, low: float = 1.0, high: float = 5.0) -> float:
+    """The score in a pointwise answer (see _NUMBER); raises Unreadable otherwise."""
+    m = _NUMBER.match(text.strip())
+    if not m:
+        raise Unreadable("the score is not a number")
+    value = float(m.group(1))
+    if not low <= value <= high:
+        raise Unreadable(f"the score {value:g} is outside {low:g}..{high:g}")
+    return value
 
 
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE)
@@ -337,10 +351,7 @@ class HTTPJudge:
                 m = max(lp)
                 w = [math.exp(v - m) for v in lp]
                 return sum(wi * (k + 1) for k, wi in enumerate(w)) / sum(w)
-            m = _NUMBER.match(choice["message"]["content"])
-            if not m:
-                raise Unreadable("the score is not a number")
-            return float(m.group(1))
+            return parse_score(choice["message"]["content"])
 
         bodies = [self._body(self.pointwise_template.format(prompt=p or "", response=r, question=self.question),
                              self.max_tokens, self.logprobs) for p, r in zip(prompts, responses)]
