@@ -95,3 +95,35 @@ def test_cli(tmp_path, capsys):
     assert cli(["--registry", root, "promote", "r4"]) == 0
     assert cli(["--registry", root, "rollback"]) == 0
     assert "now r1" in capsys.readouterr().out
+
+
+def test_aliases_point_at_models_and_are_in_the_history(tmp_path, capsys):
+    reg, _ = _reg(tmp_path)
+    reg.promote("r0")
+    reg.set_alias("candidate", "r1", reason="round 1 canary")
+    assert reg.aliases() == {"candidate": "r1"}
+    assert reg.resolve("candidate")["id"] == "r1"
+    assert reg.resolve("production")["id"] == "r0" and reg.resolve("r2")["id"] == "r2"
+    event = reg.history()[-1]
+    assert (event["action"], event["alias"], event["id"], event["reason"]) == ("alias", "candidate", "r1", "round 1 canary")
+    assert reg.promoted()["id"] == "r0"  # an alias never moves the promoted model
+    with pytest.raises(RegistryError, match="promote or rollback"):
+        reg.set_alias("production", "r2")
+    with pytest.raises(RegistryError, match="no model 'nope'"):
+        reg.set_alias("candidate", "nope")
+    with pytest.raises(RegistryError, match="letters"):
+        reg.set_alias("1 bad", "r1")
+    assert cli(["--registry", str(tmp_path / "reg"), "alias", "candidate", "--remove"]) == 0
+    assert reg.aliases() == {} and reg.history()[-1]["action"] == "unalias"
+    assert cli(["--registry", str(tmp_path / "reg"), "alias", "candidate"]) == 2  # no id, no --remove
+    assert "rlhfkit models alias NAME ID" in capsys.readouterr().err
+
+
+def test_server_resolves_a_registry_alias(tmp_path):
+    from rlhfkit.serving.server import resolve_model
+
+    reg, _ = _reg(tmp_path)
+    (tmp_path / "m1").mkdir()
+    reg.set_alias("candidate", "r1")
+    name, path, registry_id = resolve_model("candidate", str(tmp_path / "reg"))
+    assert (name, registry_id) == ("candidate", "r1") and path.endswith("m1")

@@ -39,6 +39,11 @@ class RegistryError(RlhfkitError):
     """A registry operation cannot be done (unknown model, refused promotion, nothing to roll back)."""
 
 
+# names of the promoted model; other aliases (candidate, staging, ...) are set with set_alias
+PROMOTED_NAMES = ("production", "promoted", "current")
+_ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
 def fingerprint(path: str | Path) -> str:
     """sha256 of a file, or of a folder's files (relative path and bytes, in sorted order)."""
     path = Path(path)
@@ -109,6 +114,21 @@ class Registry:
     def history(self) -> list[dict]:
         return self._state()["history"]
 
+    def aliases(self) -> dict[str, str]:
+        """Named pointers besides the promoted model, e.g. {"candidate": "round-3"}."""
+        return dict(self._state().get("aliases", {}))
+
+    def resolve(self, name: str) -> dict:
+        """The entry an alias points to (`production` and `promoted`: the promoted model), else the
+        model with that id."""
+        if name in PROMOTED_NAMES:
+            entry = self.promoted()
+            if entry is None:
+                raise RegistryError(f"no model is promoted in registry {self.root}")
+            return entry
+        target = self.aliases().get(name)
+        return self.get(target if target is not None else name)
+
     # -- changes ---------------------------------------------------------------------------
 
     def register(self, path: str | Path, model_id: str | None = None, parent: str | None = None,
@@ -168,6 +188,25 @@ class Registry:
         state["history"].append({"action": action, "id": model_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  "forced": False, "reason": reason, "previous": state["current"],
                                  "evidence": evidence or {}})
+        self._save_state(state)
+
+    def set_alias(self, name: str, model_id: str | None, reason: str = "") -> None:
+        """Point alias `name` at `model_id` (None removes it); written to the history. `production`
+        is the promoted model and moves only by promote and rollback."""
+        if name in PROMOTED_NAMES:
+            raise RegistryError(f"alias {name!r} is the promoted model: use promote or rollback to move it")
+        if not _ALIAS.fullmatch(name):
+            raise RegistryError(f"alias {name!r}: use letters, digits, '.', '_' or '-', starting with a letter")
+        if model_id is not None:
+            self.get(model_id)
+        state = self._state()
+        aliases = state.setdefault("aliases", {})
+        previous = aliases.pop(name, None)
+        if model_id is not None:
+            aliases[name] = model_id
+        state["history"].append({"action": "alias" if model_id else "unalias", "alias": name, "id": model_id or previous,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "forced": False, "reason": reason,
+                                 "previous": previous})
         self._save_state(state)
 
     def rollback(self, reason: str = "") -> dict | None:
@@ -243,6 +282,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reason", default="")
     p = sub.add_parser("rollback", help="return to the previously promoted model")
     p.add_argument("--reason", default="")
+    p = sub.add_parser("alias", help="point a name (e.g. candidate) at a model, or remove it with --remove")
+    p.add_argument("name")
+    p.add_argument("id", nargs="?", default=None)
+    p.add_argument("--remove", action="store_true")
+    p.add_argument("--reason", default="")
     p = sub.add_parser("register", help="add a model folder (metrics from rlhfkit eval's results.json)")
     p.add_argument("path")
     p.add_argument("--id", default=None)
@@ -279,6 +323,11 @@ def _run(reg: Registry, args: Any) -> int:
     elif args.action == "rollback":
         entry = reg.rollback(reason=args.reason)
         print(f"rolled back; promoted model is now {entry['id']}")
+    elif args.action == "alias":
+        if not args.remove and args.id is None:
+            raise RegistryError("rlhfkit models alias NAME ID (or NAME --remove)")
+        reg.set_alias(args.name, None if args.remove else args.id, reason=args.reason)
+        print(f"{args.name} -> {'(removed)' if args.remove else args.id}")
     elif args.action == "register":
         metrics = json.loads(Path(args.eval_json).read_text()) if args.eval_json else {}
         entry = reg.register(args.path, args.id, args.parent, args.round, metrics=metrics, data_files=args.data)

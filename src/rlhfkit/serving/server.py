@@ -4,7 +4,8 @@
     rlhfkit serve-policy --model production --model sft=runs/sft/final --engine hf --workers 2
     rlhfkit serve-policy --experiment ab.yaml --db postgresql://host/feedback --monitor gold   (A/B, docs/serving.md)
 
-`--model` takes a model folder, a model of the registry (its id, or `production` for the
+`--model` takes a model folder, a model of the registry (its id, an alias such as `candidate`
+(`rlhfkit models alias candidate ID`), or `production` for the
 promoted one), the bundled task's base (`kindly`) or a hub name; `NAME=MODEL` serves it under
 NAME. Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent
 events), GET /v1/models, /v1/models/{id} and /health. Errors have OpenAI's shape
@@ -122,7 +123,7 @@ def resolve_model(spec: str, registry_root: str = DEFAULT_ROOT) -> tuple[str, st
             raise ConfigError(f"--model {spec!r}: no model is promoted in registry {registry_root}")
     else:
         try:
-            entry = reg.get(target)
+            entry = reg.resolve(target)  # an alias such as candidate, or a model id
         except RegistryError:
             entry = None  # not a registry id: a hub name, or a folder that does not exist (said below)
     if entry is not None:
