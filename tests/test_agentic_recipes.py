@@ -148,3 +148,19 @@ def test_the_environment_alone_may_give_the_reward(sft_policy, tmp_path):
     row = read_metrics(tmp_path)[0]
     assert row["rewards/reward_from_environment/abstained"] == 1.0
     assert row["reward"] == row["rewards/environment/mean"] > 0
+
+
+def test_a_malformed_tool_trace_names_its_file_and_line(tmp_path):
+    from rlhfkit.errors import DataError
+    from rlhfkit.recipes import sft
+
+    tok = make_tokenizer("qwen2")
+    good = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                         {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]}
+    bad = {"messages": [{"role": "assistant", "content": "4"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "x"}]}
+    path = tmp_path / "traces.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as err:
+        sft.load_sft_examples(str(path), tok, 64)
+    assert "traces.jsonl, line 3" in str(err.value) and "field 'messages'" in str(err.value)

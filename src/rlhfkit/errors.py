@@ -24,7 +24,7 @@ class DataError(RlhfkitError, ValueError):
         if field:
             where += (", " if where else "") + f"field '{field}'"
         super().__init__(f"{where}: {message}" if where else message)
-        self.source, self.line, self.field = source, line, field
+        self.message, self.source, self.line, self.field = message, source, line, field
 
 
 class NonFiniteError(RlhfkitError, FloatingPointError):

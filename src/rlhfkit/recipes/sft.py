@@ -28,7 +28,7 @@ from rlhfkit.data import (
     pack_sequences,
     to_prompt_completion,
 )
-from rlhfkit.data.readers import eval_source
+from rlhfkit.data.readers import eval_source, line_of, source_of
 from rlhfkit.data.schemas import SFT_FORMATS, require_layout
 from rlhfkit.data.turns import encode_conversation, is_multi_turn
 from rlhfkit.errors import DataError
@@ -97,9 +97,12 @@ def load_sft_examples(source, tokenizer, max_length: int, split: str = "train",
         raise DataError(f"the dataset is empty (split '{split}')", source=getattr(records, "source", None) or str(source))
     require_layout(records, SFT_FORMATS, "SFT")  # a wrong-column file fails naming its file and line
     examples, truncated, prompt_cut = [], 0, 0
-    for rec in records:
+    for index, rec in enumerate(records):
         if is_multi_turn(rec):  # tool-call traces: the loss on every assistant turn (rlhfkit.data.turns)
-            enc = encode_conversation(tokenizer, rec["messages"], rec.get("tools"), max_length)
+            try:
+                enc = encode_conversation(tokenizer, rec["messages"], rec.get("tools"), max_length)
+            except DataError as e:  # name the file and line of the conversation
+                raise DataError(e.message, source=source_of(records), line=line_of(records, index), field=e.field) from None
             truncated += enc.pop("truncated")
             enc["labels"] = ignore_unknown(list(enc["input_ids"]) if not completion_only else enc["labels"],
                                            getattr(tokenizer, "unk_token_id", None))
