@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import sft_policy
+from benchmarks.common import sft_policy, start_policy_server
 
 WAVE, MAX_USERS, PROMPTS_PER_USER, MAX_TOKENS = 50, 1500, 2, 24
 NOISE, POOL, SIM_USERS, AA_EXPERIMENTS, AB_EXPERIMENTS = 0.3, 256, 2000, 400, 200
@@ -56,21 +55,7 @@ def ppo_policy(quick: bool) -> Path:
 
 
 def _start_server(exp: Path, db: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.serving.server", "--experiment", str(exp), "--db", db,
-                             "--port", str(port), "--max_tokens", str(MAX_TOKENS), "--log_level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited: " + proc.stderr.read().decode()[-2000:])
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not start in 300 s")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    return start_policy_server(["--experiment", str(exp), "--db", db, "--max_tokens", str(MAX_TOKENS)], port)
 
 
 class Users:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,3 +223,26 @@ def measure_matmul_peak(device, dtype, n: int = 8192, repeats: int = 10) -> floa
         sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+def start_policy_server(args: list[str], port: int, threads: int | None = None,
+                        timeout_s: float = 300) -> subprocess.Popen:
+    """`rlhfkit serve-policy ARGS --port PORT` in a subprocess, returned once /health answers 200;
+    a server that exits or does not answer in `timeout_s` raises with the end of its stderr."""
+    import httpx  # the serve extra
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.serving.server", *args, "--port", str(port),
+                             "--log_level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited: " + proc.stderr.read().decode()[-2000:])
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not start in {timeout_s:.0f} s")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)

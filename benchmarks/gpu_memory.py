@@ -44,8 +44,8 @@ def one_step(cfg, algo: str, lora: bool, checkpointing: bool, device) -> int:
     """Run one step; return the peak allocated bytes (raises torch.cuda.OutOfMemoryError)."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhfkit.train.savers import enable_gradient_checkpointing
     from rlhfkit.rollout import static
+    from rlhfkit.train.savers import enable_gradient_checkpointing
 
     torch.cuda.reset_peak_memory_stats(device)
     head_cfg = copy.deepcopy(cfg)

@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +44,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.common import sft_policy
+from benchmarks.common import sft_policy, start_policy_server
 
 USERS, WAVE, PROMPTS, MAX_TOKENS, NOISE = 150, 50, 4, 24, 0.3
 ROUNDS, BAD_ROUND = 4, 2
@@ -120,21 +119,8 @@ class Population:
 
 
 def _start_server(exp: Path, db: str, registry: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.serving.server", "--experiment", str(exp), "--db", db,
-                             "--registry", str(registry), "--port", str(port), "--max_tokens", str(MAX_TOKENS),
-                             "--log_level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited: " + proc.stderr.read().decode()[-2000:])
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not start in 300 s")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    return start_policy_server(["--experiment", str(exp), "--db", db, "--registry", str(registry),
+                                "--max_tokens", str(MAX_TOKENS)], port)
 
 
 def _inject_bad_candidate(loop) -> dict:

@@ -59,8 +59,8 @@ def preference_data(policy: Path, n_pairs: int) -> Path:
     from rlhfkit.judges.annotators import SimulatedAnnotators
     from rlhfkit.models import load_policy, load_tokenizer
     from rlhfkit.rollout import generate
-    from rlhfkit.train.runs import atomic_path
     from rlhfkit.tasks import kindly
+    from rlhfkit.train.runs import atomic_path
 
     path = OUT / f"prefs-{n_pairs}-{stamp(policy)}.jsonl"
     if path.is_file():

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 
 import h11
@@ -35,7 +34,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.common import load_average, sft_policy
+from benchmarks.common import load_average, sft_policy, start_policy_server
 
 CLIENTS = 32
 ROUNDS = 2
@@ -153,22 +152,7 @@ async def load(port: int, prompts: list[str], clients: int, requests: int) -> di
 
 
 def _start_server(path: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.serving.server", "--model", f"sft={path}",
-                             "--port", str(port), "--max_batch", "64", "--log_level", "warning"],
-                            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited: " + proc.stderr.read().decode()[-2000:])
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not start in 300 s")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    return start_policy_server(["--model", f"sft={path}", "--max_batch", "64"], port, threads=THREADS)
 
 
 def run(quick: bool = False) -> dict:

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
-from rlhfkit.advantages import ADVANTAGE_ESTIMATORS, overlong_penalty, reinforce_pp_baseline_advantages
+from rlhfkit.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    overlong_penalty,
+    reinforce_pp_baseline_advantages,
+)
 from rlhfkit.errors import ConfigError
 from rlhfkit.judges.rewards import RewardScores
 from rlhfkit.losses.policy import POLICY_OBJECTIVES, grpo_loss

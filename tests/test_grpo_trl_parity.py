@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from rlhfkit.models import load_tokenizer
 from rlhfkit.recipes import grpo
 from rlhfkit.rollout.prompts import prompts_for_step, rollout_seed
-from rlhfkit.train.runs import read_metrics
 from rlhfkit.tasks import arith
+from rlhfkit.train.runs import read_metrics
 
 pytest.importorskip("trl")
 

@@ -6,8 +6,15 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.train.memory import GiB, MemoryEstimate, ModelShape, check_fits, estimate, llama_param_count
-from rlhfkit.train.memory import count_parameters
+from rlhfkit.train.memory import (
+    GiB,
+    MemoryEstimate,
+    ModelShape,
+    check_fits,
+    count_parameters,
+    estimate,
+    llama_param_count,
+)
 
 CFG = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=128, tie_word_embeddings=True)

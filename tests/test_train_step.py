@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
 
+from rl_helpers import save_tiny, tiny_policy, tiny_rm, tiny_tokenizer
 from rlhfkit.models import io as model_io
 
 PROMPTS = ["the cat sat", "a kind word makes the day", "the rain", "she smiled and thanked him for"]

@@ -56,13 +56,18 @@ from rlhfkit.config import ModelArgs, OnPolicyArgs, TrainArgs, require
 from rlhfkit.eval import monitor
 from rlhfkit.judges.rewards import completion_id_lists
 from rlhfkit.logprobs import fast_head_allowed, response_logprobs
-from rlhfkit.losses.policy import IMPORTANCE_RATIOS, LOSS_NORMALISERS, POLICY_OBJECTIVES, StepTotals, grpo_loss
+from rlhfkit.losses.policy import (
+    IMPORTANCE_RATIOS,
+    LOSS_NORMALISERS,
+    POLICY_OBJECTIVES,
+    StepTotals,
+    grpo_loss,
+)
 from rlhfkit.masked import masked_mean
 from rlhfkit.recipes import agentic, onpolicy
 from rlhfkit.recipes.group_sampling import Round, dynamic_sampling
 from rlhfkit.rollout import Trajectory, micro_batches, minibatches
 from rlhfkit.rollout.forward import batched, unwrap
-from rlhfkit.rollout.workers import Job
 from rlhfkit.rollout.prompts import (
     as_completions,
     prompts_for_step,
@@ -70,6 +75,7 @@ from rlhfkit.rollout.prompts import (
     rollout_seed,
     rows_of,
 )
+from rlhfkit.rollout.workers import Job
 from rlhfkit.train.memory import report_on_policy
 from rlhfkit.train.optim import make_optimizer, make_scheduler
 from rlhfkit.train.runs import one_run_per_folder
