@@ -143,14 +143,16 @@ def test_grpo_round_trains_a_reward_model_on_logged_pairs_and_samples_users_prom
     traffic = SimulatedTraffic(url, exp_path, users_per_wave=40)
     traffic.wave()
     traffic.wave()
-    res = loop.main(_cfg(start_model, tmp_path, url, rounds=1, algorithm="grpo", traffic_deadline=5,
+    # both waves (160 pieces): the round waits until the second has settled, however fast the loop starts
+    res = loop.main(_cfg(start_model, tmp_path, url, rounds=1, algorithm="grpo", traffic_min_feedback=160,
                          traffic_max_records=30, policy_config=str(_grpo_yaml(tmp_path))))
     reg = Registry(tmp_path / "loop" / "registry")
     e = reg.get("round-1")
     assert e["algorithm"] == "grpo" and e["reward_model"] and e["path"].endswith("grpo/final")
     pairs = (tmp_path / "loop" / "round-1" / "traffic_pairs.jsonl").read_text().splitlines()
-    offered = json.loads((tmp_path / "loop" / "round-1" / "traffic.json").read_text())["this_round"]["offered"]
-    assert len(pairs) == 30 < offered  # capped by traffic_max_records
+    report = json.loads((tmp_path / "loop" / "round-1" / "traffic.json").read_text())
+    assert report["feedback"] == 160
+    assert len(pairs) == 30 < report["this_round"]["offered"]  # capped by traffic_max_records
     assert pairs and all(json.loads(x)["source"] == "thumbs" for x in pairs)  # an up and a down on one prompt
     prompts = [json.loads(x)["prompt"] for x in (tmp_path / "loop" / "round-1" / "prompts.jsonl").read_text().splitlines()]
     assert set(prompts) <= set(kindly.prompts("train")[:60])
