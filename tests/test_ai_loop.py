@@ -140,13 +140,13 @@ def test_feedback_deadline_trains_on_what_it_has(tmp_path, service, monkeypatch,
     monkeypatch.setenv("RLHFKIT_FEEDBACK_TOKEN", tokens["admin"])
     annotator = ScriptedAnnotator(url, tokens["ann"], limit=3)
     annotator.start()
-    src = FeedbackServiceSource(url, deadline=1.5, poll=0.1)
+    src = FeedbackServiceSource(url, deadline=6, poll=0.1)  # the annotator's 3 labels take well under 1 s
     labels = src.compare(["p"] * 6, [f"good {i}" for i in range(6)], [f"bad {i}" for i in range(6)])
     annotator.stop.set()
     annotator.join(5)
     assert sum(x["label"] is not None for x in labels) == 3
     assert all(x["label"] == 1.0 for x in labels if x["label"] is not None)
-    assert "deadline of 1.5s reached with 3 of 6 pairs labelled" in capsys.readouterr().out
+    assert "deadline of 6s reached with 3 of 6 pairs labelled" in capsys.readouterr().out
 
 
 def test_feedback_source_needs_a_token(monkeypatch):
@@ -180,7 +180,7 @@ def _annotated_loop(start_model, tmp_path, service, monkeypatch, limit, **kw):
     annotator.start()
     try:
         return loop.main(_cfg(start_model, tmp_path / "loop", source=f"feedback:{url}", feedback_poll=0.1,
-                              feedback_deadline=2, **kw))
+                              feedback_deadline=6, **kw))
     finally:
         annotator.stop.set()
         annotator.join(5)
@@ -193,7 +193,7 @@ def test_loop_trains_on_the_few_labels_it_has_at_the_deadline(start_model, tmp_p
     assert 1 <= res["rounds"][1]["pairs"] <= 3 and res["rounds"][1]["unlabelled"] == 13
     assert (tmp_path / "loop" / "round-1" / "dpo" / "final" / "config.json").is_file()
     out = capsys.readouterr().out
-    assert "deadline of 2s reached with 3 of 16 pairs labelled" in out and "fewer than the batch size 4" in out
+    assert "deadline of 6s reached with 3 of 16 pairs labelled" in out and "fewer than the batch size 4" in out
 
 
 def test_loop_with_no_labels_ends_the_round_without_a_model(start_model, tmp_path, service, monkeypatch, capsys):
