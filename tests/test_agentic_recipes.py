@@ -143,7 +143,7 @@ def test_the_environment_alone_may_give_the_reward(sft_policy, tmp_path):
     cfg = grpo.Config(model=sft_policy["policy"], prompts=sft_policy["prompts"], eval_prompts="", output_dir=str(tmp_path),
                       max_steps=1, prompts_per_step=2, num_generations=2, max_completion_length=60, max_turn_tokens=30,
                       per_device_train_batch_size=4, report_to="jsonl", environment=PingServer, perplexity_data="")
-    assert cfg.reward == ["py:rlhfkit.recipes.agentic:reward_from_environment"]
+    assert cfg.reward == ["py:rlhfkit.rollout.episode_args:reward_from_environment"]
     grpo.main(cfg)
     row = read_metrics(tmp_path)[0]
     assert row["rewards/reward_from_environment/abstained"] == 1.0
@@ -164,3 +164,74 @@ def test_a_malformed_tool_trace_names_its_file_and_line(tmp_path):
     with pytest.raises(DataError) as err:
         sft.load_sft_examples(str(path), tok, 64)
     assert "traces.jsonl, line 3" in str(err.value) and "field 'messages'" in str(err.value)
+
+
+def test_eval_plays_episodes_for_policy_and_reference(sft_policy, tmp_path):
+    """`eval --environment`: both models play the environment; gold is its reward, the win rate,
+    counts and KL are the episodes', and the report shows them."""
+    from pathlib import Path
+
+    from rlhfkit.eval import run_eval
+    from rlhfkit.eval.report import build_report
+
+    base = str(Path(sft_policy["policy"]).parent.parent / "base")
+    m = run_eval.main(run_eval.Config(model=sft_policy["policy"], reference=base, prompts=sft_policy["prompts"],
+                                      environment=PingServer, max_new_tokens=60, max_turn_tokens=30, max_turns=3,
+                                      temperature=0.5, n_boot=50, output_dir=str(tmp_path / "eval")))
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"transcript", "reference_transcript", "kl", "turns", "tool_calls"} <= set(rows[0])
+    # the trained policy calls the tool and earns the environment's reward; the random base does not
+    assert m["gold"]["mean"] == pytest.approx(sum(r["gold"] for r in rows) / 4) and m["gold"]["mean"] > 0
+    assert m["gold_reference"]["mean"] == 0.0 and m["episodes"]["reference"]["tool_calls"]["mean"] == 0.0
+    assert m["episodes"]["policy"]["tool_calls"]["mean"] == sum(r["tool_calls"] for r in rows) / 4 > 0
+    assert m["win_rate"]["mean"] == pytest.approx(sum(r["label"] for r in rows) / 4) and m["win_rate"]["mean"] > 0.5
+    assert m["kl"]["mean"] == pytest.approx(sum(r["kl"] for r in rows) / 4) and m["kl"]["mean"] > 0
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["episodes"] == m["episodes"] and saved["judge"] == run_eval.ENVIRONMENT_ONLY
+    html = build_report(tmp_path)
+    assert "Episodes:" in html and "reference_transcript" in html and "tool_calls" in html
+
+
+def test_eval_episode_logprobs_attend_to_the_environment_tokens(sft_policy):
+    """KL in `eval` scores the policy's tokens of an episode in context, environment tokens
+    included: the recomputed log-probs equal the sampler's own (and would not without them)."""
+    from rlhfkit.eval import metrics as M
+    from rlhfkit.eval.episodes import play
+    from rlhfkit.models import load_policy, load_tokenizer
+    from rlhfkit.rollout.episode_args import EpisodeArgs
+    from rlhfkit.rollout.prompts import load_prompt_set
+
+    class Cfg(EpisodeArgs):
+        pass
+
+    cfg = Cfg(environment=PingServer, max_turns=3, max_turn_tokens=30)
+    cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size = 60, 1.0, 1.0, 8
+    tok, model = load_tokenizer(sft_policy["policy"]), load_policy(sft_policy["policy"], trainable=False).eval()
+    roll = play(cfg, model, tok, load_prompt_set(sft_policy["prompts"], "eval"), seed=3)
+    assert sum(e.tools_used.calls for e in roll.episodes) > 0  # there are environment tokens in between
+    mask = roll.response_mask.bool()
+    args = dict(pad_token_id=tok.pad_token_id, batch_size=8)
+    lp = M.query_response_logprobs(model, roll.query_ids, roll.response_ids, roll.response_mask, attention=roll.attention,
+                                   **args)
+    torch.testing.assert_close(lp[mask], roll.sampler_logp[mask].float(), rtol=1e-4, atol=1e-4)
+    blind = M.query_response_logprobs(model, roll.query_ids, roll.response_ids, roll.response_mask, **args)
+    assert (blind[mask] - roll.sampler_logp[mask]).abs().max() > 1e-2
+
+
+def test_eval_with_tools_scores_episodes_by_the_judge(sft_policy, tmp_path):
+    from pathlib import Path
+
+    from rlhfkit.eval import run_eval
+
+    here = Path(__file__)
+    m = run_eval.main(run_eval.Config(model=sft_policy["policy"], reference=sft_policy["policy"],
+                                      prompts=sft_policy["prompts"], tools=[f"py:{here}:ping"],
+                                      judge=[f"py:{here}:says_pong"], max_new_tokens=60, max_turn_tokens=30,
+                                      temperature=0.5, n_boot=20, output_dir=str(tmp_path)))
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    finals = [r["transcript"].splitlines()[-2] for r in rows]  # the last message, before the counts line
+    assert [r["gold"] for r in rows] == [float("pong" in f and f.startswith("[assistant]")) for f in finals]
+    assert m["gold"]["mean"] == sum(r["gold"] for r in rows) / len(rows)
+    with pytest.raises(ConfigError, match="reward_model.*--judge"):
+        run_eval.Config(model=sft_policy["policy"], prompts=sft_policy["prompts"], tools=[f"py:{here}:ping"],
+                        judge=["py:x.py:f"], reward_model="rm:x")

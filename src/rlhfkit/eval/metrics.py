@@ -309,20 +309,23 @@ def kl_from_logprobs(policy_logprobs, ref_logprobs, mask) -> dict:
 
 
 def query_response_logprobs(model, query_ids, response_ids, response_mask, *, pad_token_id: int,
-                            batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
+                            batch_size: int = 32, temperature: float = 1.0,
+                            attention: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log pi(response | query) of a rollout's left-padded queries and right-padded
     responses: :func:`rlhfkit.logprobs.response_logprobs` in batches of `batch_size` rows, no
     gradients. Query tokens equal to `pad_token_id` are padding. Returns (N, R) float32 on the CPU,
-    zero where `response_mask` is 0.
+    zero where `response_mask` is 0. `attention` (N, R) marks the real response tokens when they
+    are more than the scored ones (an episode's environment tokens are attended to, not scored).
     """
     device = next(model.parameters()).device
+    attention = response_mask if attention is None else attention
     out = []
     with torch.no_grad():
         for s in range(0, query_ids.shape[0], batch_size):
             q = query_ids[s:s + batch_size].to(device)
             r = response_ids[s:s + batch_size].to(device)
             rm = response_mask[s:s + batch_size].to(device).long()
-            attn = torch.cat([(q != pad_token_id).long(), rm], dim=1)
+            attn = torch.cat([(q != pad_token_id).long(), attention[s:s + batch_size].to(device).long()], dim=1)
             lp, _ = response_logprobs(model, input_ids=torch.cat([q, r], dim=1), attention_mask=attn,
                                       response_width=r.shape[1], response_mask=rm, temperature=temperature)
             out.append(lp.float().cpu())

@@ -299,6 +299,10 @@ def _evaluation_section(root: Path) -> list[str]:
     if evals:
         parts.append("<h2>Evaluation</h2>")
         parts.append(metric_table(evals))
+        for name, e in evals:  # multi-turn evaluations: what the episodes did (rlhfkit.eval.episodes)
+            if isinstance(e.get("episodes"), dict):
+                parts.append(f"<h2>Episodes: {esc(e.get('name') or name)}</h2>")
+                parts.append(records_table(episode_rows(e["episodes"])))
         for name, e in evals:  # helpful, harmless, honest, capable: rlhfkit.eval.scorecard
             if isinstance(e.get("scorecard"), dict):
                 parts.append(f"<h2>Scorecard: {esc(e.get('name') or name)}</h2>")
@@ -312,6 +316,14 @@ def _evaluation_section(root: Path) -> list[str]:
                          "(mean q &times; change in c) and a quality term (mean c+1 &times; change in q).</p>")
             parts.append(records_table(splits))
     return parts
+
+
+def episode_rows(episodes: dict) -> list[dict]:
+    """One row per side (policy, reference): each count's mean per episode with its interval."""
+    def cell(v: dict) -> str:
+        return f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+
+    return [{"side": side, **{k: cell(v) for k, v in counts.items()}} for side, counts in episodes.items()]
 
 
 def _agreement_section(root: Path) -> list[str]:
@@ -384,7 +396,8 @@ def _samples_section(root: Path) -> list[str]:
         rows = _read_jsonl(p)[:MAX_SAMPLES]
         if rows:
             parts.append(f"<h3>{esc(_rel(p, root))}</h3>")
-            parts.append(records_table(rows, text_columns=("prompt", "response", "reference", "transcript")))
+            parts.append(records_table(rows, text_columns=("prompt", "response", "reference", "transcript",
+                                                            "reference_transcript")))
     return parts
 
 

@@ -12,6 +12,9 @@ model the policy was trained from, read from its run folder's config.yaml), then
 * held-out perplexity on the corpus's eval split, policy and reference (the alignment tax);
 * reward-model accuracy on preference data, when given.
 
+With `--environment` / `--tools` both models play multi-turn episodes instead, scored by the
+judges and the environment (rlhfkit.eval.episodes; docs/agents.md).
+
 Writes `results.json` (the metrics, as every recipe's final metrics) and `samples.jsonl` into
 `output_dir`; runs of earlier versions wrote `eval.json`, which the report still reads.
 
@@ -38,11 +41,13 @@ from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.eval import human, scorecard
 from rlhfkit.eval import metrics as M
 from rlhfkit.eval.attacks import VADER_NEGATIVE
+from rlhfkit.eval.episodes import evaluate_episodes
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.specs import is_bundled_kindly, load_rewards, rewards_or_default
 from rlhfkit.losses.reward import preference_verdicts
 from rlhfkit.models import load_policy, load_tokenizer
 from rlhfkit.rollout import generate
+from rlhfkit.rollout.episode_args import ENVIRONMENT_ONLY, EpisodeArgs
 from rlhfkit.rollout.prompts import as_completions, load_prompt_set, render_prompt
 from rlhfkit.tasks import kindly
 from rlhfkit.train.runs import (
@@ -54,7 +59,7 @@ from rlhfkit.train.runs import (
 
 
 @dataclasses.dataclass
-class Config:
+class Config(EpisodeArgs):
     model: str = ""
     """Policy to evaluate: a saved model folder (or 'kindly' for the bundled base; from Python also a loaded model)."""
     reference: str = ""
@@ -129,6 +134,7 @@ class Config:
     """Human evaluation: judge score gap a gold pair needs."""
 
     def __post_init__(self) -> None:
+        self._check_episode_args()
         require(bool(self.model), "model", "name the policy to evaluate (a saved model folder)")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.temperature > 0, "temperature", "must be > 0")
@@ -140,6 +146,8 @@ class Config:
                 "or a .txt file), or --prompts kindly for the bundled task's eval prompts")
         if isinstance(self.judge, str):
             self.judge = [self.judge] if self.judge else []
+        if self.environment and not self.judge:  # the environment's reward is the score (eval/episodes.py)
+            self.judge = [ENVIRONMENT_ONLY]
         self.judge = rewards_or_default(self.judge, self.prompts, "judge")
         if self.corpus == "auto":
             self.corpus = "kindly" if is_bundled_kindly(self.prompts) else ""
@@ -147,6 +155,9 @@ class Config:
             self.monitor = "unkind" if is_bundled_kindly(self.prompts) else ""
         require(not self.attacks or bool(self.monitor), "attacks", "an attack's success is judged by --monitor: name one")
         require(0 < self.confident_at <= 1, "confident_at", "must be in (0, 1]")
+        for field in ("reward_model", "preference_data", "human", "attacks") if self.multi_turn else ():
+            require(not getattr(self, field), field, "not available with --environment / --tools yet; "
+                    "score episodes with --judge")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +393,8 @@ def main(cfg: Config) -> dict:
     reference = load_policy(ref_path, cfg.dtype, trainable=False).eval()
     prompt_set = load_prompt_set(cfg.prompts, "eval", limit=cfg.num_prompts)
     prompts = [render_prompt(tokenizer, p) for p in prompt_set.prompts]
+    if cfg.multi_turn:  # episodes with tools / an environment, policy and reference alike
+        return _main_episodes(cfg, out, policy, reference, tokenizer, prompt_set, ref_path)
     judge = PromptScorer(load_rewards(cfg.judge, cfg.judge_weights, batch_size=cfg.batch_size), prompt_set.prompts,
                          prompt_set.columns)
     scorer = None
@@ -410,6 +423,19 @@ def main(cfg: Config) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
+def _main_episodes(cfg: Config, out: Path, policy, reference, tokenizer, prompt_set, ref_path: str) -> dict:
+    """`main` for --environment / --tools (rlhfkit.eval.episodes): no proxy reward or scorecard
+    (the config refuses the options that need them)."""
+    rewards = load_rewards(cfg.judge, cfg.judge_weights, batch_size=cfg.batch_size)
+    with torch.no_grad():
+        metrics, rows = evaluate_episodes(cfg, policy, reference, tokenizer, prompt_set, rewards)
+    metrics.update(name=cfg.name or _label(cfg.model), model=_label(cfg.model), reference=_label(ref_path),
+                   judge="+".join(cfg.judge))
+    write_results(out, metrics, rows)
+    _print_summary(metrics)
+    return metrics
+
+
 def _label(model: Any) -> str:
     """A model as results.json names it: its path, or what was given in Python."""
     if isinstance(model, str | Path):
@@ -435,6 +461,8 @@ def _print_summary(m: dict) -> None:
         print(f"  {'human_agreement':22s} alpha {_opt(ag.get('krippendorff_alpha'))}, Fleiss kappa "
               f"{_opt(ag.get('fleiss_kappa'))} over {ag.get('items_with_overlap', 0)} items; "
               f"{len(h['annotators'])} annotators, gold accuracy {_opt(float(np.mean(acc)) if acc else None)}")
+    for side, counts in m.get("episodes", {}).items():
+        print(f"  {'episodes (' + side + ')':22s} " + ", ".join(f"{k} {_ci(v)}" for k, v in counts.items()))
     for row in scorecard.card_rows(m["scorecard"]) if "scorecard" in m else ():
         p, r = row["policy"], row["reference"]
         print(f"  {row['dimension']:9s} {row['measure']:44s} {f'{p}' if not isinstance(p, dict) else _ci(p)} "

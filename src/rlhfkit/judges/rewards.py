@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
+from rlhfkit.rollout.episodes import episode_stats, transcript
 
 logger = logging.getLogger(__name__)
 
@@ -388,3 +389,13 @@ class RewardSet:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]) -> np.ndarray:
         return self.score(prompts, completions, **columns).total
+
+
+def with_environment_reward(scored: RewardScores, roll: Any) -> RewardScores:
+    """`scored` plus the episodes' environment rewards as the reward 'environment' (weight 1), the
+    episode counts as `log_metric` scalars and each transcript as a `log_extra` column."""
+    env = [e.reward for e in roll.episodes]
+    values = {**scored.values, "environment": env}
+    metrics = {**scored.metrics, **{k: [v] for k, v in episode_stats(roll.episodes).items()}}
+    extra = {**scored.extra, "transcript": [transcript(e) for e in roll.episodes]}
+    return RewardScores([*scored.names, "environment"], values, scored.total + np.asarray(env), extra, metrics)

@@ -67,6 +67,7 @@ from rlhfkit.masked import masked_mean
 from rlhfkit.recipes import agentic, onpolicy
 from rlhfkit.recipes.group_sampling import Round, dynamic_sampling
 from rlhfkit.rollout import Trajectory, micro_batches, minibatches
+from rlhfkit.rollout.episode_args import EpisodeArgs, load_factory
 from rlhfkit.rollout.forward import batched, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
@@ -87,7 +88,7 @@ LOSS_TYPE_ALIASES = {"grpo": "sequence", "dapo": "token", "bnpo": "token", "cisp
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs, OnPolicyArgs, agentic.EpisodeArgs):
+class Config(ModelArgs, TrainArgs, OnPolicyArgs, EpisodeArgs):
     num_generations: int = 4
     """Responses sampled per prompt (the group size G; at least 2)."""
     advantage_estimator: str = "grpo"
@@ -186,7 +187,7 @@ def sample_round(policy, tok, rewards, eval_reward, prompts, cfg, step, accelera
     reward (a failing reward stops the run here, before any update)."""
     if cfg.multi_turn:  # whole episodes with tools / an environment (recipes/agentic.py)
         return agentic.sample_episodes(policy, tok, rewards, eval_reward, prompts, cfg, step, accelerator,
-                                       agentic.load_factory(cfg), trainer_state, round_)
+                                       load_factory(cfg), trainer_state, round_)
     args, kwargs = engine_call(tok, prompts, cfg, step, accelerator.process_index, round_)
     roll = engine(unwrap(policy), tok, *args, **kwargs)
     row_prompts, columns = rows_of(prompts, roll.prompt_index)

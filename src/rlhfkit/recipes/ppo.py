@@ -45,6 +45,7 @@ from rlhfkit.models.reward import unwrap_hf
 from rlhfkit.models.value import load_value_model, value_model_source
 from rlhfkit.recipes import agentic, onpolicy
 from rlhfkit.rollout import Trajectory, micro_batches, minibatches
+from rlhfkit.rollout.episode_args import EpisodeArgs, load_factory
 from rlhfkit.rollout.forward import batched, unwrap
 from rlhfkit.rollout.prompts import (
     as_completions,
@@ -63,7 +64,7 @@ NAME = "ppo"
 
 
 @dataclasses.dataclass
-class Config(ModelArgs, TrainArgs, OnPolicyArgs, agentic.EpisodeArgs):
+class Config(ModelArgs, TrainArgs, OnPolicyArgs, EpisodeArgs):
     kl_coef: float = 0.05
     """KL coefficient beta of the per-token penalty in the reward (initial value when target_kl is set)."""
     cliprange: float = 0.2
@@ -129,7 +130,7 @@ def collect(policy, ref_model, ref_ctx, critic, tok, rewards, eval_reward, promp
     # 2. rollout: one response per prompt
     if cfg.multi_turn:  # 2.-3. one episode per prompt with tools / an environment, scored (recipes/agentic.py)
         episodes = agentic.sample_episodes(policy, tok, rewards, eval_reward, prompts, cfg, step, accelerator,
-                                           agentic.load_factory(cfg), trainer_state, num_samples=1)
+                                           load_factory(cfg), trainer_state, num_samples=1)
         roll, scored, eval_scores = episodes.rollout, episodes.scored, episodes.eval_scores
     else:
         roll = engine(unwrap(policy), tok, [render_prompt(tok, p) for p in prompts.prompts], cfg.max_completion_length,

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from rlhfkit.config import require
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.models import load_policy, load_tokenizer
-from rlhfkit.recipes.agentic import EpisodeArgs, sample_rows
+from rlhfkit.recipes.agentic import sample_rows
 from rlhfkit.rollout import generate
+from rlhfkit.rollout.episode_args import EpisodeArgs
 from rlhfkit.train.runs import atomic_path, seed_everything
 
 
