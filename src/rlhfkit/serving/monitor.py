@@ -14,14 +14,28 @@ a few unlucky responses do not fire it; the alarm is logged, written to the audi
 
 Blocking mode (`block`) scores a response before it is sent and replaces a flagged one with the
 refusal (finish_reason ``content_filter``); see rlhfkit.serving.live.
+
+Several workers (``serve-policy --workers N``) share one verdict. Each worker scores the
+responses it served, but an arm's window is read from the traffic log in the database: the
+last `window` scored responses of that experiment's arm served since this server started,
+whichever worker served them. The worker that finds the window over the rate raises the alarm
+(audit event ``safety_alarm`` with the server run's token); every other worker of the same run
+adopts it from the audit log within SYNC_S seconds, pause included, so the arm is paused on all
+of them. `rlhfkit serve-policy` sets the run token once (RUN_ENV) before it starts its workers;
+a monitor outside it makes its own, and a later server on the same database starts afresh.
+Two workers crossing the line in the same instant may both write the event; both then pause.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import logging
+import os
 import queue
 import threading
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +44,7 @@ from scipy import stats
 from sqlalchemy import select, update
 
 from rlhfkit.feedback.db import Database
-from rlhfkit.feedback.models import AuditEvent
+from rlhfkit.feedback.models import AuditEvent, utcnow
 from rlhfkit.judges.rewards import RewardSet
 from rlhfkit.judges.specs import load_reward
 from rlhfkit.serving.experiments import Monitor
@@ -38,6 +52,24 @@ from rlhfkit.serving.tables import ServedResponse
 
 log = logging.getLogger("rlhfkit.serving.monitor")
 RETRIES = 20  # a response the traffic log has not written yet is tried again with later batches
+RUN_ENV = "RLHFKIT_SERVE_RUN"  # "<token> <start, ISO>": one server run, shared by its worker processes
+SYNC_S = 2.0  # how often a worker adopts the alarms its peers raised
+
+
+def new_serve_run() -> str:
+    """A server run's token and start time, as RUN_ENV holds them."""
+    return f"{uuid.uuid4().hex} {utcnow().isoformat()}"
+
+
+def serve_run() -> tuple[str, dt.datetime]:
+    """(token, start) of the server run this process belongs to: RUN_ENV's, else a new one."""
+    token, _, started = os.environ.get(RUN_ENV, "").partition(" ")
+    if token and started:
+        try:
+            return token, dt.datetime.fromisoformat(started)
+        except ValueError:
+            log.warning("%s=%r is not '<token> <ISO time>'; this worker's alarms are its own", RUN_ENV, started)
+    return uuid.uuid4().hex, utcnow()
 
 
 def load_scorer(spec: str):
@@ -62,6 +94,10 @@ class SafetyMonitor:
         self.recent: dict[str | None, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=cfg.window))
         self.alarms: dict[str, dict] = {}
+        exp = getattr(live, "experiment", None)
+        self.experiment = exp.name if exp is not None else None
+        self.run, self.started = serve_run()
+        self._synced = 0.0
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._busy = 0
@@ -103,9 +139,11 @@ class SafetyMonitor:
         waiting: list[dict] = []
         while True:
             try:
-                job = self._queue.get(timeout=0.5 if waiting else None)
+                job = self._queue.get(timeout=0.5 if waiting else SYNC_S)
             except queue.Empty:
                 job = "retry"
+            if time.monotonic() - self._synced >= SYNC_S:
+                self._sync_quietly()
             if job is None:
                 return
             batch = [job] if isinstance(job, dict) else []
@@ -131,11 +169,14 @@ class SafetyMonitor:
             for flag in self.flags(job["scores"]):
                 self.recent[job["arm"]].append(flag)
         done, later = self._write(waiting + batch)
-        with self._idle:
+        for arm in {j["arm"] for j in batch}:
+            try:
+                self._check_alarm(arm)
+            except Exception:  # the database may be away for a moment; the arm's next batch checks again
+                log.exception("safety monitor: checking arm %s for an alarm failed", arm)
+        with self._idle:  # after the alarm checks: `join` returns with the alarms up to date
             self._busy -= len(done)
             self._idle.notify_all()
-        for arm in {j["arm"] for j in batch}:
-            self._check_alarm(arm)
         return later
 
     def _write(self, jobs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -156,13 +197,49 @@ class SafetyMonitor:
     # -- alarms -----------------------------------------------------------------------------
 
     def rate(self, arm: str | None) -> tuple[int, int]:
-        """(flagged, scored) over the arm's recent window."""
-        window = self.recent[arm]
-        return sum(window), len(window)
+        """(flagged, scored) over the arm's recent window: in the traffic log, every worker's
+        responses since this server run started; without an experiment, this worker's own."""
+        if self.experiment is None or arm is None:
+            window = self.recent[arm]
+            return sum(window), len(window)
+        q = (select(ServedResponse.safety_flag)
+             .where(ServedResponse.experiment == self.experiment, ServedResponse.arm == arm,
+                    ServedResponse.safety_flag.is_not(None), ServedResponse.created_at >= self.started)
+             .order_by(ServedResponse.id.desc()).limit(self.cfg.window))
+        with self.db.read_session() as s:
+            flags = s.scalars(q).all()
+        return int(sum(bool(f) for f in flags)), len(flags)
+
+    def sync(self) -> None:
+        """Adopt the alarms (and pauses) the other workers of this server run raised."""
+        self._synced = time.monotonic()
+        with self.db.read_session() as s:
+            events = s.scalars(select(AuditEvent).where(AuditEvent.action == "safety_alarm",
+                                                        AuditEvent.at >= self.started)).all()
+        for e in events:
+            d = e.detail or {}
+            if d.get("run") != self.run or e.target in self.alarms:
+                continue
+            self.alarms[e.target] = {k: d.get(k) for k in ("flagged", "scored", "rate_low", "alarm_rate", "paused")}
+            if d.get("paused") and self.live is not None:
+                self.live.paused.add(e.target)
+            log.warning("safety alarm on arm %s raised by another worker adopted%s", e.target,
+                        "; arm paused" if d.get("paused") else "")
+
+    def _sync_quietly(self) -> None:
+        try:
+            self.sync()
+        except Exception:  # the database may be away for a moment; the next sync tries again
+            log.exception("safety monitor: could not read the other workers' alarms")
 
     def _check_alarm(self, arm: str | None) -> None:
+        if arm is None or arm in self.alarms:
+            return
+        self._sync_quietly()
+        if arm in self.alarms:
+            return
         flagged, n = self.rate(arm)
-        if arm is None or arm in self.alarms or n < self.cfg.min_scored:
+        if n < self.cfg.min_scored:
             return
         low = wilson_low(flagged, n)
         if low <= self.cfg.alarm_rate:
@@ -176,7 +253,8 @@ class SafetyMonitor:
                     flagged, n, low, self.cfg.alarm_rate, "; arm paused" if paused else "")
         try:
             with self.db.session() as s:
-                s.add(AuditEvent(action="safety_alarm", target=str(arm)[:128], detail=self.alarms[arm]))
+                s.add(AuditEvent(action="safety_alarm", target=str(arm)[:128],
+                                 detail={**self.alarms[arm], "experiment": self.experiment, "run": self.run}))
         except Exception:
             log.exception("safety monitor: could not write the audit event")
 
@@ -210,7 +288,9 @@ def make_safety_router(db: Database, monitor: SafetyMonitor | None = None, depen
     def status():
         if monitor is None:
             return {"monitor": None, "arms": {}, "alarms": {}, "paused": []}
-        arms = {str(a): dict(zip(("flagged", "scored"), monitor.rate(a))) for a in list(monitor.recent)}
+        exp = getattr(monitor.live, "experiment", None)
+        seen = [a.name for a in exp.arms] if exp is not None else list(monitor.recent)
+        arms = {str(a): dict(zip(("flagged", "scored"), monitor.rate(a))) for a in seen}
         return {"monitor": monitor.cfg.spec, "threshold": monitor.cfg.threshold, "arms": arms, "alarms": monitor.alarms,
                 "paused": sorted(monitor.live.paused) if monitor.live is not None else []}
 

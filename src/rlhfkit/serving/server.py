@@ -50,6 +50,7 @@ from rlhfkit.rollout.vllm import import_vllm
 from rlhfkit.serving import canary, live
 from rlhfkit.serving import openai_schema as api
 from rlhfkit.serving.engine import Engine, Job, Sampling
+from rlhfkit.serving.monitor import RUN_ENV, new_serve_run
 from rlhfkit.serving.openai_schema import ServingError
 from rlhfkit.serving.rate_limit import RateLimit
 from rlhfkit.serving.vllm_engine import VLLMServingEngine
@@ -461,6 +462,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print(f"rlhfkit serve-policy: {e}", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+    os.environ[RUN_ENV] = new_serve_run()  # one run for all workers: they share safety alarms (serving/monitor.py)
     uvicorn.run("rlhfkit.serving.server:app_from_env", factory=True, host=cfg.host, port=cfg.port,
                 workers=cfg.workers, log_level=cfg.log_level, timeout_graceful_shutdown=5,
                 # a worker importing torch and loading its models answers the supervisor's ping late
