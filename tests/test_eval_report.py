@@ -90,3 +90,22 @@ def test_report_shows_the_gold_gain_split_of_an_evaluation(tmp_path):
     html = build_report(tmp_path)
     assert "What moved: sentiment or quality" in html
     assert f'{split["sentiment_term"]["mean"]:.4g}' in html and f'{split["quality_term"]["mean"]:.4g}' in html
+
+
+def test_report_shows_the_sampler_against_the_trainer(tmp_path):
+    from rlhfkit.eval.report import sampler_rows
+
+    run = tmp_path / "grpo"
+    run.mkdir()
+    rows = [{"step": s, "loss": 0.1, "sampler/kl": kl, "sampler/max_abs_diff": d, "async/staleness": st}
+            for s, (kl, d, st) in enumerate([(1e-6, 2e-3, 0), (3e-3, 0.5, 1), (2e-3, 0.25, 1)])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
+    table = sampler_rows(tmp_path)
+    assert len(table) == 1 and table[0]["run"] == "grpo" and table[0]["updates"] == 3
+    assert table[0]["sampler/kl mean"] == pytest.approx((1e-6 + 3e-3 + 2e-3) / 3) and table[0]["sampler/kl max"] == 3e-3
+    assert table[0]["sampler/max_abs_diff max"] == 0.5 and table[0]["staleness max"] == 1.0
+    html = build_report(tmp_path)
+    assert "Sampler against trainer" in html and "off_policy_correction" in html
+    assert "Sampler against trainer" not in build_report(tmp_path / "sft")
