@@ -36,6 +36,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.serving.arena import add_arena_page, battle_arm
 from rlhfkit.serving.experiments import (
     Experiment,
     Monitor,
@@ -85,7 +86,8 @@ class Live:
                 set_cookie = f"{name}={unit}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; SameSite=Lax"
         else:
             unit = found[1]
-        arm = exp.assign(unit, paused=tuple(self.paused))
+        # a battle of the arena page goes to its side's arm (serving/arena.py); other requests by assignment
+        arm = battle_arm(exp, headers, self.paused) or exp.assign(unit, paused=tuple(self.paused))
         return Route(arm.name, arm.name, exp.user_key(unit), set_cookie)
 
     def version(self, model: str | None, app: Any = None) -> str:
@@ -298,11 +300,15 @@ def _csp(page: str) -> str:
 
 def add_chat_page(app: Any, live: Live) -> None:
     """GET /chat (the page) and GET /v1/chat/config (the model it talks to: the experiment's
-    name, or the first served model)."""
+    name, or the first served model); and the arena's page and routes (serving/arena.py)."""
     from fastapi.responses import HTMLResponse
 
+    def page_headers(page: str) -> dict:
+        return {"Content-Security-Policy": _csp(page), "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
     page = CHAT_PAGE.read_text()
-    headers = {"Content-Security-Policy": _csp(page), "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    headers = page_headers(page)
+    add_arena_page(app, live, page_headers)
 
     @app.get("/chat", include_in_schema=False)
     async def chat_page():
