@@ -73,7 +73,8 @@ class Users:
 def test_better_candidate_grows_then_is_promoted(tmp_path, db_url):
     reg, base, db = _setup(tmp_path, db_url)
     seen = []
-    canary = Canary(base, "cand", reg, db, CanaryPlan(shares=(0.1, 0.3, 0.5), users_per_step=15),
+    # a wide margin: shown not much worse long before it is shown better, so it grows on the way
+    canary = Canary(base, "cand", reg, db, CanaryPlan(shares=(0.1, 0.3, 0.5), users_per_step=15, max_drop=0.2),
                     on_change=seen.append, path=tmp_path / "exp.yaml", printer=lambda *a: None)
     assert canary.share == 0.1 and [a.weight for a in seen[0].arms] == [0.9, 0.1]
     users = Users(db, {"production": 0.5, "candidate": 0.75})
@@ -147,3 +148,26 @@ def test_a_server_follows_the_experiment_file(tmp_path):
         assert loaded == ["candidate"] and app.state.models["candidate"] == "model cand"
     finally:
         stop()
+
+
+def test_a_candidate_grows_only_once_shown_within_the_margin(tmp_path, db_url):
+    """Slightly worse (0.45 vs 0.6 thumbs up): too few users for a 'worse' verdict, yet it must not
+    grow on that silence; with no margin (the earlier rule) it grows at the first step."""
+    reg, base, db = _setup(tmp_path, db_url)
+    plan = CanaryPlan(shares=(0.2, 0.5), users_per_step=10, max_drop=0.05)
+    canary = Canary(base, "cand", reg, db, plan, printer=lambda *a: None)
+    users = Users(db, {"production": 0.6, "candidate": 0.45})
+    events = [canary.step() for _ in range(4) if not users.wave(canary, 40)]
+    assert canary.status == "running" and canary.share == 0.2, [e["action"] for e in events]
+    assert all(e["action"] == "keep running" and e["evidence"]["verdict"] != "worse" for e in events)
+    assert max(e["evidence"]["candidate_users"] for e in events) >= 20  # enough users for a step, had silence counted
+    (tmp_path / "again").mkdir()
+    reg2, base2, db2 = _setup(tmp_path / "again", f"sqlite:///{tmp_path}/again/fb.db")
+    loose = Canary(base2, "cand", reg2, db2, CanaryPlan(shares=(0.2, 0.5), users_per_step=10, max_drop=None),
+                   printer=lambda *a: None)
+    users2 = Users(db2, {"production": 0.6, "candidate": 0.45})
+    first = [loose.step() for _ in range(4) if not users2.wave(loose, 40)]
+    grow = next(e for e in first if e["action"] == "grow")
+    assert grow["evidence"]["verdict"] != "worse" and grow["evidence"]["low"] < -0.05
+    with pytest.raises(ConfigError, match="max_drop"):
+        CanaryPlan(max_drop=-0.1)

@@ -103,6 +103,8 @@ class Config:
     """Canary: the candidate's traffic shares, step by step."""
     canary_users_per_step: int = 50
     """Canary: new candidate users seen at a share before it grows."""
+    canary_max_drop: float = 0.05
+    """Canary: it grows only once shown at most this much worse than production on the decision metric (e.g. 0.05 = five points of thumbs-up rate)."""
     canary_poll: float = 30.0
     """Canary: seconds between looks at the evidence."""
     canary_max_looks: int = 120

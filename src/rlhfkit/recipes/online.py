@@ -144,7 +144,8 @@ def release(cfg: Any, reg: Registry, feed: TrafficFeed, candidate: str, producti
     base = load_experiment(cfg.traffic_experiment)
     base = dataclasses.replace(base, arms=(Arm(production, production, 1.0), Arm(candidate, candidate, 0.0)),
                                control=production, registry=str(reg.root))
-    plan = CanaryPlan(shares=shares_arg(cfg.canary_shares), users_per_step=cfg.canary_users_per_step)
+    plan = CanaryPlan(shares=shares_arg(cfg.canary_shares), users_per_step=cfg.canary_users_per_step,
+                      max_drop=cfg.canary_max_drop)
     canary = Canary(base, candidate, reg, feed.db, plan, arm=candidate, path=cfg.traffic_experiment, printer=feed.printer)
     out = run_canary(canary, wait or (lambda: time.sleep(cfg.canary_poll)), cfg.canary_max_looks)
     # the canary left the file with the arm that stays at weight 1 (the candidate, or production)

@@ -11,7 +11,10 @@ test and the guardrails, and acts:
   ``min_users`` is no peeking error: a bad candidate is stopped at its canary share;
 - **promote** when the analysis promotes it (better, every guardrail shown within its margin);
 - **grow** to the next share in ``shares`` once ``users_per_step`` new candidate users were seen
-  at the current share with no verdict against it;
+  at the current share and the always-valid interval shows the candidate at most ``max_drop``
+  worse than production on the decision metric (a non-inferiority margin, on the metric's own
+  scale: 0.05 is five points of thumbs-up rate). The mere absence of a verdict is not enough: a
+  test with few users rarely finds anything, and a worse candidate would grow on silence;
 - otherwise keep running at the current share.
 
 Every action is written to the registry's history (`Registry.record`, with the test's estimate,
@@ -52,6 +55,9 @@ class CanaryPlan:
     """The candidate's traffic share at each stage, first to last."""
     users_per_step: int = 50
     """New candidate users seen at a share before it grows to the next."""
+    max_drop: float | None = 0.05
+    """Grow only when the candidate is shown at most this much worse than production on the
+    decision metric (the interval's worst end); None grows on the absence of a verdict."""
 
     def __post_init__(self) -> None:
         s = tuple(self.shares)
@@ -59,6 +65,8 @@ class CanaryPlan:
             raise ConfigError(f"canary shares must be increasing numbers in (0, 1), got {list(s)}")
         if self.users_per_step < 1:
             raise ConfigError(f"canary users_per_step must be >= 1, got {self.users_per_step}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise ConfigError(f"canary max_drop must be >= 0 (or None), got {self.max_drop}")
 
 
 class Canary:
@@ -105,12 +113,24 @@ class Canary:
             return self._rollback(why, evidence)
         if r["decision"] == "promote" and r["arm"] == self.arm:
             return self._promote(evidence)
-        if users - self.stage_start_users >= self.plan.users_per_step and self.stage + 1 < len(self.plan.shares):
+        enough = users - self.stage_start_users >= self.plan.users_per_step and self.stage + 1 < len(self.plan.shares)
+        worst = self._worst_drop(comp, r["metric"])
+        if enough and (self.plan.max_drop is None or (worst is not None and worst <= self.plan.max_drop)):
             self.stage += 1
             self.stage_start_users = users
-            return self._event("grow", f"{users} candidate users, no verdict against it; share "
+            shown = "no verdict against it" if worst is None else f"at worst {worst:.3g} below production"
+            return self._event("grow", f"{users} candidate users, {r['metric']} {shown}; share "
                                        f"{self.plan.shares[self.stage - 1]:g} -> {self.share:g}", evidence)
         return {"action": "keep running", "share": self.share, "evidence": evidence}
+
+    @staticmethod
+    def _worst_drop(comp: dict, metric: str) -> float | None:
+        """How much worse than production the candidate may be, by the interval's worst end (None:
+        no interval yet)."""
+        end = comp["low"] if ab.METRICS[metric] else comp["high"]
+        if end is None:
+            return None
+        return -end if ab.METRICS[metric] else end
 
     def _rollback(self, why: str, evidence: dict) -> dict:
         self.status = "rolled back"
