@@ -157,3 +157,27 @@ def test_a_harsh_honest_user_is_not_always_down_and_an_uninformative_reference_w
     assert rep["users"]["u0"]["flags"] == [] and rep["users"]["down"]["flags"] == ["always_down"]
     assert rep["median_agreement"] < 0.55
     assert all(r["weight"] == 1.0 for k, r in rep["users"].items() if k != "down")
+
+
+def test_a_pick_between_responses_its_user_labelled_alike_is_left_out():
+    def pick(i, user, first_up, second_up):
+        ev = [_ev(i, "pairwise", {"chosen": f"o{i}"}, f"left {i}", user=user, other_text=f"right {i}")]
+        for rid, up in ((f"r{i}", first_up), (f"o{i}", second_up)):
+            if up is not None:
+                ev.append(Feedback(100 + len(ev) + 10 * i, "thumbs", user, "p", "x", rid, "m", T0, {"up": up}, False))
+        return ev
+
+    ev = [*pick(1, "u", True, True), *pick(2, "u", False, False), *pick(3, "u", False, True),
+          *pick(4, "u", None, True), *pick(5, "v", None, None),
+          # another user's thumbs on pick 6's responses do not make its own user's pick alike
+          _ev(6, "pairwise", {"chosen": "o6"}, "left 6", user="w", other_text="right 6"),
+          Feedback(200, "thumbs", "x", "p", "x", "r6", "m", T0, {"up": True}, False),
+          Feedback(201, "thumbs", "x", "p", "x", "o6", "m", T0, {"up": True}, False)]
+    picks = lambda rules: sorted(r["chosen"] for r in to_records(ev, "pairs", rules)[0] if r["source"] == "pairwise")  # noqa: E731
+    assert picks(Rules()) == ["right 3", "right 4", "right 5", "right 6"]
+    assert to_records(ev, "pairs")[1]["unused"]["pick between responses labelled alike"] == 2
+    assert picks(Rules(alike_picks="keep")) == [f"right {i}" for i in range(1, 7)]
+    un, _ = to_records(ev, "unpaired")
+    assert not any(r["completion"] in ("left 1", "right 1", "left 2", "right 2") for r in un)
+    with pytest.raises(ConfigError, match="alike_picks"):
+        Rules(alike_picks="maybe")

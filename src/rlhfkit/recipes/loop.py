@@ -95,6 +95,8 @@ class Config:
     """traffic source: a rating at most this is an undesirable label."""
     rating_margin: int = 2
     """traffic source: two ratings of responses to one prompt at least this far apart make a pair."""
+    alike_picks: str = "drop"
+    """traffic source: a pick between two responses its user labelled alike (both up, both down) is left out ('drop') or kept ('keep'); docs/online.md."""
     quality_min_labels: int = 8
     """traffic source: labels a user needs before their agreement can flag or down-weight them."""
     traffic_experiment: str = ""

@@ -76,7 +76,7 @@ class TrafficFeed:
         self.cfg, self.printer, self.url = cfg, printer, url
         self.db = Database(url, pool_size=1)
         self.since = None  # round 1 reads everything logged for the starting model
-        self.rules = Rules(cfg.rating_up, cfg.rating_down, cfg.rating_margin)
+        self.rules = Rules(cfg.rating_up, cfg.rating_down, cfg.rating_margin, cfg.alike_picks)
         self.history: dict[int, list[dict]] = {}
         self.pairs: dict[int, list[dict]] = {}
 

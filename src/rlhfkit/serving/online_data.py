@@ -20,6 +20,16 @@ pick (regenerate and  picked true, other false             picked chosen over th
 choose, arena vote)
 ====================  ==================================  ======================================
 
+A pick between two responses the same user also labelled alike (both thumbs up, both down, or
+ratings on the same side of the thresholds) is left out by default (``alike_picks="drop"``,
+counted as unused): that user found the two about equally good or bad, and the pick is close
+to a coin toss. Measured on the bundled task's simulated users (benchmarks/online_rlhf.py), such
+picks agreed with the gold panel on 74% of the pairs the panel separates (82% when the user's
+labels differed, and the gold gap was half as large), and DPO on 700 picks of the starting
+model reached a gold win rate of 0.60 and 0.64 (two seeds) with them against 0.68 and 0.68 with
+only the decisive ones. A pick without labels on both responses is kept. ``alike_picks="keep"``
+keeps every pick.
+
 Every record keeps ``round``, ``users`` (the user keys behind it), ``source`` and the model
 version(s) that produced it.
 
@@ -63,8 +73,12 @@ class Rules:
     rating_up: int = 4
     rating_down: int = 2
     rating_margin: int = 2
+    alike_picks: str = "drop"
+    """'drop' (a pick between two responses its user labelled alike is left out) or 'keep'."""
 
     def __post_init__(self) -> None:
+        if self.alike_picks not in ("drop", "keep"):
+            raise ConfigError(f"rating rules: alike_picks must be 'drop' or 'keep', got {self.alike_picks!r}")
         if not 1 <= self.rating_down < self.rating_up <= 5:
             raise ConfigError(f"rating rules: need 1 <= rating_down < rating_up <= 5, got {self.rating_down}, {self.rating_up}")
         if self.rating_margin < 1:
@@ -166,6 +180,24 @@ def pair_sides(e: Feedback) -> tuple[str, str] | None:
     return None
 
 
+def own_labels(events: Sequence[Feedback], rules: Rules) -> dict[tuple, bool]:
+    """(user, response id) -> that user's binary label of the response (thumbs or rating)."""
+    out = {}
+    for e in events:
+        label = binary_label(e, rules)
+        if label is not None and e.user is not None:
+            out[(e.user, e.response_id)] = label
+    return out
+
+
+def labelled_alike(e: Feedback, labels: dict[tuple, bool]) -> bool:
+    """Whether the user of pick `e` labelled both of its responses, the same way."""
+    if e.kind != "pairwise" or e.other_response_id is None:
+        return False
+    a, b = labels.get((e.user, e.response_id)), labels.get((e.user, e.other_response_id))
+    return a is not None and a == b
+
+
 def to_records(events: Sequence[Feedback], fmt: str, rules: Rules = Rules(), round: int | None = None
                ) -> tuple[list[dict], dict]:
     """Training records of format `fmt` ('unpaired' or 'pairs') and counts of what each kind gave."""
@@ -175,10 +207,14 @@ def to_records(events: Sequence[Feedback], fmt: str, rules: Rules = Rules(), rou
     out: list[dict] = []
     singles: dict[str, list[tuple[Feedback, bool]]] = defaultdict(list)   # prompt -> labelled responses
     rated: dict[str, list[Feedback]] = defaultdict(list)
+    labels = own_labels(events, rules)
     for e in events:
         counts["by_kind"][e.kind] += 1
         meta = {"round": round, "users": [e.user], "feedback_id": e.id, "source": e.kind}
         sides = pair_sides(e)
+        if sides is not None and rules.alike_picks == "drop" and labelled_alike(e, labels):
+            counts["unused"]["pick between responses labelled alike"] += 1
+            continue
         if sides is not None:
             versions = ["human_edit", e.model_version] if e.kind == "edit" else [e.model_version, e.other_model_version]
             if fmt == "pairs":
