@@ -4,7 +4,6 @@ across arms that the A/B analysis and the online loop read; the arms are named a
 from __future__ import annotations
 
 import collections
-import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +12,7 @@ from sqlalchemy import select
 from rlhfkit.serving.arena import battle_pair, contenders
 from rlhfkit.serving.experiments import load_experiment
 from rlhfkit.serving.tables import ServedResponse, UseFeedback
-from test_serving_traffic import CHROMIUM, XSS, fake_server
+from test_serving_traffic import XSS, browser_page, fake_server
 
 THREE = "name: kindly-arena\narms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n  plain: {model: other}\n  spare: {model: x, weight: 0}\n"
 MESSAGES = [{"role": "user", "content": "The weather today"}]
@@ -45,7 +44,9 @@ def test_battle_requests_are_routed_logged_voted_and_revealed(tmp_path):
     with TestClient(app) as c:
         assert c.get("/v1/arena/config").json() == {"model": "kindly-arena", "available": True, "reason": None}
         page = c.get("/arena")
-        assert page.status_code == 200 and "script-src 'sha256-" in page.headers["content-security-policy"]
+        assert page.status_code == 200 and "script-src 'self' 'sha256-" in page.headers["content-security-policy"]
+        js = c.get("/static/pages.js")
+        assert js.status_code == 200 and "function streamChat" in js.text and js.headers["x-content-type-options"] == "nosniff"
         ids = []
         for i in range(6):
             battle = f"b{i}"
@@ -83,38 +84,26 @@ def test_battle_requests_are_routed_logged_voted_and_revealed(tmp_path):
 
 @pytest.mark.browser
 def test_the_arena_page_shows_two_answers_blind_and_names_them_after_the_vote(tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    from rlhfkit.feedback.testing import ServerThread
     from rlhfkit.serving.live import install
 
     (tmp_path / "exp.yaml").write_text("name: kindly-ab\narms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n")
     app = fake_server(texts=iter([XSS, "second answer"]))
     live = install(app, f"sqlite:///{tmp_path}/fb.db", str(tmp_path / "exp.yaml"))
     errors: list[str] = []
-    with ServerThread(app) as srv, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.set_default_timeout(15000)
-            page.goto(f"{srv.url}/arena")
-            page.wait_for_selector('#state:text-is("")', state="attached")
-            page.keyboard.type("The weather today")
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".vote button:not([disabled])")
-            texts = [page.inner_text("#side-A .text"), page.inner_text("#side-B .text")]
-            assert sorted(texts) == sorted([XSS, "second answer"]) and page.query_selector(".side img") is None
-            assert page.query_selector(".who") is None  # blind until the vote
-            page.keyboard.press("Escape")
-            page.keyboard.press("2")
-            page.wait_for_selector("#side-B.chosen .who")
-            names = [page.inner_text("#side-A .who"), page.inner_text("#side-B .who")]
-            page.screenshot(path=str(tmp_path / "arena.png"))
-        finally:
-            browser.close()
+    with browser_page(app, errors) as (page, url):
+        page.goto(f"{url}/arena")
+        page.wait_for_selector('#state:text-is("")', state="attached")
+        page.keyboard.type("The weather today")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".vote button:not([disabled])")
+        texts = [page.inner_text("#side-A .text"), page.inner_text("#side-B .text")]
+        assert sorted(texts) == sorted([XSS, "second answer"]) and page.query_selector(".side img") is None
+        assert page.query_selector(".who") is None  # blind until the vote
+        page.keyboard.press("Escape")
+        page.keyboard.press("2")
+        page.wait_for_selector("#side-B.chosen .who")
+        names = [page.inner_text("#side-A .who"), page.inner_text("#side-B .who")]
+        page.screenshot(path=str(tmp_path / "arena.png"))
     assert errors == []
     live.log.flush()
     with live.log.db.read_session() as s:

@@ -3,6 +3,7 @@ feedback from real use: the HTTP API and the exports the reward, DPO and KTO rec
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -397,18 +398,15 @@ CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
 XSS = '<img src=x onerror="window.__xss = 1">kind words'
 
 
-@pytest.mark.browser
-def test_the_chat_page_sends_thumbs_edits_and_picks_from_the_keyboard(tmp_path):
+@contextlib.contextmanager
+def browser_page(app, errors: list[str]):
+    """A headless Chromium page (with the app served on a free port) that collects the page's
+    errors and console errors into `errors`; yields (page, base url)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser_deps.sh")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     from rlhfkit.feedback.testing import ServerThread
-    from rlhfkit.serving.live import install
 
-    (tmp_path / "exp.yaml").write_text("name: kindly-ab\narms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n")
-    app = fake_server(texts=iter([XSS, "second answer", "third answer"]))
-    live = install(app, f"sqlite:///{tmp_path}/fb.db", str(tmp_path / "exp.yaml"))
-    errors: list[str] = []
     with ServerThread(app) as srv, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
         try:
@@ -416,31 +414,43 @@ def test_the_chat_page_sends_thumbs_edits_and_picks_from_the_keyboard(tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.set_default_timeout(15000)
-            page.goto(f"{srv.url}/chat")
-            # selectors only: the page's Content-Security-Policy forbids the eval behind wait_for_function
-            page.wait_for_selector('#model:text-is("(kindly-ab)")')
-            page.keyboard.type("The weather today")
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".assistant.latest .text")
-            assert page.inner_text(".assistant.latest .text") == XSS  # shown as text, ran nothing
-            assert page.query_selector(".assistant.latest img") is None
-            page.keyboard.press("Escape")
-            page.keyboard.press("+")
-            page.wait_for_selector(".assistant.latest button.up.on")
-            page.keyboard.press("e")
-            page.keyboard.press("Control+a")
-            page.keyboard.type("warm and kind words")
-            page.keyboard.press("Control+Enter")
-            page.wait_for_selector('.assistant.latest .text:text-is("warm and kind words")')
-            page.keyboard.press("Escape")
-            page.keyboard.press("r")
-            page.wait_for_selector("#choose #cand-2")
-            assert page.inner_text("#cand-2") == "2. second answer"
-            page.keyboard.press("2")
-            page.wait_for_selector('.assistant.latest .text:text-is("second answer")')
-            page.screenshot(path=str(tmp_path / "chat.png"))
+            yield page, srv.url
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_the_chat_page_sends_thumbs_edits_and_picks_from_the_keyboard(tmp_path):
+    from rlhfkit.serving.live import install
+
+    (tmp_path / "exp.yaml").write_text("name: kindly-ab\narms:\n  a: {model: sft-r0}\n  b: {model: ppo-r1}\n")
+    app = fake_server(texts=iter([XSS, "second answer", "third answer"]))
+    live = install(app, f"sqlite:///{tmp_path}/fb.db", str(tmp_path / "exp.yaml"))
+    errors: list[str] = []
+    with browser_page(app, errors) as (page, url):
+        page.goto(f"{url}/chat")
+        # selectors only: the page's Content-Security-Policy forbids the eval behind wait_for_function
+        page.wait_for_selector('#model:text-is("(kindly-ab)")')
+        page.keyboard.type("The weather today")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".assistant.latest .text")
+        assert page.inner_text(".assistant.latest .text") == XSS  # shown as text, ran nothing
+        assert page.query_selector(".assistant.latest img") is None
+        page.keyboard.press("Escape")
+        page.keyboard.press("+")
+        page.wait_for_selector(".assistant.latest button.up.on")
+        page.keyboard.press("e")
+        page.keyboard.press("Control+a")
+        page.keyboard.type("warm and kind words")
+        page.keyboard.press("Control+Enter")
+        page.wait_for_selector('.assistant.latest .text:text-is("warm and kind words")')
+        page.keyboard.press("Escape")
+        page.keyboard.press("r")
+        page.wait_for_selector("#choose #cand-2")
+        assert page.inner_text("#cand-2") == "2. second answer"
+        page.keyboard.press("2")
+        page.wait_for_selector('.assistant.latest .text:text-is("second answer")')
+        page.screenshot(path=str(tmp_path / "chat.png"))
     assert errors == []
     live.log.flush()
     with live.log.db.read_session() as s:

@@ -18,10 +18,6 @@ Several specs with `--reward_weights` make a :class:`~rlhfkit.judges.rewards.Rew
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,7 @@ from rlhfkit.judges.metric_rewards import metric_reward
 from rlhfkit.judges.panel import GoldPanel
 from rlhfkit.judges.rewards import BUILTIN_REWARDS, Reward, RewardSet, as_reward
 from rlhfkit.models.reward import RewardScorer
+from rlhfkit.pyspec import load_object
 
 
 def _is_conversation(x: Any) -> bool:
@@ -81,27 +78,7 @@ class JudgeReward:
 
 
 def _python_function(target: str) -> Any:
-    module_part, _, fn_name = target.rpartition(":")
-    if not module_part or not fn_name:
-        raise ConfigError(f"reward 'py:{target}': write py:module:function or py:path/to/file.py:function")
-    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
-        path = Path(module_part)
-        if not path.is_file():
-            raise ConfigError(f"reward 'py:{target}': file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"rlhfkit_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:  # `rlhfkit` as a console script does not put the cwd on the path
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as e:
-            raise ConfigError(f"reward 'py:{target}': cannot import module {module_part!r} ({e})") from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward 'py:{target}': {module_part} has no function {fn_name!r}")
-    return fn
+    return load_object(target, f"reward 'py:{target}'", kind="function", callable_only=True)
 
 
 def load_reward(spec: str, weight: float = 1.0, device: Any = "cpu", batch_size: int = 64) -> Reward:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import os
-import sys
 import typing
-from pathlib import Path
 from typing import Any
 
 import tyro
 
+from rlhfkit import pyspec
 from rlhfkit.envs import make_factory, sandbox
 from rlhfkit.envs.parsing import PARSERS
 from rlhfkit.errors import ConfigError
@@ -76,28 +74,8 @@ class EpisodeArgs:
 
 
 def load_object(spec: str, field: str) -> Any:
-    """A Python object from py:module:name or py:path/to/file.py:name."""
-    target = spec[3:] if spec.startswith("py:") else spec
-    module_part, _, name = target.rpartition(":")
-    if not module_part or not name:
-        raise ConfigError(f"config field '{field}': {spec!r}: write py:module:name or py:path/to/file.py:name")
-    if module_part.endswith(".py") or "/" in module_part:
-        path = Path(module_part)
-        if not path.is_file():
-            raise ConfigError(f"config field '{field}': file {path} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(f"rlhfkit_{field}_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as e:
-            raise ConfigError(f"config field '{field}': cannot import {module_part!r} ({e})") from e
-    if not hasattr(module, name):
-        raise ConfigError(f"config field '{field}': {module_part} has no {name!r}")
-    return getattr(module, name)
+    """A Python object from py:module:name or py:path/to/file.py:name (rlhfkit.pyspec)."""
+    return pyspec.load_object(spec, f"config field '{field}'")
 
 
 def load_tools(specs: list[str]) -> list:

@@ -50,6 +50,7 @@ from rlhfkit.serving.traffic import TrafficLog
 from rlhfkit.serving.use_feedback import mount_experiment_routes
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+PAGES_JS = CHAT_PAGE.with_name("pages.js")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "seed", "logprobs",
                    "top_logprobs", "stream")
@@ -288,20 +289,20 @@ def _replay(body: bytes, receive):
 
 
 def _csp(page: str) -> str:
-    """A Content-Security-Policy allowing only the page's own inline script and style (by hash)
-    and requests to this server."""
+    """A Content-Security-Policy allowing only the page's own inline script and style (by hash),
+    scripts of this server (the shared /static/pages.js) and requests to this server."""
     def digest(tag: str) -> str:
         body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
         return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
 
-    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
+    return (f"default-src 'none'; script-src 'self' {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def add_chat_page(app: Any, live: Live) -> None:
     """GET /chat (the page) and GET /v1/chat/config (the model it talks to: the experiment's
     name, or the first served model); and the arena's page and routes (serving/arena.py)."""
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse, Response
 
     def page_headers(page: str) -> dict:
         return {"Content-Security-Policy": _csp(page), "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
@@ -309,6 +310,12 @@ def add_chat_page(app: Any, live: Live) -> None:
     page = CHAT_PAGE.read_text()
     headers = page_headers(page)
     add_arena_page(app, live, page_headers)
+    script = PAGES_JS.read_text()
+
+    @app.get("/static/pages.js", include_in_schema=False)
+    async def pages_js():  # what the chat and arena pages share: the streaming reader, el()
+        return Response(script, media_type="application/javascript",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     @app.get("/chat", include_in_schema=False)
     async def chat_page():
