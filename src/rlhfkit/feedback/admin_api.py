@@ -132,7 +132,8 @@ def close_task(task_id: PathId, request: Request):
     with db_of(request).session() as s:
         actor = _admin(request, s, write=True)
         tasks.close_task(s, tasks.get_task(s, task_id), actor)
-        return {"ok": True, "id": task_id, "open_to_all": False}
+    request.app.state.tasks.invalidate(task_id)  # after the commit: a re-read sees it closed
+    return {"ok": True, "id": task_id, "open_to_all": False}
 
 
 @router.get("/tasks/{task_id}/review")

@@ -111,7 +111,8 @@ def healthz(request: Request):
 
 def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
                login_guard: LoginGuard | None = None, body_limit: int = 1 << 20,
-               import_limit: int = 64 << 20, forwarded_allow_ips: str | list[str] | None = None) -> FastAPI:
+               import_limit: int = 64 << 20, forwarded_allow_ips: str | list[str] | None = None,
+               rate_limit_storage: str = "memory://") -> FastAPI:
     """Build the app for a database (URL or Database). `scorer` drives uncertainty selection.
 
     The client address (login limits, audit log) is the peer's, unless the peer is one of
@@ -120,14 +121,16 @@ def create_app(db: Database | str, scorer=None, secure_cookies: bool = False,
     skips trusted hops from the right). By default no peer is trusted: any client can send the
     header, and believing it gave each request a fresh per-address login budget.
 
-    `login_guard` holds the login rate limits and the bound on concurrent password checks;
-    request bodies are limited to `body_limit` bytes (`import_limit` for item imports).
+    `login_guard` holds the login rate limits and the bound on concurrent password checks (by
+    default a LoginGuard counting in `rate_limit_storage`: memory://, or redis://HOST:PORT/DB to
+    share the counts between worker processes); request bodies are limited to `body_limit` bytes
+    (`import_limit` for item imports).
     """
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     state = app.state
     state.db = Database(db) if isinstance(db, str) else db
     state.tasks, state.scorer, state.secure_cookies = TaskCache(), scorer, secure_cookies
-    state.login_guard = login_guard or LoginGuard()
+    state.login_guard = login_guard or LoginGuard(storage=rate_limit_storage)
     state.rng, state.rng_lock = random.Random(), threading.Lock()
     state.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
     app.add_middleware(BodyLimit, limit=body_limit,

@@ -17,6 +17,12 @@ annotators' requests to seconds. Three layers stop that:
   are refused at once with 503 and Retry-After;
 * unknown and disabled accounts are checked against a dummy hash, so a wrong user name costs
   the same time as a wrong password and does not reveal which accounts exist.
+
+The counters live where `storage` says (a `limits` storage URL, `serve run --rate-limit-storage`):
+`memory://` counts inside this process, `redis://HOST:PORT/DB` in Redis, shared by every worker
+process and every server started with the same URL. Several workers must share their counters:
+each one counting on its own would give a guesser N times the budget. The password-check pool
+and its bound are per process (`serve run --workers` divides the cores between the workers).
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ from contextvars import ContextVar
 from typing import Any
 
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage
+from limits.errors import ConfigurationError
+from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rlhfkit.errors import ConfigError
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -55,15 +64,42 @@ class TooManyAttempts(Exception):
         self.retry_after, self.status = max(1, retry_after), status
 
 
+NAMESPACE = "rlhfkit-feedback-login"  # the first part of every counter's key (a shared Redis holds others)
+
+
+def limit_storage(url: str) -> Storage:
+    """The `limits` storage of a URL (memory://, redis://HOST:PORT/DB, ...); a ConfigError naming
+    --rate-limit-storage for an unknown scheme or a missing client package (redis)."""
+    try:
+        return storage_from_string(url)
+    except ConfigurationError as e:
+        raise ConfigError(f"--rate-limit-storage {url!r}: {e}") from None
+
+
+def check_storage(url: str) -> None:
+    """Raise a ConfigError naming --rate-limit-storage when the URL is not a storage or the
+    storage cannot be reached (a server should refuse to start rather than answer every login
+    with an error)."""
+    storage = limit_storage(url)
+    try:
+        ok = storage.check()
+    except Exception as e:  # the client library's own connection errors
+        raise ConfigError(f"--rate-limit-storage {url!r}: cannot reach it: {str(e).strip()[:200]}") from None
+    if not ok:
+        raise ConfigError(f"--rate-limit-storage {url!r}: cannot reach it")
+
+
 class LoginGuard:
-    """Rate limits and the bounded password-check pool shared by the login routes."""
+    """Rate limits and the bounded password-check pool shared by the login routes. `storage` is
+    where the limits are counted (module docstring)."""
 
     def __init__(self, per_ip: str = "60/minute;600/hour", per_account: str = "10/minute;50/hour",
                  max_concurrent: int | None = None, max_waiting: int = 16,
-                 per_account_global: str = "100/hour", slow_delay: float = 2.0):
+                 per_account_global: str = "100/hour", slow_delay: float = 2.0, storage: str = "memory://"):
         # at most half the cores hash passwords, so annotators' requests always find a free one
         max_concurrent = max_concurrent or max(1, (os.cpu_count() or 2) // 2)
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.limiter = MovingWindowRateLimiter(limit_storage(storage))
+        self.remote = not storage.startswith("memory://")  # counters behind a network round trip
         self.per_ip: list[RateLimitItem] = parse_many(per_ip) if per_ip else []
         self.per_account: list[RateLimitItem] = parse_many(per_account) if per_account else []
         self.per_account_global: list[RateLimitItem] = parse_many(per_account_global) if per_account_global else []
@@ -91,28 +127,46 @@ class LoginGuard:
         its limit. Returns the delay (seconds) to wait before checking the password: nonzero
         while the account's failures from all addresses are over `per_account_global`."""
         for limit in self.per_ip:  # every attempt counts, refused ones too
-            if not self.limiter.hit(limit, "ip", ip):
+            if not self.limiter.hit(limit, NAMESPACE, "ip", ip):
                 raise TooManyAttempts("too many login attempts from this address; try again later",
-                                      self._retry_after(limit, "ip", ip))
+                                      self._retry_after(limit, NAMESPACE, "ip", ip))
         for limit in self.per_account:
-            if not self.limiter.test(limit, "account", account, ip):
+            if not self.limiter.test(limit, NAMESPACE, "account", account, ip):
                 raise TooManyAttempts("too many failed logins for this account from this address; try again later",
-                                      self._retry_after(limit, "account", account, ip))
-        if any(not self.limiter.test(limit, "account-all", account) for limit in self.per_account_global):
+                                      self._retry_after(limit, NAMESPACE, "account", account, ip))
+        if any(not self.limiter.test(limit, NAMESPACE, "account-all", account) for limit in self.per_account_global):
             return self.slow_delay
         return 0.0
 
     async def admit(self, ip: str, account: str) -> None:
         """`before_attempt`, then its delay, spent without holding a thread."""
-        delay = self.before_attempt(ip, account)
+        delay = await self._counting(self.before_attempt, ip, account)
         if delay:
             await asyncio.sleep(delay)
 
     def failed(self, account: str, ip: str) -> None:
         for limit in self.per_account:
-            self.limiter.hit(limit, "account", account, ip)
+            self.limiter.hit(limit, NAMESPACE, "account", account, ip)
         for limit in self.per_account_global:
-            self.limiter.hit(limit, "account-all", account)
+            self.limiter.hit(limit, NAMESPACE, "account-all", account)
+
+    async def count_failure(self, account: str, ip: str) -> None:
+        """`failed`, from the event loop."""
+        await self._counting(self.failed, account, ip)
+
+    async def _counting(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call on the counters. Remote counters (Redis) are a network round trip: it runs
+        in a thread, not on the event loop, and a storage that fails refuses the login with 503
+        instead of letting it through uncounted."""
+        if not self.remote:
+            return fn(*args)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except TooManyAttempts:
+            raise
+        except Exception as e:  # the storage client's connection and timeout errors
+            raise TooManyAttempts("login limits cannot be checked right now; try again shortly", 2,
+                                  status=503) from e
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a password check in the bounded pool without holding a request thread."""

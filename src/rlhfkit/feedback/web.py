@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path as FilePath
@@ -126,30 +127,35 @@ def visible_task(request: Request, s: Session, task_id: int, user: User) -> Task
 
 
 class TaskCache:
-    """Task settings by id, read once per process instead of on every /next and submit.
+    """Task settings by id, read once every `ttl` seconds per process instead of on every /next
+    and submit.
 
-    A task's settings do not change once it is created (no route or command edits them), so a
-    copy stays valid; `invalidate` drops one, for code that changes or deletes a task. Entries
-    are detached copies (in no session), shared read-only between request threads. Membership
-    of closed tasks is not cached: it is checked on each request.
+    A task's settings do not change once it is created, except `open_to_all`, which closing the
+    task clears: the process that closes it drops its copy (`invalidate`), and the other worker
+    processes of `serve run --workers N` hold theirs for at most `ttl` seconds more, so a closed
+    task stops being served everywhere within `ttl` (5 s). Entries are detached copies (in no
+    session), shared read-only between request threads. Membership of closed tasks is not
+    cached: it is checked on each request.
     """
 
-    def __init__(self, size: int = 1024):
-        self.size = size
-        self._tasks: OrderedDict[int, Task] = OrderedDict()
+    def __init__(self, size: int = 1024, ttl: float = 5.0):
+        self.size, self.ttl = size, ttl
+        self._tasks: OrderedDict[int, tuple[Task, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, s: Session, task_id: int) -> Task | None:
+        now = time.monotonic()
         with self._lock:
-            task = self._tasks.get(task_id)
-            if task is not None:
+            task, read_at = self._tasks.get(task_id, (None, 0.0))
+            if task is not None and now - read_at < self.ttl:
                 self._tasks.move_to_end(task_id)
                 return task
         task = tasks.task_settings(s, task_id)
         if task is None:
             return None
         with self._lock:
-            self._tasks[task_id] = task
+            self._tasks[task_id] = (task, now)
+            self._tasks.move_to_end(task_id)
             while len(self._tasks) > self.size:
                 self._tasks.popitem(last=False)
         return task
@@ -208,7 +214,7 @@ async def check_login(request: Request, username: str, password: str, via: str) 
     await guard.admit(ip, account)
     user, ok = await guard.run(_lookup_and_verify, db, username, password)
     if not ok:
-        guard.failed(account, ip)
+        await guard.count_failure(account, ip)
     await run_in_threadpool(_audit_login, db, username, user, ok, via)
     return user if ok else None
 
@@ -222,7 +228,7 @@ async def check_own_password(request: Request, user: User, password: str) -> boo
     await guard.admit(ip, account)
     if await guard.run(verify_password, user.password_hash, password):
         return True
-    guard.failed(account, ip)
+    await guard.count_failure(account, ip)
     return False
 
 
