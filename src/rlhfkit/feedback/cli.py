@@ -1,6 +1,7 @@
 """`rlhfkit serve`: the human-feedback collection service.
 
     rlhfkit serve [run] [--db URL] [--host 127.0.0.1] [--port 8000]   start the web app
+              [--workers N --rate-limit-storage redis://HOST:PORT/DB]  (several processes: PostgreSQL)
     rlhfkit serve init-db --db URL                                     create/upgrade the schema
     rlhfkit serve create-user --db URL --username NAME [--role admin] [--password-env VAR] [--token]
     rlhfkit serve import --db URL --task NAME --type pairwise [--overlap 3] FILE.jsonl
@@ -16,6 +17,16 @@
 
 --db takes a SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) or a file path
 (SQLite). The default is ./feedback.db. Every command applies pending migrations first.
+
+`serve run --workers N` starts N server processes on one port (uvicorn's supervisor; each
+worker builds the app through `app_from_env` from the settings in RLHFKIT_FEEDBACK_CONFIG). It
+needs PostgreSQL (SQLite takes one writer at a time and the server serialises its writes
+inside one process) and `--rate-limit-storage redis://...` (login counters kept in each
+process would give a guesser N times the budget); both are refused otherwise. What stays per
+process: the task-settings cache (a closed task is seen closed by every worker within 5 s,
+web.TaskCache), the uncertainty scorer's fits (each worker refits its own: the same result,
+N times the CPU), `--pool-size` connections and the password-check pool, whose default bound
+(half the cores) is split between the workers, at least one each.
 """
 
 from __future__ import annotations
@@ -30,10 +41,11 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.feedback import export as ex
 from rlhfkit.feedback.app import create_app
-from rlhfkit.feedback.db import Database, current_revision, migrated, upgrade
+from rlhfkit.feedback.db import Database, current_revision, migrated, normalise_url, upgrade
+from rlhfkit.feedback.guard import LoginGuard, check_storage
 from rlhfkit.feedback.models import utcnow
 from rlhfkit.feedback.online import OnlineScorer
 from rlhfkit.feedback.schemas import name_problem
@@ -98,6 +110,12 @@ RUN_OPTIONS = (
                       "help": "how long an idle connection stays open (default 75 s, as nginx's keepalive_timeout): "
                               "annotators read for seconds between submits, and with uvicorn's default of 5 s "
                               "most submits would open a new connection"}),
+    ("--workers", {"type": _positive_int, "default": 1,
+                   "help": "server processes on the port (default 1); more than one needs PostgreSQL and a shared "
+                           "--rate-limit-storage"}),
+    ("--rate-limit-storage", {"default": "memory://", "metavar": "URL",
+                              "help": "where the login limits are counted: memory:// (this process) or "
+                                      "redis://HOST:PORT/DB (shared by every worker; needed with --workers > 1)"}),
     ("--forwarded-allow-ips", {"default": None, "metavar": "IPS",
                                "help": "comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                                        "header is trusted for the client address ('*' for any peer). Default: none, "
@@ -207,12 +225,46 @@ def task_of(s, args):
                                     gold_rate=args.gold_rate, via="cli")
 
 
+CONFIG_ENV = "RLHFKIT_FEEDBACK_CONFIG"  # the settings a worker process builds its app from (see app_from_env)
+APP_SETTINGS = ("db", "pool_size", "uncertainty_scorer", "secure_cookies", "forwarded_allow_ips",
+                "rate_limit_storage", "workers")
+
+
+def password_checks(workers: int) -> int:
+    """Password checks one worker runs at once: half the cores, split between the workers (at
+    least one each), so together they leave the other half to annotators' requests."""
+    return max(1, (os.cpu_count() or 2) // 2 // workers)
+
+
 def build_app(args):
-    """The app `serve run` serves, from its parsed arguments (after applying migrations)."""
-    upgrade(args.db)
+    """The app `serve run` serves, from its parsed arguments (the schema must be migrated)."""
     scorer = OnlineScorer() if args.uncertainty_scorer == "hashed" else None
+    guard = LoginGuard(storage=args.rate_limit_storage, max_concurrent=password_checks(args.workers))
     return create_app(Database(args.db, pool_size=args.pool_size, max_overflow=0), scorer=scorer,
-                      secure_cookies=args.secure_cookies, forwarded_allow_ips=args.forwarded_allow_ips)
+                      secure_cookies=args.secure_cookies, forwarded_allow_ips=args.forwarded_allow_ips,
+                      login_guard=guard)
+
+
+def app_from_env():
+    """The app of one worker of `serve run --workers N`: its settings come from the environment
+    (uvicorn starts each worker from an import string, so nothing else can be handed over)."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"{CONFIG_ENV} is not set; start the server with `rlhfkit serve run`")
+    return build_app(argparse.Namespace(**json.loads(raw)))
+
+
+def check_workers(args) -> None:
+    """Refuse settings several workers would get wrong (module docstring)."""
+    if args.workers == 1:
+        return
+    if normalise_url(args.db).startswith("sqlite"):
+        raise ConfigError(f"--workers {args.workers} needs PostgreSQL (--db postgresql://...): SQLite takes one "
+                          "writer at a time and the server serialises its writes inside one process")
+    if args.rate_limit_storage.startswith("memory://"):
+        raise ConfigError(f"--workers {args.workers} needs --rate-limit-storage redis://HOST:PORT/DB: with "
+                          "memory:// each worker would count login attempts on its own, "
+                          f"{args.workers} times the allowed guesses")
 
 
 def server_options(args) -> dict:
@@ -224,9 +276,21 @@ def server_options(args) -> dict:
 
 
 def _run(args) -> int:
-    app = build_app(args)
-    print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {app.state.db.url.split('@')[-1]})", flush=True)
-    uvicorn.run(app, **server_options(args))
+    check_workers(args)
+    check_storage(args.rate_limit_storage)  # a bad or unreachable URL: one line now, not a 500 per login
+    upgrade(args.db)  # once, before any worker starts
+    where = normalise_url(args.db).split("@")[-1]
+    print(f"rlhfkit serve: http://{args.host}:{args.port}/  (database {where}, {args.workers} worker"
+          f"{'s' if args.workers > 1 else ''})", flush=True)
+    if args.workers == 1:
+        uvicorn.run(build_app(args), **server_options(args))
+        return 0
+    os.environ[CONFIG_ENV] = json.dumps({k: getattr(args, k) for k in APP_SETTINGS})
+    uvicorn.run("rlhfkit.feedback.cli:app_from_env", factory=True, workers=args.workers,
+                timeout_graceful_shutdown=5, **server_options(args),
+                # a worker still importing on a busy machine answers the supervisor's ping late;
+                # uvicorn's 5 s would kill and restart it
+                timeout_worker_healthcheck=60)
     return 0
 
 
