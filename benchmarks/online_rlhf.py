@@ -14,10 +14,15 @@ when their noisy score is above 0) and pick the one they score higher (regenerat
 their judgement (adversarial). Users visit in waves of WAVE concurrent clients, PAUSE_S
 seconds apart, while `rlhfkit loop --source traffic:DB` runs in this process:
 
-- rounds of DPO (sigmoid) on the pairs the rules make of the users' feedback (picks, and thumbs
-  up against down on one prompt), the last 2 rounds' data, users judged and weighted;
-- each candidate released as a canary (shares 0.2 then 0.5, the thumbs-up rate decides, alpha
-  0.05); no simulated labelling beyond what the users do;
+- rounds of DPO (sigmoid, beta 0.3, lr 1e-3, 120 steps of 16) on the pairs the rules make of
+  the users' feedback (picks, and thumbs up against down on one prompt; a pick between two
+  responses its user thumbed alike left out) from at least 3,000 pieces of feedback a round, the last 2 rounds' data (older ones at half weight, at most 1,000
+  pairs), users judged and weighted;
+- each candidate released as a canary (shares 0.2 then 0.5; it grows once shown at most 5
+  points of thumbs-up rate worse than production, and the per-user thumbs-up rate decides,
+  mSPRT alpha 0.05, mixture sd 0.3 standard deviations: the size of the gains a round made in
+  earlier runs, +0.05 on a per-user sd of about 0.17); no simulated labelling beyond what the
+  users do;
 - once (round BAD_ROUND), a deliberately worse candidate is injected: trained by the same recipe
   on the round's pairs with chosen and rejected swapped. It must be rolled back before it gets
   more than its first canary share.
@@ -44,12 +49,12 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.common import sft_policy, start_policy_server
+from benchmarks.common import load_average, sft_policy, start_policy_server
 
-USERS, WAVE, PROMPTS, MAX_TOKENS, NOISE = 150, 50, 4, 24, 0.3
+USERS, WAVE, PROMPTS, MAX_TOKENS, NOISE = 2000, 50, 4, 24, 0.3
 ROUNDS, BAD_ROUND = 4, 2
-PAUSE_S = 10.0  # between waves
-BAD = {"always_down": range(0, 5), "random": range(5, 10), "adversarial": range(10, 15)}  # user ids 0..14
+PAUSE_S = 1.0  # between waves
+BAD = {"always_down": range(0, 67), "random": range(67, 134), "adversarial": range(134, 200)}  # ids 0..199: 10%
 
 
 def _kind(u: int) -> str:
@@ -62,7 +67,7 @@ control: round-0
 arms:
   round-0: {model: round-0, weight: 1}
   spare: {model: round-0, weight: 0}
-decision: {metric: thumbs_up, alpha: 0.05, min_users: 20}
+decision: {metric: thumbs_up, alpha: 0.05, min_users: 20, mixture_sd: 0.3}
 guardrails: {latency_ms: 10000}
 """
 
@@ -160,11 +165,11 @@ def _run(tmp: Path, sft: Path, quick: bool, loop, Registry, injected: dict) -> d
     exp, db, out = tmp / "live.yaml", f"sqlite:///{tmp}/feedback.db", tmp / "loop"
     exp.write_text(EXPERIMENT)
     cfg = loop.Config(model=str(sft), rounds=ROUNDS, algorithm="dpo", dpo_loss="sigmoid", source=f"traffic:{db}",
-                      traffic_min_feedback=200 if quick else 500, traffic_poll=2.0, traffic_deadline=600,
+                      traffic_min_feedback=600 if quick else 3000, traffic_poll=2.0, traffic_deadline=600,
                       traffic_window=2, traffic_decay=0.5, traffic_max_records=1000, traffic_experiment=str(exp),
                       canary_shares="0.2,0.5",
-                      canary_users_per_step=30, canary_poll=10.0, canary_max_looks=12 if quick else 24,
-                      policy_learning_rate=1e-3, dpo_beta=0.1, policy_steps=8 if quick else 30, reward_steps=10 if quick else 30,
+                      canary_users_per_step=30, canary_poll=5.0, canary_max_looks=12 if quick else 60,
+                      policy_learning_rate=1e-3, dpo_beta=0.3, policy_steps=8 if quick else 120, reward_steps=10 if quick else 30,
                       batch_size=16, max_new_tokens=MAX_TOKENS, num_eval_prompts=32 if quick else 128, n_boot=200,
                       output_dir=str(out), seed=0)
     result: dict = {}
@@ -195,7 +200,8 @@ def _summary(res: dict, out: Path, reg, users: Population, injected: dict, secon
     rounds = res["rounds"]
     promoted = [r for r in rounds if r.get("promoted")]
     win = [{"round": r["round"], "id": r["id"], "win_rate": round(r["win_rate"], 4),
-            "ci": [round(r["win_rate_lo"], 4), round(r["win_rate_hi"], 4)]} for r in promoted]
+            "ci": [round(r["win_rate_lo"], 4), round(r["win_rate_hi"], 4)], "kl_to_sft": round(r["kl"], 2)}
+           for r in promoted]
     final = next(r for r in rounds if r.get("id") == res["promoted"])
     bad = next((r for r in rounds if r["round"] == BAD_ROUND), None)
     bad_events = (bad or {}).get("canary") or []
@@ -236,14 +242,36 @@ def _summary(res: dict, out: Path, reg, users: Population, injected: dict, secon
         "honest_users_flagged": round(len(honest_keys & set(flagged_ever)) / len(honest_keys), 4),
         "labels_used": labels_used,
         "feedback_per_round": [r.get("feedback") for r in rounds[1:]],
-        "rounds": [{k: r.get(k) for k in ("round", "id", "win_rate", "promoted", "feedback", "offered", "kept",
-                                          "flagged_users", "seconds", "canary")} for r in rounds],
+        "rounds": [{**{k: r.get(k) for k in ("round", "id", "win_rate", "promoted", "feedback", "offered", "kept",
+                                             "flagged_users", "kl", "seconds", "canary")},
+                    **_eval_extras(out / f"round-{r['round']}" / "eval" / "results.json")} for r in rounds],
         "lineage": _lineage(reg, res["promoted"]),
         "user_visits": users.visits,
         "minutes": round(seconds / 60, 2),
+        "load_average_at_end": load_average(),
         "targets": {"gold_win_rate_final": ">= 0.65", "bad_candidate_rolled_back": "true", "minutes": "<= 20"},
+        "settings": {"users": USERS, "bad_users": sum(len(ids) for ids in BAD.values()), "wave": WAVE,
+                     "prompts_per_visit": PROMPTS, "noise_sd": NOISE, "pause_between_waves_s": PAUSE_S,
+                     **{k: getattr(cfg, k) for k in ("algorithm", "dpo_loss", "dpo_beta", "policy_learning_rate",
+                                                      "policy_steps", "batch_size", "traffic_min_feedback",
+                                                      "traffic_window", "traffic_decay", "traffic_max_records", "alike_picks",
+                                                      "canary_shares", "canary_users_per_step", "canary_max_drop", "canary_poll",
+                                                      "canary_max_looks", "num_eval_prompts")}},
         "note": "2-core machine shared with other jobs; server, users and training share the two cores",
     }
+
+
+def _eval_extras(path: Path) -> dict:
+    """What else a round's evaluation says about how the policy moved: the length-controlled win
+    rate, the response length against the SFT policy's, the share ending before the token limit,
+    and diversity."""
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    lc = m.get("lc_win_rate") or {}
+    return {"lc_win_rate": lc.get("mean"), "lc_win_rate_ci": [lc.get("lo"), lc.get("hi")],
+            "mean_length_words": m.get("mean_length"), "mean_length_words_sft": m.get("mean_length_reference"),
+            "ended_with_eos": m.get("ended_with_eos"), "distinct_2": m.get("distinct_2"), "self_bleu": m.get("self_bleu")}
 
 
 def _lineage(reg, model_id: str) -> list[dict]:
