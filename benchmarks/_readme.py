@@ -127,11 +127,15 @@ def row_demo_loop(demo: dict, loop: dict) -> str:
 def row_feedback(load: dict, active: dict) -> str:
     flat = load["flat_out_comparison"]["mean"]
     paced = load["paced"]
+    workers = load.get("workers", {})
+    two = (f"; PostgreSQL with 2 server workers {workers['labels_per_s_mean']['2']:.1f} against 1 worker's "
+           f"{workers['labels_per_s_mean']['1']:.1f} labels/s ({workers['two_over_one_labels_per_s']:.2f}x)"
+           if "labels_per_s_mean" in workers else "")
     return (f"{load['labels']:,} labels from {load['annotators']} annotators, {load['lost']} lost, {load['duplicated']} "
             f"duplicated across a server kill; {paced['postgres']['annotators']} annotators at a human pace: p95 "
             f"{paced['sqlite']['p95_ms']:.1f} ms (SQLite), {paced['postgres']['p95_ms']:.1f} ms (PostgreSQL); flat out "
-            f"{flat['sqlite']['labels_per_s']:.1f} (SQLite) / {flat['postgres']['labels_per_s']:.1f} (PostgreSQL) labels/s; "
-            f"uncertainty sampling needs {_pct(active['label_savings'])} fewer labels")
+            f"{flat['sqlite']['labels_per_s']:.1f} (SQLite) / {flat['postgres']['labels_per_s']:.1f} (PostgreSQL) "
+            f"labels/s{two}; uncertainty sampling needs {_pct(active['label_savings'])} fewer labels")
 
 
 def _ci(d: dict, digits: int = 3) -> str:
@@ -217,7 +221,10 @@ def table() -> str:
         results = [_load(n) for n in names]
         if any(r is None for r in results):
             continue
-        commits = sorted({r.get("env", {}).get("git_commit", "")[:7] for r in results} - {""})
+        # a results file measured in parts (feedback_load's FEEDBACK_LOAD_ONLY) names both runs
+        commits = sorted({(c or "")[:7] for r in results
+                          for c in (r.get("env", {}).get("git_commit"), r.get("carried_from", {}).get("git_commit"))}
+                         - {""})
         lines.append(f"| {label} | {fn(*results)} | {', '.join(commits) or '-'} |")
     return "\n".join(lines)
 

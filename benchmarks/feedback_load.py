@@ -35,24 +35,35 @@ Then a paced run per database (JSON `paced`): each of the 50 annotators reads fo
 it reads (the page prefetches it), for PACED_SECONDS. Reported: p50/p95 of the submits (what
 an annotator waits for) and of the prefetched /next calls; target p95 <= 200 ms.
 
+Last, `workers`: PostgreSQL flat out with the server run as 1 and as 2 worker processes
+(`serve run --workers 2`, login counters in Redis at FEEDBACK_LOAD_REDIS, default
+redis://127.0.0.1:6379/15) on the same work, 3,000 labels a run, no kill, in the order 1, 2, 2,
+1: labels/s and the load average at the start and end of each run, the mean per worker count
+and `two_over_one_labels_per_s`. FEEDBACK_LOAD_ONLY=workers runs that section alone and merges
+it into the last full run's benchmarks/results/feedback_load.json (the other keys kept, their
+run named in `carried_from`, the section in `sections_run`): the full benchmark takes over
+ten minutes.
+
 The load generator and the server share this machine's CPUs, so latencies include contention.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
+
+from benchmarks._feedback_server import REDIS_URL, Server, _database_cpu_s, redis_unavailable_reason
 
 ANNOTATORS = 50
 TARGET_LABELS = 5000
@@ -88,82 +99,6 @@ def _setup(url: str, annotators: int, items: int) -> tuple[int, list[str]]:
         task_id = task.id
     db.dispose()
     return task_id, tokens
-
-
-def _cpu_s(stat_path: str, children: bool = False) -> float | None:
-    """CPU seconds (user + system) of one process from /proc (with `children`, also those of
-    its children it has waited for); None where the process or /proc is not there."""
-    try:
-        with open(stat_path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _database_cpu_s() -> float | None:
-    """CPU seconds of every PostgreSQL process on this machine. The server's backends that exit
-    (the killed server's connections) move into the postmaster's reaped-children time, which
-    is counted too, so nothing is lost when they go. None without /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() != "postgres":
-                    continue
-        except OSError:
-            continue
-        total += _cpu_s(f"/proc/{entry}/stat", children=True) or 0.0
-    return total
-
-
-class Server:
-    def __init__(self, url: str, port: int, log):
-        self.url, self.port, self.log = url, port, log
-        self.proc: subprocess.Popen | None = None
-        self._spent, self._base = 0.0, 0.0  # CPU seconds of servers killed; of this one at start
-
-    def busy_s(self) -> float | None:
-        """CPU seconds the server processes spent since they became healthy (start-up and
-        imports excluded), summed over restarts; None without /proc."""
-        now = _cpu_s(f"/proc/{self.proc.pid}/stat") if self.proc and self.proc.poll() is None else self._base
-        return None if now is None else self._spent + now - self._base
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "rlhfkit.feedback.cli", "run", "--db", self.url, "--port", str(self.port),
-               "--uncertainty-scorer", "none", "--log-level", "error"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
-                    self._base = _cpu_s(f"/proc/{self.proc.pid}/stat") or 0.0
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see its log")
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy in 60 s")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self._spent += (_cpu_s(f"/proc/{self.proc.pid}/stat") or self._base) - self._base
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @asynccontextmanager
@@ -370,7 +305,7 @@ def _cpu_per_label(before: tuple, after: tuple, labels: int) -> dict:
     return {k: None if v is None else round(v, 2) for k, v in spent.items()}
 
 
-def _one(backend: str, annotators: int, target: int, seed: int, kill: bool = True) -> dict:
+def _one(backend: str, annotators: int, target: int, seed: int, kill: bool = True, workers: int = 1) -> dict:
     from rlhfkit.feedback.testing import (
         free_port,
         postgres_unavailable_reason,
@@ -390,7 +325,7 @@ def _one(backend: str, annotators: int, target: int, seed: int, kill: bool = Tru
         task_id, tokens = _setup(url, annotators, items)
         log = stack.enter_context(open(os.path.join(tmp, "server.log"), "w"))
         port = free_port()
-        server = Server(url, port, log)
+        server = Server(url, port, log, workers=workers)
         server.start()
         stack.callback(server.stop)
         load_before = os.getloadavg()
@@ -442,7 +377,58 @@ def _compare(annotators: int, target: int, rounds: int) -> dict:
                                                           / mean["sqlite"]["server_side_cpu_ms_per_label"], 3)}
 
 
+def _workers(annotators: int, target: int) -> dict:
+    """PostgreSQL flat out with 1 and 2 server worker processes on the same work (`target`
+    labels a run, no kill), in the order 1, 2, 2, 1 so that the machine's drift cancels: per run
+    labels/s, server-side CPU per label and the load average at its start and end, then the
+    mean per worker count and the ratio of 2 workers to 1."""
+    from rlhfkit.feedback.testing import postgres_unavailable_reason
+
+    if reason := postgres_unavailable_reason() or redis_unavailable_reason():
+        return {"skipped": reason}
+    runs: dict[str, list] = {"1": [], "2": []}
+    for i, workers in enumerate((1, 2, 2, 1)):
+        res = _one("postgres", annotators, target, seed=300 + i, kill=False, workers=workers)
+        runs[str(workers)].append({k: res[k] for k in ("labels_per_s", "cpu_ms_per_label", "lost", "over_assigned",
+                                                        "duplicated", "errors", "load_average_start",
+                                                        "load_average_end")})
+        print(f"feedback_load workers={workers}: {runs[str(workers)][-1]}", file=sys.stderr, flush=True)
+    mean = {n: round(float(np.mean([r["labels_per_s"] for r in v])), 1) for n, v in runs.items()}
+    return {"backend": "postgres", "labels_per_run": target, "annotators": annotators,
+            "order": "1, 2, 2, 1 workers", "rate_limit_storage": REDIS_URL, "runs": runs,
+            "labels_per_s_mean": mean, "two_over_one_labels_per_s": round(mean["2"] / mean["1"], 3)}
+
+
+RESULTS = Path(__file__).resolve().parent / "results" / "feedback_load.json"
+SECTIONS = ("workers",)  # what FEEDBACK_LOAD_ONLY may name
+
+
+def _only(section: str, annotators: int, quick: bool) -> dict:
+    """FEEDBACK_LOAD_ONLY=workers: measure that section alone and merge it into the last full
+    run's results (the other keys kept as they were, `carried_from` saying which run they are
+    from), since the full benchmark takes over ten minutes."""
+    if section not in SECTIONS:
+        raise SystemExit(f"FEEDBACK_LOAD_ONLY={section!r}: choose from {', '.join(SECTIONS)}")
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    added_by_main = ("benchmark", "wall_seconds", "machine", "env", "quick", "carried_from", "sections_run")
+    out = {k: v for k, v in previous.items() if k not in added_by_main}
+    if previous:
+        out["carried_from"] = previous.get("carried_from") or {
+            "git_commit": previous.get("env", {}).get("git_commit"), "wall_seconds": previous.get("wall_seconds"),
+            "note": "every key but the sections_run ones is from this earlier full run"}
+    out["sections_run"] = [section]
+    out[section] = _workers(annotators, COMPARE_LABELS if not quick else 300)
+    return out
+
+
 def run(quick: bool = False) -> dict:
+    annotators = 10 if quick else ANNOTATORS
+    if os.environ.get("FEEDBACK_LOAD_ONLY"):
+        return _only(os.environ["FEEDBACK_LOAD_ONLY"], annotators, quick)
+    return _full(quick)
+
+
+def _full(quick: bool) -> dict:
     annotators, target = (10, 300) if quick else (ANNOTATORS, TARGET_LABELS)
     out: dict = {"annotators": annotators, "target_labels": target, "overlap": OVERLAP,
                  "kill_after_fraction": KILL_AT, "note": "client and server share the machine's CPUs (contended)"}
@@ -485,5 +471,7 @@ def run(quick: bool = False) -> dict:
     out["paced"] = {b: _paced(b, annotators, seconds, seed=1) for b in ("sqlite", "postgres")}
     print(f"feedback_load paced: {out['paced']}", file=sys.stderr, flush=True)
     out["paced_target_p95_ms"] = 200
+    out["workers"] = _workers(annotators, COMPARE_LABELS if not quick else target)
+    print(f"feedback_load workers: {out['workers']}", file=sys.stderr, flush=True)
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out

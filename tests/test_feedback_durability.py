@@ -33,7 +33,7 @@ def test_cpu_seconds_read_from_proc_match_the_process_clock():
     import os
     import time
 
-    from benchmarks.feedback_load import _cpu_s
+    from benchmarks._feedback_server import _cpu_s
 
     if not os.path.exists("/proc/self/stat"):
         pytest.skip("no /proc on this system")
