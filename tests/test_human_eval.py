@@ -85,7 +85,7 @@ class Annotator(threading.Thread):
                 worked = False
                 for task in c.get("/api/tasks").json():
                     r = c.get(f"/api/tasks/{task['id']}/next")
-                    if r.status_code == 204:
+                    if r.status_code != 200:  # nothing to label, or the task closed since the listing
                         continue
                     item = r.json()
                     left, _ = item["responses"]
