@@ -15,25 +15,19 @@ engines pick the same tokens, and record the same sampler log-probs (`Rollout.sa
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 import torch
 from transformers import StaticCache
 
 from rlhfkit.logprobs import position_ids_from_mask
-from rlhfkit.rollout.generate import sample_next_token
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renames `past_key_values` to `cache` (the old name warns); use what the model takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from rlhfkit.rollout.generate import cache_keyword, sample_next_token
 
 
 def _decode_step(model, tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor,
                  cache: StaticCache) -> torch.Tensor:
     out = model(input_ids=tok, attention_mask=attn, position_ids=pos, cache_position=cache_pos,
-                use_cache=True, **{_cache_kwarg(model): cache})
+                use_cache=True, **{cache_keyword(model): cache})
     return out.logits[:, -1, :]
 
 
@@ -77,7 +71,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     positions = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attn[:, :p], position_ids=positions,
                 cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1,
-                **{_cache_kwarg(model): cache})
+                **{cache_keyword(model): cache})
     logits = out.logits[:, -1, :]
     step_fn = _step_fn(model, compile)
     next_pos = positions[:, -1:] + 1
