@@ -201,7 +201,7 @@ class StaticBatch:
         positions = position_ids_from_mask(mask)
         out = self.model(input_ids=query, attention_mask=mask, position_ids=positions,
                          cache_position=torch.arange(p, device=self.device), use_cache=True, logits_to_keep=1,
-                         **{static_engine._cache_kwarg(self.model): self.cache})
+                         **{cache_keyword(self.model): self.cache})
         self.next_pos, self.t = positions[:, -1:] + 1, p
         return out.logits[:, -1, :]
 
