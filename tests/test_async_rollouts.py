@@ -125,12 +125,19 @@ def test_ctrl_c_stops_every_process(tmp_path):
             finally:
                 pool.close()
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    pids = [int(x) for x in proc.stdout.readline().split()]
+    # the trainer's (and its workers') output goes to a file: an undrained pipe could fill and block them
+    out = tmp_path / "trainer.out"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=sink, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 150
+    while not (lines := [x for x in out.read_text().splitlines() if x.strip() and x.split()[0].isdigit()]):
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
+        time.sleep(0.2)
+    pids = [int(x) for x in lines[0].split()]
     assert len(pids) == 2
     proc.send_signal(signal.SIGINT)
     try:  # close() waits at most 10 s a worker, but a loaded machine is slow to start and tear down torch
-        assert proc.wait(timeout=150) != 0  # KeyboardInterrupt
+        assert proc.wait(timeout=150) != 0, out.read_text()[-2000:]  # KeyboardInterrupt
     finally:
         if proc.poll() is None:
             proc.kill()
