@@ -112,7 +112,9 @@ def test_failures_are_diagnosed_not_waited_out(tiny):
 def test_ctrl_c_stops_every_process(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # a job started in the background by a shell inherits SIGINT ignored; Ctrl-C at a terminal is not
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from rl_helpers import tiny_policy, tiny_tokenizer
         from rlhfkit.rollout.workers import RolloutPool
