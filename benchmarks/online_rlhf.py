@@ -20,8 +20,8 @@ seconds apart, while `rlhfkit loop --source traffic:DB` runs in this process:
   pairs), users judged and weighted;
 - each candidate released as a canary (shares 0.2 then 0.5; it grows once shown at most 5
   points of thumbs-up rate worse than production, and the per-user thumbs-up rate decides,
-  mSPRT alpha 0.05, mixture sd 0.3 standard deviations: the size of the gains a round made in
-  earlier runs, +0.05 on a per-user sd of about 0.17); no simulated labelling beyond what the
+  mSPRT alpha 0.05, mixture sd 0.3 standard deviations: about the per-user gain of a round
+  relative to the spread between users in earlier runs); no simulated labelling beyond what the
   users do;
 - once (round BAD_ROUND), a deliberately worse candidate is injected: trained by the same recipe
   on the round's pairs with chosen and rejected swapped. It must be rolled back before it gets
